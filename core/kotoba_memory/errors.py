@@ -1,0 +1,15 @@
+"""Exceptions raised by kotoba-memory."""
+
+from __future__ import annotations
+
+
+class KotobaMemoryError(Exception):
+    """Base class of every error kotoba-memory raises on purpose."""
+
+
+class ConfigError(KotobaMemoryError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
