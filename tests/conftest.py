@@ -1,0 +1,46 @@
+"""Session fixtures for the real servers some tests need (Redis, PostgreSQL) on loopback.
+
+Locally a missing server binary skips those tests with the reason; under CI (``CI`` set) it fails them,
+so they never skip silently there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import local_services
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason}; CI must provide it (scripts/bootstrap.sh installs it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a private redis-server on 127.0.0.1 for this test session."""
+    try:
+        with local_services.redis_server() as url:
+            yield url
+    except local_services.ServiceUnavailable as exc:
+        _unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of a private PostgreSQL on 127.0.0.1 for this test session."""
+    try:
+        with local_services.postgres_server() as url:
+            yield url
+    except local_services.ServiceUnavailable as exc:
+        _unavailable(str(exc))
