@@ -1,0 +1,342 @@
+"""Per-request memory measurement shared by the WSGI, ASGI, Django and Flask integrations.
+
+One :class:`RequestRecorder` per middleware measures each request: wall time, the change in resident
+memory (RSS), the traced-allocation delta when ``tracemalloc`` is tracing, the GC pause time that fell
+inside the request and the route template it belongs to. It calls the active GC optimizer's
+between-request hooks and hands the result to the active memory profiler and to registered listeners
+(the OpenTelemetry layer is one). Nothing here imports a web framework.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import os
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ENVIRON_KEY",
+    "UNMATCHED_ROUTE",
+    "RequestMeasurement",
+    "RequestMetrics",
+    "RequestRecorder",
+    "RssReader",
+    "add_request_listener",
+    "current_measurement",
+    "listener_errors",
+    "optional_function",
+    "remove_request_listener",
+    "set_current_route",
+]
+
+#: Key under which the measurement of the running request is stored in a WSGI environ or ASGI scope.
+ENVIRON_KEY = "kotoba_memory.request"
+#: Route label used when no framework told us the route; the raw path is never used (cardinality).
+UNMATCHED_ROUTE = "unmatched"
+
+_current: contextvars.ContextVar[RequestMeasurement | None] = contextvars.ContextVar(
+    "kotoba_memory_request", default=None
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """What one finished request cost."""
+
+    route: str
+    method: str
+    status: int | None
+    duration_s: float
+    rss_delta: int
+    traced_delta: int | None
+    gc_pause_ns: int
+    error: str | None
+
+
+RequestListener = Callable[[RequestMetrics], None]
+
+_listeners: tuple[RequestListener, ...] = ()
+_listeners_lock = threading.Lock()
+_listener_errors = 0
+
+
+def add_request_listener(listener: RequestListener) -> None:
+    """Call ``listener(metrics)`` after every measured request (idempotent)."""
+    global _listeners
+    with _listeners_lock:
+        if listener not in _listeners:
+            _listeners = (*_listeners, listener)
+
+
+def remove_request_listener(listener: RequestListener) -> None:
+    """Stop calling ``listener``; unknown listeners are ignored."""
+    global _listeners
+    with _listeners_lock:
+        _listeners = tuple(fn for fn in _listeners if fn != listener)
+
+
+def listener_errors() -> int:
+    """How many times a request listener, profiler or GC hook raised (they never reach the app)."""
+    return _listener_errors
+
+
+def _count_error() -> None:
+    global _listener_errors
+    _listener_errors += 1
+
+
+def current_measurement() -> RequestMeasurement | None:
+    """The measurement of the request running in this context, if a middleware started one."""
+    return _current.get()
+
+
+def set_current_route(route: str | None) -> None:
+    """Tell the running request's measurement its route template (a no-op outside a request)."""
+    measurement = _current.get()
+    if measurement is not None and route:
+        measurement.route = route
+
+
+class RssReader:
+    """Reads this process's resident set size cheaply.
+
+    On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread`` (a few microseconds);
+    the descriptor is reopened in a forked child so a pre-forking server measures each worker. Elsewhere
+    it falls back to psutil.
+    """
+
+    def __init__(self) -> None:
+        self._page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._fd: int | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._psutil_process: Any = None
+
+    def _open(self) -> int | None:
+        with self._lock:
+            pid = os.getpid()
+            if self._fd is not None and self._pid == pid:
+                return self._fd
+            if self._fd is not None:
+                # Inherited across fork: it still reads the parent's statm. Our copy is ours to close.
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+            try:
+                fd = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                self._pid = pid  # not Linux: psutil from now on
+                return None
+            self._fd, self._pid = fd, pid
+            return fd
+
+    def rss(self) -> int:
+        """Resident set size in bytes (0 if it cannot be read)."""
+        fd = self._fd if self._pid == os.getpid() else self._open()
+        if fd is not None:
+            try:
+                fields = os.pread(fd, 128, 0).split(None, 2)
+                return int(fields[1]) * self._page_size
+            except (OSError, ValueError, IndexError):
+                pass
+        return self._rss_psutil()
+
+    def _rss_psutil(self) -> int:
+        try:
+            if self._psutil_process is None:
+                import psutil
+
+                self._psutil_process = psutil.Process()
+            return int(self._psutil_process.memory_info().rss)
+        except Exception:
+            return 0
+
+    def close(self) -> None:
+        """Close the kept descriptor (reopened on the next read)."""
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+            self._fd, self._pid = None, -1
+
+
+_shared_rss_reader = RssReader()
+
+
+_resolved: dict[tuple[str, str], Callable[[], Any] | None] = {}
+
+
+def optional_function(module: str, name: str) -> Callable[[], Any] | None:
+    """``module.name`` if that module imports (its feature installed), else None; resolved once."""
+    key = (module, name)
+    if key not in _resolved:
+        try:
+            _resolved[key] = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            _resolved[key] = None
+    return _resolved[key]
+
+
+def _active_gc_optimizer() -> Any:
+    getter = optional_function("kotoba_memory.gc_optimizer", "get_active_gc_optimizer")
+    return getter() if getter is not None else None
+
+
+def _active_profiler() -> Any:
+    getter = optional_function("kotoba_memory.memory_profiler", "get_active_profiler")
+    return getter() if getter is not None else None
+
+
+class RequestMeasurement:
+    """The in-flight measurement of one request; ``finish()`` records it exactly once."""
+
+    __slots__ = (
+        "_done",
+        "_gc",
+        "_gc_pause0",
+        "_recorder",
+        "_rss0",
+        "_t0",
+        "_token",
+        "_traced0",
+        "error",
+        "method",
+        "route",
+        "status",
+    )
+
+    def __init__(self, recorder: RequestRecorder, method: str) -> None:
+        self._recorder = recorder
+        self.method = method
+        self.route: str | None = None
+        self.status: int | None = None
+        self.error: str | None = None
+        self._done = False
+        self._token: contextvars.Token[RequestMeasurement | None] | None = None
+        gc_opt = recorder.gc_optimizer()
+        self._gc = gc_opt
+        self._gc_pause0 = 0
+        if gc_opt is not None:
+            try:
+                gc_opt.on_request_start()
+                self._gc_pause0 = int(gc_opt.pause_total_ns())
+            except Exception:
+                _count_error()
+                self._gc = None
+        self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+        self._rss0 = recorder.rss_reader.rss()
+        self._t0 = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``finish()`` already ran."""
+        return self._done
+
+    def activate(self) -> None:
+        """Make this the current measurement of the running context (see :func:`current_measurement`)."""
+        self._token = _current.set(self)
+
+    def deactivate(self) -> None:
+        """Undo :meth:`activate` in the context that activated it."""
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # reset from another context: just clear ours
+                _current.set(None)
+            self._token = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Note that the app raised ``exc`` while serving this request."""
+        if self.error is None:
+            self.error = type(exc).__qualname__
+        if self.status is None:
+            self.status = 500
+
+    def finish(self) -> RequestMetrics | None:
+        """Record the request (idempotent: later calls return None)."""
+        if self._done:
+            return None
+        self._done = True
+        duration = time.perf_counter() - self._t0
+        recorder = self._recorder
+        rss_delta = recorder.rss_reader.rss() - self._rss0
+        traced_delta = None
+        if self._traced0 is not None and tracemalloc.is_tracing():
+            traced_delta = tracemalloc.get_traced_memory()[0] - self._traced0
+        gc_pause = 0
+        gc_opt = self._gc
+        if gc_opt is not None:
+            try:
+                gc_pause = max(0, int(gc_opt.pause_total_ns()) - self._gc_pause0)
+                gc_opt.on_request_end()
+            except Exception:
+                _count_error()
+        metrics = RequestMetrics(
+            route=self.route or UNMATCHED_ROUTE,
+            method=self.method,
+            status=self.status,
+            duration_s=duration,
+            rss_delta=rss_delta,
+            traced_delta=traced_delta,
+            gc_pause_ns=gc_pause,
+            error=self.error,
+        )
+        recorder.deliver(metrics)
+        return metrics
+
+
+class RequestRecorder:
+    """Starts per-request measurements and delivers their results.
+
+    ``gc_optimizer`` / ``profiler`` default to the process's active ones (looked up per request, so an
+    optimizer started after the middleware was built is still seen); pass ``None``-returning callables
+    to disable either. ``on_request`` is called with every :class:`RequestMetrics` besides the global
+    listeners.
+    """
+
+    def __init__(
+        self,
+        *,
+        gc_optimizer: Callable[[], Any] | None = None,
+        profiler: Callable[[], Any] | None = None,
+        on_request: RequestListener | None = None,
+        rss_reader: RssReader | None = None,
+    ) -> None:
+        self.gc_optimizer = gc_optimizer or _active_gc_optimizer
+        self.profiler = profiler or _active_profiler
+        self.on_request = on_request
+        self.rss_reader = rss_reader or _shared_rss_reader
+
+    def begin(self, method: str = "GET") -> RequestMeasurement:
+        """Start measuring a request."""
+        return RequestMeasurement(self, method)
+
+    def deliver(self, metrics: RequestMetrics) -> None:
+        """Hand finished metrics to the profiler, ``on_request`` and the listeners; never raises."""
+        try:
+            profiler = self.profiler()
+            if profiler is not None:
+                profiler.record_request(
+                    metrics.route, metrics.rss_delta, metrics.traced_delta, metrics.duration_s
+                )
+        except Exception:
+            _count_error()
+        if self.on_request is not None:
+            try:
+                self.on_request(metrics)
+            except Exception:
+                _count_error()
+        for listener in _listeners:
+            try:
+                listener(metrics)
+            except Exception:
+                _count_error()

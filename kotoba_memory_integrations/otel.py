@@ -1,0 +1,348 @@
+"""OpenTelemetry metrics for kotoba-memory.
+
+``instrument()`` creates a meter named ``kotoba-memory`` (with the package version) on the given
+``MeterProvider`` or the global one, and registers:
+
+* semantic-convention instruments: ``process.memory.usage`` / ``process.memory.virtual`` (``By``) and
+  ``cpython.gc.collections`` / ``cpython.gc.collected_objects`` / ``cpython.gc.uncollectable_objects``
+  per ``cpython.gc.generation``, observed from ``gc.get_stats()`` on collection;
+* ``kotoba_memory.gc.pause`` (histogram, ``s``), fed from the active GC optimizer's event ring, drained
+  outside gc callbacks (on collection and at most once a second at the end of a request);
+* per cache (``kotoba_memory.cache.name``): ``kotoba_memory.cache.hits`` / ``.misses`` / ``.evictions``
+  / ``.expirations`` (counters), ``kotoba_memory.cache.size`` (``By``) and ``.entries``;
+* per SQLAlchemy query cache: ``kotoba_memory.query_cache.hits`` / ``.misses`` / ``.invalidations``;
+* memory pools: ``kotoba_memory.pool.usage`` / ``kotoba_memory.pool.capacity`` (``By``);
+* per request (``http.route``, ``http.request.method``, ``http.response.status_code``):
+  ``kotoba_memory.http.server.request.rss_growth`` (``By``), ``...traced_allocations`` (``By``, only
+  while tracemalloc traces) and ``...gc_pause`` (``s``), recorded by the WSGI/ASGI middleware.
+
+Observable instruments read our stats only when a reader collects, so the steady-state cost is the
+three histogram records per request; with no SDK configured they go to the API's no-op/proxy
+instruments. ``uninstrument()`` stops all of it (the API cannot delete instruments, so their
+callbacks just report nothing afterwards).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from kotoba_memory._version import __version__
+from kotoba_memory_integrations._request import (
+    RequestMetrics,
+    RssReader,
+    add_request_listener,
+    optional_function,
+    remove_request_listener,
+)
+
+__all__ = ["METER_NAME", "MemoryInstrumentor", "instrument", "is_instrumented", "uninstrument"]
+
+METER_NAME = "kotoba-memory"
+_log = logging.getLogger(__name__)
+
+_BYTE_BUCKETS = (0, 4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20)
+_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_GC_DRAIN_INTERVAL_S = 1.0
+
+_Reader = Callable[[], Iterable[Observation]]
+
+
+def _safe(fn: Callable[[], Iterable[Observation]], counter: list[int]) -> list[Observation]:
+    try:
+        return list(fn())
+    except Exception:  # a metrics callback must never break the host's collection
+        counter[0] += 1
+        _log.debug("kotoba-memory metrics callback failed", exc_info=True)
+        return []
+
+
+def _iter_caches() -> Iterator[Any]:
+    iter_caches = optional_function("kotoba_memory.cache_manager", "iter_caches")
+    return iter(()) if iter_caches is None else iter(iter_caches())
+
+
+def _iter_query_caches() -> Iterator[Any]:
+    iter_query_caches = optional_function("kotoba_memory_integrations.sqlalchemy", "iter_query_caches")
+    return iter(()) if iter_query_caches is None else iter(iter_query_caches())
+
+
+def _iter_pools() -> Iterator[Any]:
+    get_active_optimizer = optional_function("kotoba_memory.optimizer", "get_active_optimizer")
+    optimizer = get_active_optimizer() if get_active_optimizer is not None else None
+    pool = getattr(optimizer, "pool", None) if optimizer is not None else None
+    return iter(() if pool is None else (pool,))
+
+
+def _active_gc_optimizer() -> Any:
+    getter = optional_function("kotoba_memory.gc_optimizer", "get_active_gc_optimizer")
+    return getter() if getter is not None else None
+
+
+def _stat(stats: Any, name: str) -> int | float | None:
+    value = stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class _Instruments:
+    """The instruments of one ``instrument()`` call; inert once ``active`` is cleared."""
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None) -> None:
+        self.active = True
+        self.callback_errors = [0]
+        self._rss = RssReader()
+        self._gc_lock = threading.Lock()
+        self._gc_source: Any = None
+        self._gc_cursor = 0
+        self._gc_next_drain = 0.0
+        meter = metrics.get_meter(METER_NAME, __version__, meter_provider)
+        self.meter = meter
+
+        def observe(fn: _Reader) -> Callable[[CallbackOptions], list[Observation]]:
+            def callback(_options: CallbackOptions) -> list[Observation]:
+                if not self.active:
+                    return []
+                return _safe(fn, self.callback_errors)
+
+            return callback
+
+        meter.create_observable_up_down_counter(
+            "process.memory.usage", [observe(self._memory_usage)], unit="By",
+            description="The amount of physical memory in use.",
+        )
+        meter.create_observable_up_down_counter(
+            "process.memory.virtual", [observe(self._memory_virtual)], unit="By",
+            description="The amount of committed virtual memory.",
+        )
+        # The GC pause histogram is drained first so its points land in the same collection.
+        meter.create_observable_counter(
+            "cpython.gc.collections", [observe(self._gc_collections)], unit="{collection}",
+            description="The number of times a generation was collected since interpreter start.",
+        )
+        meter.create_observable_counter(
+            "cpython.gc.collected_objects", [observe(lambda: self._gc_stat("collected"))],
+            unit="{object}", description="Objects collected since interpreter start.",
+        )
+        meter.create_observable_counter(
+            "cpython.gc.uncollectable_objects", [observe(lambda: self._gc_stat("uncollectable"))],
+            unit="{object}", description="Objects found uncollectable since interpreter start.",
+        )
+        self.gc_pause = meter.create_histogram(
+            "kotoba_memory.gc.pause", unit="s", description="Duration of each GC collection.",
+            explicit_bucket_boundaries_advisory=list(_PAUSE_BUCKETS),
+        )
+        for name, unit, description in (
+            ("hits", "{hit}", "Cache lookups that found a live entry."),
+            ("misses", "{miss}", "Cache lookups that found nothing."),
+            ("evictions", "{entry}", "Entries evicted for size pressure."),
+            ("expirations", "{entry}", "Entries that expired."),
+        ):
+            meter.create_observable_counter(
+                f"kotoba_memory.cache.{name}", [observe(self._cache_stat(name))], unit=unit,
+                description=description,
+            )
+        meter.create_observable_up_down_counter(
+            "kotoba_memory.cache.size", [observe(self._cache_stat("bytes"))], unit="By",
+            description="Bytes held by the cache (its weigher's estimate).",
+        )
+        meter.create_observable_up_down_counter(
+            "kotoba_memory.cache.entries", [observe(self._cache_stat("entries"))], unit="{entry}",
+            description="Entries held by the cache.",
+        )
+        for name in ("hits", "misses", "invalidations"):
+            meter.create_observable_counter(
+                f"kotoba_memory.query_cache.{name}", [observe(self._query_cache_stat(name))],
+                unit="{query}" if name != "invalidations" else "{invalidation}",
+                description=f"SQLAlchemy query cache {name}.",
+            )
+        meter.create_observable_up_down_counter(
+            "kotoba_memory.pool.usage", [observe(self._pool_stat(("used_bytes", "bytes_in_use")))],
+            unit="By", description="Bytes of the memory pool handed out.",
+        )
+        meter.create_observable_up_down_counter(
+            "kotoba_memory.pool.capacity", [observe(self._pool_stat(("capacity_bytes", "total_bytes")))],
+            unit="By", description="Bytes the memory pool holds in total.",
+        )
+        self.request_rss = meter.create_histogram(
+            "kotoba_memory.http.server.request.rss_growth", unit="By",
+            description="Growth of the process RSS while the request ran (0 when it shrank).",
+            explicit_bucket_boundaries_advisory=list(_BYTE_BUCKETS),
+        )
+        self.request_traced = meter.create_histogram(
+            "kotoba_memory.http.server.request.traced_allocations", unit="By",
+            description="Net traced allocations of the request (only while tracemalloc traces).",
+            explicit_bucket_boundaries_advisory=list(_BYTE_BUCKETS),
+        )
+        self.request_gc_pause = meter.create_histogram(
+            "kotoba_memory.http.server.request.gc_pause", unit="s",
+            description="GC pause time that fell inside the request.",
+            explicit_bucket_boundaries_advisory=list(_PAUSE_BUCKETS),
+        )
+
+    # -- observable callbacks -------------------------------------------------------------------
+    def _memory_usage(self) -> Iterator[Observation]:
+        yield Observation(self._rss.rss())
+
+    def _memory_virtual(self) -> Iterator[Observation]:
+        import psutil
+
+        yield Observation(int(psutil.Process().memory_info().vms))
+
+    def _gc_collections(self) -> Iterator[Observation]:
+        self.drain_gc_events(force=True)
+        for generation, stats in enumerate(gc.get_stats()):
+            yield Observation(stats["collections"], {"cpython.gc.generation": generation})
+
+    def _gc_stat(self, key: str) -> Iterator[Observation]:
+        for generation, stats in enumerate(gc.get_stats()):
+            yield Observation(stats[key], {"cpython.gc.generation": generation})
+
+    def _cache_stat(self, field: str) -> Callable[[], Iterator[Observation]]:
+        def read() -> Iterator[Observation]:
+            for cache in _iter_caches():
+                value = _stat(cache.stats(), field)
+                if value is not None:
+                    yield Observation(value, {"kotoba_memory.cache.name": str(cache.name)})
+
+        return read
+
+    def _query_cache_stat(self, field: str) -> Callable[[], Iterator[Observation]]:
+        def read() -> Iterator[Observation]:
+            for index, cache in enumerate(_iter_query_caches()):
+                name = str(getattr(cache, "name", None) or f"query_cache_{index}")
+                value = _stat(cache.stats(), field)
+                if value is not None:
+                    yield Observation(value, {"kotoba_memory.cache.name": name})
+
+        return read
+
+    def _pool_stat(self, fields: tuple[str, ...]) -> Callable[[], Iterator[Observation]]:
+        def read() -> Iterator[Observation]:
+            for pool in _iter_pools():
+                stats = pool.stats() if callable(getattr(pool, "stats", None)) else pool
+                for field in fields:
+                    value = _stat(stats, field)
+                    if value is not None:
+                        name = str(getattr(pool, "name", None) or "default")
+                        yield Observation(value, {"kotoba_memory.pool.name": name})
+                        break
+
+        return read
+
+    # -- recording --------------------------------------------------------------------------------
+    def drain_gc_events(self, *, force: bool = False) -> int:
+        """Record GC pauses the active optimizer saw since the last drain; returns how many."""
+        if not self.active:
+            return 0
+        now = time.monotonic()
+        if not force and now < self._gc_next_drain:
+            return 0
+        if not self._gc_lock.acquire(blocking=False):
+            return 0  # someone else is draining right now
+        try:
+            self._gc_next_drain = now + _GC_DRAIN_INTERVAL_S
+            optimizer = _active_gc_optimizer()
+            if optimizer is None:
+                return 0
+            if optimizer is not self._gc_source:
+                self._gc_source, self._gc_cursor = optimizer, 0
+            self._gc_cursor, events = optimizer.events_since(self._gc_cursor)
+            for event in events:
+                self.gc_pause.record(float(event.pause_s), {"cpython.gc.generation": int(event.generation)})
+            return len(events)
+        except Exception:
+            self.callback_errors[0] += 1
+            return 0
+        finally:
+            self._gc_lock.release()
+
+    def on_request(self, result: RequestMetrics) -> None:
+        """Record one finished request (the middleware's listener)."""
+        if not self.active:
+            return
+        attributes: dict[str, str | int] = {"http.route": result.route, "http.request.method": result.method}
+        if result.status is not None:
+            attributes["http.response.status_code"] = result.status
+        self.request_rss.record(max(0, result.rss_delta), attributes)
+        if result.traced_delta is not None:
+            self.request_traced.record(max(0, result.traced_delta), attributes)
+        self.request_gc_pause.record(result.gc_pause_ns / 1e9, attributes)
+        self.drain_gc_events()
+
+
+class MemoryInstrumentor:
+    """Contrib-style instrumentor: ``instrument(meter_provider=None)`` / ``uninstrument()``.
+
+    One per process (the class is a singleton, like OpenTelemetry's ``BaseInstrumentor``).
+    """
+
+    _instance: MemoryInstrumentor | None = None
+    _instance_lock = threading.Lock()
+
+    def __new__(cls) -> MemoryInstrumentor:
+        with cls._instance_lock:
+            if cls._instance is None:
+                instance = super().__new__(cls)
+                instance._lock = threading.Lock()
+                instance._instruments = None
+                cls._instance = instance
+            return cls._instance
+
+    _lock: threading.Lock
+    _instruments: _Instruments | None
+
+    @property
+    def is_instrumented(self) -> bool:
+        """Whether ``instrument()`` is in effect."""
+        return self._instruments is not None
+
+    @property
+    def callback_errors(self) -> int:
+        """How many metric callbacks raised (swallowed so the host's collection goes on)."""
+        return self._instruments.callback_errors[0] if self._instruments is not None else 0
+
+    def instrument(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        """Start reporting to ``meter_provider`` (default: the global one); a second call is a no-op."""
+        with self._lock:
+            if self._instruments is not None:
+                return
+            instruments = _Instruments(meter_provider)
+            self._instruments = instruments
+            add_request_listener(instruments.on_request)
+
+    def uninstrument(self) -> None:
+        """Stop reporting; safe to call when not instrumented."""
+        with self._lock:
+            instruments, self._instruments = self._instruments, None
+            if instruments is not None:
+                instruments.active = False
+                remove_request_listener(instruments.on_request)
+
+    def drain_gc_events(self) -> int:
+        """Record pending GC pause events now (normally done on collection and at request end)."""
+        instruments = self._instruments
+        return instruments.drain_gc_events(force=True) if instruments is not None else 0
+
+
+def instrument(meter_provider: metrics.MeterProvider | None = None) -> MemoryInstrumentor:
+    """Report kotoba-memory's metrics to ``meter_provider`` (default: the global provider)."""
+    instrumentor = MemoryInstrumentor()
+    instrumentor.instrument(meter_provider)
+    return instrumentor
+
+
+def uninstrument() -> None:
+    """Stop reporting kotoba-memory's metrics."""
+    MemoryInstrumentor().uninstrument()
+
+
+def is_instrumented() -> bool:
+    """Whether :func:`instrument` is in effect."""
+    return MemoryInstrumentor().is_instrumented

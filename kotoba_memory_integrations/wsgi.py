@@ -1,0 +1,111 @@
+"""WSGI middleware measuring each request's memory cost, GC pauses and route.
+
+Wrap any WSGI app (``app.wsgi_app`` for Flask, ``get_wsgi_application()`` for Django)::
+
+    from kotoba_memory_integrations.wsgi import MemoryMiddleware
+    application = MemoryMiddleware(application)
+
+The request is recorded when the server closes the response iterable (so a streaming body is
+measured to its end) or when the app raises (the exception is re-raised untouched). Frameworks tell
+the measurement their route template through :func:`kotoba_memory_integrations._request.set_current_route`
+or ``environ["kotoba_memory.request"].route``; the Django and Flask integrations do so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from kotoba_memory_integrations._request import (
+    ENVIRON_KEY,
+    RequestListener,
+    RequestMeasurement,
+    RequestRecorder,
+)
+
+__all__ = ["MemoryMiddleware"]
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+class _MeasuredBody:
+    """The app's response iterable, finishing the measurement when closed or when iteration fails."""
+
+    __slots__ = ("_iterator", "_measurement", "_result")
+
+    def __init__(self, result: Iterable[bytes], measurement: RequestMeasurement) -> None:
+        self._result = result
+        self._measurement = measurement
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = iter(self._result)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._measurement.fail(exc)
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            self._measurement.fail(exc)
+            raise
+        finally:
+            self._measurement.finish()
+
+
+class MemoryMiddleware:
+    """Measures every request of the wrapped WSGI app (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        recorder: RequestRecorder | None = None,
+        on_request: RequestListener | None = None,
+    ) -> None:
+        self.app = app
+        self.recorder = recorder or RequestRecorder(on_request=on_request)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        outer = environ.get(ENVIRON_KEY)
+        if isinstance(outer, RequestMeasurement) and not outer.finished:
+            # Already measured by an outer MemoryMiddleware: measuring twice would double-count.
+            return self.app(environ, start_response)
+        measurement = self.recorder.begin(environ.get("REQUEST_METHOD", "GET"))
+        environ[ENVIRON_KEY] = measurement
+
+        def measured_start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Any:
+            try:
+                measurement.status = int(status[:3])
+            except ValueError:
+                pass
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        measurement.activate()
+        try:
+            result = self.app(environ, measured_start_response)
+        except BaseException as exc:
+            measurement.fail(exc)
+            measurement.finish()
+            raise
+        finally:
+            measurement.deactivate()
+        return _MeasuredBody(result, measurement)

@@ -1,0 +1,158 @@
+"""OpenTelemetry metrics, read back through the SDK's InMemoryMetricReader."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk")
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from kotoba_memory._version import __version__
+from kotoba_memory_integrations import otel
+from kotoba_memory_integrations._request import RequestRecorder, set_current_route
+from kotoba_memory_integrations.wsgi import MemoryMiddleware
+
+
+@pytest.fixture()
+def reader() -> Iterator[InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    otel.instrument(meter_provider=provider)
+    try:
+        yield reader
+    finally:
+        otel.uninstrument()
+        provider.shutdown()
+
+
+def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
+    data = reader.get_metrics_data()
+    found: dict[str, Any] = {}
+    assert data is not None
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            assert scope_metrics.scope.name == otel.METER_NAME
+            assert scope_metrics.scope.version == __version__
+            for metric in scope_metrics.metrics:
+                found[metric.name] = metric
+    return found
+
+
+def points(metric: Any) -> list[Any]:
+    return list(metric.data.data_points)
+
+
+def test_semantic_convention_process_and_gc_metrics(reader: InMemoryMetricReader) -> None:
+    gc.collect()
+    found = collect(reader)
+    usage = found["process.memory.usage"]
+    assert usage.unit == "By"
+    [point] = points(usage)
+    assert point.value > 1 << 20
+    collections = found["cpython.gc.collections"]
+    by_generation = {p.attributes["cpython.gc.generation"]: p.value for p in points(collections)}
+    assert set(by_generation) == {0, 1, 2}
+    assert 1 <= by_generation[2] <= gc.get_stats()[2]["collections"]
+    for name in ("cpython.gc.collected_objects", "cpython.gc.uncollectable_objects"):
+        assert {p.attributes["cpython.gc.generation"] for p in points(found[name])} == {0, 1, 2}
+
+
+def test_request_histograms_carry_route_method_status(reader: InMemoryMetricReader) -> None:
+    keep: list[bytearray] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        set_current_route("/reports/<int:year>")
+        block = bytearray(16 << 20)
+        block[::4096] = b"y" * len(block[::4096])
+        keep.append(block)
+        start_response("200 OK", [])
+        return [b""]
+
+    recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None)
+    middleware = MemoryMiddleware(app, recorder=recorder)
+    for _ in range(2):
+        result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/reports/2024"}, lambda *a: None)
+        list(result)
+        result.close()  # type: ignore[attr-defined]
+    found = collect(reader)
+    growth = found["kotoba_memory.http.server.request.rss_growth"]
+    assert growth.unit == "By"
+    [point] = points(growth)
+    assert dict(point.attributes) == {
+        "http.route": "/reports/<int:year>",
+        "http.request.method": "GET",
+        "http.response.status_code": 200,
+    }
+    assert point.count == 2
+    assert point.sum >= 24 << 20
+    assert "kotoba_memory.http.server.request.traced_allocations" not in found  # tracemalloc is off
+    pause = found["kotoba_memory.http.server.request.gc_pause"]
+    assert points(pause)[0].count == 2
+    keep.clear()
+
+
+def test_cache_metrics_per_cache_name(reader: InMemoryMetricReader) -> None:
+    cache_manager = pytest.importorskip("kotoba_memory.cache_manager")
+    if not hasattr(cache_manager, "CacheManager"):
+        pytest.skip("cache manager not available")
+    cache = cache_manager.CacheManager(max_bytes=1 << 20, name="otel-test-cache")
+    cache.put("a", b"x" * 100)
+    assert cache.get("a") == b"x" * 100
+    assert cache.get("missing") is None
+    found = collect(reader)
+
+    def value(name: str) -> Any:
+        label = "kotoba_memory.cache.name"
+        matching = [p.value for p in points(found[name]) if p.attributes.get(label) == "otel-test-cache"]
+        assert len(matching) == 1, name
+        return matching[0]
+
+    assert value("kotoba_memory.cache.hits") == 1
+    assert value("kotoba_memory.cache.misses") == 1
+    assert value("kotoba_memory.cache.entries") == 1
+    assert value("kotoba_memory.cache.size") >= 100
+    assert value("kotoba_memory.cache.evictions") == 0
+
+
+def test_uninstrument_stops_reporting_and_instrument_is_idempotent() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    instrumentor = otel.instrument(meter_provider=provider)
+    otel.instrument(meter_provider=provider)
+    assert otel.is_instrumented() and instrumentor is otel.MemoryInstrumentor()
+    assert "process.memory.usage" in collect(reader)
+    otel.uninstrument()
+    otel.uninstrument()
+    assert not otel.is_instrumented()
+    data = reader.get_metrics_data()
+    names = {
+        m.name
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if points(m)
+    }
+    assert "process.memory.usage" not in names
+    provider.shutdown()
+
+
+def test_without_a_configured_provider_nothing_breaks() -> None:
+    # No SDK provider: the global API provider is a proxy/no-op, instruments record nothing.
+    otel.instrument()
+    try:
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response("204 No Content", [])
+            return []
+
+        result = MemoryMiddleware(app)({"REQUEST_METHOD": "GET"}, lambda *a: None)
+        list(result)
+        result.close()  # type: ignore[attr-defined]
+        assert otel.MemoryInstrumentor().callback_errors == 0
+    finally:
+        otel.uninstrument()

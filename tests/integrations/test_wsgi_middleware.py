@@ -1,0 +1,339 @@
+"""The WSGI middleware: per-request measurement, streaming, exceptions, threads."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kotoba_memory_integrations import _request
+from kotoba_memory_integrations._request import (
+    ENVIRON_KEY,
+    UNMATCHED_ROUTE,
+    RequestMetrics,
+    RequestRecorder,
+    RssReader,
+    current_measurement,
+    set_current_route,
+)
+from kotoba_memory_integrations.wsgi import MemoryMiddleware
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.items: list[RequestMetrics] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, metrics: RequestMetrics) -> None:
+        with self.lock:
+            self.items.append(metrics)
+
+
+class RecordingGc:
+    """Implements the GC optimizer's request hooks; a collection 'happens' inside each request."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+        self.ends = 0
+        self.total = 0
+        self.lock = threading.Lock()
+
+    def on_request_start(self) -> None:
+        with self.lock:
+            self.starts += 1
+
+    def on_request_end(self) -> None:
+        with self.lock:
+            self.ends += 1
+
+    def pause_total_ns(self) -> int:
+        return self.total
+
+
+class RecordingProfiler:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int | None, float]] = []
+        self.lock = threading.Lock()
+
+    def record_request(self, route: str, rss_delta: int, traced_delta: int | None, duration_s: float) -> None:
+        with self.lock:
+            self.calls.append((route, rss_delta, traced_delta, duration_s))
+
+
+def call(app: Any, path: str = "/", method: str = "GET") -> tuple[str | None, bytes, Any]:
+    status: list[str] = []
+
+    def start_response(s: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        status.append(s)
+
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path}
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return (status[0] if status else None), body, environ
+
+
+def make_recorder(collected: Collected, **kwargs: Any) -> RequestRecorder:
+    kwargs.setdefault("gc_optimizer", lambda: None)
+    kwargs.setdefault("profiler", lambda: None)
+    return RequestRecorder(on_request=collected, **kwargs)
+
+
+def test_records_status_method_and_unmatched_route() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    collected = Collected()
+    middleware = MemoryMiddleware(app, recorder=make_recorder(collected))
+    status, body, environ = call(middleware, "/users/42", "POST")
+    assert (status, body) == ("201 Created", b"ok")
+    [m] = collected.items
+    assert m.route == UNMATCHED_ROUTE  # never the raw path
+    assert (m.method, m.status, m.error) == ("POST", 201, None)
+    assert m.duration_s > 0
+    assert isinstance(m.rss_delta, int)
+    assert environ[ENVIRON_KEY].finished
+
+
+def test_route_from_the_framework_and_context_cleared() -> None:
+    seen: list[object] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(current_measurement())
+        set_current_route("/users/<int:id>")
+        start_response("200 OK", [])
+        return [b""]
+
+    collected = Collected()
+    call(MemoryMiddleware(app, recorder=make_recorder(collected)), "/users/42")
+    assert collected.items[0].route == "/users/<int:id>"
+    assert seen[0] is not None
+    assert current_measurement() is None
+
+
+def test_rss_growth_is_measured() -> None:
+    keep: list[bytearray] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        block = bytearray(48 << 20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+        keep.append(block)
+        start_response("200 OK", [])
+        return [b""]
+
+    collected = Collected()
+    call(MemoryMiddleware(app, recorder=make_recorder(collected)))
+    assert collected.items[0].rss_delta >= 40 << 20
+    keep.clear()
+
+
+def test_traced_delta_only_while_tracing() -> None:
+    keep: list[object] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        keep.append([bytes(1000) for _ in range(1000)])
+        start_response("200 OK", [])
+        return [b""]
+
+    collected = Collected()
+    middleware = MemoryMiddleware(app, recorder=make_recorder(collected))
+    call(middleware)
+    assert collected.items[0].traced_delta is None
+    tracemalloc.start()
+    try:
+        call(middleware)
+    finally:
+        tracemalloc.stop()
+    assert collected.items[1].traced_delta is not None
+    assert collected.items[1].traced_delta >= 1_000_000
+
+
+def test_streaming_body_is_measured_until_close() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ[ENVIRON_KEY].route = "/stream"
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            for i in range(3):
+                yield b"chunk%d" % i
+
+        return body()
+
+    collected = Collected()
+    middleware = MemoryMiddleware(app, recorder=make_recorder(collected))
+    result = middleware({"REQUEST_METHOD": "GET"}, lambda *a: None)
+    assert b"".join(result) == b"chunk0chunk1chunk2"
+    assert collected.items == []  # not finished until the server closes the iterable
+    result.close()  # type: ignore[attr-defined]
+    result.close()  # type: ignore[attr-defined]  # idempotent
+    assert [m.route for m in collected.items] == ["/stream"]
+
+
+def test_close_of_the_app_iterable_is_called() -> None:
+    closed: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"a"
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Body:
+        start_response("200 OK", [])
+        return Body()
+
+    collected = Collected()
+    call(MemoryMiddleware(app, recorder=make_recorder(collected)))
+    assert closed == [True]
+    assert len(collected.items) == 1
+
+
+def test_exception_in_app_is_reraised_and_recorded() -> None:
+    class Boom(RuntimeError):
+        pass
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        set_current_route("/boom")
+        raise Boom("kaput")
+
+    collected = Collected()
+    with pytest.raises(Boom, match="kaput"):
+        call(MemoryMiddleware(app, recorder=make_recorder(collected)))
+    [m] = collected.items
+    assert (m.route, m.status) == ("/boom", 500)
+    assert m.error is not None and m.error.endswith("Boom")
+
+
+def test_exception_while_streaming_is_reraised_and_recorded_on_close() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            yield b"first"
+            raise OSError("disk gone")
+
+        return body()
+
+    collected = Collected()
+    middleware = MemoryMiddleware(app, recorder=make_recorder(collected))
+    result = middleware({"REQUEST_METHOD": "GET"}, lambda *a: None)
+    iterator = iter(result)
+    assert next(iterator) == b"first"
+    with pytest.raises(OSError, match="disk gone"):
+        next(iterator)
+    result.close()  # type: ignore[attr-defined]
+    [m] = collected.items
+    assert (m.status, m.error) == (200, "OSError")
+
+
+def test_gc_hooks_and_pause_inside_request_and_profiler() -> None:
+    gc_opt = RecordingGc()
+    profiler = RecordingProfiler()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        gc_opt.total += 2_500_000  # a 2.5 ms pause observed while this request ran
+        set_current_route("/gc")
+        start_response("200 OK", [])
+        return [b""]
+
+    collected = Collected()
+    recorder = RequestRecorder(on_request=collected, gc_optimizer=lambda: gc_opt, profiler=lambda: profiler)
+    for _ in range(3):
+        call(MemoryMiddleware(app, recorder=recorder))
+    assert (gc_opt.starts, gc_opt.ends) == (3, 3)
+    assert [m.gc_pause_ns for m in collected.items] == [2_500_000] * 3
+    assert [c[0] for c in profiler.calls] == ["/gc"] * 3
+    assert all(c[3] > 0 for c in profiler.calls)
+
+
+def test_failing_hooks_never_reach_the_app() -> None:
+    class BrokenGc(RecordingGc):
+        def on_request_end(self) -> None:
+            raise RuntimeError("gc hook bug")
+
+    class BrokenProfiler:
+        def record_request(self, *args: object) -> None:
+            raise RuntimeError("profiler bug")
+
+    def listener(metrics: RequestMetrics) -> None:
+        raise RuntimeError("listener bug")
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"fine"]
+
+    before = _request.listener_errors()
+    collected = Collected()
+    recorder = RequestRecorder(
+        on_request=collected, gc_optimizer=lambda: BrokenGc(), profiler=lambda: BrokenProfiler()
+    )
+    _request.add_request_listener(listener)
+    try:
+        status, body, _ = call(MemoryMiddleware(app, recorder=recorder))
+    finally:
+        _request.remove_request_listener(listener)
+    assert (status, body) == ("200 OK", b"fine")
+    assert len(collected.items) == 1
+    assert _request.listener_errors() - before == 3
+
+
+def test_nested_middlewares_measure_once() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b""]
+
+    collected = Collected()
+    recorder = make_recorder(collected)
+    call(MemoryMiddleware(MemoryMiddleware(app, recorder=recorder), recorder=recorder))
+    assert len(collected.items) == 1
+
+
+def test_concurrent_requests_from_threads() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        set_current_route(f"/t/{environ['PATH_INFO'].split('/')[2]}")
+        start_response("200 OK", [])
+        return [environ["PATH_INFO"].encode()]
+
+    collected = Collected()
+    middleware = MemoryMiddleware(app, recorder=make_recorder(collected))
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                _, body, _ = call(middleware, f"/t/{n}/{i}")
+                assert body == f"/t/{n}/{i}".encode()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    assert len(collected.items) == 400
+    routes = sorted({m.route for m in collected.items})
+    assert routes == sorted(f"/t/{n}" for n in range(8))
+    assert sum(1 for m in collected.items if m.route == "/t/3") == 50
+
+
+def test_rss_reader_matches_psutil_and_reopens_after_close() -> None:
+    import psutil
+
+    reader = RssReader()
+    rss = reader.rss()
+    expected = psutil.Process().memory_info().rss
+    assert abs(rss - expected) < 64 << 20
+    reader.close()
+    assert reader.rss() > 0
+    reader.close()
