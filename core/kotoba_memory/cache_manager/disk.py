@@ -1,0 +1,623 @@
+"""A persistent, byte-bounded cache in one SQLite file (stdlib ``sqlite3``, WAL journal).
+
+Every write is one SQLite transaction, so a process killed mid-write leaves either the old row or the
+new one, never half a value; each value also carries a CRC32 checked on read, and a row that fails it
+(or no longer unpickles) is dropped and counted as a miss. Values are pickled, optionally compressed.
+Eviction is least-recently-accessed once the stored bytes exceed ``max_bytes``; expiry is by a stored
+wall-clock deadline, so it survives restarts. Several processes may share one file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import sqlite3
+import statistics
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kotoba_memory.cache_manager.base import BaseCache
+from kotoba_memory.cache_manager.compression import Codec, CompressionStats, Compressor
+from kotoba_memory.cache_manager.types import CachedValue, CacheStats, UnhashableKeyError, check_ttl
+from kotoba_memory.errors import KotobaMemoryError
+
+__all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_VERSION = 1
+_DEFAULT_FILENAME = "kotoba-cache.sqlite3"
+_BATCH = 256  # rows per eviction/purge statement: keeps each write transaction short
+_MAX_BATCHES = 10_000  # bound on one eviction/purge loop, whatever the table holds
+_PURGE_EVERY = 64  # puts between two bounded purges of expired rows
+_SQL_VARS = 500  # keys per "IN (...)" statement, under SQLite's variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kotoba_cache (
+    key BLOB PRIMARY KEY,
+    value BLOB NOT NULL,
+    codec TEXT,
+    checksum INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    raw_size INTEGER NOT NULL,
+    expires_at REAL,
+    accessed_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kotoba_cache_accessed ON kotoba_cache (accessed_at);
+CREATE INDEX IF NOT EXISTS kotoba_cache_expires ON kotoba_cache (expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS kotoba_cache_totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    raw_bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO kotoba_cache_totals VALUES (0, 0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS kotoba_cache_insert AFTER INSERT ON kotoba_cache BEGIN
+    UPDATE kotoba_cache_totals SET entries = entries + 1, bytes = bytes + NEW.size,
+        raw_bytes = raw_bytes + NEW.raw_size WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS kotoba_cache_delete AFTER DELETE ON kotoba_cache BEGIN
+    UPDATE kotoba_cache_totals SET entries = entries - 1, bytes = bytes - OLD.size,
+        raw_bytes = raw_bytes - OLD.raw_size WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS kotoba_cache_resize AFTER UPDATE OF size, raw_size ON kotoba_cache BEGIN
+    UPDATE kotoba_cache_totals SET bytes = bytes - OLD.size + NEW.size,
+        raw_bytes = raw_bytes - OLD.raw_size + NEW.raw_size WHERE id = 0;
+END;
+"""
+
+
+class DiskCacheError(KotobaMemoryError):
+    """The cache file cannot be opened or used (wrong format, closed cache, unusable path)."""
+
+
+class LatencyWindow:
+    """The median of the last ``size`` recorded durations; callers serialize access with their lock."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._samples: deque[int] = deque(maxlen=size)
+
+    def add(self, started_ns: int) -> None:
+        """Record the time elapsed since ``started_ns`` (a ``perf_counter_ns`` reading)."""
+        self._samples.append(time.perf_counter_ns() - started_ns)
+
+    def median(self) -> int:
+        return int(statistics.median(self._samples)) if self._samples else 0
+
+
+class DiskHit(NamedTuple):
+    """A value read from disk with its remaining time to live (None: no expiry) and stored size."""
+
+    value: Any
+    ttl_remaining: float | None
+    stored_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskCacheStats(CacheStats):
+    """:class:`CacheStats` plus what only a disk store has: compression and corruption counters.
+
+    ``bytes`` counts stored (possibly compressed) payload bytes; ``raw_bytes`` the same values
+    uncompressed. ``compression_ratio`` is raw/stored over every entry now in the file.
+    """
+
+    raw_bytes: int = 0
+    compression_ratio: float | None = None
+    compression: CompressionStats | None = None
+    corrupt: int = 0
+    path: str = ""
+
+
+def _encode_key(key: Hashable) -> bytes:
+    """A stable byte form of ``key``; the common key types get a readable, pickle-free encoding."""
+    kind = type(key)
+    if kind is str:
+        return b"s" + key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+    if kind is bytes:
+        return b"b" + key  # type: ignore[operator]
+    if kind is int:
+        return b"i" + str(key).encode("ascii")
+    try:
+        hash(key)
+    except TypeError:
+        raise UnhashableKeyError(key) from None
+    try:
+        return b"p" + pickle.dumps(key, protocol=4)
+    except Exception as exc:
+        raise TypeError(f"DiskCache keys must be picklable, got {kind.__name__}: {exc}") from exc
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # pickle raises PicklingError, TypeError, AttributeError, ...
+        raise TypeError(
+            f"DiskCache values must be picklable; a {type(value).__qualname__} is not: {exc}"
+        ) from exc
+
+
+class DiskCache(BaseCache):
+    """A byte-bounded cache of pickled values in a SQLite file that survives restarts and crashes.
+
+    ``path`` is the database file, or a directory to hold ``kotoba-cache.sqlite3``. ``max_bytes``
+    bounds the stored payload (keys + possibly compressed values; SQLite adds its own page overhead).
+    ``compression`` (``None``, ``"zlib"``, ``"zstd"`` or a :class:`Codec`) applies to pickled values
+    of at least ``compress_min_bytes`` and only when it makes them smaller.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        default_ttl: float | None = None,
+        compression: str | Codec | None = None,
+        compress_min_bytes: int = 1024,
+        name: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+            raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self.default_ttl = check_ttl(default_ttl, "default_ttl")
+        self.max_bytes = max_bytes
+        self._compressor = Compressor(compression, compress_min_bytes)
+        target = Path(path)
+        if target.is_dir():
+            target = target / _DEFAULT_FILENAME
+        self.path = target
+        self._timeout = timeout
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._closed = False
+        self._last_access = 0.0
+        self._puts_since_purge = 0
+        self._hits = self._misses = self._puts = self._deletes = 0
+        self._evictions = self._expirations = self._rejections = self._corrupt = 0
+        self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
+        super().__init__(name or f"disk:{target.name}")
+        with self._lock:
+            self._connection()
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """The shared connection, reopened after a fork (a SQLite handle must not cross one)."""
+        if self._closed:
+            raise DiskCacheError(f"{self.name} is closed")
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise DiskCacheError(f"cannot open disk cache at {self.path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL never corrupts the file; only a power loss may drop the last commits.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise DiskCacheError(
+                    f"{self.path} holds disk cache format {version}, this version reads {_SCHEMA_VERSION}"
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_script(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._pid = os.getpid()
+        return conn
+
+    def close(self) -> None:
+        """Close the database connection; later operations raise :class:`DiskCacheError`."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+            self._closed = True
+
+    def __enter__(self) -> DiskCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _now(self) -> float:
+        """Wall-clock time (deadlines must survive restarts), strictly increasing within this process."""
+        now = time.time()
+        if now <= self._last_access:
+            now = self._last_access + 1e-6
+        self._last_access = now
+        return now
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def _fetch(self, key: Hashable, *, remove: bool) -> tuple[bool, Any, float | None, int]:
+        """Look ``key`` up: ``(found, value, ttl_remaining, stored_bytes)``; counts hits and misses."""
+        started = time.perf_counter_ns()
+        encoded = _encode_key(key)
+        with self._lock:
+            conn = self._connection()
+            row = conn.execute(
+                "SELECT value, codec, checksum, size, expires_at FROM kotoba_cache WHERE key = ?",
+                (encoded,),
+            ).fetchone()
+            if row is not None:
+                blob, codec, checksum, size, expires_at = row
+                now = self._now()
+                if expires_at is not None and expires_at <= now:
+                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                    self._expirations += 1
+                    row = None
+                elif zlib.crc32(blob) != checksum:
+                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                    self._corrupt += 1
+                    log.warning("%s: dropped a value whose checksum does not match", self.name)
+                    row = None
+                elif remove:
+                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                else:
+                    conn.execute(
+                        "UPDATE kotoba_cache SET accessed_at = ? WHERE key = ?", (now, encoded)
+                    )
+            if row is None:
+                self._misses += 1
+                self._miss_ns.add(started)
+                return False, None, None, 0
+        try:
+            value = pickle.loads(self._compressor.unpack(blob, codec))
+        except Exception as exc:  # a class that moved since it was stored, a codec now missing, ...
+            with self._lock:
+                if not remove:
+                    self._connection().execute(
+                        "DELETE FROM kotoba_cache WHERE key = ? AND checksum = ?", (encoded, checksum)
+                    )
+                self._corrupt += 1
+                self._misses += 1
+                self._miss_ns.add(started)
+            log.warning("%s: dropped a value that no longer loads: %r", self.name, exc)
+            return False, None, None, 0
+        remaining = None if expires_at is None else max(expires_at - time.time(), 1e-3)
+        with self._lock:
+            self._hits += 1
+            self._hit_ns.add(started)
+        return True, value, remaining, size
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default`` when absent, expired or unreadable."""
+        found, value, _, _ = self._fetch(key, remove=False)
+        return value if found else default
+
+    def lookup(self, key: Hashable, *, remove: bool = False) -> DiskHit | None:
+        """Like :meth:`get` but also give the remaining ttl; ``remove=True`` takes the entry out."""
+        found, value, remaining, size = self._fetch(key, remove=remove)
+        return DiskHit(value, remaining, size) if found else None
+
+    def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        """The hits among ``keys``."""
+        result: dict[Hashable, Any] = {}
+        for key in keys:
+            found, value, _, _ = self._fetch(key, remove=False)
+            if found:
+                result[key] = value
+        return result
+
+    def __contains__(self, key: object) -> bool:
+        encoded = _encode_key(key)
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT expires_at FROM kotoba_cache WHERE key = ?", (encoded,)
+            ).fetchone()
+        return row is not None and (row[0] is None or row[0] > time.time())
+
+    def ttl(self, key: Hashable) -> float | None:
+        """Seconds until ``key`` expires; None when it never expires. KeyError when it is absent."""
+        encoded = _encode_key(key)
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT expires_at FROM kotoba_cache WHERE key = ?", (encoded,)
+            ).fetchone()
+        now = time.time()
+        if row is None or (row[0] is not None and row[0] <= now):
+            raise KeyError(key)
+        return None if row[0] is None else row[0] - now
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def _resolve_ttl(self, value: Any, ttl: float | None) -> float | None:
+        ttl = check_ttl(ttl)
+        if ttl is None and isinstance(value, CachedValue):
+            ttl = value.ttl
+        return self.default_ttl if ttl is None else ttl
+
+    def _encode_value(self, value: Any) -> tuple[bytes, str | None, int]:
+        raw = _dumps(value)
+        blob, codec = self._compressor.pack(raw)
+        return blob, codec, len(raw)
+
+    def put(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` under ``key``; False (and the key left absent) when it exceeds ``max_bytes``.
+
+        Raises TypeError for an unhashable key or an unpicklable value, leaving what was stored intact.
+        """
+        encoded = _encode_key(key)
+        seconds = self._resolve_ttl(value, ttl)
+        blob, codec, raw_size = self._encode_value(value)
+        return self._store(encoded, blob, codec, raw_size, seconds, only_if_absent=False)
+
+    def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` holds no live entry (atomic, also across processes)."""
+        encoded = _encode_key(key)
+        seconds = self._resolve_ttl(value, ttl)
+        blob, codec, raw_size = self._encode_value(value)
+        return self._store(encoded, blob, codec, raw_size, seconds, only_if_absent=True)
+
+    def put_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping``; all are encoded before the first is written."""
+        encoded = [
+            (_encode_key(key), self._resolve_ttl(value, ttl), *self._encode_value(value))
+            for key, value in mapping.items()
+        ]
+        for key_bytes, seconds, blob, codec, raw_size in encoded:
+            self._store(key_bytes, blob, codec, raw_size, seconds, only_if_absent=False)
+
+    def _store(
+        self,
+        encoded: bytes,
+        blob: bytes,
+        codec: str | None,
+        raw_size: int,
+        ttl: float | None,
+        *,
+        only_if_absent: bool,
+    ) -> bool:
+        size = len(encoded) + len(blob)
+        raw_size += len(encoded)
+        checksum = zlib.crc32(blob)
+        with self._lock:
+            conn = self._connection()
+            now = self._now()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if only_if_absent:
+                    row = conn.execute(
+                        "SELECT expires_at FROM kotoba_cache WHERE key = ?", (encoded,)
+                    ).fetchone()
+                    if row is not None and (row[0] is None or row[0] > now):
+                        conn.execute("COMMIT")
+                        return False
+                if size > self.max_bytes:
+                    # A value the whole cache cannot hold: the key must not keep serving an older one.
+                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                    conn.execute("COMMIT")
+                    self._rejections += 1
+                    return False
+                conn.execute(
+                    "INSERT INTO kotoba_cache (key, value, codec, checksum, size, raw_size, expires_at,"
+                    " accessed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                    " value = excluded.value, codec = excluded.codec, checksum = excluded.checksum,"
+                    " size = excluded.size, raw_size = excluded.raw_size,"
+                    " expires_at = excluded.expires_at, accessed_at = excluded.accessed_at",
+                    (encoded, blob, codec, checksum, size, raw_size, None if ttl is None else now + ttl, now),
+                )
+                self._evict_over_budget(conn, keep=encoded, now=now)
+                self._puts_since_purge += 1
+                if self._puts_since_purge >= _PURGE_EVERY:
+                    self._puts_since_purge = 0
+                    self._expirations += self._purge(conn, now, max_batches=1)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._puts += 1
+        return True
+
+    def _evict_over_budget(self, conn: sqlite3.Connection, *, keep: bytes, now: float) -> None:
+        total = conn.execute("SELECT bytes FROM kotoba_cache_totals WHERE id = 0").fetchone()[0]
+        if total <= self.max_bytes:
+            return
+        # Expired rows are the cheapest to lose; then the least recently accessed.
+        self._expirations += self._purge(conn, now, max_batches=_MAX_BATCHES)
+        total = conn.execute("SELECT bytes FROM kotoba_cache_totals WHERE id = 0").fetchone()[0]
+        for _ in range(_MAX_BATCHES):
+            if total <= self.max_bytes:
+                return
+            rows = conn.execute(
+                "SELECT key, size FROM kotoba_cache WHERE key != ? ORDER BY accessed_at LIMIT ?",
+                (keep, _BATCH),
+            ).fetchall()
+            if not rows:
+                return
+            victims = []
+            for victim, size in rows:
+                victims.append(victim)
+                total -= size
+                if total <= self.max_bytes:
+                    break
+            conn.execute(
+                f"DELETE FROM kotoba_cache WHERE key IN ({','.join('?' * len(victims))})", victims
+            )
+            self._evictions += len(victims)
+
+    def _purge(self, conn: sqlite3.Connection, now: float, *, max_batches: int) -> int:
+        purged = 0
+        for _ in range(max_batches):
+            cursor = conn.execute(
+                "DELETE FROM kotoba_cache WHERE key IN (SELECT key FROM kotoba_cache"
+                " WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)",
+                (now, _BATCH),
+            )
+            purged += cursor.rowcount
+            if cursor.rowcount < _BATCH:
+                break
+        return purged
+
+    def purge_expired(self) -> int:
+        """Delete every expired row now (in bounded batches); return how many went."""
+        with self._lock:
+            conn = self._connection()
+            total = 0
+            for _ in range(_MAX_BATCHES):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    purged = self._purge(conn, time.time(), max_batches=1)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                total += purged
+                if purged < _BATCH:
+                    break
+            self._expirations += total
+            return total
+
+    def touch(self, key: Hashable, ttl: float | None = None) -> bool:
+        """Give a live entry a new ttl (None: the default ttl, or no expiry); False when absent."""
+        encoded = _encode_key(key)
+        seconds = check_ttl(ttl)
+        if seconds is None:
+            seconds = self.default_ttl
+        with self._lock:
+            now = self._now()
+            cursor = self._connection().execute(
+                "UPDATE kotoba_cache SET expires_at = ?, accessed_at = ?"
+                " WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (None if seconds is None else now + seconds, now, encoded, now),
+            )
+            return cursor.rowcount > 0
+
+    def delete(self, key: Hashable) -> bool:
+        """Remove ``key``; True when a live entry was there."""
+        encoded = _encode_key(key)
+        with self._lock:
+            now = time.time()
+            row = self._connection().execute(
+                "DELETE FROM kotoba_cache WHERE key = ? RETURNING expires_at", (encoded,)
+            ).fetchone()
+            live = row is not None and (row[0] is None or row[0] > now)
+            if live:
+                self._deletes += 1
+            return live
+
+    def clear(self) -> None:
+        """Remove every entry (of every process sharing the file)."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM kotoba_cache")
+                conn.execute("UPDATE kotoba_cache_totals SET entries = 0, bytes = 0, raw_bytes = 0")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def __len__(self) -> int:
+        self.purge_expired()
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT entries FROM kotoba_cache_totals WHERE id = 0"
+            ).fetchone()
+        return int(row[0])
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> DiskCacheStats:
+        """Counters of this process plus the file's current size (shared by every process using it)."""
+        with self._lock:
+            entries, stored, raw = self._connection().execute(
+                "SELECT entries, bytes, raw_bytes FROM kotoba_cache_totals WHERE id = 0"
+            ).fetchone()
+            hits, misses = self._hits, self._misses
+            lookups = hits + misses
+            return DiskCacheStats(
+                hits=hits,
+                misses=misses,
+                hit_rate=hits / lookups if lookups else 0.0,
+                evictions=self._evictions,
+                expirations=self._expirations,
+                rejections=self._rejections,
+                puts=self._puts,
+                deletes=self._deletes,
+                bytes=stored,
+                entries=entries,
+                max_bytes=self.max_bytes,
+                max_entries=None,
+                metadata_bytes=0,
+                hit_latency_ns=self._hit_ns.median(),
+                miss_latency_ns=self._miss_ns.median(),
+                raw_bytes=raw,
+                compression_ratio=raw / stored if stored else None,
+                compression=self._compressor.stats(),
+                corrupt=self._corrupt,
+                path=str(self.path),
+                name=self.name,
+                policy="lru",
+            )
+
+    # -- async twins: SQLite and pickling block, so they run in a worker thread --------------------
+
+    async def aget(self, key: Hashable, default: Any = None) -> Any:
+        return await asyncio.to_thread(self.get, key, default)
+
+    async def aput(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        return await asyncio.to_thread(self.put, key, value, ttl)
+
+    async def adelete(self, key: Hashable) -> bool:
+        return await asyncio.to_thread(self.delete, key)
+
+    async def aget_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        return await asyncio.to_thread(self.get_many, list(keys))
+
+    async def aput_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
+        await asyncio.to_thread(self.put_many, dict(mapping), ttl)
+
+    async def aadd(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        return await asyncio.to_thread(self.add, key, value, ttl)
+
+    async def atouch(self, key: Hashable, ttl: float | None = None) -> bool:
+        return await asyncio.to_thread(self.touch, key, ttl)
+
+    async def aclear(self) -> None:
+        await asyncio.to_thread(self.clear)
+
+    def __repr__(self) -> str:
+        return f"DiskCache({str(self.path)!r}, max_bytes={self.max_bytes}, name={self.name!r})"
+
+
+def _split_script(script: str) -> list[str]:
+    """Split the schema into statements (triggers hold inner semicolons, so split on ``END;``)."""
+    statements: list[str] = []
+    buffer = ""
+    for part in script.split(";"):
+        buffer += part + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                statements.append(buffer.strip())
+            buffer = ""
+    return statements

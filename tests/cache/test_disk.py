@@ -1,0 +1,395 @@
+"""DiskCache: persistence, LRU bounds, expiry, checksums, bad input, threads and a SIGKILL mid-write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kotoba_memory.cache_manager.base import iter_caches
+from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheError, DiskCacheStats
+from kotoba_memory.cache_manager.types import CachedValue, CacheMetadata
+
+
+def _page(i: int) -> str:
+    """An HTML-like page, compressible like real ones."""
+    rows = "".join(f"<tr><td>{j}</td><td>item {i}-{j}</td><td>{j * 3.5:.2f}</td></tr>" for j in range(40))
+    return f"<html><body><h1>Page {i}</h1><table>{rows}</table></body></html>"
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[DiskCache]:
+    c = DiskCache(tmp_path / "c.sqlite3", 1 << 20)
+    yield c
+    c.close()
+
+
+def test_round_trips_common_values_and_keys(cache: DiskCache) -> None:
+    values = {
+        "text": "héllo",
+        b"raw": b"\x00\x01",
+        42: [1, 2, {"a": (3, 4)}],
+        ("tuple", 1): {"nested": {"x": 1.5}},
+        frozenset({1, 2}): None,
+    }
+    for key, value in values.items():
+        assert cache.put(key, value) is True
+    for key, value in values.items():
+        assert key in cache
+        assert cache.get(key, "missing") == value
+    assert len(cache) == len(values)
+    assert cache.get("absent", "dflt") == "dflt"
+    stats = cache.stats()
+    assert isinstance(stats, DiskCacheStats)
+    assert stats.hits == len(values) and stats.misses == 1 and stats.puts == len(values)
+    assert stats.entries == len(values) and 0 < stats.bytes <= stats.max_bytes
+    assert stats.hit_latency_ns > 0 and stats.miss_latency_ns > 0
+    assert stats.name == cache.name
+
+
+def test_survives_restart_in_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "persist.sqlite3"
+    with DiskCache(path, 1 << 20, compression="zlib") as c:
+        c.put("page", _page(1))
+        c.put("forever", 7)
+        c.put("short", "gone soon", ttl=0.05)
+    time.sleep(0.1)
+    code = textwrap.dedent(
+        f"""
+        import json
+        from kotoba_memory.cache_manager.disk import DiskCache
+        c = DiskCache({str(path)!r}, 1 << 20)
+        print(json.dumps([c.get("page"), c.get("forever"), c.get("short", "expired")]))
+        c.put("from-child", [1, 2, 3])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout) == [_page(1), 7, "expired"]
+    with DiskCache(path, 1 << 20) as again:
+        assert again.get("from-child") == [1, 2, 3]
+        assert again.get("page") == _page(1)
+
+
+def test_evicts_least_recently_accessed_to_stay_under_max_bytes(tmp_path: Path) -> None:
+    value = b"v" * 1000
+    with DiskCache(tmp_path, 3500) as c:  # room for three entries
+        for key in ("a", "b", "c"):
+            assert c.put(key, value)
+        assert c.get("a") == value  # a is now more recent than b
+        assert c.put("d", value)
+        assert "b" not in c
+        assert all(k in c for k in ("a", "c", "d"))
+        stats = c.stats()
+        assert stats.evictions == 1 and stats.bytes <= 3500 and stats.entries == 3
+
+
+def test_bytes_never_exceed_the_bound_under_many_sizes(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    with DiskCache(tmp_path, 50_000) as c:
+        for i in range(300):
+            c.put(i, rng.randbytes(rng.randint(10, 8000)))
+            assert c.stats().bytes <= 50_000
+        row = sqlite3.connect(c.path).execute("SELECT COUNT(*), SUM(size) FROM kotoba_cache").fetchone()
+        assert (row[0], row[1]) == (len(c), c.stats().bytes)
+
+
+def test_ttl_expiry_and_purge(cache: DiskCache) -> None:
+    cache.put("soon", 1, ttl=0.05)
+    cache.put("later", 2, ttl=60)
+    cache.put_many({f"k{i}": i for i in range(10)}, ttl=0.05)
+    assert cache.ttl("later") == pytest.approx(60, abs=1)
+    assert cache.ttl("soon") is not None
+    time.sleep(0.1)
+    assert "soon" not in cache
+    assert cache.get("soon", "x") == "x"
+    with pytest.raises(KeyError):
+        cache.ttl("soon")
+    assert cache.purge_expired() == 10
+    assert len(cache) == 1
+    assert cache.stats().expirations == 11
+
+
+def test_default_ttl_and_cached_value_ttl(tmp_path: Path) -> None:
+    with DiskCache(tmp_path, 1 << 20, default_ttl=0.05) as c:
+        c.put("default", 1)
+        c.put("explicit", 2, ttl=60)
+        meta = CacheMetadata("application/json", 10)
+        c.put("own", CachedValue(b'{"a": 1}', meta, ttl=60))
+        time.sleep(0.1)
+        assert "default" not in c
+        assert c.get("explicit") == 2
+        got = c.get("own")
+        assert isinstance(got, CachedValue) and got.data == b'{"a": 1}' and got.metadata == meta
+
+
+def test_touch_add_delete_clear(cache: DiskCache) -> None:
+    cache.put("k", "v", ttl=0.05)
+    assert cache.touch("k", 60)
+    time.sleep(0.1)
+    assert cache.get("k") == "v"
+    assert cache.touch("k")  # no ttl any more
+    assert cache.ttl("k") is None
+    assert not cache.touch("absent", 5)
+    assert cache.add("k", "other") is False
+    assert cache.get("k") == "v"
+    assert cache.add("new", "n") is True
+    cache.put("exp", 1, ttl=0.05)
+    time.sleep(0.1)
+    assert cache.add("exp", 2) is True  # an expired entry does not block add
+    assert cache.get("exp") == 2
+    assert cache.delete("k") is True
+    assert cache.delete("k") is False
+    assert cache.get_many(["new", "exp", "k"]) == {"new": "n", "exp": 2}
+    cache.clear()
+    assert len(cache) == 0 and cache.stats().bytes == 0
+
+
+def test_oversized_value_is_rejected_and_clears_the_stale_one(tmp_path: Path) -> None:
+    with DiskCache(tmp_path, 2000) as c:
+        c.put("k", b"small")
+        assert c.put("k", os.urandom(5000)) is False
+        assert "k" not in c
+        assert c.stats().rejections == 1
+
+
+def test_bad_input_raises_clearly_and_loses_nothing(cache: DiskCache) -> None:
+    cache.put("k", "kept")
+    with pytest.raises(TypeError, match="lock"):
+        cache.put("k", threading.Lock())
+    with pytest.raises(TypeError, match="hashable"):
+        cache.put(["unhashable"], 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ttl"):
+        cache.put("k", "x", ttl=0)
+    with pytest.raises(ValueError, match="ttl"):
+        cache.put("k", "x", ttl=-1)
+    with pytest.raises(TypeError, match="ttl"):
+        cache.put("k", "x", ttl="soon")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lock"):
+        cache.put_many({"a": 1, "b": threading.Lock()})
+    assert "a" not in cache  # put_many encodes everything before writing anything
+    assert cache.get("k") == "kept"
+    with pytest.raises(ValueError, match="max_bytes"):
+        DiskCache(cache.path.parent / "other", 0)
+    with pytest.raises(TypeError, match="max_bytes"):
+        DiskCache(cache.path.parent / "other", "big")  # type: ignore[arg-type]
+
+
+def test_checksum_mismatch_is_a_miss_never_a_wrong_value(cache: DiskCache) -> None:
+    cache.put("k", "the real value" * 10)
+    cache.put("other", 1)
+    raw = sqlite3.connect(cache.path)
+    blob = raw.execute("SELECT value FROM kotoba_cache WHERE key = ?", (b"sk",)).fetchone()[0]
+    flipped = bytes([blob[0]]) + bytes([blob[1] ^ 0xFF]) + blob[2:]
+    with raw:
+        raw.execute("UPDATE kotoba_cache SET value = ? WHERE key = ?", (flipped, b"sk"))
+    raw.close()
+    assert cache.get("k", "miss") == "miss"
+    assert cache.stats().corrupt == 1
+    assert "k" not in cache  # dropped
+    assert cache.get("other") == 1
+
+
+def test_value_that_no_longer_unpickles_is_a_miss(cache: DiskCache) -> None:
+    blob = pickle.dumps(1)
+    # A pickle naming a class that does not exist (e.g. removed since the value was stored).
+    bogus = blob.replace(b"K\x01", b"\x8c\x08no.such\x94\x8c\x05Thing\x94\x93\x94)\x81\x94")
+    cache.put("k", "x")
+    raw = sqlite3.connect(cache.path)
+    import zlib
+
+    with raw:
+        raw.execute(
+            "UPDATE kotoba_cache SET value = ?, checksum = ? WHERE key = ?", (bogus, zlib.crc32(bogus), b"sk")
+        )
+    raw.close()
+    assert cache.get("k", "miss") == "miss"
+    assert cache.stats().corrupt == 1
+
+
+def test_compression_ratio_is_reported(tmp_path: Path) -> None:
+    with DiskCache(tmp_path, 1 << 22, compression="zstd", compress_min_bytes=256) as c:
+        for i in range(20):
+            c.put(f"page{i}", _page(i))
+        c.put("noise", os.urandom(4096))
+        c.put("tiny", "x")
+        assert c.get("page3") == _page(3)
+        assert c.get("noise") is not None
+        stats = c.stats()
+        assert stats.compression is not None
+        assert stats.compression.values_compressed == 20
+        assert stats.compression.values_stored_raw == 1
+        assert stats.compression.ratio is not None and stats.compression.ratio > 2
+        assert stats.compression_ratio is not None and stats.compression_ratio > 1.5
+        assert stats.raw_bytes > stats.bytes
+    # Reopened without compression it still reads the compressed values.
+    with DiskCache(tmp_path, 1 << 22) as plain:
+        assert plain.get("page7") == _page(7)
+
+
+def test_unusable_files_and_closed_cache_raise_disk_cache_error(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(DiskCacheError, match="not-a-db"):
+        DiskCache(bad, 1000)
+    future = tmp_path / "future.sqlite3"
+    conn = sqlite3.connect(future)
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    with pytest.raises(DiskCacheError, match="format 99"):
+        DiskCache(future, 1000)
+    c = DiskCache(tmp_path / "ok", 1000)
+    c.close()
+    with pytest.raises(DiskCacheError, match="closed"):
+        c.get("k")
+
+
+def test_threads_share_one_cache_consistently(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    with DiskCache(tmp_path, 200_000) as c:
+
+        def worker(n: int) -> None:
+            rng = random.Random(n)
+            try:
+                for _ in range(150):
+                    key = rng.randrange(60)
+                    if rng.random() < 0.5:
+                        c.put(key, [key] * rng.randint(1, 400))
+                    else:
+                        got = c.get(key)
+                        assert got is None or set(got) == {key}
+            except BaseException as exc:  # pragma: no cover - only on failure
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors
+        assert c.stats().bytes <= 200_000
+        stats = c.stats()
+        assert stats.hits + stats.misses + stats.puts == 6 * 150
+
+
+def test_get_or_set_runs_the_factory_once_across_threads(cache: DiskCache) -> None:
+    calls = []
+    barrier = threading.Barrier(5)
+
+    def factory() -> str:
+        calls.append(1)
+        time.sleep(0.05)
+        return "computed"
+
+    results: list[str] = []
+
+    def worker() -> None:
+        barrier.wait(timeout=10)
+        results.append(cache.get_or_set("k", factory))
+
+    threads = [threading.Thread(target=worker) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == ["computed"] * 5
+    assert len(calls) == 1
+
+
+def test_async_twins_run_off_the_event_loop(cache: DiskCache) -> None:
+    loop_threads: set[int] = set()
+    seen: list[int] = []
+    real_get = cache.get
+
+    def spy(key: object, default: object = None) -> object:
+        seen.append(threading.get_ident())
+        return real_get(key, default)  # type: ignore[arg-type]
+
+    cache.get = spy  # type: ignore[method-assign]
+
+    async def main() -> list[object]:
+        loop_threads.add(threading.get_ident())
+        assert await cache.aput("a", 1)
+        await cache.aput_many({"b": 2, "c": 3})
+        assert await cache.aadd("a", 9) is False
+        assert await cache.atouch("a", 30)
+        got = [await cache.aget("a"), await cache.aget_many(["b", "c", "zz"])]
+        assert await cache.adelete("b")
+        got.append(await cache.aget_or_set("d", lambda: 4))
+        await cache.aclear()
+        got.append(len(cache))
+        return got
+
+    assert asyncio.run(main()) == [1, {"b": 2, "c": 3}, 4, 0]
+    assert seen and loop_threads.isdisjoint(seen)
+
+
+def test_registered_for_metrics(cache: DiskCache) -> None:
+    assert any(c is cache for c in iter_caches())
+
+
+_WRITER = textwrap.dedent(
+    """
+    import random, sys
+    from kotoba_memory.cache_manager.disk import DiskCache
+    path, start = sys.argv[1], int(sys.argv[2])
+    cache = DiskCache(path, 256 << 20)
+    for i in range(start, start + 10_000):
+        size = random.Random(i).randint(100_000, 600_000)
+        cache.put(f"k{i}", (i, random.Random(i).randbytes(size)))
+        print(i, flush=True)
+    """
+)
+
+
+def test_sigkill_mid_write_never_yields_a_corrupt_value(tmp_path: Path) -> None:
+    path = tmp_path / "crash.sqlite3"
+    committed: list[int] = []
+    start = 0
+    for round_no in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        wanted = 8 + round_no * 3  # kill at a different point each round
+        for _ in range(wanted):
+            line = proc.stdout.readline()
+            assert line, "writer died early"
+            committed.append(int(line))
+        # The writer is now inside the next put (values take milliseconds to write): kill it there.
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        start = committed[-1] + 2
+
+    with DiskCache(path, 256 << 20) as c:
+        present = 0
+        for i in range(start + 2):
+            value = c.get(f"k{i}")
+            if value is None:
+                assert i not in committed, f"committed value k{i} was lost"
+                continue
+            present += 1
+            number, payload = value
+            assert number == i
+            assert payload == random.Random(i).randbytes(len(payload))
+            assert len(payload) == random.Random(i).randint(100_000, 600_000)
+        assert present >= len(committed)
+        assert c.stats().corrupt == 0
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    check.close()
