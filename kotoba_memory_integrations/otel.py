@@ -163,11 +163,11 @@ class _Instruments:
                 description=f"SQLAlchemy query cache {name}.",
             )
         meter.create_observable_up_down_counter(
-            "kotoba_memory.pool.usage", [observe(self._pool_stat(("used_bytes", "bytes_in_use")))],
+            "kotoba_memory.pool.usage", [observe(self._pool_stat("used_bytes"))],
             unit="By", description="Bytes of the memory pool handed out.",
         )
         meter.create_observable_up_down_counter(
-            "kotoba_memory.pool.capacity", [observe(self._pool_stat(("capacity_bytes", "total_bytes")))],
+            "kotoba_memory.pool.capacity", [observe(self._pool_stat("capacity"))],
             unit="By", description="Bytes the memory pool holds in total.",
         )
         self.request_rss = meter.create_histogram(
@@ -223,16 +223,14 @@ class _Instruments:
 
         return read
 
-    def _pool_stat(self, fields: tuple[str, ...]) -> Callable[[], Iterator[Observation]]:
+    def _pool_stat(self, field: str) -> Callable[[], Iterator[Observation]]:
         def read() -> Iterator[Observation]:
             for pool in _iter_pools():
-                stats = pool.stats() if callable(getattr(pool, "stats", None)) else pool
-                for field in fields:
-                    value = _stat(stats, field)
-                    if value is not None:
-                        name = str(getattr(pool, "name", None) or "default")
-                        yield Observation(value, {"kotoba_memory.pool.name": name})
-                        break
+                if getattr(pool, "closed", False):
+                    continue
+                value = _stat(pool.stats(), field)
+                if value is not None:
+                    yield Observation(value, {"kotoba_memory.pool.name": str(pool.name)})
 
         return read
 

@@ -1,0 +1,91 @@
+"""Django system checks for the ``KOTOBA_MEMORY*`` settings (``manage.py check``).
+
+Bad settings are reported with the offending field instead of crashing at startup:
+
+* ``kotoba_memory.E001`` ``KOTOBA_MEMORY`` is not a dict;
+* ``kotoba_memory.E002`` a field of ``KOTOBA_MEMORY`` is unknown or invalid (the message names it);
+* ``kotoba_memory.E003`` ``KOTOBA_MEMORY_AUTOSTART`` / ``KOTOBA_MEMORY_OTEL`` is not a bool;
+* ``kotoba_memory.W001`` the middleware is missing, so no per-request or per-route metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning, register
+
+__all__ = ["MIDDLEWARE_PATH", "check_middleware", "check_settings"]
+
+MIDDLEWARE_PATH = "kotoba_memory_integrations.django.middleware.MemoryMiddleware"
+_TAG = "kotoba_memory"
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Validate ``KOTOBA_MEMORY`` by building the :class:`MemoryConfig` it describes."""
+    messages: list[CheckMessage] = []
+    for name in ("KOTOBA_MEMORY_AUTOSTART", "KOTOBA_MEMORY_OTEL"):
+        value = getattr(settings, name, None)
+        if value is not None and not isinstance(value, bool):
+            messages.append(
+                Error(
+                    f"{name} must be True or False, got {type(value).__name__} {value!r}.",
+                    obj=name,
+                    id="kotoba_memory.E003",
+                )
+            )
+    raw = getattr(settings, "KOTOBA_MEMORY", None)
+    if raw is None:
+        return messages
+    if not isinstance(raw, Mapping):
+        messages.append(
+            Error(
+                f"KOTOBA_MEMORY must be a dict of MemoryConfig fields, got {type(raw).__name__}.",
+                hint="For example KOTOBA_MEMORY = {'cache_size_mb': 64, 'enable_leak_detection': True}.",
+                obj="KOTOBA_MEMORY",
+                id="kotoba_memory.E001",
+            )
+        )
+        return messages
+    from kotoba_memory.config import MemoryConfig
+    from kotoba_memory.errors import ConfigError
+
+    try:
+        MemoryConfig.from_mapping(raw)
+    except ConfigError as exc:
+        messages.append(
+            Error(
+                f"KOTOBA_MEMORY[{exc.field!r}] is invalid: {exc}",
+                hint="See MemoryConfig in the kotoba-memory docs for the accepted fields and ranges.",
+                obj=f"KOTOBA_MEMORY[{exc.field!r}]",
+                id="kotoba_memory.E002",
+            )
+        )
+    except (TypeError, ValueError) as exc:
+        messages.append(
+            Error(f"KOTOBA_MEMORY is invalid: {exc}", obj="KOTOBA_MEMORY", id="kotoba_memory.E002")
+        )
+    return messages
+
+
+def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Warn when the app is installed but its middleware is not, so routes go unmeasured."""
+    middleware = getattr(settings, "MIDDLEWARE", None) or []
+    if MIDDLEWARE_PATH in middleware:
+        return []
+    return [
+        Warning(
+            "kotoba_memory_integrations.django is installed but its middleware is not in MIDDLEWARE: "
+            "requests are not measured per route.",
+            hint=f"Add {MIDDLEWARE_PATH!r} to MIDDLEWARE (first is best).",
+            obj="MIDDLEWARE",
+            id="kotoba_memory.W001",
+        )
+    ]
+
+
+def register_checks() -> None:
+    """Register the checks (called from the AppConfig's ``ready``; registering twice is harmless)."""
+    register(_TAG)(check_settings)
+    register(_TAG)(check_middleware)

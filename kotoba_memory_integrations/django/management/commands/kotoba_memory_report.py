@@ -1,0 +1,60 @@
+"""``manage.py kotoba_memory_report [--html PATH] [--json] [--duration SECONDS]``.
+
+Stops this process's optimizer (started from ``KOTOBA_MEMORY`` by the app, or started here for
+``--duration`` seconds when autostart is off) and prints its report summary; ``--html`` also writes the
+HTML report, ``--json`` prints the report as JSON instead of the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from kotoba_memory_integrations.django.apps import config_from_settings
+from kotoba_memory_integrations.runtime import get_optimizer, start_optimizer, stop_optimizer
+
+
+class Command(BaseCommand):
+    help = "Print kotoba-memory's memory report for this process (optionally write the HTML report)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--html", metavar="PATH", help="Also write the HTML report to PATH.")
+        parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+        parser.add_argument(
+            "--duration",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="Let the optimizer observe the process this long before reporting (default 0).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        duration = options["duration"]
+        if not 0 <= duration <= 3600:
+            raise CommandError(f"--duration must be between 0 and 3600 seconds, got {duration}")
+        if get_optimizer() is None:
+            try:
+                config = config_from_settings()
+            except (TypeError, ValueError) as exc:
+                raise CommandError(f"KOTOBA_MEMORY is invalid: {exc}") from exc
+            if config is None:
+                from kotoba_memory.config import MemoryConfig
+
+                config = MemoryConfig()
+            start_optimizer(config)
+        if duration:
+            threading.Event().wait(duration)
+        report = stop_optimizer()
+        if report is None:  # another thread stopped it between our calls
+            raise CommandError("the kotoba-memory optimizer was stopped concurrently; run the command again")
+        if options["json"]:
+            self.stdout.write(json.dumps(report.to_dict(), indent=2, default=str))
+        else:
+            self.stdout.write(report.summary())
+        if options["html"]:
+            path = report.write_html(Path(options["html"]))
+            self.stdout.write(f"HTML report written to {path}")
