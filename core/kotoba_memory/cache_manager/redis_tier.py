@@ -1,0 +1,369 @@
+"""A cache tier in Redis (redis-py) that every process of a deployment shares.
+
+Keys live under one ``prefix`` so :meth:`RedisCache.clear` removes only ours (SCAN + UNLINK, never
+FLUSHDB). Values are serialized with ``serializer`` (pickle by default); plain ints are stored as decimal
+text, as Django's Redis backend does, so :meth:`RedisCache.incr` works on them from any process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import pickle
+import threading
+import time
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kotoba_memory.cache_manager.base import BaseCache
+from kotoba_memory.cache_manager.disk import LatencyWindow
+from kotoba_memory.cache_manager.types import CachedValue, CacheStats, UnhashableKeyError, check_ttl
+
+__all__ = ["RedisCache", "RedisCacheStats", "Serializer"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 500  # keys per MGET / UNLINK / pipeline round trip
+
+
+class Serializer(Protocol):
+    """What ``serializer=`` needs: the ``pickle``/``json`` module shape."""
+
+    def dumps(self, obj: Any, /) -> bytes | str: ...
+
+    def loads(self, data: bytes, /) -> Any: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisCacheStats(CacheStats):
+    """:class:`CacheStats` for a Redis tier: counters are this process's; entries/bytes the prefix's.
+
+    ``bytes`` is the summed length of the serialized values under the prefix (Redis adds its own
+    per-key overhead); ``corrupt`` counts values that could not be deserialized and were dropped.
+    """
+
+    corrupt: int = 0
+    prefix: str = ""
+
+
+def _milliseconds(ttl: float) -> int:
+    return max(1, math.ceil(ttl * 1000))
+
+
+def _escape_glob(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+class RedisCache(BaseCache):
+    """A :class:`BaseCache` over a Redis server, shared by every process that uses the same prefix.
+
+    ``url_or_client`` is a ``redis://`` URL or a ``redis.Redis`` client (created with the default
+    ``decode_responses=False``). ``len()``, ``clear()`` and ``stats()`` walk the keys under ``prefix``
+    with SCAN, so they cost time proportional to that key count.
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        prefix: str = "kotoba:",
+        default_ttl: float | None = None,
+        serializer: Serializer = pickle,
+        name: str | None = None,
+    ) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - the redis extra is part of the dev install
+            raise ImportError("RedisCache needs redis-py: pip install 'kotoba-memory[redis]'") from exc
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if not hasattr(serializer, "dumps") or not hasattr(serializer, "loads"):
+            raise TypeError("serializer must have dumps() and loads(), like the pickle module")
+        if isinstance(url_or_client, str):
+            client = redis.Redis.from_url(url_or_client)
+        elif isinstance(url_or_client, redis.Redis):
+            client = url_or_client
+        else:
+            raise TypeError(
+                f"url_or_client must be a redis:// URL or a redis.Redis, got {type(url_or_client).__name__}"
+            )
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisCache needs a client with decode_responses=False (values are bytes)")
+        self.client = client
+        self.prefix = prefix
+        self._prefix_bytes = prefix.encode("utf-8")
+        self.default_ttl = check_ttl(default_ttl, "default_ttl")
+        self.serializer = serializer
+        self._redis_error: type[Exception] = redis.RedisError
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._puts = self._deletes = self._corrupt = 0
+        self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
+        super().__init__(name or f"redis:{prefix}")
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def make_key(self, key: Hashable) -> bytes:
+        """The Redis key for ``key``: prefix + text for str keys, prefix + NUL + pickle otherwise."""
+        if type(key) is str:
+            return self._prefix_bytes + key.encode("utf-8", "surrogatepass")
+        try:
+            hash(key)
+        except TypeError:
+            raise UnhashableKeyError(key) from None
+        try:
+            return self._prefix_bytes + b"\x00" + pickle.dumps(key, protocol=4)
+        except Exception as exc:
+            raise TypeError(f"RedisCache keys must be str or picklable, got {type(key).__name__}") from exc
+
+    def _dumps(self, value: Any) -> bytes:
+        if type(value) is int:
+            return str(value).encode("ascii")
+        try:
+            data = (
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                if self.serializer is pickle
+                else self.serializer.dumps(value)
+            )
+        except Exception as exc:
+            raise TypeError(
+                f"RedisCache cannot serialize a {type(value).__qualname__}: {exc}"
+            ) from exc
+        return data.encode("utf-8") if isinstance(data, str) else data
+
+    def _loads(self, data: bytes) -> Any:
+        try:
+            return int(data)
+        except ValueError:
+            return self.serializer.loads(data)
+
+    def _resolve_ttl(self, value: Any, ttl: float | None) -> float | None:
+        ttl = check_ttl(ttl)
+        if ttl is None and isinstance(value, CachedValue):
+            ttl = value.ttl
+        return self.default_ttl if ttl is None else ttl
+
+    def _decode_hit(self, redis_key: bytes, data: Any, started: int) -> tuple[bool, Any]:
+        if data is None:
+            with self._lock:
+                self._misses += 1
+                self._miss_ns.add(started)
+            return False, None
+        try:
+            value = self._loads(data)
+        except Exception as exc:
+            log.warning("%s: dropped a value that does not deserialize: %r", self.name, exc)
+            self.client.delete(redis_key)
+            with self._lock:
+                self._corrupt += 1
+                self._misses += 1
+                self._miss_ns.add(started)
+            return False, None
+        with self._lock:
+            self._hits += 1
+            self._hit_ns.add(started)
+        return True, value
+
+    # -- BaseCache --------------------------------------------------------------------------------
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """The value under ``key``, or ``default``."""
+        started = time.perf_counter_ns()
+        redis_key = self.make_key(key)
+        data: Any = self.client.get(redis_key)
+        found, value = self._decode_hit(redis_key, data, started)
+        return value if found else default
+
+    def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        """The hits among ``keys``, fetched with MGET."""
+        wanted = list(keys)
+        result: dict[Hashable, Any] = {}
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            started = time.perf_counter_ns()
+            redis_keys = [self.make_key(k) for k in chunk]
+            for key, redis_key, data in zip(chunk, redis_keys, self.client.mget(redis_keys)):
+                found, value = self._decode_hit(redis_key, data, started)
+                if found:
+                    result[key] = value
+        return result
+
+    def put(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        """SET ``key`` (with PX when there is a ttl). Raises TypeError for unserializable values."""
+        redis_key = self.make_key(key)
+        seconds = self._resolve_ttl(value, ttl)
+        data = self._dumps(value)
+        self.client.set(redis_key, data, px=None if seconds is None else _milliseconds(seconds))
+        with self._lock:
+            self._puts += 1
+        return True
+
+    def put_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
+        """SET every item in one pipelined round trip per chunk; all are encoded before any is sent."""
+        items = [
+            (self.make_key(k), self._dumps(v), self._resolve_ttl(v, ttl)) for k, v in mapping.items()
+        ]
+        for start in range(0, len(items), _CHUNK):
+            with self.client.pipeline(transaction=False) as pipe:
+                for redis_key, data, seconds in items[start : start + _CHUNK]:
+                    pipe.set(redis_key, data, px=None if seconds is None else _milliseconds(seconds))
+                pipe.execute()
+        with self._lock:
+            self._puts += len(items)
+
+    def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        """SET NX: store only when absent, atomically across every process."""
+        redis_key = self.make_key(key)
+        seconds = self._resolve_ttl(value, ttl)
+        data = self._dumps(value)
+        stored = bool(
+            self.client.set(redis_key, data, nx=True, px=None if seconds is None else _milliseconds(seconds))
+        )
+        if stored:
+            with self._lock:
+                self._puts += 1
+        return stored
+
+    def touch(self, key: Hashable, ttl: float | None = None) -> bool:
+        """PEXPIRE a live key with a new ttl, or PERSIST it when the ttl resolves to None."""
+        redis_key = self.make_key(key)
+        seconds = check_ttl(ttl)
+        if seconds is None:
+            seconds = self.default_ttl
+        if seconds is not None:
+            return bool(self.client.pexpire(redis_key, _milliseconds(seconds)))
+        # PERSIST answers 0 for a key that exists without a ttl: ask EXISTS in the same transaction.
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.exists(redis_key)
+            pipe.persist(redis_key)
+            exists, _ = pipe.execute()
+        return bool(exists)
+
+    def incr(self, key: Hashable, delta: int = 1) -> int:
+        """Atomically add ``delta`` to an int value (absent counts as 0) and return the new value.
+
+        The key keeps its ttl; a key holding a non-int value raises ValueError.
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
+        try:
+            return int(self.client.incrby(self.make_key(key), delta))
+        except self._redis_error as exc:
+            if "not an integer" in str(exc):
+                raise ValueError(f"the value under {key!r} is not an int") from exc
+            raise
+
+    def ttl(self, key: Hashable) -> float | None:
+        """Seconds until ``key`` expires; None when it never expires. KeyError when absent."""
+        remaining = int(self.client.pttl(self.make_key(key)))
+        if remaining == -2:
+            raise KeyError(key)
+        return None if remaining == -1 else remaining / 1000
+
+    def delete(self, key: Hashable) -> bool:
+        """DEL ``key``; True when it existed."""
+        removed = bool(self.client.delete(self.make_key(key)))
+        if removed:
+            with self._lock:
+                self._deletes += 1
+        return removed
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self.client.exists(self.make_key(key)))
+
+    def _scan(self) -> Iterator[bytes]:
+        pattern = _escape_glob(self.prefix).encode("utf-8") + b"*"
+        yield from self.client.scan_iter(match=pattern, count=_CHUNK)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._scan())
+
+    def clear(self) -> None:
+        """UNLINK every key under the prefix (and nothing else)."""
+        batch: list[bytes] = []
+        for redis_key in self._scan():
+            batch.append(redis_key)
+            if len(batch) >= _CHUNK:
+                self.client.unlink(*batch)
+                batch.clear()
+        if batch:
+            self.client.unlink(*batch)
+
+    def stats(self) -> RedisCacheStats:
+        """This process's counters plus the prefix's key count and value bytes (one SCAN)."""
+        entries = 0
+        stored = 0
+        keys: list[bytes] = []
+        for redis_key in self._scan():
+            keys.append(redis_key)
+            if len(keys) >= _CHUNK:
+                entries, stored = entries + len(keys), stored + self._value_bytes(keys)
+                keys = []
+        if keys:
+            entries, stored = entries + len(keys), stored + self._value_bytes(keys)
+        with self._lock:
+            hits, misses = self._hits, self._misses
+            lookups = hits + misses
+            return RedisCacheStats(
+                hits=hits,
+                misses=misses,
+                hit_rate=hits / lookups if lookups else 0.0,
+                evictions=0,
+                expirations=0,
+                rejections=0,
+                puts=self._puts,
+                deletes=self._deletes,
+                bytes=stored,
+                entries=entries,
+                max_bytes=None,
+                max_entries=None,
+                metadata_bytes=0,
+                hit_latency_ns=self._hit_ns.median(),
+                miss_latency_ns=self._miss_ns.median(),
+                corrupt=self._corrupt,
+                prefix=self.prefix,
+                name=self.name,
+            )
+
+    def _value_bytes(self, keys: list[bytes]) -> int:
+        with self.client.pipeline(transaction=False) as pipe:
+            for redis_key in keys:
+                pipe.strlen(redis_key)
+            return sum(int(n) for n in pipe.execute())
+
+    def close(self) -> None:
+        """Release the client's connections."""
+        self.client.close()
+
+    # -- async twins: redis-py's sync client blocks, so each runs in a worker thread ----------------
+
+    async def aget(self, key: Hashable, default: Any = None) -> Any:
+        return await asyncio.to_thread(self.get, key, default)
+
+    async def aput(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        return await asyncio.to_thread(self.put, key, value, ttl)
+
+    async def adelete(self, key: Hashable) -> bool:
+        return await asyncio.to_thread(self.delete, key)
+
+    async def aget_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        return await asyncio.to_thread(self.get_many, list(keys))
+
+    async def aput_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
+        await asyncio.to_thread(self.put_many, dict(mapping), ttl)
+
+    async def aadd(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        return await asyncio.to_thread(self.add, key, value, ttl)
+
+    async def atouch(self, key: Hashable, ttl: float | None = None) -> bool:
+        return await asyncio.to_thread(self.touch, key, ttl)
+
+    async def aincr(self, key: Hashable, delta: int = 1) -> int:
+        return await asyncio.to_thread(self.incr, key, delta)
+
+    async def aclear(self) -> None:
+        await asyncio.to_thread(self.clear)
+
+    def __repr__(self) -> str:
+        return f"RedisCache(prefix={self.prefix!r}, name={self.name!r})"
