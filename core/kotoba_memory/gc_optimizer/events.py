@@ -1,0 +1,152 @@
+"""Recording collections: the lock-free ``gc.callbacks`` hook and its bounded ring of events."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+NUM_GENERATIONS = 3
+
+
+class GcEvent(NamedTuple):
+    """One garbage collection, observed through ``gc.callbacks`` or reported by hand."""
+
+    seq: int
+    generation: int
+    pause_s: float
+    collected: int
+    uncollectable: int
+    timestamp: float  # time.time() when the collection ended
+    explicit: bool = False  # started by kotoba-memory itself (between requests, idle time, optimize)
+    manual: bool = False  # reported through record_collection() rather than observed
+    bytes_reclaimed: int = 0  # only known for manual records
+    examined: int = 0  # young objects pending when the collection started (observed events only)
+
+
+# (generation, collected, examined, explicit) -> None; called inside the gc callback, must not lock.
+CollectionListener = Callable[[int, int, int, bool], None]
+
+
+class GcRecorder:
+    """Keeps a bounded ring of :class:`GcEvent` plus cumulative per-generation totals.
+
+    The gc callback takes no lock: CPython runs one collection at a time, so the callback is the only
+    writer of the observed totals, and ``deque.append`` / ``next(itertools.count)`` are atomic.
+    Manual records go to separate totals under a lock.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._events: deque[GcEvent] = deque(maxlen=capacity)
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._installed = False
+        self._t0 = 0
+        self._examined = 0
+        self.explicit_thread: int | None = None
+        self.listener: CollectionListener | None = None
+        self.callback_errors = 0
+        self.pause_total_ns = 0
+        self.counts = [0] * NUM_GENERATIONS
+        self.pause_ns = [0] * NUM_GENERATIONS
+        self.collected = [0] * NUM_GENERATIONS
+        self.uncollectable = [0] * NUM_GENERATIONS
+        self.explicit_count = 0
+        self.manual_counts = [0] * NUM_GENERATIONS
+        self.manual_pause_ns = [0] * NUM_GENERATIONS
+        self.manual_bytes = 0
+
+    # -- gc.callbacks -----------------------------------------------------------------------------
+    def install(self) -> None:
+        """Append the callback to ``gc.callbacks`` (idempotent)."""
+        if not self._installed:
+            gc.callbacks.append(self._callback)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        """Remove the callback from ``gc.callbacks`` (idempotent)."""
+        if self._installed:
+            try:
+                gc.callbacks.remove(self._callback)
+            except ValueError:
+                pass
+            self._installed = False
+            self._t0 = 0
+
+    @property
+    def installed(self) -> bool:
+        """Whether the callback is in ``gc.callbacks``."""
+        return self._installed
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        # No locks, no logging, no raising here: this runs inside the collector of whatever thread
+        # happened to allocate.
+        try:
+            if phase == "start":
+                self._examined = gc.get_count()[0]
+                self._t0 = time.perf_counter_ns()
+                return
+            t0 = self._t0
+            if not t0:
+                return
+            pause = time.perf_counter_ns() - t0
+            self._t0 = 0
+            generation = info["generation"]
+            collected = info["collected"]
+            uncollectable = info["uncollectable"]
+            explicit = self.explicit_thread == threading.get_ident()
+            examined = self._examined
+            self._events.append(
+                GcEvent(
+                    next(self._seq), generation, pause / 1e9, collected, uncollectable, time.time(),
+                    explicit, False, 0, examined,
+                )
+            )
+            self.pause_total_ns += pause
+            self.counts[generation] += 1
+            self.pause_ns[generation] += pause
+            self.collected[generation] += collected
+            self.uncollectable[generation] += uncollectable
+            if explicit:
+                self.explicit_count += 1
+            listener = self.listener
+            if listener is not None:
+                listener(generation, collected, examined, explicit)
+        except Exception:
+            self.callback_errors += 1
+
+    # -- manual records ---------------------------------------------------------------------------
+    def record_manual(self, pause_ns: int, bytes_reclaimed: int, generation: int) -> GcEvent:
+        """Store a collection reported by hand (e.g. from another runtime or a replayed log)."""
+        event = GcEvent(
+            next(self._seq), generation, pause_ns / 1e9, 0, 0, time.time(), False, True, bytes_reclaimed, 0
+        )
+        with self._lock:
+            self._events.append(event)
+            self.manual_counts[generation] += 1
+            self.manual_pause_ns[generation] += pause_ns
+            self.manual_bytes += bytes_reclaimed
+        return event
+
+    def reset_lock(self) -> None:
+        """Replace the manual-record lock (after fork, when another thread may have held it)."""
+        self._lock = threading.Lock()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[GcEvent, ...]:
+        """A consistent copy of the ring, oldest first."""
+        for _ in range(8):
+            try:
+                return tuple(self._events)
+            except RuntimeError:  # the callback appended while we copied; try again
+                continue
+        return tuple(list(self._events))
+
+    def events_since(self, cursor: int) -> tuple[int, list[GcEvent]]:
+        """Events with ``seq > cursor`` still in the ring, and the cursor to pass next time."""
+        events = [e for e in self.snapshot() if e.seq > cursor]
+        return (events[-1].seq if events else cursor), events

@@ -1,0 +1,659 @@
+"""The GC optimizer: observes every collection and tunes CPython's collector from what it sees."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gc
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.gc_optimizer.analysis import AnalysisInput, GcAnalysis, build_analysis
+from kotoba_memory.gc_optimizer.events import NUM_GENERATIONS, GcEvent, GcRecorder
+from kotoba_memory.gc_optimizer.memory import MemoryCeiling, malloc_trim
+
+logger = logging.getLogger("kotoba_memory.gc")
+
+# Yield (objects collected / young objects examined) of an automatic young collection below which
+# it mostly traversed live objects (raise threshold0), and above which garbage is piling up (lower it).
+_LOW_YIELD = 0.05
+_HIGH_YIELD = 0.25
+_MIN_EXAMINED = 64
+_PRESSURE_HYSTERESIS_PERCENT = 5.0
+_MAX_PRESSURE_BACKOFF = 64
+
+
+class GcOptimizerError(KotobaMemoryError, RuntimeError):
+    """The GC optimizer cannot do what was asked (e.g. a second one started in the same process)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GcChange:
+    """One change the optimizer made to the collector's settings, kept so it can be explained."""
+
+    timestamp: float
+    action: str  # set_threshold, freeze, unfreeze, collect, malloc_trim, enable, disable, restore
+    before: Any
+    after: Any
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _FoundState:
+    thresholds: tuple[int, int, int]
+    enabled: bool
+    freeze_count: int
+
+
+_active: GcOptimizer | None = None
+_active_lock = threading.Lock()
+
+
+def get_active_gc_optimizer() -> GcOptimizer | None:
+    """The started :class:`GcOptimizer` of this process, if any."""
+    return _active
+
+
+def _count_value(counter: itertools.count[int]) -> int:
+    """The next value ``counter`` would return, read without advancing it."""
+    return int(repr(counter)[6:-1])
+
+
+class GcOptimizer:
+    """Records every collection via ``gc.callbacks`` and, when ``adaptive``, tunes the collector.
+
+    Adaptive mode collects young garbage between requests (``on_request_end``) once enough objects
+    have accumulated, raises the young threshold while automatic collections find only live objects
+    (and lowers it again when they find garbage, so a long request cannot pile it up), freezes the
+    long-lived heap after warm-up, moves full collections into idle time, and forces collection when
+    memory use crosses ``target_memory_usage_percent``. Every change is logged and undone by
+    :meth:`restore`.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_memory_usage_percent: float = 75.0,
+        adaptive: bool = True,
+        monitoring_interval_s: float = 1.0,
+        max_young_threshold: int = 50_000,
+        auto_freeze: bool = True,
+        warmup_requests: int = 10,
+        idle_after_s: float = 2.0,
+        pause_target_ms: float = 10.0,
+        heap_growth_ceiling: float = 0.5,
+        memory_limit_bytes: int | None = None,
+        event_capacity: int = 4096,
+    ) -> None:
+        _check_number("target_memory_usage_percent", target_memory_usage_percent, 0.0, 100.0, low_open=True)
+        _check_number("monitoring_interval_s", monitoring_interval_s, 0.0, 3600.0, low_open=True)
+        _check_int("max_young_threshold", max_young_threshold, 1, 10_000_000)
+        _check_int("warmup_requests", warmup_requests, 0, 10**9)
+        _check_number("idle_after_s", idle_after_s, 0.0, 86_400.0)
+        _check_number("pause_target_ms", pause_target_ms, 0.0, 60_000.0, low_open=True)
+        _check_number("heap_growth_ceiling", heap_growth_ceiling, 0.0, 100.0, low_open=True)
+        _check_int("event_capacity", event_capacity, 16, 10_000_000)
+        if memory_limit_bytes is not None:
+            _check_int("memory_limit_bytes", memory_limit_bytes, 1, 1 << 62)
+        for field_name, flag in (("adaptive", adaptive), ("auto_freeze", auto_freeze)):
+            if not isinstance(flag, bool):
+                raise ConfigError(field_name, f"must be a bool, got {type(flag).__name__}")
+        self.target_memory_usage_percent = float(target_memory_usage_percent)
+        self.adaptive = adaptive
+        self.monitoring_interval_s = float(monitoring_interval_s)
+        self.max_young_threshold = max_young_threshold
+        self.auto_freeze = auto_freeze
+        self.warmup_requests = warmup_requests
+        self.idle_after_s = float(idle_after_s)
+        self.pause_target_s = pause_target_ms / 1e3
+        self.heap_growth_ceiling = float(heap_growth_ceiling)
+        self.memory_limit_bytes = memory_limit_bytes
+
+        self._recorder = GcRecorder(event_capacity)
+        self._ceiling = MemoryCeiling(self.target_memory_usage_percent, memory_limit_bytes)
+        self._lock = threading.RLock()
+        self._changes: deque[GcChange] = deque(maxlen=256)
+        self._unlogged: deque[GcChange] = deque(maxlen=256)
+        self._found: _FoundState | None = None
+        self._running = False
+        self._tuning = False
+        self._pressure = False
+        self._we_froze = False
+        self._freeze_active = False
+        self._warmed_up = False
+        self._base: tuple[int, int, int] = gc.get_threshold()
+        self._valve = self._base[0]
+        self._boundary_threshold = self._base[0] or 700
+        self._gen1_every = max(1, self._base[1])
+        self._started = itertools.count(1)
+        self._ended = itertools.count(1)
+        self._n_started = 0
+        self._n_ended = 0
+        self._warmup_at = -1
+        self._start_wall = time.monotonic()
+        self._start_cpu = time.process_time()
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_activity = time.monotonic()
+        self._ended_seen = 0
+        self._ended_at_maintenance = 0
+        self._rss_at_full = 0
+        self._pressure_backoff = 1
+        self._next_pressure_collect = 0.0
+        self._last_usage_percent: float | None = None
+        self._change_count = 0
+        self.refreezes = 0
+        self.boundary_collections = 0
+        self.monitor_errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin recording collections (and tuning, when adaptive). Calling it twice is harmless."""
+        global _active
+        with self._lock:
+            if self._running:
+                return
+            with _active_lock:
+                if _active is not None and _active is not self:
+                    raise GcOptimizerError(
+                        "another GcOptimizer is already active in this process; stop() it first "
+                        "(get_active_gc_optimizer() returns it)"
+                    )
+                _active = self
+            self._capture_found()
+            self._base = gc.get_threshold()
+            self._valve = self._base[0]
+            self._boundary_threshold = self._base[0] or 700
+            self._gen1_every = max(1, self._base[1])
+            self._start_wall = time.monotonic()
+            self._start_cpu = time.process_time()
+            self._recorder.install()
+            self._running = True
+            if self.adaptive:
+                self._recorder.listener = self._on_collection
+                self._warmup_at = self._n_ended + max(1, self.warmup_requests)
+                self._tuning = True
+                self._rss_at_full = self._ceiling.process_rss()
+                self._start_monitor()
+        self._flush_change_log()
+
+    def stop(self) -> None:
+        """Stop recording and tuning and put the collector back as :meth:`start` found it."""
+        global _active
+        with self._lock:
+            self._tuning = False
+            self._recorder.listener = None
+            thread = self._thread
+            self._stop_event.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=max(1.0, 2 * self.monitoring_interval_s))
+        with self._lock:
+            self._thread = None
+            self._recorder.uninstall()
+            self.restore()
+            self._running = False
+            with _active_lock:
+                if _active is self:
+                    _active = None
+        self._flush_change_log()
+
+    async def astart(self) -> None:
+        """Async twin of :meth:`start` (fast, runs inline)."""
+        self.start()
+
+    async def astop(self) -> None:
+        """Async twin of :meth:`stop` (joins the monitor thread off the event loop)."""
+        await asyncio.to_thread(self.stop)
+
+    def __enter__(self) -> GcOptimizer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`start` has been called and :meth:`stop` has not."""
+        return self._running
+
+    # -- recording -------------------------------------------------------------------------------
+    def record_collection(
+        self, pause: float | datetime.timedelta, bytes_reclaimed: int, generation: int
+    ) -> GcEvent:
+        """Record a collection by hand (pause in seconds or a timedelta); returns the stored event."""
+        if isinstance(pause, datetime.timedelta):
+            pause_s = pause.total_seconds()
+        elif isinstance(pause, int | float) and not isinstance(pause, bool):
+            pause_s = float(pause)
+        else:
+            raise TypeError(
+                f"pause must be seconds (float) or a datetime.timedelta, got {type(pause).__name__}"
+            )
+        if not pause_s >= 0.0 or pause_s == float("inf"):
+            raise ValueError(f"pause must be a finite, non-negative duration, got {pause!r}")
+        if not isinstance(bytes_reclaimed, int) or isinstance(bytes_reclaimed, bool):
+            raise TypeError(f"bytes_reclaimed must be an int, got {type(bytes_reclaimed).__name__}")
+        if bytes_reclaimed < 0:
+            raise ValueError(f"bytes_reclaimed must be >= 0, got {bytes_reclaimed}")
+        if not isinstance(generation, int) or isinstance(generation, bool):
+            raise TypeError(f"generation must be an int, got {type(generation).__name__}")
+        if not 0 <= generation < NUM_GENERATIONS:
+            raise ValueError(f"generation must be 0, 1 or 2, got {generation}")
+        return self._recorder.record_manual(round(pause_s * 1e9), bytes_reclaimed, generation)
+
+    def pause_total_ns(self) -> int:
+        """Cumulative GC pause observed through ``gc.callbacks`` since :meth:`start`, in nanoseconds."""
+        return self._recorder.pause_total_ns
+
+    def events_since(self, cursor: int) -> tuple[int, list[GcEvent]]:
+        """Events newer than ``cursor`` (start with 0) still in the ring, and the next cursor."""
+        if not isinstance(cursor, int) or isinstance(cursor, bool):
+            raise TypeError(f"cursor must be an int, got {type(cursor).__name__}")
+        return self._recorder.events_since(cursor)
+
+    @property
+    def changes(self) -> list[GcChange]:
+        """The most recent changes made to the collector, oldest first (bounded)."""
+        return list(self._changes)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started and not yet ended."""
+        return max(0, (_count_value(self._started) - 1) - (_count_value(self._ended) - 1))
+
+    @property
+    def requests_seen(self) -> int:
+        """Requests ended since this optimizer was created."""
+        return _count_value(self._ended) - 1
+
+    # -- request hooks (hot path) ----------------------------------------------------------------
+    def on_request_start(self) -> None:
+        """Mark the start of a unit of work (a request). Cheap and thread-safe."""
+        self._n_started = next(self._started)
+
+    def on_request_end(self) -> None:
+        """Mark its end; collects young garbage here when enough has accumulated. Thread-safe."""
+        n = next(self._ended)
+        self._n_ended = n
+        if self._tuning:
+            if gc.get_count()[0] >= self._boundary_threshold:
+                self._collect_at_boundary()
+            if n == self._warmup_at:
+                self._finish_warmup()
+
+    def _collect_at_boundary(self) -> None:
+        generation = 1 if gc.get_count()[1] + 1 >= self._gen1_every else 0
+        recorder = self._recorder
+        recorder.explicit_thread = threading.get_ident()
+        try:
+            gc.collect(generation)
+        finally:
+            recorder.explicit_thread = None
+        self.boundary_collections += 1
+        if generation == 1 and self._freeze_active and not self._pressure:
+            # What survived a young-generation collection between requests is long-lived: move it to the
+            # permanent generation too, so full collections keep scanning almost nothing.
+            gc.freeze()
+            self.refreezes += 1
+
+    def _finish_warmup(self) -> None:
+        self._warmed_up = True
+        if not self.auto_freeze or self._pressure or self._freeze_active:
+            return
+        with self._lock:
+            if not self._tuning:
+                return
+            self._capture_found()
+            self._explicit_collect(1)
+            before = gc.get_freeze_count()
+            gc.freeze()
+            self._we_froze = True
+            self._freeze_active = True
+            self._note(
+                "freeze", before, gc.get_freeze_count(),
+                f"warm-up done after {self.warmup_requests} requests: full collections skip the heap",
+            )
+
+    # -- the gc callback listener (no locks) ------------------------------------------------------
+    def _on_collection(self, generation: int, collected: int, examined: int, explicit: bool) -> None:
+        if explicit or generation != 0 or self._pressure or not self._tuning or examined < _MIN_EXAMINED:
+            return
+        current = self._valve
+        if current <= 0:
+            return
+        ratio = collected / examined
+        if ratio < _LOW_YIELD:
+            new = min(current * 2, self.max_young_threshold)
+            why = f"automatic young collection found {ratio:.1%} garbage: objects were still live"
+        elif ratio > _HIGH_YIELD:
+            new = max(current // 2, self._base[0])
+            why = f"automatic young collection found {ratio:.0%} garbage: collect sooner"
+        else:
+            return
+        if new != current:
+            self._valve = new
+            _, t1, t2 = gc.get_threshold()
+            gc.set_threshold(new, t1, t2)
+            self._note("set_threshold", (current, t1, t2), (new, t1, t2), why)
+
+    # -- background monitor ------------------------------------------------------------------------
+    def _start_monitor(self) -> None:
+        self._stop_event = threading.Event()
+        self._last_activity = time.monotonic()
+        self._ended_seen = self.requests_seen
+        self._ended_at_maintenance = self._ended_seen
+        thread = threading.Thread(target=self._monitor, name="kotoba-gc-monitor", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def _monitor(self) -> None:
+        stop = self._stop_event
+        while not stop.wait(self.monitoring_interval_s):
+            try:
+                self._tick()
+            except Exception:
+                self.monitor_errors += 1
+                logger.debug("GC monitor tick failed", exc_info=True)
+            self._flush_change_log()
+
+    def _tick(self) -> None:
+        if not self._tuning:
+            return
+        now = time.monotonic()
+        usage = self._ceiling.usage()
+        self._last_usage_percent = usage.percent
+        if self._ceiling.over_target(usage):
+            self._relieve_pressure(usage.percent, now)
+            return
+        if self._pressure and usage.percent < self.target_memory_usage_percent - _PRESSURE_HYSTERESIS_PERCENT:
+            with self._lock:
+                self._pressure = False
+                self._pressure_backoff = 1
+                self._freeze_active = self._warmed_up and self.auto_freeze
+                self._note("pressure_end", None, round(usage.percent, 1), "memory use back under target")
+        ended = self.requests_seen
+        if ended != self._ended_seen:
+            self._ended_seen = ended
+            self._last_activity = now
+        if self._freeze_active and self._rss_at_full:
+            rss = self._ceiling.process_rss()
+            if rss > self._rss_at_full * (1.0 + self.heap_growth_ceiling):
+                grown = rss / self._rss_at_full - 1.0
+                self._full_collection(f"RSS grew {grown:.0%} since the last full collection (ceiling)")
+                return
+        idle = self.in_flight == 0 and now - self._last_activity >= self.idle_after_s
+        if idle and ended > self._ended_at_maintenance:
+            self._ended_at_maintenance = ended
+            self._full_collection(f"idle for {now - self._last_activity:.1f} s")
+
+    def _full_collection(self, reason: str) -> None:
+        """Collect every generation, the frozen heap included, then re-freeze and trim."""
+        with self._lock:
+            if not self._tuning:
+                return
+            refreeze = self._freeze_active
+            if refreeze:
+                gc.unfreeze()
+            self._explicit_collect(2)
+            if refreeze:
+                gc.freeze()
+            trimmed = malloc_trim()
+            self._rss_at_full = self._ceiling.process_rss()
+            self._note("collect", None, 2, f"full collection{' + malloc_trim' if trimmed else ''}: {reason}")
+
+    def _relieve_pressure(self, percent: float, now: float) -> None:
+        with self._lock:
+            if not self._tuning:
+                return
+            if not self._pressure:
+                self._pressure = True
+                self._note(
+                    "pressure_start", None, round(percent, 1),
+                    f"memory use {percent:.1f}% >= target {self.target_memory_usage_percent:.0f}%",
+                )
+                base0 = self._base[0]
+                if base0 > 0 and self._valve != base0:
+                    before = gc.get_threshold()
+                    self._valve = base0
+                    gc.set_threshold(base0, before[1], before[2])
+                    self._note("set_threshold", before, gc.get_threshold(), "memory ceiling beats speed")
+            if now < self._next_pressure_collect:
+                return
+            rss_before = self._ceiling.process_rss()
+            if self._freeze_active or self._we_froze:
+                self._freeze_active = False
+                if self._we_froze:
+                    gc.unfreeze()
+                    self._we_froze = False
+                    self._note("unfreeze", None, None, "memory ceiling: frozen objects must be collectable")
+            self._explicit_collect(2)
+            trimmed = malloc_trim()
+            rss_after = self._ceiling.process_rss()
+            self._rss_at_full = rss_after
+            self._note(
+                "collect", None, 2,
+                f"memory ceiling: full collection{' + malloc_trim' if trimmed else ''} "
+                f"freed {max(0, rss_before - rss_after)} bytes of RSS",
+            )
+            if rss_before - rss_after < 0.01 * rss_before:
+                self._pressure_backoff = min(self._pressure_backoff * 2, _MAX_PRESSURE_BACKOFF)
+            else:
+                self._pressure_backoff = 1
+            self._next_pressure_collect = now + self.monitoring_interval_s * self._pressure_backoff
+
+    # -- analysis and one-shot optimisation ---------------------------------------------------------
+    def analyze(self) -> GcAnalysis:
+        """Score the collector's cost since :meth:`start` and list bottlenecks and opportunities."""
+        rec = self._recorder
+        events = rec.snapshot()
+        counts = [rec.counts[g] + rec.manual_counts[g] for g in range(NUM_GENERATIONS)]
+        pause_ns = [rec.pause_ns[g] + rec.manual_pause_ns[g] for g in range(NUM_GENERATIONS)]
+        try:
+            percent: float | None = self._ceiling.usage().percent
+        except Exception:
+            percent = self._last_usage_percent
+        data = AnalysisInput(
+            events=events,
+            counts=counts,
+            pause_ns=pause_ns,
+            collected=list(rec.collected),
+            uncollectable=list(rec.uncollectable),
+            bytes_reclaimed=rec.manual_bytes,
+            elapsed_s=time.monotonic() - self._start_wall,
+            cpu_s=time.process_time() - self._start_cpu,
+            thresholds=gc.get_threshold(),
+            base_thresholds=self._base,
+            max_young_threshold=self.max_young_threshold,
+            frozen_objects=gc.get_freeze_count(),
+            memory_usage_percent=percent,
+            target_memory_usage_percent=self.target_memory_usage_percent,
+            pause_target_s=self.pause_target_s,
+            requests_seen=self.requests_seen,
+            explicit_collections=rec.explicit_count,
+            adaptive=self.adaptive,
+            changes_made=len(self._changes),
+        )
+        return build_analysis(data)
+
+    async def aanalyze(self) -> GcAnalysis:
+        """Async twin of :meth:`analyze`."""
+        return await asyncio.to_thread(self.analyze)
+
+    def optimize(self) -> list[GcChange]:
+        """Apply the low-risk opportunities :meth:`analyze` finds now; returns the changes made."""
+        analysis = self.analyze()
+        total_before = self._change_count
+        with self._lock:
+            for opportunity in analysis.optimization_opportunities:
+                if not opportunity.auto_apply:
+                    continue
+                kind = opportunity.optimization_type
+                if kind in ("raise_young_threshold", "lower_young_threshold"):
+                    assert opportunity.suggested_thresholds is not None
+                    self._capture_found()
+                    before = gc.get_threshold()
+                    gc.set_threshold(*opportunity.suggested_thresholds)
+                    self._valve = opportunity.suggested_thresholds[0]
+                    self._note("set_threshold", before, gc.get_threshold(), opportunity.description)
+                elif kind == "freeze_long_lived_heap":
+                    self._capture_found()
+                    self._explicit_collect(1)
+                    frozen_before = gc.get_freeze_count()
+                    gc.freeze()
+                    self._we_froze = True
+                    self._freeze_active = self.adaptive and self._running
+                    self._note("freeze", frozen_before, gc.get_freeze_count(), opportunity.description)
+                elif kind == "reduce_memory_pressure":
+                    self._capture_found()
+                    if self._we_froze:
+                        gc.unfreeze()
+                        self._we_froze = False
+                        self._freeze_active = False
+                        self._note("unfreeze", None, None, opportunity.description)
+                    self._explicit_collect(2)
+                    trimmed = malloc_trim()
+                    self._note("collect", None, 2, f"{opportunity.description} (malloc_trim: {trimmed})")
+        self._flush_change_log()
+        made = self._change_count - total_before
+        history = list(self._changes)
+        return history[-made:] if made else []
+
+    async def aoptimize(self) -> list[GcChange]:
+        """Async twin of :meth:`optimize` (collections run off the event loop)."""
+        return await asyncio.to_thread(self.optimize)
+
+    def freeze_for_fork(self, *, collect: bool = True) -> int:
+        """Collect, then ``gc.freeze()`` the heap so forked workers share it copy-on-write.
+
+        Call it in the master once the app is loaded (gunicorn ``preload_app`` / uWSGI) just before
+        forking. Returns the number of frozen objects. Undone by :meth:`restore`.
+        """
+        with self._lock:
+            self._capture_found()
+            if collect:
+                self._explicit_collect(2)
+            before = gc.get_freeze_count()
+            gc.freeze()
+            self._we_froze = True
+            after = gc.get_freeze_count()
+            self._note("freeze", before, after, "freeze_for_fork: share the heap with forked workers")
+        self._flush_change_log()
+        return after
+
+    def restore(self) -> list[GcChange]:
+        """Put thresholds, enabled state and freeze state back as first found; stops adaptive tuning."""
+        with self._lock:
+            self._tuning = False
+            found = self._found
+            if found is None:
+                return []
+            total_before = self._change_count
+            now_thresholds = gc.get_threshold()
+            if now_thresholds != found.thresholds:
+                gc.set_threshold(*found.thresholds)
+                self._note("set_threshold", now_thresholds, found.thresholds, "restore")
+            if self._we_froze and found.freeze_count == 0:
+                gc.unfreeze()
+                self._note("unfreeze", None, 0, "restore")
+            elif self._we_froze:
+                self._note(
+                    "restore", None, None,
+                    "objects were already frozen when found: left frozen (gc cannot tell them apart)",
+                )
+            if gc.isenabled() != found.enabled:
+                (gc.enable if found.enabled else gc.disable)()
+                action = "enable" if found.enabled else "disable"
+                self._note(action, not found.enabled, found.enabled, "restore")
+            self._we_froze = False
+            self._freeze_active = False
+            self._pressure = False
+            self._valve = found.thresholds[0]
+            self._found = None
+            made = self._change_count - total_before
+            history = list(self._changes)
+        self._flush_change_log()
+        return history[-made:] if made else []
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _capture_found(self) -> None:
+        if self._found is None:
+            self._found = _FoundState(gc.get_threshold(), gc.isenabled(), gc.get_freeze_count())
+
+    def _explicit_collect(self, generation: int) -> int:
+        recorder = self._recorder
+        recorder.explicit_thread = threading.get_ident()
+        try:
+            return gc.collect(generation)
+        finally:
+            recorder.explicit_thread = None
+
+    def _note(self, action: str, before: Any, after: Any, reason: str) -> None:
+        # Called from the gc callback too, so only lock-free appends here; logging happens later.
+        change = GcChange(time.time(), action, before, after, reason)
+        self._changes.append(change)
+        self._unlogged.append(change)
+        self._change_count += 1
+
+    def _flush_change_log(self) -> None:
+        while True:
+            try:
+                change = self._unlogged.popleft()
+            except IndexError:
+                return
+            logger.info("gc %s: %r -> %r (%s)", change.action, change.before, change.after, change.reason)
+
+    def _reinit_after_fork(self) -> None:
+        # Threads and held locks do not survive fork(): give the child fresh ones.
+        self._lock = threading.RLock()
+        self._recorder.reset_lock()
+        self._started = itertools.count(1)
+        self._ended = itertools.count(1)
+        self._n_started = self._n_ended = 0
+        self._thread = None
+        if self._running and self._tuning:
+            self._warmup_at = max(1, self.warmup_requests)
+            self._start_monitor()
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(name, f"must be a number, got {type(value).__name__}")
+    ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = ">" if low_open else ">="
+        raise ConfigError(name, f"must be {bound} {low} and <= {high}, got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(name, f"must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+
+
+def _after_fork_in_child() -> None:
+    global _active_lock
+    _active_lock = threading.Lock()
+    optimizer = _active
+    if optimizer is not None:
+        try:
+            optimizer._reinit_after_fork()
+        except Exception:
+            logger.debug("GC optimizer re-init after fork failed", exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
