@@ -1,0 +1,311 @@
+"""Leak detection from short tracing windows.
+
+Each window yields a few snapshots of the allocations traced since the window began. Per allocation
+traceback we look at how its retained bytes move *between* snapshots: a leak only ever grows (what it
+allocated is never freed), in window after window, for as long as the process runs. Caches that churn,
+request temporaries and bursts shrink as often as they grow; warm-up growth stops. Only deltas are
+used, so the same logic works when someone else keeps tracemalloc on all the time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
+
+_SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
+_VETO_MIN_BLOCKS = 500
+
+Frame = tuple[str, int]
+Key = tuple[Frame, ...]  # oldest frame first, as tracemalloc orders them
+WindowSnapshot = tuple[float, Mapping[Key, tuple[int, int]]]  # (time, {traceback: (bytes, count)})
+
+
+@dataclass(slots=True)
+class _Track:
+    """Everything remembered about one allocation traceback (bounded)."""
+
+    key: Key
+    first_seen: float
+    first_growth: float | None = None
+    last_growth: float | None = None
+    ups: int = 0
+    downs: int = 0
+    net_growth: int = 0
+    positive_growth: int = 0
+    traced_time: float = 0.0
+    growth_windows: int = 0
+    windows: int = 0
+    early_steps: int = 0
+    net_count_growth: int = 0
+    late_steps: int = 0
+    growth_by_window: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=64))
+
+
+def _score(track: _Track) -> int:
+    return track.positive_growth + track.ups
+
+
+class LeakDetector:
+    """Accumulates per-traceback growth over tracing windows and turns it into leak suspects."""
+
+    def __init__(self, *, max_sites: int = 256, max_windows: int = 64, site_chooser: SiteChooser) -> None:
+        self._max_sites = max_sites
+        self._max_windows = max_windows
+        self._tracks: dict[Key, _Track] = {}
+        self._windows = 0
+        self._window_ends: deque[float] = deque(maxlen=max_windows)
+        self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
+        self._site_chooser = site_chooser
+
+    @property
+    def windows(self) -> int:
+        """Number of windows fed so far."""
+        return self._windows
+
+    @property
+    def sites_tracked(self) -> int:
+        """Number of allocation tracebacks currently remembered."""
+        return len(self._tracks)
+
+    def footprint_bytes(self) -> int:
+        """Rough bytes held by the detector's bookkeeping (bounded by max_sites x max_windows)."""
+        per_track = 400 + 100 * self._max_windows
+        return len(self._tracks) * per_track + 300 * len(self._window_routes)
+
+    def add_window(
+        self, snapshots: Sequence[WindowSnapshot], routes: Mapping[str, int] | None = None
+    ) -> None:
+        """Feed one window's snapshots (at least three, in time order) and the route request counts in it."""
+        if len(snapshots) < 3:
+            return
+        index = self._windows
+        self._windows += 1
+        t_first, t_last = snapshots[0][0], snapshots[-1][0]
+        span = max(t_last - snapshots[1][0], 1e-9)
+        self._window_ends.append(t_last)
+        self._window_routes.append((index, dict(routes or {})))
+        keys: set[Key] = set()
+        for _, stats in snapshots:
+            keys.update(stats)
+        for key in keys:
+            if key not in self._tracks:
+                self._admit(key, t_first)
+        # The first step is skipped: within it a site refills its normal live set (one reply being
+        # built, a cache slot replaced) from zero, which is not growth. What happens after that is.
+        steps = len(snapshots) - 2
+        middle = 2 + steps // 2
+        for key, track in self._tracks.items():
+            sizes = [stats.get(key, (0, 0))[0] for _, stats in snapshots]
+            first_count = snapshots[1][1].get(key, (0, 0))[1]
+            track.net_count_growth += snapshots[-1][1].get(key, (0, 0))[1] - first_count
+            ups = downs = 0
+            for j in range(2, len(sizes)):
+                delta = sizes[j] - sizes[j - 1]
+                if delta > 0:
+                    ups += delta
+                    if j < middle:
+                        track.early_steps += 1
+                    else:
+                        track.late_steps += 1
+                else:
+                    downs -= delta
+            growth = sizes[-1] - sizes[1]
+            track.windows += 1
+            track.traced_time += span
+            track.ups += ups
+            track.downs += downs
+            track.net_growth += growth
+            if growth > 0:
+                track.positive_growth += growth
+                track.growth_windows += 1
+                track.last_growth = t_last
+                if track.first_growth is None:
+                    track.first_growth = t_last
+            track.growth_by_window.append((index, growth))
+        self._trim()
+
+    def _admit(self, key: Key, now: float) -> None:
+        self._tracks[key] = _Track(key=key, first_seen=now)
+        self._tracks[key].growth_by_window = deque(maxlen=self._max_windows)
+
+    def _trim(self) -> None:
+        if len(self._tracks) <= self._max_sites:
+            return
+        # Keep the tracebacks with the most growth; drop the rest (their evidence is weakest).
+        keep = sorted(self._tracks.values(), key=_score, reverse=True)[: self._max_sites]
+        self._tracks = {t.key: t for t in keep}
+
+    def suspects(
+        self,
+        *,
+        now: float,
+        window_interval_s: float,
+        global_growth: GlobalGrowth | None = None,
+        routes: Sequence[RouteStats] = (),
+        min_confidence: float = 0.5,
+        veto_min_bytes: int = 1 << 20,
+    ) -> list[MemoryLeak]:
+        """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
+        found: list[MemoryLeak] = []
+        for track in self._tracks.values():
+            leak = self._judge(track, now, window_interval_s, global_growth, routes, veto_min_bytes)
+            if leak is not None and leak.confidence >= min_confidence:
+                found.append(leak)
+        found.sort(key=lambda leak: (round(leak.confidence, 1), leak.growth_rate_bytes_per_s), reverse=True)
+        return found
+
+    def _judge(
+        self,
+        track: _Track,
+        now: float,
+        window_interval_s: float,
+        global_growth: GlobalGrowth | None,
+        routes: Sequence[RouteStats],
+        veto_min_bytes: int,
+    ) -> MemoryLeak | None:
+        if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
+            return None
+        rate = track.net_growth / max(track.traced_time, 1e-9)
+        shrink = track.downs / track.ups
+        # Leaked memory is never freed: any shrinking is evidence against a leak.
+        monotonic = min(1.0, max(0.0, 1.0 - 3.0 * shrink))
+        # One growth window could be a burst straddling the window end; each further one halves doubt.
+        persistence = 1.0 - 0.5 ** (track.growth_windows - 1)
+        # Warm-up growth stops; a leak keeps going. Compare the quiet time since the last growth
+        # with the usual spacing of growth windows.
+        assert track.first_growth is not None and track.last_growth is not None
+        spacing = (track.last_growth - track.first_growth) / max(track.growth_windows - 1, 1)
+        quiet = max(0.0, now - track.last_growth)
+        allowance = 2.0 * max(spacing, window_interval_s)
+        recency = 1.0 if quiet <= allowance else allowance / quiet
+        # A leak grows steadily through a window; a churning cache or buffer pool stops growing once
+        # it has replaced its contents. Count growing steps in each window's second half against
+        # its first half (with one pseudo-step each so a slow leak's few events are not over-read).
+        linearity = min(1.0, 2.0 * (track.late_steps + 1) / (track.early_steps + 1))
+        age = max(0.0, now - track.first_seen)
+        consistency = 1.0
+        evidence = [
+            f"grew in {track.growth_windows}/{track.windows} windows",
+            f"shrink/grow {shrink:.2f}",
+            f"last growth {quiet:.0f}s ago",
+            f"late/early growing steps {track.late_steps}/{track.early_steps}",
+        ]
+        if global_growth is not None and age > 0:
+            consistency = self._consistency(track, rate, global_growth, veto_min_bytes, evidence)
+        confidence = monotonic * persistence * recency * linearity * consistency
+        frames = tuple(f"{filename}:{lineno}" for filename, lineno in reversed(track.key))
+        return MemoryLeak(
+            size=int(max(rate * age, track.positive_growth)),
+            allocation_site=self._site_chooser.site(track.key),
+            traceback=frames,
+            growth_rate_bytes_per_s=rate,
+            age_seconds=age,
+            confidence=round(confidence, 3),
+            route=self._route_for(track, routes),
+            observed_bytes=track.positive_growth,
+            growth_windows=track.growth_windows,
+            windows_observed=track.windows,
+            evidence="; ".join(evidence),
+        )
+
+    def _consistency(
+        self,
+        track: _Track,
+        rate: float,
+        global_growth: GlobalGrowth,
+        veto_min_bytes: int,
+        evidence: list[str],
+    ) -> float:
+        """0.25 when the process stayed flat although the site alone should have grown it visibly.
+
+        That happens when a cache evicts, outside our windows, what it inserted inside them: its
+        insertion site grows every window but the process does not. Small blocks are checked against
+        the interpreter's allocated-block count, large ones against RSS.
+        """
+        rss, blocks, span = global_growth.since(track.first_seen)
+        if span <= 0:
+            return 1.0
+        count_rate = track.net_count_growth / max(track.traced_time, 1e-9)
+        mean_block = track.net_growth / track.net_count_growth if track.net_count_growth > 0 else math.inf
+        if mean_block <= _SMALL_BLOCK:
+            predicted_blocks = count_rate * span
+            if predicted_blocks >= _VETO_MIN_BLOCKS and blocks < 0.25 * predicted_blocks:
+                evidence.append(f"process blocks +{blocks:.0f} vs site +{predicted_blocks:.0f}")
+                return 0.25
+        else:
+            predicted = rate * span
+            if predicted >= veto_min_bytes and rss < 0.25 * predicted:
+                evidence.append(f"RSS +{rss / 1e6:.1f} MB vs site +{predicted / 1e6:.1f} MB")
+                return 0.25
+        return 1.0
+
+    def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
+        growth = dict(track.growth_by_window)
+        window_routes = [(i, counts) for i, counts in self._window_routes if i in growth]
+        names = {name for _, counts in window_routes for name in counts}
+        best, best_corr = None, 0.3
+        for name in names:
+            xs = [float(counts.get(name, 0)) for _, counts in window_routes]
+            ys = [float(growth[i]) for i, _ in window_routes]
+            corr = _pearson(xs, ys)
+            if corr is not None and corr > best_corr:
+                best, best_corr = name, corr
+        if best is not None:
+            return best
+        # No contrast between windows (the leak grows in all of them): fall back to the route whose
+        # requests leave the most memory behind on average.
+        def per_request(r: RouteStats) -> float:
+            traced = r.mean_traced_delta
+            return traced if traced is not None else r.mean_rss_delta
+
+        candidates = [r for r in routes if r.requests and per_request(r) > 0]
+        if not candidates:
+            return None
+        return max(candidates, key=per_request).route
+
+
+def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0 or syy <= 0:
+        return None
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return sxy / math.sqrt(sxx * syy)
+
+
+class GlobalGrowth(Protocol):
+    """How much the whole process grew between a start time and now (by the fitted trends)."""
+
+    def since(self, start: float) -> tuple[float, float, float]:
+        """(RSS growth in bytes, allocated-block growth, span in seconds) from ``start`` to now."""
+        ...
+
+
+class SiteChooser:
+    """Picks the frame to blame in a traceback: the innermost one in application code."""
+
+    def __init__(self, library_prefixes: Sequence[str], own_prefixes: Sequence[str]) -> None:
+        self._library = tuple(p for p in library_prefixes if p)
+        self._own = tuple(p for p in own_prefixes if p)
+
+    def _is_library(self, filename: str) -> bool:
+        return filename.startswith(self._library) or filename.startswith("<")
+
+    def site(self, key: Key) -> str:
+        """``file:line`` of the innermost application frame (falls back to the innermost frame)."""
+        if not key:
+            return "<unknown>:0"
+        for filename, lineno in reversed(key):
+            if not self._is_library(filename) and not filename.startswith(self._own):
+                return f"{filename}:{lineno}"
+        filename, lineno = key[-1]
+        return f"{filename}:{lineno}"

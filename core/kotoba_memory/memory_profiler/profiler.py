@@ -1,0 +1,495 @@
+"""The MemoryProfiler: one daemon sampler thread plus duty-cycled tracemalloc windows."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import sys
+import sysconfig
+import threading
+import time
+import tracemalloc
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psutil
+
+from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.memory_profiler._leaks import Key, LeakDetector, SiteChooser, WindowSnapshot
+from kotoba_memory.memory_profiler._models import (
+    AllocationHotspot,
+    MemoryAnalysis,
+    MemorySample,
+    ProfilerStats,
+    RouteStats,
+)
+from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
+_PROFILER_DIR = str(Path(__file__).resolve().parent)
+_MAX_GAUGES = 16
+
+_active: MemoryProfiler | None = None
+_active_lock = threading.Lock()
+
+
+class ProfilerError(KotobaMemoryError, RuntimeError):
+    """The profiler was used in a way it cannot honour (e.g. a gauge on a full gauge table)."""
+
+
+def get_active_profiler() -> MemoryProfiler | None:
+    """The most recently started profiler that is still running, if any."""
+    return _active
+
+
+def _library_prefixes() -> list[str]:
+    paths = sysconfig.get_paths()
+    prefixes = {paths.get(name, "") for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+    prefixes.update({sys.base_prefix, sys.prefix, sys.exec_prefix})
+    return sorted(p for p in prefixes if p)
+
+
+class _RouteTable:
+    """Bounded per-route aggregates; the middleware feeds it from many threads."""
+
+    def __init__(self, max_routes: int) -> None:
+        self._max = max_routes
+        self._lock = threading.Lock()
+        # route -> [requests, rss_delta, traced_delta, traced_requests, duration]
+        self._totals: dict[str, list[float]] = {}
+        self._window_counts: dict[str, int] = {}
+
+    def record(self, route: str, rss_delta: int, traced_delta: int | None, duration_s: float) -> None:
+        with self._lock:
+            row = self._totals.get(route)
+            if row is None:
+                if len(self._totals) >= self._max:
+                    route = "<other>"
+                    row = self._totals.get(route)
+                if row is None:
+                    row = self._totals[route] = [0, 0, 0, 0, 0.0]
+            row[0] += 1
+            row[1] += rss_delta
+            if traced_delta is not None:
+                row[2] += traced_delta
+                row[3] += 1
+            row[4] += duration_s
+            self._window_counts[route] = self._window_counts.get(route, 0) + 1
+
+    def take_window_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts, self._window_counts = self._window_counts, {}
+            return counts
+
+    def snapshot(self) -> list[RouteStats]:
+        with self._lock:
+            rows = [(k, list(v)) for k, v in self._totals.items()]
+        return [
+            RouteStats(k, int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]))
+            for k, v in sorted(rows, key=lambda kv: kv[1][0], reverse=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._totals)
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ConfigError(name, f"must be > 0, got {value!r}")
+
+
+def _positive_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ConfigError(name, f"must be >= {minimum}, got {value!r}")
+
+
+class MemoryProfiler:
+    """Samples process memory in the background and finds leaks with short tracemalloc windows.
+
+    Tracing costs several times the work of untraced code, so it runs only ``window_s`` out of every
+    ``window_interval_s`` seconds (about 1% by default); in each window a few snapshots of what was
+    allocated since the window opened show which allocation sites keep growing.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_interval_s: float = 1.0,
+        history_size: int = 3600,
+        leak_detection: bool = True,
+        window_s: float = 0.5,
+        window_interval_s: float = 60.0,
+        first_window_after_s: float | None = None,
+        snapshots_per_window: int = 6,
+        trace_frames: int = 6,
+        max_sites: int = 256,
+        max_windows: int = 64,
+        max_routes: int = 256,
+        min_confidence: float = 0.5,
+        memory_limit_bytes: int | None = None,
+        top_hotspots: int = 10,
+    ) -> None:
+        _positive("sample_interval_s", sample_interval_s)
+        _positive("window_s", window_s)
+        _positive("window_interval_s", window_interval_s)
+        if window_interval_s < window_s:
+            raise ConfigError(
+                "window_interval_s", f"must be >= window_s ({window_s}), got {window_interval_s}"
+            )
+        if first_window_after_s is not None and (
+            isinstance(first_window_after_s, bool) or not isinstance(first_window_after_s, int | float)
+            or first_window_after_s < 0
+        ):
+            raise ConfigError("first_window_after_s", f"must be a number >= 0, got {first_window_after_s!r}")
+        _positive_int("history_size", history_size, 2)
+        _positive_int("snapshots_per_window", snapshots_per_window, 4)
+        _positive_int("trace_frames", trace_frames, 1)
+        _positive_int("max_sites", max_sites)
+        _positive_int("max_windows", max_windows, 2)
+        _positive_int("max_routes", max_routes)
+        _positive_int("top_hotspots", top_hotspots)
+        if not isinstance(min_confidence, int | float) or not 0.0 <= min_confidence <= 1.0:
+            raise ConfigError("min_confidence", f"must be in [0, 1], got {min_confidence!r}")
+        if memory_limit_bytes is not None:
+            _positive_int("memory_limit_bytes", memory_limit_bytes)
+        self.sample_interval_s = float(sample_interval_s)
+        self.leak_detection = bool(leak_detection)
+        self.window_s = float(window_s)
+        self.window_interval_s = float(window_interval_s)
+        self.first_window_after_s = (
+            min(self.window_interval_s, 10.0) if first_window_after_s is None else float(first_window_after_s)
+        )
+        self.snapshots_per_window = snapshots_per_window
+        self.trace_frames = trace_frames
+        self.min_confidence = float(min_confidence)
+        self.memory_limit_bytes = memory_limit_bytes if memory_limit_bytes is not None else _memory_limit()
+        self.top_hotspots = top_hotspots
+
+        self._lock = threading.RLock()
+        self._samples: deque[MemorySample] = deque(maxlen=history_size)
+        self._gauges: dict[str, Callable[[], float]] = {}
+        self._routes = _RouteTable(max_routes)
+        own = [_PACKAGE_DIR]
+        self._detector = LeakDetector(
+            max_sites=max_sites,
+            max_windows=max_windows,
+            site_chooser=SiteChooser(_library_prefixes(), own),
+        )
+        self._hotspots: list[AllocationHotspot] = []
+        self._hotspots_by_count: list[AllocationHotspot] = []
+        self._filters = [
+            tracemalloc.Filter(False, os.path.join(_PROFILER_DIR, "*"), all_frames=True),
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+            tracemalloc.Filter(False, "<unknown>"),
+        ]
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process: psutil.Process | None = None
+        self._pid = 0
+        self._started_at = 0.0
+        self._peak_rss = 0
+        self._tick_errors = 0
+        self._last_window_ms = 0.0
+        self._max_window_ms = 0.0
+        self._tracing_mode = "off"
+        self._in_window = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        """True while the sampler thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def start(self) -> None:
+        """Start the sampler thread (no-op when already running) and make this the active profiler."""
+        global _active
+        with self._lock:
+            if self.running:
+                return
+            self._stop_event.clear()
+            self._process = psutil.Process()
+            self._pid = os.getpid()
+            self._started_at = time.monotonic()
+            self._sample()
+            self._thread = threading.Thread(target=self._run, name="kotoba-memory-profiler", daemon=True)
+            self._thread.start()
+        with _active_lock:
+            _active = self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the sampler thread, waiting up to ``timeout`` seconds; a window in progress is abandoned."""
+        global _active
+        self._stop_event.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with _active_lock:
+            if _active is self:
+                _active = None
+
+    async def astart(self) -> None:
+        """Async twin of :meth:`start`."""
+        self.start()
+
+    async def astop(self, timeout: float = 5.0) -> None:
+        """Async twin of :meth:`stop` (joins the thread off the event loop)."""
+        await asyncio.to_thread(self.stop, timeout)
+
+    def __enter__(self) -> MemoryProfiler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ inputs
+    def record_request(self, route: str, rss_delta: int, traced_delta: int | None, duration_s: float) -> None:
+        """Add one finished request to ``route``'s aggregates (cheap, thread-safe, bounded)."""
+        if not isinstance(route, str):
+            raise TypeError(f"route must be a str, got {type(route).__name__}")
+        self._routes.record(route, int(rss_delta), None if traced_delta is None else int(traced_delta),
+                            float(duration_s))
+
+    def add_gauge(self, name: str, read: Callable[[], float]) -> None:
+        """Record ``read()`` with every sample under ``name`` (e.g. pool or cache bytes)."""
+        if not callable(read):
+            raise TypeError("read must be callable")
+        with self._lock:
+            if name not in self._gauges and len(self._gauges) >= _MAX_GAUGES:
+                raise ProfilerError(f"at most {_MAX_GAUGES} gauges; cannot add {name!r}")
+            self._gauges[name] = read
+
+    def remove_gauge(self, name: str) -> None:
+        """Stop recording gauge ``name`` (no error when absent)."""
+        with self._lock:
+            self._gauges.pop(name, None)
+
+    # ------------------------------------------------------------------ the sampler thread
+    def _run(self) -> None:
+        next_sample = time.monotonic() + self.sample_interval_s
+        next_window = time.monotonic() + self.first_window_after_s
+        while not self._stop_event.is_set():
+            now = time.monotonic()
+            if self.leak_detection and now >= next_window:
+                self._guarded(self._run_window)
+                next_window = time.monotonic() + self.window_interval_s - self.window_s
+                continue
+            if now >= next_sample:
+                self._guarded(self._sample)
+                next_sample = now + self.sample_interval_s
+            wake = min(next_sample, next_window) if self.leak_detection else next_sample
+            self._stop_event.wait(max(0.0, wake - time.monotonic()))
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:  # a profiler must never take the host app down; count and carry on
+            self._tick_errors += 1
+            logger.debug("kotoba-memory profiler step failed", exc_info=True)
+
+    def _sample(self) -> None:
+        if os.getpid() != self._pid:  # forked: the inherited Process object describes the parent
+            self._process = psutil.Process()
+            self._pid = os.getpid()
+        process = self._process or psutil.Process()
+        rss = process.memory_info().rss
+        traced: int | None = None
+        if tracemalloc.is_tracing():
+            traced = tracemalloc.get_traced_memory()[0]
+            # Tracing's own bookkeeping inflates RSS during our windows; leave it out of the trend.
+            if self._tracing_mode == "window" and self._in_window:
+                rss -= tracemalloc.get_tracemalloc_memory()
+        gauges: list[tuple[str, float]] = []
+        for name, read in list(self._gauges.items()):
+            try:
+                gauges.append((name, float(read())))
+            except Exception:
+                self._tick_errors += 1
+        count = gc.get_count()
+        sample = MemorySample(
+            timestamp=time.time(),
+            rss_bytes=rss,
+            traced_bytes=traced,
+            allocated_blocks=sys.getallocatedblocks(),
+            gc_counts=(count[0], count[1], count[2]),
+            gauges=tuple(gauges),
+        )
+        with self._lock:
+            self._samples.append(sample)
+            self._peak_rss = max(self._peak_rss, rss)
+
+    def _run_window(self) -> None:
+        """Trace for ``window_s`` seconds, taking a few snapshots, then stop tracing (if we started it)."""
+        owned = not tracemalloc.is_tracing()
+        self._tracing_mode = "window" if owned else "shared"
+        if owned:
+            tracemalloc.start(self.trace_frames)
+        self._in_window = True
+        self._routes.take_window_counts()
+        snapshots: list[WindowSnapshot] = []
+        last_snapshot: tracemalloc.Snapshot | None = None
+        try:
+            gap = self.window_s / (self.snapshots_per_window - 1)
+            for i in range(self.snapshots_per_window):
+                if i and self._stop_event.wait(gap):
+                    return
+                started = time.perf_counter()
+                last_snapshot = tracemalloc.take_snapshot().filter_traces(self._filters)
+                snapshots.append((time.time(), _by_traceback(last_snapshot)))
+                self._note_window_cost(time.perf_counter() - started)
+                self._guarded(self._sample)
+        finally:
+            self._in_window = False
+            if owned and tracemalloc.is_tracing():
+                tracemalloc.stop()
+        routes = self._routes.take_window_counts()
+        started = time.perf_counter()
+        with self._lock:
+            self._detector.add_window(snapshots, routes)
+            if last_snapshot is not None:
+                self._update_hotspots(last_snapshot)
+        self._note_window_cost(time.perf_counter() - started)
+
+    def _note_window_cost(self, seconds: float) -> None:
+        ms = seconds * 1000.0
+        self._last_window_ms = ms
+        self._max_window_ms = max(self._max_window_ms, ms)
+
+    def _update_hotspots(self, snapshot: tracemalloc.Snapshot) -> None:
+        per_site: dict[str, list[int]] = {}
+        tracebacks: dict[str, tuple[str, ...]] = {}
+        chooser = self._detector._site_chooser
+        for stat in snapshot.statistics("traceback"):
+            key: Key = tuple((f.filename, f.lineno) for f in stat.traceback)
+            site = chooser.site(key)
+            row = per_site.setdefault(site, [0, 0])
+            row[0] += stat.size
+            row[1] += stat.count
+            tracebacks.setdefault(site, tuple(f"{f}:{n}" for f, n in reversed(key)))
+        spots = [AllocationHotspot(s, v[0], v[1], tracebacks[s]) for s, v in per_site.items()]
+        self._hotspots = sorted(spots, key=lambda h: h.size, reverse=True)[: self.top_hotspots]
+        self._hotspots_by_count = sorted(spots, key=lambda h: h.count, reverse=True)[: self.top_hotspots]
+
+    # ------------------------------------------------------------------ outputs
+    def samples(self) -> list[MemorySample]:
+        """A copy of the sample ring buffer, oldest first."""
+        with self._lock:
+            return list(self._samples)
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """Highest RSS seen by the sampler."""
+        return self._peak_rss
+
+    def routes(self) -> list[RouteStats]:
+        """Per-route aggregates recorded so far, busiest first."""
+        return self._routes.snapshot()
+
+    def stats(self) -> ProfilerStats:
+        """The profiler's own footprint and health."""
+        with self._lock:
+            return ProfilerStats(
+                running=self.running,
+                samples=len(self._samples),
+                windows=self._detector.windows,
+                sites_tracked=self._detector.sites_tracked,
+                routes_tracked=len(self._routes),
+                own_memory_bytes=self._own_memory(),
+                tick_errors=self._tick_errors,
+                last_window_analysis_ms=self._last_window_ms,
+                max_window_analysis_ms=self._max_window_ms,
+                tracing_mode=self._tracing_mode,
+            )
+
+    def _own_memory(self) -> int:
+        total = sys.getsizeof(self._samples)
+        if self._samples:
+            one = self._samples[-1]
+            per = sys.getsizeof(one) + sys.getsizeof(one.gc_counts) + sys.getsizeof(one.gauges) + 3 * 32
+            per += sum(sys.getsizeof(g) + 32 for g in one.gauges)
+            total += per * len(self._samples)
+        total += self._detector.footprint_bytes()
+        total += 400 * len(self._routes)
+        return total
+
+    def analyze(self) -> MemoryAnalysis:
+        """Leak suspects, hotspots, the RSS trend and route aggregates as of now."""
+        started = time.perf_counter()
+        routes = self._routes.snapshot()
+        with self._lock:
+            samples = list(self._samples)
+            temporal = analyze_samples(samples, self.memory_limit_bytes)
+            leaks = self._detector.suspects(
+                now=time.time(),
+                window_interval_s=self.window_interval_s,
+                global_growth=_SampleGrowth(samples),
+                routes=routes,
+                min_confidence=self.min_confidence,
+            )
+            hotspots = list(self._hotspots)
+            by_count = list(self._hotspots_by_count)
+        stats = self.stats()
+        return MemoryAnalysis(
+            memory_leaks=leaks,
+            hotspots=hotspots,
+            hotspots_by_count=by_count,
+            temporal=temporal,
+            routes=routes,
+            stats=stats,
+            analysis_time_s=time.perf_counter() - started,
+            samples=samples,
+        )
+
+    async def aanalyze(self) -> MemoryAnalysis:
+        """Async twin of :meth:`analyze` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.analyze)
+
+
+def _by_traceback(snapshot: tracemalloc.Snapshot) -> Mapping[Key, tuple[int, int]]:
+    return {
+        tuple((f.filename, f.lineno) for f in stat.traceback): (stat.size, stat.count)
+        for stat in snapshot.statistics("traceback")
+    }
+
+
+class _SampleGrowth:
+    """Process growth read off the sample ring by least squares."""
+
+    def __init__(self, samples: list[MemorySample]) -> None:
+        self._samples = samples
+
+    def since(self, start: float) -> tuple[float, float, float]:
+        window = [s for s in self._samples if s.timestamp >= start]
+        if len(window) < 3:
+            return 0.0, 0.0, 0.0
+        xs = [s.timestamp for s in window]
+        span = xs[-1] - xs[0]
+        rss_slope, _, _ = linear_fit(xs, [float(s.rss_bytes) for s in window])
+        block_slope, _, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
+        return rss_slope * span, block_slope * span, span
+
+
+def _memory_limit() -> int | None:
+    """The cgroup v2 memory limit when one is set, else physical memory."""
+    try:
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if raw.isdigit():
+            return int(raw)
+    except OSError:
+        pass
+    try:
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        return None

@@ -1,0 +1,139 @@
+"""The leak detector's verdicts on synthetic window snapshots (no tracing, deterministic)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from kotoba_memory.memory_profiler._leaks import Key, LeakDetector, SiteChooser
+from kotoba_memory.memory_profiler._models import RouteStats
+
+APP: Key = (("/srv/app/views.py", 10), ("/srv/app/cache.py", 42))
+LIB: Key = (("/srv/app/views.py", 20), ("/usr/lib/python3.11/json/encoder.py", 200))
+CHOOSER = SiteChooser(["/usr/lib/python3.11"], ["/srv/kotoba_memory"])
+
+
+class Flat:
+    """A process whose RSS and allocated blocks did not move."""
+
+    def since(self, start: float) -> tuple[float, float, float]:
+        return 0.0, 0.0, 100.0
+
+
+class Growing:
+    def since(self, start: float) -> tuple[float, float, float]:
+        return 50e6, 1e6, 100.0
+
+
+def feed(
+    detector: LeakDetector,
+    windows: int,
+    size_at: Callable[[int, int], int],
+    key: Key = APP,
+    *,
+    period: float = 10.0,
+    snapshots: int = 6,
+    routes: Callable[[int], dict[str, int]] | None = None,
+    block: int = 100,
+) -> float:
+    """Feed ``windows`` windows where ``size_at(window, snapshot)`` is the key's traced bytes."""
+    t = 1000.0
+    for w in range(windows):
+        shots = []
+        for j in range(snapshots):
+            size = size_at(w, j)
+            shots.append((t + j * 0.1, {key: (size, max(size // block, 0))} if size else {}))
+        detector.add_window(shots, routes(w) if routes else None)
+        t += period
+    return t
+
+
+def make() -> LeakDetector:
+    return LeakDetector(max_sites=16, max_windows=32, site_chooser=CHOOSER)
+
+
+def test_steady_growth_is_a_leak_at_the_application_frame() -> None:
+    detector = make()
+    now = feed(detector, 8, lambda w, j: 1000 * j)
+    [leak] = detector.suspects(now=now, window_interval_s=10.0)
+    assert leak.allocation_site == "/srv/app/cache.py:42"
+    assert leak.traceback[0] == "/srv/app/cache.py:42"
+    assert leak.confidence > 0.9
+    assert leak.growth_rate_bytes_per_s == pytest.approx(10_000, rel=0.01)
+    assert leak.age_seconds == pytest.approx(now - 1000.0)
+    assert leak.growth_windows == 8
+
+
+def test_library_frames_are_skipped_for_the_site() -> None:
+    detector = make()
+    now = feed(detector, 6, lambda w, j: 500 * j, key=LIB)
+    [leak] = detector.suspects(now=now, window_interval_s=10.0)
+    assert leak.allocation_site == "/srv/app/views.py:20"
+
+
+def test_warm_up_that_stopped_is_not_a_leak() -> None:
+    detector = make()
+    now = feed(detector, 12, lambda w, j: 1000 * j if w < 4 else 0)
+    assert detector.suspects(now=now, window_interval_s=10.0) == []
+
+
+def test_cache_that_refills_then_plateaus_in_each_window_is_not_a_leak() -> None:
+    detector = make()
+    now = feed(detector, 10, lambda w, j: min(j, 2) * 5000)
+    assert detector.suspects(now=now, window_interval_s=10.0) == []
+
+
+def test_temporaries_that_come_and_go_are_not_a_leak() -> None:
+    detector = make()
+    now = feed(detector, 10, lambda w, j: 4000 if (w + j) % 2 else 1000)
+    assert detector.suspects(now=now, window_interval_s=10.0) == []
+
+
+def test_single_burst_is_not_a_leak() -> None:
+    detector = make()
+    now = feed(detector, 10, lambda w, j: 10_000_000 * (j >= 3) if w == 8 else 0)
+    assert detector.suspects(now=now, window_interval_s=10.0) == []
+
+
+def test_slow_leak_with_few_events_is_found() -> None:
+    detector = make()
+    # One 300-byte object every third window, landing at varying points of the window.
+    now = feed(detector, 15, lambda w, j: 300 * (w % 3 == 0 and j >= 2 + (w // 3) % 4))
+    [leak] = detector.suspects(now=now, window_interval_s=10.0)
+    assert leak.growth_windows == 5
+
+
+def test_site_growing_while_process_is_flat_is_vetoed() -> None:
+    detector = make()
+    now = feed(detector, 8, lambda w, j: 20_000 * j)
+    assert detector.suspects(now=now, window_interval_s=10.0, global_growth=Flat()) == []
+    assert len(detector.suspects(now=now, window_interval_s=10.0, global_growth=Growing())) == 1
+
+
+def test_route_with_correlated_traffic_is_blamed() -> None:
+    detector = make()
+
+    def routes(w: int) -> dict[str, int]:
+        return {"/leak": w % 2 * 10, "/ok": 10}
+
+    now = feed(detector, 10, lambda w, j: (w % 2) * j * 1000, routes=routes)
+    [leak] = detector.suspects(now=now, window_interval_s=10.0)
+    assert leak.route == "/leak"
+
+
+def test_route_falls_back_to_memory_left_per_request() -> None:
+    detector = make()
+    now = feed(detector, 6, lambda w, j: 1000 * j, routes=lambda w: {"/a": 5, "/b": 5})
+    stats = [RouteStats("/a", 100, 0, 100, 100, 1.0), RouteStats("/b", 100, 0, 500_000, 100, 1.0)]
+    [leak] = detector.suspects(now=now, window_interval_s=10.0, routes=stats)
+    assert leak.route == "/b"
+
+
+def test_tracked_sites_stay_bounded() -> None:
+    detector = LeakDetector(max_sites=4, max_windows=4, site_chooser=CHOOSER)
+    for i in range(50):
+        key: Key = (("/srv/app/x.py", i),)
+        detector.add_window([(float(k), {key: (k * 100, k)}) for k in range(4)])
+    assert detector.sites_tracked == 4
+    assert detector.windows == 50
