@@ -1,0 +1,377 @@
+"""Lifecycle, restore, adaptive tuning, the memory ceiling and thread-safety of GcOptimizer."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.gc_optimizer import (
+    GcOptimizer,
+    GcOptimizerError,
+    RiskLevel,
+    get_active_gc_optimizer,
+)
+
+
+class Row:
+    def __init__(self, i: int) -> None:
+        self.i = i
+        self.fields = {"id": i, "tags": [i, i + 1]}
+        self.parent: object = None
+
+
+def live_request(n: int = 3000) -> int:
+    """Allocates many containers that stay live until the request returns (ORM rows)."""
+    rows = [Row(i) for i in range(n)]
+    return sum(r.i for r in rows)
+
+
+def cyclic_request(n: int = 1000) -> None:
+    """Leaves cyclic garbage only the collector can free."""
+    session: dict[str, object] = {"rows": []}
+    for i in range(n):
+        row = Row(i)
+        row.parent = session
+        session["rows"].append(row)  # type: ignore[attr-defined]
+
+
+def test_start_is_idempotent_and_stop_restores(make_optimizer) -> None:
+    found = gc.get_threshold()
+    optimizer = make_optimizer()
+    optimizer.start()
+    optimizer.start()
+    assert optimizer.running and get_active_gc_optimizer() is optimizer
+    assert gc.callbacks.count(optimizer._recorder._callback) == 1
+    for _ in range(30):
+        optimizer.on_request_start()
+        live_request()
+        optimizer.on_request_end()
+    assert gc.get_threshold() != found or gc.get_freeze_count() > 0  # it did tune something
+    optimizer.stop()
+    assert get_active_gc_optimizer() is None and not optimizer.running
+    assert gc.get_threshold() == found and gc.get_freeze_count() == 0
+    assert optimizer._thread is None
+    optimizer.stop()  # stopping twice is harmless
+
+
+def test_restore_returns_state_exactly_as_found(make_optimizer) -> None:
+    gc.set_threshold(1234, 7, 9)
+    gc.disable()
+    try:
+        optimizer = make_optimizer(adaptive=False)
+        optimizer.start()
+        optimizer.record_collection(0.5, 0, 2)  # a slow full collection makes freezing worth it
+        changes = optimizer.optimize()
+        assert any(c.action == "freeze" for c in changes)
+        assert gc.get_freeze_count() > 0
+        gc.set_threshold(5, 5, 5)
+        undone = optimizer.restore()
+        assert {c.action for c in undone} >= {"unfreeze", "set_threshold"}
+        assert gc.get_threshold() == (1234, 7, 9) and not gc.isenabled() and gc.get_freeze_count() == 0
+        assert optimizer.restore() == []
+    finally:
+        gc.enable()
+        gc.set_threshold(700, 10, 10)
+
+
+def test_restore_leaves_a_freeze_it_found(make_optimizer) -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        optimizer = make_optimizer(adaptive=False)
+        optimizer.freeze_for_fork()
+        assert gc.get_freeze_count() >= frozen
+        optimizer.restore()
+        assert gc.get_freeze_count() >= frozen
+        assert any("left frozen" in c.reason for c in optimizer.changes)
+    finally:
+        gc.unfreeze()
+
+
+def test_one_active_optimizer_per_process(make_optimizer) -> None:
+    first = make_optimizer()
+    first.start()
+    second = make_optimizer()
+    with pytest.raises(GcOptimizerError, match="already active") as info:
+        second.start()
+    assert isinstance(info.value, KotobaMemoryError)
+    assert get_active_gc_optimizer() is first
+    first.stop()
+    second.start()
+    assert get_active_gc_optimizer() is second
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"target_memory_usage_percent": 0}, "target_memory_usage_percent"),
+        ({"target_memory_usage_percent": 101}, "target_memory_usage_percent"),
+        ({"target_memory_usage_percent": "75"}, "target_memory_usage_percent"),
+        ({"monitoring_interval_s": 0}, "monitoring_interval_s"),
+        ({"max_young_threshold": 0}, "max_young_threshold"),
+        ({"warmup_requests": -1}, "warmup_requests"),
+        ({"adaptive": 1}, "adaptive"),
+        ({"memory_limit_bytes": 0}, "memory_limit_bytes"),
+        ({"event_capacity": 2}, "event_capacity"),
+        ({"pause_target_ms": -5}, "pause_target_ms"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs, field) -> None:
+    with pytest.raises(ConfigError) as info:
+        GcOptimizer(**kwargs)
+    assert info.value.field == field and isinstance(info.value, ValueError)
+
+
+def test_between_requests_collection_reclaims_cyclic_garbage(make_optimizer) -> None:
+    optimizer = make_optimizer(auto_freeze=False)
+    optimizer.start()
+    for _ in range(8):  # mid-request collections find live rows, so the young threshold rises
+        optimizer.on_request_start()
+        cyclic_request(2000)
+        optimizer.on_request_end()
+    done = optimizer.boundary_collections
+    assert done >= 1
+    optimizer.on_request_start()
+    cyclic_request(2000)
+    assert gc.get_count()[0] >= 2000  # nothing collected inside the request any more
+    cursor, _ = optimizer.events_since(0)
+    optimizer.on_request_end()
+    _, events = optimizer.events_since(cursor)
+    explicit = [e for e in events if e.explicit]
+    assert explicit and sum(e.collected for e in explicit) >= 4000  # rows + their dicts
+    assert gc.get_count()[0] < 100
+    assert optimizer.boundary_collections == done + 1
+
+
+def test_tiny_requests_do_not_pay_a_collection_each(make_optimizer) -> None:
+    optimizer = make_optimizer(auto_freeze=False)
+    optimizer.start()
+    gc.collect(0)
+    for _ in range(200):
+        optimizer.on_request_start()
+        {"status": "ok", "items": [1, 2, 3]}  # noqa: B018
+        optimizer.on_request_end()
+    assert optimizer.boundary_collections == 0
+
+
+def test_young_threshold_rises_while_requests_hold_live_objects(make_optimizer) -> None:
+    optimizer = make_optimizer(auto_freeze=False, max_young_threshold=40_000)
+    optimizer.start()
+    for _ in range(20):
+        optimizer.on_request_start()
+        live_request(5000)
+        optimizer.on_request_end()
+    t0 = gc.get_threshold()[0]
+    assert t0 > 5000 * 2  # a row is two containers (instance + fields dict) plus a list
+    assert t0 <= 40_000
+    raised = [c for c in optimizer.changes if c.action == "set_threshold"]
+    assert raised and "still live" in raised[0].reason
+    analysis = optimizer.analyze()
+    assert analysis.requests_seen == 20
+
+
+def test_long_request_making_cyclic_garbage_keeps_collecting(make_optimizer) -> None:
+    optimizer = make_optimizer(max_young_threshold=40_000)
+    optimizer.start()
+    # Requests holding live rows push the young threshold up first...
+    for _ in range(15):
+        optimizer.on_request_start()
+        live_request(5000)
+        optimizer.on_request_end()
+    raised = gc.get_threshold()[0]
+    assert raised > 5000
+    # ...then one request that never ends makes cyclic garbage: automatic collections find it and the
+    # threshold falls back, so garbage never piles up.
+    optimizer.on_request_start()
+    cursor, _ = optimizer.events_since(0)
+    for _ in range(400):
+        cyclic_request(100)
+    _, events = optimizer.events_since(cursor)
+    automatic = [e for e in events if not e.explicit and e.generation == 0]
+    assert automatic and sum(e.collected for e in events) > 100_000
+    assert gc.get_threshold()[0] < raised
+    assert gc.get_count()[0] <= gc.get_threshold()[0] + 1
+    assert optimizer.in_flight == 1
+    optimizer.on_request_end()
+
+
+def test_heap_is_frozen_after_warmup_and_refrozen(make_optimizer) -> None:
+    optimizer = make_optimizer(warmup_requests=5)
+    optimizer.start()
+    keep: list[Row] = []
+    for i in range(60):
+        optimizer.on_request_start()
+        keep.extend(Row(j) for j in range(100))  # a growing long-lived heap
+        cyclic_request(500)
+        optimizer.on_request_end()
+        if i == 4:
+            assert gc.get_freeze_count() > 0
+    assert any(c.action == "freeze" and "warm-up" in c.reason for c in optimizer.changes)
+    assert optimizer.refreezes >= 1
+    assert len(gc.get_objects(2)) < len(keep)  # the growing heap went to the permanent generation
+    optimizer.stop()
+    assert gc.get_freeze_count() == 0
+
+
+def test_memory_ceiling_wins_over_speed(make_optimizer, wait_for) -> None:
+    optimizer = make_optimizer(warmup_requests=1, memory_limit_bytes=1 << 20)  # RSS is far above 1 MiB
+    optimizer.start()
+    optimizer.on_request_start()
+    live_request(3000)
+    optimizer.on_request_end()
+    assert wait_for(lambda: optimizer._pressure)
+    assert wait_for(
+        lambda: any(c.action == "collect" and "memory ceiling" in c.reason for c in optimizer.changes)
+    )
+    assert any(c.action == "unfreeze" for c in optimizer.changes)
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold()[0] == optimizer._base[0]
+    analysis = optimizer.analyze()
+    assert any(b.kind == "memory_pressure" for b in analysis.bottlenecks)
+    assert any(o.optimization_type == "reduce_memory_pressure" for o in analysis.optimization_opportunities)
+
+
+def test_full_collection_runs_in_idle_time(make_optimizer, wait_for) -> None:
+    optimizer = make_optimizer(idle_after_s=0.1, auto_freeze=False)
+    optimizer.start()
+    for _ in range(3):
+        optimizer.on_request_start()
+        cyclic_request(100)
+        optimizer.on_request_end()
+    assert wait_for(lambda: any("idle" in c.reason for c in optimizer.changes))
+    idle = [c for c in optimizer.changes if "idle" in c.reason]
+    _, events = optimizer.events_since(0)
+    assert any(e.generation == 2 and e.explicit for e in events)
+    # Only once per idle period.
+    assert not wait_for(lambda: len([c for c in optimizer.changes if "idle" in c.reason]) > len(idle), 0.3)
+
+
+def test_optimize_raises_the_threshold_when_young_collections_find_nothing(make_optimizer) -> None:
+    gc.set_threshold(200, 10, 10)
+    try:
+        optimizer = make_optimizer(adaptive=False)
+        optimizer.start()
+        for _ in range(10):
+            live_request(3000)
+        analysis = optimizer.analyze()
+        young = analysis.generations[0]
+        assert young.collections > 10 and young.yield_ratio is not None and young.yield_ratio < 0.1
+        opportunity = next(
+            o for o in analysis.optimization_opportunities if o.optimization_type == "raise_young_threshold"
+        )
+        assert opportunity.risk_level is RiskLevel.LOW and 0 < opportunity.expected_benefit <= 1
+        assert opportunity.actions == ["gc.set_threshold(800, 10, 10)"]
+        changes = optimizer.optimize()
+        assert gc.get_threshold() == (800, 10, 10)
+        assert [c.action for c in changes if c.action == "set_threshold"] == ["set_threshold"]
+        optimizer.stop()
+        assert gc.get_threshold() == (200, 10, 10)
+    finally:
+        gc.set_threshold(700, 10, 10)
+
+
+def test_analysis_reports_per_generation_figures(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False)
+    optimizer.start()
+    for _ in range(5):
+        cyclic_request(500)
+    gc.collect()
+    analysis = optimizer.analyze()
+    assert set(analysis.generations) == {0, 1, 2}
+    for stats in analysis.generations.values():
+        assert stats.pause_p50_s <= stats.pause_p95_s <= stats.pause_max_s
+    assert analysis.total_collections == sum(s.collections for s in analysis.generations.values())
+    assert analysis.collections_per_minute > 0 and 0 <= analysis.gc_time_share <= 1
+    assert analysis.efficiency_objects_per_ms > 0
+    assert analysis.thresholds == gc.get_threshold()
+
+
+def test_request_hooks_from_many_threads(make_optimizer) -> None:
+    optimizer = make_optimizer(warmup_requests=20)
+    optimizer.start()
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait(timeout=10)
+            for _ in range(150):
+                optimizer.on_request_start()
+                cyclic_request(50)
+                optimizer.on_request_end()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert optimizer.in_flight == 0 and optimizer.requests_seen == 900
+    assert optimizer._recorder.callback_errors == 0 and optimizer.monitor_errors == 0
+    assert gc.get_count()[0] < gc.get_threshold()[0] + 1
+
+
+def test_monitor_survives_errors(make_optimizer, wait_for, monkeypatch) -> None:
+    optimizer = make_optimizer()
+
+    def broken() -> None:
+        raise OSError("cgroup file vanished")
+
+    monkeypatch.setattr(optimizer._ceiling, "usage", broken)
+    optimizer.start()
+    assert wait_for(lambda: optimizer.monitor_errors >= 2)
+    assert optimizer._thread is not None and optimizer._thread.is_alive()
+    analysis = optimizer.analyze()  # still works without a memory reading
+    assert analysis.memory_usage_percent is None
+
+
+def test_async_twins(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False)
+
+    async def main() -> None:
+        await optimizer.astart()
+        cyclic_request(200)
+        optimizer.record_collection(0.5, 0, 2)
+        analysis = await optimizer.aanalyze()
+        assert analysis.total_collections >= 1
+        changes = await optimizer.aoptimize()
+        assert any(c.action == "freeze" for c in changes)
+        await optimizer.astop()
+
+    asyncio.run(main())
+    assert gc.get_freeze_count() == 0 and not optimizer.running
+
+
+def test_forked_worker_keeps_a_working_monitor(tmp_path) -> None:
+    script = textwrap.dedent(
+        """
+        import gc, os, sys, time
+        from kotoba_memory.gc_optimizer import GcOptimizer, get_active_gc_optimizer
+        opt = GcOptimizer(monitoring_interval_s=0.05, warmup_requests=1)
+        opt.start()
+        frozen = opt.freeze_for_fork()
+        pid = os.fork()
+        if pid == 0:
+            child = get_active_gc_optimizer()
+            ok = child is opt and opt._thread is not None and opt._thread.is_alive()
+            opt.on_request_start(); opt.on_request_end()
+            ok = ok and opt.in_flight == 0 and opt.requests_seen == 1
+            opt.stop()
+            os._exit(0 if ok and gc.get_freeze_count() == 0 else 3)
+        _, status = os.waitpid(pid, 0)
+        opt.stop()
+        print(frozen > 0, os.waitstatus_to_exitcode(status))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "0"]

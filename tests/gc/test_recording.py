@@ -1,0 +1,135 @@
+"""Collections are recorded automatically through gc.callbacks, and by hand."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import threading
+
+import pytest
+
+from kotoba_memory.gc_optimizer import GcEvent, GcOptimizer
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def make_cycles(n: int) -> None:
+    for _ in range(n):
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+
+
+def test_collections_are_recorded_automatically(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False)
+    optimizer.start()
+    before = optimizer.pause_total_ns()
+    make_cycles(500)
+    gc.collect()
+    cursor, events = optimizer.events_since(0)
+    assert events, "gc.collect() was not observed"
+    assert any(e.generation == 2 for e in events)
+    # 500 cycles of two instances: automatic young collections may take some, gc.collect() the rest.
+    assert sum(e.collected for e in events) >= 1000
+    assert all(isinstance(e, GcEvent) and e.pause_s >= 0 and not e.manual for e in events)
+    assert optimizer.pause_total_ns() > before
+    assert cursor == events[-1].seq
+    # The cursor only returns newer events.
+    assert optimizer.events_since(cursor) == (cursor, [])
+    gc.collect(0)
+    cursor2, newer = optimizer.events_since(cursor)
+    assert newer and all(e.seq > cursor for e in newer) and cursor2 == newer[-1].seq
+
+
+def test_nothing_is_recorded_after_stop(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False)
+    optimizer.start()
+    optimizer.stop()
+    assert optimizer._recorder._callback not in gc.callbacks
+    total = optimizer.pause_total_ns()
+    gc.collect()
+    assert optimizer.pause_total_ns() == total
+
+
+def test_event_ring_is_bounded(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False, event_capacity=16)
+    optimizer.start()
+    for _ in range(40):
+        gc.collect(0)
+    cursor, events = optimizer.events_since(0)
+    assert len(events) == 16
+    assert cursor == events[-1].seq and events[0].seq == cursor - 15
+
+
+def test_manual_record_matches_the_reference_usage(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False)
+    optimizer.start()
+    event = optimizer.record_collection(datetime.timedelta(milliseconds=45), 10_000_000, 0)
+    assert event.manual and event.generation == 0 and event.bytes_reclaimed == 10_000_000
+    assert event.pause_s == pytest.approx(0.045)
+    optimizer.record_collection(0.002, 0, 2)
+    analysis = optimizer.analyze()
+    assert analysis.bytes_reclaimed == 10_000_000
+    assert analysis.generations[0].pause_max_s == pytest.approx(0.045)
+    assert 0.0 <= analysis.performance_score < 1.0
+    long_pause = [b for b in analysis.bottlenecks if b.kind == "long_pause"]
+    assert long_pause and long_pause[0].generation == 0 and 0 < long_pause[0].severity <= 1
+    assert "45.0 ms" in long_pause[0].description
+
+
+@pytest.mark.parametrize(
+    ("pause", "nbytes", "generation", "error"),
+    [
+        (-0.1, 0, 0, ValueError),
+        (float("nan"), 0, 0, ValueError),
+        (float("inf"), 0, 0, ValueError),
+        (datetime.timedelta(seconds=-1), 0, 0, ValueError),
+        ("10ms", 0, 0, TypeError),
+        (0.01, -1, 0, ValueError),
+        (0.01, 1.5, 0, TypeError),
+        (0.01, 0, 3, ValueError),
+        (0.01, 0, -1, ValueError),
+        (0.01, 0, "0", TypeError),
+        (0.01, 0, True, TypeError),
+    ],
+)
+def test_bad_manual_records_are_rejected_and_change_nothing(pause, nbytes, generation, error) -> None:
+    optimizer = GcOptimizer(adaptive=False)
+    optimizer.record_collection(0.001, 10, 1)
+    with pytest.raises(error):
+        optimizer.record_collection(pause, nbytes, generation)
+    _, events = optimizer.events_since(0)
+    assert len(events) == 1 and events[0].bytes_reclaimed == 10
+
+
+def test_events_since_rejects_non_int_cursor() -> None:
+    with pytest.raises(TypeError, match="cursor"):
+        GcOptimizer(adaptive=False).events_since("0")  # type: ignore[arg-type]
+
+
+def test_manual_records_from_many_threads_while_gc_runs(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False, event_capacity=100_000)
+    optimizer.start()
+    per_thread = 300
+
+    def work() -> None:
+        for i in range(per_thread):
+            optimizer.record_collection(0.0001, 1, i % 3)
+            make_cycles(5)
+            if i % 50 == 0:
+                gc.collect(0)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    _, events = optimizer.events_since(0)
+    manual = [e for e in events if e.manual]
+    assert len(manual) == 4 * per_thread
+    seqs = [e.seq for e in events]
+    assert len(set(seqs)) == len(seqs)
+    assert optimizer.analyze().bytes_reclaimed == 4 * per_thread
+    assert optimizer._recorder.callback_errors == 0
