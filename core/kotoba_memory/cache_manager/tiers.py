@@ -1,0 +1,328 @@
+"""A two-level cache: a fast in-memory tier over a larger, persistent disk tier, behind one API.
+
+Tiers are exclusive: a key lives in memory or on disk, never both, so ``len`` and ``bytes`` add up.
+Values heavier than ``spill_threshold_bytes`` go straight to disk; entries the memory tier evicts for
+size are written to disk with their remaining ttl (expired ones are not); a disk hit moves the entry back
+to memory (``promote_on_hit``) unless it is over the threshold. Large values are compressed by the disk
+tier when it was built with ``compression=``; the ratio shows in :meth:`TieredCache.stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from kotoba_memory.cache_manager.base import BaseCache
+from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheStats, LatencyWindow
+from kotoba_memory.cache_manager.manager import CacheManager
+from kotoba_memory.cache_manager.types import (
+    CachedValue,
+    CacheStats,
+    EvictionCause,
+    UnhashableKeyError,
+    check_ttl,
+)
+from kotoba_memory.cache_manager.weigher import Weigher, default_weigher
+
+__all__ = ["TieredCache", "TieredCacheStats"]
+
+log = logging.getLogger(__name__)
+
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TieredCacheStats(CacheStats):
+    """:class:`CacheStats` for the whole two-level cache, plus each tier's own stats.
+
+    ``hits``/``misses`` count lookups on the tiered cache (a disk hit is a hit); ``evictions`` counts
+    entries that left both tiers for size (memory evictions that were spilled to disk are not
+    evictions of the whole cache: they are ``spills``). ``compression_ratio`` is the disk tier's.
+    """
+
+    memory: CacheStats
+    disk: DiskCacheStats
+    memory_hits: int = 0
+    disk_hits: int = 0
+    promotions: int = 0
+    spills: int = 0
+    direct_to_disk: int = 0
+    spill_failures: int = 0
+    compression_ratio: float | None = None
+
+
+class TieredCache(BaseCache):
+    """One ``get``/``put`` API over ``memory`` (L1, a :class:`CacheManager`) and ``disk`` (L2).
+
+    Give the tiers to the TieredCache and use only it afterwards: it listens to the memory tier's
+    evictions to spill them. ``default_ttl`` defaults to the memory tier's. All operations are
+    thread-safe; memory hits take no lock of ours, everything that touches the disk runs under one lock
+    (SQLite serializes writers anyway), which keeps the two tiers consistent.
+    """
+
+    def __init__(
+        self,
+        memory: CacheManager,
+        disk: DiskCache,
+        *,
+        spill_threshold_bytes: int = 256 * 1024,
+        promote_on_hit: bool = True,
+        default_ttl: float | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(memory, BaseCache) or not hasattr(memory, "add_eviction_listener"):
+            raise TypeError(f"memory must be a CacheManager, got {type(memory).__name__}")
+        if not isinstance(disk, DiskCache):
+            raise TypeError(f"disk must be a DiskCache, got {type(disk).__name__}")
+        if isinstance(spill_threshold_bytes, bool) or not isinstance(spill_threshold_bytes, int):
+            raise TypeError(
+                f"spill_threshold_bytes must be an int, got {type(spill_threshold_bytes).__name__}"
+            )
+        if spill_threshold_bytes < 0:
+            raise ValueError(f"spill_threshold_bytes must be >= 0, got {spill_threshold_bytes}")
+        self.memory = memory
+        self.disk = disk
+        self.spill_threshold_bytes = spill_threshold_bytes
+        self.promote_on_hit = bool(promote_on_hit)
+        default = check_ttl(default_ttl, "default_ttl")
+        self.default_ttl = default if default is not None else getattr(memory, "default_ttl", None)
+        # The memory tier's own weigher, so "heavier than the threshold" means what its byte bound means.
+        self._weigh: Weigher = (
+            getattr(memory, "weigher", None) or getattr(memory, "_weigher", None) or default_weigher
+        )
+        self._lock = threading.RLock()
+        # Monotonic deadlines of memory entries that have a ttl: an eviction event carries no ttl, and a
+        # spilled entry must keep its remaining lifetime. Bounded by the memory tier's entry count.
+        self._deadlines: dict[Hashable, float] = {}
+        self._memory_hits = itertools.count()
+        self._disk_hits = self._misses = self._puts = self._deletes = self._rejections = 0
+        self._promotions = self._spills = self._direct = self._spill_failures = 0
+        self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
+        super().__init__(name or f"tiered:{memory.name}+{disk.name}")
+        memory.add_eviction_listener(self._on_memory_eviction)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _resolve_ttl(self, value: Any, ttl: float | None) -> float | None:
+        seconds = check_ttl(ttl)
+        if seconds is None and isinstance(value, CachedValue):
+            seconds = value.ttl
+        return self.default_ttl if seconds is None else seconds
+
+    def _remember_deadline(self, key: Hashable, seconds: float | None) -> None:
+        if seconds is None:
+            self._deadlines.pop(key, None)
+        else:
+            self._deadlines[key] = time.monotonic() + seconds
+
+    def _on_memory_eviction(self, key: Hashable, value: Any, cause: EvictionCause) -> None:
+        """Spill entries evicted for size to disk (the memory tier calls this outside its lock)."""
+        with self._lock:
+            deadline = self._deadlines.pop(key, None)
+            if cause is not EvictionCause.SIZE:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                stored = self.disk.put(key, value, remaining)
+            except Exception as exc:  # e.g. an unpicklable value: it is lost from the cache, not the app
+                self._spill_failures += 1
+                log.warning("%s: could not spill %r to disk: %s", self.name, key, exc)
+                return
+            if stored:
+                self._spills += 1
+            else:
+                self._spill_failures += 1
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """The value from memory, else from disk (moved to memory when ``promote_on_hit``)."""
+        started = time.perf_counter_ns()
+        value = self.memory.get(key, _MISSING)
+        if value is not _MISSING:
+            next(self._memory_hits)
+            self._hit_ns.add(started)
+            return value
+        return self._slow_get(key, default, started)
+
+    def _slow_get(self, key: Hashable, default: Any, started: int) -> Any:
+        with self._lock:
+            if key in self.memory:  # promoted by another thread since our miss
+                value = self.memory.get(key, _MISSING)
+                if value is not _MISSING:
+                    next(self._memory_hits)
+                    self._hit_ns.add(started)
+                    return value
+            hit = self.disk.lookup(key, remove=self.promote_on_hit)
+            if hit is None:
+                self._misses += 1
+                self._miss_ns.add(started)
+                return default
+            self._disk_hits += 1
+            if self.promote_on_hit:
+                self._promote(key, hit.value, hit.ttl_remaining)
+            self._hit_ns.add(started)
+            return hit.value
+
+    def _promote(self, key: Hashable, value: Any, ttl: float | None) -> None:
+        """Move a value taken off the disk into memory, or put it back if memory will not keep it."""
+        if self._weigh(value) <= self.spill_threshold_bytes and self.memory.put(key, value, ttl):
+            self._remember_deadline(key, ttl)
+            self._promotions += 1
+        elif key not in self.disk and key not in self.memory:
+            # Too heavy, or refused by the memory tier's admission policy without being spilled.
+            self.disk.put(key, value, ttl)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.memory or key in self.disk
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.memory) + len(self.disk)
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def put(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        """Store ``value``: in memory, or on disk when heavier than ``spill_threshold_bytes``.
+
+        Returns False when neither tier keeps it. Bad input (unhashable key, bad ttl, a heavy value
+        that does not pickle) raises before anything stored is touched.
+        """
+        try:
+            hash(key)
+        except TypeError:
+            raise UnhashableKeyError(key) from None
+        seconds = self._resolve_ttl(value, ttl)
+        weight = self._weigh(value)
+        with self._lock:
+            self._puts += 1
+            if weight > self.spill_threshold_bytes:
+                return self._put_on_disk(key, value, seconds)
+            kept = self.memory.put(key, value, seconds)
+            if kept:
+                self._remember_deadline(key, seconds)
+                self.disk.delete(key)  # the tiers are exclusive: drop an older copy on disk
+                return True
+            self._deadlines.pop(key, None)
+            if key in self.disk:  # refused by admission, then spilled by our eviction listener
+                return True
+            return self._put_on_disk(key, value, seconds)
+
+    def _put_on_disk(self, key: Hashable, value: Any, seconds: float | None) -> bool:
+        stored = self.disk.put(key, value, seconds)  # raises TypeError (unpicklable) before any change
+        self._direct += 1
+        if self.memory.delete(key):
+            self._deadlines.pop(key, None)
+        if not stored:
+            self._rejections += 1
+        return stored
+
+    def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
+        """Store only if ``key`` is in neither tier (atomic within this process)."""
+        with self._lock:
+            if key in self:
+                return False
+            return self.put(key, value, ttl)
+
+    def touch(self, key: Hashable, ttl: float | None = None) -> bool:
+        """Give the live entry a new ttl in whichever tier holds it (None: the default ttl)."""
+        seconds = check_ttl(ttl)
+        if seconds is None:
+            seconds = self.default_ttl
+        with self._lock:
+            if self.memory.touch(key, seconds):
+                self._remember_deadline(key, seconds)
+                return True
+            return self.disk.touch(key, seconds)
+
+    def delete(self, key: Hashable) -> bool:
+        """Remove ``key`` from both tiers; True if either held it."""
+        with self._lock:
+            in_memory = self.memory.delete(key)
+            self._deadlines.pop(key, None)
+            on_disk = self.disk.delete(key)
+            if in_memory or on_disk:
+                self._deletes += 1
+                return True
+            return False
+
+    def clear(self) -> None:
+        """Empty both tiers."""
+        with self._lock:
+            self.memory.clear()
+            self._deadlines.clear()
+            self.disk.clear()
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> TieredCacheStats:
+        """Whole-cache counters plus ``memory`` and ``disk`` stats and the disk compression ratio."""
+        memory = self.memory.stats()
+        disk = self.disk.stats()
+        with self._lock:
+            memory_hits = int(repr(self._memory_hits)[6:-1])  # itertools.count: GIL-atomic counter
+            hits = memory_hits + self._disk_hits
+            lookups = hits + self._misses
+            bounds = [b for b in (memory.max_bytes, disk.max_bytes) if b is not None]
+            return TieredCacheStats(
+                hits=hits,
+                misses=self._misses,
+                hit_rate=hits / lookups if lookups else 0.0,
+                evictions=disk.evictions + self._spill_failures,
+                expirations=memory.expirations + disk.expirations,
+                rejections=self._rejections,
+                puts=self._puts,
+                deletes=self._deletes,
+                bytes=memory.bytes + disk.bytes,
+                entries=memory.entries + disk.entries,
+                max_bytes=sum(bounds) if bounds else None,
+                max_entries=None,
+                metadata_bytes=memory.metadata_bytes + sys.getsizeof(self._deadlines),
+                hit_latency_ns=self._hit_ns.median(),
+                miss_latency_ns=self._miss_ns.median(),
+                name=self.name,
+                policy=f"{memory.policy}+{disk.policy}",
+                memory=memory,
+                disk=disk,
+                memory_hits=memory_hits,
+                disk_hits=self._disk_hits,
+                promotions=self._promotions,
+                spills=self._spills,
+                direct_to_disk=self._direct,
+                spill_failures=self._spill_failures,
+                compression_ratio=disk.compression_ratio,
+            )
+
+    def close(self) -> None:
+        """Stop listening to the memory tier and close the disk tier."""
+        try:
+            self.memory.remove_eviction_listener(self._on_memory_eviction)
+        except ValueError:
+            pass
+        self.disk.close()
+
+    # -- async: a memory hit answers inline, anything that may touch the disk runs in a thread ------
+
+    async def aget(self, key: Hashable, default: Any = None) -> Any:
+        started = time.perf_counter_ns()
+        value = self.memory.get(key, _MISSING)
+        if value is not _MISSING:
+            next(self._memory_hits)
+            self._hit_ns.add(started)
+            return value
+        return await asyncio.to_thread(self._slow_get, key, default, started)
+
+    def __repr__(self) -> str:
+        return (
+            f"TieredCache(memory={self.memory!r}, disk={self.disk!r}, "
+            f"spill_threshold_bytes={self.spill_threshold_bytes})"
+        )

@@ -1,0 +1,299 @@
+"""TieredCache: memory over disk, spills with remaining ttl, promotion, consistency, stats and threads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kotoba_memory.cache_manager.disk import DiskCache
+from kotoba_memory.cache_manager.manager import CacheManager
+from kotoba_memory.cache_manager.tiers import TieredCache, TieredCacheStats
+from kotoba_memory.cache_manager.types import CachedValue
+
+
+def _doc(i: int, size: int = 400) -> str:
+    """A JSON document of about ``size`` characters that names its key (self-checking values)."""
+    body = json.dumps({"id": i, "items": [f"item-{i}-{j}" for j in range(size // 14)]})
+    return body[:size] if len(body) > size else body
+
+
+def _tiered(
+    tmp_path: Path, *, memory_bytes: int = 6000, threshold: int = 2000, **kwargs: object
+) -> TieredCache:
+    memory = CacheManager(max_bytes=memory_bytes, policy="lru")
+    disk = DiskCache(tmp_path / "l2.sqlite3", 1 << 22, compression="zstd", compress_min_bytes=256)
+    return TieredCache(memory, disk, spill_threshold_bytes=threshold, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def tiered(tmp_path: Path) -> Iterator[TieredCache]:
+    cache = _tiered(tmp_path)
+    yield cache
+    cache.close()
+
+
+def _where(cache: TieredCache, key: object) -> str:
+    in_memory, on_disk = key in cache.memory, key in cache.disk
+    assert not (in_memory and on_disk), f"{key!r} is in both tiers"
+    return "memory" if in_memory else "disk" if on_disk else "none"
+
+
+def test_small_values_in_memory_large_ones_straight_to_disk(tiered: TieredCache) -> None:
+    assert tiered.put("small", "s" * 100)
+    assert tiered.put("large", "L" * 5000)
+    assert _where(tiered, "small") == "memory"
+    assert _where(tiered, "large") == "disk"
+    assert tiered.get("large") == "L" * 5000
+    assert _where(tiered, "large") == "disk"  # over the threshold: never promoted
+    stats = tiered.stats()
+    assert stats.direct_to_disk == 1 and stats.promotions == 0
+
+
+def test_memory_evictions_spill_to_disk_and_hits_promote(tiered: TieredCache) -> None:
+    for i in range(40):
+        assert tiered.put(i, _doc(i))
+    assert len(tiered.memory) < 40
+    assert len(tiered) == 40
+    assert all(tiered.get(i) == _doc(i) for i in range(40))  # nothing lost: every value from a tier
+    stats = tiered.stats()
+    assert stats.spills > 0 and stats.promotions > 0 and stats.disk_hits > 0
+    assert stats.hits == 40 and stats.misses == 0
+    assert stats.memory_hits + stats.disk_hits == 40
+    for i in range(40):
+        _where(tiered, i)
+    # The last key read came from disk and now lives in memory only.
+    assert _where(tiered, 39) == "memory"
+
+
+def test_promote_on_hit_false_reads_in_place(tmp_path: Path) -> None:
+    cache = _tiered(tmp_path, promote_on_hit=False)
+    for i in range(40):
+        cache.put(i, _doc(i))
+    spilled = [i for i in range(40) if _where(cache, i) == "disk"]
+    assert spilled
+    assert cache.get(spilled[0]) == _doc(spilled[0])
+    assert _where(cache, spilled[0]) == "disk"
+    assert cache.stats().promotions == 0
+    cache.close()
+
+
+def test_spill_keeps_the_remaining_ttl_and_drops_expired(tiered: TieredCache) -> None:
+    tiered.put("long", _doc(1), ttl=100)
+    tiered.put("short", _doc(2), ttl=0.05)
+    tiered.put("forever", _doc(3))
+    time.sleep(0.1)
+    for i in range(40):  # push the three out of memory
+        tiered.put(f"filler{i}", _doc(i))
+    assert _where(tiered, "long") == "disk"
+    assert _where(tiered, "forever") == "disk"
+    assert _where(tiered, "short") == "none"
+    assert 95 < (tiered.disk.ttl("long") or 0) <= 100
+    assert tiered.disk.ttl("forever") is None
+    assert tiered.get("long") == _doc(1)  # promoted with what is left of its ttl
+    assert 95 < (tiered.memory.ttl_remaining("long") or 0) <= 100
+
+
+def test_disk_entries_expire_and_cached_value_ttl_is_kept(tiered: TieredCache) -> None:
+    tiered.put("big", "B" * 5000, ttl=0.05)
+    tiered.put("cv", CachedValue("payload", ttl=0.05))
+    time.sleep(0.1)
+    assert tiered.get("big", "gone") == "gone"
+    assert tiered.get("cv", "gone") == "gone"
+    assert "big" not in tiered
+
+
+def test_default_ttl_comes_from_the_memory_tier(tmp_path: Path) -> None:
+    memory = CacheManager(max_bytes=4000, policy="lru", default_ttl=50)
+    with DiskCache(tmp_path, 1 << 20) as disk:
+        cache = TieredCache(memory, disk, spill_threshold_bytes=1000)
+        assert cache.default_ttl == 50
+        cache.put("big", "x" * 3000)
+        assert 45 < (disk.ttl("big") or 0) <= 50
+
+
+def test_overwrite_moves_between_tiers_without_leaving_a_copy(tiered: TieredCache) -> None:
+    tiered.put("k", "x" * 5000)
+    assert _where(tiered, "k") == "disk"
+    tiered.put("k", "small")
+    assert _where(tiered, "k") == "memory"
+    assert tiered.get("k") == "small"
+    tiered.put("k", "y" * 5000)
+    assert _where(tiered, "k") == "disk"
+    assert tiered.get("k") == "y" * 5000
+    assert len(tiered) == 1
+
+
+def test_delete_clear_contains_len_add_touch(tiered: TieredCache) -> None:
+    tiered.put("m", "in memory")
+    tiered.put("d", "D" * 5000)
+    assert "m" in tiered and "d" in tiered and "x" not in tiered
+    assert len(tiered) == 2
+    assert tiered.add("m", "other") is False
+    assert tiered.add("d", "other") is False
+    assert tiered.add("new", "n") is True
+    assert tiered.touch("m", 0.05) and tiered.touch("d", 0.05)
+    assert not tiered.touch("absent", 1)
+    time.sleep(0.1)
+    assert "m" not in tiered and "d" not in tiered
+    assert tiered.delete("new") is True
+    assert tiered.delete("new") is False
+    tiered.put("a", 1)
+    tiered.put("b", "b" * 5000)
+    tiered.clear()
+    assert len(tiered) == 0 and len(tiered.memory) == 0 and len(tiered.disk) == 0
+
+
+def test_bad_input_raises_and_keeps_what_was_stored(tiered: TieredCache) -> None:
+    tiered.put("k", "kept")
+    tiered.put("big", "B" * 5000)
+    with pytest.raises(TypeError, match="hashable"):
+        tiered.put({"a": 1}, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ttl"):
+        tiered.put("k", "v", ttl=-5)
+    unpicklable_heavy = [threading.Lock() for _ in range(40)]
+    with pytest.raises(TypeError, match="pickl"):
+        tiered.put("big", unpicklable_heavy)
+    assert tiered.get("k") == "kept"
+    assert tiered.get("big") == "B" * 5000
+    with pytest.raises(TypeError, match="DiskCache"):
+        TieredCache(tiered.memory, tiered.memory)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="spill_threshold_bytes"):
+        TieredCache(tiered.memory, tiered.disk, spill_threshold_bytes=-1)
+
+
+def test_unpicklable_small_value_lives_in_memory_and_is_dropped_on_spill(tiered: TieredCache) -> None:
+    lock = threading.Lock()
+    assert tiered.put("lock", lock)
+    assert tiered.get("lock") is lock
+    for i in range(40):
+        tiered.put(i, _doc(i))
+    assert "lock" not in tiered
+    stats = tiered.stats()
+    assert stats.spill_failures == 1
+    assert stats.evictions >= 1
+
+
+def test_admission_refusals_are_not_lost(tmp_path: Path) -> None:
+    memory = CacheManager(max_bytes=8000, policy="adaptive")
+    with DiskCache(tmp_path, 1 << 22) as disk:
+        cache = TieredCache(memory, disk, spill_threshold_bytes=4000)
+        rng = random.Random(3)
+        keys = [rng.randrange(120) for _ in range(600)]
+        for key in keys:
+            if cache.get(key) is None:
+                assert cache.put(key, _doc(key, 300))
+        assert all(cache.get(k) == _doc(k, 300) for k in set(keys))
+        for key in set(keys):
+            _where(cache, key)
+        assert len(cache) == len(set(keys))
+
+
+def test_stats_follow_the_contract(tiered: TieredCache) -> None:
+    for i in range(30):
+        tiered.put(i, _doc(i, 1500))
+    tiered.get(0)
+    tiered.get("absent")
+    stats = tiered.stats()
+    assert isinstance(stats, TieredCacheStats)
+    assert stats.hits == 1 and stats.misses == 1 and stats.hit_rate == 0.5
+    assert stats.entries == stats.memory.entries + stats.disk.entries == 30
+    assert stats.bytes == stats.memory.bytes + stats.disk.bytes
+    assert stats.max_bytes == 6000 + (1 << 22)
+    assert stats.compression_ratio is not None and stats.compression_ratio > 1.5
+    assert stats.disk.compression is not None and stats.disk.compression.values_compressed > 0
+    assert stats.hit_latency_ns > 0 and stats.miss_latency_ns > 0
+    assert stats.to_dict()["memory"]["entries"] == stats.memory.entries
+
+
+def test_disk_tier_survives_restart(tmp_path: Path) -> None:
+    first = _tiered(tmp_path)
+    for i in range(40):
+        first.put(i, _doc(i))
+    on_disk = [i for i in range(40) if _where(first, i) == "disk"]
+    first.close()
+    second = _tiered(tmp_path)
+    assert on_disk
+    assert all(second.get(i) == _doc(i) for i in on_disk)
+    second.close()
+
+
+def test_threads_keep_the_tiers_consistent(tmp_path: Path) -> None:
+    cache = _tiered(tmp_path, memory_bytes=20_000, threshold=3000)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(200):
+                key = rng.randrange(80)
+                roll = rng.random()
+                if roll < 0.45:
+                    size = 5000 if rng.random() < 0.1 else rng.randint(100, 1200)
+                    cache.put(key, (key, size, "p" * size))
+                elif roll < 0.9:
+                    got = cache.get(key)
+                    assert got is None or (got[0] == key and len(got[2]) == got[1])
+                else:
+                    cache.delete(key)
+        except BaseException as exc:  # pragma: no cover - only on failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    for key in range(80):
+        _where(cache, key)
+    stats = cache.stats()
+    assert stats.memory.bytes <= 20_000
+    assert stats.entries == len(cache)
+    cache.close()
+
+
+def test_get_or_set_runs_the_factory_once(tiered: TieredCache) -> None:
+    calls: list[int] = []
+    barrier = threading.Barrier(4)
+    results: list[object] = []
+
+    def factory() -> str:
+        calls.append(1)
+        time.sleep(0.05)
+        return "v" * 5000  # goes to disk
+
+    def worker() -> None:
+        barrier.wait(timeout=10)
+        results.append(tiered.get_or_set("k", factory))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == ["v" * 5000] * 4 and len(calls) == 1
+
+
+def test_async_twins(tiered: TieredCache) -> None:
+    async def main() -> list[object]:
+        assert await tiered.aput("m", "small")
+        assert await tiered.aput("d", "D" * 5000)
+        out: list[object] = [await tiered.aget("m"), len(await tiered.aget("d")), await tiered.aget("x", 0)]
+        await tiered.aput_many({"a": 1, "b": 2})
+        out.append(await tiered.aget_many(["a", "b", "zz"]))
+        assert await tiered.aadd("a", 5) is False
+        assert await tiered.atouch("d", 30)
+        assert await tiered.adelete("d")
+        out.append(await tiered.aget_or_set("made", lambda: "yes"))
+        await tiered.aclear()
+        out.append(len(tiered))
+        return out
+
+    assert asyncio.run(main()) == ["small", 5000, 0, {"a": 1, "b": 2}, "yes", 0]
