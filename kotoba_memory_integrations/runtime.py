@@ -66,26 +66,9 @@ def stop_optimizer() -> Any:
 
 
 def current_report() -> Any:
-    """A ``MemoryReport`` of the running optimizer without ending the process's monitoring.
-
-    Uses the optimizer's ``report()`` when it has one; otherwise stops it for its report and starts a
-    fresh optimizer with the same config (so history restarts from then). None if none is running.
-    """
-    global _optimizer, _pid
-    with _lock:
-        optimizer = _optimizer if _pid == os.getpid() else None
-        if optimizer is None:
-            return None
-        snapshot = getattr(optimizer, "report", None)
-        if callable(snapshot):
-            return snapshot()
-        report = optimizer.stop()
-        from kotoba_memory.optimizer import MemoryOptimizer
-
-        fresh = MemoryOptimizer(_config)
-        fresh.start()
-        _optimizer = fresh
-        return report
+    """A ``MemoryReport`` of the running optimizer so far, without stopping it (None if none runs)."""
+    optimizer = get_optimizer()
+    return optimizer.report() if optimizer is not None else None
 
 
 def _stop_at_exit() -> None:

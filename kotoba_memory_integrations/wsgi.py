@@ -42,6 +42,9 @@ class _MeasuredBody:
         self._iterator: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        if type(self._result) in (list, tuple):
+            # Iterating a list cannot fail: skip the per-chunk Python frame (the common, fast case).
+            return iter(self._result)
         return self
 
     def __next__(self) -> bytes:

@@ -92,8 +92,8 @@ def test_request_histograms_carry_route_method_status(reader: InMemoryMetricRead
     assert point.count == 2
     assert point.sum >= 24 << 20
     assert "kotoba_memory.http.server.request.traced_allocations" not in found  # tracemalloc is off
-    pause = found["kotoba_memory.http.server.request.gc_pause"]
-    assert points(pause)[0].count == 2
+    # No GC optimizer is active here, so no request saw a pause and none is recorded.
+    assert "kotoba_memory.http.server.request.gc_pause" not in found
     keep.clear()
 
 
