@@ -1,0 +1,168 @@
+"""A cachelib ``BaseCache`` backed by a kotoba-memory cache: byte-bounded, policy-driven, with stats.
+
+Behaves as ``cachelib.SimpleCache`` does (values pickled through ``serializer``, ``timeout=None`` means
+the default, ``0`` means never expire, ``threshold`` bounds the number of entries), plus ``max_bytes``,
+an eviction ``policy`` and ``stats()``. Pass ``cache=`` to put the entries in a cache you built yourself
+(a tiered or shared one), e.g. to share one store between several cachelib/Flask-Caching instances.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from cachelib.base import BaseCache
+from cachelib.serializers import SimpleSerializer
+
+if TYPE_CHECKING:
+    from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
+    from kotoba_memory.cache_manager import CachePolicy, CacheStats
+
+__all__ = ["KotobaCache"]
+
+_MISSING: Any = object()
+Timeout = int | dt.timedelta | None
+
+# One lock per store, so inc/dec stay atomic when several instances share a store.
+_store_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_store_locks_guard = threading.Lock()
+
+
+def _lock_for(store: Any) -> threading.Lock:
+    with _store_locks_guard:
+        lock = _store_locks.get(store)
+        if lock is None:
+            lock = _store_locks[store] = threading.Lock()
+        return lock
+
+
+class KotobaCache(BaseCache):
+    """cachelib cache storing pickled values in a kotoba-memory ``CacheManager`` (thread-safe).
+
+    :param threshold: the most entries kept (0 means 500, as in ``SimpleCache``).
+    :param default_timeout: seconds (or a timedelta) used when ``set`` gets ``timeout=None``; 0 = never.
+    :param max_bytes: optional bound on the pickled bytes held.
+    :param policy: which entries leave first when full: ``"lru"``, ``"lfu"``, ``"fifo"``, ``"adaptive"``.
+    :param key_prefix: prepended to every key (useful when several caches share one ``cache``).
+    :param cache: an existing kotoba-memory cache to store into instead of building a ``CacheManager``.
+    """
+
+    serializer = SimpleSerializer()
+
+    def __init__(
+        self,
+        threshold: int = 500,
+        default_timeout: int | dt.timedelta = 300,
+        ignore_delete_many_errors: bool = True,
+        *,
+        max_bytes: int | None = None,
+        policy: CachePolicy | str = "lru",
+        key_prefix: str | None = None,
+        cache: KotobaBaseCache | None = None,
+        name: str | None = None,
+    ) -> None:
+        BaseCache.__init__(self, default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
+        if key_prefix is not None and not isinstance(key_prefix, str):
+            raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
+        self.key_prefix = key_prefix or ""
+        if cache is None:
+            from kotoba_memory.cache_manager import CacheManager
+
+            if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+                raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+            self._threshold = threshold or 500
+            cache = CacheManager(max_bytes, policy, max_entries=self._threshold, default_ttl=None, name=name)
+        else:
+            self._threshold = threshold or 500
+        self._store = cache
+        # Serialises the read-modify-write of inc/dec (the store itself is thread-safe).
+        self._lock = _lock_for(cache)
+
+    @property
+    def store(self) -> KotobaBaseCache:
+        """The kotoba-memory cache holding the pickled entries."""
+        return self._store
+
+    def stats(self) -> CacheStats:
+        """Hit/miss/eviction counters and occupancy of the underlying store."""
+        return self._store.stats()
+
+    def _key(self, key: str) -> str:
+        if not isinstance(key, str):
+            raise TypeError(f"cache keys must be str, got {type(key).__name__}")
+        return self.key_prefix + key
+
+    def _ttl(self, timeout: Timeout) -> float | None:
+        """Seconds to live for the store: None = never expire, <= 0 = already expired."""
+        seconds = self._normalize_timeout(timeout)
+        if seconds == 0:
+            return None
+        return float(seconds) if seconds > 0 else 0.0
+
+    def get(self, key: str) -> Any:
+        """The value under ``key``, or None when missing, expired or unreadable."""
+        payload = self._store.get(self._key(key))
+        if payload is None:
+            return None
+        return self.serializer.loads(payload)
+
+    def get_many(self, *keys: str) -> list[Any]:
+        """The values of ``keys`` in order, None for each miss."""
+        return [self.get(key) for key in keys]
+
+    def _write(self, key: str, value: Any, timeout: Timeout, *, only_if_absent: bool) -> bool:
+        store_key = self._key(key)
+        ttl = self._ttl(timeout)
+        payload = self.serializer.dumps(value)
+        if payload is None:  # the serializer logged the pickling error; the old entry stays
+            return False
+        if ttl == 0.0:  # a negative timeout: the entry is born expired
+            if only_if_absent:
+                return store_key not in self._store
+            self._store.delete(store_key)
+            return True
+        if only_if_absent:
+            return bool(self._store.add(store_key, payload, ttl))
+        if self._store.put(store_key, payload, ttl):
+            return True
+        # Rejected (e.g. larger than the whole cache): never serve the older value for this key.
+        self._store.delete(store_key)
+        return False
+
+    def set(self, key: str, value: Any, timeout: Timeout = None) -> bool:
+        """Store ``value``; False when it could not be kept (unpicklable, or larger than the cache)."""
+        return self._write(key, value, timeout, only_if_absent=False)
+
+    def add(self, key: str, value: Any, timeout: Timeout = None) -> bool:
+        """Store ``value`` only if ``key`` holds no live entry (atomic); True if stored."""
+        return self._write(key, value, timeout, only_if_absent=True)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it was there."""
+        return bool(self._store.delete(self._key(key)))
+
+    def has(self, key: str) -> bool:
+        """True if ``key`` holds a live entry (without unpickling it)."""
+        return self._key(key) in self._store
+
+    def clear(self) -> bool:
+        """Remove every entry of the store (shared stores included)."""
+        self._store.clear()
+        return True
+
+    def inc(self, key: str, delta: int = 1) -> int | None:
+        """Atomically add ``delta`` (a missing key counts as 0); the new value, or None on failure."""
+        with self._lock:
+            value = (self.get(key) or 0) + delta
+            return value if self.set(key, value) else None
+
+    def dec(self, key: str, delta: int = 1) -> int | None:
+        """Atomically subtract ``delta`` (a missing key counts as 0); the new value, or None on failure."""
+        with self._lock:
+            value = (self.get(key) or 0) - delta
+            return value if self.set(key, value) else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(store={getattr(self._store, 'name', self._store)!r})"

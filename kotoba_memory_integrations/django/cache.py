@@ -1,0 +1,342 @@
+"""Django cache backend on kotoba-memory: ``BACKEND = "kotoba_memory_integrations.django.KotobaCache"``.
+
+It behaves as Django's ``LocMemCache`` (same keys, versions, timeouts, culling, warnings, pickled values
+isolated from later mutation, aliases with one ``LOCATION`` sharing data) and adds, from ``OPTIONS``: an
+eviction ``POLICY``, a byte bound ``MAX_BYTES``, and ``stats()``. Key prefixes, versions, key functions,
+key validation and ``incr_version`` come from Django's own ``BaseCache``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pickle
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+
+from kotoba_memory.cache_manager import CacheManager, CachePolicy
+from kotoba_memory.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
+    from kotoba_memory.cache_manager import CacheStats
+
+__all__ = ["KotobaCache", "forget_location"]
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+_MISSING: Any = object()
+_EXPIRED: Any = object()  # a timeout <= 0: Django stores nothing (and drops the old value)
+
+# OPTIONS read by Django's BaseCache itself, and the ones this backend adds.
+_DJANGO_OPTIONS = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
+_STORE_OPTIONS = frozenset({"MAX_BYTES", "POLICY", "NAME"})
+
+
+@dataclass(frozen=True)
+class _StoreConfig:
+    max_bytes: int
+    policy: CachePolicy
+    name: str
+
+
+@dataclass(frozen=True)
+class _Store:
+    """The data of one LOCATION, shared by every alias and thread that names it."""
+
+    cache: CacheManager
+    lock: threading.Lock  # makes add/incr/touch/set+cull atomic across aliases, as locmem's lock does
+    config: _StoreConfig
+
+
+_stores: dict[str, _Store] = {}
+_stores_lock = threading.Lock()
+
+
+def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:
+    unknown = sorted(set(options) - _DJANGO_OPTIONS - _STORE_OPTIONS)
+    if unknown:
+        known = ", ".join(sorted(_DJANGO_OPTIONS | _STORE_OPTIONS))
+        raise ConfigError(unknown[0], f"unknown KotobaCache OPTIONS key (known: {known})")
+    max_bytes = options.get("MAX_BYTES", DEFAULT_MAX_BYTES)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ConfigError("MAX_BYTES", f"must be a positive int (bytes), got {max_bytes!r}")
+    try:
+        policy = CachePolicy.coerce(options.get("POLICY", CachePolicy.LRU))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("POLICY", str(exc)) from exc
+    name = options.get("NAME", f"django:{location}" if location else "django")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("NAME", f"must be a non-empty str, got {name!r}")
+    return _StoreConfig(max_bytes=max_bytes, policy=policy, name=name)
+
+
+def _store_for(location: str, options: Mapping[str, Any]) -> _Store:
+    config = _parse_options(location, options)
+    with _stores_lock:
+        store = _stores.get(location)
+        if store is None:
+            cache = CacheManager(config.max_bytes, config.policy, default_ttl=None, name=config.name)
+            store = _stores[location] = _Store(cache, threading.Lock(), config)
+        elif store.config != config:
+            raise ConfigError(
+                "OPTIONS",
+                f"LOCATION {location!r} is already in use with {store.config}; aliases sharing a LOCATION "
+                "share one store and must agree on MAX_BYTES/POLICY/NAME",
+            )
+        return store
+
+
+def forget_location(location: str) -> bool:
+    """Drop the store behind ``location`` (its data goes with it); True if there was one."""
+    with _stores_lock:
+        store = _stores.pop(location, None)
+    if store is None:
+        return False
+    store.cache.clear()
+    return True
+
+
+class KotobaCache(BaseCache):
+    """Thread-safe in-memory Django cache on a kotoba-memory ``CacheManager`` (one per ``LOCATION``)."""
+
+    pickle_protocol = pickle.HIGHEST_PROTOCOL
+
+    def __init__(self, location: str, params: dict[str, Any]) -> None:
+        super().__init__(params)
+        if not isinstance(location, str):
+            raise ConfigError("LOCATION", f"must be a str, got {type(location).__name__}")
+        self._location = location
+        self._shared = _store_for(location, params.get("OPTIONS") or {})
+        self._cache = self._shared.cache
+        self._lock = self._shared.lock
+
+    # -- kotoba-memory extras ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> KotobaBaseCache:
+        """The kotoba-memory cache holding this LOCATION's pickled entries."""
+        return self._cache
+
+    def stats(self) -> CacheStats:
+        """Hits, misses, evictions, bytes and entries of this LOCATION's store."""
+        return self._cache.stats()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _ttl(self, timeout: Any) -> Any:
+        """Django's timeout as the store's ttl: None (forever), seconds > 0, or ``_EXPIRED``."""
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return None
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if math.isnan(timeout):
+            raise ValueError("timeout must be a number of seconds or None, got nan")
+        if timeout <= 0:
+            return _EXPIRED
+        return None if math.isinf(timeout) else float(timeout)
+
+    def _dumps(self, value: Any) -> bytes:
+        return pickle.dumps(value, self.pickle_protocol)
+
+    def _put_culling(self, key: str, payload: bytes, ttl: float | None) -> bool:
+        """Put, culling first as locmem does: at MAX_ENTRIES drop 1/CULL_FREQUENCY of the entries (0: all).
+
+        The victims are chosen by the store's own policy: for the duration of this one put (under the
+        LOCATION lock, which every writer of the store holds) the store's entry bound is lowered so that
+        its eviction removes exactly the culled count, in policy order, and the new entry stays.
+        """
+        cache = self._cache
+        size = len(cache)
+        if size < self._max_entries:
+            return bool(cache.put(key, payload, ttl))
+        if self._cull_frequency == 0:
+            cache.clear()
+            return bool(cache.put(key, payload, ttl))
+        count = size // self._cull_frequency
+        if count <= 0:
+            return bool(cache.put(key, payload, ttl))
+        # An overwrite does not grow the store, so the bound leaves room for a new key only.
+        room = 0 if key in cache else 1
+        saved = cache.max_entries
+        cache.max_entries = max(1, size - count + room)
+        try:
+            return bool(cache.put(key, payload, ttl))
+        finally:
+            cache.max_entries = saved
+
+    def _set_locked(self, key: str, payload: bytes, ttl: Any) -> bool:
+        """Store (caller holds the lock); False when the entry cannot be kept."""
+        if ttl is _EXPIRED:
+            self._cache.delete(key)
+            return True
+        if self._put_culling(key, payload, ttl):
+            return True
+        # Rejected (larger than the whole store): never serve the older value for this key.
+        self._cache.delete(key)
+        return False
+
+    # -- Django's cache API ----------------------------------------------------------------------------
+
+    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        ttl = self._ttl(timeout)
+        payload = self._dumps(value)  # outside the lock: pickling runs arbitrary code
+        with self._lock:
+            if key in self._cache:
+                return False
+            self._set_locked(key, payload, ttl)
+            return True
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        key = self.make_and_validate_key(key, version=version)
+        payload = self._cache.get(key, _MISSING)
+        if payload is _MISSING:
+            return default
+        return pickle.loads(payload)
+
+    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
+        key = self.make_and_validate_key(key, version=version)
+        ttl = self._ttl(timeout)
+        payload = self._dumps(value)
+        with self._lock:
+            self._set_locked(key, payload, ttl)
+
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        ttl = self._ttl(timeout)
+        with self._lock:
+            if key not in self._cache:
+                return False
+            if ttl is _EXPIRED:
+                self._cache.delete(key)
+                return True
+            return bool(self._cache.touch(key, ttl))
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        key = self.make_and_validate_key(key, version=version)
+        with self._lock:
+            payload = self._cache.get(key, _MISSING)
+            if payload is _MISSING:
+                raise ValueError(f"Key '{key}' not found")
+            new_value = pickle.loads(payload) + delta
+            # Like memcached and locmem, incr keeps the entry's expiry.
+            try:
+                remaining = self._cache.ttl_remaining(key)
+            except KeyError:  # expired between the read and now
+                raise ValueError(f"Key '{key}' not found") from None
+            # No culling here: locmem's incr replaces the value in place.
+            if not self._cache.put(key, self._dumps(new_value), remaining):
+                self._cache.delete(key)
+        return new_value
+
+    def has_key(self, key: Any, version: int | None = None) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        return key in self._cache
+
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        with self._lock:
+            return bool(self._cache.delete(key))
+
+    def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
+        made = {self.make_and_validate_key(key, version=version): key for key in keys}
+        found = self._cache.get_many(made)
+        return {made[key]: pickle.loads(found[key]) for key in made if key in found}
+
+    def set_many(
+        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> list[Any]:
+        ttl = self._ttl(timeout)
+        prepared = [
+            (original, self.make_and_validate_key(original, version=version), self._dumps(value))
+            for original, value in data.items()
+        ]
+        failed: list[Any] = []
+        with self._lock:
+            for original, key, payload in prepared:
+                if not self._set_locked(key, payload, ttl):
+                    failed.append(original)
+        return failed
+
+    def delete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        made = [self.make_and_validate_key(key, version=version) for key in keys]
+        with self._lock:
+            for key in made:
+                self._cache.delete(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # -- async twins: the store is in memory and fast, so they run inline (no thread hop) ---------------
+
+    async def aadd(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> bool:
+        return self.add(key, value, timeout, version)
+
+    async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        return self.get(key, default, version)
+
+    async def aset(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> None:
+        self.set(key, value, timeout, version)
+
+    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
+        return self.touch(key, timeout, version)
+
+    async def adelete(self, key: Any, version: int | None = None) -> bool:
+        return self.delete(key, version)
+
+    async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
+        return self.get_many(keys, version)
+
+    async def aget_or_set(
+        self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> Any:
+        value = self.get(key, _MISSING, version=version)
+        if value is not _MISSING:
+            return value
+        if callable(default):
+            default = default()
+            if asyncio.iscoroutine(default):
+                default = await default
+        self.add(key, default, timeout=timeout, version=version)
+        # Read again: another caller may have added a value between our get() and add().
+        return self.get(key, default, version=version)
+
+    async def ahas_key(self, key: Any, version: int | None = None) -> bool:
+        return self.has_key(key, version)
+
+    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        return self.incr(key, delta, version)
+
+    async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        return self.decr(key, delta, version)
+
+    async def aset_many(
+        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
+    ) -> list[Any]:
+        return self.set_many(data, timeout, version)
+
+    async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
+        self.delete_many(keys, version)
+
+    async def aclear(self) -> None:
+        self.clear()
+
+    async def aincr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self.incr_version(key, delta, version)
+
+    async def adecr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        return self.decr_version(key, delta, version)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} LOCATION={self._location!r} store={self._cache.name!r}>"
