@@ -102,8 +102,12 @@ def test_bytes_never_exceed_the_bound_under_many_sizes(tmp_path: Path) -> None:
         for i in range(300):
             c.put(i, rng.randbytes(rng.randint(10, 8000)))
             assert c.stats().bytes <= 50_000
-        row = sqlite3.connect(c.path).execute("SELECT COUNT(*), SUM(size) FROM kotoba_cache").fetchone()
+        raw = sqlite3.connect(c.path)
+        row = raw.execute("SELECT COUNT(*), SUM(size) FROM kotoba_cache").fetchone()
         assert (row[0], row[1]) == (len(c), c.stats().bytes)
+        # No orphaned values: every overwrite and eviction removed the old value row.
+        assert raw.execute("SELECT COUNT(*) FROM kotoba_cache_values").fetchone()[0] == row[0]
+        raw.close()
 
 
 def test_ttl_expiry_and_purge(cache: DiskCache) -> None:
@@ -191,10 +195,13 @@ def test_checksum_mismatch_is_a_miss_never_a_wrong_value(cache: DiskCache) -> No
     cache.put("k", "the real value" * 10)
     cache.put("other", 1)
     raw = sqlite3.connect(cache.path)
-    blob = raw.execute("SELECT value FROM kotoba_cache WHERE key = ?", (b"sk",)).fetchone()[0]
+    vid, blob = raw.execute(
+        "SELECT v.vid, v.value FROM kotoba_cache c JOIN kotoba_cache_values v USING (vid) WHERE c.key = ?",
+        (b"sk",),
+    ).fetchone()
     flipped = bytes([blob[0]]) + bytes([blob[1] ^ 0xFF]) + blob[2:]
     with raw:
-        raw.execute("UPDATE kotoba_cache SET value = ? WHERE key = ?", (flipped, b"sk"))
+        raw.execute("UPDATE kotoba_cache_values SET value = ? WHERE vid = ?", (flipped, vid))
     raw.close()
     assert cache.get("k", "miss") == "miss"
     assert cache.stats().corrupt == 1
@@ -211,8 +218,11 @@ def test_value_that_no_longer_unpickles_is_a_miss(cache: DiskCache) -> None:
     import zlib
 
     with raw:
+        raw.execute("UPDATE kotoba_cache SET checksum = ? WHERE key = ?", (zlib.crc32(bogus), b"sk"))
         raw.execute(
-            "UPDATE kotoba_cache SET value = ?, checksum = ? WHERE key = ?", (bogus, zlib.crc32(bogus), b"sk")
+            "UPDATE kotoba_cache_values SET value = ?"
+            " WHERE vid = (SELECT vid FROM kotoba_cache WHERE key = ?)",
+            (bogus, b"sk"),
         )
     raw.close()
     assert cache.get("k", "miss") == "miss"

@@ -38,12 +38,12 @@ _DEFAULT_FILENAME = "kotoba-cache.sqlite3"
 _BATCH = 256  # rows per eviction/purge statement: keeps each write transaction short
 _MAX_BATCHES = 10_000  # bound on one eviction/purge loop, whatever the table holds
 _PURGE_EVERY = 64  # puts between two bounded purges of expired rows
-_SQL_VARS = 500  # keys per "IN (...)" statement, under SQLite's variable limit
+_TOUCH_BATCH = 128  # hits whose access time is buffered before one UPDATE transaction writes them
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kotoba_cache (
     key BLOB PRIMARY KEY,
-    value BLOB NOT NULL,
+    vid INTEGER NOT NULL,
     codec TEXT,
     checksum INTEGER NOT NULL,
     size INTEGER NOT NULL,
@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS kotoba_cache (
     expires_at REAL,
     accessed_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kotoba_cache_values (
+    vid INTEGER PRIMARY KEY,
+    value BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS kotoba_cache_accessed ON kotoba_cache (accessed_at);
 CREATE INDEX IF NOT EXISTS kotoba_cache_expires ON kotoba_cache (expires_at)
     WHERE expires_at IS NOT NULL;
@@ -68,13 +72,17 @@ END;
 CREATE TRIGGER IF NOT EXISTS kotoba_cache_delete AFTER DELETE ON kotoba_cache BEGIN
     UPDATE kotoba_cache_totals SET entries = entries - 1, bytes = bytes - OLD.size,
         raw_bytes = raw_bytes - OLD.raw_size WHERE id = 0;
+    DELETE FROM kotoba_cache_values WHERE vid = OLD.vid;
 END;
 CREATE TRIGGER IF NOT EXISTS kotoba_cache_resize AFTER UPDATE OF size, raw_size ON kotoba_cache BEGIN
     UPDATE kotoba_cache_totals SET bytes = bytes - OLD.size + NEW.size,
         raw_bytes = raw_bytes - OLD.raw_size + NEW.raw_size WHERE id = 0;
 END;
+CREATE TRIGGER IF NOT EXISTS kotoba_cache_revalue AFTER UPDATE OF vid ON kotoba_cache
+    WHEN OLD.vid != NEW.vid BEGIN
+    DELETE FROM kotoba_cache_values WHERE vid = OLD.vid;
+END;
 """
-
 
 class DiskCacheError(KotobaMemoryError):
     """The cache file cannot be opened or used (wrong format, closed cache, unusable path)."""
@@ -183,6 +191,7 @@ class DiskCache(BaseCache):
         self._closed = False
         self._last_access = 0.0
         self._puts_since_purge = 0
+        self._touched: dict[bytes, float] = {}
         self._hits = self._misses = self._puts = self._deletes = 0
         self._evictions = self._expirations = self._rejections = self._corrupt = 0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
@@ -233,10 +242,36 @@ class DiskCache(BaseCache):
         self._pid = os.getpid()
         return conn
 
+    def _flush_touched(self, conn: sqlite3.Connection, *, transaction: bool) -> None:
+        """Write the buffered access times (inside the caller's transaction unless ``transaction``)."""
+        if not self._touched:
+            return
+        rows = [(when, key) for key, when in self._touched.items()]
+        self._touched.clear()
+        if not transaction:
+            conn.executemany("UPDATE kotoba_cache SET accessed_at = ? WHERE key = ?", rows)
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("UPDATE kotoba_cache SET accessed_at = ? WHERE key = ?", rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def flush(self) -> None:
+        """Write buffered access times now (done on close, before evicting, and every 128 hits)."""
+        with self._lock:
+            self._flush_touched(self._connection(), transaction=True)
+
     def close(self) -> None:
         """Close the database connection; later operations raise :class:`DiskCacheError`."""
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
+                try:
+                    self._flush_touched(self._conn, transaction=True)
+                except sqlite3.Error as exc:  # closing must not fail over lost recency information
+                    log.warning("%s: could not write access times on close: %s", self.name, exc)
                 self._conn.close()
             self._conn = None
             self._closed = True
@@ -264,7 +299,8 @@ class DiskCache(BaseCache):
         with self._lock:
             conn = self._connection()
             row = conn.execute(
-                "SELECT value, codec, checksum, size, expires_at FROM kotoba_cache WHERE key = ?",
+                "SELECT v.value, c.codec, c.checksum, c.size, c.expires_at FROM kotoba_cache c"
+                " JOIN kotoba_cache_values v ON v.vid = c.vid WHERE c.key = ?",
                 (encoded,),
             ).fetchone()
             if row is not None:
@@ -282,9 +318,11 @@ class DiskCache(BaseCache):
                 elif remove:
                     conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
                 else:
-                    conn.execute(
-                        "UPDATE kotoba_cache SET accessed_at = ? WHERE key = ?", (now, encoded)
-                    )
+                    # Access times are written in batches: one small transaction per hit would cost
+                    # more than the read itself. A crash only loses recency, never a value.
+                    self._touched[encoded] = now
+                    if len(self._touched) >= _TOUCH_BATCH:
+                        self._flush_touched(conn, transaction=True)
             if row is None:
                 self._misses += 1
                 self._miss_ns.add(started)
@@ -417,14 +455,19 @@ class DiskCache(BaseCache):
                     conn.execute("COMMIT")
                     self._rejections += 1
                     return False
+                # Values live in their own table so that bumping accessed_at on a hit rewrites a small
+                # metadata row, not the value's overflow pages.
+                vid = conn.execute("INSERT INTO kotoba_cache_values (value) VALUES (?)", (blob,)).lastrowid
                 conn.execute(
-                    "INSERT INTO kotoba_cache (key, value, codec, checksum, size, raw_size, expires_at,"
+                    "INSERT INTO kotoba_cache (key, vid, codec, checksum, size, raw_size, expires_at,"
                     " accessed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
-                    " value = excluded.value, codec = excluded.codec, checksum = excluded.checksum,"
+                    " vid = excluded.vid, codec = excluded.codec, checksum = excluded.checksum,"
                     " size = excluded.size, raw_size = excluded.raw_size,"
                     " expires_at = excluded.expires_at, accessed_at = excluded.accessed_at",
-                    (encoded, blob, codec, checksum, size, raw_size, None if ttl is None else now + ttl, now),
+                    (encoded, vid, codec, checksum, size, raw_size, None if ttl is None else now + ttl, now),
                 )
+                self._touched.pop(encoded, None)
+                self._flush_touched(conn, transaction=False)
                 self._evict_over_budget(conn, keep=encoded, now=now)
                 self._puts_since_purge += 1
                 if self._puts_since_purge >= _PURGE_EVERY:
@@ -531,6 +574,7 @@ class DiskCache(BaseCache):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("DELETE FROM kotoba_cache")
+                conn.execute("DELETE FROM kotoba_cache_values")
                 conn.execute("UPDATE kotoba_cache_totals SET entries = 0, bytes = 0, raw_bytes = 0")
                 conn.execute("COMMIT")
             except BaseException:
