@@ -225,9 +225,9 @@ class LeakDetector:
 
         That happens when a cache evicts, outside our windows, what it inserted inside them: its
         insertion site grows every window but the process does not. Small blocks are checked against
-        the interpreter's allocated-block count, large ones against RSS.
+        the interpreter's allocated-block count, large ones against malloc's in-use bytes (or RSS).
         """
-        rss, blocks, span = global_growth.since(track.first_seen)
+        heap, blocks, span = global_growth.since(track.first_seen)
         if span <= 0:
             return 1.0
         count_rate = track.net_count_growth / max(track.traced_time, 1e-9)
@@ -239,8 +239,8 @@ class LeakDetector:
                 return 0.25
         else:
             predicted = rate * span
-            if predicted >= veto_min_bytes and rss < 0.25 * predicted:
-                evidence.append(f"RSS +{rss / 1e6:.1f} MB vs site +{predicted / 1e6:.1f} MB")
+            if predicted >= veto_min_bytes and heap < 0.25 * predicted:
+                evidence.append(f"heap +{heap / 1e6:.1f} MB vs site +{predicted / 1e6:.1f} MB")
                 return 0.25
         return 1.0
 
@@ -286,7 +286,7 @@ class GlobalGrowth(Protocol):
     """How much the whole process grew between a start time and now (by the fitted trends)."""
 
     def since(self, start: float) -> tuple[float, float, float]:
-        """(RSS growth in bytes, allocated-block growth, span in seconds) from ``start`` to now."""
+        """(heap or RSS growth in bytes, allocated-block growth, span in seconds) from ``start`` to now."""
         ...
 
 

@@ -8,7 +8,10 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class MemorySample:
-    """One tick of the sampler: process RSS, traced bytes (when tracing), GC counts and extra gauges."""
+    """One tick of the sampler: process RSS, traced bytes (when tracing), GC counts and extra gauges.
+
+    ``heap_bytes`` is what glibc malloc has handed out and not had back (``mallinfo2``), None elsewhere.
+    """
 
     timestamp: float
     rss_bytes: int
@@ -16,6 +19,7 @@ class MemorySample:
     allocated_blocks: int
     gc_counts: tuple[int, int, int]
     gauges: tuple[tuple[str, float], ...] = ()
+    heap_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +172,7 @@ class MemoryAnalysis:
                     "rss_bytes": s.rss_bytes,
                     "traced_bytes": s.traced_bytes,
                     "allocated_blocks": s.allocated_blocks,
+                    "heap_bytes": s.heap_bytes,
                     "gc_counts": list(s.gc_counts),
                     "gauges": dict(s.gauges),
                 }

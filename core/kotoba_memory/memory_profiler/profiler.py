@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -14,6 +15,7 @@ import tracemalloc
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -311,6 +313,9 @@ class MemoryProfiler:
             # Tracing's own bookkeeping inflates RSS during our windows; leave it out of the trend.
             if self._tracing_mode == "window" and self._in_window:
                 rss -= tracemalloc.get_tracemalloc_memory()
+        heap = _MALLINFO.in_use()
+        if heap is not None and self._in_window and self._tracing_mode == "window":
+            heap -= tracemalloc.get_tracemalloc_memory()
         gauges: list[tuple[str, float]] = []
         for name, read in list(self._gauges.items()):
             try:
@@ -325,6 +330,7 @@ class MemoryProfiler:
             allocated_blocks=sys.getallocatedblocks(),
             gc_counts=(count[0], count[1], count[2]),
             gauges=tuple(gauges),
+            heap_bytes=heap,
         )
         with self._lock:
             self._samples.append(sample)
@@ -476,9 +482,48 @@ class _SampleGrowth:
             return 0.0, 0.0, 0.0
         xs = [s.timestamp for s in window]
         span = xs[-1] - xs[0]
-        rss_slope, _, _ = linear_fit(xs, [float(s.rss_bytes) for s in window])
+        if all(s.heap_bytes is not None for s in window):
+            memory = [float(s.heap_bytes or 0) for s in window]
+        else:
+            memory = [float(s.rss_bytes) for s in window]
+        memory_slope, _, _ = linear_fit(xs, memory)
         block_slope, _, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
-        return rss_slope * span, block_slope * span, span
+        return memory_slope * span, block_slope * span, span
+
+
+class _MallocInfo(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+class _Mallinfo:
+    """glibc's ``mallinfo2()``: bytes malloc has handed out (heap chunks + mmapped chunks)."""
+
+    def __init__(self) -> None:
+        self._fn: Any = None
+        try:
+            fn = ctypes.CDLL(None).mallinfo2
+            fn.restype = _MallocInfo
+            fn.argtypes = []
+            info = fn()
+            if info.uordblks or info.hblkhd:  # all zero under jemalloc/mimalloc: not glibc's heap
+                self._fn = fn
+        except (OSError, AttributeError):
+            self._fn = None
+
+    def in_use(self) -> int | None:
+        if self._fn is None:
+            return None
+        info = self._fn()
+        return int(info.uordblks + info.hblkhd)
+
+
+_MALLINFO = _Mallinfo()
 
 
 def _memory_limit() -> int | None:

@@ -1,0 +1,378 @@
+"""``MemoryOptimizer``: starts and stops everything a :class:`MemoryConfig` turns on, and reports on it.
+
+It owns one MemoryProfiler (sampling + leak detection), one GcOptimizer, and, when enabled, a
+CacheManager and a MemoryPool sized from the config. Features whose module is not installed are
+skipped with a note in the report, so the optimizer always starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psutil
+
+from kotoba_memory.config import MemoryConfig
+from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.memory_profiler import MemoryAnalysis, MemoryProfiler
+from kotoba_memory.report import MemoryReport, MemoryStats, to_plain
+
+__all__ = ["MemoryOptimizer", "MemoryReport", "MemoryStats", "OptimizerError", "get_active_optimizer"]
+
+logger = logging.getLogger(__name__)
+_MIB = 1024 * 1024
+
+_active: MemoryOptimizer | None = None
+_active_lock = threading.Lock()
+
+
+class OptimizerError(KotobaMemoryError, RuntimeError):
+    """The optimizer was asked for something it cannot do in its current state."""
+
+
+def get_active_optimizer() -> MemoryOptimizer | None:
+    """The most recently started MemoryOptimizer that is still running, if any."""
+    return _active
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def detect_allocator() -> str:
+    """The malloc this process runs on: ``jemalloc`` or ``mimalloc`` when loaded, else ``system``."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    for name in ("jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"
+
+
+class MemoryOptimizer:
+    """Runs the memory features a :class:`MemoryConfig` enables; ``stop()`` returns a MemoryReport."""
+
+    def __init__(self, config: MemoryConfig | None = None) -> None:
+        if config is None:
+            config = MemoryConfig()
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
+        self.config = config
+        self.profiler: MemoryProfiler | None = None
+        self.gc_optimizer: Any = None
+        self.cache: Any = None
+        self.pool: Any = None
+        self.allocator: dict[str, Any] = {}
+        self._notes: list[str] = []
+        self._lock = threading.RLock()
+        self._process = psutil.Process()
+        self._started_at = 0.0
+        self._start_rss = 0
+        self._peak_rss = 0
+        self._running = False
+        self._owns_gc = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._running
+
+    def start(self) -> None:
+        """Create and start every enabled feature (no-op when already running)."""
+        global _active
+        with self._lock:
+            if self._running:
+                return
+            self._notes = []
+            self._started_at = time.time()
+            self._process = psutil.Process()
+            self._start_rss = self._peak_rss = self._rss()
+            cfg = self.config
+            if cfg.enable_caching and self.cache is None:
+                self.cache = self._make_cache()
+            if (cfg.enable_pooling or (cfg.enable_custom_allocators and cfg.allocator_name == "custom")) and (
+                self.pool is None
+            ):
+                self.pool = self._make_pool()
+            self.allocator = self._allocator_info()
+            if cfg.enable_gc_optimization:
+                self._start_gc_optimizer()
+            if cfg.enable_profiling:
+                self.profiler = MemoryProfiler(
+                    sample_interval_s=cfg.monitoring_interval_ms / 1000.0,
+                    leak_detection=cfg.enable_leak_detection,
+                    window_s=cfg.leak_window_s,
+                    window_interval_s=cfg.leak_window_interval_s,
+                    memory_limit_bytes=cfg.memory_limit_mb * _MIB if cfg.memory_limit_mb else None,
+                )
+                self._register_gauges(self.profiler)
+                self.profiler.start()
+            self._running = True
+        with _active_lock:
+            _active = self
+
+    def stop(self) -> MemoryReport:
+        """Stop every feature, restore the GC settings, and return the run's report.
+
+        When ``config.report_dir`` is set the report is also written there as report.html/report.json.
+        """
+        global _active
+        with self._lock:
+            if not self._running:
+                raise OptimizerError("stop() called on a MemoryOptimizer that is not running")
+            report = self._build_report()
+            if self.profiler is not None:
+                self.profiler.stop()
+            if self.gc_optimizer is not None and self._owns_gc:
+                try:
+                    self.gc_optimizer.stop()
+                except Exception:
+                    logger.warning("kotoba-memory: GC optimizer failed to stop cleanly", exc_info=True)
+            self._running = False
+        with _active_lock:
+            if _active is self:
+                _active = None
+        if self.config.report_dir is not None:
+            self.config.report_dir.mkdir(parents=True, exist_ok=True)
+            report.write_html(self.config.report_dir / "report.html")
+            report.write_json(self.config.report_dir / "report.json")
+        return report
+
+    def report(self) -> MemoryReport:
+        """A report of the run so far, without stopping anything."""
+        with self._lock:
+            if not self._running:
+                raise OptimizerError("report() needs a running MemoryOptimizer; stop() returns the final one")
+            return self._build_report()
+
+    async def astart(self) -> None:
+        """Async twin of :meth:`start`."""
+        await asyncio.to_thread(self.start)
+
+    async def astop(self) -> MemoryReport:
+        """Async twin of :meth:`stop` (thread joins happen off the event loop)."""
+        return await asyncio.to_thread(self.stop)
+
+    async def areport(self) -> MemoryReport:
+        """Async twin of :meth:`report`."""
+        return await asyncio.to_thread(self.report)
+
+    def __enter__(self) -> MemoryOptimizer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._running:
+            self.stop()
+
+    # ------------------------------------------------------------------ stats
+    def memory_stats(self) -> MemoryStats:
+        """Current and peak RSS, and ``memory_efficiency`` (see :class:`MemoryStats` for its definition)."""
+        rss = self._rss()
+        with self._lock:
+            self._peak_rss = max(self._peak_rss, rss)
+            if self.profiler is not None:
+                self._peak_rss = max(self._peak_rss, self.profiler.peak_rss_bytes)
+            peak = self._peak_rss
+        cache_bytes = cache_cap = pool_used = pool_cap = None
+        hit_rate: float | None = None
+        cache_stats = self._cache_stats()
+        if cache_stats is not None:
+            cache_bytes = int(cache_stats.bytes)
+            cache_cap = int(cache_stats.max_bytes) if cache_stats.max_bytes else None
+            hit_rate = float(cache_stats.hit_rate)
+        pool_stats = self._pool_stats()
+        if pool_stats is not None:
+            pool_used, pool_cap = int(pool_stats.used_bytes), int(pool_stats.capacity)
+        reserved = (cache_cap or 0) + (pool_cap or 0)
+        if reserved:
+            efficiency = ((cache_bytes or 0) + (pool_used or 0)) / reserved
+            basis = "managed"
+        else:
+            efficiency = rss / peak if peak else 1.0
+            basis = "rss/peak"
+        pause: float | None = None
+        if self.gc_optimizer is not None:
+            try:
+                pause = self.gc_optimizer.pause_total_ns() / 1e9
+            except Exception:
+                pause = None
+        return MemoryStats(
+            current_memory_mb=rss / _MIB,
+            peak_memory_mb=peak / _MIB,
+            memory_efficiency=min(1.0, max(0.0, efficiency)),
+            efficiency_basis=basis,
+            rss_bytes=rss,
+            peak_rss_bytes=peak,
+            cache_bytes=cache_bytes,
+            cache_capacity_bytes=cache_cap,
+            cache_hit_rate=hit_rate,
+            pool_used_bytes=pool_used,
+            pool_capacity_bytes=pool_cap,
+            gc_pause_total_s=pause,
+            uptime_s=time.time() - self._started_at if self._running else 0.0,
+        )
+
+    async def amemory_stats(self) -> MemoryStats:
+        """Async twin of :meth:`memory_stats` (reads /proc off the event loop)."""
+        return await asyncio.to_thread(self.memory_stats)
+
+    # ------------------------------------------------------------------ parts
+    def _rss(self) -> int:
+        if self._process.pid != os.getpid():
+            self._process = psutil.Process()
+        try:
+            return int(self._process.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def _make_cache(self) -> Any:
+        module = _optional_module("kotoba_memory.cache_manager")
+        factory = getattr(module, "CacheManager", None) if module else None
+        if factory is None:
+            self._notes.append("caching enabled but kotoba_memory.cache_manager is not available")
+            return None
+        return factory(
+            max_bytes=self.config.cache_size_mb * _MIB, policy=self.config.cache_policy, name="kotoba-memory"
+        )
+
+    def _make_pool(self) -> Any:
+        module = _optional_module("kotoba_memory.memory_pool")
+        factory = getattr(module, "MemoryPool", None) if module else None
+        if factory is None:
+            self._notes.append("pooling enabled but kotoba_memory.memory_pool is not available")
+            return None
+        # A full pool hands out heap memory rather than failing the request.
+        return factory(self.config.pool_size_mb * _MIB, fallback="heap", name="kotoba-memory")
+
+    def _make_gc_optimizer(self) -> Any:
+        module = _optional_module("kotoba_memory.gc_optimizer")
+        factory = getattr(module, "GcOptimizer", None) if module else None
+        if factory is None:
+            self._notes.append("GC optimization enabled but kotoba_memory.gc_optimizer is not available")
+            return None
+        limit = self.config.memory_limit_mb * _MIB if self.config.memory_limit_mb else None
+        return factory(
+            target_memory_usage_percent=self.config.target_memory_usage_percent,
+            monitoring_interval_s=self.config.monitoring_interval_ms / 1000.0,
+            memory_limit_bytes=limit,
+        )
+
+    def _start_gc_optimizer(self) -> None:
+        module = _optional_module("kotoba_memory.gc_optimizer")
+        existing = getattr(module, "get_active_gc_optimizer", lambda: None)() if module else None
+        if existing is not None:
+            # CPython has one collector: share the optimizer that already tunes it, leave it running.
+            self.gc_optimizer, self._owns_gc = existing, False
+            self._notes.append("a GcOptimizer was already active: reported on, left running by stop()")
+            return
+        self.gc_optimizer = self._make_gc_optimizer()
+        if self.gc_optimizer is not None:
+            self.gc_optimizer.start()
+            self._owns_gc = True
+
+    def _allocator_info(self) -> dict[str, Any]:
+        requested = self.config.allocator_name if self.config.enable_custom_allocators else "system"
+        active = detect_allocator()
+        info: dict[str, Any] = {"requested": requested, "active": active}
+        if requested == "custom":
+            info["active"] = f"{active} + kotoba arena pool" if self.pool is not None else active
+        elif requested != active:
+            # malloc cannot be swapped inside a running interpreter; it has to be preloaded at exec.
+            note = (
+                f"allocator {requested!r} requested but this process runs {active!r}; "
+                f"start it with `kotoba-memory run --allocator {requested} -- ...`"
+            )
+            info["note"] = note
+            self._notes.append(note)
+        return info
+
+    def _register_gauges(self, profiler: MemoryProfiler) -> None:
+        if self.cache is not None:
+            profiler.add_gauge("cache_bytes", lambda: float(self.cache.stats().bytes))
+            profiler.add_gauge("cache_hit_rate", lambda: float(self.cache.stats().hit_rate))
+        if self.pool is not None:
+            profiler.add_gauge("pool_used_bytes", lambda: float(self.pool.stats().used_bytes))
+
+    def _cache_stats(self) -> Any:
+        if self.cache is None:
+            return None
+        try:
+            return self.cache.stats()
+        except Exception:
+            return None
+
+    def _pool_stats(self) -> Any:
+        if self.pool is None:
+            return None
+        try:
+            return self.pool.stats()
+        except Exception:  # a closed pool has no stats
+            return None
+
+    # ------------------------------------------------------------------ report
+    def _build_report(self) -> MemoryReport:
+        stats = self.memory_stats()
+        analysis: MemoryAnalysis | None = self.profiler.analyze() if self.profiler is not None else None
+        memory_series: list[tuple[float, float]] = []
+        hit_series: list[tuple[float, float]] = []
+        if analysis is not None:
+            for sample in analysis.samples:
+                memory_series.append((sample.timestamp, sample.rss_bytes / _MIB))
+                for name, value in sample.gauges:
+                    if name == "cache_hit_rate":
+                        hit_series.append((sample.timestamp, value))
+        gc_data: dict[str, Any] | None = None
+        pauses: list[tuple[float, float, int]] = []
+        if self.gc_optimizer is not None:
+            try:
+                gc_data = to_plain(self.gc_optimizer.analyze())
+                _, events = self.gc_optimizer.events_since(0)
+                pauses = [
+                    (e.timestamp, e.pause_s * 1000.0, e.generation)
+                    for e in events
+                    if e.timestamp >= self._started_at
+                ]
+            except Exception:
+                logger.warning("kotoba-memory: GC analysis failed", exc_info=True)
+                self._notes.append("GC analysis failed; see the log")
+        cache_data = to_plain(self._cache_stats())
+        if isinstance(cache_data, dict) and self.cache is not None:
+            try:
+                analysis_obj = self.cache.analyze()
+                cache_data["recommendations"] = list(getattr(analysis_obj, "recommendations", []))
+            except Exception:
+                pass
+        pool_data = to_plain(self._pool_stats())
+        return MemoryReport(
+            started_at=self._started_at,
+            finished_at=time.time(),
+            config=self.config.to_dict(),
+            stats=stats,
+            memory_series=memory_series,
+            gc_pauses=pauses,
+            cache_hit_rate_series=hit_series,
+            leaks=[leak.to_dict() for leak in analysis.memory_leaks] if analysis else [],
+            hotspots=[h.to_dict() for h in analysis.hotspots] if analysis else [],
+            temporal=analysis.temporal.to_dict() if analysis else None,
+            routes=[to_plain(r) for r in analysis.routes] if analysis else [],
+            gc=gc_data,
+            cache=cache_data if isinstance(cache_data, dict) else None,
+            pool=pool_data if isinstance(pool_data, dict) else None,
+            allocator=dict(self.allocator),
+            profiler=to_plain(analysis.stats) if analysis else None,
+            notes=list(self._notes),
+        )

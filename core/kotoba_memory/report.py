@@ -1,0 +1,408 @@
+"""``MemoryReport``: what a MemoryOptimizer run found, as text, plain data and a self-contained HTML page.
+
+The HTML page draws its charts as inline SVG (no script, no network), so it can be mailed, attached to
+a ticket or opened from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import html
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MemoryReport", "MemoryStats", "to_plain"]
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStats:
+    """Current memory figures of the process and of the memory the optimizer manages.
+
+    ``memory_efficiency`` is defined by ``efficiency_basis``: ``"managed"`` = bytes in use in the
+    cache and pool over the bytes they reserve; ``"rss/peak"`` (when neither is enabled) = current RSS
+    over the peak RSS seen since start, i.e. how much of the high-water mark is still needed.
+    """
+
+    current_memory_mb: float
+    peak_memory_mb: float
+    memory_efficiency: float
+    efficiency_basis: str
+    rss_bytes: int
+    peak_rss_bytes: int
+    cache_bytes: int | None = None
+    cache_capacity_bytes: int | None = None
+    cache_hit_rate: float | None = None
+    pool_used_bytes: int | None = None
+    pool_capacity_bytes: int | None = None
+    gc_pause_total_s: float | None = None
+    uptime_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+def to_plain(value: Any, _depth: int = 0) -> Any:
+    """Dataclasses, enums, paths, mappings and sequences turned into JSON-ready data."""
+    if _depth > 12:
+        return repr(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, enum.Enum):
+        return to_plain(value.value, _depth + 1)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        plain = getattr(value, "to_dict", None)
+        if callable(plain):
+            return to_plain(plain(), _depth + 1)
+        return {f.name: to_plain(getattr(value, f.name), _depth + 1) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return to_plain(value._asdict(), _depth + 1)
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_plain(v, _depth + 1) for v in value]
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """The outcome of one MemoryOptimizer run (or a snapshot of a running one)."""
+
+    started_at: float
+    finished_at: float
+    config: dict[str, Any]
+    stats: MemoryStats
+    memory_series: list[tuple[float, float]] = field(default_factory=list)  # (epoch s, RSS MiB)
+    gc_pauses: list[tuple[float, float, int]] = field(default_factory=list)  # (epoch s, pause ms, gen)
+    cache_hit_rate_series: list[tuple[float, float]] = field(default_factory=list)  # (epoch s, rate)
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+    hotspots: list[dict[str, Any]] = field(default_factory=list)
+    temporal: dict[str, Any] | None = None
+    routes: list[dict[str, Any]] = field(default_factory=list)
+    gc: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = None
+    pool: dict[str, Any] | None = None
+    allocator: dict[str, Any] = field(default_factory=dict)
+    profiler: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds covered by the report."""
+        return max(0.0, self.finished_at - self.started_at)
+
+    # ------------------------------------------------------------------ text
+    def summary(self) -> str:
+        """A short human-readable summary (what you would print at the end of a run)."""
+        s = self.stats
+        lines = [
+            f"kotoba-memory report: {self.duration_s:.1f} s",
+            f"  memory: current {s.current_memory_mb:.1f} MB, peak {s.peak_memory_mb:.1f} MB, "
+            f"efficiency {s.memory_efficiency * 100:.1f}% ({s.efficiency_basis})",
+        ]
+        if self.temporal and self.temporal.get("samples"):
+            rate = self.temporal.get("growth_rate_bytes_per_s") or 0.0
+            eta = self.temporal.get("time_to_limit_s")
+            trend = f"  trend: {rate / 1024:+.1f} KiB/s"
+            if eta is not None:
+                trend += f", memory limit in {_duration(eta)} at this rate"
+            lines.append(trend)
+        if self.gc is not None:
+            lines.append(
+                f"  gc: {self.gc.get('total_collections', 0)} collections, "
+                f"{(self.gc.get('total_pause_s') or 0.0) * 1000:.1f} ms paused, "
+                f"score {self.gc.get('performance_score', 0.0):.2f}"
+            )
+        if self.cache is not None:
+            lines.append(
+                f"  cache: hit rate {(self.cache.get('hit_rate') or 0.0) * 100:.1f}%, "
+                f"{self.cache.get('entries', 0)} entries, {(self.cache.get('bytes') or 0) / _MIB:.1f} MB"
+            )
+        if self.pool is not None:
+            lines.append(
+                f"  pool: {(self.pool.get('used_bytes') or 0) / _MIB:.1f} of "
+                f"{(self.pool.get('capacity') or 0) / _MIB:.0f} MB used, "
+                f"hit rate {(self.pool.get('hit_rate') or 0.0) * 100:.1f}%"
+            )
+        if self.allocator:
+            active, requested = self.allocator.get("active"), self.allocator.get("requested")
+            lines.append(f"  allocator: {active} (requested {requested})")
+        if self.leaks:
+            lines.append(f"  leak suspects: {len(self.leaks)}")
+            for leak in self.leaks[:5]:
+                route = f" [route {leak['route']}]" if leak.get("route") else ""
+                lines.append(
+                    f"    {leak['allocation_site']}{route}: "
+                    f"{leak['growth_rate_bytes_per_s'] / 1024:.1f} KiB/s, "
+                    f"~{leak['size'] / 1024:.0f} KiB over {leak['age_seconds']:.0f} s, "
+                    f"confidence {leak['confidence']:.2f}"
+                )
+        elif self.profiler is not None:
+            lines.append(f"  leak suspects: none ({self.profiler.get('windows', 0)} tracing windows)")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-serialisable)."""
+        data = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["duration_s"] = self.duration_s
+        return data
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``to_dict()`` as JSON text."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def write_html(self, path: str | Path) -> Path:
+        """Write ``to_html()`` to ``path`` (a directory gets ``report.html``); returns the file path."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / "report.html"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.to_html(), encoding="utf-8")
+        return target
+
+    def write_json(self, path: str | Path) -> Path:
+        """Write ``to_json()`` to ``path`` (a directory gets ``report.json``); returns the file path."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / "report.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.to_json(indent=2), encoding="utf-8")
+        return target
+
+    # ------------------------------------------------------------------ HTML
+    def to_html(self) -> str:
+        """A self-contained HTML page: summary, charts (memory, GC pauses, cache hit rate) and tables."""
+        t0 = self.started_at
+        memory = [(t - t0, mb) for t, mb in self.memory_series]
+        pauses = [(t - t0, ms) for t, ms, _ in self.gc_pauses]
+        hit_rate = [(t - t0, rate * 100.0) for t, rate in self.cache_hit_rate_series]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0))
+        charts = [
+            _svg_chart("memory", "Memory over time (RSS)", memory, "MB", kind="line"),
+            _svg_chart("gc-pauses", "GC pauses", pauses, "ms", kind="bars"),
+            _svg_chart("cache-hit-rate", "Cache hit rate", hit_rate, "%", kind="line", y_max=100.0),
+        ]
+        parts = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>kotoba-memory report ({_esc(stamp)})</title>",
+            f"<style>{_CSS}</style></head><body>",
+            "<h1>kotoba-memory report</h1>",
+            f"<pre class=\"summary\">{_esc(self.summary())}</pre>",
+            '<section class="charts">',
+            *charts,
+            "</section>",
+            _leak_table(self.leaks),
+            _table(
+                "Allocation hotspots (last tracing window)",
+                ["site", "bytes", "blocks"],
+                [[h.get("allocation_site"), _bytes(h.get("size")), h.get("count")] for h in self.hotspots],
+            ),
+            _table(
+                "Routes",
+                ["route", "requests", "mean RSS delta", "mean traced delta", "total time"],
+                [
+                    [
+                        r.get("route"),
+                        r.get("requests"),
+                        _bytes(_mean(r.get("rss_delta_bytes"), r.get("requests"))),
+                        _bytes(_mean(r.get("traced_delta_bytes"), r.get("traced_requests"))),
+                        f"{r.get('total_duration_s', 0.0):.2f} s",
+                    ]
+                    for r in self.routes
+                ],
+            ),
+            _table("Memory stats", ["figure", "value"], _pairs(self.stats.to_dict())),
+            _table("Configuration", ["field", "value"], _pairs(self.config)),
+        ]
+        if self.gc:
+            scalars = {k: v for k, v in self.gc.items() if not isinstance(v, dict | list)}
+            parts.append(_table("Garbage collector", ["figure", "value"], _pairs(scalars)))
+        if self.cache:
+            parts.append(_table("Cache", ["figure", "value"], _pairs(self.cache)))
+        if self.pool:
+            parts.append(_table("Memory pool", ["figure", "value"], _pairs(self.pool)))
+        if self.profiler:
+            parts.append(_table("Profiler's own footprint", ["figure", "value"], _pairs(self.profiler)))
+        parts.append("</body></html>")
+        return "\n".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------- HTML helpers
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222;max-width:72rem}
+h1{font-size:1.5rem} h2{font-size:1.15rem;margin-top:2rem}
+pre.summary{background:#f5f5f7;padding:1rem;border-radius:6px;overflow-x:auto}
+.charts{display:flex;flex-wrap:wrap;gap:1rem}
+figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:.5rem}
+figcaption{font-weight:600;margin-bottom:.25rem}
+table{border-collapse:collapse;margin-top:.5rem;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f0f0f3} td.num{text-align:right}
+.empty{color:#777;font-style:italic}
+svg text{font-size:10px;fill:#555}
+"""
+
+_W, _H, _PAD_L, _PAD_B, _PAD_T, _PAD_R = 440, 220, 52, 28, 10, 10
+
+
+def _esc(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _svg_chart(
+    chart_id: str,
+    title: str,
+    points: Sequence[tuple[float, float]],
+    unit: str,
+    *,
+    kind: str,
+    y_max: float | None = None,
+) -> str:
+    """An SVG line or bar chart; the data is also kept in ``data-points`` so tools can read it back."""
+    data = json.dumps([[round(x, 3), round(y, 4)] for x, y in points])
+    head = f'<figure id="{chart_id}" data-unit="{_esc(unit)}" data-points=\'{_esc(data)}\'>'
+    caption = f"<figcaption>{_esc(title)}</figcaption>"
+    if not points:
+        return f'{head}{caption}<p class="empty">no data recorded</p></figure>'
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo = 0.0 if kind == "bars" or (min(ys) >= 0 and min(ys) < 0.2 * max(ys)) else min(ys)
+    y_hi = y_max if y_max is not None else max(ys)
+    if y_hi <= y_lo:
+        y_hi = y_lo + 1.0
+    if x_hi <= x_lo:
+        x_hi = x_lo + 1.0
+    plot_w, plot_h = _W - _PAD_L - _PAD_R, _H - _PAD_T - _PAD_B
+
+    def sx(x: float) -> float:
+        return _PAD_L + (x - x_lo) / (x_hi - x_lo) * plot_w
+
+    def sy(y: float) -> float:
+        return _PAD_T + plot_h - (y - y_lo) / (y_hi - y_lo) * plot_h
+
+    shapes: list[str] = []
+    if kind == "bars":
+        width = max(1.0, plot_w / max(len(points), 1) * 0.8)
+        for x, y in points:
+            top = sy(y)
+            shapes.append(
+                f'<rect x="{sx(x) - width / 2:.1f}" y="{top:.1f}" width="{width:.1f}" '
+                f'height="{_PAD_T + plot_h - top:.1f}" fill="#d9534f"><title>{y:.3f} {unit}</title></rect>'
+            )
+    else:
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+        shapes.append(f'<polyline fill="none" stroke="#2b6cb0" stroke-width="1.5" points="{path}"/>')
+    axis = [
+        f'<line x1="{_PAD_L}" y1="{_PAD_T + plot_h}" x2="{_W - _PAD_R}" y2="{_PAD_T + plot_h}" '
+        'stroke="#999"/>',
+        f'<line x1="{_PAD_L}" y1="{_PAD_T}" x2="{_PAD_L}" y2="{_PAD_T + plot_h}" stroke="#999"/>',
+    ]
+    for frac in (0.0, 0.5, 1.0):
+        value = y_lo + frac * (y_hi - y_lo)
+        y = sy(value)
+        axis.append(
+            f'<text x="{_PAD_L - 4}" y="{y + 3:.1f}" text-anchor="end">{_fmt(value)} {_esc(unit)}</text>'
+        )
+    for frac in (0.0, 0.5, 1.0):
+        value = x_lo + frac * (x_hi - x_lo)
+        axis.append(
+            f'<text x="{sx(value):.1f}" y="{_H - 8}" text-anchor="middle">{_fmt(value)} s</text>'
+        )
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" '
+        f'role="img" aria-label="{_esc(title)}">{"".join(axis)}{"".join(shapes)}</svg>'
+    )
+    return f"{head}{caption}{svg}</figure>"
+
+
+def _fmt(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 1:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    rows = list(rows)
+    out = [f"<h2>{_esc(title)}</h2>"]
+    if not rows:
+        out.append('<p class="empty">none</p>')
+        return "\n".join(out)
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    out.append(f"<table><thead><tr>{head}</tr></thead><tbody>")
+    for row in rows:
+        cells = "".join(
+            f'<td class="num">{_esc(c)}</td>' if isinstance(c, int | float) else f"<td>{_esc(c)}</td>"
+            for c in row
+        )
+        out.append(f"<tr>{cells}</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _leak_table(leaks: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        [
+            leak.get("allocation_site"),
+            leak.get("route") or "",
+            f"{(leak.get('growth_rate_bytes_per_s') or 0.0) / 1024:.2f} KiB/s",
+            _bytes(leak.get("size")),
+            f"{leak.get('age_seconds', 0.0):.0f} s",
+            f"{leak.get('confidence', 0.0):.2f}",
+            " <- ".join(leak.get("traceback") or []),
+            leak.get("evidence", ""),
+        ]
+        for leak in leaks
+    ]
+    return _table(
+        "Leak suspects",
+        ["allocation site", "route", "growth", "size", "age", "confidence", "traceback", "evidence"],
+        rows,
+    )
+
+
+def _pairs(mapping: Mapping[str, Any]) -> list[list[object]]:
+    return [[k, json.dumps(v) if isinstance(v, dict | list) else v] for k, v in mapping.items()]
+
+
+def _mean(total: object, count: object) -> float | None:
+    if isinstance(total, int | float) and isinstance(count, int) and count:
+        return total / count
+    return None
+
+
+def _bytes(value: object) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86_400:
+        return f"{seconds / 86_400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
