@@ -2,38 +2,47 @@
 
 It behaves as Django's ``LocMemCache`` (same keys, versions, timeouts, culling, warnings, pickled values
 isolated from later mutation, aliases with one ``LOCATION`` sharing data) and adds, from ``OPTIONS``: an
-eviction ``POLICY``, a byte bound ``MAX_BYTES``, and ``stats()``. Key prefixes, versions, key functions,
-key validation and ``incr_version`` come from Django's own ``BaseCache``.
+eviction ``POLICY``, a byte bound ``MAX_BYTES``, an optional disk tier (``DISK_PATH``...) and ``stats()``.
+Key prefixes, versions, key functions, key validation and ``incr_version`` come from Django's own
+``BaseCache``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import pickle
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from kotoba_memory.cache_manager import CacheManager, CachePolicy
+from kotoba_memory.cache_manager.disk import DiskCache
+from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.errors import ConfigError
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
     from kotoba_memory.cache_manager import CacheStats
 
+T = TypeVar("T")
+
 __all__ = ["KotobaCache", "forget_location"]
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_DISK_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_SPILL_THRESHOLD_BYTES = 256 * 1024
 _MISSING: Any = object()
 _EXPIRED: Any = object()  # a timeout <= 0: Django stores nothing (and drops the old value)
 
 # OPTIONS read by Django's BaseCache itself, and the ones this backend adds.
 _DJANGO_OPTIONS = frozenset({"MAX_ENTRIES", "CULL_FREQUENCY"})
-_STORE_OPTIONS = frozenset({"MAX_BYTES", "POLICY", "NAME"})
+_DISK_OPTIONS = frozenset({"DISK_MAX_BYTES", "DISK_COMPRESSION", "SPILL_THRESHOLD_BYTES"})
+_STORE_OPTIONS = frozenset({"MAX_BYTES", "POLICY", "NAME", "DISK_PATH"}) | _DISK_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -41,15 +50,28 @@ class _StoreConfig:
     max_bytes: int
     policy: CachePolicy
     name: str
+    disk_path: str | None = None
+    disk_max_bytes: int = DEFAULT_DISK_MAX_BYTES
+    disk_compression: str | None = None
+    spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES
 
 
 @dataclass(frozen=True)
 class _Store:
     """The data of one LOCATION, shared by every alias and thread that names it."""
 
-    cache: CacheManager
+    cache: CacheManager | TieredCache
+    memory: CacheManager  # the in-memory tier (``cache`` itself when there is no disk tier)
+    disk: DiskCache | None
     lock: threading.Lock  # makes add/incr/touch/set+cull atomic across aliases, as locmem's lock does
     config: _StoreConfig
+
+
+def _positive_int(options: Mapping[str, Any], field: str, default: int) -> int:
+    value = options.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(field, f"must be a positive int (bytes), got {value!r}")
+    return value
 
 
 _stores: dict[str, _Store] = {}
@@ -61,9 +83,7 @@ def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:
     if unknown:
         known = ", ".join(sorted(_DJANGO_OPTIONS | _STORE_OPTIONS))
         raise ConfigError(unknown[0], f"unknown KotobaCache OPTIONS key (known: {known})")
-    max_bytes = options.get("MAX_BYTES", DEFAULT_MAX_BYTES)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise ConfigError("MAX_BYTES", f"must be a positive int (bytes), got {max_bytes!r}")
+    max_bytes = _positive_int(options, "MAX_BYTES", DEFAULT_MAX_BYTES)
     try:
         policy = CachePolicy.coerce(options.get("POLICY", CachePolicy.LRU))
     except (TypeError, ValueError) as exc:
@@ -71,7 +91,48 @@ def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:
     name = options.get("NAME", f"django:{location}" if location else "django")
     if not isinstance(name, str) or not name:
         raise ConfigError("NAME", f"must be a non-empty str, got {name!r}")
-    return _StoreConfig(max_bytes=max_bytes, policy=policy, name=name)
+    disk_path = options.get("DISK_PATH")
+    if disk_path is None:
+        stray = sorted(_DISK_OPTIONS & set(options))
+        if stray:
+            raise ConfigError(stray[0], "only applies with a disk tier; set DISK_PATH too")
+        return _StoreConfig(max_bytes=max_bytes, policy=policy, name=name)
+    if not isinstance(disk_path, str | os.PathLike) or not os.fspath(disk_path):
+        raise ConfigError("DISK_PATH", f"must be a file or directory path, got {disk_path!r}")
+    compression = options.get("DISK_COMPRESSION")
+    if compression not in (None, "zlib", "zstd"):
+        raise ConfigError("DISK_COMPRESSION", f"must be None, 'zlib' or 'zstd', got {compression!r}")
+    spill = options.get("SPILL_THRESHOLD_BYTES", DEFAULT_SPILL_THRESHOLD_BYTES)
+    if isinstance(spill, bool) or not isinstance(spill, int) or spill < 0:
+        raise ConfigError("SPILL_THRESHOLD_BYTES", f"must be an int >= 0 (bytes), got {spill!r}")
+    return _StoreConfig(
+        max_bytes=max_bytes,
+        policy=policy,
+        name=name,
+        disk_path=os.fspath(disk_path),
+        disk_max_bytes=_positive_int(options, "DISK_MAX_BYTES", DEFAULT_DISK_MAX_BYTES),
+        disk_compression=compression,
+        spill_threshold_bytes=spill,
+    )
+
+
+def _build_store(config: _StoreConfig) -> _Store:
+    memory = CacheManager(config.max_bytes, config.policy, default_ttl=None, name=config.name)
+    if config.disk_path is None:
+        return _Store(memory, memory, None, threading.Lock(), config)
+    try:
+        disk = DiskCache(
+            config.disk_path,
+            config.disk_max_bytes,
+            compression=config.disk_compression,
+            name=f"{config.name}:disk",
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError("DISK_PATH", f"cannot open the disk tier at {config.disk_path!r}: {exc}") from exc
+    tiered = TieredCache(
+        memory, disk, spill_threshold_bytes=config.spill_threshold_bytes, name=f"{config.name}:tiered"
+    )
+    return _Store(tiered, memory, disk, threading.Lock(), config)
 
 
 def _store_for(location: str, options: Mapping[str, Any]) -> _Store:
@@ -79,13 +140,12 @@ def _store_for(location: str, options: Mapping[str, Any]) -> _Store:
     with _stores_lock:
         store = _stores.get(location)
         if store is None:
-            cache = CacheManager(config.max_bytes, config.policy, default_ttl=None, name=config.name)
-            store = _stores[location] = _Store(cache, threading.Lock(), config)
+            store = _stores[location] = _build_store(config)
         elif store.config != config:
             raise ConfigError(
                 "OPTIONS",
                 f"LOCATION {location!r} is already in use with {store.config}; aliases sharing a LOCATION "
-                "share one store and must agree on MAX_BYTES/POLICY/NAME",
+                "share one store and must agree on MAX_BYTES/POLICY/NAME/DISK_*",
             )
         return store
 
@@ -97,6 +157,8 @@ def forget_location(location: str) -> bool:
     if store is None:
         return False
     store.cache.clear()
+    if isinstance(store.cache, TieredCache):
+        store.cache.close()
     return True
 
 
@@ -112,6 +174,8 @@ class KotobaCache(BaseCache):
         self._location = location
         self._shared = _store_for(location, params.get("OPTIONS") or {})
         self._cache = self._shared.cache
+        self._memory = self._shared.memory
+        self._disk = self._shared.disk
         self._lock = self._shared.lock
 
     # -- kotoba-memory extras ---------------------------------------------------------------------------
@@ -141,6 +205,15 @@ class KotobaCache(BaseCache):
             return _EXPIRED
         return None if math.isinf(timeout) else float(timeout)
 
+    def _remaining_ttl(self, key: str) -> float | None:
+        """Seconds the live entry under ``key`` has left (None: forever); KeyError when absent."""
+        try:
+            return self._memory.ttl_remaining(key)
+        except KeyError:
+            if self._disk is None:
+                raise
+            return self._disk.ttl(key)
+
     def _dumps(self, value: Any) -> bytes:
         return pickle.dumps(value, self.pickle_protocol)
 
@@ -149,10 +222,11 @@ class KotobaCache(BaseCache):
 
         The victims are chosen by the store's own policy: for the duration of this one put (under the
         LOCATION lock, which every writer of the store holds) the store's entry bound is lowered so that
-        its eviction removes exactly the culled count, in policy order, and the new entry stays.
+        its eviction removes exactly the culled count, in policy order, and the new entry stays. With a
+        disk tier the bound applies to the memory tier, whose culled entries spill to disk.
         """
-        cache = self._cache
-        size = len(cache)
+        cache, memory = self._cache, self._memory
+        size = len(memory)
         if size < self._max_entries:
             return bool(cache.put(key, payload, ttl))
         if self._cull_frequency == 0:
@@ -162,13 +236,13 @@ class KotobaCache(BaseCache):
         if count <= 0:
             return bool(cache.put(key, payload, ttl))
         # An overwrite does not grow the store, so the bound leaves room for a new key only.
-        room = 0 if key in cache else 1
-        saved = cache.max_entries
-        cache.max_entries = max(1, size - count + room)
+        room = 0 if key in memory else 1
+        saved = memory.max_entries
+        memory.max_entries = max(1, size - count + room)
         try:
             return bool(cache.put(key, payload, ttl))
         finally:
-            cache.max_entries = saved
+            memory.max_entries = saved
 
     def _set_locked(self, key: str, payload: bytes, ttl: Any) -> bool:
         """Store (caller holds the lock); False when the entry cannot be kept."""
@@ -227,7 +301,7 @@ class KotobaCache(BaseCache):
             new_value = pickle.loads(payload) + delta
             # Like memcached and locmem, incr keeps the entry's expiry.
             try:
-                remaining = self._cache.ttl_remaining(key)
+                remaining = self._remaining_ttl(key)
             except KeyError:  # expired between the read and now
                 raise ValueError(f"Key '{key}' not found") from None
             # No culling here: locmem's incr replaces the value in place.
@@ -274,69 +348,75 @@ class KotobaCache(BaseCache):
         with self._lock:
             self._cache.clear()
 
-    # -- async twins: the store is in memory and fast, so they run inline (no thread hop) ---------------
+    # -- async twins: the in-memory store is fast, so they run inline (no thread hop); with a disk tier
+    # -- they run in a worker thread so SQLite I/O never blocks the event loop.
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        if self._disk is None:
+            return func(*args)
+        return await asyncio.to_thread(func, *args)
 
     async def aadd(
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> bool:
-        return self.add(key, value, timeout, version)
+        return await self._run(self.add, key, value, timeout, version)
 
     async def aget(self, key: Any, default: Any = None, version: int | None = None) -> Any:
-        return self.get(key, default, version)
+        return await self._run(self.get, key, default, version)
 
     async def aset(
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> None:
-        self.set(key, value, timeout, version)
+        await self._run(self.set, key, value, timeout, version)
 
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
-        return self.touch(key, timeout, version)
+        return await self._run(self.touch, key, timeout, version)
 
     async def adelete(self, key: Any, version: int | None = None) -> bool:
-        return self.delete(key, version)
+        return await self._run(self.delete, key, version)
 
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
-        return self.get_many(keys, version)
+        return await self._run(self.get_many, list(keys), version)
 
     async def aget_or_set(
         self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Any:
-        value = self.get(key, _MISSING, version=version)
+        value = await self.aget(key, _MISSING, version=version)
         if value is not _MISSING:
             return value
         if callable(default):
             default = default()
             if asyncio.iscoroutine(default):
                 default = await default
-        self.add(key, default, timeout=timeout, version=version)
+        await self.aadd(key, default, timeout=timeout, version=version)
         # Read again: another caller may have added a value between our get() and add().
-        return self.get(key, default, version=version)
+        return await self.aget(key, default, version=version)
 
     async def ahas_key(self, key: Any, version: int | None = None) -> bool:
-        return self.has_key(key, version)
+        return await self._run(self.has_key, key, version)
 
     async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        return self.incr(key, delta, version)
+        return await self._run(self.incr, key, delta, version)
 
     async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
-        return self.decr(key, delta, version)
+        return await self._run(self.decr, key, delta, version)
 
     async def aset_many(
         self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> list[Any]:
-        return self.set_many(data, timeout, version)
+        return await self._run(self.set_many, data, timeout, version)
 
     async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
-        self.delete_many(keys, version)
+        await self._run(self.delete_many, list(keys), version)
 
     async def aclear(self) -> None:
-        self.clear()
+        await self._run(self.clear)
 
     async def aincr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self.incr_version(key, delta, version)
+        return await self._run(self.incr_version, key, delta, version)
 
     async def adecr_version(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        return self.decr_version(key, delta, version)
+        return await self._run(self.decr_version, key, delta, version)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} LOCATION={self._location!r} store={self._cache.name!r}>"

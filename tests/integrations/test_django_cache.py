@@ -538,6 +538,36 @@ def test_many_methods_warn_per_bad_key(cache: KotobaCache) -> None:
         cache.delete_many(["key with spaces"])
 
 
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (
+            "key with spaces and 清",
+            "Cache key contains characters that will cause errors if used with memcached: ",
+        ),
+        ("a" * 250 + "清", "Cache key will cause errors if used with memcached: "),
+    ],
+)
+def test_every_operation_warns_with_djangos_message(cache: KotobaCache, key: str, expected: str) -> None:
+    cache.key_func = lambda key, *args: key  # as Django's suite does: the raw key reaches validate_key
+    operations: list[tuple[str, tuple[Any, ...]]] = [
+        ("add", (key, 1)),
+        ("get", (key,)),
+        ("set", (key, 1)),
+        ("incr", (key,)),
+        ("decr", (key,)),
+        ("touch", (key,)),
+        ("delete", (key,)),
+        ("get_many", ([key, "b"],)),
+        ("set_many", ({key: 1, "b": 2},)),
+        ("delete_many", ([key, "b"],)),
+    ]
+    for operation, args in operations:
+        with pytest.warns(CacheKeyWarning) as record:
+            getattr(cache, operation)(*args)
+        assert str(record[0].message).startswith(expected + repr(key)), operation
+
+
 def test_valid_keys_do_not_warn(cache: KotobaCache) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheKeyWarning)
@@ -593,6 +623,18 @@ def test_close_is_harmless(cache: KotobaCache) -> None:
     cache.set("k", "v")
     assert cache.close() is None
     assert cache.get("k") == "v"
+
+
+def test_get_or_set_returns_default_when_add_loses_a_race(cache: KotobaCache) -> None:
+    from unittest import mock
+
+    with mock.patch("kotoba_memory_integrations.django.KotobaCache.add", return_value=False):
+        assert cache.get_or_set("key", "default") == "default"
+
+
+def test_string_version_and_timeout_in_set_many(cache: KotobaCache) -> None:
+    assert cache.set_many({"a": 1, "b": 2}, timeout=2, version="1") == []
+    assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
 
 
 def test_default_timeout_constant_is_djangos(cache: KotobaCache) -> None:
@@ -718,6 +760,25 @@ def test_same_location_shares_across_threads(make_cache: MakeCache) -> None:
     thread.start()
     thread.join(timeout=10)
     assert seen == ["v"]
+
+
+def test_caches_without_location_are_shared_and_others_isolated() -> None:
+    from django.test import override_settings
+
+    backend = "kotoba_memory_integrations.django.KotobaCache"
+    settings = {
+        "default": {"BACKEND": backend},
+        "again": {"BACKEND": backend},
+        "other": {"BACKEND": backend, "LOCATION": "other-isolated"},
+    }
+    try:
+        with override_settings(CACHES=settings):
+            caches["default"].set("value", 42)
+            assert caches["again"].get("value") == 42
+            assert caches["other"].get("value") is None
+    finally:
+        forget_location("")
+        forget_location("other-isolated")
 
 
 def test_unknown_backend_alias_is_djangos_error() -> None:
@@ -875,3 +936,93 @@ def test_session_middleware_and_cache_page_through_the_test_client() -> None:
             assert client.cookies["sessionid"].value
         finally:
             caches["default"].clear()
+
+
+def test_update_and_fetch_cache_middleware_round_trip_cookies() -> None:
+    from django.http import HttpRequest, HttpResponse
+    from django.middleware.cache import FetchFromCacheMiddleware, UpdateCacheMiddleware
+    from django.test import RequestFactory, override_settings
+
+    def empty(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    def with_cookie(request: HttpRequest) -> HttpResponse:
+        response = HttpResponse("Testing cookie serialization.")
+        response.set_cookie("foo", "bar")
+        return response
+
+    with override_settings(CACHE_MIDDLEWARE_ALIAS="default", CACHE_MIDDLEWARE_SECONDS=30):
+        try:
+            fetch = FetchFromCacheMiddleware(empty)
+            request = RequestFactory().get("/cache/test")
+            request._cache_update_cache = True  # type: ignore[attr-defined]
+            assert fetch.process_request(request) is None
+            response = UpdateCacheMiddleware(with_cookie)(request)
+            cached_response = fetch.process_request(request)
+            assert cached_response is not None
+            assert cached_response.content == b"Testing cookie serialization."
+            assert cached_response.cookies == response.cookies
+        finally:
+            caches["default"].clear()
+
+
+# --- disk tier -------------------------------------------------------------------------------------------
+
+
+def test_disk_tier_keeps_what_memory_evicts(make_cache: MakeCache, tmp_path: Any) -> None:
+    options = {
+        "MAX_BYTES": 8 * 1024,
+        "MAX_ENTRIES": 10_000,
+        "DISK_PATH": str(tmp_path),
+        "DISK_COMPRESSION": "zlib",
+    }
+    cache = make_cache(OPTIONS=options)
+    for i in range(100):
+        cache.set(f"k{i}", {"i": i, "pad": "x" * 400})
+    assert all(cache.get(f"k{i}") == {"i": i, "pad": "x" * 400} for i in range(100))
+    stats = cache.stats()
+    assert stats.spills > 0  # type: ignore[attr-defined]
+    assert stats.memory.bytes <= 8 * 1024  # type: ignore[attr-defined]
+    big = "y" * 500_000  # over the spill threshold: straight to disk
+    cache.set("big", big, None)
+    assert cache.get("big") == big
+    assert cache.incr_version("big") == 2
+    cache.set("n", 1, 30)
+    assert cache.incr("n", 5) == 6
+    assert cache.delete("k0") is True
+    assert cache.has_key("k0") is False
+    assert (tmp_path / "kotoba-cache.sqlite3").exists()
+
+
+def test_disk_tier_async_methods_run_off_the_loop(make_cache: MakeCache, tmp_path: Any) -> None:
+    cache = make_cache(OPTIONS={"DISK_PATH": str(tmp_path)})
+
+    async def scenario() -> None:
+        await cache.aset("k", [1, 2])
+        assert await cache.aget("k") == [1, 2]
+        assert await cache.aadd("k", 0) is False
+        assert await cache.aget_or_set("g", lambda: "v") == "v"
+        await cache.aclear()
+        assert await cache.ahas_key("k") is False
+
+    asyncio.run(scenario())
+
+
+def test_disk_options_are_validated(location: str, tmp_path: Any) -> None:
+    from kotoba_memory.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="DISK_MAX_BYTES"):
+        KotobaCache(location + "-a", {"OPTIONS": {"DISK_MAX_BYTES": 1024}})  # no DISK_PATH
+    with pytest.raises(ConfigError, match="DISK_COMPRESSION"):
+        KotobaCache(location + "-b", {"OPTIONS": {"DISK_PATH": str(tmp_path), "DISK_COMPRESSION": "lz4"}})
+    with pytest.raises(ConfigError, match="DISK_MAX_BYTES"):
+        KotobaCache(location + "-c", {"OPTIONS": {"DISK_PATH": str(tmp_path), "DISK_MAX_BYTES": 0}})
+
+
+def test_one_location_cannot_have_two_configurations(make_cache: MakeCache) -> None:
+    from kotoba_memory.errors import ConfigError
+
+    make_cache(OPTIONS={"MAX_BYTES": 10_000})
+    make_cache(OPTIONS={"MAX_BYTES": 10_000, "MAX_ENTRIES": 5})  # per-alias culling options may differ
+    with pytest.raises(ConfigError, match="already in use"):
+        make_cache(OPTIONS={"MAX_BYTES": 20_000})
