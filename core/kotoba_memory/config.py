@@ -79,7 +79,8 @@ class MemoryConfig:
 
     Field names follow the reference design. Sizes are MiB; ``monitoring_interval_ms`` is how often
     memory is sampled; ``leak_window_s`` out of every ``leak_window_interval_s`` seconds is traced for
-    leak detection (the default 0.5 s per minute keeps the overhead near 1%).
+    leak detection (the default 0.5 s per minute keeps the overhead near 1%). ``gc_adaptive=False``
+    keeps the GC optimizer to observing (pauses, counts) without tuning the collector.
     """
 
     enable_pooling: bool = False
@@ -90,6 +91,7 @@ class MemoryConfig:
     enable_custom_allocators: bool = False
     allocator_type: enum.Enum | str = "system"
     enable_gc_optimization: bool = True
+    gc_adaptive: bool = True
     target_memory_usage_percent: float = 75.0
     monitoring_interval_ms: int = 1000
     enable_profiling: bool = True
@@ -105,6 +107,7 @@ class MemoryConfig:
             "enable_caching",
             "enable_custom_allocators",
             "enable_gc_optimization",
+            "gc_adaptive",
             "enable_profiling",
             "enable_leak_detection",
         ):

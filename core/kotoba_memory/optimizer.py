@@ -267,6 +267,7 @@ class MemoryOptimizer:
         limit = self.config.memory_limit_mb * _MIB if self.config.memory_limit_mb else None
         return factory(
             target_memory_usage_percent=self.config.target_memory_usage_percent,
+            adaptive=self.config.gc_adaptive,
             monitoring_interval_s=self.config.monitoring_interval_ms / 1000.0,
             memory_limit_bytes=limit,
         )

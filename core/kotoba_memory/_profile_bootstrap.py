@@ -1,0 +1,121 @@
+"""Runs inside a process launched by ``kotoba-memory profile``: starts the optimizer, writes the report.
+
+The profile command puts a generated ``sitecustomize.py`` on ``PYTHONPATH`` that calls :func:`install`;
+configuration arrives in environment variables, so every Python process of the workload is profiled
+and writes its own report under ``$KOTOBA_MEMORY_PROFILE_DIR/proc-<pid>/``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ENV_DIR = "KOTOBA_MEMORY_PROFILE_DIR"
+ENV_CONFIG = "KOTOBA_MEMORY_PROFILE_CONFIG"
+PROGRESS_EVERY_S = 2.0
+
+_log = logging.getLogger(__name__)
+_state: dict[str, Any] = {}
+
+
+def process_dir(root: Path, pid: int) -> Path:
+    """Where process ``pid`` writes its report and progress."""
+    return root / f"proc-{pid}"
+
+
+def install() -> None:
+    """Start a MemoryOptimizer for this process if the profile command asked for one (once)."""
+    root = os.environ.get(ENV_DIR)
+    if not root or _state:
+        return
+    from kotoba_memory.config import MemoryConfig
+    from kotoba_memory.optimizer import MemoryOptimizer
+
+    config = MemoryConfig.from_mapping(json.loads(os.environ.get(ENV_CONFIG, "{}")))
+    out = process_dir(Path(root), os.getpid())
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = MemoryOptimizer(config)
+    optimizer.start()
+    stop = threading.Event()
+    _state.update(optimizer=optimizer, out=out, stop=stop, written=False)
+    thread = threading.Thread(target=_progress_loop, args=(optimizer, out, stop), daemon=True,
+                              name="kotoba-memory-profile-progress")
+    thread.start()
+    _state["thread"] = thread
+    atexit.register(finish)
+    # SIGTERM's default action skips atexit; turn it into a normal exit so the report gets written.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL,
+        None,
+    ):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _progress_loop(optimizer: Any, out: Path, stop: threading.Event) -> None:
+    while not stop.wait(PROGRESS_EVERY_S):
+        try:
+            _write_progress(optimizer, out)
+        except Exception:  # progress is best effort; never disturb the workload
+            _log.debug("progress write failed", exc_info=True)
+
+
+def _write_progress(optimizer: Any, out: Path) -> None:
+    stats = optimizer.memory_stats()
+    data: dict[str, Any] = {
+        "time": time.time(),
+        "rss_mb": stats.current_memory_mb,
+        "peak_mb": stats.peak_memory_mb,
+    }
+    profiler = optimizer.profiler
+    if profiler is not None:
+        analysis = profiler.analyze()
+        data["windows"] = analysis.stats.windows
+        data["suspects"] = len(analysis.memory_leaks)
+        if analysis.memory_leaks:
+            top = analysis.memory_leaks[0]
+            data["top"] = f"{top.allocation_site} ({top.growth_rate_bytes_per_s / 1024:.1f} KiB/s)"
+    tmp = out / "progress.json.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(out / "progress.json")
+
+
+def finish() -> None:
+    """Stop the optimizer and write report.html, report.json and summary.txt (once)."""
+    optimizer = _state.get("optimizer")
+    if optimizer is None or _state.get("written"):
+        return
+    _state["written"] = True
+    _state["stop"].set()
+    out: Path = _state["out"]
+    if not optimizer.running:
+        return
+    report = optimizer.stop()
+    report.write_json(out / "report.json")
+    report.write_html(out / "report.html")
+    (out / "summary.txt").write_text(report.summary() + "\n")
+
+
+def _after_fork_in_child() -> None:
+    # A forked worker (gunicorn, multiprocessing) gets its own optimizer and report directory.
+    if not _state:
+        return
+    _state.clear()
+    try:
+        install()
+    except Exception:
+        _log.debug("kotoba-memory profile: could not start in forked child", exc_info=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
