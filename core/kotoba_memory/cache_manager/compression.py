@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.cache_manager.types import CacheError
 
 __all__ = [
     "Codec",
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-class CompressionError(KotobaMemoryError, ValueError):
+class CompressionError(CacheError, ValueError):
     """A codec is unknown or unavailable, or a blob cannot be decompressed."""
 
 

@@ -26,8 +26,13 @@ from typing import Any, NamedTuple
 
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.compression import Codec, CompressionStats, Compressor
-from kotoba_memory.cache_manager.types import CachedValue, CacheStats, UnhashableKeyError, check_ttl
-from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.cache_manager.types import (
+    CachedValue,
+    CacheError,
+    CacheStats,
+    UnhashableKeyError,
+    check_ttl,
+)
 
 __all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
 
@@ -84,8 +89,8 @@ CREATE TRIGGER IF NOT EXISTS kotoba_cache_revalue AFTER UPDATE OF vid ON kotoba_
 END;
 """
 
-class DiskCacheError(KotobaMemoryError):
-    """The cache file cannot be opened or used (wrong format, closed cache, unusable path)."""
+class DiskCacheError(CacheError, OSError):
+    """The cache file cannot be opened or used (not a cache database, newer format, closed cache)."""
 
 
 class LatencyWindow:
