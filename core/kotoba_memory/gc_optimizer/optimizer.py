@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import gc
 import itertools
@@ -29,6 +28,8 @@ _HIGH_YIELD = 0.25
 _MIN_EXAMINED = 64
 _PRESSURE_HYSTERESIS_PERCENT = 5.0
 _MAX_PRESSURE_BACKOFF = 64
+_MAX_CHECK_GAP = 32
+_NEVER = 1 << 62
 
 
 class GcOptimizerError(KotobaMemoryError, RuntimeError):
@@ -135,9 +136,13 @@ class GcOptimizer:
         self._gen1_every = max(1, self._base[1])
         self._started = itertools.count(1)
         self._ended = itertools.count(1)
-        self._n_started = 0
-        self._n_ended = 0
         self._warmup_at = -1
+        # on_request_end() reads gc.get_count() (~0.1 us) only every few requests, as far apart as the
+        # measured young-object growth per request allows; _NEVER while not tuning.
+        self._next_check = _NEVER
+        self._check_gap = 1
+        self._checked_at = 0
+        self._count_after_check = 0
         self._start_wall = time.monotonic()
         self._start_cpu = time.process_time()
         self._stop_event = threading.Event()
@@ -179,8 +184,13 @@ class GcOptimizer:
             self._running = True
             if self.adaptive:
                 self._recorder.listener = self._on_collection
-                self._warmup_at = self._n_ended + max(1, self.warmup_requests)
+                self._warmed_up = False
+                self._warmup_at = self.requests_seen + max(1, self.warmup_requests)
                 self._tuning = True
+                self._checked_at = self.requests_seen
+                self._count_after_check = gc.get_count()[0]
+                self._check_gap = 1
+                self._next_check = self._checked_at + 1
                 self._rss_at_full = self._ceiling.process_rss()
                 self._start_monitor()
         self._flush_change_log()
@@ -190,6 +200,7 @@ class GcOptimizer:
         global _active
         with self._lock:
             self._tuning = False
+            self._next_check = _NEVER
             self._recorder.listener = None
             thread = self._thread
             self._stop_event.set()
@@ -211,6 +222,8 @@ class GcOptimizer:
 
     async def astop(self) -> None:
         """Async twin of :meth:`stop` (joins the monitor thread off the event loop)."""
+        import asyncio  # lazily: it pulls in ssl, several MB of RSS for sync-only apps
+
         await asyncio.to_thread(self.stop)
 
     def __enter__(self) -> GcOptimizer:
@@ -280,17 +293,36 @@ class GcOptimizer:
     # -- request hooks (hot path) ----------------------------------------------------------------
     def on_request_start(self) -> None:
         """Mark the start of a unit of work (a request). Cheap and thread-safe."""
-        self._n_started = next(self._started)
+        next(self._started)
 
     def on_request_end(self) -> None:
         """Mark its end; collects young garbage here when enough has accumulated. Thread-safe."""
         n = next(self._ended)
-        self._n_ended = n
-        if self._tuning:
-            if gc.get_count()[0] >= self._boundary_threshold:
-                self._collect_at_boundary()
-            if n == self._warmup_at:
-                self._finish_warmup()
+        if n >= self._next_check:
+            self._check_at_boundary(n)
+
+    def _check_at_boundary(self, n: int) -> None:
+        if not self._tuning:
+            self._next_check = _NEVER
+            return
+        young = gc.get_count()[0]
+        if young >= self._boundary_threshold:
+            self._collect_at_boundary()
+            after = gc.get_count()[0]
+            self._check_gap = 1
+        else:
+            # Young objects left behind per request since the last check: check again before twice that
+            # rate could reach the boundary threshold (at most _MAX_CHECK_GAP requests later).
+            per_request = max(0, young - self._count_after_check) / max(1, n - self._checked_at)
+            room = self._boundary_threshold - young
+            gap = int(room / (2.0 * per_request)) if per_request > 0 else _MAX_CHECK_GAP
+            self._check_gap = max(1, min(_MAX_CHECK_GAP, gap, 2 * self._check_gap))
+            after = young
+        self._checked_at = n
+        self._count_after_check = after
+        self._next_check = n + self._check_gap
+        if n >= self._warmup_at and not self._warmed_up:
+            self._finish_warmup()
 
     def _collect_at_boundary(self) -> None:
         generation = 1 if gc.get_count()[1] + 1 >= self._gen1_every else 0
@@ -488,6 +520,8 @@ class GcOptimizer:
 
     async def aanalyze(self) -> GcAnalysis:
         """Async twin of :meth:`analyze`."""
+        import asyncio  # lazily: it pulls in ssl, several MB of RSS for sync-only apps
+
         return await asyncio.to_thread(self.analyze)
 
     def optimize(self) -> list[GcChange]:
@@ -531,6 +565,8 @@ class GcOptimizer:
 
     async def aoptimize(self) -> list[GcChange]:
         """Async twin of :meth:`optimize` (collections run off the event loop)."""
+        import asyncio  # lazily: it pulls in ssl, several MB of RSS for sync-only apps
+
         return await asyncio.to_thread(self.optimize)
 
     def freeze_for_fork(self, *, collect: bool = True) -> int:
@@ -555,6 +591,7 @@ class GcOptimizer:
         """Put thresholds, enabled state and freeze state back as first found; stops adaptive tuning."""
         with self._lock:
             self._tuning = False
+            self._next_check = _NEVER
             found = self._found
             if found is None:
                 return []
@@ -619,10 +656,11 @@ class GcOptimizer:
         self._recorder.reset_lock()
         self._started = itertools.count(1)
         self._ended = itertools.count(1)
-        self._n_started = self._n_ended = 0
         self._thread = None
         if self._running and self._tuning:
             self._warmup_at = max(1, self.warmup_requests)
+            self._checked_at = 0
+            self._next_check = 1
             self._start_monitor()
 
 

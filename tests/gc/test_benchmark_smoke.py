@@ -1,0 +1,54 @@
+"""The GC benchmark's code runs end to end on tiny generated input (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gc_workload.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gc_workload_bench", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_children_measure_each_variant(bench) -> None:
+    results = bench.run_all(["orm_cyclic", "micro"], ["default", "adaptive"], 1, True, lambda _: None)
+    for workload in ("orm_cyclic", "micro"):
+        for variant in ("default", "adaptive"):
+            (res,) = results[workload][variant]
+            assert res["workload"] == workload and res["variant"] == variant
+            assert res["req_per_s"] > 0 and res["peak_rss_mb"] > 0
+            assert 0 <= res["gc_share"] <= 1
+            assert res["gen0_p50_ms"] <= res["gen0_p95_ms"] <= res["gen0_max_ms"]
+    # The cyclic ORM workload makes garbage only the collector can free, and both variants free it.
+    assert results["orm_cyclic"]["default"][0]["gen0_count"] > 0
+    assert results["orm_cyclic"]["adaptive"][0]["garbage_left"] < 5000
+    table = bench.report(results)
+    assert "### orm_cyclic" in table and "| adaptive |" in table
+    assert "goal" in table
+
+
+def test_goal_lines_judge_ratios(bench) -> None:
+    keys = ("req_per_s", "req_per_cpu_s", "max_pause_ms", "gc_share", "peak_rss_mb", "garbage_left")
+    base = dict(zip(keys, (100.0, 90.0, 50.0, 0.4, 100.0, 10)))
+    good = dict(zip(keys, (200.0, 180.0, 4.0, 0.02, 105.0, 0)))
+    bad = dict(zip(keys, (150.0, 100.0, 10.0, 0.08, 120.0, 99)))
+    assert all(line.startswith("- PASS") for line in bench.goal_lines("orm", base, good))
+    assert all(line.startswith("- MISS") for line in bench.goal_lines("orm", base, bad))
+    assert bench.goal_lines("micro", base, good)[0].startswith("- PASS")
+
+
+def test_cli_rejects_unknown_names(bench) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--variants", "default,nope"])
