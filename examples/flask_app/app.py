@@ -77,8 +77,14 @@ def checksum_chain(rounds: int) -> str:
     return digest.hex()
 
 
+_metrics_view: Any = None
+
+
 def _prometheus_metrics() -> Any:
-    """Install the OpenTelemetry Prometheus exporter; returns a view rendering the exposition format."""
+    """Install the OpenTelemetry Prometheus exporter (once per process); returns the /metrics view."""
+    global _metrics_view
+    if _metrics_view is not None:
+        return _metrics_view
     from opentelemetry import metrics
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
@@ -93,6 +99,7 @@ def _prometheus_metrics() -> Any:
     def view() -> Response:
         return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
 
+    _metrics_view = view
     return view
 
 

@@ -1,0 +1,195 @@
+"""The example apps under real servers on loopback: gunicorn (Flask, Django WSGI) and uvicorn (Django ASGI).
+
+Each test starts the server in a subprocess on a free port, drives it with httpx, scrapes its
+Prometheus ``/metrics`` (OpenTelemetry exporter) and reads the token-protected report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gunicorn")
+pytest.importorskip("opentelemetry.exporter.prometheus")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+BIN = Path(sys.executable).parent
+TOKEN = "server-test-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(cmd: list[str], cwd: Path, env: dict[str, str], port: int) -> Iterator[str]:
+    """Run ``cmd`` until it answers on ``port`` (bounded wait), yield its base URL, always stop it."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                pytest.fail(f"server exited early ({proc.returncode}):\n{out}")
+            try:
+                if httpx.get(base + "/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not become ready within 45 s")
+            time.sleep(0.25)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def example_env(tmp_path: Path, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # the test run's own settings must not leak into the server
+    env.update(
+        KOTOBA_EXAMPLE_BIND=f"127.0.0.1:{port}",
+        KOTOBA_EXAMPLE_DATA_DIR=str(tmp_path),
+        KOTOBA_EXAMPLE_REPORT_DIR=str(tmp_path / "reports"),
+        KOTOBA_EXAMPLE_LEAK="1",
+        KOTOBA_EXAMPLE_REPORT_TOKEN=TOKEN,
+        KOTOBA_EXAMPLE_METRICS="1",
+        KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS="200",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def histogram_count(metrics_text: str, name: str, route: str) -> float:
+    """The ``_count`` of a Prometheus histogram series whose http_route label is ``route``."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_count{{") and f'http_route="{route}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def check_report_endpoint(client: httpx.Client, path: str) -> None:
+    anonymous = client.get(path)
+    assert anonymous.status_code == 401
+    assert "leak" not in anonymous.text
+    assert client.get(path, headers={"Authorization": "Bearer nope"}).status_code == 403
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    summary = client.get(path, headers=auth)
+    assert summary.status_code == 200
+    assert "kotoba-memory report" in summary.text
+    data = client.get(path, params={"format": "json"}, headers=auth).json()
+    assert isinstance(data, dict) and data.get("stats")
+
+
+RSS = "kotoba_memory_http_server_request_rss_growth_bytes"
+
+
+def test_flask_example_under_gunicorn(tmp_path: Path) -> None:
+    port = free_port()
+    cmd = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
+    with serve(cmd, EXAMPLES / "flask_app", example_env(tmp_path, port), port) as base, httpx.Client(
+        base_url=base, timeout=20
+    ) as client:
+        for book_id in (1, 2, 3, 2):
+            assert client.get(f"/books/{book_id}").json()["id"] == book_id
+        assert len(client.get("/books").json()) == 50
+        assert client.get("/checksum/1000").json()["rounds"] == 1000
+        assert client.get("/checksum/1000").json()["rounds"] == 1000
+        for _ in range(3):
+            assert client.get("/leak").status_code == 200
+        assert client.get("/no-such-page").status_code == 404
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        text = metrics.text
+        assert histogram_count(text, RSS, "/books/<int:book_id>") == 4
+        assert histogram_count(text, RSS, "/leak") == 3
+        assert histogram_count(text, RSS, "unmatched") == 1
+        assert "/no-such-page" not in text  # raw paths never become labels
+        assert re.search(r"^process_memory_usage_bytes(\{[^}]*\})? [1-9]", text, re.M)
+        assert re.search(r'^cpython_gc_collections_total\{[^}]*cpython_gc_generation="2"', text, re.M)
+        cache_hits = r'^kotoba_memory_cache_hits_total\{[^}]*kotoba_memory_cache_name="kotoba-memory"'
+        assert re.search(cache_hits, text, re.M)
+        assert re.search(r'^kotoba_memory_query_cache_misses_total\{[^}]*"example-flask"', text, re.M)
+        check_report_endpoint(client, "/_kotoba/report")
+
+
+@pytest.fixture()
+def django_db(tmp_path: Path) -> Path:
+    port = free_port()
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v0"],
+        cwd=EXAMPLES / "django_app",
+        env=example_env(tmp_path, port),
+        check=True,
+        timeout=90,
+    )
+    return tmp_path
+
+
+def test_django_example_under_gunicorn(django_db: Path) -> None:
+    port = free_port()
+    cmd = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "exampleproject.wsgi"]
+    with serve(cmd, EXAMPLES / "django_app", example_env(django_db, port), port) as base, httpx.Client(
+        base_url=base, timeout=20
+    ) as client:
+        for book_id in (4, 5, 4):
+            assert client.get(f"/books/{book_id}/").json()["id"] == book_id
+        assert client.get("/books/9999/").status_code == 404
+        assert client.get("/stats/").status_code == 200
+        streamed = client.get("/stream/")
+        assert streamed.status_code == 200 and len(streamed.text.splitlines()) == 200
+        assert client.get("/leak/").status_code == 200
+        text = client.get("/metrics").text
+        assert histogram_count(text, RSS, "/books/<int:book_id>/") == 4
+        assert histogram_count(text, RSS, "/stream/") == 1
+        assert histogram_count(text, RSS, "/leak/") == 1
+        check_report_endpoint(client, "/_kotoba/report")
+
+
+@pytest.mark.skipif(shutil.which("uvicorn", path=str(BIN)) is None, reason="uvicorn not installed")
+def test_django_example_under_uvicorn_asgi(django_db: Path) -> None:
+    port = free_port()
+    cmd = [str(BIN / "uvicorn"), "exampleproject.asgi:application", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--log-level", "warning", "--lifespan", "off"]
+    with serve(cmd, EXAMPLES / "django_app", example_env(django_db, port), port) as base, httpx.Client(
+        base_url=base, timeout=20
+    ) as client:
+        for book_id in (6, 7):
+            assert client.get(f"/async/books/{book_id}/").json()["id"] == book_id
+            assert client.get(f"/books/{book_id}/").json()["id"] == book_id
+        streamed = client.get("/stream/")
+        assert len(streamed.text.splitlines()) == 200
+        text = client.get("/metrics").text
+        assert histogram_count(text, RSS, "/async/books/<int:book_id>/") == 2
+        assert histogram_count(text, RSS, "/books/<int:book_id>/") == 2
+        assert histogram_count(text, RSS, "/stream/") == 1
+        check_report_endpoint(client, "/_kotoba/report")
