@@ -534,7 +534,8 @@ def uninstrument(target: str | Instrumentation | None = None) -> bool:
     """Restore the original of ``target`` (or of every instrumented target when None).
 
     Returns whether anything was restored; calling it again, or on a target never instrumented, is a
-    no-op. If someone else replaced the attribute since, their object is left alone.
+    no-op. A wrapt wrapper stacked on ours since stays (ours is spliced out beneath it); if someone
+    replaced the attribute wholesale, their object is left alone.
     """
     if target is None:
         with _installed_lock:
@@ -545,11 +546,19 @@ def uninstrument(target: str | Instrumentation | None = None) -> bool:
     module_name, path = _parse_target(target)
     canonical = f"{module_name}:{path}"
     with _installed_lock:
-        handle = _installed.pop(canonical, None)
+        handle = _installed.get(canonical)
         if handle is None:
             return False
         module = importlib.import_module(module_name)
-        return wrapt.unwrap_object(module, path, handle.wrapper, missing_ok=True) is not None
+        try:
+            removed = wrapt.unwrap_object(module, path, handle.wrapper, missing_ok=True)
+        except wrapt.WrapperNotOutermostError as exc:
+            # A non-wrapt wrapper was put on top of ours: removing ours would not take effect.
+            raise InstrumentationError(
+                f"cannot uninstrument {canonical}: it was wrapped again on top ({exc}); remove that first"
+            ) from exc
+        del _installed[canonical]
+        return removed is not None
 
 
 def instrumented_targets() -> list[str]:

@@ -310,3 +310,26 @@ def test_concurrent_get_set_raise_nothing() -> None:
         thread.join(timeout=30)
     assert errors == []
     assert len(cache.store) <= 20
+
+
+@pytest.mark.redis
+def test_instances_share_entries_through_the_redis_tier(redis_url: str) -> None:
+    import uuid
+
+    from kotoba_memory.cache_manager.redis_tier import RedisCache
+
+    prefix = f"kotoba-test-{uuid.uuid4().hex}:"
+    store = RedisCache(redis_url, prefix=prefix)
+    other_process_view = RedisCache(redis_url, prefix=prefix)
+    try:
+        writer = KotobaCache(cache=store, key_prefix="app:")
+        reader = KotobaCache(cache=other_process_view, key_prefix="app:")
+        assert writer.set("k", {"v": [1, 2]}, timeout=30) is True
+        assert reader.get("k") == {"v": [1, 2]}
+        assert reader.add("k", "other") is False
+        assert writer.inc("n", 3) == 3
+        assert reader.get("n") == 3
+        assert reader.delete("k") is True
+        assert writer.has("k") is False
+    finally:
+        store.clear()

@@ -507,3 +507,43 @@ def test_instrument_and_uninstrument_from_many_threads(target_module: types.Modu
         thread.join(timeout=30)
     assert errors == []
     assert target_module.compute is original
+
+
+def test_uninstrument_keeps_a_wrapt_wrapper_stacked_on_top(target_module: types.ModuleType) -> None:
+    import wrapt
+
+    name = target_module.__name__
+    original = target_module.compute
+    instrument(f"{name}:compute", track=True)
+    outer_calls: list[int] = []
+
+    def outer(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        outer_calls.append(1)
+        return wrapped(*args, **kwargs)
+
+    outer_handle = wrapt.wrap_function_wrapper(target_module, "compute", outer)
+    assert uninstrument(f"{name}:compute") is True
+    assert target_module.compute is outer_handle
+    assert target_module.compute.__wrapped__ is original
+    assert target_module.compute(2) == 4
+    assert outer_calls == [1]
+
+
+def test_uninstrument_refuses_when_a_plain_wrapper_sits_on_top(target_module: types.ModuleType) -> None:
+    import functools
+
+    name = target_module.__name__
+    instrument(f"{name}:compute", track=True)
+    ours = target_module.compute
+
+    @functools.wraps(ours)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        return ours(*args, **kwargs)
+
+    target_module.compute = plain
+    with pytest.raises(InstrumentationError, match="wrapped again"):
+        uninstrument(f"{name}:compute")
+    assert target_module.compute is plain
+    assert instrumented_targets() == [f"{name}:compute"]
+    target_module.compute = ours
+    assert uninstrument(f"{name}:compute") is True
