@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import math
+import os
 import threading
 import tracemalloc
 import weakref
@@ -172,9 +173,23 @@ class _CachedDecorator:
     def __call__(self, func: F) -> F:
         if not callable(func) and not isinstance(func, classmethod | staticmethod):
             raise TypeError(f"@cached needs a function or method, got {type(func).__name__}")
+        inner = getattr(func, "__func__", func)
+        if inspect.isgeneratorfunction(inner) or inspect.isasyncgenfunction(inner):
+            # A generator can be consumed once; caching it would hand an exhausted one to later callers.
+            raise TypeError(f"@cached cannot cache generator function {_qualified_name(func)}")
         name, is_async = _qualified_name(func), _is_coroutine_function(func)
         call = _CachedCall(self.cache, self.ttl, self.key, name, is_async)
         return cast(F, CachedFunction(func, call))
+
+    def _identity(self) -> tuple[int, float | None, int]:
+        return (id(self.cache), self.ttl, id(self.key))
+
+    def __eq__(self, other: object) -> bool:
+        # Equal when they would cache the same way, so instrument() with a fresh cached(...) is idempotent.
+        return isinstance(other, _CachedDecorator) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     def __repr__(self) -> str:
         return f"cached({self.cache!r}, ttl={self.ttl!r}, key={self.key!r})"
@@ -232,10 +247,16 @@ class FunctionMemoryStats:
         return "rss" if self.rss_calls else "none"
 
 
-def _rss_bytes() -> int:
-    import psutil  # a core dependency; imported lazily to keep module import cheap
+_process: Any = None
 
-    return int(psutil.Process().memory_info().rss)
+
+def _rss_bytes() -> int:
+    global _process
+    if _process is None or _process.pid != os.getpid():  # one handle per process (re-made after fork)
+        import psutil  # a core dependency; imported lazily to keep module import cheap
+
+        _process = psutil.Process()
+    return int(_process.memory_info().rss)
 
 
 _Source = Literal["tracemalloc", "rss"]

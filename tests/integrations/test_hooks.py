@@ -547,3 +547,24 @@ def test_uninstrument_refuses_when_a_plain_wrapper_sits_on_top(target_module: ty
     assert instrumented_targets() == [f"{name}:compute"]
     target_module.compute = ours
     assert uninstrument(f"{name}:compute") is True
+
+
+def test_cached_refuses_generators(cache: CacheManager) -> None:
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+        cached(cache)(numbers)
+
+
+def test_instrument_with_an_equal_cached_decorator_is_idempotent(
+    target_module: types.ModuleType, cache: CacheManager
+) -> None:
+    name = target_module.__name__
+    first = instrument(f"{name}:compute", cached(cache, ttl=5))
+    assert instrument(f"{name}:compute", cached(cache, ttl=5)) is first
+    with pytest.raises(InstrumentationError):
+        instrument(f"{name}:compute", cached(cache, ttl=6))
+    assert target_module.compute(4) == 8
+    assert target_module.compute(4) == 8
+    assert target_module.calls == [4]
