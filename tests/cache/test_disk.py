@@ -403,3 +403,20 @@ def test_sigkill_mid_write_never_yields_a_corrupt_value(tmp_path: Path) -> None:
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     check.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_uses_its_own_connection(cache: DiskCache) -> None:
+    cache.put("before-fork", "v")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 3
+        try:
+            ok = cache.get("before-fork") == "v" and cache.put("from-child", [1])
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert cache.get("from-child") == [1]
+    assert cache.get("before-fork") == "v"

@@ -192,6 +192,7 @@ class DiskCache(BaseCache):
         self._timeout = timeout
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._inherited: sqlite3.Connection | None = None
         self._pid = -1
         self._closed = False
         self._last_access = 0.0
@@ -210,8 +211,14 @@ class DiskCache(BaseCache):
         """The shared connection, reopened after a fork (a SQLite handle must not cross one)."""
         if self._closed:
             raise DiskCacheError(f"{self.name} is closed")
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+        if self._conn is not None:
+            if self._pid == os.getpid():
+                return self._conn
+            # Forked: the parent's handle must be neither used nor closed here (closing could disturb
+            # the parent's WAL state); keep it referenced so garbage collection does not close it.
+            self._inherited = self._conn
+            self._conn = None
+            self._touched.clear()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
