@@ -380,7 +380,9 @@ def test_sigkill_mid_write_never_yields_a_corrupt_value(tmp_path: Path) -> None:
             line = proc.stdout.readline()
             assert line, "writer died early"
             committed.append(int(line))
-        # The writer is now inside the next put (values take milliseconds to write): kill it there.
+        # The writer is now inside the next put (values take milliseconds to write): kill it there, at a
+        # slightly different point of that write each round.
+        time.sleep(round_no * 0.0015)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stdout.close()
