@@ -293,10 +293,14 @@ def test_decr(cache: KotobaCache) -> None:
 
 
 def test_incr_keeps_the_expiry(cache: KotobaCache) -> None:
-    cache.set("counter", 1, 0.4)
+    cache.set("counter", 1, 100)
     assert cache.incr("counter") == 2
-    time.sleep(0.7)
-    assert cache.get("counter") is None
+    assert cache.decr("counter") == 1
+    remaining = _remaining(cache, "counter")
+    assert remaining is not None and 0 < remaining <= 100  # not reset to the 300 s default
+    cache.set("forever", 1, None)
+    cache.incr("forever")
+    assert _remaining(cache, "forever") is None
 
 
 def test_incr_is_atomic_across_threads(cache: KotobaCache) -> None:
@@ -324,8 +328,8 @@ def test_expiration(cache: KotobaCache) -> None:
 
 
 def test_default_timeout_from_settings(make_cache: MakeCache) -> None:
-    cache = make_cache(TIMEOUT=1)
-    assert cache.default_timeout == 1
+    cache = make_cache(TIMEOUT=30)
+    assert cache.default_timeout == 30
     cache.set("k", "v", timeout=0.2)
     cache.set("default", "v")
     time.sleep(0.4)
@@ -333,17 +337,24 @@ def test_default_timeout_from_settings(make_cache: MakeCache) -> None:
     assert cache.get("default") == "v"
 
 
+def _remaining(cache: KotobaCache, key: str) -> float | None:
+    return cache.store.ttl_remaining(cache.make_key(key))  # type: ignore[attr-defined,no-any-return]
+
+
 def test_touch(cache: KotobaCache) -> None:
-    cache.set("expire1", "very quickly", timeout=0.2)
+    cache.set("expire1", "very quickly", timeout=5)
     assert cache.touch("expire1", timeout=30) is True
-    time.sleep(0.4)
-    assert cache.has_key("expire1") is True
+    remaining = _remaining(cache, "expire1")
+    assert remaining is not None and 5 < remaining <= 30
+    assert cache.touch("expire1") is True  # without a timeout: the default (300 s)
+    remaining = _remaining(cache, "expire1")
+    assert remaining is not None and 30 < remaining <= 300
     assert cache.touch("expire1", timeout=0.2) is True
     time.sleep(0.4)
     assert cache.has_key("expire1") is False
-    cache.set("expire2", "very quickly", timeout=0.2)
+    cache.set("expire2", "very quickly", timeout=5)
     assert cache.touch("expire2", timeout=None) is True
-    time.sleep(0.4)
+    assert _remaining(cache, "expire2") is None
     assert cache.get("expire2") == "very quickly"
     assert cache.touch("nonexistent") is False
 
