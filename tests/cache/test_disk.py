@@ -422,3 +422,22 @@ def test_a_forked_child_uses_its_own_connection(cache: DiskCache) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert cache.get("from-child") == [1]
     assert cache.get("before-fork") == "v"
+
+
+def test_a_write_lock_held_too_long_is_a_disk_cache_error(tmp_path: Path) -> None:
+    path = tmp_path / "locked.sqlite3"
+    with DiskCache(path, 1 << 20, timeout=0.05) as c:
+        c.put("k", "kept")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing for longer than our timeout
+        try:
+            with pytest.raises(DiskCacheError, match="locked"):
+                c.put("k", "new")
+            with pytest.raises(OSError):
+                c.delete("k")
+            assert c.get("k") == "kept"  # WAL readers are not blocked by a writer
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert c.put("k", "new")
+        assert c.get("k") == "new"

@@ -234,3 +234,21 @@ def test_async_twins(cache: RedisCache) -> None:
         return out
 
     assert asyncio.run(main()) == [1, {"b": 2, "c": 3}, 3, "made", 0]
+
+
+def test_stats_rescans_occupancy_at_most_every_scan_interval(redis_url: str, prefix: str) -> None:
+    c = RedisCache(redis_url, prefix=prefix, scan_interval=3600)
+    try:
+        c.put_many({"a": 12345, "b": 1234567890})  # ints are stored as decimal text: 5 + 10 bytes
+        first = c.stats()
+        assert (first.entries, first.bytes) == (2, 15)
+        c.put("c", 1)
+        assert c.stats().entries == 2  # cached occupancy; counters stay live
+        assert c.stats().puts == 3
+        assert c.stats(refresh=True).entries == 3
+        c.clear()
+        assert c.stats().entries == 0
+    finally:
+        c.clear()
+    with pytest.raises(ValueError, match="scan_interval"):
+        RedisCache(redis_url, prefix=prefix, scan_interval=-1)

@@ -10,6 +10,7 @@ wall-clock deadline, so it survives restarts. Several processes may share one fi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import pickle
@@ -19,10 +20,10 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.compression import Codec, CompressionStats, Compressor
@@ -128,6 +129,25 @@ class DiskCacheStats(CacheStats):
     compression: CompressionStats | None = None
     corrupt: int = 0
     path: str = ""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _translate_errors(
+    method: Callable[Concatenate[DiskCache, _P], _R],
+) -> Callable[Concatenate[DiskCache, _P], _R]:
+    """Turn SQLite failures (a lock held too long, a full disk, an I/O error) into DiskCacheError."""
+
+    @functools.wraps(method)
+    def wrapper(self: DiskCache, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise DiskCacheError(f"{self.name} ({self.path}): {exc}") from exc
+
+    return wrapper
 
 
 def _encode_key(key: Hashable) -> bytes:
@@ -271,6 +291,7 @@ class DiskCache(BaseCache):
             conn.execute("ROLLBACK")
             raise
 
+    @_translate_errors
     def flush(self) -> None:
         """Write buffered access times now (done on close, before evicting, and every 128 hits)."""
         with self._lock:
@@ -304,6 +325,7 @@ class DiskCache(BaseCache):
 
     # -- reads ------------------------------------------------------------------------------------
 
+    @_translate_errors
     def _fetch(self, key: Hashable, *, remove: bool) -> tuple[bool, Any, float | None, int]:
         """Look ``key`` up: ``(found, value, ttl_remaining, stored_bytes)``; counts hits and misses."""
         started = time.perf_counter_ns()
@@ -334,7 +356,10 @@ class DiskCache(BaseCache):
                     # more than the read itself. A crash only loses recency, never a value.
                     self._touched[encoded] = now
                     if len(self._touched) >= _TOUCH_BATCH:
-                        self._flush_touched(conn, transaction=True)
+                        try:
+                            self._flush_touched(conn, transaction=True)
+                        except sqlite3.OperationalError as exc:  # e.g. another process holds the lock
+                            log.warning("%s: access times not written: %s", self.name, exc)
             if row is None:
                 self._misses += 1
                 self._miss_ns.add(started)
@@ -377,6 +402,7 @@ class DiskCache(BaseCache):
                 result[key] = value
         return result
 
+    @_translate_errors
     def __contains__(self, key: object) -> bool:
         encoded = _encode_key(key)
         with self._lock:
@@ -385,6 +411,7 @@ class DiskCache(BaseCache):
             ).fetchone()
         return row is not None and (row[0] is None or row[0] > time.time())
 
+    @_translate_errors
     def ttl(self, key: Hashable) -> float | None:
         """Seconds until ``key`` expires; None when it never expires. KeyError when it is absent."""
         encoded = _encode_key(key)
@@ -436,6 +463,7 @@ class DiskCache(BaseCache):
         for key_bytes, seconds, blob, codec, raw_size in encoded:
             self._store(key_bytes, blob, codec, raw_size, seconds, only_if_absent=False)
 
+    @_translate_errors
     def _store(
         self,
         encoded: bytes,
@@ -532,6 +560,7 @@ class DiskCache(BaseCache):
                 break
         return purged
 
+    @_translate_errors
     def purge_expired(self) -> int:
         """Delete every expired row now (in bounded batches); return how many went."""
         with self._lock:
@@ -551,6 +580,7 @@ class DiskCache(BaseCache):
             self._expirations += total
             return total
 
+    @_translate_errors
     def touch(self, key: Hashable, ttl: float | None = None) -> bool:
         """Give a live entry a new ttl (None: the default ttl, or no expiry); False when absent."""
         encoded = _encode_key(key)
@@ -566,6 +596,7 @@ class DiskCache(BaseCache):
             )
             return cursor.rowcount > 0
 
+    @_translate_errors
     def delete(self, key: Hashable) -> bool:
         """Remove ``key``; True when a live entry was there."""
         encoded = _encode_key(key)
@@ -579,6 +610,7 @@ class DiskCache(BaseCache):
                 self._deletes += 1
             return live
 
+    @_translate_errors
     def clear(self) -> None:
         """Remove every entry (of every process sharing the file)."""
         with self._lock:
@@ -593,6 +625,7 @@ class DiskCache(BaseCache):
                 conn.execute("ROLLBACK")
                 raise
 
+    @_translate_errors
     def __len__(self) -> int:
         self.purge_expired()
         with self._lock:
@@ -603,6 +636,7 @@ class DiskCache(BaseCache):
 
     # -- introspection ----------------------------------------------------------------------------
 
+    @_translate_errors
     def stats(self) -> DiskCacheStats:
         """Counters of this process plus the file's current size (shared by every process using it)."""
         with self._lock:

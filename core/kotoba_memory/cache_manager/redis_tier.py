@@ -61,7 +61,8 @@ class RedisCache(BaseCache):
 
     ``url_or_client`` is a ``redis://`` URL or a ``redis.Redis`` client (created with the default
     ``decode_responses=False``). ``len()``, ``clear()`` and ``stats()`` walk the keys under ``prefix``
-    with SCAN, so they cost time proportional to that key count.
+    with SCAN, so they cost time proportional to that key count (``stats()`` at most once per
+    ``scan_interval`` seconds).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class RedisCache(BaseCache):
         default_ttl: float | None = None,
         serializer: Serializer = pickle,
         name: str | None = None,
+        scan_interval: float = 10.0,
     ) -> None:
         try:
             import redis
@@ -97,6 +99,11 @@ class RedisCache(BaseCache):
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.serializer = serializer
         self._redis_error: type[Exception] = redis.RedisError
+        if isinstance(scan_interval, bool) or not isinstance(scan_interval, int | float) or scan_interval < 0:
+            raise ValueError(f"scan_interval must be a number of seconds >= 0, got {scan_interval!r}")
+        self.scan_interval = float(scan_interval)
+        self._scan_lock = threading.Lock()
+        self._last_scan: tuple[float, int, int] | None = None
         self._lock = threading.Lock()
         self._hits = self._misses = self._puts = self._deletes = self._corrupt = 0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
@@ -289,19 +296,16 @@ class RedisCache(BaseCache):
                 batch.clear()
         if batch:
             self.client.unlink(*batch)
+        with self._scan_lock:
+            self._last_scan = None
 
-    def stats(self) -> RedisCacheStats:
-        """This process's counters plus the prefix's key count and value bytes (one SCAN)."""
-        entries = 0
-        stored = 0
-        keys: list[bytes] = []
-        for redis_key in self._scan():
-            keys.append(redis_key)
-            if len(keys) >= _CHUNK:
-                entries, stored = entries + len(keys), stored + self._value_bytes(keys)
-                keys = []
-        if keys:
-            entries, stored = entries + len(keys), stored + self._value_bytes(keys)
+    def stats(self, *, refresh: bool = False) -> RedisCacheStats:
+        """This process's counters plus the prefix's key count and value bytes.
+
+        The occupancy comes from one SCAN of the prefix, redone at most every ``scan_interval`` seconds
+        (metrics exporters call this on every scrape) or when ``refresh`` is true.
+        """
+        entries, stored = self._occupancy(refresh)
         with self._lock:
             hits, misses = self._hits, self._misses
             lookups = hits + misses
@@ -325,6 +329,23 @@ class RedisCache(BaseCache):
                 prefix=self.prefix,
                 name=self.name,
             )
+
+    def _occupancy(self, refresh: bool) -> tuple[int, int]:
+        with self._scan_lock:
+            cached = self._last_scan
+            if not refresh and cached is not None and time.monotonic() - cached[0] < self.scan_interval:
+                return cached[1], cached[2]
+            entries = stored = 0
+            keys: list[bytes] = []
+            for redis_key in self._scan():
+                keys.append(redis_key)
+                if len(keys) >= _CHUNK:
+                    entries, stored = entries + len(keys), stored + self._value_bytes(keys)
+                    keys = []
+            if keys:
+                entries, stored = entries + len(keys), stored + self._value_bytes(keys)
+            self._last_scan = (time.monotonic(), entries, stored)
+            return entries, stored
 
     def _value_bytes(self, keys: list[bytes]) -> int:
         with self.client.pipeline(transaction=False) as pipe:
