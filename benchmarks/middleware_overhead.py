@@ -1,13 +1,15 @@
 """Per-request overhead of kotoba-memory's WSGI middleware under a real server and load generator.
 
-A trivial WSGI endpoint is served by gunicorn (one sync worker per variant, all started up front) and
+A trivial endpoint is served by gunicorn (one sync worker per variant, all started up front) and
 driven by ``wrk`` on 127.0.0.1 in interleaved rounds (variant order shuffled each round), so machine
-noise hits every variant alike. Reports the median req/s per variant and the median of the per-round
-ratios to the plain app (goal: the middleware costs <= 3% of req/s). A second, in-process part
-times the middleware's own cost per request in microseconds (median of repeats).
+noise hits every variant alike; each contender runs in baseline-V-V-baseline (ABBA) order so drifting
+load cancels. Reports the median req/s per variant and the median of the per-round ratios to the
+variant's baseline: the bare WSGI app, or bare Flask for the Flask pair (goal: the
+middleware costs <= 3% of req/s). A second, in-process part times the middleware's own cost per
+request in microseconds (median of repeats).
 
-    .venv/bin/python benchmarks/middleware_overhead.py            # ~2 minutes
-    .venv/bin/python benchmarks/middleware_overhead.py --quick    # ~30 seconds
+    .venv/bin/python benchmarks/middleware_overhead.py            # ~4 minutes
+    .venv/bin/python benchmarks/middleware_overhead.py --quick    # ~1 minute
 
 The module doubles as the gunicorn app: ``middleware_overhead:create_app()`` builds the variant named
 by ``KOTOBA_BENCH_VARIANT``.
@@ -31,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("plain", "middleware", "middleware+otel-noop", "middleware+otel-sdk", "middleware+optimizer")
+# variant -> the baseline its req/s is compared with
+VARIANTS = {
+    "plain": "plain",
+    "middleware": "plain",
+    "middleware+otel-noop": "plain",
+    "middleware+otel-sdk": "plain",
+    "middleware+optimizer": "plain",
+    "flask": "flask",
+    "flask+kotoba": "flask",
+}
+DEFAULT_VARIANTS = tuple(VARIANTS)
 _BODY = b"ok"
 
 
@@ -47,6 +59,16 @@ def build_variant(variant: str) -> Callable[..., Iterable[bytes]]:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if variant == "plain":
         return trivial_app
+    if variant.startswith("flask"):
+        from flask import Flask
+
+        app = Flask("bench")
+        app.add_url_rule("/", "index", lambda: "ok")
+        if variant == "flask+kotoba":
+            from kotoba_memory_integrations.flask import KotobaMemory
+
+            KotobaMemory(app, autostart=False)  # per-request metrics and route labels only
+        return app
     from kotoba_memory_integrations import otel
     from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
@@ -61,6 +83,7 @@ def build_variant(variant: str) -> Callable[..., Iterable[bytes]]:
         from kotoba_memory.config import MemoryConfig
         from kotoba_memory_integrations.runtime import start_optimizer
 
+        # Everything on, leak detection included (its tracing windows are part of the real cost).
         start_optimizer(MemoryConfig.from_mapping({"enable_profiling": True, "enable_gc_optimization": True}))
     return MemoryMiddleware(trivial_app)
 
@@ -135,23 +158,39 @@ def run_wrk(port: int, seconds: int, connections: int) -> float:
 
 def server_benchmark(
     variants: list[str], rounds: int, seconds: int, connections: int
-) -> dict[str, list[float]]:
-    """Interleaved wrk rounds against one gunicorn per variant; returns req/s per variant per round."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """ABBA-paired wrk runs against one gunicorn per variant.
+
+    Each round measures every non-baseline variant V as baseline, V, V, baseline back to back, so
+    load from other processes that drifts during the round cancels out of the pair's ratio. Returns
+    (req/s samples per variant, per-round ratios to the baseline per variant).
+    """
     servers = {}
     try:
         for variant in variants:
             servers[variant] = start_server(variant)
         for variant in variants:  # warm-up, discarded
             run_wrk(servers[variant][1], 1, connections)
-        results: dict[str, list[float]] = {v: [] for v in variants}
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        ratios: dict[str, list[float]] = {v: [] for v in variants}
+        contenders = [v for v in variants if VARIANTS[v] != v]
         rng = random.Random(20240501)
         for r in range(rounds):
-            order = list(variants)
-            rng.shuffle(order)
-            for variant in order:
-                results[variant].append(run_wrk(servers[variant][1], seconds, connections))
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v}={results[v][-1]:.0f}" for v in variants))
-        return results
+            rng.shuffle(contenders)
+            for variant in contenders:
+                base_port, port = servers[VARIANTS[variant]][1], servers[variant][1]
+                b1 = run_wrk(base_port, seconds, connections)
+                v1 = run_wrk(port, seconds, connections)
+                v2 = run_wrk(port, seconds, connections)
+                b2 = run_wrk(base_port, seconds, connections)
+                samples[VARIANTS[variant]] += [b1, b2]
+                samples[variant] += [v1, v2]
+                ratios[variant].append((v1 + v2) / (b1 + b2))
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v} x{ratios[v][-1]:.3f}" for v in contenders))
+        for variant in variants:
+            if VARIANTS[variant] == variant:
+                ratios[variant] = [1.0]
+        return samples, ratios
     finally:
         for proc, _ in servers.values():
             stop_server(proc)
@@ -195,17 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=int, default=None, help="wrk duration per run (whole seconds)")
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"from: {', '.join(VARIANTS)}")
     parser.add_argument("--no-server", action="store_true", help="only the in-process part")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 7)
-    seconds = max(1, args.seconds or (2 if args.quick else 3))
+    rounds = args.rounds or (2 if args.quick else 5)
+    seconds = max(1, args.seconds or (1 if args.quick else 2))
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}")
-    if "plain" not in variants:
-        parser.error("the 'plain' variant is the baseline and must be included")
+    for v in variants:
+        if VARIANTS[v] not in variants:
+            parser.error(f"variant {v!r} needs its baseline {VARIANTS[v]!r} in --variants")
 
     cost = in_process_cost_us(repeats=5 if args.quick else 11, calls=5000 if args.quick else 20000)
     print(
@@ -217,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (bash scripts/bootstrap.sh installs it): skipping the server part")
         return 1
-    print(f"gunicorn (1 sync worker per variant), wrk -t1 -c{args.connections} -d{seconds}s, {rounds} rounds")
-    results = server_benchmark(variants, rounds, seconds, args.connections)
-    base = results["plain"]
-    print(f"\n{'variant':24} {'median req/s':>12} {'ratio to plain':>15} {'overhead':>9}")
+    setup = f"wrk -t1 -c{args.connections} -d{seconds}s, {rounds} ABBA rounds"
+    print(f"gunicorn (1 sync worker per variant), {setup}")
+    samples, ratios = server_benchmark(variants, rounds, seconds, args.connections)
+    print(f"\n{'variant':24} {'median req/s':>12} {'baseline':>10} {'ratio':>7} {'overhead':>9}")
     for variant in variants:
-        ratio = statistics.median(x / b for x, b in zip(results[variant], base))
-        rps = statistics.median(results[variant])
-        print(f"{variant:24} {rps:12.0f} {ratio:15.3f} {100 * (1 - ratio):8.1f}%")
+        ratio = statistics.median(ratios[variant])
+        rps = statistics.median(samples[variant])
+        print(f"{variant:24} {rps:12.0f} {VARIANTS[variant]:>10} {ratio:7.3f} {100 * (1 - ratio):8.1f}%")
     return 0
 
 

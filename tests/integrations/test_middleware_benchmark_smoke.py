@@ -1,0 +1,67 @@
+"""Smoke test of benchmarks/middleware_overhead.py on tiny input: it runs and its variants serve."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark() -> ModuleType:
+    path = ROOT / "benchmarks" / "middleware_overhead.py"
+    spec = importlib.util.spec_from_file_location("middleware_overhead", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("middleware_overhead", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def serve_once(app: Any) -> tuple[str, bytes]:
+    status: list[str] = []
+    result = app(
+        {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_NAME": "x", "SERVER_PORT": "80",
+         "wsgi.url_scheme": "http", "wsgi.input": None, "wsgi.errors": sys.stderr},
+        lambda s, h, exc_info=None: status.append(s),
+    )
+    body = b"".join(result)
+    getattr(result, "close", lambda: None)()
+    return status[0], body
+
+
+def test_every_variant_serves_the_trivial_endpoint() -> None:
+    bench = load_benchmark()
+    from kotoba_memory_integrations import otel, runtime
+
+    try:
+        for variant in bench.VARIANTS:
+            status, body = serve_once(bench.build_variant(variant))
+            assert status.startswith("200") and body == b"ok", variant
+    finally:
+        otel.uninstrument()
+        runtime.stop_optimizer()
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench.build_variant("nope")
+
+
+def test_in_process_part_reports_numbers() -> None:
+    cost = load_benchmark().in_process_cost_us(repeats=1, calls=20)
+    assert set(cost) == {"plain_us", "middleware_us", "added_us"}
+    assert cost["plain_us"] > 0 and cost["middleware_us"] > 0
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_server_part_runs_one_tiny_round(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark()
+    assert bench.main(["--quick", "--rounds", "1", "--seconds", "1", "--variants", "plain,middleware"]) == 0
+    out = capsys.readouterr().out
+    assert "in-process:" in out and "middleware " in out and "ratio" in out
