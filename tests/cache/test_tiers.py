@@ -297,3 +297,18 @@ def test_async_twins(tiered: TieredCache) -> None:
         return out
 
     assert asyncio.run(main()) == ["small", 5000, 0, {"a": 1, "b": 2}, "yes", 0]
+
+
+def test_persist_moves_memory_entries_to_disk_for_a_restart(tmp_path: Path) -> None:
+    first = _tiered(tmp_path)
+    first.put("a", _doc(1), ttl=100)
+    first.put("b", _doc(2))
+    first.put("gone", _doc(3), ttl=0.05)
+    time.sleep(0.1)
+    assert _where(first, "a") == "memory"
+    first.close(persist=True)
+    second = _tiered(tmp_path)
+    assert second.get("a") == _doc(1) and second.get("b") == _doc(2)
+    assert second.get("gone") is None
+    assert 95 < (second.memory.ttl_remaining("a") or 0) <= 100
+    second.close()

@@ -302,8 +302,35 @@ class TieredCache(BaseCache):
                 compression_ratio=disk.compression_ratio,
             )
 
-    def close(self) -> None:
-        """Stop listening to the memory tier and close the disk tier."""
+    def persist(self) -> int:
+        """Move every live memory entry to disk with its remaining ttl (e.g. before a restart).
+
+        Returns how many were written; the memory tier is empty afterwards.
+        """
+        moved = 0
+        with self._lock:
+            snapshot = self.memory.keys()  # a list: the loop below empties the memory tier
+            for key in snapshot:
+                value = self.memory.pop(key, _MISSING)
+                deadline = self._deadlines.pop(key, None)
+                if value is _MISSING:
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    continue
+                try:
+                    stored = self.disk.put(key, value, remaining)
+                except TypeError as exc:
+                    self._spill_failures += 1
+                    log.warning("%s: could not persist %r: %s", self.name, key, exc)
+                    continue
+                moved += int(stored)
+        return moved
+
+    def close(self, *, persist: bool = False) -> None:
+        """Stop listening to the memory tier and close the disk tier (after :meth:`persist` if asked)."""
+        if persist:
+            self.persist()
         try:
             self.memory.remove_eviction_listener(self._on_memory_eviction)
         except ValueError:
