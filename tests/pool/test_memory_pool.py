@@ -150,6 +150,25 @@ def test_exhaustion_raises_and_nothing_is_lost() -> None:
     assert stats.failures == 1 and stats.live_blocks == 4 and stats.hit_rate == pytest.approx(4 / 5)
 
 
+def test_large_block_spans_adjacent_free_blocks_that_are_not_buddies() -> None:
+    pool = MemoryPool(256 * 1024)
+    a, b, c, d = (pool.allocate(64 * 1024) for _ in range(4))
+    assert [x._offset for x in (a, b, c, d)] == [0, 65536, 131072, 196608]
+    a.as_slice()[:] = b"a" * 65536
+    d.as_slice()[:] = b"d" * 65536
+    b.release()
+    c.release()  # free: [64K, 128K) and [128K, 192K), whose buddies (A and D) are live
+    assert pool.stats().largest_free_block == 128 * 1024
+    big = pool.allocate(128 * 1024)
+    assert big._offset == 65536
+    big.as_slice()[:] = b"x" * 131072
+    assert bytes(a.as_slice()) == b"a" * 65536 and bytes(d.as_slice()) == b"d" * 65536
+    for x in (a, big, d):
+        x.release()
+    pool.defragment()
+    assert pool.stats().largest_free_block == 256 * 1024
+
+
 def test_heap_fallback_is_counted() -> None:
     pool = MemoryPool(64 * 1024, fallback="heap")
     inside = pool.allocate(60_000)

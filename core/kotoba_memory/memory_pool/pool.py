@@ -12,6 +12,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -272,8 +273,7 @@ class MemoryPool:
         self._free_sets: list[set[int]] = [set() for _ in range(self._orders)]
         self._free_heaps: list[list[int]] = [[] for _ in range(self._orders)]
         for off, order in _pieces(0, capacity):
-            self._free_sets[order].add(off)
-            self._free_heaps[order].append(off)
+            self._push_free(order, off)
         self._large_cache: dict[int, list[int]] = {}
         self._large_cached = 0
 
@@ -291,7 +291,9 @@ class MemoryPool:
         self._slab_masks = [~(b - 1) for b in self._slab_bytes]
         self._heads = [-1] * len(self._slab_sizes)
         self._slab_live = array("l", [0]) * ((capacity >> _SLAB_MIN_SHIFT) + 1)
-        self._slabs: dict[int, int] = {}  # slab offset -> class index
+        # class index of the slab starting at each 16 KiB granule, -1 where no slab starts
+        self._slab_class = array("h", [-1]) * len(self._slab_live)
+        self._slab_count = 0
 
         self._used = 0
         self._requested = 0
@@ -383,7 +385,7 @@ class MemoryPool:
                 self._drain_pending()
             largest = self._largest_free()
             free = self._capacity - self._used
-            empty = sum(1 for off in self._slabs if self._slab_live[off >> _SLAB_MIN_SHIFT] == 0)
+            empty = sum(1 for _ in self._iter_slabs(empty_only=True))
             served = self._allocs
             hits = served - self._fallbacks - self._failures
             metadata = self._metadata_bytes()
@@ -406,7 +408,7 @@ class MemoryPool:
                 mean_allocation_ns=self._timed_ns / self._timed if self._timed else 0.0,
                 metadata_bytes=metadata,
                 metadata_ratio=metadata / self._capacity,
-                slabs=len(self._slabs),
+                slabs=self._slab_count,
                 empty_slabs=empty,
                 leaked_exported=self._leaked_exported,
             )
@@ -451,7 +453,8 @@ class MemoryPool:
             self._free_heaps = [[] for _ in self._free_heaps]
             self._large_cache.clear()
             self._large_cached = 0
-            self._slabs.clear()
+            self._slab_class = array("h", [-1]) * len(self._slab_live)
+            self._slab_count = 0
 
     @property
     def closed(self) -> bool:
@@ -484,11 +487,12 @@ class MemoryPool:
         if self._mm is None:
             self._failures += 1
             raise PoolClosedError(f"pool {self.name!r} is closed")
-        if self._flush_large_cache() + self._return_empty_slabs():
-            off, cls = self._retry(size)
-            if off >= 0:
-                self._requested += size
-                return MemoryBlock(self, off, size, cls)
+        self._flush_large_cache()
+        self._return_empty_slabs()
+        off, cls = self._retry(size)
+        if off >= 0:
+            self._requested += size
+            return MemoryBlock(self, off, size, cls)
         if self._fallback is FallbackPolicy.HEAP:
             self._fallbacks += 1
             block = MemoryBlock(self, -1, size, -size)
@@ -513,6 +517,8 @@ class MemoryPool:
             return off, cls
         cap = self._large_size(size)
         off = self._large_take(cap)
+        if off < 0:
+            off = self._take_run(cap)
         if off >= 0:
             self._used += cap
         return off, -cap
@@ -551,14 +557,20 @@ class MemoryPool:
             words[pos >> 3] = pos + slot
         words[last >> 3] = self._heads[cls]
         self._heads[cls] = off
-        self._slabs[off] = cls
+        self._slab_class[off >> _SLAB_MIN_SHIFT] = cls
+        self._slab_count += 1
         return off
+
+    def _iter_slabs(self, empty_only: bool) -> Iterator[tuple[int, int]]:
+        live = self._slab_live
+        for granule, cls in enumerate(self._slab_class):
+            if cls >= 0 and not (empty_only and live[granule]):
+                yield granule << _SLAB_MIN_SHIFT, cls
 
     def _return_empty_slabs(self) -> int:
         empty: dict[int, set[int]] = {}
-        for off, cls in self._slabs.items():
-            if self._slab_live[off >> _SLAB_MIN_SHIFT] == 0:
-                empty.setdefault(cls, set()).add(off)
+        for off, cls in self._iter_slabs(empty_only=True):
+            empty.setdefault(cls, set()).add(off)
         if not empty:
             return 0
         words = self._words
@@ -583,7 +595,8 @@ class MemoryPool:
             self._heads[cls] = head
             order = (self._slab_bytes[cls] >> MIN_BLOCK_SHIFT).bit_length() - 1
             for off in slabs:
-                del self._slabs[off]
+                self._slab_class[off >> _SLAB_MIN_SHIFT] = -1
+                self._slab_count -= 1
                 self._buddy_free(off, order)
         return sum(len(s) for s in empty.values())
 
@@ -611,20 +624,59 @@ class MemoryPool:
                 advised += size
         return advised
 
+    def _free_runs(self, include_cache: bool = False) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+        """Maximal runs of adjacent free buddy blocks: (start, end, [(offset, order), ...])."""
+        blocks = [(off, order) for order, free in enumerate(self._free_sets) for off in free]
+        if include_cache:  # cached large blocks are free too: any allocation failure flushes them
+            for cap, offsets in self._large_cache.items():
+                for off in offsets:
+                    blocks += _pieces(off, off + cap)
+        blocks.sort()
+        start = end = -1
+        members: list[tuple[int, int]] = []
+        for off, order in blocks:
+            if off != end:
+                if members:
+                    yield start, end, members
+                start, members = off, []
+            members.append((off, order))
+            end = off + (MIN_BLOCK << order)
+        if members:
+            yield start, end, members
+
     def _largest_free(self) -> int:
-        for order in range(self._orders - 1, -1, -1):
-            if self._free_sets[order]:
-                return MIN_BLOCK << order
-        return 0
+        """The largest contiguous free run: the biggest large block that can still be served."""
+        return max((end - start for start, end, _ in self._free_runs(include_cache=True)), default=0)
+
+    def _take_run(self, cap: int) -> int:
+        """Slow path: serve ``cap`` bytes from adjacent free blocks that are not buddies of each other.
+
+        A large block is released as its aligned pieces, so it need not start on a power-of-two boundary;
+        this finds space plain buddy coalescing cannot merge.
+        """
+        for start, end, members in self._free_runs():
+            if end - start < cap:
+                continue
+            used_end = start + cap
+            for off, order in members:
+                if off >= used_end:
+                    break
+                self._free_sets[order].remove(off)
+                block_end = off + (MIN_BLOCK << order)
+                if block_end > used_end:  # give back the part of the last block we do not need
+                    for pos, piece in _pieces(used_end, block_end):
+                        self._buddy_free(pos, piece)
+            return start
+        return -1
 
     def _metadata_bytes(self) -> int:
         getsizeof = sys.getsizeof
         total = sum(getsizeof(s) for s in self._free_sets) + sum(getsizeof(h) for h in self._free_heaps)
-        # int objects referenced by the free sets/heaps (heaps share the sets' ints or hold stale ones)
-        total += sum(len(h) for h in self._free_heaps) * 32
+        # int objects: the sets' (shared with the heaps) plus the heaps' stale ones
+        total += 32 * sum(len(h) for h in self._free_heaps)
         total += getsizeof(self._large_cache)
         total += sum(getsizeof(v) + 32 * len(v) for v in self._large_cache.values())
-        total += getsizeof(self._slabs) + 64 * len(self._slabs)
+        total += getsizeof(self._slab_class)
         total += getsizeof(self._class_of) + getsizeof(self._slab_live) + getsizeof(self._heads)
         total += getsizeof(self._slab_sizes) + getsizeof(self._slab_bytes) + getsizeof(self._slab_masks)
         total += 32 * 3 * len(self._slab_sizes) + getsizeof(self._pending)
@@ -632,7 +684,12 @@ class MemoryPool:
 
     # -- buddy allocator ------------------------------------------------------------------------------
 
+    def _push_free(self, order: int, off: int) -> None:
+        self._free_sets[order].add(off)
+        heapq.heappush(self._free_heaps[order], off)
+
     def _buddy_take(self, order: int) -> int:
+        """The lowest-addressed free block of ``order`` (split from a larger one if needed), or -1."""
         sets = self._free_sets
         for j in range(order, self._orders):
             free = sets[j]
@@ -640,14 +697,12 @@ class MemoryPool:
                 continue
             heap = self._free_heaps[j]
             off = heapq.heappop(heap)
-            while off not in free:  # stale entry of a block that was coalesced away
+            while off not in free:  # stale entry of a block taken or coalesced away
                 off = heapq.heappop(heap)
             free.remove(off)
             while j > order:
                 j -= 1
-                buddy = off + (MIN_BLOCK << j)
-                sets[j].add(buddy)
-                heapq.heappush(self._free_heaps[j], buddy)
+                self._push_free(j, off + (MIN_BLOCK << j))
             return off
         return -1
 
@@ -662,9 +717,8 @@ class MemoryPool:
             free.remove(buddy)
             off = min(off, buddy)
             order += 1
-        sets[order].add(off)
+        self._push_free(order, off)
         heap = self._free_heaps[order]
-        heapq.heappush(heap, off)
         if len(heap) > 2 * len(sets[order]) + 64:
             heap[:] = sorted(sets[order])
 
@@ -675,24 +729,23 @@ class MemoryPool:
         off = self._buddy_take(order)
         if off < 0:
             return -1
-        # Split off the unused tail: it decomposes into aligned free buddies whose partners are in use.
-        for pos, piece in _pieces(off + cap, off + (MIN_BLOCK << order), base=off):
-            self._free_sets[piece].add(pos)
-            heapq.heappush(self._free_heaps[piece], pos)
+        # Split off the unused tail: it decomposes into aligned free buddies whose partners are in use,
+        # so they go straight onto the free lists.
+        for pos, piece in _pieces(off + cap, off + (MIN_BLOCK << order)):
+            self._push_free(piece, pos)
         return off
 
     def _large_release(self, off: int, cap: int) -> None:
-        for pos, piece in _pieces(off, off + cap, base=off):
+        for pos, piece in _pieces(off, off + cap):
             self._buddy_free(pos, piece)
 
 
-def _pieces(start: int, end: int, base: int = 0) -> list[tuple[int, int]]:
+def _pieces(start: int, end: int) -> list[tuple[int, int]]:
     """Decompose ``[start, end)`` into buddy blocks (offset, order), each aligned to its own size."""
     out = []
     pos = start
     while pos < end:
-        rel = pos - base
-        align = rel & -rel if rel else 1 << 62
+        align = pos & -pos if pos else 1 << 62
         size = min(align, 1 << ((end - pos).bit_length() - 1))
         out.append((pos, (size >> MIN_BLOCK_SHIFT).bit_length() - 1))
         pos += size
