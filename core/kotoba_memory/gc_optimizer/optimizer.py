@@ -344,7 +344,7 @@ class GcOptimizer:
         if not self.auto_freeze or self._pressure or self._freeze_active:
             return
         with self._lock:
-            if not self._tuning:
+            if not self._tuning or self._freeze_active:
                 return
             self._capture_found()
             self._explicit_collect(1)
