@@ -140,6 +140,26 @@ def test_flask_example_under_gunicorn(tmp_path: Path) -> None:
         assert re.search(cache_hits, text, re.M)
         assert re.search(r'^kotoba_memory_query_cache_misses_total\{[^}]*"example-flask"', text, re.M)
         check_report_endpoint(client, "/_kotoba/report")
+        assert_dashboard_metrics_exist(text)
+
+
+def assert_dashboard_metrics_exist(metrics_text: str) -> None:
+    """Every metric docs/grafana-dashboard.json queries is one the app really exports."""
+    import json
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:process|cpython|kotoba_memory)_[a-z_]+)\{", target["expr"])
+    }
+    lines = [line for line in metrics_text.splitlines() if not line.startswith("#")]
+    exported = {line.split("{", 1)[0].split(" ", 1)[0] for line in lines}
+    # The example runs without a memory pool, so the pool panel has nothing to show there.
+    missing = {name for name in queried - exported if not name.startswith("kotoba_memory_pool_")}
+    assert not missing, f"dashboard queries metrics the app does not export: {sorted(missing)}"
+    assert len(queried) >= 12
 
 
 @pytest.fixture()
