@@ -312,3 +312,16 @@ def test_persist_moves_memory_entries_to_disk_for_a_restart(tmp_path: Path) -> N
     assert second.get("gone") is None
     assert 95 < (second.memory.ttl_remaining("a") or 0) <= 100
     second.close()
+
+
+def test_ttl_bookkeeping_stays_bounded(tmp_path: Path) -> None:
+    cache = _tiered(tmp_path, memory_bytes=1 << 20)
+    for i in range(200):
+        cache.put(i, f"v{i}", ttl=0.05)
+    cache.put("keep", "k", ttl=100)
+    cache.put("keep", "k2")  # overwritten without a ttl: nothing to remember any more
+    time.sleep(0.1)
+    assert all(cache.get(i) is None for i in range(200))  # each read expires one entry
+    assert len(cache._deadlines) == 0
+    assert cache.stats().memory.expirations == 200
+    cache.close()

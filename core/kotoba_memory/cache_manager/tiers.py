@@ -98,9 +98,11 @@ class TieredCache(BaseCache):
             getattr(memory, "weigher", None) or getattr(memory, "_weigher", None) or default_weigher
         )
         self._lock = threading.RLock()
-        # Monotonic deadlines of memory entries that have a ttl: an eviction event carries no ttl, and a
-        # spilled entry must keep its remaining lifetime. Bounded by the memory tier's entry count.
-        self._deadlines: dict[Hashable, float] = {}
+        # Monotonic deadline and value of each memory entry that has a ttl: an eviction event carries no
+        # ttl, and a spilled entry must keep its remaining lifetime. The value tells whose deadline it is
+        # when an event arrives late (e.g. from the sweeper thread after the key was written again). Holds
+        # no value the memory tier does not hold; bounded by its entry count.
+        self._deadlines: dict[Hashable, tuple[float, Any]] = {}
         self._memory_hits = itertools.count()
         self._disk_hits = self._misses = self._puts = self._deletes = self._rejections = 0
         self._promotions = self._spills = self._direct = self._spill_failures = 0
@@ -116,16 +118,24 @@ class TieredCache(BaseCache):
             seconds = value.ttl
         return self.default_ttl if seconds is None else seconds
 
-    def _remember_deadline(self, key: Hashable, seconds: float | None) -> None:
+    def _remember_deadline(self, key: Hashable, value: Any, seconds: float | None) -> None:
         if seconds is None:
             self._deadlines.pop(key, None)
         else:
-            self._deadlines[key] = time.monotonic() + seconds
+            self._deadlines[key] = (time.monotonic() + seconds, value)
+
+    def _forget_deadline(self, key: Hashable, value: Any) -> float | None:
+        """Drop and return the deadline recorded for ``key`` if it belongs to ``value``."""
+        record = self._deadlines.get(key)
+        if record is None or record[1] is not value:
+            return None
+        del self._deadlines[key]
+        return record[0]
 
     def _on_memory_eviction(self, key: Hashable, value: Any, cause: EvictionCause) -> None:
         """Spill entries evicted for size to disk (the memory tier calls this outside its lock)."""
         with self._lock:
-            deadline = self._deadlines.pop(key, None)
+            deadline = self._forget_deadline(key, value)
             if cause is not EvictionCause.SIZE:
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -175,10 +185,13 @@ class TieredCache(BaseCache):
 
     def _promote(self, key: Hashable, value: Any, ttl: float | None) -> None:
         """Move a value taken off the disk into memory, or put it back if memory will not keep it."""
-        if self._weigh(value) <= self.spill_threshold_bytes and self.memory.put(key, value, ttl):
-            self._remember_deadline(key, ttl)
-            self._promotions += 1
-        elif key not in self.disk and key not in self.memory:
+        if self._weigh(value) <= self.spill_threshold_bytes:
+            self._remember_deadline(key, value, ttl)
+            if self.memory.put(key, value, ttl):
+                self._promotions += 1
+                return
+            self._forget_deadline(key, value)
+        if key not in self.disk and key not in self.memory:
             # Too heavy, or refused by the memory tier's admission policy without being spilled.
             self.disk.put(key, value, ttl)
 
@@ -207,12 +220,13 @@ class TieredCache(BaseCache):
             self._puts += 1
             if weight > self.spill_threshold_bytes:
                 return self._put_on_disk(key, value, seconds)
+            # Recorded first: an admission refusal evicts (and spills) the new entry inside put().
+            self._remember_deadline(key, value, seconds)
             kept = self.memory.put(key, value, seconds)
             if kept:
-                self._remember_deadline(key, seconds)
                 self.disk.delete(key)  # the tiers are exclusive: drop an older copy on disk
                 return True
-            self._deadlines.pop(key, None)
+            self._forget_deadline(key, value)
             if key in self.disk:  # refused by admission, then spilled by our eviction listener
                 return True
             return self._put_on_disk(key, value, seconds)
@@ -220,8 +234,8 @@ class TieredCache(BaseCache):
     def _put_on_disk(self, key: Hashable, value: Any, seconds: float | None) -> bool:
         stored = self.disk.put(key, value, seconds)  # raises TypeError (unpicklable) before any change
         self._direct += 1
-        if self.memory.delete(key):
-            self._deadlines.pop(key, None)
+        self.memory.delete(key)
+        self._deadlines.pop(key, None)
         if not stored:
             self._rejections += 1
         return stored
@@ -240,7 +254,10 @@ class TieredCache(BaseCache):
             seconds = self.default_ttl
         with self._lock:
             if self.memory.touch(key, seconds):
-                self._remember_deadline(key, seconds)
+                record = self._deadlines.get(key)
+                value = record[1] if record is not None else self.memory.get(key, _MISSING)
+                if value is not _MISSING:
+                    self._remember_deadline(key, value, seconds)
                 return True
             return self.disk.touch(key, seconds)
 
@@ -312,9 +329,9 @@ class TieredCache(BaseCache):
             snapshot = self.memory.keys()  # a list: the loop below empties the memory tier
             for key in snapshot:
                 value = self.memory.pop(key, _MISSING)
-                deadline = self._deadlines.pop(key, None)
                 if value is _MISSING:
                     continue
+                deadline = self._forget_deadline(key, value)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     continue
