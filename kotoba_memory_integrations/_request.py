@@ -184,14 +184,8 @@ def optional_function(module: str, name: str) -> Callable[[], Any] | None:
     return _resolved[key]
 
 
-def _active_gc_optimizer() -> Any:
-    getter = optional_function("kotoba_memory.gc_optimizer", "get_active_gc_optimizer")
-    return getter() if getter is not None else None
-
-
-def _active_profiler() -> Any:
-    getter = optional_function("kotoba_memory.memory_profiler", "get_active_profiler")
-    return getter() if getter is not None else None
+def _none() -> None:
+    return None
 
 
 class RequestMeasurement:
@@ -309,8 +303,13 @@ class RequestRecorder:
         on_request: RequestListener | None = None,
         rss_reader: RssReader | None = None,
     ) -> None:
-        self.gc_optimizer = gc_optimizer or _active_gc_optimizer
-        self.profiler = profiler or _active_profiler
+        # Resolved once: the getters themselves look up the optimizer/profiler active at call time.
+        self.gc_optimizer = gc_optimizer or optional_function(
+            "kotoba_memory.gc_optimizer", "get_active_gc_optimizer"
+        ) or _none
+        self.profiler = profiler or optional_function(
+            "kotoba_memory.memory_profiler", "get_active_profiler"
+        ) or _none
         self.on_request = on_request
         self.rss_reader = rss_reader or _shared_rss_reader
 
