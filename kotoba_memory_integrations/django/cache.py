@@ -56,7 +56,7 @@ class _StoreConfig:
     spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Store:
     """The data of one LOCATION, shared by every alias and thread that names it."""
 
@@ -76,6 +76,18 @@ def _positive_int(options: Mapping[str, Any], field: str, default: int) -> int:
 
 _stores: dict[str, _Store] = {}
 _stores_lock = threading.Lock()
+
+
+def _reset_locks_after_fork() -> None:
+    # A lock held by another thread at fork() would stay held forever in the child (which has only
+    # the forking thread): give the child fresh ones. The stored data itself is inherited as is.
+    global _stores_lock
+    _stores_lock = threading.Lock()
+    for store in _stores.values():
+        store.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:
@@ -176,7 +188,11 @@ class KotobaCache(BaseCache):
         self._cache = self._shared.cache
         self._memory = self._shared.memory
         self._disk = self._shared.disk
-        self._lock = self._shared.lock
+
+    @property
+    def _lock(self) -> threading.Lock:
+        """The LOCATION's lock (read through the store, so a fork's fresh lock is picked up)."""
+        return self._shared.lock
 
     # -- kotoba-memory extras ---------------------------------------------------------------------------
 

@@ -1037,3 +1037,52 @@ def test_one_location_cannot_have_two_configurations(make_cache: MakeCache) -> N
     make_cache(OPTIONS={"MAX_BYTES": 10_000, "MAX_ENTRIES": 5})  # per-alias culling options may differ
     with pytest.raises(ConfigError, match="already in use"):
         make_cache(OPTIONS={"MAX_BYTES": 20_000})
+
+
+def test_aget_or_set_accepts_an_async_default(cache: KotobaCache) -> None:
+    calls: list[int] = []
+
+    async def compute() -> str:
+        calls.append(1)
+        return "computed"
+
+    async def scenario() -> tuple[Any, Any]:
+        return await cache.aget_or_set("k", compute), await cache.aget_or_set("k", compute)
+
+    assert asyncio.run(scenario()) == ("computed", "computed")
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_forked_child_gets_fresh_locks_and_the_inherited_data(cache: KotobaCache) -> None:
+    import os
+    import signal
+
+    # No ttl anywhere here: ttl'd entries would involve the engine's sweeper thread, whose own locks
+    # are not this test's subject.
+    cache.set("k", "inherited", None)
+    holder_ready, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with cache._lock:
+            holder_ready.set()
+            release.wait(timeout=10)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert holder_ready.wait(timeout=10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: the lock is held by a thread that does not exist here
+            ok = False
+            try:
+                signal.alarm(20)  # a deadlock fails the test instead of hanging it
+                cache.set("child", 1, None)
+                ok = cache.get("k") == "inherited" and cache.get("child") == 1
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join(timeout=10)
+    assert os.waitstatus_to_exitcode(status) == 0
