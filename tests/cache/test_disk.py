@@ -441,3 +441,34 @@ def test_a_write_lock_held_too_long_is_a_disk_cache_error(tmp_path: Path) -> Non
             other.close()
         assert c.put("k", "new")
         assert c.get("k") == "new"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_is_inside_the_cache(cache: DiskCache) -> None:
+    import warnings
+
+    cache.put("k", "v")
+    inside, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        with cache._lock:  # a request thread in the middle of a cache call when the fork happens
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    assert inside.wait(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 3
+        try:
+            signal.alarm(20)  # a deadlock would otherwise hang the child forever
+            code = 0 if cache.get("k") == "v" else 1
+        finally:
+            os._exit(code)
+    release.set()
+    thread.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -18,6 +18,7 @@ import sqlite3
 import statistics
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -131,6 +132,18 @@ class DiskCacheStats(CacheStats):
     path: str = ""
 
 
+_open_caches: weakref.WeakSet[DiskCache] = weakref.WeakSet()
+
+
+def _reset_locks_after_fork() -> None:
+    # A thread of the parent may have held a lock at fork time; in the child it would never be released.
+    for cache in list(_open_caches):
+        cache._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)
+
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -202,6 +215,8 @@ class DiskCache(BaseCache):
             raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.max_bytes = max_bytes
         self._compressor = Compressor(compression, compress_min_bytes)
@@ -224,6 +239,7 @@ class DiskCache(BaseCache):
         super().__init__(name or f"disk:{target.name}")
         with self._lock:
             self._connection()
+        _open_caches.add(self)
 
     # -- connection -------------------------------------------------------------------------------
 
