@@ -9,6 +9,7 @@ an eviction ``policy`` and ``stats()``. Pass ``cache=`` to put the entries in a 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,16 @@ def _lock_for(store: Any) -> threading.Lock:
         if lock is None:
             lock = _store_locks[store] = threading.Lock()
         return lock
+
+
+def _reset_locks_after_fork() -> None:
+    # Locks held by other threads at fork() would never be released in the child: start afresh.
+    global _store_locks_guard
+    _store_locks_guard = threading.Lock()
+    _store_locks.clear()
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 class KotobaCache(BaseCache):
@@ -77,8 +88,11 @@ class KotobaCache(BaseCache):
         else:
             self._threshold = threshold or 500
         self._store = cache
-        # Serialises the read-modify-write of inc/dec (the store itself is thread-safe).
-        self._lock = _lock_for(cache)
+
+    @property
+    def _lock(self) -> threading.Lock:
+        """Serialises the read-modify-write of inc/dec on this store (the store itself is thread-safe)."""
+        return _lock_for(self._store)
 
     @property
     def store(self) -> KotobaBaseCache:
