@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import itertools
 import math
 import os
 import threading
@@ -46,6 +47,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 WrapperFunction = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
 _KEY_MARK = "kotoba_memory.cached"
+_local_ids = itertools.count(1)
 _SAMPLE_WINDOW = 1024  # recent per-call samples kept for the percentiles; bounds our own memory
 
 
@@ -178,6 +180,9 @@ class _CachedDecorator:
             # A generator can be consumed once; caching it would hand an exhausted one to later callers.
             raise TypeError(f"@cached cannot cache generator function {_qualified_name(func)}")
         name, is_async = _qualified_name(func), _is_coroutine_function(func)
+        if "<locals>" in name or "<lambda>" in name:
+            # Closures made by one factory share a qualified name but not their results: keep them apart.
+            name = f"{name}#{next(_local_ids)}"
         call = _CachedCall(self.cache, self.ttl, self.key, name, is_async)
         return cast(F, CachedFunction(func, call))
 

@@ -568,3 +568,17 @@ def test_instrument_with_an_equal_cached_decorator_is_idempotent(
     assert target_module.compute(4) == 8
     assert target_module.compute(4) == 8
     assert target_module.calls == [4]
+
+
+def test_closures_from_one_factory_do_not_share_results(cache: CacheManager) -> None:
+    def make(factor: int) -> Any:
+        @cached(cache)
+        def scale(x: int) -> int:
+            return x * factor
+
+        return scale
+
+    double, triple = make(2), make(3)
+    assert double(5) == 10
+    assert triple(5) == 15
+    assert double.cache_key(5) != triple.cache_key(5)
