@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -325,3 +327,38 @@ def test_ttl_bookkeeping_stays_bounded(tmp_path: Path) -> None:
     assert len(cache._deadlines) == 0
     assert cache.stats().memory.expirations == 200
     cache.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_usable_in_a_forked_worker(tiered: TieredCache) -> None:
+    import warnings
+
+    tiered.put("m", "memory value")
+    tiered.put("d", "D" * 5000)
+    inside, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        with tiered._lock:  # a request thread inside the cache when the server forks
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    assert inside.wait(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 3
+        try:
+            signal.alarm(20)
+            ok = tiered.get("m") == "memory value" and tiered.get("d") == "D" * 5000
+            ok = ok and tiered.put("from-child", "x" * 5000)
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    release.set()
+    thread.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tiered.get("from-child") == "x" * 5000  # written to the shared disk tier by the child

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,17 @@ __all__ = ["TieredCache", "TieredCacheStats"]
 log = logging.getLogger(__name__)
 
 _MISSING: Any = object()
+_live: weakref.WeakSet[TieredCache] = weakref.WeakSet()
+
+
+def _reset_locks_after_fork() -> None:
+    # A parent thread may have held the lock at fork time; in the child it would never be released.
+    for cache in list(_live):
+        cache._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +122,7 @@ class TieredCache(BaseCache):
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
         super().__init__(name or f"tiered:{memory.name}+{disk.name}")
         memory.add_eviction_listener(self._on_memory_eviction)
+        _live.add(self)
 
     # -- helpers ----------------------------------------------------------------------------------
 
