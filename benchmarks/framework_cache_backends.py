@@ -15,6 +15,7 @@ Two questions, both answered through ``caches[...]``-style backend objects (``ge
 from __future__ import annotations
 
 import argparse
+import gzip
 import pickle
 import statistics
 import sys
@@ -24,10 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import django
-from _traces import REFERENCE_ROWS, add_traces_argument, load_keys, require_traces_dir
 from django.conf import settings
 
 if not settings.configured:
@@ -39,6 +37,31 @@ from django.core.cache.backends.locmem import LocMemCache
 from kotoba_memory_integrations.django.cache import KotobaCache, forget_location
 
 VALUE = b"v" * 100  # every cached value has this size, so a byte bound equals an entry bound
+DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+# (trace, capacity in entries): the rows of the reference table in the traces README.
+REFERENCE_ROWS: list[tuple[str, int]] = [
+    ("lirs-multi1", 500),
+    ("lirs-multi1", 1000),
+    ("lirs-sprite", 100),
+    ("lirs-sprite", 500),
+    ("lirs-2_pools", 100),
+    ("lirs-2_pools", 1000),
+    ("lirs-loop", 500),
+    ("cache2k-web07", 1000),
+    ("cache2k-web07", 4000),
+]
+
+
+def load_keys(path: Path, limit: int | None = None) -> list[int]:
+    """The keys of a ``*.keys.gz`` trace (one integer per line) in access order."""
+    keys: list[int] = []
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            if line.strip():
+                keys.append(int(line))
+                if limit is not None and len(keys) >= limit:
+                    break
+    return keys
 
 
 def _entry_weight() -> int:
@@ -139,14 +162,15 @@ def latencies(rounds: int, batch: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_traces_argument(parser)
+    parser.add_argument("--traces", type=Path, default=DEFAULT_TRACES, help="trace directory")
     parser.add_argument("--quick", action="store_true", help="2 rows on trace prefixes, 3 rounds")
     args = parser.parse_args(argv)
     versions = f"python {sys.version.split()[0]}, django {django.get_version()}"
     print(f"{versions}, pickle protocol {pickle.HIGHEST_PROTOCOL}")
     latencies(rounds=3 if args.quick else 7, batch=2_000 if args.quick else 20_000)
-    traces = require_traces_dir(args.traces)
-    if traces is None:
+    traces = args.traces
+    if not traces.is_dir() or not any(traces.glob("*.keys.gz")):
+        print(f"\nNo traces in {traces}: hit rates not measured (pass --traces DIR).")
         return 0
     rows = [("lirs-2_pools", 100), ("cache2k-web07", 1000)] if args.quick else REFERENCE_ROWS
     hit_rates(traces, rows, limit=20_000 if args.quick else None)
