@@ -151,11 +151,13 @@ class RedisCache(BaseCache):
             ttl = value.ttl
         return self.default_ttl if ttl is None else ttl
 
-    def _decode_hit(self, redis_key: bytes, data: Any, started: int) -> tuple[bool, Any]:
+    def _decode_hit(self, redis_key: bytes, data: Any, started: int | None) -> tuple[bool, Any]:
+        """Count and decode one reply; ``started`` None: part of a batch, not a latency sample."""
         if data is None:
             with self._lock:
                 self._misses += 1
-                self._miss_ns.add(started)
+                if started is not None:
+                    self._miss_ns.add(started)
             return False, None
         try:
             value = self._loads(data)
@@ -165,11 +167,13 @@ class RedisCache(BaseCache):
             with self._lock:
                 self._corrupt += 1
                 self._misses += 1
-                self._miss_ns.add(started)
+                if started is not None:
+                    self._miss_ns.add(started)
             return False, None
         with self._lock:
             self._hits += 1
-            self._hit_ns.add(started)
+            if started is not None:
+                self._hit_ns.add(started)
         return True, value
 
     # -- BaseCache --------------------------------------------------------------------------------
@@ -188,10 +192,9 @@ class RedisCache(BaseCache):
         result: dict[Hashable, Any] = {}
         for start in range(0, len(wanted), _CHUNK):
             chunk = wanted[start : start + _CHUNK]
-            started = time.perf_counter_ns()
             redis_keys = [self.make_key(k) for k in chunk]
             for key, redis_key, data in zip(chunk, redis_keys, self.client.mget(redis_keys)):
-                found, value = self._decode_hit(redis_key, data, started)
+                found, value = self._decode_hit(redis_key, data, None)
                 if found:
                     result[key] = value
         return result
