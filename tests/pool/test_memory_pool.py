@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import gc
 import itertools
+import os
 import pickle
 import random
 import threading
@@ -378,3 +379,26 @@ def test_accounting_matches_a_model(ops: list[tuple[bool, int]]) -> None:
         b.release()
     pool.defragment()
     assert pool.stats().largest_free_block == pool.capacity
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_gets_its_own_copy() -> None:
+    pool = MemoryPool(1 * MiB)
+    block = pool.allocate(4096)
+    block.as_slice()[:] = b"p" * 4096
+    pid = os.fork()
+    if pid == 0:  # child: allocate and overwrite; exit code tells the parent what it saw
+        code = 0
+        try:
+            mine = pool.allocate(4096)
+            mine.as_slice()[:] = b"c" * 4096
+            block.as_slice()[:] = b"c" * 4096
+            code = 0 if mine._offset != block._offset else 3
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert bytes(block.as_slice()) == b"p" * 4096  # the child's writes stayed in the child
+    again = pool.allocate(4096)
+    assert bytes(again.as_slice()[8:]) != b"c" * 4088

@@ -7,9 +7,11 @@ import ctypes
 import enum
 import heapq
 import mmap
+import os
 import sys
 import threading
 import time
+import weakref
 from array import array
 from collections import deque
 from collections.abc import Iterator
@@ -37,6 +39,20 @@ _LARGE_CACHE_MAX_BLOCKS = 32  # freed large blocks kept un-coalesced for fast re
 _TIME_SAMPLE_MASK = 31  # time one allocation in 32 for ``mean_allocation_ns``
 
 _MIN_CAPACITY = 64 * 1024
+_LEAKED = -2  # pending-queue marker: a collected block whose buffer was still exported
+
+
+_LIVE_POOLS: weakref.WeakSet[MemoryPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork time would stay locked forever in the child.
+    for pool in list(_LIVE_POOLS):
+        pool._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class FallbackPolicy(enum.Enum):
@@ -178,14 +194,11 @@ class MemoryBlock:
             self._view = None
         self._pool = None
         off = self._offset
-        if off < 0:
-            pool._heap_releases += 1
-            return
         cls = self._cls
         lock = pool._lock
         lock.acquire()  # explicit acquire/release: half the cost of ``with`` on the hot path
         try:
-            if cls >= 0:  # inlined slab push
+            if cls >= 0 and off >= 0:  # inlined slab push
                 pool._releases += 1
                 pool._used -= pool._slab_sizes[cls]
                 pool._requested -= self._size
@@ -215,12 +228,10 @@ class MemoryBlock:
                     view.release()
                 except BufferError:
                     # Something still points into this memory: never reuse it.
-                    pool._leaked_exported += 1
+                    pool._pending.append((_LEAKED, 0, 0))
                     return
-            if self._offset < 0:
-                pool._heap_releases += 1
-            else:
-                pool._pending.append((self._offset, self._cls, self._size))
+            # Never take the pool lock here: a collection can run while this thread holds it.
+            pool._pending.append((self._offset, self._cls, self._size))
         except Exception:  # interpreter shutdown: the pool may already be gone
             pass
 
@@ -261,7 +272,11 @@ class MemoryPool:
         page = mmap.PAGESIZE
         capacity = -(-capacity // page) * page
         self._capacity = capacity
-        self._mm: mmap.mmap | None = mmap.mmap(-1, capacity)
+        # Private, not the default MAP_SHARED: a forked worker must get its own copy-on-write pages, or
+        # parent and children would hand out the same bytes.
+        self._mm: mmap.mmap | None = mmap.mmap(
+            -1, capacity, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._base = memoryview(self._mm)
         self._words = self._base.cast("q")  # intrusive free-list links live in free slab slots
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
@@ -305,6 +320,7 @@ class MemoryPool:
         self._timed_ns = 0
         self._timed = 0
         self._leaked_exported = 0
+        _LIVE_POOLS.add(self)
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -524,6 +540,12 @@ class MemoryPool:
         return off, -cap
 
     def _free_block(self, offset: int, cls: int, size: int) -> None:
+        if offset < 0:
+            if offset == _LEAKED:
+                self._leaked_exported += 1
+            else:
+                self._heap_releases += 1
+            return
         self._releases += 1
         self._requested -= size
         if cls >= 0:
