@@ -362,3 +362,14 @@ def test_usable_in_a_forked_worker(tiered: TieredCache) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert tiered.get("from-child") == "x" * 5000  # written to the shared disk tier by the child
+
+
+def test_value_the_memory_tier_rejects_replaces_the_disk_copy(tmp_path: Path) -> None:
+    memory = CacheManager(max_bytes=2000, policy="lru")
+    with DiskCache(tmp_path, 1 << 20) as disk:
+        cache = TieredCache(memory, disk, spill_threshold_bytes=5000)  # threshold above memory's bound
+        cache.put("k", "old" * 2000)  # over the threshold: disk
+        cache.put("k", "n" * 3000)  # under the threshold, but more than the memory tier can hold
+        assert cache.get("k") == "n" * 3000
+        assert _where(cache, "k") == "disk"
+        assert cache.stats().memory.rejections >= 1

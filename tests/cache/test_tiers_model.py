@@ -30,13 +30,18 @@ _ops = st.lists(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=_ops, policy=st.sampled_from(["lru", "lfu", "fifo", "adaptive"]), promote=st.booleans())
+@given(
+    ops=_ops,
+    policy=st.sampled_from(["lru", "lfu", "fifo", "adaptive"]),
+    promote=st.booleans(),
+    memory_bytes=st.sampled_from([1500, 6000, 20000]),  # 1500: below the spill threshold
+)
 def test_tiered_cache_matches_a_dict(
-    ops: list[tuple[str, int, str | None]], policy: str, promote: bool
+    ops: list[tuple[str, int, str | None]], policy: str, promote: bool, memory_bytes: int
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = TieredCache(
-            CacheManager(max_bytes=6000, policy=policy),
+            CacheManager(max_bytes=memory_bytes, policy=policy),
             DiskCache(Path(tmp), 1 << 24),
             spill_threshold_bytes=2000,
             promote_on_hit=promote,

@@ -120,6 +120,9 @@ class TieredCache(BaseCache):
         self._disk_hits = self._misses = self._puts = self._deletes = self._rejections = 0
         self._promotions = self._spills = self._direct = self._spill_failures = 0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
+        # The last entry our eviction listener wrote to disk: tells put() that a value the memory tier
+        # refused at admission did reach the disk. Only read and written under self._lock.
+        self._spilled: tuple[Hashable, Any] | None = None
         super().__init__(name or f"tiered:{memory.name}+{disk.name}")
         memory.add_eviction_listener(self._on_memory_eviction)
         _live.add(self)
@@ -163,6 +166,7 @@ class TieredCache(BaseCache):
                 return
             if stored:
                 self._spills += 1
+                self._spilled = (key, value)
             else:
                 self._spill_failures += 1
 
@@ -201,13 +205,17 @@ class TieredCache(BaseCache):
         """Move a value taken off the disk into memory, or put it back if memory will not keep it."""
         if self._weigh(value) <= self.spill_threshold_bytes:
             self._remember_deadline(key, value, ttl)
-            if self.memory.put(key, value, ttl):
+            self._spilled = None
+            kept = self.memory.put(key, value, ttl)
+            spilled, self._spilled = self._spilled, None
+            if kept:
                 self._promotions += 1
                 return
             self._forget_deadline(key, value)
-        if key not in self.disk and key not in self.memory:
-            # Too heavy, or refused by the memory tier's admission policy without being spilled.
-            self.disk.put(key, value, ttl)
+            if spilled is not None and spilled[0] == key and spilled[1] is value:
+                return  # refused at admission and already written back by our eviction listener
+        # Too heavy for memory, or refused by it without a spill: back to disk.
+        self.disk.put(key, value, ttl)
 
     def __contains__(self, key: object) -> bool:
         return key in self.memory or key in self.disk
@@ -236,13 +244,15 @@ class TieredCache(BaseCache):
                 return self._put_on_disk(key, value, seconds)
             # Recorded first: an admission refusal evicts (and spills) the new entry inside put().
             self._remember_deadline(key, value, seconds)
+            self._spilled = None
             kept = self.memory.put(key, value, seconds)
+            spilled, self._spilled = self._spilled, None
             if kept:
                 self.disk.delete(key)  # the tiers are exclusive: drop an older copy on disk
                 return True
             self._forget_deadline(key, value)
-            if key in self.disk:  # refused by admission, then spilled by our eviction listener
-                return True
+            if spilled is not None and spilled[0] == key and spilled[1] is value:
+                return True  # refused at admission, then written to disk by our eviction listener
             return self._put_on_disk(key, value, seconds)
 
     def _put_on_disk(self, key: Hashable, value: Any, seconds: float | None) -> bool:
