@@ -448,8 +448,11 @@ class Instrumentation:
     module: str
     path: str
     original: Any
-    wrapper: Any  # the installed wrapt proxy (the handle wrapt.unwrap_object matches by identity)
+    wrapper: Any  # the installed wrapt proxy, recognised by identity
     spec: tuple[Any, ...]
+    parent: Any  # the object whose attribute was set (module, class or instance)
+    attribute: str
+    created: bool  # True when the attribute was inherited/served from elsewhere: removal deletes it
 
     def remove(self) -> bool:
         """Undo the patch; False if it was already removed."""
@@ -462,6 +465,9 @@ class Instrumentation:
             return _installed.get(self.target) is self
 
 
+_MISSING_ATTR: Any = object()
+# Every wrapt wrapper derives from this (named BaseObjectProxy since wrapt 2, ObjectProxy before).
+_PROXY_BASE: type = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)
 _installed: dict[str, Instrumentation] = {}
 _installed_lock = threading.RLock()
 
@@ -543,17 +549,64 @@ def instrument(
         except ImportError as exc:
             raise InstrumentationError(f"instrument(): cannot import module {module_name!r}: {exc}") from exc
         try:
+            # resolve_path reads a class attribute from the __dict__ that defines it (no binding), so
+            # ``original`` is the very object to put back, be it a function, staticmethod or classmethod.
             parent, attribute, original = wrapt.resolve_path(module, path)
-        except (AttributeError, wrapt.PathResolutionError) as exc:
+        except AttributeError as exc:  # wrapt's PathResolutionError is an AttributeError
             raise InstrumentationError(f"instrument(): {canonical} does not exist") from exc
         if not (callable(original) or isinstance(original, classmethod | staticmethod)):
             kind = type(original).__name__
             raise InstrumentationError(f"instrument(): {canonical} is not callable ({kind})")
-        installed = wrapt.wrap_object(module, path, cast(Any, decorate))
-        handle = Instrumentation(canonical, module_name, path, original, installed, spec)
+        try:
+            created = attribute not in vars(parent)
+        except TypeError:  # an object without __dict__
+            created = False
+        installed = decorate(original)
+        wrapt.apply_patch(parent, attribute, installed)
+        handle = Instrumentation(
+            canonical, module_name, path, original, installed, spec, parent, attribute, created
+        )
         _installed[canonical] = handle
-        del parent, attribute
         return handle
+
+
+def _chain(obj: Any, limit: int = 64) -> list[Any]:
+    """``obj`` and what it wraps, following ``__wrapped__`` (outermost first, bounded, no cycles)."""
+    chain: list[Any] = []
+    seen: set[int] = set()
+    while obj is not None and id(obj) not in seen and len(chain) < limit:
+        chain.append(obj)
+        seen.add(id(obj))
+        obj = getattr(obj, "__wrapped__", None)
+    return chain
+
+
+def _remove(handle: Instrumentation) -> bool:
+    """Take ``handle``'s wrapper out; False when it is no longer there (replaced wholesale)."""
+    parent, attribute = handle.parent, handle.attribute
+    try:
+        current = vars(parent).get(attribute, _MISSING_ATTR)
+    except TypeError:
+        current = getattr(parent, attribute, _MISSING_ATTR)
+    if current is handle.wrapper:
+        if handle.created:
+            delattr(parent, attribute)  # the original is reachable again from where it was served
+        else:
+            setattr(parent, attribute, handle.original)
+        return True
+    chain = _chain(current) if current is not _MISSING_ATTR else []
+    position = next((i for i, entry in enumerate(chain) if entry is handle.wrapper), None)
+    if position is None:
+        return False
+    above = chain[position - 1]
+    if not issubclass(type(above), _PROXY_BASE):
+        # A plain closure's __wrapped__ is only metadata: rewiring it would not take ours out.
+        raise InstrumentationError(
+            f"cannot uninstrument {handle.target}: {type(above).__name__} was wrapped around it "
+            "since; remove that first"
+        )
+    above.__wrapped__ = handle.original  # splice ours out from under a wrapt wrapper stacked on top
+    return True
 
 
 def uninstrument(target: str | Instrumentation | None = None) -> bool:
@@ -575,16 +628,9 @@ def uninstrument(target: str | Instrumentation | None = None) -> bool:
         handle = _installed.get(canonical)
         if handle is None:
             return False
-        module = importlib.import_module(module_name)
-        try:
-            removed = wrapt.unwrap_object(module, path, handle.wrapper, missing_ok=True)
-        except wrapt.WrapperNotOutermostError as exc:
-            # A non-wrapt wrapper was put on top of ours: removing ours would not take effect.
-            raise InstrumentationError(
-                f"cannot uninstrument {canonical}: it was wrapped again on top ({exc}); remove that first"
-            ) from exc
+        removed = _remove(handle)  # raises (and keeps the record) if it cannot be removed
         del _installed[canonical]
-        return removed is not None
+        return removed
 
 
 def instrumented_targets() -> list[str]:

@@ -541,7 +541,7 @@ def test_uninstrument_refuses_when_a_plain_wrapper_sits_on_top(target_module: ty
         return ours(*args, **kwargs)
 
     target_module.compute = plain
-    with pytest.raises(InstrumentationError, match="wrapped again"):
+    with pytest.raises(InstrumentationError, match="wrapped around it"):
         uninstrument(f"{name}:compute")
     assert target_module.compute is plain
     assert instrumented_targets() == [f"{name}:compute"]
