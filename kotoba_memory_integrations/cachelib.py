@@ -74,7 +74,9 @@ class KotobaCache(BaseCache):
         cache: KotobaBaseCache | None = None,
         name: str | None = None,
     ) -> None:
-        BaseCache.__init__(self, default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
+        BaseCache.__init__(self, default_timeout)
+        # Set here rather than passed: cachelib before 0.16 has no such parameter.
+        self.ignore_delete_many_errors = ignore_delete_many_errors
         if key_prefix is not None and not isinstance(key_prefix, str):
             raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
         self.key_prefix = key_prefix or ""
