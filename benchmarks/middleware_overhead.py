@@ -1,14 +1,14 @@
 """Per-request overhead of kotoba-memory's WSGI middleware under a real server and load generator.
 
 A trivial endpoint is served by gunicorn (one sync worker per variant, all started up front) and
-driven by ``wrk`` on 127.0.0.1 in interleaved rounds (variant order shuffled each round), so machine
-noise hits every variant alike; each contender runs in baseline-V-V-baseline (ABBA) order so drifting
-load cancels. Reports the median req/s per variant and the median of the per-round ratios to the
-variant's baseline: the bare WSGI app, or bare Flask for the Flask pair (goal: the
-middleware costs <= 3% of req/s). A second, in-process part times the middleware's own cost per
-request in microseconds (median of repeats).
+driven by ``wrk`` on 127.0.0.1. Each contender is loaded at the same moment as its baseline (two wrk
+processes side by side, contender order shuffled each round), so load from other processes on this
+shared machine hits both alike and cancels out of their ratio. Reports the median req/s per variant
+and the median of the per-round ratios to the variant's baseline: the bare WSGI app, or bare Flask for
+the Flask pair (goal: the middleware costs <= 3% of req/s). A second, in-process part times the
+middleware's own cost per request in microseconds (median of interleaved repeats).
 
-    .venv/bin/python benchmarks/middleware_overhead.py            # ~4 minutes
+    .venv/bin/python benchmarks/middleware_overhead.py            # ~3 minutes
     .venv/bin/python benchmarks/middleware_overhead.py --quick    # ~1 minute
 
 The module doubles as the gunicorn app: ``middleware_overhead:create_app()`` builds the variant named
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -143,61 +144,99 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_REQUESTS = re.compile(r"(\d+) requests in")
 
 
-def run_wrk(port: int, seconds: int, connections: int) -> float:
+class Server:
+    """One gunicorn (one sync worker) serving a variant; knows its worker's CPU time."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.proc, self.port = start_server(variant)
+        import psutil
+
+        deadline = time.monotonic() + 10
+        while not psutil.Process(self.proc.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [self.worker] = psutil.Process(self.proc.pid).children()
+
+    def cpu_seconds(self) -> float:
+        times = self.worker.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        stop_server(self.proc)
+
+
+def run_wrk(port: int, seconds: int, connections: int) -> tuple[float, int]:
+    """One wrk run; returns (req/s, requests completed)."""
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
         check=True, capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
-    match = _RPS.search(out)
-    if match is None or "Non-2xx" in out or "Socket errors" in out:
+    rps, requests = _RPS.search(out), _REQUESTS.search(out)
+    if rps is None or requests is None or "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk run failed or saw errors:\n{out}")
-    return float(match.group(1))
+    return float(rps.group(1)), int(requests.group(1))
+
+
+def run_pair(base: Server, contender: Server, seconds: int, connections: int) -> dict[str, float]:
+    """Load baseline and contender at the same time; req/s and worker CPU microseconds per request."""
+    cpu0 = (base.cpu_seconds(), contender.cpu_seconds())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        base_run = pool.submit(run_wrk, base.port, seconds, connections)
+        contender_run = pool.submit(run_wrk, contender.port, seconds, connections)
+        (base_rps, base_n), (rps, n) = base_run.result(), contender_run.result()
+    cpu1 = (base.cpu_seconds(), contender.cpu_seconds())
+    return {
+        "base_rps": base_rps,
+        "rps": rps,
+        "base_cpu_us": (cpu1[0] - cpu0[0]) / max(base_n, 1) * 1e6,
+        "cpu_us": (cpu1[1] - cpu0[1]) / max(n, 1) * 1e6,
+    }
+
+
+Pair = dict[str, float]
 
 
 def server_benchmark(
     variants: list[str], rounds: int, seconds: int, connections: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """ABBA-paired wrk runs against one gunicorn per variant.
+) -> dict[str, list[Pair]]:
+    """Paired wrk runs against one gunicorn per variant; returns each contender's per-round pairs.
 
-    Each round measures every non-baseline variant V as baseline, V, V, baseline back to back, so
-    load from other processes that drifts during the round cancels out of the pair's ratio. Returns
-    (req/s samples per variant, per-round ratios to the baseline per variant).
+    Each contender is loaded at the same moment as its baseline (two wrk processes side by side), so
+    load from the other processes on the machine, which comes and goes, hits both alike; the pair
+    competes for the CPUs symmetrically. Besides req/s, the workers' CPU time per request is recorded:
+    it is what bounds a saturated worker's throughput and hardly depends on the machine's other load.
     """
-    servers = {}
+    servers: dict[str, Server] = {}
     try:
         for variant in variants:
-            servers[variant] = start_server(variant)
-        for variant in variants:  # warm-up, discarded
-            run_wrk(servers[variant][1], 1, connections)
-        samples: dict[str, list[float]] = {v: [] for v in variants}
-        ratios: dict[str, list[float]] = {v: [] for v in variants}
-        contenders = [v for v in variants if VARIANTS[v] != v]
+            servers[variant] = Server(variant)
+        for server in servers.values():  # warm-up, discarded
+            run_wrk(server.port, 1, connections)
+        pairs: dict[str, list[Pair]] = {v: [] for v in variants if VARIANTS[v] != v}
+        contenders = list(pairs)
         rng = random.Random(20240501)
         for r in range(rounds):
             rng.shuffle(contenders)
             for variant in contenders:
-                base_port, port = servers[VARIANTS[variant]][1], servers[variant][1]
-                b1 = run_wrk(base_port, seconds, connections)
-                v1 = run_wrk(port, seconds, connections)
-                v2 = run_wrk(port, seconds, connections)
-                b2 = run_wrk(base_port, seconds, connections)
-                samples[VARIANTS[variant]] += [b1, b2]
-                samples[variant] += [v1, v2]
-                ratios[variant].append((v1 + v2) / (b1 + b2))
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v} x{ratios[v][-1]:.3f}" for v in contenders))
-        for variant in variants:
-            if VARIANTS[variant] == variant:
-                ratios[variant] = [1.0]
-        return samples, ratios
+                base = servers[VARIANTS[variant]]
+                pairs[variant].append(run_pair(base, servers[variant], seconds, connections))
+            shown = []
+            for v in contenders:
+                last = pairs[v][-1]
+                rps, cpu = last["rps"] / last["base_rps"], last["cpu_us"] / last["base_cpu_us"]
+                shown.append(f"{v} rps x{rps:.3f} cpu x{cpu:.3f}")
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(shown))
+        return pairs
     finally:
-        for proc, _ in servers.values():
-            stop_server(proc)
+        for server in servers.values():
+            server.stop()
 
 
 def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
-    """Median microseconds per request added by the middleware, measured in this process."""
+    """Median CPU microseconds per request added by the middleware, measured in this process."""
     from kotoba_memory_integrations._request import RequestRecorder
     from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
@@ -207,7 +246,7 @@ def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
         return None
 
     def drive(app: Callable[..., Iterable[bytes]]) -> float:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU time of this thread: preemption by other processes is not counted
         for _ in range(calls):
             result = app(dict(environ), start_response)
             for _chunk in result:
@@ -215,7 +254,7 @@ def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-        return (time.perf_counter() - t0) / calls * 1e6
+        return (time.thread_time() - t0) / calls * 1e6
 
     wrapped = MemoryMiddleware(trivial_app, recorder=RequestRecorder())
     plain_times, wrapped_times = [], []
@@ -237,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"from: {', '.join(VARIANTS)}")
     parser.add_argument("--no-server", action="store_true", help="only the in-process part")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 5)
-    seconds = max(1, args.seconds or (1 if args.quick else 2))
+    rounds = args.rounds or (3 if args.quick else 9)
+    seconds = max(1, args.seconds or (2 if args.quick else 3))
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -257,14 +296,24 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("wrk is not installed (bash scripts/bootstrap.sh installs it): skipping the server part")
         return 1
-    setup = f"wrk -t1 -c{args.connections} -d{seconds}s, {rounds} ABBA rounds"
+    setup = f"contender + baseline together, 2x wrk -t1 -c{args.connections} -d{seconds}s, {rounds} rounds"
     print(f"gunicorn (1 sync worker per variant), {setup}")
-    samples, ratios = server_benchmark(variants, rounds, seconds, args.connections)
-    print(f"\n{'variant':24} {'median req/s':>12} {'baseline':>10} {'ratio':>7} {'overhead':>9}")
-    for variant in variants:
-        ratio = statistics.median(ratios[variant])
-        rps = statistics.median(samples[variant])
-        print(f"{variant:24} {rps:12.0f} {VARIANTS[variant]:>10} {ratio:7.3f} {100 * (1 - ratio):8.1f}%")
+    pairs = server_benchmark(variants, rounds, seconds, args.connections)
+    print(
+        f"\n{'variant':22} {'baseline':>9} {'req/s':>7} {'base req/s':>10} {'req/s ratio':>11}"
+        f" {'CPU us/req':>10} {'base CPU us':>11} {'CPU ratio':>9} {'overhead':>8}"
+    )
+    for variant, runs in pairs.items():
+        med = statistics.median
+        rps_ratio = med(p["rps"] / p["base_rps"] for p in runs)
+        cpu_ratio = med(p["cpu_us"] / p["base_cpu_us"] for p in runs)
+        print(
+            f"{variant:22} {VARIANTS[variant]:>9} {med(p['rps'] for p in runs):7.0f}"
+            f" {med(p['base_rps'] for p in runs):10.0f} {rps_ratio:11.3f}"
+            f" {med(p['cpu_us'] for p in runs):10.1f} {med(p['base_cpu_us'] for p in runs):11.1f}"
+            f" {cpu_ratio:9.3f} {100 * (1 - 1 / cpu_ratio):7.1f}%"
+        )
+    print("overhead = req/s a saturated worker loses from the extra CPU per request: 1 - 1/(CPU ratio)")
     return 0
 
 

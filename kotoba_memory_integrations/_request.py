@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import tracemalloc
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -103,48 +104,40 @@ def set_current_route(route: str | None) -> None:
 class RssReader:
     """Reads this process's resident set size cheaply.
 
-    On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread`` (a few microseconds);
-    the descriptor is reopened in a forked child so a pre-forking server measures each worker. Elsewhere
-    it falls back to psutil.
+    On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread`` (about a microsecond);
+    a forked child reopens it (the inherited descriptor still reads the parent), so a pre-forking
+    server measures each worker. Elsewhere it falls back to psutil.
     """
 
     def __init__(self) -> None:
         self._page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self._fd: int | None = None
-        self._pid = -1
+        self._unavailable = False
         self._lock = threading.Lock()
         self._psutil_process: Any = None
+        _readers.add(self)
 
     def _open(self) -> int | None:
         with self._lock:
-            pid = os.getpid()
-            if self._fd is not None and self._pid == pid:
-                return self._fd
-            if self._fd is not None:
-                # Inherited across fork: it still reads the parent's statm. Our copy is ours to close.
+            if self._fd is None and not self._unavailable:
                 try:
-                    os.close(self._fd)
+                    self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:
-                    pass
-                self._fd = None
-            try:
-                fd = os.open("/proc/self/statm", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                self._pid = pid  # not Linux: psutil from now on
-                return None
-            self._fd, self._pid = fd, pid
-            return fd
+                    self._unavailable = True  # not Linux: psutil from now on
+            return self._fd
 
     def rss(self) -> int:
         """Resident set size in bytes (0 if it cannot be read)."""
-        fd = self._fd if self._pid == os.getpid() else self._open()
-        if fd is not None:
-            try:
-                fields = os.pread(fd, 128, 0).split(None, 2)
-                return int(fields[1]) * self._page_size
-            except (OSError, ValueError, IndexError):
-                pass
-        return self._rss_psutil()
+        fd = self._fd
+        if fd is None:
+            fd = self._open()
+            if fd is None:
+                return self._rss_psutil()
+        try:
+            # "size resident shared ..." in pages; the first two fields fit in 64 bytes.
+            return int(os.pread(fd, 64, 0).split(b" ", 2)[1]) * self._page_size
+        except (OSError, ValueError, IndexError):
+            return self._rss_psutil()
 
     def _rss_psutil(self) -> int:
         try:
@@ -159,12 +152,30 @@ class RssReader:
     def close(self) -> None:
         """Close the kept descriptor (reopened on the next read)."""
         with self._lock:
-            if self._fd is not None and self._pid == os.getpid():
+            fd, self._fd = self._fd, None
+            if fd is not None:
                 try:
-                    os.close(self._fd)
+                    os.close(fd)
                 except OSError:
                     pass
-            self._fd, self._pid = None, -1
+
+    def _after_fork_in_child(self) -> None:
+        # The child's copy of the descriptor reads the parent's statm; it is the child's to close.
+        self._lock = threading.Lock()
+        self._psutil_process = None
+        self.close()
+
+
+_readers: weakref.WeakSet[RssReader] = weakref.WeakSet()
+
+
+def _reset_readers_after_fork() -> None:
+    for reader in list(_readers):
+        reader._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_readers_after_fork)
 
 
 _shared_rss_reader = RssReader()

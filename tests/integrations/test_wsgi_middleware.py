@@ -337,3 +337,25 @@ def test_rss_reader_matches_psutil_and_reopens_after_close() -> None:
     reader.close()
     assert reader.rss() > 0
     reader.close()
+
+
+def test_rss_reader_measures_the_child_after_fork() -> None:
+    import os
+
+    reader = RssReader()
+    parent_rss = reader.rss()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: grow by 128 MiB and report what the same reader object sees
+        try:
+            block = bytearray(128 << 20)
+            block[::4096] = b"c" * len(block[::4096])
+            os.write(write_end, str(reader.rss()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_rss = int(pipe.read() or 0)
+    os.waitpid(pid, 0)
+    assert child_rss >= parent_rss + (100 << 20)  # the child's statm, not the parent's
+    assert reader.rss() < parent_rss + (64 << 20)
