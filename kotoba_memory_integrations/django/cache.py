@@ -251,14 +251,25 @@ class KotobaCache(BaseCache):
         count = size // self._cull_frequency
         if count <= 0:
             return bool(cache.put(key, payload, ttl))
-        # An overwrite does not grow the store, so the bound leaves room for a new key only.
-        room = 0 if key in memory else 1
+        room = 1  # the bound leaves room for the written key ...
+        if key in memory:
+            if self._cull_would_take(key, count):
+                # ... which locmem culls and then re-adds: drop it first, then it is a new key.
+                cache.delete(key)
+            else:
+                room = 0  # ... unless it stays: an overwrite does not grow the store
         saved = memory.max_entries
         memory.max_entries = max(1, size - count + room)
         try:
             return bool(cache.put(key, payload, ttl))
         finally:
             memory.max_entries = saved
+
+    def _cull_would_take(self, key: str, count: int) -> bool:
+        """Whether ``key`` is among the next ``count`` victims (known for LRU/FIFO, whose key order is it)."""
+        if self._memory.policy not in (CachePolicy.LRU, CachePolicy.FIFO):
+            return False
+        return key in self._memory.keys()[:count]
 
     def _set_locked(self, key: str, payload: bytes, ttl: Any) -> bool:
         """Store (caller holds the lock); False when the entry cannot be kept."""
