@@ -267,6 +267,7 @@ class MemoryPool:
         except ValueError:
             raise ValueError(f"fallback must be 'raise' or 'heap', got {fallback!r}") from None
         self._classes = SizeClasses(classes_per_octave)
+        self._octave_shift = classes_per_octave.bit_length() - 1
         self.name = name or f"pool-{id(self):x}"
 
         page = mmap.PAGESIZE
@@ -366,7 +367,11 @@ class MemoryPool:
                     self._slab_live[(off & self._slab_masks[cls]) >> _SLAB_MIN_SHIFT] += 1
                     self._used += self._slab_sizes[cls]
             else:
-                cap = self._large_size(size)
+                # inlined _large_size: size class step for this power of two, then a 512-byte multiple
+                step = 1 << ((size - 1).bit_length() - 1 - self._octave_shift)
+                cap = -(-size // step) * step
+                if cap & (MIN_BLOCK - 1):
+                    cap = (cap | (MIN_BLOCK - 1)) + 1
                 cls = -cap
                 cached = self._large_cache.get(cap)
                 if cached:
