@@ -375,3 +375,20 @@ def test_forked_worker_keeps_a_working_monitor(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "0"]
+
+
+def test_sampled_checks_still_collect_steady_leftovers(make_optimizer) -> None:
+    optimizer = make_optimizer(auto_freeze=False)
+    optimizer.start()
+    threshold = optimizer._boundary_threshold
+    kept: list[object] = []
+    worst = 0
+    for _ in range(400):
+        optimizer.on_request_start()
+        kept.extend([i] for i in range(20))  # 20 long-lived containers per request
+        optimizer.on_request_end()
+        worst = max(worst, gc.get_count()[0])
+    assert optimizer.boundary_collections >= 400 * 20 // (2 * threshold)
+    # Checks are spaced so leftovers never run far past the boundary threshold.
+    assert worst <= 2 * threshold
+    assert optimizer._check_gap < 32  # the measured growth keeps checks frequent
