@@ -25,6 +25,7 @@ from kotoba_memory.memory_pool import (
     PoolCorruptedError,
     PoolExhausted,
     SizeClasses,
+    iter_pools,
 )
 
 MiB = 1024 * 1024
@@ -402,3 +403,10 @@ def test_forked_child_gets_its_own_copy() -> None:
     assert bytes(block.as_slice()) == b"p" * 4096  # the child's writes stayed in the child
     again = pool.allocate(4096)
     assert bytes(again.as_slice()[8:]) != b"c" * 4088
+
+
+def test_iter_pools_sees_live_pools_only() -> None:
+    pool = MemoryPool(1 * MiB, name="observed")
+    assert pool in list(iter_pools())
+    pool.close()
+    assert pool not in list(iter_pools())

@@ -18,6 +18,7 @@ from kotoba_memory.memory_pool.pool import (
     MemoryBlock,
     MemoryPool,
     PoolStats,
+    iter_pools,
 )
 from kotoba_memory.memory_pool.size_classes import SizeClasses
 
@@ -38,4 +39,5 @@ __all__ = [
     "PoolExhausted",
     "PoolStats",
     "SizeClasses",
+    "iter_pools",
 ]

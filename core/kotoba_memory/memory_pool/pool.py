@@ -27,7 +27,7 @@ from kotoba_memory.memory_pool.errors import (
 )
 from kotoba_memory.memory_pool.size_classes import SizeClasses
 
-__all__ = ["DefragmentResult", "FallbackPolicy", "MemoryBlock", "MemoryPool", "PoolStats"]
+__all__ = ["DefragmentResult", "FallbackPolicy", "MemoryBlock", "MemoryPool", "PoolStats", "iter_pools"]
 
 MIN_BLOCK_SHIFT = 9
 MIN_BLOCK = 1 << MIN_BLOCK_SHIFT  # smallest buddy block; large requests are rounded to a multiple of it
@@ -43,6 +43,13 @@ _LEAKED = -2  # pending-queue marker: a collected block whose buffer was still e
 
 
 _LIVE_POOLS: weakref.WeakSet[MemoryPool] = weakref.WeakSet()
+
+
+def iter_pools() -> Iterator[MemoryPool]:
+    """The live (not closed) memory pools of this process, weakly held, for metrics and reports."""
+    for pool in list(_LIVE_POOLS):
+        if not pool.closed:
+            yield pool
 
 
 def _after_fork_in_child() -> None:
