@@ -7,6 +7,7 @@ medians are reported, and latencies as ratios to the memory-only cache.
 
     .venv/bin/python benchmarks/cache_tiers.py            # 20,000 requests, 3 repeats
     .venv/bin/python benchmarks/cache_tiers.py --quick    # 3,000 requests, 1 repeat
+    .venv/bin/python benchmarks/cache_tiers.py --with-redis   # also a RedisCache on a private server
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import contextlib
 import dbm.dumb
 import gzip
 import json
+import os
 import random
 import shelve
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,13 @@ class Contender:
         self.name, self.get, self.put, self.report, self.close = name, get, put, report, close
 
 
-def build_contenders(workdir: Path, memory_bytes: int, disk_bytes: int) -> list[Contender]:
+def build_contenders(
+    workdir: Path,
+    memory_bytes: int,
+    disk_bytes: int,
+    redis_url: str | None = None,
+    redis_label: str = "RedisCache (the server's own bound)",
+) -> list[Contender]:
     out: list[Contender] = []
 
     small = CacheManager(max_bytes=memory_bytes, policy="lru", name="bench-memory")
@@ -175,7 +183,33 @@ def build_contenders(workdir: Path, memory_bytes: int, disk_bytes: int) -> list[
 
     out.append(Contender("shelve/dbm.dumb (unbounded)", shelf_get, shelf_put,
                          lambda: {"disk_bytes": (workdir / "shelf.dat").stat().st_size}, shelf.close))
+    if redis_url is not None:
+        from kotoba_memory.cache_manager.redis_tier import RedisCache
+
+        shared = RedisCache(redis_url, prefix=f"kotoba-bench-{os.getpid()}:")
+        shared.clear()
+
+        def redis_close() -> None:
+            shared.clear()
+            shared.close()
+
+        out.append(Contender(redis_label, shared.get, shared.put, lambda: {}, redis_close))
     return out
+
+
+@contextlib.contextmanager
+def private_redis(disk_bytes: int) -> Iterator[str]:
+    """A redis-server on loopback from the test tooling, bounded like the disk tier (allkeys-lru)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import local_services
+    import redis
+
+    with local_services.redis_server() as url:
+        client = redis.Redis.from_url(url)
+        client.config_set("maxmemory", str(disk_bytes))
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.close()
+        yield url
 
 
 def replay(contenders: list[Contender], trace: list[tuple[int, int]], payload: Payloads) -> dict[str, Result]:
@@ -244,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-share", type=float, default=0.30, help="D as a share of the working set")
     parser.add_argument("--compression-sample", type=int, default=None, help="payloads in the codec table")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    redis_group = parser.add_mutually_exclusive_group()
+    redis_group.add_argument("--redis-url", default=None, help="also measure a RedisCache on this server")
+    redis_group.add_argument("--with-redis", action="store_true",
+                             help="start a private redis-server (maxmemory = D, allkeys-lru) and measure it")
     args = parser.parse_args(argv)
     if not (args.traces / TRACE).exists():
         print(f"trace {TRACE} not found under {args.traces}: pass --traces DIR", file=sys.stderr)
@@ -260,15 +298,22 @@ def main(argv: list[str] | None = None) -> int:
           f"M = {memory_bytes / 2**20:.1f} MiB, D = {disk_bytes / 2**20:.1f} MiB; {repeats} repeat(s)")
 
     per_repeat: list[dict[str, Result]] = []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="kotoba-tiers-") as tmp:
-            contenders = build_contenders(Path(tmp), memory_bytes, disk_bytes)
-            try:
-                per_repeat.append(replay(contenders, trace, payload))
-            finally:
-                for c in contenders:
-                    with contextlib.suppress(Exception):
-                        c.close()
+    with contextlib.ExitStack() as stack:
+        redis_url = args.redis_url
+        if args.with_redis:
+            redis_url = stack.enter_context(private_redis(disk_bytes))
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="kotoba-tiers-") as tmp:
+                contenders = build_contenders(
+                    Path(tmp), memory_bytes, disk_bytes, redis_url,
+                    "RedisCache (maxmemory D, allkeys-lru)" if args.with_redis else "RedisCache",
+                )
+                try:
+                    per_repeat.append(replay(contenders, trace, payload))
+                finally:
+                    for c in contenders:
+                        with contextlib.suppress(Exception):
+                            c.close()
 
     names = list(per_repeat[0])
     base = names[0]
