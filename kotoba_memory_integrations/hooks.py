@@ -209,8 +209,13 @@ def cached(
     qualified name plus the arguments, with the instance (or class) included for methods, as
     ``functools.lru_cache`` does; ``key`` is called with the function's own arguments instead.
     """
-    if not all(callable(getattr(cache, name, None)) for name in ("get_or_set", "aget_or_set", "delete")):
-        raise TypeError(f"cached() needs a kotoba-memory BaseCache, got {type(cache).__name__}")
+    from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
+
+    if not isinstance(cache, KotobaBaseCache):
+        # e.g. a Django or cachelib cache: their get_or_set has another signature and no stampede guard
+        raise TypeError(
+            f"cached() needs a kotoba-memory cache (CacheManager, TieredCache...), got {type(cache).__name__}"
+        )
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
             raise TypeError(f"cached(): ttl must be a number of seconds or None, got {ttl!r}")

@@ -129,8 +129,16 @@ def test_invalid_decorator_arguments(cache: CacheManager) -> None:
         cached(cache, ttl=0)
     with pytest.raises(TypeError, match="ttl"):
         cached(cache, ttl="5")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="BaseCache"):
+    with pytest.raises(TypeError, match="kotoba-memory cache"):
         cached({})  # type: ignore[arg-type]
+
+    class LooksLikeACache:  # e.g. Django's cache: same method names, other signatures
+        def get_or_set(self, key: Any, default: Any, timeout: Any = None) -> Any: ...
+        async def aget_or_set(self, key: Any, default: Any, timeout: Any = None) -> Any: ...
+        def delete(self, key: Any) -> bool: ...
+
+    with pytest.raises(TypeError, match="kotoba-memory cache"):
+        cached(LooksLikeACache())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="key"):
         cached(cache, key="name")  # type: ignore[arg-type]
 
