@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import itertools
 import os
 import threading
 import time
@@ -39,13 +40,22 @@ ENVIRON_KEY = "kotoba_memory.request"
 #: Route label used when no framework told us the route; the raw path is never used (cardinality).
 UNMATCHED_ROUTE = "unmatched"
 
+# Taken by every request start and finish (next() on a count is atomic under the GIL).
+_epoch = itertools.count()
+
 _current: contextvars.ContextVar[RequestMeasurement | None] = contextvars.ContextVar(
     "kotoba_memory_request", default=None
 )
 
 
 class RequestMetrics(NamedTuple):
-    """What one finished request cost (a NamedTuple: built once per request, so it must be cheap)."""
+    """What one finished request cost (a NamedTuple: built once per request, so it must be cheap).
+
+    ``rss_delta`` is the process's RSS change over the request; ``traced_delta`` the net traced
+    allocations, given only when tracemalloc traced the whole request *and* no other request of this
+    process started or finished meanwhile (both counters are process-wide, so an overlapped request's
+    figure would include its neighbours'); ``overlapped`` says whether another request ran alongside.
+    """
 
     route: str
     method: str
@@ -55,6 +65,7 @@ class RequestMetrics(NamedTuple):
     traced_delta: int | None
     gc_pause_ns: int
     error: str | None
+    overlapped: bool = False
 
 
 RequestListener = Callable[[RequestMetrics], None]
@@ -204,6 +215,7 @@ class RequestMeasurement:
 
     __slots__ = (
         "_done",
+        "_epoch0",
         "_gc",
         "_gc_pause0",
         "_recorder",
@@ -237,6 +249,7 @@ class RequestMeasurement:
                 self._gc = None
         self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
         self._rss0 = recorder.rss_reader.rss()
+        self._epoch0 = next(_epoch)
         self._t0 = time.perf_counter()
 
     @property
@@ -271,9 +284,12 @@ class RequestMeasurement:
         self._done = True
         duration = time.perf_counter() - self._t0
         recorder = self._recorder
+        # Every begin and finish in the process takes the next epoch: if ours are adjacent, no other
+        # request started or ended while this one ran.
+        overlapped = next(_epoch) != self._epoch0 + 1
         rss_delta = recorder.rss_reader.rss() - self._rss0
         traced_delta = None
-        if self._traced0 is not None and tracemalloc.is_tracing():
+        if self._traced0 is not None and not overlapped and tracemalloc.is_tracing():
             traced_delta = tracemalloc.get_traced_memory()[0] - self._traced0
         gc_pause = 0
         gc_opt = self._gc
@@ -292,6 +308,7 @@ class RequestMeasurement:
             traced_delta=traced_delta,
             gc_pause_ns=gc_pause,
             error=self.error,
+            overlapped=overlapped,
         )
         recorder.deliver(metrics)
         return metrics

@@ -359,3 +359,26 @@ def test_rss_reader_measures_the_child_after_fork() -> None:
     os.waitpid(pid, 0)
     assert child_rss >= parent_rss + (100 << 20)  # the child's statm, not the parent's
     assert reader.rss() < parent_rss + (64 << 20)
+
+
+def test_overlapped_requests_get_no_traced_delta() -> None:
+    collected = Collected()
+    recorder = make_recorder(collected)
+    tracemalloc.start()
+    try:
+        first = recorder.begin("GET")
+        second = recorder.begin("GET")  # runs alongside the first
+        keep = [bytes(1000) for _ in range(200)]
+        second.finish()
+        first.finish()
+        alone = recorder.begin("GET")
+        keep += [bytes(1000) for _ in range(200)]
+        alone.finish()
+    finally:
+        tracemalloc.stop()
+    overlapped_second, overlapped_first, sequential = collected.items
+    assert overlapped_second.overlapped and overlapped_first.overlapped
+    assert overlapped_second.traced_delta is None and overlapped_first.traced_delta is None
+    assert not sequential.overlapped
+    assert sequential.traced_delta is not None and sequential.traced_delta >= 200_000
+    assert len(keep) == 400
