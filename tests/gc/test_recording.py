@@ -133,3 +133,23 @@ def test_manual_records_from_many_threads_while_gc_runs(make_optimizer) -> None:
     assert len(set(seqs)) == len(seqs)
     assert optimizer.analyze().bytes_reclaimed == 4 * per_thread
     assert optimizer._recorder.callback_errors == 0
+
+
+def test_restart_analyzes_the_new_run_only_and_notes_a_wrapped_ring(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False, event_capacity=16)
+    optimizer.start()
+    for _ in range(30):
+        gc.collect(0)
+    analysis = optimizer.analyze()
+    assert analysis.total_collections >= 30
+    assert any("last 16 of" in note for note in analysis.notes)
+    total_ns = optimizer.pause_total_ns()
+    cursor, _ = optimizer.events_since(0)
+    optimizer.stop()
+    optimizer.start()
+    gc.collect(0)
+    again = optimizer.analyze()
+    assert 1 <= again.total_collections < 30
+    assert optimizer.pause_total_ns() > total_ns  # monotonic for callers that diff it
+    newer_cursor, newer = optimizer.events_since(cursor)
+    assert newer and newer_cursor > cursor

@@ -105,6 +105,8 @@ class AnalysisInput:
     explicit_collections: int
     adaptive: bool
     changes_made: int = 0
+    callback_errors: int = 0
+    monitor_errors: int = 0
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -324,6 +326,17 @@ def build_analysis(data: AnalysisInput) -> GcAnalysis:
     total_collected = sum(data.collected)
     efficiency = total_collected / (total_pause_s * 1e3) if total_pause_s > 0 else 0.0
     bottlenecks = _bottlenecks(data, gens, time_share)
+    notes: list[str] = []
+    if len(data.events) < total_collections:
+        notes.append(
+            f"pause percentiles cover the last {len(data.events)} of {total_collections} collections "
+            "(bounded event ring); totals cover all"
+        )
+    if data.callback_errors or data.monitor_errors:
+        notes.append(
+            f"internal errors caught: {data.callback_errors} in the gc callback, "
+            f"{data.monitor_errors} in the monitor thread (see the kotoba_memory.gc debug log)"
+        )
     score = 1.0
     for bottleneck in bottlenecks:
         score *= 1.0 - 0.5 * bottleneck.severity
@@ -346,4 +359,5 @@ def build_analysis(data: AnalysisInput) -> GcAnalysis:
         requests_seen=data.requests_seen,
         explicit_collections=data.explicit_collections,
         changes_made=data.changes_made,
+        notes=notes,
     )

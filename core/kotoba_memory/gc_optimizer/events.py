@@ -60,6 +60,18 @@ class GcRecorder:
         self.manual_pause_ns = [0] * NUM_GENERATIONS
         self.manual_bytes = 0
 
+    def reset_totals(self) -> None:
+        """Forget events and totals (seq and ``pause_total_ns`` keep counting); only while uninstalled."""
+        if self._installed:
+            raise RuntimeError("reset_totals() while the gc callback is installed")
+        with self._lock:
+            self._events.clear()
+            for totals in (self.counts, self.pause_ns, self.collected, self.uncollectable,
+                           self.manual_counts, self.manual_pause_ns):
+                totals[:] = [0] * NUM_GENERATIONS
+            self.explicit_count = 0
+            self.manual_bytes = 0
+
     # -- gc.callbacks -----------------------------------------------------------------------------
     def install(self) -> None:
         """Append the callback to ``gc.callbacks`` (idempotent)."""

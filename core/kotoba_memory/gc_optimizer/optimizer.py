@@ -154,7 +154,6 @@ class GcOptimizer:
         self._pressure_backoff = 1
         self._next_pressure_collect = 0.0
         self._last_usage_percent: float | None = None
-        self._change_count = 0
         self.refreezes = 0
         self.boundary_collections = 0
         self.monitor_errors = 0
@@ -180,6 +179,7 @@ class GcOptimizer:
             self._gen1_every = max(1, self._base[1])
             self._start_wall = time.monotonic()
             self._start_cpu = time.process_time()
+            self._recorder.reset_totals()  # analyze() covers this run only
             self._recorder.install()
             self._running = True
             if self.adaptive:
@@ -515,6 +515,8 @@ class GcOptimizer:
             explicit_collections=rec.explicit_count,
             adaptive=self.adaptive,
             changes_made=len(self._changes),
+            callback_errors=rec.callback_errors,
+            monitor_errors=self.monitor_errors,
         )
         return build_analysis(data)
 
@@ -527,19 +529,19 @@ class GcOptimizer:
     def optimize(self) -> list[GcChange]:
         """Apply the low-risk opportunities :meth:`analyze` finds now; returns the changes made."""
         analysis = self.analyze()
-        total_before = self._change_count
+        made: list[GcChange] = []
         with self._lock:
             for opportunity in analysis.optimization_opportunities:
                 if not opportunity.auto_apply:
                     continue
-                kind = opportunity.optimization_type
+                kind, why = opportunity.optimization_type, opportunity.description
                 if kind in ("raise_young_threshold", "lower_young_threshold"):
                     assert opportunity.suggested_thresholds is not None
                     self._capture_found()
                     before = gc.get_threshold()
                     gc.set_threshold(*opportunity.suggested_thresholds)
                     self._valve = opportunity.suggested_thresholds[0]
-                    self._note("set_threshold", before, gc.get_threshold(), opportunity.description)
+                    made.append(self._note("set_threshold", before, gc.get_threshold(), why))
                 elif kind == "freeze_long_lived_heap":
                     self._capture_found()
                     self._explicit_collect(1)
@@ -547,21 +549,19 @@ class GcOptimizer:
                     gc.freeze()
                     self._we_froze = True
                     self._freeze_active = self.adaptive and self._running
-                    self._note("freeze", frozen_before, gc.get_freeze_count(), opportunity.description)
+                    made.append(self._note("freeze", frozen_before, gc.get_freeze_count(), why))
                 elif kind == "reduce_memory_pressure":
                     self._capture_found()
                     if self._we_froze:
                         gc.unfreeze()
                         self._we_froze = False
                         self._freeze_active = False
-                        self._note("unfreeze", None, None, opportunity.description)
+                        made.append(self._note("unfreeze", None, None, why))
                     self._explicit_collect(2)
                     trimmed = malloc_trim()
-                    self._note("collect", None, 2, f"{opportunity.description} (malloc_trim: {trimmed})")
+                    made.append(self._note("collect", None, 2, f"{why} (malloc_trim: {trimmed})"))
         self._flush_change_log()
-        made = self._change_count - total_before
-        history = list(self._changes)
-        return history[-made:] if made else []
+        return made
 
     async def aoptimize(self) -> list[GcChange]:
         """Async twin of :meth:`optimize` (collections run off the event loop)."""
@@ -595,32 +595,30 @@ class GcOptimizer:
             found = self._found
             if found is None:
                 return []
-            total_before = self._change_count
+            made: list[GcChange] = []
             now_thresholds = gc.get_threshold()
             if now_thresholds != found.thresholds:
                 gc.set_threshold(*found.thresholds)
-                self._note("set_threshold", now_thresholds, found.thresholds, "restore")
+                made.append(self._note("set_threshold", now_thresholds, found.thresholds, "restore"))
             if self._we_froze and found.freeze_count == 0:
                 gc.unfreeze()
-                self._note("unfreeze", None, 0, "restore")
+                made.append(self._note("unfreeze", None, 0, "restore"))
             elif self._we_froze:
-                self._note(
+                made.append(self._note(
                     "restore", None, None,
                     "objects were already frozen when found: left frozen (gc cannot tell them apart)",
-                )
+                ))
             if gc.isenabled() != found.enabled:
                 (gc.enable if found.enabled else gc.disable)()
                 action = "enable" if found.enabled else "disable"
-                self._note(action, not found.enabled, found.enabled, "restore")
+                made.append(self._note(action, not found.enabled, found.enabled, "restore"))
             self._we_froze = False
             self._freeze_active = False
             self._pressure = False
             self._valve = found.thresholds[0]
             self._found = None
-            made = self._change_count - total_before
-            history = list(self._changes)
         self._flush_change_log()
-        return history[-made:] if made else []
+        return made
 
     # -- helpers ---------------------------------------------------------------------------------
     def _capture_found(self) -> None:
@@ -635,12 +633,12 @@ class GcOptimizer:
         finally:
             recorder.explicit_thread = None
 
-    def _note(self, action: str, before: Any, after: Any, reason: str) -> None:
+    def _note(self, action: str, before: Any, after: Any, reason: str) -> GcChange:
         # Called from the gc callback too, so only lock-free appends here; logging happens later.
         change = GcChange(time.time(), action, before, after, reason)
         self._changes.append(change)
         self._unlogged.append(change)
-        self._change_count += 1
+        return change
 
     def _flush_change_log(self) -> None:
         while True:
