@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextvars
 import importlib
-import itertools
 import os
 import threading
 import time
@@ -40,8 +39,11 @@ ENVIRON_KEY = "kotoba_memory.request"
 #: Route label used when no framework told us the route; the raw path is never used (cardinality).
 UNMATCHED_ROUTE = "unmatched"
 
-# Taken by every request start and finish (next() on a count is atomic under the GIL).
-_epoch = itertools.count()
+# Requests in flight in this process and an event counter bumped by every start and finish: a request
+# ran alone if it started with nothing in flight and no start or finish happened until its own finish.
+_flight_lock = threading.Lock()
+_in_flight = 0
+_epoch = 0
 
 _current: contextvars.ContextVar[RequestMeasurement | None] = contextvars.ContextVar(
     "kotoba_memory_request", default=None
@@ -214,6 +216,7 @@ class RequestMeasurement:
     """The in-flight measurement of one request; ``finish()`` records it exactly once."""
 
     __slots__ = (
+        "_alone",
         "_done",
         "_epoch0",
         "_gc",
@@ -249,7 +252,12 @@ class RequestMeasurement:
                 self._gc = None
         self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
         self._rss0 = recorder.rss_reader.rss()
-        self._epoch0 = next(_epoch)
+        global _in_flight, _epoch
+        with _flight_lock:
+            _in_flight += 1
+            _epoch += 1
+            self._alone = _in_flight == 1
+            self._epoch0 = _epoch
         self._t0 = time.perf_counter()
 
     @property
@@ -284,9 +292,11 @@ class RequestMeasurement:
         self._done = True
         duration = time.perf_counter() - self._t0
         recorder = self._recorder
-        # Every begin and finish in the process takes the next epoch: if ours are adjacent, no other
-        # request started or ended while this one ran.
-        overlapped = next(_epoch) != self._epoch0 + 1
+        global _in_flight, _epoch
+        with _flight_lock:
+            _in_flight = max(0, _in_flight - 1)
+            _epoch += 1
+            overlapped = not self._alone or _epoch != self._epoch0 + 1
         rss_delta = recorder.rss_reader.rss() - self._rss0
         traced_delta = None
         if self._traced0 is not None and not overlapped and tracemalloc.is_tracing():
