@@ -1086,3 +1086,34 @@ def test_forked_child_gets_fresh_locks_and_the_inherited_data(cache: KotobaCache
         release.set()
         holder.join(timeout=10)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_incr_is_atomic_across_aliases_of_one_location(make_cache: MakeCache) -> None:
+    first, second = make_cache(), make_cache()
+    first.set("counter", 0, None)
+
+    def bump(cache: KotobaCache) -> None:
+        for _ in range(150):
+            cache.incr("counter")
+
+    threads = [threading.Thread(target=bump, args=(c,)) for c in (first, second, first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert second.get("counter") == 600
+
+
+def test_concurrent_aget_or_set_agree_on_one_value(cache: KotobaCache) -> None:
+    counter = iter(range(1000))
+
+    async def compute() -> int:
+        await asyncio.sleep(0)
+        return next(counter)
+
+    async def scenario() -> list[Any]:
+        return list(await asyncio.gather(*(cache.aget_or_set("k", compute) for _ in range(20))))
+
+    results = asyncio.run(scenario())
+    assert len(set(results)) == 1  # the first add() wins and everyone reads it back
+    assert cache.get("k") == results[0]
