@@ -267,6 +267,41 @@ def run_child(workload: str, variant: str, size: Size) -> dict[str, Any]:
     return result
 
 
+def measure_hook_cost(pairs: int = 200_000, repeats: int = 7) -> dict[str, Any]:
+    """ns per on_request_start()+on_request_end() pair when nothing is due, minus a no-op pair."""
+    from kotoba_memory.gc_optimizer import GcOptimizer
+
+    class Noop:
+        def on_request_start(self) -> None:
+            pass
+
+        def on_request_end(self) -> None:
+            pass
+
+    def loop(target: Any) -> float:
+        start, end = target.on_request_start, target.on_request_end
+        t0 = time.perf_counter()
+        for _ in range(pairs):
+            start()
+            end()
+        return (time.perf_counter() - t0) / pairs * 1e9
+
+    optimizer = GcOptimizer(auto_freeze=False)
+    optimizer.start()
+    noop = Noop()
+    ours: list[float] = []
+    base: list[float] = []
+    for _ in range(repeats):  # interleaved
+        base.append(loop(noop))
+        ours.append(loop(optimizer))
+    optimizer.stop()
+    return {
+        "hooks_ns": statistics.median(ours),
+        "noop_ns": statistics.median(base),
+        "overhead_ns": statistics.median(o - b for o, b in zip(ours, base)),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Parent: orchestration and reporting
 # --------------------------------------------------------------------------------------------------
@@ -379,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if args.quick else FULL
     if args.child:
         workload, variant = args.child
-        print(json.dumps(run_child(workload, variant, size)))
+        if workload == "hooks":
+            print(json.dumps(measure_hook_cost(20_000 if args.quick else 200_000)))
+        else:
+            print(json.dumps(run_child(workload, variant, size)))
         return 0
     workloads = [w for w in args.workloads.split(",") if w]
     variants = [v for v in args.variants.split(",") if v]
@@ -392,10 +430,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 1")
     print("GC benchmark: no trace files are used; the workload is generated.", file=sys.stderr)
     results = run_all(workloads, variants, rounds, args.quick, lambda s: print(s, file=sys.stderr))
+    hooks = [spawn("hooks", "adaptive", args.quick) for _ in range(rounds)]
     print(report(results))
+    overhead = statistics.median(h["overhead_ns"] for h in hooks)
+    total = statistics.median(h["hooks_ns"] for h in hooks)
+    print(
+        f"Request hooks: on_request_start()+on_request_end() cost {total:.0f} ns per request when nothing "
+        f"is due, {overhead:.0f} ns more than two no-op method calls (median of {rounds} processes x 7)."
+    )
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"results": results, "hooks": hooks}, f, indent=1)
     return 0
 
 

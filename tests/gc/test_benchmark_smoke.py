@@ -52,3 +52,12 @@ def test_goal_lines_judge_ratios(bench) -> None:
 def test_cli_rejects_unknown_names(bench) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--variants", "default,nope"])
+
+
+def test_hook_cost_measurement_runs(bench) -> None:
+    import gc
+
+    found = gc.get_threshold()
+    result = bench.measure_hook_cost(pairs=2000, repeats=2)
+    assert result["hooks_ns"] > 0 and result["noop_ns"] > 0
+    assert gc.get_threshold() == found
