@@ -1117,3 +1117,17 @@ def test_concurrent_aget_or_set_agree_on_one_value(cache: KotobaCache) -> None:
     results = asyncio.run(scenario())
     assert len(set(results)) == 1  # the first add() wins and everyone reads it back
     assert cache.get("k") == results[0]
+
+
+def test_bad_timeouts_raise_and_keep_the_stored_value(cache: KotobaCache) -> None:
+    cache.set("k", "v")
+    with pytest.raises(TypeError, match="timeout"):
+        cache.set("k", "x", timeout="soon")
+    with pytest.raises(ValueError, match="nan"):
+        cache.add("other", "x", timeout=float("nan"))
+    with pytest.raises(TypeError, match="timeout"):
+        cache.touch("k", timeout=True)
+    assert cache.get("k") == "v"
+    assert cache.has_key("other") is False
+    cache.set("inf", "forever", timeout=float("inf"))
+    assert _remaining(cache, "inf") is None
