@@ -156,3 +156,60 @@ def test_without_a_configured_provider_nothing_breaks() -> None:
         assert otel.MemoryInstrumentor().callback_errors == 0
     finally:
         otel.uninstrument()
+
+
+def test_query_cache_metrics_with_invalidations_per_table(reader: InMemoryMetricReader) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    from kotoba_memory.cache_manager import CacheManager
+    from kotoba_memory_integrations.sqlalchemy import QueryCache
+
+    engine = sqlalchemy.create_engine("sqlite://")
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("CREATE TABLE widget (id INTEGER PRIMARY KEY, name TEXT)"))
+        conn.execute(sqlalchemy.text("INSERT INTO widget (name) VALUES ('a'), ('b')"))
+    query_cache = QueryCache(CacheManager(max_bytes=1 << 20), name="otel-query-cache")
+    query_cache.attach(engine)
+    widget = sqlalchemy.table("widget", sqlalchemy.column("id"), sqlalchemy.column("name"))
+    statement = sqlalchemy.select(widget.c.name).options(query_cache.cached(ttl=60))
+    with engine.connect() as conn:
+        assert len(conn.execute(statement).all()) == 2  # miss
+        assert len(conn.execute(statement).all()) == 2  # hit
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text("INSERT INTO widget (name) VALUES ('c')"))  # invalidates widget
+    found = collect(reader)
+
+    def series(name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+        return {
+            tuple(sorted(p.attributes.items())): p.value
+            for p in points(found[name])
+            if p.attributes.get("kotoba_memory.cache.name") == "otel-query-cache"
+        }
+
+    assert list(series("kotoba_memory.query_cache.hits").values()) == [1]
+    assert list(series("kotoba_memory.query_cache.misses").values()) == [1]
+    by_table = series("kotoba_memory.query_cache.invalidations")
+    invalidations = {dict(k)["db.collection.name"]: v for k, v in by_table.items()}
+    assert invalidations.get("widget", 0) >= 1
+    query_cache.close()
+
+
+def test_pool_metrics_from_the_active_optimizer(reader: InMemoryMetricReader) -> None:
+    pytest.importorskip("kotoba_memory.optimizer")
+    from kotoba_memory.config import MemoryConfig
+    from kotoba_memory_integrations import runtime
+
+    runtime.stop_optimizer()
+    optimizer = runtime.start_optimizer(
+        MemoryConfig(enable_pooling=True, pool_size_mb=1, enable_profiling=False, enable_caching=False,
+                     enable_gc_optimization=False)
+    )
+    try:
+        block = optimizer.pool.allocate(10_000)
+        found = collect(reader)
+        [usage] = points(found["kotoba_memory.pool.usage"])
+        [capacity] = points(found["kotoba_memory.pool.capacity"])
+        assert usage.value >= 10_000
+        assert capacity.value >= 1 << 20
+        block.release()
+    finally:
+        runtime.stop_optimizer()
