@@ -88,6 +88,12 @@ class KotobaCache(BaseCache):
             self._threshold = threshold or 500
             cache = CacheManager(max_bytes, policy, max_entries=self._threshold, default_ttl=None, name=name)
         else:
+            from kotoba_memory.cache_manager import BaseCache as KotobaCacheBase
+
+            if not isinstance(cache, KotobaCacheBase):
+                raise TypeError(f"cache must be a kotoba-memory cache, got {type(cache).__name__}")
+            if max_bytes is not None or name is not None:
+                raise ValueError("max_bytes/name configure the cache built here; with cache= set them on it")
             self._threshold = threshold or 500
         self._store = cache
 

@@ -333,3 +333,12 @@ def test_instances_share_entries_through_the_redis_tier(redis_url: str) -> None:
         assert writer.has("k") is False
     finally:
         store.clear()
+
+
+def test_bad_shared_store_arguments() -> None:
+    with pytest.raises(TypeError, match="kotoba-memory cache"):
+        KotobaCache(cache={})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_bytes"):
+        KotobaCache(cache=CacheManager(max_entries=10), max_bytes=1000)
+    with pytest.raises(TypeError, match="key_prefix"):
+        KotobaCache(key_prefix=5)  # type: ignore[arg-type]
