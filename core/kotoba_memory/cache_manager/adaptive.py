@@ -1,17 +1,462 @@
-"""ADAPTIVE policy (interim: plain LRU until the W-TinyLFU implementation lands in the next commit)."""
+"""ADAPTIVE: W-TinyLFU with a hill-climbing window (the design of Caffeine), built for a lock-free hit path.
+
+Layout: a small LRU *window* admits every new entry; the *main* area is a segmented LRU (*probation*,
+*protected* = 80% of main). When the window overflows, its LRU entry (the candidate) competes with
+main's LRU victim: the one a count-min *frequency sketch* says was requested more often stays. Popular
+keys therefore survive scans and loops (where LRU scores 0), while the window keeps recency-friendly
+workloads close to LRU. A *hill climber* samples the hit rate every period and moves the window size
+(0..100% of the capacity) in the direction that improved it, with a decaying step that restarts when
+the workload shifts. The sketch uses 4-bit-style saturating counters and halves them every
+``10 x capacity`` additions so old popularity decays; a doorkeeper bit set keeps one-hit wonders out of
+the counters.
+
+Lock-free hits: a hit bumps ``entry.hits`` and calls one C method: ``move_to_end`` in the window or the
+protected segment, or ``deque.append`` into a promotion buffer for probation entries. Hit counts are
+folded into the sketch and promotions applied under the lock, when the cache next writes or does upkeep.
+"""
 
 from __future__ import annotations
 
-from kotoba_memory.cache_manager.policies import LruPolicy, register_policy
+import random
+import sys
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from typing import Any
+
+from kotoba_memory.cache_manager.policies import Entry, EvictionPolicy, register_policy
 from kotoba_memory.cache_manager.types import CachePolicy
 
-__all__ = ["AdaptivePolicy"]
+__all__ = ["AdaptivePolicy", "FrequencySketch"]
+
+_WINDOW, _PROBATION, _PROTECTED = 0, 1, 2
+_MIX1 = 0x9E3779B97F4A7C15
+_MIX2 = 0xC2B2AE3D27D4EB4F
+_MASK64 = (1 << 64) - 1
+_MAX_COUNT = 15
 
 
-class AdaptivePolicy(LruPolicy):
-    """Interim stand-in with LRU behaviour."""
+class FrequencySketch:
+    """A count-min sketch with 4 rows of saturating counters (max 15) and periodic halving (aging).
+
+    ``width`` counters per row (a power of two >= the expected number of distinct hot keys). After
+    ``sample_size`` additions every counter is halved, so the sketch tracks recent popularity. A
+    doorkeeper (a set of hashes, cleared at each halving) absorbs each key's first addition.
+    """
+
+    def __init__(self, expected_entries: int) -> None:
+        self._resize(expected_entries)
+
+    def _resize(self, expected_entries: int) -> None:
+        width = 16
+        while width < expected_entries:
+            width <<= 1
+        self.width = width
+        self._mask = width - 1
+        self._table = bytearray(4 * width)
+        self._halve_mask = int.from_bytes(b"\x7f" * (4 * width), "little")
+        self.sample_size = 10 * width
+        self.additions = 0
+        self._door: set[int] = set()
+
+    def ensure_capacity(self, expected_entries: int) -> None:
+        """Grow (and reset) when the cache holds more keys than the sketch was sized for."""
+        if expected_entries > self.width:
+            self._resize(expected_entries)
+
+    def _indexes(self, key: Hashable) -> tuple[int, int, int, int, int]:
+        h = (hash(key) * _MIX1) & _MASK64
+        h ^= h >> 31
+        g = (h * _MIX2) & _MASK64
+        g ^= g >> 29
+        mask, width = self._mask, self.width
+        return (
+            h,
+            h & mask,
+            width + ((h >> 32) & mask),
+            2 * width + (g & mask),
+            3 * width + ((g >> 32) & mask),
+        )
+
+    def frequency(self, key: Hashable) -> int:
+        """The estimated number of recent additions of ``key`` (0..16)."""
+        h, a, b, c, d = self._indexes(key)
+        t = self._table
+        return min(t[a], t[b], t[c], t[d]) + (1 if h in self._door else 0)
+
+    def add(self, key: Hashable, count: int = 1) -> None:
+        """Record ``count`` requests of ``key``."""
+        if count <= 0:
+            return
+        h, a, b, c, d = self._indexes(key)
+        door = self._door
+        if h not in door:
+            door.add(h)
+            count -= 1
+        if count:
+            t = self._table
+            for i in (a, b, c, d):
+                v = t[i] + count
+                t[i] = v if v < _MAX_COUNT else _MAX_COUNT
+        self.additions += count + 1
+        if self.additions >= self.sample_size:
+            self.age()
+
+    def age(self) -> None:
+        """Halve every counter and clear the doorkeeper."""
+        n = int.from_bytes(self._table, "little")
+        self._table[:] = ((n >> 1) & self._halve_mask).to_bytes(len(self._table), "little")
+        self._door.clear()
+        self.additions //= 2
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the counters and the doorkeeper."""
+        return sys.getsizeof(self._table) + sys.getsizeof(self._door) + 32 * len(self._door)
+
+
+class AdaptivePolicy(EvictionPolicy):
+    """W-TinyLFU admission with a hill-climbed window size; see the module docstring."""
 
     kind = CachePolicy.ADAPTIVE
+    initial_window = 0.01
+    protected_share = 0.8
+    step_percent = 0.0625
+    step_decay = 0.98
+    restart_threshold = 0.05
+    # Hill-climber sample period, in requests per unit of capacity (entries).
+    period_factor = 1.0
+    adapt = "ghost"
+    momentum = 0.0
+
+    def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
+        super().__init__(max_entries, max_bytes)
+        self.table: dict[Hashable, Entry] = {}
+        self._window: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._probation: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._protected: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._window_hit = self._window.move_to_end
+        self._protected_hit = self._protected.move_to_end
+        self._promotions: deque[Hashable] = deque(maxlen=4096)
+        self._promote_hit = self._promotions.append
+        self._window_size = self._probation_size = self._protected_size = 0
+        cap = self.capacity
+        self._max_window = max(1, int(cap * self.initial_window)) if max_bytes is None else int(
+            cap * self.initial_window
+        )
+        self._window_target = float(self._max_window)
+        self._set_main_limits()
+        self.sketch = FrequencySketch(max_entries if max_entries is not None else 1024)
+        self._rng = random.Random(0x5EED)
+        self._step = self.step_percent * cap
+        self._prev_rate: float | None = None
+        self._sample_start: tuple[int, int] | None = None
+        self.adjustments = 0
+        self._rejected: OrderedDict[int, int] = OrderedDict()
+        self._evicted: OrderedDict[int, int] = OrderedDict()
+        self._rejected_size = self._evicted_size = 0
+
+    # -- structure ----------------------------------------------------------------------------------
+
+    def _set_main_limits(self) -> None:
+        main = self.capacity - self._max_window
+        self._max_protected = int(main * self.protected_share)
+
+    def _entries_capacity(self) -> int:
+        if self.max_entries is not None and self.max_bytes is None:
+            return self.max_entries
+        return max(len(self.table), 16)
+
+    def insert(self, key: Hashable, entry: Entry) -> None:
+        self.table[key] = entry
+        entry.seg = _WINDOW
+        entry.on_hit = self._window_hit
+        self._window[key] = entry
+        self._window_size += self.unit(entry)
+        self.sketch.add(key)
+        if self.adapt == "ghost":
+            self._ghost_feedback(key)
+        if self.max_bytes is not None:
+            self.sketch.ensure_capacity(len(self.table))
+        if self._window_size > self._max_window and self._total() <= self.capacity:
+            self._spill_window()  # still filling up: the overflow moves to main without a contest
+
+    def _total(self) -> int:
+        return self._window_size + self._probation_size + self._protected_size
+
+    def _spill_window(self) -> None:
+        window = self._window
+        while self._window_size > self._max_window and window:
+            key, entry = window.popitem(last=False)
+            self._window_size -= self.unit(entry)
+            self._to_probation(key, entry)
+
+    def _to_probation(self, key: Hashable, entry: Entry) -> None:
+        entry.seg = _PROBATION
+        entry.on_hit = self._promote_hit
+        self._probation[key] = entry
+        self._probation_size += self.unit(entry)
+
+    def _segment_remove(self, key: Hashable, entry: Entry) -> None:
+        unit = self.unit(entry)
+        seg = entry.seg
+        if seg == _WINDOW:
+            del self._window[key]
+            self._window_size -= unit
+        elif seg == _PROBATION:
+            del self._probation[key]
+            self._probation_size -= unit
+        else:
+            del self._protected[key]
+            self._protected_size -= unit
+
+    def remove(self, key: Hashable) -> Entry | None:
+        entry = self.table.pop(key, None)
+        if entry is not None:
+            self._segment_remove(key, entry)
+        return entry
+
+    def replace(self, key: Hashable, old: Entry, new: Entry) -> None:
+        """An overwrite keeps the key's segment and counts as a request."""
+        seg = old.seg
+        delta = self.unit(new) - self.unit(old)
+        new.seg, new.on_hit, new.hits = seg, old.on_hit, old.hits + 1
+        self.table[key] = new
+        if seg == _WINDOW:
+            self._window[key] = new
+            self._window.move_to_end(key)
+            self._window_size += delta
+        elif seg == _PROBATION:
+            self._probation[key] = new
+            self._probation_size += delta
+        else:
+            self._protected[key] = new
+            self._protected.move_to_end(key)
+            self._protected_size += delta
+
+    def clear(self) -> None:
+        self.table.clear()
+        self._window.clear()
+        self._probation.clear()
+        self._protected.clear()
+        self._promotions.clear()
+        self._window_size = self._probation_size = self._protected_size = 0
+
+    # -- deferred hit work ----------------------------------------------------------------------------
+
+    def _drain_promotions(self) -> None:
+        buffer = self._promotions
+        if not buffer:
+            return
+        table = self.table
+        protected = self._protected
+        while buffer:
+            try:
+                key = buffer.popleft()
+            except IndexError:
+                break
+            entry = table.get(key)
+            if entry is None or entry.seg != _PROBATION:
+                continue
+            del self._probation[key]
+            unit = self.unit(entry)
+            self._probation_size -= unit
+            entry.seg = _PROTECTED
+            entry.on_hit = self._protected_hit
+            protected[key] = entry
+            self._protected_size += unit
+        while self._protected_size > self._max_protected and protected:
+            key, entry = protected.popitem(last=False)
+            self._protected_size -= self.unit(entry)
+            self._to_probation(key, entry)
+
+    def _frequency(self, key: Hashable, entry: Entry) -> int:
+        hits = entry.hits
+        if hits:
+            entry.hits = 0
+            self.sketch.add(key, hits)
+        return self.sketch.frequency(key)
+
+    def _admit(self, cand_key: Hashable, cand: Entry, victim_key: Hashable, victim: Entry) -> bool:
+        cand_freq = self._frequency(cand_key, cand)
+        victim_freq = self._frequency(victim_key, victim)
+        if cand_freq > victim_freq:
+            return True
+        # A warm candidate sometimes wins a tie-or-loss, so a hash-flooding attack cannot pin the victim.
+        return cand_freq >= 6 and self._rng.random() < 1 / 128
+
+    # -- eviction --------------------------------------------------------------------------------------
+
+    def _main_victim(self) -> tuple[Hashable, Entry] | None:
+        for segment in (self._probation, self._protected):
+            if segment:
+                key = next(iter(segment))
+                return key, segment[key]
+        return None
+
+    def evict(self) -> tuple[Hashable, Entry]:
+        self._drain_promotions()
+        if self._window_size > self._max_window and self._window:
+            cand_key, cand = self._window.popitem(last=False)
+            self._window_size -= self.unit(cand)
+            found = self._main_victim()
+            if found is None:
+                del self.table[cand_key]
+                return cand_key, cand
+            victim_key, victim = found
+            if self._admit(cand_key, cand, victim_key, victim):
+                self._segment_remove(victim_key, victim)
+                del self.table[victim_key]
+                self._to_probation(cand_key, cand)
+                self._remember(False, victim_key, victim)
+                return victim_key, victim
+            del self.table[cand_key]
+            self._remember(True, cand_key, cand)
+            return cand_key, cand
+        found = self._main_victim()
+        if found is None:
+            key, entry = self._window.popitem(last=False)
+            self._window_size -= self.unit(entry)
+            self._remember(True, key, entry)
+        else:
+            key, entry = found
+            self._segment_remove(key, entry)
+            self._remember(False, key, entry)
+        del self.table[key]
+        return key, entry
+
+    # -- ghost feedback --------------------------------------------------------------------------------
+
+    def _remember(self, rejected: bool, key: Hashable, entry: Entry) -> None:
+        if self.adapt != "ghost":
+            return
+        from kotoba_memory.cache_manager.mrc import fingerprint
+
+        fp = fingerprint(key)
+        unit = self.unit(entry)
+        ghosts = self._rejected if rejected else self._evicted
+        old = ghosts.pop(fp, None)
+        ghosts[fp] = unit
+        size = (self._rejected_size if rejected else self._evicted_size) + unit - (old or 0)
+        limit = max(int(self.capacity * self.ghost_depth), 1)
+        while size > limit and ghosts:
+            size -= ghosts.popitem(last=False)[1]
+        if rejected:
+            self._rejected_size = size
+        else:
+            self._evicted_size = size
+
+    def _ghost_feedback(self, key: Hashable) -> None:
+        from kotoba_memory.cache_manager.mrc import fingerprint
+
+        fp = fingerprint(key)
+        unit = self._rejected.pop(fp, None)
+        if unit is not None:
+            self._rejected_size -= unit
+            self._resize_window(self._window_target + unit * self.ghost_gain)
+            return
+        unit = self._evicted.pop(fp, None)
+        if unit is not None:
+            self._evicted_size -= unit
+            self._resize_window(self._window_target - unit * self.ghost_gain)
+
+    ghost_gain = 0.5
+    ghost_depth = 0.25
+
+    # -- adaptation ------------------------------------------------------------------------------------
+
+    def maintain(self, hits: int, requests: int) -> None:
+        self._drain_promotions()
+        if self.adapt != "climb":
+            return
+        start = self._sample_start
+        if start is None:
+            # Climb only once the cache is full: while it warms up the hit rate rises whatever the
+            # window does, which would read as "keep going".
+            if self._total() >= self.capacity * 0.95:
+                self._sample_start = (hits, requests)
+            return
+        period = max(int(self.period_factor * self._entries_capacity()), 256)
+        done = requests - start[1]
+        if done < period:
+            return
+        rate = (hits - start[0]) / done
+        self._sample_start = (hits, requests)
+        self._climb(rate)
+
+    def _climb(self, rate: float) -> None:
+        """Move the window size by the step; reverse direction when the hit rate got worse."""
+        prev = self._prev_rate
+        self._prev_rate = rate
+        if prev is None:
+            amount = self._step
+        elif self.momentum:
+            change = rate - prev
+            if change >= 0:
+                amount = self._step
+                self._step = max(-0.25 * self.capacity, min(0.25 * self.capacity, self._step * self.momentum))
+            else:
+                amount = -self._step * 0.5
+                self._step = amount
+        else:
+            change = rate - prev
+            amount = self._step if change >= 0 else -self._step
+            if abs(change) >= self.restart_threshold:
+                self._step = self.step_percent * self.capacity * (1 if amount >= 0 else -1)
+            else:
+                self._step = self.step_decay * amount
+        self._resize_window(self._window_target + amount)
+
+    def _resize_window(self, target: float) -> None:
+        cap = self.capacity
+        self._window_target = min(max(target, 0.0), float(cap))
+        new_window = int(self._window_target)
+        if new_window == self._max_window:
+            return
+        self.adjustments += 1
+        self._max_window = new_window
+        self._set_main_limits()
+        # Shrinking the window moves its LRU entries to probation; growing it takes main's LRU
+        # entries back into the window. Total occupancy is unchanged either way.
+        self._spill_window()
+        while self._window_size < self._max_window and (self._probation or self._protected):
+            segment = self._probation if self._probation else self._protected
+            key, entry = segment.popitem(last=False)
+            unit = self.unit(entry)
+            if entry.seg == _PROBATION:
+                self._probation_size -= unit
+            else:
+                self._protected_size -= unit
+            entry.seg = _WINDOW
+            entry.on_hit = self._window_hit
+            self._window[key] = entry
+            self._window.move_to_end(key, last=False)
+            self._window_size += unit
+        while self._protected_size > self._max_protected and self._protected:
+            key, entry = self._protected.popitem(last=False)
+            self._protected_size -= self.unit(entry)
+            self._to_probation(key, entry)
+
+    # -- introspection -----------------------------------------------------------------------------------
+
+    def metadata_bytes(self) -> int:
+        return (
+            sys.getsizeof(self.table)
+            + sys.getsizeof(self._window)
+            + sys.getsizeof(self._probation)
+            + sys.getsizeof(self._protected)
+            + sys.getsizeof(self._promotions)
+            + self.sketch.memory_bytes()
+        )
+
+    def describe(self) -> dict[str, Any]:
+        cap = self.capacity
+        return {
+            "window_fraction": self._max_window / cap if cap else 0.0,
+            "window": self._window_size,
+            "probation": self._probation_size,
+            "protected": self._protected_size,
+            "adjustments": self.adjustments,
+            "sketch_width": self.sketch.width,
+        }
 
 
 register_policy(CachePolicy.ADAPTIVE, AdaptivePolicy)

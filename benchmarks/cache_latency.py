@@ -1,0 +1,197 @@
+"""Per-operation latency of our caches against dict, functools.lru_cache, cachetools, cachebox and theine.
+
+All contenders run in one process, interleaved round by round; each figure is the median over rounds of
+ns/op for a loop of calls exactly as a user writes them (nothing subtracted), and the ratio to
+``functools.lru_cache`` is the median of per-round ratios. Also measures our per-entry bookkeeping
+memory for 1 KiB values, reported by ``stats().metadata_bytes`` and measured with tracemalloc.
+
+    .venv/bin/python benchmarks/cache_latency.py            # 15 rounds
+    .venv/bin/python benchmarks/cache_latency.py --quick    # 3 rounds, smaller loops
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kotoba_memory.cache_manager import CacheManager, CachePolicy
+
+_MISS = object()
+Op = Callable[[], int]  # runs a loop of operations, returns how many it did
+
+
+def _identity(k: int) -> int:
+    return k
+
+
+def build_ops(entries: int, loops: int) -> dict[str, dict[str, Op]]:
+    """Contender -> operation -> a callable timing-loop. Hit keys are resident; miss keys never are."""
+    import cachebox
+    import cachetools
+    from theine import Cache as Theine
+
+    capacity = 2 * entries
+    hit_keys = list(range(entries)) * loops
+    miss_keys = list(range(10**9, 10**9 + entries)) * loops
+    fresh = iter(range(2 * 10**9, 10**10))
+    ops: dict[str, dict[str, Op]] = {}
+
+    def loop(fn: Callable[[Any], Any], keys: list[int]) -> Op:
+        def run() -> int:
+            for k in keys:
+                fn(k)
+            return len(keys)
+
+        return run
+
+    def put_loop(put: Callable[[Any, Any], Any], n: int) -> Op:
+        def run() -> int:
+            for _ in range(n):
+                k = next(fresh)
+                put(k, k)
+            return n
+
+        return run
+
+    # dict: a plain unbounded-by-itself mapping; "put with eviction" drops the oldest key (FIFO).
+    d: dict[int, int] = {k: k for k in range(capacity)}
+
+    def dict_put(k: int, v: int) -> None:
+        d[k] = v
+        del d[next(iter(d))]
+
+    ops["dict"] = {"get-hit": loop(d.get, hit_keys), "get-miss": loop(d.get, miss_keys),
+                   "put+evict": put_loop(dict_put, entries * loops)}
+
+    lru = functools.lru_cache(maxsize=capacity)(_identity)
+    for k in range(capacity):
+        lru(k)
+    ops["functools.lru_cache"] = {"get-hit": loop(lru, hit_keys),
+                                  "put+evict": loop(lru, [next(fresh) for _ in range(entries * loops)])}
+
+    for name, cache in (
+        ("cachetools LRUCache", cachetools.LRUCache(capacity)),
+        ("cachebox LRUCache", cachebox.LRUCache(capacity)),
+    ):
+        for k in range(capacity):
+            cache[k] = k
+        ops[name] = {"get-hit": loop(cache.get, hit_keys), "get-miss": loop(cache.get, miss_keys),
+                     "put+evict": put_loop(cache.__setitem__, entries * loops)}
+
+    th = Theine(capacity)
+    for k in range(capacity):
+        th.set(k, k)
+    ops["theine"] = {"get-hit": loop(th.get, hit_keys), "get-miss": loop(th.get, miss_keys),
+                     "put+evict": put_loop(th.set, entries * loops)}
+
+    for policy in CachePolicy:
+        ours = CacheManager(max_entries=capacity, policy=policy)
+        for k in range(capacity):
+            ours.put(k, k)
+        for k in range(entries):  # make the hit keys the popular ones
+            ours.get(k)
+        ops[f"ours {policy.value}"] = {"get-hit": loop(ours.get, hit_keys),
+                                       "get-miss": loop(ours.get, miss_keys),
+                                       "put+evict": put_loop(ours.put, entries * loops)}
+    return ops
+
+
+def measure(rounds: int, entries: int, loops: int) -> dict[str, dict[str, Any]]:
+    """Median ns/op per contender and operation, and the median ratio to lru_cache."""
+    ops = build_ops(entries, loops)
+    samples: dict[tuple[str, str], list[float]] = {}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    names = list(ops)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+        this_round: dict[tuple[str, str], float] = {}
+        for name in order:
+            for op, fn in ops[name].items():
+                gc.collect()
+                start = time.perf_counter_ns()
+                n = fn()
+                this_round[(name, op)] = (time.perf_counter_ns() - start) / n
+        for key, ns in this_round.items():
+            samples.setdefault(key, []).append(ns)
+            base = this_round.get(("functools.lru_cache", key[1]))
+            if base:
+                ratios.setdefault(key, []).append(ns / base)
+    out: dict[str, dict[str, Any]] = {}
+    for (name, op), values in samples.items():
+        out.setdefault(name, {})[op] = round(statistics.median(values), 1)
+        if (name, op) in ratios:
+            out[name][f"{op} / lru_cache"] = round(statistics.median(ratios[(name, op)]), 2)
+    return out
+
+
+def metadata_overhead(entries: int) -> list[dict[str, Any]]:
+    """Bookkeeping bytes per entry for 1 KiB values: stats() figure and a tracemalloc measurement."""
+    out = []
+    for policy in CachePolicy:
+        keys = [f"key-{i}" for i in range(entries)]
+        values = [bytes(1024) + i.to_bytes(4, "little") for i in range(entries)]
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        cache = CacheManager(max_entries=entries, policy=policy)
+        for k, v in zip(keys, values):
+            cache.put(k, v)
+        for k in keys[: entries // 2]:
+            cache.get(k)
+        measured = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        stats = cache.stats()
+        out.append(
+            {
+                "policy": policy.value,
+                "entries": stats.entries,
+                "cached bytes": stats.bytes,
+                "metadata_bytes per entry (stats)": round(stats.metadata_bytes / stats.entries, 1),
+                "overhead (stats)": f"{stats.metadata_overhead:.1%}",
+                "measured per entry (tracemalloc)": round(measured / stats.entries, 1),
+                "overhead (measured)": f"{measured / stats.bytes:.1%}",
+            }
+        )
+        del cache
+    return out
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "n/a")) for c in columns) + " |")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of short loops")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 15)
+    entries, loops = (1000, 5) if args.quick else (1000, 20)
+    result = measure(rounds, entries, loops)
+    ops = ["get-hit", "get-miss", "put+evict"]
+    rows = [{"contender": name, **values} for name, values in result.items()]
+    print(f"\n### ns/op, median of {rounds} interleaved rounds ({entries} keys x {loops} loops)\n")
+    _print_table(rows, ["contender", *ops, "get-hit / lru_cache", "put+evict / lru_cache"])
+    meta = metadata_overhead(5_000 if args.quick else 20_000)
+    print("\n### Bookkeeping memory for 1 KiB values\n")
+    _print_table(meta, list(meta[0]))
+    if args.json:
+        args.json.write_text(json.dumps({"latency": result, "metadata": meta}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
