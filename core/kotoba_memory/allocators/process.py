@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ __all__ = [
     "AllocatorNotFoundError",
     "ArenaAdvice",
     "HeapStats",
+    "MallocTrimmer",
     "ProcessAllocatorStats",
     "TrimResult",
+    "TrimmerStats",
     "allocator_stats",
     "amalloc_trim",
     "configure_glibc_malloc",
@@ -304,8 +307,6 @@ def malloc_arena_advice(threads: int | None = None) -> ArenaAdvice:
     cpus = os.cpu_count() or 1
     default_limit = 8 * cpus if sys.maxsize > 2**32 else 2 * cpus
     if threads is None:
-        import threading
-
         threads = threading.active_count()
     info = detect_allocator()
     if info.type is not AllocatorType.SYSTEM or info.libc != "glibc":
@@ -406,3 +407,99 @@ def find_allocator_library(kind: AllocatorType | str) -> str:
         f"{kind.value} is not installed (looked for {', '.join(names)}): install the Debian/Ubuntu package "
         f"{package} (apt-get install {package}), or pass --library PATH"
     )
+
+
+@dataclass(frozen=True)
+class TrimmerStats:
+    """Counters of a ``MallocTrimmer``."""
+
+    running: bool
+    supported: bool
+    reason: str | None
+    checks: int  # heap inspections
+    trims: int  # malloc_trim calls made
+    errors: int  # exceptions caught in the thread
+    rss_saved_bytes: int  # total resident memory the trims gave back
+
+
+class MallocTrimmer:
+    """A daemon thread that calls ``malloc_trim(0)`` every ``interval`` seconds when the heap has free memory.
+
+    Cheap when idle (one ``mallinfo2`` call per interval); never raises into the host application.
+    """
+
+    def __init__(self, interval: float = 30.0, *, min_free_bytes: int = 8 << 20) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
+            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+        if isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int) or min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be a non-negative int, got {min_free_bytes!r}")
+        self.interval = float(interval)
+        self.min_free_bytes = min_free_bytes
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._reason = _glibc_unsupported()
+        self._checks = 0
+        self._trims = 0
+        self._errors = 0
+        self._saved = 0
+
+    def start(self) -> MallocTrimmer:
+        """Start the thread (idempotent); off glibc it stays stopped and ``stats().reason`` says why."""
+        with self._lock:
+            if self._reason is not None or (self._thread is not None and self._thread.is_alive()):
+                return self
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="kotoba-malloc-trim", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread, waiting up to ``timeout`` seconds for it to finish."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    async def astart(self) -> MallocTrimmer:
+        """Async twin of ``start``."""
+        return self.start()
+
+    async def astop(self, timeout: float = 5.0) -> None:
+        """Async twin of ``stop`` (the join runs in a worker thread)."""
+        await asyncio.to_thread(self.stop, timeout)
+
+    def trim_now(self) -> TrimResult | None:
+        """One check: trim if the heap holds at least ``min_free_bytes`` free; the result, or None."""
+        with self._lock:
+            self._checks += 1
+        heap = heap_stats()
+        if not heap.supported or heap.free_bytes < self.min_free_bytes:
+            return None
+        result = malloc_trim(0)
+        with self._lock:
+            self._trims += 1
+            self._saved += result.rss_saved
+        return result
+
+    def stats(self) -> TrimmerStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            thread = self._thread
+            return TrimmerStats(
+                running=thread is not None and thread.is_alive(),
+                supported=self._reason is None,
+                reason=self._reason,
+                checks=self._checks,
+                trims=self._trims,
+                errors=self._errors,
+                rss_saved_bytes=self._saved,
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.trim_now()
+            except Exception:  # the host application must never see our failure
+                with self._lock:
+                    self._errors += 1
