@@ -16,6 +16,7 @@ import os
 import pickle
 import sqlite3
 import statistics
+import sys
 import threading
 import time
 import weakref
@@ -674,7 +675,7 @@ class DiskCache(BaseCache):
                 entries=entries,
                 max_bytes=self.max_bytes,
                 max_entries=None,
-                metadata_bytes=0,
+                metadata_bytes=sys.getsizeof(self._touched),  # RAM bookkeeping: buffered access times
                 hit_latency_ns=self._hit_ns.median(),
                 miss_latency_ns=self._miss_ns.median(),
                 raw_bytes=raw,
