@@ -314,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             f" {cpu_ratio:9.3f} {100 * (1 - 1 / cpu_ratio):7.1f}%"
         )
     print("overhead = req/s a saturated worker loses from the extra CPU per request: 1 - 1/(CPU ratio)")
+    if "middleware" in pairs:
+        base_cpu = statistics.median(p["base_cpu_us"] for p in pairs["middleware"])
+        estimate = cost["added_us"] / (base_cpu + cost["added_us"])
+        print(
+            f"model: middleware's in-process {cost['added_us']:.2f} us on the bare app's {base_cpu:.0f} us"
+            f" of worker CPU per request -> {100 * estimate:.1f}% fewer req/s for a saturated worker"
+        )
     return 0
 
 
