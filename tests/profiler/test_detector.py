@@ -6,24 +6,24 @@ from collections.abc import Callable
 
 import pytest
 
-from kotoba_memory.memory_profiler._leaks import Key, LeakDetector, SiteChooser
+from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser
 from kotoba_memory.memory_profiler._models import RouteStats
 
-APP: Key = (("/srv/app/views.py", 10), ("/srv/app/cache.py", 42))
-LIB: Key = (("/srv/app/views.py", 20), ("/usr/lib/python3.11/json/encoder.py", 200))
+APP: Key = (("/srv/app/cache.py", 42), ("/srv/app/views.py", 10))  # innermost frame first
+LIB: Key = (("/usr/lib/python3.11/json/encoder.py", 200), ("/srv/app/views.py", 20))
 CHOOSER = SiteChooser(["/usr/lib/python3.11"], ["/srv/kotoba_memory"])
 
 
 class Flat:
-    """A process whose RSS and allocated blocks did not move."""
+    """A process whose heap and allocated blocks did not move (within a small error)."""
 
-    def since(self, start: float) -> tuple[float, float, float]:
-        return 0.0, 0.0, 100.0
+    def since(self, start: float) -> Growth:
+        return Growth(bytes_per_s=0.0, bytes_stderr=100.0, blocks_per_s=0.0, blocks_stderr=1.0, span_s=100.0)
 
 
 class Growing:
-    def since(self, start: float) -> tuple[float, float, float]:
-        return 50e6, 1e6, 100.0
+    def since(self, start: float) -> Growth:
+        return Growth(bytes_per_s=5e5, bytes_stderr=1e4, blocks_per_s=1e4, blocks_stderr=10.0, span_s=100.0)
 
 
 def feed(
@@ -105,10 +105,14 @@ def test_slow_leak_with_few_events_is_found() -> None:
 
 
 def test_site_growing_while_process_is_flat_is_vetoed() -> None:
-    detector = make()
-    now = feed(detector, 8, lambda w, j: 20_000 * j)
-    assert detector.suspects(now=now, window_interval_s=10.0, global_growth=Flat()) == []
-    assert len(detector.suspects(now=now, window_interval_s=10.0, global_growth=Growing())) == 1
+    small = make()  # 100-byte blocks: checked against the allocated-block count
+    now = feed(small, 8, lambda w, j: 20_000 * j)
+    assert small.suspects(now=now, window_interval_s=10.0, global_growth=Flat()) == []
+    assert len(small.suspects(now=now, window_interval_s=10.0, global_growth=Growing())) == 1
+    large = make()  # 10 kB blocks: checked against heap bytes
+    now = feed(large, 8, lambda w, j: 40_000 * j, block=10_000)
+    assert large.suspects(now=now, window_interval_s=10.0, global_growth=Flat()) == []
+    assert len(large.suspects(now=now, window_interval_s=10.0, global_growth=Growing())) == 1
 
 
 def test_route_with_correlated_traffic_is_blamed() -> None:

@@ -10,6 +10,7 @@ used, so the same logic works when someone else keeps tracemalloc on all the tim
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from typing import Protocol
 from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
 
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
-_VETO_MIN_BLOCKS = 500
+_VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
+_VETO_MIN_BYTES = 64 * 1024
 
 Frame = tuple[str, int]
-Key = tuple[Frame, ...]  # oldest frame first, as tracemalloc orders them
+Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
 WindowSnapshot = tuple[float, Mapping[Key, tuple[int, int]]]  # (time, {traceback: (bytes, count)})
 
 
@@ -43,7 +45,9 @@ class _Track:
     early_steps: int = 0
     net_count_growth: int = 0
     late_steps: int = 0
-    growth_by_window: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=64))
+    first_window: int = 0
+    # growth per window, a ring indexed by window number (preallocated: tracking allocates nothing more)
+    growth_ring: array[int] = field(default_factory=lambda: array("q"))
 
 
 def _score(track: _Track) -> int:
@@ -60,7 +64,7 @@ class LeakDetector:
         self._windows = 0
         self._window_ends: deque[float] = deque(maxlen=max_windows)
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
-        self._site_chooser = site_chooser
+        self.site_chooser = site_chooser
 
     @property
     def windows(self) -> int:
@@ -89,11 +93,11 @@ class LeakDetector:
         span = max(t_last - snapshots[1][0], 1e-9)
         self._window_ends.append(t_last)
         self._window_routes.append((index, dict(routes or {})))
-        keys: set[Key] = set()
-        for _, stats in snapshots:
-            keys.update(stats)
-        for key in keys:
-            if key not in self._tracks:
+        # Only tracebacks that grew in this window start being tracked: the rest cannot be leaking
+        # yet, and tracking them would make our own bookkeeping grow with every window.
+        first, last = snapshots[1][1], snapshots[-1][1]
+        for key, (size, _count) in last.items():
+            if key not in self._tracks and size > first.get(key, (0, 0))[0]:
                 self._admit(key, t_first)
         # The first step is skipped: within it a site refills its normal live set (one reply being
         # built, a cache slot replaced) from zero, which is not growth. What happens after that is.
@@ -126,12 +130,16 @@ class LeakDetector:
                 track.last_growth = t_last
                 if track.first_growth is None:
                     track.first_growth = t_last
-            track.growth_by_window.append((index, growth))
+            track.growth_ring[index % self._max_windows] = growth
         self._trim()
 
     def _admit(self, key: Key, now: float) -> None:
-        self._tracks[key] = _Track(key=key, first_seen=now)
-        self._tracks[key].growth_by_window = deque(maxlen=self._max_windows)
+        self._tracks[key] = _Track(
+            key=key,
+            first_seen=now,
+            first_window=self._windows - 1,
+            growth_ring=array("q", bytes(8 * self._max_windows)),
+        )
 
     def _trim(self) -> None:
         if len(self._tracks) <= self._max_sites:
@@ -148,12 +156,11 @@ class LeakDetector:
         global_growth: GlobalGrowth | None = None,
         routes: Sequence[RouteStats] = (),
         min_confidence: float = 0.5,
-        veto_min_bytes: int = 1 << 20,
     ) -> list[MemoryLeak]:
         """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
         found: list[MemoryLeak] = []
         for track in self._tracks.values():
-            leak = self._judge(track, now, window_interval_s, global_growth, routes, veto_min_bytes)
+            leak = self._judge(track, now, window_interval_s, global_growth, routes)
             if leak is not None and leak.confidence >= min_confidence:
                 found.append(leak)
         found.sort(key=lambda leak: (round(leak.confidence, 1), leak.growth_rate_bytes_per_s), reverse=True)
@@ -166,7 +173,6 @@ class LeakDetector:
         window_interval_s: float,
         global_growth: GlobalGrowth | None,
         routes: Sequence[RouteStats],
-        veto_min_bytes: int,
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
@@ -196,12 +202,12 @@ class LeakDetector:
             f"late/early growing steps {track.late_steps}/{track.early_steps}",
         ]
         if global_growth is not None and age > 0:
-            consistency = self._consistency(track, rate, global_growth, veto_min_bytes, evidence)
+            consistency = self._consistency(track, rate, global_growth, evidence)
         confidence = monotonic * persistence * recency * linearity * consistency
-        frames = tuple(f"{filename}:{lineno}" for filename, lineno in reversed(track.key))
+        frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         return MemoryLeak(
             size=int(max(rate * age, track.positive_growth)),
-            allocation_site=self._site_chooser.site(track.key),
+            allocation_site=self.site_chooser.site(track.key),
             traceback=frames,
             growth_rate_bytes_per_s=rate,
             age_seconds=age,
@@ -218,34 +224,33 @@ class LeakDetector:
         track: _Track,
         rate: float,
         global_growth: GlobalGrowth,
-        veto_min_bytes: int,
         evidence: list[str],
     ) -> float:
-        """0.25 when the process stayed flat although the site alone should have grown it visibly.
+        """0.25 when the site grew significantly faster than the whole process did.
 
-        That happens when a cache evicts, outside our windows, what it inserted inside them: its
-        insertion site grows every window but the process does not. Small blocks are checked against
-        the interpreter's allocated-block count, large ones against malloc's in-use bytes (or RSS).
+        Then what it allocates is being freed again outside our windows (a cache evicting, sessions
+        expiring), because a leak at one site cannot outgrow the process. Small blocks are compared
+        with the interpreter's allocated-block count, large ones with malloc's in-use bytes (or RSS).
         """
-        heap, blocks, span = global_growth.since(track.first_seen)
-        if span <= 0:
+        growth = global_growth.since(track.first_seen)
+        if growth is None or growth.span_s <= 0:
             return 1.0
         count_rate = track.net_count_growth / max(track.traced_time, 1e-9)
         mean_block = track.net_growth / track.net_count_growth if track.net_count_growth > 0 else math.inf
         if mean_block <= _SMALL_BLOCK:
-            predicted_blocks = count_rate * span
-            if predicted_blocks >= _VETO_MIN_BLOCKS and blocks < 0.25 * predicted_blocks:
-                evidence.append(f"process blocks +{blocks:.0f} vs site +{predicted_blocks:.0f}")
-                return 0.25
+            slope, stderr, floor, unit = growth.blocks_per_s, growth.blocks_stderr, _VETO_MIN_BLOCKS, "blocks"
+            site_rate = count_rate
         else:
-            predicted = rate * span
-            if predicted >= veto_min_bytes and heap < 0.25 * predicted:
-                evidence.append(f"heap +{heap / 1e6:.1f} MB vs site +{predicted / 1e6:.1f} MB")
-                return 0.25
+            slope, stderr, floor, unit = growth.bytes_per_s, growth.bytes_stderr, _VETO_MIN_BYTES, "bytes"
+            site_rate = rate
+        if site_rate * growth.span_s >= floor and site_rate > slope + 3.0 * stderr:
+            evidence.append(f"site +{site_rate:.0f} {unit}/s but process +{slope:.0f}±{stderr:.0f} {unit}/s")
+            return 0.25
         return 1.0
 
     def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
-        growth = dict(track.growth_by_window)
+        oldest = max(track.first_window, self._windows - self._max_windows)
+        growth = {i: track.growth_ring[i % self._max_windows] for i in range(oldest, self._windows)}
         window_routes = [(i, counts) for i, counts in self._window_routes if i in growth]
         names = {name for _, counts in window_routes for name in counts}
         best, best_corr = None, 0.3
@@ -282,11 +287,22 @@ def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy)
 
 
-class GlobalGrowth(Protocol):
-    """How much the whole process grew between a start time and now (by the fitted trends)."""
+@dataclass(frozen=True, slots=True)
+class Growth:
+    """Least-squares growth rates of the whole process (with standard errors) over ``span_s``."""
 
-    def since(self, start: float) -> tuple[float, float, float]:
-        """(heap or RSS growth in bytes, allocated-block growth, span in seconds) from ``start`` to now."""
+    bytes_per_s: float
+    bytes_stderr: float
+    blocks_per_s: float
+    blocks_stderr: float
+    span_s: float
+
+
+class GlobalGrowth(Protocol):
+    """How fast the whole process grew between a start time and now."""
+
+    def since(self, start: float) -> Growth | None:
+        """Growth from ``start`` to now; None with too few samples."""
         ...
 
 
@@ -304,8 +320,8 @@ class SiteChooser:
         """``file:line`` of the innermost application frame (falls back to the innermost frame)."""
         if not key:
             return "<unknown>:0"
-        for filename, lineno in reversed(key):
+        for filename, lineno in key:
             if not self._is_library(filename) and not filename.startswith(self._own):
                 return f"{filename}:{lineno}"
-        filename, lineno = key[-1]
+        filename, lineno = key[0]
         return f"{filename}:{lineno}"

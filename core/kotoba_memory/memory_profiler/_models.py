@@ -134,6 +134,7 @@ class ProfilerStats:
     last_window_analysis_ms: float
     max_window_analysis_ms: float
     tracing_mode: str
+    skipped_windows: int = 0
 
 
 @dataclass(frozen=True, slots=True)

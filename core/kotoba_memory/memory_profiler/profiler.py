@@ -12,7 +12,6 @@ import sysconfig
 import threading
 import time
 import tracemalloc
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import psutil
 
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
-from kotoba_memory.memory_profiler._leaks import Key, LeakDetector, SiteChooser, WindowSnapshot
+from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
     MemoryAnalysis,
@@ -28,6 +27,7 @@ from kotoba_memory.memory_profiler._models import (
     ProfilerStats,
     RouteStats,
 )
+from kotoba_memory.memory_profiler._ring import SampleRing
 from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ class MemoryProfiler:
         min_confidence: float = 0.5,
         memory_limit_bytes: int | None = None,
         top_hotspots: int = 10,
+        max_trace_memory_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         _positive("sample_interval_s", sample_interval_s)
         _positive("window_s", window_s)
@@ -159,6 +160,7 @@ class MemoryProfiler:
         _positive_int("max_windows", max_windows, 2)
         _positive_int("max_routes", max_routes)
         _positive_int("top_hotspots", top_hotspots)
+        _positive_int("max_trace_memory_bytes", max_trace_memory_bytes)
         if not isinstance(min_confidence, int | float) or not 0.0 <= min_confidence <= 1.0:
             raise ConfigError("min_confidence", f"must be in [0, 1], got {min_confidence!r}")
         if memory_limit_bytes is not None:
@@ -177,8 +179,8 @@ class MemoryProfiler:
         self.top_hotspots = top_hotspots
 
         self._lock = threading.RLock()
-        self._samples: deque[MemorySample] = deque(maxlen=history_size)
-        self._gauges: dict[str, Callable[[], float]] = {}
+        self._ring = SampleRing(history_size, _MAX_GAUGES)
+        self._gauges: dict[str, tuple[int, Callable[[], float]]] = {}
         self._routes = _RouteTable(max_routes)
         own = [_PACKAGE_DIR]
         self._detector = LeakDetector(
@@ -188,13 +190,16 @@ class MemoryProfiler:
         )
         self._hotspots: list[AllocationHotspot] = []
         self._hotspots_by_count: list[AllocationHotspot] = []
-        self._filters = [
-            tracemalloc.Filter(False, os.path.join(_PROFILER_DIR, "*"), all_frames=True),
-            tracemalloc.Filter(False, tracemalloc.__file__),
-            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
-            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
-            tracemalloc.Filter(False, "<unknown>"),
-        ]
+        self._ignored_files = frozenset(
+            {
+                tracemalloc.__file__,
+                "<frozen importlib._bootstrap>",
+                "<frozen importlib._bootstrap_external>",
+                "<unknown>",
+            }
+        )
+        self.max_trace_memory_bytes = max_trace_memory_bytes
+        self._skipped_windows = 0
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._process: psutil.Process | None = None
@@ -269,14 +274,16 @@ class MemoryProfiler:
         if not callable(read):
             raise TypeError("read must be callable")
         with self._lock:
-            if name not in self._gauges and len(self._gauges) >= _MAX_GAUGES:
+            column = self._ring.gauge_column(name)
+            if column < 0:
                 raise ProfilerError(f"at most {_MAX_GAUGES} gauges; cannot add {name!r}")
-            self._gauges[name] = read
+            self._gauges[name] = (column, read)
 
     def remove_gauge(self, name: str) -> None:
         """Stop recording gauge ``name`` (no error when absent)."""
         with self._lock:
             self._gauges.pop(name, None)
+            self._ring.release_gauge(name)
 
     # ------------------------------------------------------------------ the sampler thread
     def _run(self) -> None:
@@ -316,24 +323,16 @@ class MemoryProfiler:
         heap = _MALLINFO.in_use()
         if heap is not None and self._in_window and self._tracing_mode == "window":
             heap -= tracemalloc.get_tracemalloc_memory()
-        gauges: list[tuple[str, float]] = []
-        for name, read in list(self._gauges.items()):
+        gauges: dict[int, float] = {}
+        for column, read in list(self._gauges.values()):
             try:
-                gauges.append((name, float(read())))
+                gauges[column] = float(read())
             except Exception:
                 self._tick_errors += 1
         count = gc.get_count()
-        sample = MemorySample(
-            timestamp=time.time(),
-            rss_bytes=rss,
-            traced_bytes=traced,
-            allocated_blocks=sys.getallocatedblocks(),
-            gc_counts=(count[0], count[1], count[2]),
-            gauges=tuple(gauges),
-            heap_bytes=heap,
-        )
         with self._lock:
-            self._samples.append(sample)
+            blocks = sys.getallocatedblocks()
+            self._ring.append(time.time(), rss, traced, blocks, heap, (count[0], count[1], count[2]), gauges)
             self._peak_rss = max(self._peak_rss, rss)
 
     def _run_window(self) -> None:
@@ -345,15 +344,18 @@ class MemoryProfiler:
         self._in_window = True
         self._routes.take_window_counts()
         snapshots: list[WindowSnapshot] = []
-        last_snapshot: tracemalloc.Snapshot | None = None
         try:
             gap = self.window_s / (self.snapshots_per_window - 1)
             for i in range(self.snapshots_per_window):
                 if i and self._stop_event.wait(gap):
                     return
+                if owned and tracemalloc.get_tracemalloc_memory() > self.max_trace_memory_bytes:
+                    # A huge allocation burst inside the window: reading it back would cost more than
+                    # the window is worth. Give this window up.
+                    self._skipped_windows += 1
+                    return
                 started = time.perf_counter()
-                last_snapshot = tracemalloc.take_snapshot().filter_traces(self._filters)
-                snapshots.append((time.time(), _by_traceback(last_snapshot)))
+                snapshots.append((time.time(), self._capture()))
                 self._note_window_cost(time.perf_counter() - started)
                 self._guarded(self._sample)
         finally:
@@ -364,26 +366,43 @@ class MemoryProfiler:
         started = time.perf_counter()
         with self._lock:
             self._detector.add_window(snapshots, routes)
-            if last_snapshot is not None:
-                self._update_hotspots(last_snapshot)
+            if snapshots:
+                self._update_hotspots(snapshots[-1][1])
         self._note_window_cost(time.perf_counter() - started)
+
+    def _capture(self) -> dict[Key, tuple[int, int]]:
+        """Traced blocks grouped by traceback, minus our own and the import system's."""
+        grouped: dict[Key, list[int]] = {}
+        own = _PROFILER_DIR
+        ignored = self._ignored_files
+        for _domain, size, frames, *_ in _raw_traces():
+            if not frames or frames[0][0] in ignored:
+                continue
+            if any(filename.startswith(own) for filename, _ in frames):
+                continue
+            row = grouped.get(frames)
+            if row is None:
+                grouped[frames] = [size, 1]
+            else:
+                row[0] += size
+                row[1] += 1
+        return {key: (row[0], row[1]) for key, row in grouped.items()}
 
     def _note_window_cost(self, seconds: float) -> None:
         ms = seconds * 1000.0
         self._last_window_ms = ms
         self._max_window_ms = max(self._max_window_ms, ms)
 
-    def _update_hotspots(self, snapshot: tracemalloc.Snapshot) -> None:
+    def _update_hotspots(self, traces: Mapping[Key, tuple[int, int]]) -> None:
         per_site: dict[str, list[int]] = {}
         tracebacks: dict[str, tuple[str, ...]] = {}
-        chooser = self._detector._site_chooser
-        for stat in snapshot.statistics("traceback"):
-            key: Key = tuple((f.filename, f.lineno) for f in stat.traceback)
+        chooser = self._detector.site_chooser
+        for key, (size, count) in traces.items():
             site = chooser.site(key)
             row = per_site.setdefault(site, [0, 0])
-            row[0] += stat.size
-            row[1] += stat.count
-            tracebacks.setdefault(site, tuple(f"{f}:{n}" for f, n in reversed(key)))
+            row[0] += size
+            row[1] += count
+            tracebacks.setdefault(site, tuple(f"{f}:{n}" for f, n in key))
         spots = [AllocationHotspot(s, v[0], v[1], tracebacks[s]) for s, v in per_site.items()]
         self._hotspots = sorted(spots, key=lambda h: h.size, reverse=True)[: self.top_hotspots]
         self._hotspots_by_count = sorted(spots, key=lambda h: h.count, reverse=True)[: self.top_hotspots]
@@ -392,7 +411,7 @@ class MemoryProfiler:
     def samples(self) -> list[MemorySample]:
         """A copy of the sample ring buffer, oldest first."""
         with self._lock:
-            return list(self._samples)
+            return self._ring.samples()
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -408,7 +427,7 @@ class MemoryProfiler:
         with self._lock:
             return ProfilerStats(
                 running=self.running,
-                samples=len(self._samples),
+                samples=len(self._ring),
                 windows=self._detector.windows,
                 sites_tracked=self._detector.sites_tracked,
                 routes_tracked=len(self._routes),
@@ -417,25 +436,18 @@ class MemoryProfiler:
                 last_window_analysis_ms=self._last_window_ms,
                 max_window_analysis_ms=self._max_window_ms,
                 tracing_mode=self._tracing_mode,
+                skipped_windows=self._skipped_windows,
             )
 
     def _own_memory(self) -> int:
-        total = sys.getsizeof(self._samples)
-        if self._samples:
-            one = self._samples[-1]
-            per = sys.getsizeof(one) + sys.getsizeof(one.gc_counts) + sys.getsizeof(one.gauges) + 3 * 32
-            per += sum(sys.getsizeof(g) + 32 for g in one.gauges)
-            total += per * len(self._samples)
-        total += self._detector.footprint_bytes()
-        total += 400 * len(self._routes)
-        return total
+        return self._ring.footprint_bytes() + self._detector.footprint_bytes() + 400 * len(self._routes)
 
     def analyze(self) -> MemoryAnalysis:
         """Leak suspects, hotspots, the RSS trend and route aggregates as of now."""
         started = time.perf_counter()
         routes = self._routes.snapshot()
         with self._lock:
-            samples = list(self._samples)
+            samples = self._ring.samples()
             temporal = analyze_samples(samples, self.memory_limit_bytes)
             leaks = self._detector.suspects(
                 now=time.time(),
@@ -463,32 +475,45 @@ class MemoryProfiler:
         return await asyncio.to_thread(self.analyze)
 
 
-def _by_traceback(snapshot: tracemalloc.Snapshot) -> Mapping[Key, tuple[int, int]]:
-    return {
-        tuple((f.filename, f.lineno) for f in stat.traceback): (stat.size, stat.count)
-        for stat in snapshot.statistics("traceback")
-    }
+def _raw_traces() -> list[Any]:
+    """tracemalloc's raw traces ``(domain, size, frames innermost-first, ...)``.
+
+    ``take_snapshot().statistics()`` builds Python objects per trace and costs several times more;
+    the private reader is what ``take_snapshot`` itself uses, so fall back to it only if it vanishes.
+    """
+    reader = getattr(tracemalloc, "_get_traces", None)
+    if reader is not None:
+        return list(reader())
+    return [
+        (trace.domain, trace.size, tuple((f.filename, f.lineno) for f in reversed(trace.traceback)))
+        for trace in tracemalloc.take_snapshot().traces
+    ]
 
 
 class _SampleGrowth:
-    """Process growth read off the sample ring by least squares."""
+    """Process growth read off the samples by least squares (memoised per start time)."""
 
     def __init__(self, samples: list[MemorySample]) -> None:
         self._samples = samples
+        self._memo: dict[float, Growth | None] = {}
 
-    def since(self, start: float) -> tuple[float, float, float]:
+    def since(self, start: float) -> Growth | None:
+        if start not in self._memo:
+            self._memo[start] = self._fit(start)
+        return self._memo[start]
+
+    def _fit(self, start: float) -> Growth | None:
         window = [s for s in self._samples if s.timestamp >= start]
-        if len(window) < 3:
-            return 0.0, 0.0, 0.0
+        if len(window) < 4:
+            return None
         xs = [s.timestamp for s in window]
-        span = xs[-1] - xs[0]
         if all(s.heap_bytes is not None for s in window):
             memory = [float(s.heap_bytes or 0) for s in window]
         else:
             memory = [float(s.rss_bytes) for s in window]
-        memory_slope, _, _ = linear_fit(xs, memory)
-        block_slope, _, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
-        return memory_slope * span, block_slope * span, span
+        bytes_slope, bytes_err, _ = linear_fit(xs, memory)
+        block_slope, block_err, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
+        return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
 
 
 class _MallocInfo(ctypes.Structure):
