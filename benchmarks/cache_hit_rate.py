@@ -309,9 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref = [r for r in results if (r["trace"], r["capacity"]) in set(REFERENCE_ROWS)] or results
     closed = [r["gap closed (LRU->OPT)"] for r in ref if r["gap closed (LRU->OPT)"] is not None]
     worst = min(r["adaptive - best(LRU,ARC,W-TinyLFU)"] for r in ref)
+    mean_closed = f"{statistics.mean(closed):.1%}" if closed else "n/a"
     print(
         f"\nADAPTIVE vs best of LRU/ARC/W-TinyLFU, worst row: {worst:+.2f} points (goal >= -1); "
-        f"mean LRU->OPT gap closed: {statistics.mean(closed):.1%} (goal >= 60%)"
+        f"mean LRU->OPT gap closed: {mean_closed} (goal >= 60%)"
     )
     mrc = mrc_check(traces_dir, rows, limit)
     print("\n### Miss-ratio-curve estimate: hit rate at 2x the size, estimated online vs measured\n")

@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import Any
 
+from kotoba_memory.cache_manager.mrc import fingerprint
 from kotoba_memory.cache_manager.policies import Entry, EvictionPolicy, register_policy
 from kotoba_memory.cache_manager.types import CachePolicy
 
@@ -40,7 +41,8 @@ class FrequencySketch:
 
     ``width`` counters per row (a power of two >= the expected number of distinct hot keys). After
     ``sample_size`` additions every counter is halved, so the sketch tracks recent popularity. A
-    doorkeeper (a set of hashes, cleared at each halving) absorbs each key's first addition.
+    doorkeeper (a small Bloom filter, cleared at each halving) absorbs each key's first addition, so
+    one-hit wonders never reach the counters.
     """
 
     def __init__(self, expected_entries: int) -> None:
@@ -56,7 +58,9 @@ class FrequencySketch:
         self._halve_mask = int.from_bytes(b"\x7f" * (4 * width), "little")
         self.sample_size = 10 * width
         self.additions = 0
-        self._door: set[int] = set()
+        # doorkeeper: a Bloom filter of 32 bits per counter column, two probes
+        self._door = bytearray(4 * width)
+        self._door_mask = 32 * width - 1
 
     def ensure_capacity(self, expected_entries: int) -> None:
         """Grow (and reset) when the cache holds more keys than the sketch was sized for."""
@@ -77,20 +81,27 @@ class FrequencySketch:
             3 * width + ((g >> 32) & mask),
         )
 
+    def _in_door(self, h: int, insert: bool) -> bool:
+        door, mask = self._door, self._door_mask
+        i, j = (h >> 7) & mask, (h >> 41) & mask
+        present = bool(door[i >> 3] & (1 << (i & 7))) and bool(door[j >> 3] & (1 << (j & 7)))
+        if insert and not present:
+            door[i >> 3] |= 1 << (i & 7)
+            door[j >> 3] |= 1 << (j & 7)
+        return present
+
     def frequency(self, key: Hashable) -> int:
         """The estimated number of recent additions of ``key`` (0..16)."""
         h, a, b, c, d = self._indexes(key)
         t = self._table
-        return min(t[a], t[b], t[c], t[d]) + (1 if h in self._door else 0)
+        return min(t[a], t[b], t[c], t[d]) + (1 if self._in_door(h, False) else 0)
 
     def add(self, key: Hashable, count: int = 1) -> None:
         """Record ``count`` requests of ``key``."""
         if count <= 0:
             return
         h, a, b, c, d = self._indexes(key)
-        door = self._door
-        if h not in door:
-            door.add(h)
+        if not self._in_door(h, True):
             count -= 1
         if count:
             t = self._table
@@ -105,12 +116,64 @@ class FrequencySketch:
         """Halve every counter and clear the doorkeeper."""
         n = int.from_bytes(self._table, "little")
         self._table[:] = ((n >> 1) & self._halve_mask).to_bytes(len(self._table), "little")
-        self._door.clear()
+        self._door[:] = bytes(len(self._door))
         self.additions //= 2
 
     def memory_bytes(self) -> int:
         """Bytes held by the counters and the doorkeeper."""
-        return sys.getsizeof(self._table) + sys.getsizeof(self._door) + 32 * len(self._door)
+        return sys.getsizeof(self._table) + sys.getsizeof(self._door)
+
+
+class GhostList:
+    """Fingerprints of recently dropped keys, up to ``limit`` units of capacity, spatially sampled.
+
+    Only keys whose fingerprint matches the sampling mask are kept; the rate halves whenever more than
+    ``max_keys`` are held, and :meth:`take` scales a hit back up by the inverse rate.
+    """
+
+    max_keys = 4096
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.keys: OrderedDict[int, int] = OrderedDict()
+        self.size = 0
+        self.shift = 0
+        self.mask = 0
+
+    def add(self, fp: int, unit: int) -> None:
+        if fp & self.mask:
+            return
+        keys = self.keys
+        old = keys.pop(fp, None)
+        if old is not None:
+            self.size -= old
+        keys[fp] = unit
+        self.size += unit
+        limit = self.limit >> self.shift
+        while self.size > limit and keys:
+            self.size -= keys.popitem(last=False)[1]
+        if len(keys) > self.max_keys:
+            self.shift += 1
+            self.mask = (1 << self.shift) - 1
+            for other in [k for k in keys if k & self.mask]:
+                self.size -= keys.pop(other)
+
+    def take(self, fp: int) -> int | None:
+        """Remove ``fp`` if held and return its units scaled by the inverse sampling rate."""
+        if fp & self.mask:
+            return None
+        unit = self.keys.pop(fp, None)
+        if unit is None:
+            return None
+        self.size -= unit
+        return unit << self.shift
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.size = 0
+
+    def memory_bytes(self) -> int:
+        return sys.getsizeof(self.keys) + len(self.keys) * 2 * sys.getsizeof(1 << 40)
 
 
 class AdaptivePolicy(EvictionPolicy):
@@ -124,8 +187,12 @@ class AdaptivePolicy(EvictionPolicy):
     restart_threshold = 0.05
     # Hill-climber sample period, in requests per unit of capacity (entries).
     period_factor = 1.0
+    # How the window size adapts: "ghost" (default; see _ghost_feedback) or "climb" (hill climbing).
     adapt = "ghost"
     momentum = 0.0
+    # Ghost lists remember this share of the capacity; each ghost hit moves the window by gain x its size.
+    ghost_depth = 0.1
+    ghost_gain = 0.5
 
     def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
         super().__init__(max_entries, max_bytes)
@@ -150,9 +217,9 @@ class AdaptivePolicy(EvictionPolicy):
         self._prev_rate: float | None = None
         self._sample_start: tuple[int, int] | None = None
         self.adjustments = 0
-        self._rejected: OrderedDict[int, int] = OrderedDict()
-        self._evicted: OrderedDict[int, int] = OrderedDict()
-        self._rejected_size = self._evicted_size = 0
+        depth = max(int(cap * self.ghost_depth), 1)
+        self._rejected = GhostList(depth)
+        self._evicted = GhostList(depth)
 
     # -- structure ----------------------------------------------------------------------------------
 
@@ -238,6 +305,8 @@ class AdaptivePolicy(EvictionPolicy):
         self._probation.clear()
         self._protected.clear()
         self._promotions.clear()
+        self._rejected.clear()
+        self._evicted.clear()
         self._window_size = self._probation_size = self._protected_size = 0
 
     # -- deferred hit work ----------------------------------------------------------------------------
@@ -326,40 +395,20 @@ class AdaptivePolicy(EvictionPolicy):
     # -- ghost feedback --------------------------------------------------------------------------------
 
     def _remember(self, rejected: bool, key: Hashable, entry: Entry) -> None:
-        if self.adapt != "ghost":
-            return
-        from kotoba_memory.cache_manager.mrc import fingerprint
-
-        fp = fingerprint(key)
-        unit = self.unit(entry)
-        ghosts = self._rejected if rejected else self._evicted
-        old = ghosts.pop(fp, None)
-        ghosts[fp] = unit
-        size = (self._rejected_size if rejected else self._evicted_size) + unit - (old or 0)
-        limit = max(int(self.capacity * self.ghost_depth), 1)
-        while size > limit and ghosts:
-            size -= ghosts.popitem(last=False)[1]
-        if rejected:
-            self._rejected_size = size
-        else:
-            self._evicted_size = size
+        """Note a key the window side (``rejected``) or the main side just dropped."""
+        if self.adapt == "ghost":
+            (self._rejected if rejected else self._evicted).add(fingerprint(key), self.unit(entry))
 
     def _ghost_feedback(self, key: Hashable) -> None:
-        from kotoba_memory.cache_manager.mrc import fingerprint
-
+        """A re-requested key that one side dropped recently votes to give that side more room."""
         fp = fingerprint(key)
-        unit = self._rejected.pop(fp, None)
-        if unit is not None:
-            self._rejected_size -= unit
-            self._resize_window(self._window_target + unit * self.ghost_gain)
+        units = self._rejected.take(fp)
+        if units is not None:
+            self._resize_window(self._window_target + units * self.ghost_gain)
             return
-        unit = self._evicted.pop(fp, None)
-        if unit is not None:
-            self._evicted_size -= unit
-            self._resize_window(self._window_target - unit * self.ghost_gain)
-
-    ghost_gain = 0.5
-    ghost_depth = 0.25
+        units = self._evicted.take(fp)
+        if units is not None:
+            self._resize_window(self._window_target - units * self.ghost_gain)
 
     # -- adaptation ------------------------------------------------------------------------------------
 
@@ -445,6 +494,8 @@ class AdaptivePolicy(EvictionPolicy):
             + sys.getsizeof(self._protected)
             + sys.getsizeof(self._promotions)
             + self.sketch.memory_bytes()
+            + self._rejected.memory_bytes()
+            + self._evicted.memory_bytes()
         )
 
     def describe(self) -> dict[str, Any]:
