@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,9 +20,22 @@ from kotoba_memory_integrations.flask.caching import KotobaCache
 CACHE_TYPE = "kotoba_memory_integrations.flask.KotobaCache"
 
 
+_made: list[KotobaCache] = []
+
+
+@pytest.fixture(autouse=True)
+def _clear_backends() -> Iterator[None]:
+    """Empty every backend a test made: ttl'd entries left behind keep the engine's sweeper thread awake."""
+    yield
+    while _made:
+        _made.pop().clear()
+
+
 @pytest.fixture
 def c() -> KotobaCache:
-    return KotobaCache()
+    backend = KotobaCache()
+    _made.append(backend)
+    return backend
 
 
 def test_is_a_flask_caching_backend(c: KotobaCache) -> None:
@@ -101,7 +115,9 @@ def test_generic_timeout_zero_means_forever(c: KotobaCache) -> None:
 def _app(**config: Any) -> tuple[Flask, Cache]:
     app = Flask(__name__)
     app.config.update(CACHE_TYPE=CACHE_TYPE, **config)
-    return app, Cache(app)
+    cache = Cache(app)
+    _made.append(app.extensions["cache"][cache])
+    return app, cache
 
 
 def test_cache_type_by_dotted_path_builds_the_backend_from_config() -> None:
