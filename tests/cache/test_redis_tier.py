@@ -252,3 +252,36 @@ def test_stats_rescans_occupancy_at_most_every_scan_interval(redis_url: str, pre
         c.clear()
     with pytest.raises(ValueError, match="scan_interval"):
         RedisCache(redis_url, prefix=prefix, scan_interval=-1)
+
+
+def test_threads_share_one_client(cache: RedisCache) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                cache.incr("counter")
+                cache.put(f"t{n}-{i}", (n, i))
+                assert cache.get(f"t{n}-{i}") == (n, i)
+        except BaseException as exc:  # pragma: no cover - only on failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert cache.get("counter") == 200
+    stats = cache.stats(refresh=True)
+    assert stats.entries == 201 and stats.hits == 201 and stats.puts == 200
+
+
+def test_module_import_does_not_load_redis() -> None:
+    code = (
+        "import sys\n"
+        "import kotoba_memory.cache_manager.redis_tier, kotoba_memory.cache_manager.tiers\n"
+        "print('redis' in sys.modules, 'zstandard' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"]
