@@ -210,8 +210,14 @@ def test_stats_follow_the_contract(tiered: TieredCache) -> None:
     assert stats.max_bytes == 6000 + (1 << 22)
     assert stats.compression_ratio is not None and stats.compression_ratio > 1.5
     assert stats.disk.compression is not None and stats.disk.compression.values_compressed > 0
-    assert stats.hit_latency_ns > 0 and stats.miss_latency_ns > 0
     assert stats.to_dict()["memory"]["entries"] == stats.memory.entries
+    for i in range(130):  # latencies are sampled one lookup in 64
+        tiered.get(i % 30)
+    for i in range(130):
+        tiered.get(f"absent{i}")
+    stats = tiered.stats()
+    assert stats.hit_latency_ns > 0 and stats.miss_latency_ns > 0
+    assert stats.hits == 131 and stats.misses == 131
 
 
 def test_disk_tier_survives_restart(tmp_path: Path) -> None:

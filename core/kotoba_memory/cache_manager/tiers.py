@@ -38,6 +38,9 @@ __all__ = ["TieredCache", "TieredCacheStats"]
 log = logging.getLogger(__name__)
 
 _MISSING: Any = object()
+# Memory hits are timed one call in SAMPLE_EVERY: a clock read costs a good share of a memory hit.
+SAMPLE_EVERY = 64
+_SAMPLE_MASK = SAMPLE_EVERY - 1
 _live: weakref.WeakSet[TieredCache] = weakref.WeakSet()
 
 
@@ -116,7 +119,10 @@ class TieredCache(BaseCache):
         # when an event arrives late (e.g. from the sweeper thread after the key was written again). Holds
         # no value the memory tier does not hold; bounded by its entry count.
         self._deadlines: dict[Hashable, tuple[float, Any]] = {}
-        self._memory_hits = itertools.count()
+        # Lookups: a GIL-atomic counter on the lock-free path; memory hits = gets - slow lookups + the
+        # slow lookups that found the key in memory after all (promoted meanwhile by another thread).
+        self._gets = itertools.count()
+        self._slow_lookups = self._slow_memory_hits = 0
         self._disk_hits = self._misses = self._puts = self._deletes = self._rejections = 0
         self._promotions = self._spills = self._direct = self._spill_failures = 0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
@@ -174,32 +180,44 @@ class TieredCache(BaseCache):
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value from memory, else from disk (moved to memory when ``promote_on_hit``)."""
+        if next(self._gets) & _SAMPLE_MASK:
+            value = self.memory.get(key, _MISSING)
+            if value is not _MISSING:
+                return value
+            return self._slow_get(key, default, None)
+        # One call in SAMPLE_EVERY is timed, memory hit or not, so the latency medians are unbiased.
         started = time.perf_counter_ns()
         value = self.memory.get(key, _MISSING)
         if value is not _MISSING:
-            next(self._memory_hits)
             self._hit_ns.add(started)
             return value
         return self._slow_get(key, default, started)
 
-    def _slow_get(self, key: Hashable, default: Any, started: int) -> Any:
+    def _slow_get(self, key: Hashable, default: Any, started: int | None) -> Any:
+        """Memory missed: look on disk under the lock; ``started`` is set when this call is sampled."""
         with self._lock:
+            self._slow_lookups += 1
             if key in self.memory:  # promoted by another thread since our miss
                 value = self.memory.get(key, _MISSING)
                 if value is not _MISSING:
-                    next(self._memory_hits)
-                    self._hit_ns.add(started)
+                    self._slow_memory_hits += 1
+                    self._sample(self._hit_ns, started)
                     return value
             hit = self.disk.lookup(key, remove=self.promote_on_hit)
             if hit is None:
                 self._misses += 1
-                self._miss_ns.add(started)
+                self._sample(self._miss_ns, started)
                 return default
             self._disk_hits += 1
             if self.promote_on_hit:
                 self._promote(key, hit.value, hit.ttl_remaining)
-            self._hit_ns.add(started)
+            self._sample(self._hit_ns, started)
             return hit.value
+
+    @staticmethod
+    def _sample(window: LatencyWindow, started: int | None) -> None:
+        if started is not None:
+            window.add(started)
 
     def _promote(self, key: Hashable, value: Any, ttl: float | None) -> None:
         """Move a value taken off the disk into memory, or put it back if memory will not keep it."""
@@ -310,7 +328,8 @@ class TieredCache(BaseCache):
         memory = self.memory.stats()
         disk = self.disk.stats()
         with self._lock:
-            memory_hits = int(repr(self._memory_hits)[6:-1])  # itertools.count: GIL-atomic counter
+            gets = int(repr(self._gets)[6:-1])  # read an itertools.count without advancing it
+            memory_hits = max(gets - self._slow_lookups, 0) + self._slow_memory_hits
             hits = memory_hits + self._disk_hits
             lookups = hits + self._misses
             bounds = [b for b in (memory.max_bytes, disk.max_bytes) if b is not None]
@@ -381,11 +400,11 @@ class TieredCache(BaseCache):
     # -- async: a memory hit answers inline, anything that may touch the disk runs in a thread ------
 
     async def aget(self, key: Hashable, default: Any = None) -> Any:
-        started = time.perf_counter_ns()
+        started = None if next(self._gets) & _SAMPLE_MASK else time.perf_counter_ns()
         value = self.memory.get(key, _MISSING)
         if value is not _MISSING:
-            next(self._memory_hits)
-            self._hit_ns.add(started)
+            if started is not None:
+                self._hit_ns.add(started)
             return value
         return await asyncio.to_thread(self._slow_get, key, default, started)
 
