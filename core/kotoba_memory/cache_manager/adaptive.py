@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from kotoba_memory.cache_manager.mrc import fingerprint
@@ -412,10 +412,11 @@ class AdaptivePolicy(EvictionPolicy):
 
     # -- adaptation ------------------------------------------------------------------------------------
 
-    def maintain(self, hits: int, requests: int) -> None:
+    def maintain(self, counts: Callable[[], tuple[int, int]]) -> None:
         self._drain_promotions()
         if self.adapt != "climb":
             return
+        hits, requests = counts()
         start = self._sample_start
         if start is None:
             # Climb only once the cache is full: while it warms up the hit rate rises whatever the

@@ -121,6 +121,10 @@ class CacheManager(BaseCache):
         self._hit_ns: deque[int] = deque(maxlen=512)
         self._miss_ns: deque[int] = deque(maxlen=512)
         self._mrc = GhostMrc(self.max_entries, self.max_bytes)
+        self._touch = self._policy.hit_action()
+        if not self._policy.counts_hits:
+            # An instance attribute skips both the hit counter and the per-entry hook lookup.
+            self.get = self._get_uncounted  # type: ignore[method-assign]
         super().__init__(name)
 
     # -- reads ------------------------------------------------------------------------------------
@@ -144,6 +148,28 @@ class CacheManager(BaseCache):
         if on_hit is not None:
             try:
                 on_hit(key)
+            except KeyError:  # removed concurrently; the read still returns what it found
+                pass
+        return entry.value
+
+    def _get_uncounted(self, key: Hashable, default: Any = None) -> Any:
+        """:meth:`get` for policies that keep no per-entry hit counts (LRU, FIFO): a shorter hit path."""
+        if not next(self._gets) & _SAMPLE_MASK:
+            return self._sampled_get(key, default)
+        try:
+            entry = self._table[key]
+        except KeyError:
+            return self._miss(key, default)
+        except TypeError:
+            next(self._bad_keys)
+            raise UnhashableKeyError(key) from None
+        expires = entry.expires
+        if expires is not None and expires <= _monotonic():
+            return self._expired_read(key, entry, default)
+        touch = self._touch
+        if touch is not None:
+            try:
+                touch(key)
             except KeyError:  # removed concurrently; the read still returns what it found
                 pass
         return entry.value
@@ -297,7 +323,7 @@ class CacheManager(BaseCache):
             self._schedule(key, expires)
         self._evict_over_bound(events)
         self._expire_some(_EXPIRE_PER_OP, events)
-        self._policy.maintain(self._hits_now(), _count(self._gets))
+        self._policy.maintain(self._counts)
         return table.get(key) is entry, events
 
     def _evict_over_bound(self, events: list[tuple[Hashable, Any, EvictionCause]]) -> None:
@@ -413,7 +439,7 @@ class CacheManager(BaseCache):
         events: list[tuple[Hashable, Any, EvictionCause]] = []
         try:
             self._expire_some(_EXPIRE_PER_OP * 4, events)
-            self._policy.maintain(self._hits_now(), _count(self._gets))
+            self._policy.maintain(self._counts)
         finally:
             self._lock.release()
         self._notify(events)
@@ -448,8 +474,10 @@ class CacheManager(BaseCache):
 
     # -- introspection ----------------------------------------------------------------------------
 
-    def _hits_now(self) -> int:
-        return _count(self._gets) - _count(self._misses) - _count(self._bad_keys)
+    def _counts(self) -> tuple[int, int]:
+        """Cumulative (hits, requests), for policies that adapt to them."""
+        gets, misses, bad = _count(self._gets), _count(self._misses), _count(self._bad_keys)
+        return gets - misses - bad, gets - bad
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters, occupancy and sampled latencies."""

@@ -54,6 +54,8 @@ class EvictionPolicy(ABC):
     """
 
     kind: ClassVar[CachePolicy]
+    # False: hits need no per-entry counter, only hit_action() (lets the cache use a shorter read path).
+    counts_hits: ClassVar[bool] = True
     table: MutableMapping[Hashable, Entry]
 
     def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
@@ -93,12 +95,16 @@ class EvictionPolicy(ABC):
         """Forget every entry."""
         self.table.clear()
 
+    def hit_action(self) -> Callable[[Hashable], Any] | None:
+        """The one C-level call a hit makes when every entry shares it (``counts_hits`` False)."""
+        return None
+
     def record_miss(self, key: Hashable) -> None:
         """A lookup of ``key`` missed (called without the lock; must be cheap and race-tolerant)."""
         return None
 
-    def maintain(self, hits: int, requests: int) -> None:
-        """Periodic upkeep under the lock, given the cache's cumulative hit and request counts."""
+    def maintain(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Periodic upkeep under the lock; ``counts()`` gives the cache's cumulative (hits, requests)."""
         return None
 
     def metadata_bytes(self) -> int:
@@ -114,6 +120,10 @@ class LruPolicy(EvictionPolicy):
     """Least recently used: a hit moves the entry to the back of an OrderedDict (one C call)."""
 
     kind = CachePolicy.LRU
+    counts_hits = False
+
+    def hit_action(self) -> Callable[[Hashable], Any] | None:
+        return self._touch
 
     def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
         super().__init__(max_entries, max_bytes)
@@ -136,6 +146,7 @@ class FifoPolicy(EvictionPolicy):
     """First in, first out: hits change nothing; an overwrite keeps the entry's place."""
 
     kind = CachePolicy.FIFO
+    counts_hits = False
 
     def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
         super().__init__(max_entries, max_bytes)
@@ -213,7 +224,8 @@ class LfuPolicy(EvictionPolicy):
         self.table.clear()
         self._heap.clear()
 
-    def maintain(self, hits: int, requests: int) -> None:
+    def maintain(self, counts: Callable[[], tuple[int, int]]) -> None:
+        _, requests = counts()
         if requests < self._next_aging:
             return
         period = self.aging_factor * max(len(self.table), 16)
