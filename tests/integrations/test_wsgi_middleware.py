@@ -382,3 +382,13 @@ def test_overlapped_requests_get_no_traced_delta() -> None:
     assert not sequential.overlapped
     assert sequential.traced_delta is not None and sequential.traced_delta >= 200_000
     assert len(keep) == 400
+
+
+def test_rss_reader_reuses_a_recent_reading_only_within_its_age() -> None:
+    reader = RssReader()
+    first = reader.rss()
+    block = bytearray(64 << 20)
+    block[::4096] = b"r" * len(block[::4096])
+    assert reader.recent(3600) == first  # young enough: no new read
+    assert reader.recent(-1) >= first + (48 << 20)  # too old: read again, sees the growth
+    del block
