@@ -18,6 +18,7 @@ How it works, at the DB-API level so Core, ORM, relationship loads and ``text()`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import itertools
 import logging
@@ -33,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, loading, sessionmaker
 from sqlalchemy.orm.interfaces import UserDefinedOption
 from sqlalchemy.sql.schema import Table
 
@@ -125,7 +126,9 @@ class CachedOption(UserDefinedOption):
         allow_nondeterministic: bool,
     ) -> None:
         super().__init__(None)
-        self.query_cache = query_cache
+        # Identify the QueryCache by its token, not a reference: the ORM keeps propagating options in
+        # loaded objects' state, and those get pickled with the cached results.
+        self.owner = query_cache._owner
         self.ttl = ttl
         self.tables = tables
         self.enabled = enabled
@@ -149,6 +152,32 @@ class _TxState:
 
     def touches(self, tables: frozenset[str]) -> bool:
         return self.everything or not self.tables.isdisjoint(tables)
+
+
+class _Collector:
+    """Gathers, during one ORM execution, the version tokens the DB-API layer read for each statement.
+
+    The ORM-level entry is stored only if every statement run underneath (primary query, selectin and
+    other secondary loads) went through the version check, so the tokens cover everything it contains.
+    """
+
+    __slots__ = ("handled", "ok", "owner", "seen", "tokens")
+
+    def __init__(self, owner: QueryCache) -> None:
+        self.owner = owner
+        self.tokens: dict[str, str] = {}
+        self.seen = 0
+        self.handled = 0
+        self.ok = True
+
+    @property
+    def complete(self) -> bool:
+        return self.ok and self.seen > 0 and self.seen == self.handled and bool(self.tokens)
+
+
+_COLLECTOR: contextvars.ContextVar[_Collector | None] = contextvars.ContextVar("kotoba_qc_collector",
+                                                                               default=None)
+_UNCACHEABLE_ORM_OPTIONS = ("populate_existing", "yield_per", "stream_results")
 
 
 # --- commit hook -------------------------------------------------------------------------------------
@@ -295,7 +324,7 @@ def _find_option(statement: Any, query_cache: QueryCache) -> CachedOption | None
         # lambda statements (used by some ORM loaders) keep their options on the resolved statement
         options = getattr(getattr(statement, "_resolved", None), "_with_options", None)
     for option in options or ():
-        if isinstance(option, CachedOption) and option.query_cache is query_cache:
+        if isinstance(option, CachedOption) and option.owner == query_cache._owner:
             return option
     return None
 
@@ -350,6 +379,11 @@ class QueryCache:
         self._engine_hooks: dict[Engine, _EngineHook] = {}
         self._session_hooks: dict[int, _SessionHook] = {}
         self._version_keys: dict[frozenset[str], tuple[str, ...]] = {}
+        # SQLAlchemy cache key of a statement shape -> its SQL text (learned at the DB-API level) and the
+        # version keys its ORM-level entry depended on last time (to fetch them in the same round trip).
+        self._shapes: dict[Any, str] = {}
+        self._shape_versions: dict[str, tuple[str, ...]] = {}
+        self._orm_listening = False
         self._hits = self._misses = self._bypasses = self._stores = self._rejected = self._errors = 0
         self._global_invalidations = 0
         self._invalidations: Counter[str] = Counter()
@@ -512,6 +546,9 @@ class QueryCache:
             hook = _EngineHook(self, engine)
             self._engine_hooks[engine] = hook
             hook.install()
+        if not self._orm_listening:
+            event.listen(Session, "do_orm_execute", self._orm_execute)
+            self._orm_listening = True
         return hook
 
     def _ensure_engine_for(self, session_hook: _SessionHook, engine: Engine) -> None:
@@ -531,6 +568,9 @@ class QueryCache:
             return
         del self._engine_hooks[hook.engine]
         hook.uninstall()
+        if not self._engine_hooks and self._orm_listening:
+            event.remove(Session, "do_orm_execute", self._orm_execute)
+            self._orm_listening = False
 
     # --- counters ------------------------------------------------------------------------------------
 
@@ -612,6 +652,11 @@ class QueryCache:
     def _before_cursor_execute(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
                                executemany: bool) -> None:
         info = _statement_info(context, statement)
+        collector = _COLLECTOR.get()
+        if collector is not None and collector.owner is self:
+            collector.seen += 1
+            if info.writes is None or info.writes:
+                collector.ok = False
         if info.writes is not None and not info.writes:
             return
         state = self._state(conn.info, create=True)
@@ -689,6 +734,18 @@ class QueryCache:
         if None in versions:
             self._count_bypass("version unavailable")
             return False
+        compiled = getattr(context, "compiled", None)
+        shape = getattr(compiled, "cache_key", None)
+        if shape is not None and shape.key not in self._shapes:
+            if len(self._shapes) >= _MAX_VERSION_KEY_MEMO:
+                self._shapes.clear()
+            self._shapes[shape.key] = str(getattr(compiled, "string", statement))
+        collector = _COLLECTOR.get()
+        inner = collector is not None and collector.owner is self
+        if inner:  # part of an ORM-level miss: report the tokens this statement was checked against
+            assert collector is not None
+            collector.handled += 1
+            collector.tokens.update(zip(version_keys, versions))  # type: ignore[arg-type]
         entry = found.get(key)
         if entry is not None and entry[0] == versions:
             try:
@@ -713,6 +770,9 @@ class QueryCache:
         context.cursor = ReplayCursor(description, rows, rowcount)
         if len(rows) > self.max_rows:
             self._count_bypass("too many rows")
+            if inner:
+                assert collector is not None
+                collector.ok = False
             return True
         ttl = option.ttl if option is not None and option.ttl is not None else self.default_ttl
         try:
@@ -727,6 +787,120 @@ class QueryCache:
             else:
                 self._rejected += 1
         return True
+
+    def _orm_execute(self, orm_context: Any) -> Any:
+        """``do_orm_execute`` listener: answer an ORM SELECT from an ORM-level entry without a connection.
+
+        Returns None (SQLAlchemy then executes normally, through the DB-API path) whenever anything is
+        uncertain: unknown statement shape, pending changes in the session, writes in its transaction.
+        """
+        try:
+            plan = self._orm_plan(orm_context)
+        except Exception:
+            self._count_error("planning an ORM lookup")
+            return None
+        if plan is None:
+            return None
+        key, option, shape = plan
+        known = self._shape_versions.get(shape, ())
+        try:
+            found = self.cache.get_many([key, *known])
+            entry = found.get(key)
+            if entry is not None:
+                stored_keys, stored_tokens, payload = entry
+                absent = [k for k in stored_keys if k not in found]
+                if absent:
+                    found.update(self.cache.get_many(absent))
+                if tuple(found.get(k) for k in stored_keys) == stored_tokens:
+                    frozen = pickle.loads(payload)
+                    with self._lock:
+                        self._hits += 1
+                    return loading.merge_frozen_result(orm_context.session, orm_context.statement, frozen,
+                                                       load=False)()
+        except Exception:
+            self._count_error("an ORM-level lookup")
+            return None
+        # a miss here is counted by the DB-API layer, statement by statement
+        collector = _Collector(self)
+        reset = _COLLECTOR.set(collector)
+        try:
+            frozen = orm_context.invoke_statement().freeze()
+        finally:
+            _COLLECTOR.reset(reset)
+        if collector.complete:
+            keys = tuple(sorted(collector.tokens))
+            tokens = tuple(collector.tokens[k] for k in keys)
+            ttl = option.ttl if option is not None and option.ttl is not None else self.default_ttl
+            try:
+                payload = pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # e.g. mapped classes defined inside a function
+                self._count_bypass("ORM result not picklable")
+                return frozen()
+            try:
+                stored = self.cache.put(key, (keys, tokens, payload), ttl=ttl)
+            except Exception:
+                self._count_error("storing an ORM result")
+            else:
+                self._shape_versions[shape] = keys
+                with self._lock:
+                    if stored:
+                        self._stores += 1
+                    else:
+                        self._rejected += 1
+        return frozen()
+
+    def _orm_plan(self, orm_context: Any) -> tuple[str, CachedOption | None, str] | None:
+        if not orm_context.is_select or _COLLECTOR.get() is not None:
+            return None
+        option = None
+        for candidate in orm_context.user_defined_options:
+            if isinstance(candidate, CachedOption) and candidate.owner == self._owner:
+                option = candidate
+        if option is not None and not option.enabled:
+            return None
+        options = orm_context.execution_options
+        if any(options.get(name) for name in _UNCACHEABLE_ORM_OPTIONS):
+            return None
+        session = orm_context.session
+        bind = session.get_bind(**orm_context.bind_arguments)
+        hook = self._engine_hooks.get(bind) if isinstance(bind, Engine) else None
+        if hook is None:
+            return None
+        if option is None:
+            mode = options.get(EXECUTION_OPTION)
+            if not (hook.cache_all or (isinstance(mode, _SessionMode) and mode.owner == self._owner
+                                       and mode.cache_all)):
+                return None
+        # pending changes would be autoflushed first: let the normal path handle that transaction
+        if not session._is_clean():
+            return None
+        transaction = session.get_transaction()
+        if transaction is not None:
+            boundary = getattr(transaction, "_connections_boundary", transaction)
+            connections = getattr(boundary, "_connections", None)
+            if connections is None:
+                return None
+            held = connections.get(bind)
+            if held is not None:
+                state = self._state(held[0].info, create=False)
+                if state is not None and (state.everything or state.tables):
+                    return None
+        cache_key = orm_context.statement._generate_cache_key()
+        if cache_key is None:
+            return None
+        sql = self._shapes.get(cache_key.key)
+        if sql is None:
+            return None  # first sight of this shape: the DB-API path runs and learns its SQL
+        parameters = orm_context.parameters or {}
+        if not isinstance(parameters, Mapping):
+            return None
+        names = {bp.key for bp in cache_key.bindparams}
+        if any(name not in names for name in parameters):
+            return None
+        values = [parameters.get(bp.key, bp.effective_value) for bp in cache_key.bindparams]
+        blob = pickle.dumps((hook.database, sql, values), protocol=pickle.HIGHEST_PROTOCOL)
+        key = f"{self._prefix}o:{hashlib.blake2b(blob, digest_size=20).hexdigest()}"
+        return key, option, sql
 
     def _cacheable(self, info: StatementInfo, option: CachedOption | None,
                    context: Any) -> tuple[frozenset[str] | None, str | None]:

@@ -14,31 +14,31 @@ from kotoba_memory.cache_manager import CacheManager
 from kotoba_memory_integrations.sqlalchemy import QueryCache
 
 
-def _build_models() -> SimpleNamespace:
-    class Base(DeclarativeBase):
-        pass
-
-    class User(Base):
-        __tablename__ = "kqc_users"
-        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-        name: Mapped[str] = mapped_column(String(50))
-        score: Mapped[int] = mapped_column(Integer, default=0)
-        addresses: Mapped[list[Address]] = relationship(
-            back_populates="user", order_by="Address.id", cascade="all, delete-orphan", passive_deletes=True
-        )
-
-    class Address(Base):
-        __tablename__ = "kqc_addresses"
-        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-        user_id: Mapped[int] = mapped_column(ForeignKey("kqc_users.id", ondelete="CASCADE"))
-        email: Mapped[str] = mapped_column(String(80))
-        user: Mapped[User] = relationship(back_populates="addresses")
-
-    return SimpleNamespace(Base=Base, User=User, Address=Address,
-                           users=User.__table__, addresses=Address.__table__)
+class Base(DeclarativeBase):
+    pass
 
 
-MODELS = _build_models()
+# Module level, so cached ORM results (pickled) can name these classes.
+class User(Base):
+    __tablename__ = "kqc_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    score: Mapped[int] = mapped_column(Integer, default=0)
+    addresses: Mapped[list[Address]] = relationship(
+        back_populates="user", order_by="Address.id", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Address(Base):
+    __tablename__ = "kqc_addresses"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(ForeignKey("kqc_users.id", ondelete="CASCADE"))
+    email: Mapped[str] = mapped_column(String(80))
+    user: Mapped[User] = relationship(back_populates="addresses")
+
+
+MODELS = SimpleNamespace(Base=Base, User=User, Address=Address, users=User.__table__,
+                         addresses=Address.__table__)
 
 
 @pytest.fixture(scope="session")

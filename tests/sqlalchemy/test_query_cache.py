@@ -394,3 +394,34 @@ def test_registry_and_stats_export(qc: QueryCache) -> None:
     assert qc in list(iter_query_caches())
     exported = qc.stats().to_dict()
     assert exported["hits"] == 0 and exported["invalidations"] == {} and exported["hit_rate"] == 0.0
+
+
+def test_orm_hits_are_answered_without_a_connection_and_stay_isolated(engine: Engine, qc: QueryCache,
+                                                                      models: SimpleNamespace) -> None:
+    qc.attach(engine)
+    User = models.User
+    checkouts: list[int] = []
+    event.listen(engine, "checkout", lambda *_: checkouts.append(1))
+    stmt = (select(User).where(User.id.in_([1, 2])).order_by(User.id)
+            .options(selectinload(User.addresses), qc.cached()))
+    for _ in range(2):  # the first run learns the statement's shape, the second stores the ORM entry
+        with Session(engine) as session:
+            session.scalars(stmt).all()
+    before = len(checkouts)
+    with Session(engine) as session:
+        users = session.scalars(stmt).all()
+        assert [u.name for u in users] == ["user1", "user2"]
+        assert [a.email for a in users[0].addresses] == ["u1@example.com"]  # loaded, no lazy load
+        again = session.scalars(stmt).all()
+        assert again[0] is users[0]  # identity map: the in-session object
+        users[0].name = "mutated, never flushed"
+        users[1].addresses.clear()
+    assert len(checkouts) == before  # answered from the cache: no connection was needed
+    with Session(engine) as session:
+        assert [u.name for u in session.scalars(stmt)] == ["user1", "user2"]
+    with Session(engine) as session:
+        session.add(models.Address(id=50, user_id=2, email="late@example.com"))
+        session.commit()
+    with Session(engine) as session:  # the entry covered the selectin load's table too
+        users = session.scalars(stmt).all()
+        assert [a.email for a in users[1].addresses] == ["u2@example.com", "late@example.com"]
