@@ -472,3 +472,15 @@ def test_fork_while_another_thread_is_inside_the_cache(cache: DiskCache) -> None
     thread.join(10)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_reopening_with_a_smaller_budget_shrinks_the_file(tmp_path: Path) -> None:
+    with DiskCache(tmp_path, 1 << 20) as big:
+        for i in range(50):
+            big.put(i, b"x" * 1000)
+        big.get(0)  # the most recently used: survives the shrink
+    with DiskCache(tmp_path, 10_000) as small:
+        stats = small.stats()
+        assert stats.bytes <= 10_000 and stats.evictions == 50 - stats.entries
+        assert small.get(0) == b"x" * 1000
+        assert 1 not in small

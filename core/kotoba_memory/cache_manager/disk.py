@@ -239,7 +239,19 @@ class DiskCache(BaseCache):
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
         super().__init__(name or f"disk:{target.name}")
         with self._lock:
-            self._connection()
+            conn = self._connection()
+            # Reopened with a smaller budget than the file holds: shrink it now, not at the next put.
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._evict_over_budget(conn, keep=b"", now=time.time())
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                conn.close()
+                raise DiskCacheError(f"{self.path}: {exc}") from exc
         _open_caches.add(self)
 
     # -- connection -------------------------------------------------------------------------------
