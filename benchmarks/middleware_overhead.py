@@ -265,6 +265,33 @@ def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
     return {"plain_us": plain, "middleware_us": mw, "added_us": mw - plain}
 
 
+def otel_record_cost_us(repeats: int, calls: int) -> dict[str, float]:
+    """Median CPU microseconds the OpenTelemetry listener adds per request: no SDK vs the SDK."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from kotoba_memory_integrations._request import RequestMetrics
+    from kotoba_memory_integrations.otel import _Instruments
+
+    sample = RequestMetrics("/items/<int:id>", "GET", 200, 0.001, 4096, None, 0, None, False)
+    noop = _Instruments(metrics.NoOpMeterProvider())
+    sdk = _Instruments(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+
+    def drive(instruments: Any) -> float:
+        t0 = time.thread_time()
+        for _ in range(calls):
+            instruments.on_request(sample)
+        return (time.thread_time() - t0) / calls * 1e6
+
+    noop_times, sdk_times = [], []
+    for _ in range(repeats):
+        noop_times.append(drive(noop))
+        sdk_times.append(drive(sdk))
+    noop.active = sdk.active = False
+    return {"noop_us": statistics.median(noop_times), "sdk_us": statistics.median(sdk_times)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -290,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"in-process: plain {cost['plain_us']:.2f} us/request, with middleware {cost['middleware_us']:.2f}"
         f" us/request -> middleware adds {cost['added_us']:.2f} us (median of repeats)"
+    )
+    otel_cost = otel_record_cost_us(repeats=5 if args.quick else 11, calls=2000 if args.quick else 10000)
+    print(
+        f"in-process: OpenTelemetry per request: {otel_cost['noop_us']:.2f} us with no SDK (no-op provider),"
+        f" {otel_cost['sdk_us']:.2f} us with the SDK (median of repeats)"
     )
     if args.no_server:
         return 0
