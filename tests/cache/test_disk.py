@@ -484,3 +484,44 @@ def test_reopening_with_a_smaller_budget_shrinks_the_file(tmp_path: Path) -> Non
         assert stats.bytes <= 10_000 and stats.evictions == 50 - stats.entries
         assert small.get(0) == b"x" * 1000
         assert 1 not in small
+
+
+_CONCURRENT_WRITER = textwrap.dedent(
+    """
+    import random, sys
+    from kotoba_memory.cache_manager.disk import DiskCache
+    path, seed = sys.argv[1], int(sys.argv[2])
+    rng = random.Random(seed)
+    cache = DiskCache(path, 50_000)
+    for i in range(100):
+        key = rng.randrange(100)
+        if rng.random() < 0.7:
+            cache.put(key, (key, rng.randbytes(rng.randint(10, 3000))))
+        else:
+            got = cache.get(key)
+            assert got is None or got[0] == key
+    cache.close()
+    """
+)
+
+
+def test_processes_sharing_one_file_keep_it_bounded_and_consistent(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    DiskCache(path, 50_000).close()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CONCURRENT_WRITER, str(path), str(seed)])
+        for seed in (1, 2, 3)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    with DiskCache(path, 50_000) as c:
+        stats = c.stats()
+        assert 0 < stats.bytes <= 50_000
+        raw = sqlite3.connect(path)
+        count, total = raw.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM kotoba_cache").fetchone()
+        values = raw.execute("SELECT COUNT(*) FROM kotoba_cache_values").fetchone()[0]
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        raw.close()
+        assert (count, total, values) == (stats.entries, stats.bytes, stats.entries)
+        for key in range(100):
+            got = c.get(key)
+            assert got is None or got[0] == key
