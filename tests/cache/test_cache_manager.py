@@ -398,3 +398,38 @@ def test_iter_caches_holds_caches_weakly() -> None:
 
     gc.collect()
     assert not any(c.name == "registry-probe" for c in iter_caches())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_gets_fresh_locks_and_a_working_sweeper() -> None:
+    import os
+
+    cache = CacheManager(max_entries=100, policy="adaptive")
+    cache.put("a", 1)
+    cache.put("short", 2, ttl=0.05)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        with cache._lock:
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # child: the parent's lock holder does not exist here
+        code = 1
+        try:
+            ok = cache.put("b", 3) and cache.get("a") == 1 and cache.get("b") == 3
+            deadline = time.monotonic() + 5
+            while "short" in cache._table and time.monotonic() < deadline:
+                time.sleep(0.05)
+            code = 0 if ok and "short" not in cache._table else 2
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join(5)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

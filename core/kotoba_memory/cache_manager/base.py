@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import os
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -48,6 +49,21 @@ def _register(cache: BaseCache) -> None:
         _registry.append(weakref.ref(cache))
 
 
+def _after_fork_in_child() -> None:
+    """Locks held by a parent thread at fork time would stay held forever in the child: renew them."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for cache in iter_caches():
+        try:
+            cache._reinit_after_fork()
+        except Exception:  # one broken cache must not break the forked worker
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _LeaderCancelled(Exception):
     """The caller computing a value was cancelled; a waiter should compute it itself."""
 
@@ -80,6 +96,12 @@ class BaseCache(ABC):
         self._flights_lock = threading.Lock()
         self._add_lock = threading.RLock()
         _register(self)
+
+    def _reinit_after_fork(self) -> None:
+        """Renew locks and drop in-flight computations that belonged to the parent's threads."""
+        self._flights = {}
+        self._flights_lock = threading.Lock()
+        self._add_lock = threading.RLock()
 
     # -- the abstract contract -------------------------------------------------------------------
 

@@ -127,6 +127,10 @@ class CacheManager(BaseCache):
             self.get = self._get_uncounted  # type: ignore[method-assign]
         super().__init__(name)
 
+    def _reinit_after_fork(self) -> None:
+        super()._reinit_after_fork()
+        self._lock = threading.Lock()
+
     # -- reads ------------------------------------------------------------------------------------
 
     def get(self, key: Hashable, default: Any = None) -> Any:

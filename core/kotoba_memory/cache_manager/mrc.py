@@ -30,7 +30,7 @@ def fingerprint(key: Hashable) -> int:
 class GhostMrc:
     """Ghost-entry MRC estimator covering capacities from the current one up to ``(1 + span) x`` it."""
 
-    max_ghosts = 8192
+    max_ghosts = 4096
 
     def __init__(self, max_entries: int | None, max_bytes: int | None, span: float = 1.0) -> None:
         self._by_bytes = max_bytes is not None

@@ -9,6 +9,7 @@ restarts on the next registration. Errors are caught and counted, never raised i
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -90,4 +91,17 @@ class _Sweeper:
             self._wake.clear()
 
 
+    def _after_fork_in_child(self) -> None:
+        # The thread did not survive the fork and its lock may be held: start afresh.
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        if len(self._caches):
+            with self._lock:
+                self._thread = threading.Thread(target=self._run, name="kotoba-cache-sweeper", daemon=True)
+                self._thread.start()
+
+
 sweeper = _Sweeper()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=sweeper._after_fork_in_child)
