@@ -9,6 +9,9 @@ How it works, at the DB-API level so Core, ORM, relationship loads and ``text()`
   included) run exactly as without the cache.
 * on a miss the tokens read *before* executing are stored with the rows, so a write that commits while
   the query runs makes the new entry stale instead of fresh.
+* ORM SELECTs in a session get a second, faster level: a ``do_orm_execute`` listener answers them from a
+  pickled ``FrozenResult`` merged into the session, without a connection. Such an entry is stored only
+  when every statement run beneath it went through the check above, under the union of their tokens.
 * every INSERT/UPDATE/DELETE/DDL marks its tables dirty in the connection's transaction; reads of dirty
   tables bypass the cache inside that transaction; after the DB-API commit the tables get new tokens; a
   rollback discards the marks. Tokens live in the cache tier itself, so a shared tier (Redis) carries
