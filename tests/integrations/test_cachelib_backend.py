@@ -7,7 +7,7 @@ import inspect
 import pickle
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +32,19 @@ SAMPLE_PAIRS: dict[str, Any] = {
     "lobster": ["baked beans", [512]],
     "4096": {"sauce": [], 256: "truffle"},
 }
+
+
+@pytest.fixture(autouse=True)
+def _empty_caches_made_by_the_test() -> Iterator[None]:
+    """Empty the kotoba caches a test created: ttl'd entries keep the engine's sweeper thread awake
+    until the cache is garbage collected, which reference cycles can postpone indefinitely."""
+    from kotoba_memory.cache_manager import iter_caches
+
+    before = {id(cache) for cache in iter_caches()}
+    yield
+    for cache in iter_caches():
+        if id(cache) not in before and hasattr(cache, "sweep_expired"):
+            cache.clear()
 
 
 class ReprSerializer:

@@ -3,6 +3,7 @@ cachelib's own SimpleCache (below the threshold, where the two eviction strategi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kotoba_memory_integrations.cachelib import KotobaCache
+
+
+@pytest.fixture(autouse=True)
+def _empty_caches_made_by_the_test() -> Iterator[None]:
+    """Empty the kotoba caches a test created: ttl'd entries keep the engine's sweeper thread awake
+    until the cache is garbage collected, which reference cycles can postpone indefinitely."""
+    from kotoba_memory.cache_manager import iter_caches
+
+    before = {id(cache) for cache in iter_caches()}
+    yield
+    for cache in iter_caches():
+        if id(cache) not in before and hasattr(cache, "sweep_expired"):
+            cache.clear()
+
 
 KEYS = st.sampled_from([f"k{i}" for i in range(8)])
 VALUES = st.one_of(st.integers(-3, 3), st.none(), st.text(max_size=3), st.lists(st.integers(), max_size=2))

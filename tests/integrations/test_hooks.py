@@ -28,6 +28,19 @@ from kotoba_memory_integrations.hooks import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _empty_caches_made_by_the_test() -> Iterator[None]:
+    """Empty the kotoba caches a test created: ttl'd entries keep the engine's sweeper thread awake
+    until the cache is garbage collected, which reference cycles can postpone indefinitely."""
+    from kotoba_memory.cache_manager import iter_caches
+
+    before = {id(cache) for cache in iter_caches()}
+    yield
+    for cache in iter_caches():
+        if id(cache) not in before and hasattr(cache, "sweep_expired"):
+            cache.clear()
+
+
 @pytest.fixture
 def cache() -> CacheManager:
     return CacheManager(max_entries=1000, policy="lru")
