@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(
-            f"python {sys.version.split()[0]}, {rounds} interleaved rounds, medians; speedup = bytearray / x"
+            f"python {sys.version.split()[0]}, {rounds} interleaved rounds, thread CPU time, medians; "
+            "speedup = bytearray / x"
         )
         print(markdown(result))
     return 0

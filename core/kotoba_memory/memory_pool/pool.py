@@ -205,13 +205,25 @@ class MemoryBlock:
         lock = pool._lock
         lock.acquire()  # explicit acquire/release: half the cost of ``with`` on the hot path
         try:
-            if cls >= 0 and off >= 0:  # inlined slab push
+            if off < 0:
+                pool._free_block(off, cls, self._size)
+            elif cls >= 0:  # inlined slab push
                 pool._releases += 1
                 pool._used -= pool._slab_sizes[cls]
                 pool._requested -= self._size
                 pool._words[off >> 3] = pool._heads[cls]
                 pool._heads[cls] = off
                 pool._slab_live[(off & pool._slab_masks[cls]) >> _SLAB_MIN_SHIFT] -= 1
+            elif pool._large_cached < _LARGE_CACHE_MAX_BLOCKS:  # inlined deferred-coalescing push
+                pool._releases += 1
+                pool._used += cls
+                pool._requested -= self._size
+                cached = pool._large_cache.get(-cls)
+                if cached is None:
+                    pool._large_cache[-cls] = [off]
+                else:
+                    cached.append(off)
+                pool._large_cached += 1
             else:
                 pool._free_block(off, cls, self._size)
         finally:
