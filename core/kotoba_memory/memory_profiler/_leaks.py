@@ -21,6 +21,7 @@ from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
 _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
 _VETO_MIN_BYTES = 64 * 1024
+_MAX_ADMISSIONS_PER_WINDOW = 32
 
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
@@ -47,7 +48,12 @@ class _Track:
     late_steps: int = 0
     first_window: int = 0
     # growth per window, a ring indexed by window number (preallocated: tracking allocates nothing more)
-    growth_ring: array[int] = field(default_factory=lambda: array("q"))
+    growth_ring: array[int] = field(default_factory=lambda: array("i"))
+
+
+def _blocks_per_track(key: Key) -> int:
+    # the _Track, its ring array, the key tuple, and per frame a (filename, lineno) tuple and an int
+    return 3 + 2 * len(key)
 
 
 def _score(track: _Track) -> int:
@@ -63,6 +69,7 @@ class LeakDetector:
         self._tracks: dict[Key, _Track] = {}
         self._windows = 0
         self._window_ends: deque[float] = deque(maxlen=max_windows)
+        self._own_blocks = 0
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
         self.site_chooser = site_chooser
 
@@ -96,9 +103,14 @@ class LeakDetector:
         # Only tracebacks that grew in this window start being tracked: the rest cannot be leaking
         # yet, and tracking them would make our own bookkeeping grow with every window.
         first, last = snapshots[1][1], snapshots[-1][1]
-        for key, (size, _count) in last.items():
-            if key not in self._tracks and size > first.get(key, (0, 0))[0]:
-                self._admit(key, t_first)
+        grown = [
+            (size - first.get(key, (0, 0))[0], key)
+            for key, (size, _count) in last.items()
+            if key not in self._tracks and size > first.get(key, (0, 0))[0]
+        ]
+        grown.sort(reverse=True)
+        for _, key in grown[:_MAX_ADMISSIONS_PER_WINDOW]:
+            self._admit(key, t_first)
         # The first step is skipped: within it a site refills its normal live set (one reply being
         # built, a cache slot replaced) from zero, which is not growth. What happens after that is.
         steps = len(snapshots) - 2
@@ -130,7 +142,7 @@ class LeakDetector:
                 track.last_growth = t_last
                 if track.first_growth is None:
                     track.first_growth = t_last
-            track.growth_ring[index % self._max_windows] = growth
+            track.growth_ring[index % self._max_windows] = max(-(2**31), min(2**31 - 1, growth))
         self._trim()
 
     def _admit(self, key: Key, now: float) -> None:
@@ -138,8 +150,9 @@ class LeakDetector:
             key=key,
             first_seen=now,
             first_window=self._windows - 1,
-            growth_ring=array("q", bytes(8 * self._max_windows)),
+            growth_ring=array("i", bytes(4 * self._max_windows)),
         )
+        self._own_blocks += _blocks_per_track(key)
 
     def _trim(self) -> None:
         if len(self._tracks) <= self._max_sites:
@@ -147,6 +160,13 @@ class LeakDetector:
         # Keep the tracebacks with the most growth; drop the rest (their evidence is weakest).
         keep = sorted(self._tracks.values(), key=_score, reverse=True)[: self._max_sites]
         self._tracks = {t.key: t for t in keep}
+        self._own_blocks = sum(_blocks_per_track(key) for key in self._tracks)
+
+    @property
+    def own_blocks(self) -> int:
+        """Estimated interpreter blocks our tracking holds; the profiler subtracts them from its samples
+        so that our own bookkeeping never looks like growth of the process."""
+        return self._own_blocks
 
     def suspects(
         self,
@@ -202,7 +222,7 @@ class LeakDetector:
             f"late/early growing steps {track.late_steps}/{track.early_steps}",
         ]
         if global_growth is not None and age > 0:
-            consistency = self._consistency(track, rate, global_growth, evidence)
+            consistency = self._consistency(track, rate, global_growth, evidence, now)
         confidence = monotonic * persistence * recency * linearity * consistency
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         return MemoryLeak(
@@ -225,6 +245,7 @@ class LeakDetector:
         rate: float,
         global_growth: GlobalGrowth,
         evidence: list[str],
+        now: float,
     ) -> float:
         """0.25 when the site grew significantly faster than the whole process did.
 
@@ -232,7 +253,9 @@ class LeakDetector:
         expiring), because a leak at one site cannot outgrow the process. Small blocks are compared
         with the interpreter's allocated-block count, large ones with malloc's in-use bytes (or RSS).
         """
-        growth = global_growth.since(track.first_seen)
+        # The later half of the site's life only: start-up and warm-up growth of the process would
+        # otherwise hide that it has since gone flat.
+        growth = global_growth.since(track.first_seen + max(0.0, now - track.first_seen) / 2.0)
         if growth is None or growth.span_s <= 0:
             return 1.0
         count_rate = track.net_count_growth / max(track.traced_time, 1e-9)

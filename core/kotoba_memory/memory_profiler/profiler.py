@@ -331,7 +331,7 @@ class MemoryProfiler:
                 self._tick_errors += 1
         count = gc.get_count()
         with self._lock:
-            blocks = sys.getallocatedblocks()
+            blocks = sys.getallocatedblocks() - self._detector.own_blocks
             self._ring.append(time.time(), rss, traced, blocks, heap, (count[0], count[1], count[2]), gauges)
             self._peak_rss = max(self._peak_rss, rss)
 
