@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "plain": "plain",
     "middleware": "plain",
+    "middleware+rss-every-8": "plain",
     "middleware+otel-noop": "plain",
     "middleware+otel-sdk": "plain",
     "middleware+optimizer": "plain",
@@ -80,6 +81,8 @@ def build_variant(variant: str) -> Callable[..., Iterable[bytes]]:
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
         otel.instrument(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    elif variant == "middleware+rss-every-8":
+        return MemoryMiddleware(trivial_app, rss_sample_every=8)
     elif variant == "middleware+optimizer":
         from kotoba_memory.config import MemoryConfig
         from kotoba_memory_integrations.runtime import start_optimizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import itertools
 import os
 import threading
 import time
@@ -59,6 +60,8 @@ class RequestMetrics(NamedTuple):
     allocations, given only when tracemalloc traced the whole request *and* no other request of this
     process started or finished meanwhile (both counters are process-wide, so an overlapped request's
     figure would include its neighbours'); ``overlapped`` says whether another request ran alongside.
+    ``sampled`` is False for the requests a ``rss_sample_every`` > 1 recorder did not measure: their
+    ``rss_delta`` is 0 and ``traced_delta`` None, and the profiler and OpenTelemetry skip them.
     """
 
     route: str
@@ -70,6 +73,7 @@ class RequestMetrics(NamedTuple):
     gc_pause_ns: int
     error: str | None
     overlapped: bool = False
+    sampled: bool = True
 
 
 RequestListener = Callable[[RequestMetrics], None]
@@ -243,6 +247,7 @@ class RequestMeasurement:
         "_gc_pause0",
         "_recorder",
         "_rss0",
+        "_sampled",
         "_t0",
         "_token",
         "_traced0",
@@ -270,8 +275,12 @@ class RequestMeasurement:
             except Exception:
                 _count_error()
                 self._gc = None
-        self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
-        self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
+        self._sampled = sampled = recorder.every == 1 or next(recorder.counter) % recorder.every == 0
+        if sampled:
+            self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+            self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
+        else:
+            self._traced0, self._rss0 = None, 0
         global _in_flight, _epoch
         with _flight_lock:
             _in_flight += 1
@@ -317,7 +326,7 @@ class RequestMeasurement:
             _in_flight = max(0, _in_flight - 1)
             _epoch += 1
             overlapped = not self._alone or _epoch != self._epoch0 + 1
-        rss_delta = recorder.rss_reader.rss() - self._rss0
+        rss_delta = recorder.rss_reader.rss() - self._rss0 if self._sampled else 0
         traced_delta = None
         if self._traced0 is not None and not overlapped and tracemalloc.is_tracing():
             traced_delta = tracemalloc.get_traced_memory()[0] - self._traced0
@@ -339,6 +348,7 @@ class RequestMeasurement:
             gc_pause,
             self.error,
             overlapped,
+            self._sampled,
         )
         recorder.deliver(metrics)
         return metrics
@@ -350,7 +360,9 @@ class RequestRecorder:
     ``gc_optimizer`` / ``profiler`` default to the process's active ones (looked up per request, so an
     optimizer started after the middleware was built is still seen); pass ``None``-returning callables
     to disable either. ``on_request`` is called with every :class:`RequestMetrics` besides the global
-    listeners.
+    listeners. ``rss_sample_every=N`` measures memory on one request in N (the others still reach the
+    GC hooks and the listeners, marked ``sampled=False``): the ``/proc`` read is the largest per-request
+    cost on a busy machine, and per-route averages stay unbiased.
     """
 
     def __init__(
@@ -360,7 +372,14 @@ class RequestRecorder:
         profiler: Callable[[], Any] | None = None,
         on_request: RequestListener | None = None,
         rss_reader: RssReader | None = None,
+        rss_sample_every: int = 1,
     ) -> None:
+        if isinstance(rss_sample_every, bool) or not isinstance(rss_sample_every, int):
+            raise TypeError(f"rss_sample_every must be an int, got {type(rss_sample_every).__name__}")
+        if not 1 <= rss_sample_every <= 1_000_000:
+            raise ValueError(f"rss_sample_every must be between 1 and 1000000, got {rss_sample_every}")
+        self.every = rss_sample_every
+        self.counter = itertools.count()
         # Resolved once: the getters themselves look up the optimizer/profiler active at call time.
         self.gc_optimizer = gc_optimizer or optional_function(
             "kotoba_memory.gc_optimizer", "get_active_gc_optimizer"
@@ -378,7 +397,7 @@ class RequestRecorder:
     def deliver(self, metrics: RequestMetrics) -> None:
         """Hand finished metrics to the profiler, ``on_request`` and the listeners; never raises."""
         try:
-            profiler = self.profiler()
+            profiler = self.profiler() if metrics.sampled else None
             if profiler is not None:
                 profiler.record_request(
                     metrics.route, metrics.rss_delta, metrics.traced_delta, metrics.duration_s

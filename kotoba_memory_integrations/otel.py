@@ -269,7 +269,7 @@ class _Instruments:
 
     def on_request(self, result: RequestMetrics) -> None:
         """Record one finished request (the middleware's listener)."""
-        if not self.active:
+        if not self.active or not result.sampled:
             return
         attributes: dict[str, str | int] = {"http.route": result.route, "http.request.method": result.method}
         if result.status is not None:

@@ -79,9 +79,10 @@ class MemoryMiddleware:
         *,
         recorder: RequestRecorder | None = None,
         on_request: RequestListener | None = None,
+        rss_sample_every: int = 1,
     ) -> None:
         self.app = app
-        self.recorder = recorder or RequestRecorder(on_request=on_request)
+        self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         outer = environ.get(ENVIRON_KEY)

@@ -5,6 +5,7 @@ Bad settings are reported with the offending field instead of crashing at startu
 * ``kotoba_memory.E001`` ``KOTOBA_MEMORY`` is not a dict;
 * ``kotoba_memory.E002`` a field of ``KOTOBA_MEMORY`` is unknown or invalid (the message names it);
 * ``kotoba_memory.E003`` ``KOTOBA_MEMORY_AUTOSTART`` / ``KOTOBA_MEMORY_OTEL`` is not a bool;
+* ``kotoba_memory.E004`` ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` is not an int from 1 to 1000000;
 * ``kotoba_memory.W001`` the middleware is missing, so no per-request or per-route metrics.
 """
 
@@ -35,6 +36,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="kotoba_memory.E003",
                 )
             )
+    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
+        messages.append(
+            Error(
+                f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}.",
+                hint="1 measures memory on every request; N on one request in N.",
+                obj="KOTOBA_MEMORY_RSS_SAMPLE_EVERY",
+                id="kotoba_memory.E004",
+            )
+        )
     raw = getattr(settings, "KOTOBA_MEMORY", None)
     if raw is None:
         return messages

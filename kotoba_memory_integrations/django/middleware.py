@@ -27,7 +27,19 @@ from kotoba_memory_integrations._request import (
 
 __all__ = ["MemoryMiddleware", "route_of", "wrap_asgi", "wrap_wsgi"]
 
-_recorder = RequestRecorder()
+_recorders: dict[int, RequestRecorder] = {}
+
+
+def _recorder_for_settings() -> RequestRecorder:
+    """One recorder per ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` value (the setting is read at startup)."""
+    from django.conf import settings
+
+    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
+        every = 1  # invalid: measure every request; the system check kotoba_memory.E004 says why
+    if every not in _recorders:
+        _recorders[every] = RequestRecorder(rss_sample_every=every)
+    return _recorders[every]
 
 
 def route_of(request: HttpRequest) -> str | None:
@@ -107,6 +119,7 @@ class MemoryMiddleware:
 
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
+        self.recorder = _recorder_for_settings()
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
@@ -119,7 +132,7 @@ class MemoryMiddleware:
             response = self.get_response(request)
             outer.route = route_of(request) or outer.route
             return response
-        measurement = _recorder.begin(request.method or "GET")
+        measurement = self.recorder.begin(request.method or "GET")
         request._kotoba_measurement = measurement
         try:
             response = self.get_response(request)
@@ -137,7 +150,7 @@ class MemoryMiddleware:
             response = await get_response(request)
             outer.route = route_of(request) or outer.route
             return response
-        measurement = _recorder.begin(request.method or "GET")
+        measurement = self.recorder.begin(request.method or "GET")
         request._kotoba_measurement = measurement
         try:
             response = await get_response(request)
@@ -176,11 +189,11 @@ def wrap_wsgi(application: Any) -> Any:
     """Wrap a Django WSGI application in kotoba-memory's WSGI middleware (whole-request measuring)."""
     from kotoba_memory_integrations.wsgi import MemoryMiddleware as WSGIMemoryMiddleware
 
-    return WSGIMemoryMiddleware(application)
+    return WSGIMemoryMiddleware(application, recorder=_recorder_for_settings())
 
 
 def wrap_asgi(application: Any) -> Any:
     """Wrap a Django ASGI application in kotoba-memory's ASGI middleware (whole-request measuring)."""
     from kotoba_memory_integrations.asgi import MemoryMiddleware as ASGIMemoryMiddleware
 
-    return ASGIMemoryMiddleware(application)
+    return ASGIMemoryMiddleware(application, recorder=_recorder_for_settings())

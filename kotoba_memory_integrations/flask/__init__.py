@@ -11,7 +11,8 @@ constructor win, lower-case without the prefix), starts the process's memory opt
 Keys: every :class:`~kotoba_memory.config.MemoryConfig` field (``KOTOBA_MEMORY_CACHE_SIZE_MB`` ...),
 plus ``KOTOBA_MEMORY_ENABLED`` (True), ``KOTOBA_MEMORY_AUTOSTART`` (True), ``KOTOBA_MEMORY_OTEL``
 (False), ``KOTOBA_MEMORY_REPORT_ENDPOINT`` (None: off), ``KOTOBA_MEMORY_REPORT_TOKEN`` and
-``KOTOBA_MEMORY_REPORT_AUTH`` (a ``callable(request) -> bool``).
+``KOTOBA_MEMORY_REPORT_AUTH`` (a ``callable(request) -> bool``), ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` (1:
+measure memory on every request; N: on one in N, which cuts the per-request cost on busy servers).
 
 The report endpoint is off by default. When on it needs a token (``Authorization: Bearer <token>``,
 compared in constant time) or an auth callable: 401 without credentials, 403 with wrong ones.
@@ -45,6 +46,7 @@ _OWN_KEYS: dict[str, Any] = {
     "report_endpoint": None,
     "report_token": None,
     "report_auth": None,
+    "rss_sample_every": 1,
 }
 _BOOL_KEYS = ("enabled", "autostart", "otel")
 
@@ -102,6 +104,9 @@ class KotobaMemory:
         for key in _BOOL_KEYS:
             if not isinstance(options[key], bool):
                 raise ConfigError(_PREFIX + key.upper(), f"must be True or False, got {options[key]!r}")
+        every = options["rss_sample_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
+            raise ConfigError(_PREFIX + "RSS_SAMPLE_EVERY", f"must be an int in [1, 1000000], not {every!r}")
         endpoint = options["report_endpoint"]
         if endpoint is not None:
             if not isinstance(endpoint, str) or not endpoint.startswith("/"):
@@ -138,7 +143,9 @@ class KotobaMemory:
                 from kotoba_memory_integrations import otel
 
                 otel.instrument()
-            app.wsgi_app = MemoryMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+            app.wsgi_app = MemoryMiddleware(  # type: ignore[method-assign]
+                app.wsgi_app, rss_sample_every=options["rss_sample_every"]
+            )
             app.before_request(_label_route)
         if options["report_endpoint"] is not None:
             app.add_url_rule(

@@ -206,6 +206,7 @@ def test_checks_accept_good_settings() -> None:
         ({"KOTOBA_MEMORY": {"cache_sise_mb": 5}}, "kotoba_memory.E002", "cache_sise_mb"),
         ({"KOTOBA_MEMORY_AUTOSTART": "yes"}, "kotoba_memory.E003", "KOTOBA_MEMORY_AUTOSTART"),
         ({"KOTOBA_MEMORY_OTEL": 1}, "kotoba_memory.E003", "KOTOBA_MEMORY_OTEL"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "kotoba_memory.E004", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
     ],
 )
 def test_checks_report_bad_settings_by_field(settings: dict[str, Any], expected_id: str, field: str) -> None:

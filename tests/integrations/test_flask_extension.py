@@ -101,6 +101,15 @@ def test_propagated_exception_is_reraised_and_recorded(seen: list[RequestMetrics
     assert (m.route, m.status, m.error) == ("/fail", 500, "LookupError")
 
 
+def test_rss_sample_every_reaches_the_middleware(seen: list[RequestMetrics]) -> None:
+    app = make_app(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=2)
+    KotobaMemory(app)
+    client = app.test_client()
+    for user_id in range(4):
+        client.get(f"/users/{user_id}")
+    assert [m.sampled for m in seen] == [True, False, True, False]
+
+
 def test_init_app_factory_pattern_and_overrides() -> None:
     memory = KotobaMemory(enabled=False)
     app = make_app()
@@ -121,6 +130,7 @@ def test_init_app_factory_pattern_and_overrides() -> None:
         ({ENDPOINT: "/r", "KOTOBA_MEMORY_REPORT_TOKEN": "short"}, "KOTOBA_MEMORY_REPORT_TOKEN"),
         ({ENDPOINT: "/r", "KOTOBA_MEMORY_REPORT_AUTH": "admin"}, "KOTOBA_MEMORY_REPORT_AUTH"),
         ({"KOTOBA_MEMORY_CACHE_SIZE_MB": -1}, "cache_size_mb"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
     ],
 )
 def test_bad_config_raises_naming_the_key_and_installs_nothing(config: dict[str, Any], key: str) -> None:

@@ -392,3 +392,31 @@ def test_rss_reader_reuses_a_recent_reading_only_within_its_age() -> None:
     assert reader.recent(3600) == first  # young enough: no new read
     assert reader.recent(-1) >= first + (48 << 20)  # too old: read again, sees the growth
     del block
+
+
+def test_rss_sampling_measures_one_request_in_n_and_keeps_gc_hooks_on_all() -> None:
+    gc_opt = RecordingGc()
+    profiler = RecordingProfiler()
+    collected = Collected()
+    recorder = RequestRecorder(
+        on_request=collected, gc_optimizer=lambda: gc_opt, profiler=lambda: profiler, rss_sample_every=4
+    )
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        set_current_route("/s")
+        start_response("200 OK", [])
+        return [b""]
+
+    middleware = MemoryMiddleware(app, recorder=recorder)
+    for _ in range(12):
+        call(middleware)
+    assert [m.sampled for m in collected.items] == [True, False, False, False] * 3
+    assert all(m.rss_delta == 0 and m.traced_delta is None for m in collected.items if not m.sampled)
+    assert (gc_opt.starts, gc_opt.ends) == (12, 12)  # the GC hooks see every request
+    assert len(profiler.calls) == 3  # the profiler only gets measured requests
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2_000_000, 1.5, True, "4"])
+def test_rss_sample_every_is_validated(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="rss_sample_every"):
+        RequestRecorder(rss_sample_every=bad)
