@@ -44,9 +44,16 @@ def test_goal_lines_judge_ratios(bench) -> None:
     base = dict(zip(keys, (100.0, 90.0, 50.0, 0.4, 100.0, 10)))
     good = dict(zip(keys, (200.0, 180.0, 4.0, 0.02, 105.0, 0)))
     bad = dict(zip(keys, (150.0, 100.0, 10.0, 0.08, 120.0, 99)))
-    assert all(line.startswith("- PASS") for line in bench.goal_lines("orm", base, good))
-    assert all(line.startswith("- MISS") for line in bench.goal_lines("orm", base, bad))
-    assert bench.goal_lines("micro", base, good)[0].startswith("- PASS")
+    def ratios(run: dict[str, float]) -> dict[str, float]:
+        keys = ("req_per_s", "req_per_cpu_s", "peak_rss_mb", "max_pause_ms")
+        return {k: bench.paired_ratio([run], [base], k) for k in keys}
+
+    assert all(line.startswith("- PASS") for line in bench.goal_lines("orm", base, good, ratios(good)))
+    assert all(line.startswith("- MISS") for line in bench.goal_lines("orm", base, bad, ratios(bad)))
+    assert bench.goal_lines("micro", base, good, ratios(good))[0].startswith("- PASS")
+    # Pairing by round: a slow round for both variants does not distort the ratio.
+    slow_base, slow_run = dict(base, req_per_s=10.0), dict(good, req_per_s=20.0)
+    assert bench.paired_ratio([good, slow_run], [base, slow_base], "req_per_s") == 2.0
 
 
 def test_cli_rejects_unknown_names(bench) -> None:
