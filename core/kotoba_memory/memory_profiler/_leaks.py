@@ -183,7 +183,8 @@ class LeakDetector:
             leak = self._judge(track, now, window_interval_s, global_growth, routes)
             if leak is not None and leak.confidence >= min_confidence:
                 found.append(leak)
-        found.sort(key=lambda leak: (round(leak.confidence, 1), leak.growth_rate_bytes_per_s), reverse=True)
+        # Confident suspects first, the fastest-growing of them on top: that is where the memory goes.
+        found.sort(key=lambda leak: (leak.confidence >= 0.8, leak.growth_rate_bytes_per_s), reverse=True)
         return found
 
     def _judge(
@@ -198,8 +199,9 @@ class LeakDetector:
             return None
         rate = track.net_growth / max(track.traced_time, 1e-9)
         shrink = track.downs / track.ups
-        # Leaked memory is never freed: any shrinking is evidence against a leak.
-        monotonic = min(1.0, max(0.0, 1.0 - 3.0 * shrink))
+        # Leaked memory is never freed: any shrinking is evidence against a leak. A little is
+        # tolerated for objects caught in flight at a snapshot; freelist reuse and churn shrink more.
+        monotonic = min(1.0, max(0.0, 1.0 - 5.0 * shrink))
         # One growth window could be a burst straddling the window end; each further one halves doubt.
         persistence = 1.0 - 0.5 ** (track.growth_windows - 1)
         # Warm-up growth stops; a leak keeps going. Compare the quiet time since the last growth

@@ -200,6 +200,7 @@ class MemoryProfiler:
         )
         self.max_trace_memory_bytes = max_trace_memory_bytes
         self._skipped_windows = 0
+        self._own_heap = 0
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._process: psutil.Process | None = None
@@ -321,8 +322,10 @@ class MemoryProfiler:
             if self._tracing_mode == "window" and self._in_window:
                 rss -= tracemalloc.get_tracemalloc_memory()
         heap = _MALLINFO.in_use()
-        if heap is not None and self._in_window and self._tracing_mode == "window":
-            heap -= tracemalloc.get_tracemalloc_memory()
+        if heap is not None:
+            heap -= self._own_heap
+            if self._in_window and self._tracing_mode == "window":
+                heap -= tracemalloc.get_tracemalloc_memory()
         gauges: dict[int, float] = {}
         for column, read in list(self._gauges.values()):
             try:
@@ -375,7 +378,14 @@ class MemoryProfiler:
         grouped: dict[Key, list[int]] = {}
         own = _PROFILER_DIR
         ignored = self._ignored_files
-        for _domain, size, frames, *_ in _raw_traces():
+        before = _MALLINFO.in_use()
+        raw = _raw_traces()
+        after = _MALLINFO.in_use()
+        if before is not None and after is not None:
+            # CPython keeps a couple of hundred bytes of malloc memory per trace read-back; count it
+            # as ours so it is not mistaken for growth of the process.
+            self._own_heap += max(0, after - before - sys.getsizeof(raw))
+        for _domain, size, frames, *_ in raw:
             if not frames or frames[0][0] in ignored:
                 continue
             if any(filename.startswith(own) for filename, _ in frames):
