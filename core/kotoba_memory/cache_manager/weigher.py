@@ -30,13 +30,23 @@ def default_weigher(value: Any) -> int:
     kind = type(value)
     if kind is bytes or kind is str:
         return _getsizeof(value)
-    from kotoba_memory.cache_manager.types import CachedValue
-
-    if kind is CachedValue:
+    if kind is _cached_value_type():
         return int(value.metadata.size_bytes)
     if kind in _FLAT:
         return _getsizeof(value)
     return estimate_size(value)
+
+
+_CACHED_VALUE: list[type] = []
+
+
+def _cached_value_type() -> type:
+    # types.py imports this module lazily for CachedValue's default metadata: resolve it on first use.
+    if not _CACHED_VALUE:
+        from kotoba_memory.cache_manager.types import CachedValue
+
+        _CACHED_VALUE.append(CachedValue)
+    return _CACHED_VALUE[0]
 
 
 def estimate_size(obj: Any, *, sample: int = 16, max_nodes: int = 512) -> int:
