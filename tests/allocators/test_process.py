@@ -45,10 +45,11 @@ def _installed(kind: str) -> bool:
     return True
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess[str]:
+def _launch(*args: str, entry: str = "kotoba_memory.allocators.launcher") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_ARENA_MAX")}
+    prefix = [sys.executable, "-m", entry] + (["run"] if entry == "kotoba_memory.cli" else [])
     return subprocess.run(
-        [sys.executable, "-m", "kotoba_memory.allocators.launcher", *args],
+        [*prefix, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -208,7 +209,8 @@ def test_launcher_preloads_the_allocator_into_a_child(kind: str) -> None:
         pytest.skip(
             f"{kind} is not installed (Debian package {process.DEBIAN_PACKAGES[AllocatorType(kind)]})"
         )
-    result = _launch("--allocator", kind, "--", sys.executable, "-c", _REPORT)
+    # through the real console entry point: kotoba-memory run --allocator <kind> -- python -c ...
+    result = _launch("--allocator", kind, "--", sys.executable, "-c", _REPORT, entry="kotoba_memory.cli")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["type"] == kind and kind in report["library"]
