@@ -68,6 +68,82 @@ def _check_bound(name: str, value: object) -> int | None:
     return value
 
 
+def _make_reader(cache: CacheManager, counted: bool) -> Callable[..., Any]:
+    """Build ``cache.get``: the lock-free hit path, specialised for the policy's hit bookkeeping."""
+    table = cache._table
+    gets, bad_keys = cache._gets, cache._bad_keys
+    sampled, miss, expired = cache._sampled_get, cache._miss, cache._expired_read
+    touch = cache._touch
+    monotonic = _monotonic
+    count = next
+    mask = _SAMPLE_MASK
+
+    if counted:  # LFU, ADAPTIVE: a per-entry hit counter and a per-entry C-level hook
+
+        def get(key: Hashable, default: Any = None) -> Any:
+            if not count(gets) & mask:
+                return sampled(key, default)
+            try:
+                entry = table[key]
+            except KeyError:
+                return miss(key, default)
+            except TypeError:
+                count(bad_keys)
+                raise UnhashableKeyError(key) from None
+            expires = entry.expires
+            if expires is not None and expires <= monotonic():
+                return expired(key, entry, default)
+            entry.hits += 1
+            on_hit = entry.on_hit
+            if on_hit is not None:
+                try:
+                    on_hit(key)
+                except KeyError:  # removed concurrently; the read still returns what it found
+                    pass
+            return entry.value
+
+    elif touch is not None:  # LRU: one shared C call (move_to_end)
+
+        def get(key: Hashable, default: Any = None) -> Any:
+            if not count(gets) & mask:
+                return sampled(key, default)
+            try:
+                entry = table[key]
+            except KeyError:
+                return miss(key, default)
+            except TypeError:
+                count(bad_keys)
+                raise UnhashableKeyError(key) from None
+            expires = entry.expires
+            if expires is not None and expires <= monotonic():
+                return expired(key, entry, default)
+            try:
+                touch(key)
+            except KeyError:
+                pass
+            return entry.value
+
+    else:  # FIFO: a hit changes nothing
+
+        def get(key: Hashable, default: Any = None) -> Any:
+            if not count(gets) & mask:
+                return sampled(key, default)
+            try:
+                entry = table[key]
+            except KeyError:
+                return miss(key, default)
+            except TypeError:
+                count(bad_keys)
+                raise UnhashableKeyError(key) from None
+            expires = entry.expires
+            if expires is not None and expires <= monotonic():
+                return expired(key, entry, default)
+            return entry.value
+
+    get.__doc__ = CacheManager.get.__doc__
+    return get
+
+
 class CacheManager(BaseCache):
     """A thread-safe in-memory cache bounded by bytes (``max_bytes``) and/or entries (``max_entries``).
 
@@ -122,9 +198,10 @@ class CacheManager(BaseCache):
         self._miss_ns: deque[int] = deque(maxlen=512)
         self._mrc = GhostMrc(self.max_entries, self.max_bytes)
         self._touch = self._policy.hit_action()
-        if not self._policy.counts_hits:
-            # An instance attribute skips both the hit counter and the per-entry hook lookup.
-            self.get = self._get_uncounted  # type: ignore[method-assign]
+        self._read = _make_reader(self, counted=self._policy.counts_hits)
+        # The hot path as an instance attribute: a plain closure over locals, no bound-method creation and
+        # no attribute lookups on ``self`` per call.
+        self.get = self._read  # type: ignore[method-assign]
         super().__init__(name)
 
     def _reinit_after_fork(self) -> None:
@@ -135,48 +212,9 @@ class CacheManager(BaseCache):
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """Return the live value under ``key`` (a CachedValue comes back as stored), else ``default``."""
-        if not next(self._gets) & _SAMPLE_MASK:
-            return self._sampled_get(key, default)
-        try:
-            entry = self._table[key]
-        except KeyError:
-            return self._miss(key, default)
-        except TypeError:
-            next(self._bad_keys)
-            raise UnhashableKeyError(key) from None
-        expires = entry.expires
-        if expires is not None and expires <= _monotonic():
-            return self._expired_read(key, entry, default)
-        entry.hits += 1
-        on_hit = entry.on_hit
-        if on_hit is not None:
-            try:
-                on_hit(key)
-            except KeyError:  # removed concurrently; the read still returns what it found
-                pass
-        return entry.value
-
-    def _get_uncounted(self, key: Hashable, default: Any = None) -> Any:
-        """:meth:`get` for policies that keep no per-entry hit counts (LRU, FIFO): a shorter hit path."""
-        if not next(self._gets) & _SAMPLE_MASK:
-            return self._sampled_get(key, default)
-        try:
-            entry = self._table[key]
-        except KeyError:
-            return self._miss(key, default)
-        except TypeError:
-            next(self._bad_keys)
-            raise UnhashableKeyError(key) from None
-        expires = entry.expires
-        if expires is not None and expires <= _monotonic():
-            return self._expired_read(key, entry, default)
-        touch = self._touch
-        if touch is not None:
-            try:
-                touch(key)
-            except KeyError:  # removed concurrently; the read still returns what it found
-                pass
-        return entry.value
+        # Instances read through the closure installed in __init__ (``self.get``); this method is only
+        # reached through an explicit ``CacheManager.get(cache, key)``.
+        return self._read(key, default)
 
     def _miss(self, key: Hashable, default: Any) -> Any:
         next(self._misses)
