@@ -410,3 +410,51 @@ def test_iter_pools_sees_live_pools_only() -> None:
     assert pool in list(iter_pools())
     pool.close()
     assert pool not in list(iter_pools())
+
+
+def test_zero_applies_after_reclaiming_memory() -> None:
+    pool = MemoryPool(256 * 1024)
+    dirty = [pool.allocate(8000) for _ in range(24)]  # fills slabs of one class
+    for b in dirty:
+        b.as_slice()[:] = b"\xee" * 8000
+        b.release()  # empty slabs stay carved until the pool needs the room
+    big = pool.allocate(200_000, zero=True)  # served only after the empty slabs are returned
+    assert bytes(big.as_slice()) == bytes(200_000)
+
+
+def test_concurrent_as_slice_and_release_leave_no_live_view() -> None:
+    pool = MemoryPool(1 * MiB)
+    seen: list[memoryview] = []
+    guard = threading.Lock()
+    for _ in range(150):
+        block = pool.allocate(64)
+        start = threading.Barrier(4)
+
+        def reader(b: MemoryBlock = block, barrier: threading.Barrier = start) -> None:
+            barrier.wait(10)
+            try:
+                v = b.as_slice()
+            except BlockReleasedError:
+                return
+            with guard:
+                seen.append(v)
+
+        def releaser(b: MemoryBlock = block, barrier: threading.Barrier = start) -> None:
+            barrier.wait(10)
+            try:
+                b.release()
+            except BlockReleasedError:
+                pass
+
+        threads = [threading.Thread(target=reader) for _ in range(2)] + [
+            threading.Thread(target=releaser) for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert block.released
+    for v in seen:  # every view ever handed out was invalidated by the release
+        with pytest.raises(ValueError):
+            v[0]
+    assert pool.stats().live_blocks == 0 and pool.stats().releases == 150

@@ -181,7 +181,13 @@ class MemoryBlock:
             pool = self._pool
             if pool is None:
                 raise BlockReleasedError("block already released; its memory may belong to another block")
-            view = self._view = pool._view_of(self._offset, self._size)
+            # Under the pool lock, so a concurrent release() always sees (and releases) this view.
+            with pool._lock:
+                if self._pool is None:
+                    raise BlockReleasedError("block already released; its memory may belong to another block")
+                view = self._view
+                if view is None:
+                    view = self._view = pool._view_of(self._offset, self._size)
         return view
 
     def release(self) -> None:
@@ -189,22 +195,24 @@ class MemoryBlock:
         pool = self._pool
         if pool is None:
             raise BlockReleasedError("block released twice")
-        view = self._view
-        if view is not None:
-            try:
-                view.release()
-            except BufferError as exc:
-                raise BlockInUseError(
-                    "cannot release block: its buffer is still exported (numpy, PickleBuffer, ...); "
-                    "drop those references first"
-                ) from exc
-            self._view = None
-        self._pool = None
         off = self._offset
         cls = self._cls
         lock = pool._lock
         lock.acquire()  # explicit acquire/release: half the cost of ``with`` on the hot path
         try:
+            if self._pool is None:  # another thread released it first
+                raise BlockReleasedError("block released twice")
+            view = self._view
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError as exc:
+                    raise BlockInUseError(
+                        "cannot release block: its buffer is still exported (numpy, PickleBuffer, ...); "
+                        "drop those references first"
+                    ) from exc
+                self._view = None
+            self._pool = None
             if off < 0:
                 pool._free_block(off, cls, self._size)
             elif cls >= 0:  # inlined slab push
@@ -410,7 +418,7 @@ class MemoryPool:
                 self._timed += 1
         finally:
             lock.release()
-        if zero and off >= 0:
+        if zero and block._offset >= 0:
             ctypes.memset(self._address + block._offset, 0, size)
         return block
 
