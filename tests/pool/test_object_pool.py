@@ -181,3 +181,28 @@ def test_async_twins() -> None:
         await pool.arelease(b)
 
     asyncio.run(main())
+
+
+def test_concurrent_double_release_is_reported_once() -> None:
+    gate = threading.Event()
+    resets: list[Parser] = []
+
+    def slow_reset(p: Parser) -> None:
+        resets.append(p)
+        gate.wait(5)
+
+    pool: ObjectPool[Parser] = ObjectPool(Parser, slow_reset, max_size=1, timeout=0)
+    obj = pool.acquire()
+    first = threading.Thread(target=pool.release, args=(obj,))
+    first.start()
+    for _ in range(500):  # until the first release is inside reset (bounded)
+        if resets:
+            break
+        threading.Event().wait(0.005)
+    with pytest.raises(BlockReleasedError):
+        pool.release(obj)  # the object is already being returned
+    with pytest.raises(PoolExhausted):
+        pool.acquire()  # still counted against max_size while it is reset
+    gate.set()
+    first.join(10)
+    assert pool.acquire() is obj and len(resets) == 1

@@ -110,8 +110,8 @@ class Arena:
             self._in_use += pad + size
             if self._in_use > self._peak:
                 self._peak = self._in_use
-        if zero and size:
-            ctypes.memset(address, 0, size)
+            if zero and size:  # under the lock: a concurrent reset() cannot hand this memory out meanwhile
+                ctypes.memset(address, 0, size)
         return view, address
 
     def reset(self) -> None:

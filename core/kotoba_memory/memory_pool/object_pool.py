@@ -70,6 +70,7 @@ class ObjectPool(Generic[T]):
         self._idle: list[T] = []
         self._out: dict[int, T] = {}  # id -> object checked out (holding it keeps the id unique)
         self._creating = 0
+        self._returning = 0  # released objects being reset
         self._closed = False
         self._created = 0
         self._reused = 0
@@ -92,7 +93,7 @@ class ObjectPool(Generic[T]):
                     self._out[id(obj)] = obj
                     self._reused += 1
                     return obj
-                if len(self._out) + self._creating < self.max_size:
+                if len(self._out) + self._creating + self._returning < self.max_size:
                     self._creating += 1
                     break
                 remaining = deadline - time.monotonic()
@@ -127,6 +128,9 @@ class ObjectPool(Generic[T]):
                 raise BlockReleasedError(
                     f"{type(obj).__name__} object was not acquired from this pool or was already released"
                 )
+            # Claimed here, so a concurrent second release fails; still counted against max_size.
+            del self._out[id(obj)]
+            self._returning += 1
         keep = True
         if self._reset is not None:
             try:
@@ -134,7 +138,7 @@ class ObjectPool(Generic[T]):
             except Exception:
                 keep = False
         with self._cond:
-            del self._out[id(obj)]
+            self._returning -= 1
             if not keep:
                 self._reset_errors += 1
                 self._discarded += 1
