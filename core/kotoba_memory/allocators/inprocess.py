@@ -241,6 +241,7 @@ class MonitoredAllocator(Allocator):
         self._peak = 0
         self._total = 0
         self._mine: dict[int, Allocation] = {}
+        self._freeing: set[int] = set()  # ids being deallocated right now
 
     def allocate(self, layout: Layout) -> Allocation:
         """Allocate through the wrapped allocator, counting the request."""
@@ -263,12 +264,22 @@ class MonitoredAllocator(Allocator):
         """Deallocate through the wrapped allocator, counting the release."""
         with self._lock:
             if self._mine.get(id(allocation)) is not allocation:
-                if isinstance(allocation, Allocation) and allocation.freed:
+                if isinstance(allocation, Allocation) and (
+                    allocation.freed or id(allocation) in self._freeing
+                ):
                     raise BlockReleasedError("allocation deallocated twice")
                 raise ValueError("allocation was not made by this allocator")
-        self.inner.deallocate(allocation)
+            del self._mine[id(allocation)]  # claimed: a concurrent second deallocate fails above
+            self._freeing.add(id(allocation))
+        try:
+            self.inner.deallocate(allocation)
+        except BaseException:
+            with self._lock:
+                self._freeing.discard(id(allocation))
+                self._mine[id(allocation)] = allocation
+            raise
         with self._lock:
-            del self._mine[id(allocation)]
+            self._freeing.discard(id(allocation))
             self._deallocations += 1
             self._current -= allocation.layout.size
 
