@@ -47,6 +47,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 WrapperFunction = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
 _KEY_MARK = "kotoba_memory.cached"
+_MISS: Any = object()
 _local_ids = itertools.count(1)
 _SAMPLE_WINDOW = 1024  # recent per-call samples kept for the percentiles; bounds our own memory
 
@@ -94,30 +95,47 @@ class _CachedCall:
         if self.key is not None:
             return self.key(*call_args, **kwargs)
         # Keyword order does not matter; sorting compares only the (unique) names, never the values.
-        return (_KEY_MARK, self.name, call_args, tuple(sorted(kwargs.items())))
+        return (_KEY_MARK, self.name, call_args, tuple(sorted(kwargs.items())) if kwargs else ())
+
+    def _unhashable(self, exc: TypeError) -> TypeError:
+        return TypeError(
+            f"@cached {self.name}: the cache key must be hashable; pass hashable arguments or a "
+            f"key= function ({exc})"
+        )
 
     def _checked_key(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         key = self.make_key(instance, args, kwargs)
         try:
             hash(key)
         except TypeError as exc:
-            raise TypeError(
-                f"@cached {self.name}: the cache key must be hashable; pass hashable arguments or a "
-                f"key= function ({exc})"
-            ) from exc
+            raise self._unhashable(exc) from exc
         return key
 
     def __call__(
         self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        key = self._checked_key(instance, args, kwargs)
+        key = self.make_key(instance, args, kwargs)
         if self.is_async:
             return self._acall(key, wrapped, args, kwargs)
+        # The hit path is one lookup; the stampede-safe get_or_set runs only on a miss.
+        try:
+            value = self.cache.get(key, _MISS)
+        except TypeError as exc:  # unhashable arguments
+            raise self._unhashable(exc) from exc
+        if value is not _MISS:
+            return value
         return self.cache.get_or_set(key, lambda: wrapped(*args, **kwargs), ttl=self.ttl)
 
     async def _acall(
         self, key: Hashable, wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        try:
+            value = await self.cache.aget(key, _MISS)
+        except TypeError as exc:
+            raise self._unhashable(exc) from exc
+        if value is not _MISS:
+            return value
+
         async def factory() -> Any:
             return await wrapped(*args, **kwargs)
 
