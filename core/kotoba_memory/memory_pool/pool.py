@@ -431,35 +431,42 @@ class MemoryPool:
         with self._lock:
             if self._pending:
                 self._drain_pending()
-            largest = self._largest_free()
-            free = self._capacity - self._used
-            empty = sum(1 for _ in self._iter_slabs(empty_only=True))
-            served = self._allocs
-            hits = served - self._fallbacks - self._failures
+            # Copy what the slow figures need; they are computed after the lock is released.
+            blocks = self._free_block_list(include_cache=True)
+            slab_class = self._slab_class[:]
+            slab_live = self._slab_live[:]
+            capacity, used, requested = self._capacity, self._used, self._requested
+            allocs, fallbacks, failures = self._allocs, self._fallbacks, self._failures
+            releases, heap_releases = self._releases, self._heap_releases
+            timed_ns, timed = self._timed_ns, self._timed
+            slabs, leaked = self._slab_count, self._leaked_exported
             metadata = self._metadata_bytes()
-            return PoolStats(
-                capacity=self._capacity,
-                used_bytes=self._used,
-                requested_bytes=self._requested,
-                free_bytes=free,
-                live_blocks=hits - self._releases,
-                allocations=self._allocs,
-                releases=self._releases + self._heap_releases,
-                pool_hits=hits,
-                fallbacks=self._fallbacks,
-                failures=self._failures,
-                hit_rate=hits / served if served else 1.0,
-                allocation_efficiency=self._requested / self._capacity,
-                internal_fragmentation=1.0 - self._requested / self._used if self._used else 0.0,
-                external_fragmentation=1.0 - largest / free if free else 0.0,
-                largest_free_block=largest,
-                mean_allocation_ns=self._timed_ns / self._timed if self._timed else 0.0,
-                metadata_bytes=metadata,
-                metadata_ratio=metadata / self._capacity,
-                slabs=self._slab_count,
-                empty_slabs=empty,
-                leaked_exported=self._leaked_exported,
-            )
+        hits = allocs - fallbacks - failures
+        free = capacity - used
+        largest = max((end - start for start, end, _ in _runs(blocks)), default=0)
+        return PoolStats(
+            capacity=capacity,
+            used_bytes=used,
+            requested_bytes=requested,
+            free_bytes=free,
+            live_blocks=hits - releases,
+            allocations=allocs,
+            releases=releases + heap_releases,
+            pool_hits=hits,
+            fallbacks=fallbacks,
+            failures=failures,
+            hit_rate=hits / allocs if allocs else 1.0,
+            allocation_efficiency=requested / capacity,
+            internal_fragmentation=1.0 - requested / used if used else 0.0,
+            external_fragmentation=1.0 - largest / free if free else 0.0,
+            largest_free_block=largest,
+            mean_allocation_ns=timed_ns / timed if timed else 0.0,
+            metadata_bytes=metadata,
+            metadata_ratio=metadata / capacity,
+            slabs=slabs,
+            empty_slabs=sum(1 for i, cls in enumerate(slab_class) if cls >= 0 and not slab_live[i]),
+            leaked_exported=leaked,
+        )
 
     def defragment(self) -> DefragmentResult:
         """Coalesce cached free blocks, return empty slabs, and give free pages back to the OS."""
@@ -678,29 +685,18 @@ class MemoryPool:
                 advised += size
         return advised
 
-    def _free_runs(self, include_cache: bool = False) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-        """Maximal runs of adjacent free buddy blocks: (start, end, [(offset, order), ...])."""
+    def _free_block_list(self, include_cache: bool) -> list[tuple[int, int]]:
+        """Every free buddy block as (offset, order); with ``include_cache`` also the deferred ones."""
         blocks = [(off, order) for order, free in enumerate(self._free_sets) for off in free]
         if include_cache:  # cached large blocks are free too: any allocation failure flushes them
             for cap, offsets in self._large_cache.items():
                 for off in offsets:
                     blocks += _pieces(off, off + cap)
-        blocks.sort()
-        start = end = -1
-        members: list[tuple[int, int]] = []
-        for off, order in blocks:
-            if off != end:
-                if members:
-                    yield start, end, members
-                start, members = off, []
-            members.append((off, order))
-            end = off + (MIN_BLOCK << order)
-        if members:
-            yield start, end, members
+        return blocks
 
     def _largest_free(self) -> int:
         """The largest contiguous free run: the biggest large block that can still be served."""
-        return max((end - start for start, end, _ in self._free_runs(include_cache=True)), default=0)
+        return max((end - start for start, end, _ in _runs(self._free_block_list(True))), default=0)
 
     def _take_run(self, cap: int) -> int:
         """Slow path: serve ``cap`` bytes from adjacent free blocks that are not buddies of each other.
@@ -708,7 +704,7 @@ class MemoryPool:
         A large block is released as its aligned pieces, so it need not start on a power-of-two boundary;
         this finds space plain buddy coalescing cannot merge.
         """
-        for start, end, members in self._free_runs():
+        for start, end, members in _runs(self._free_block_list(include_cache=False)):
             if end - start < cap:
                 continue
             used_end = start + cap
@@ -792,6 +788,22 @@ class MemoryPool:
     def _large_release(self, off: int, cap: int) -> None:
         for pos, piece in _pieces(off, off + cap):
             self._buddy_free(pos, piece)
+
+
+def _runs(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """Maximal runs of adjacent free blocks: (start, end, [(offset, order), ...]), by address."""
+    blocks.sort()
+    start = end = -1
+    members: list[tuple[int, int]] = []
+    for off, order in blocks:
+        if off != end:
+            if members:
+                yield start, end, members
+            start, members = off, []
+        members.append((off, order))
+        end = off + (MIN_BLOCK << order)
+    if members:
+        yield start, end, members
 
 
 def _pieces(start: int, end: int) -> list[tuple[int, int]]:
