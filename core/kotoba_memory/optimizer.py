@@ -50,7 +50,18 @@ def _optional_module(name: str) -> ModuleType | None:
 
 
 def detect_allocator() -> str:
-    """The malloc this process runs on: ``jemalloc`` or ``mimalloc`` when loaded, else ``system``."""
+    """The malloc this process runs on: ``jemalloc`` or ``mimalloc`` when loaded, else ``system``.
+
+    Uses the allocators module's detection when it is installed, else reads ``/proc/self/maps``.
+    """
+    module = _optional_module("kotoba_memory.allocators")
+    detect = getattr(module, "detect_allocator", None) if module else None
+    if detect is not None:
+        try:
+            kind = detect().type
+            return str(getattr(kind, "value", kind)).lower()
+        except OSError:
+            pass
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:

@@ -186,3 +186,30 @@ def test_requested_allocator_is_reported_against_the_running_one() -> None:
     assert info["active"] in {"system", "jemalloc", "mimalloc"}
     if info["active"] != "mimalloc":
         assert "kotoba-memory run" in info["note"]
+
+
+def test_preloaded_jemalloc_is_detected_and_satisfies_the_request() -> None:
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    libs = glob.glob("/usr/lib/*/libjemalloc.so.2")
+    if not libs:
+        pytest.skip("libjemalloc2 is not installed")
+    code = (
+        "from kotoba_memory.config import MemoryConfig\n"
+        "from kotoba_memory.optimizer import MemoryOptimizer\n"
+        "cfg = MemoryConfig(enable_custom_allocators=True, allocator_type='jemalloc',"
+        " enable_caching=False, enable_gc_optimization=False, monitoring_interval_ms=20,"
+        " leak_window_s=0.1, leak_window_interval_s=0.2)\n"
+        "with MemoryOptimizer(cfg) as opt:\n"
+        "    import time; time.sleep(0.5)\n"
+        "    print(opt.allocator['active'], 'note' in opt.allocator, opt.profiler.samples()[-1].heap_bytes)\n"
+    )
+    env = dict(os.environ, LD_PRELOAD=libs[0])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    active, has_note, heap = out.stdout.split()
+    assert active == "jemalloc" and has_note == "False"
+    assert heap == "None"  # glibc's mallinfo2 knows nothing of jemalloc's heap: RSS is used instead
