@@ -853,7 +853,16 @@ class QueryCache:
         return frozen()
 
     def _orm_plan(self, orm_context: Any) -> tuple[str, CachedOption | None, str] | None:
-        if not orm_context.is_select or _COLLECTOR.get() is not None:
+        collector = _COLLECTOR.get()
+        if collector is not None:
+            # A load nested in an ORM-level miss. On an engine we do not track, its statements would
+            # escape the version check, so the outer entry must not be stored.
+            if collector.owner is self:
+                bind = orm_context.session.get_bind(**orm_context.bind_arguments)
+                if not (isinstance(bind, Engine) and bind in self._engine_hooks):
+                    collector.ok = False
+            return None
+        if not orm_context.is_select:
             return None
         option = None
         for candidate in orm_context.user_defined_options:

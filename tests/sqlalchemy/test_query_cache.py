@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import Engine, column, delete, event, func, insert, select, table, text, update
+from sqlalchemy import Engine, column, create_engine, delete, event, func, insert, select, table, text, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from kotoba_memory.cache_manager import CacheManager
@@ -425,3 +426,31 @@ def test_orm_hits_are_answered_without_a_connection_and_stay_isolated(engine: En
     with Session(engine) as session:  # the entry covered the selectin load's table too
         users = session.scalars(stmt).all()
         assert [a.email for a in users[1].addresses] == ["u2@example.com", "late@example.com"]
+
+
+def test_orm_entry_is_not_stored_when_a_nested_load_uses_an_untracked_engine(
+    tmp_path: Path, qc: QueryCache, models: SimpleNamespace
+) -> None:
+    User, Address = models.User, models.Address
+    tracked = create_engine(f"sqlite:///{tmp_path / 'users.sqlite'}")
+    untracked = create_engine(f"sqlite:///{tmp_path / 'addresses.sqlite'}")
+    for eng in (tracked, untracked):
+        models.Base.metadata.create_all(eng)
+    with Session(binds={User: tracked, Address: untracked}) as session:
+        session.add(User(id=1, name="u", score=0))
+        session.add(Address(id=1, user_id=1, email="old@example.com"))
+        session.commit()
+    qc.attach(tracked)
+    stmt = select(User).where(User.id == 1).options(selectinload(User.addresses), qc.cached())
+    try:
+        for _ in range(3):
+            with Session(binds={User: tracked, Address: untracked}) as session:
+                assert [a.email for a in session.scalars(stmt).one().addresses] == ["old@example.com"]
+        with untracked.begin() as conn:  # a write the QueryCache cannot see
+            conn.execute(update(Address).values(email="new@example.com"))
+        with Session(binds={User: tracked, Address: untracked}) as session:
+            assert [a.email for a in session.scalars(stmt).one().addresses] == ["new@example.com"]
+    finally:
+        qc.detach(tracked)
+        tracked.dispose()
+        untracked.dispose()
