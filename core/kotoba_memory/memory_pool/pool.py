@@ -182,12 +182,17 @@ class MemoryBlock:
             if pool is None:
                 raise BlockReleasedError("block already released; its memory may belong to another block")
             # Under the pool lock, so a concurrent release() always sees (and releases) this view.
-            with pool._lock:
+            lock = pool._lock
+            lock.acquire()
+            try:
                 if self._pool is None:
                     raise BlockReleasedError("block already released; its memory may belong to another block")
                 view = self._view
                 if view is None:
-                    view = self._view = pool._view_of(self._offset, self._size)
+                    off = self._offset
+                    view = self._view = pool._base[off : off + self._size]
+            finally:
+                lock.release()
         return view
 
     def release(self) -> None:
@@ -527,11 +532,6 @@ class MemoryPool:
         return f"<MemoryPool {self.name!r} capacity={self._capacity} live={live} used={self._used}>"
 
     # -- internals (called with the lock held unless noted) -------------------------------------------
-
-    def _view_of(self, offset: int, size: int) -> memoryview:
-        if self._mm is None:
-            raise PoolClosedError(f"pool {self.name!r} is closed")
-        return self._base[offset : offset + size]
 
     def _large_size(self, size: int) -> int:
         cap = self._classes.round(size)
