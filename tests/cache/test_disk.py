@@ -358,15 +358,24 @@ _WRITER = textwrap.dedent(
     cache = DiskCache(path, 256 << 20)
     for i in range(start, start + 10_000):
         size = random.Random(i).randint(100_000, 600_000)
-        cache.put(f"k{i}", (i, random.Random(i).randbytes(size)))
-        print(i, flush=True)
+        value = (i, random.Random(i).randbytes(size))
+        print("begin", i, flush=True)
+        cache.put(f"slot{i % 5}", value)  # overwrites: a killed write must leave the old value whole
+        print("end", i, flush=True)
     """
 )
 
 
+def _check_payload(number: int, payload: bytes) -> None:
+    assert len(payload) == random.Random(number).randint(100_000, 600_000)
+    assert payload == random.Random(number).randbytes(len(payload))
+
+
 def test_sigkill_mid_write_never_yields_a_corrupt_value(tmp_path: Path) -> None:
     path = tmp_path / "crash.sqlite3"
-    committed: list[int] = []
+    # slot -> the write numbers it may hold: the last finished write, plus any write a kill interrupted
+    # after it (that one may or may not have committed). None: possibly never written.
+    possible: dict[int, set[int | None]] = {}
     start = 0
     for round_no in range(3):
         proc = subprocess.Popen(
@@ -375,32 +384,35 @@ def test_sigkill_mid_write_never_yields_a_corrupt_value(tmp_path: Path) -> None:
             text=True,
         )
         assert proc.stdout is not None
-        wanted = 8 + round_no * 3  # kill at a different point each round
-        for _ in range(wanted):
+        finished = 0
+        wanted = 6 + round_no * 2  # kill at a different point each round
+        while True:
             line = proc.stdout.readline()
             assert line, "writer died early"
-            committed.append(int(line))
-        # The writer is now inside the next put (values take milliseconds to write): kill it there, at a
-        # slightly different point of that write each round.
-        time.sleep(round_no * 0.0015)
-        os.kill(proc.pid, signal.SIGKILL)
+            what, number_text = line.split()
+            number = int(number_text)
+            if what == "end":
+                possible[number % 5] = {number}
+                finished += 1
+            elif finished >= wanted:
+                # The writer has started this put (it takes milliseconds): kill it inside the write.
+                time.sleep(round_no * 0.002)
+                os.kill(proc.pid, signal.SIGKILL)
+                possible[number % 5] = possible.get(number % 5, {None}) | {number}
+                break
         proc.wait(timeout=30)
         proc.stdout.close()
-        start = committed[-1] + 2
+        start = number + 1
 
     with DiskCache(path, 256 << 20) as c:
-        present = 0
-        for i in range(start + 2):
-            value = c.get(f"k{i}")
+        for slot, numbers in possible.items():
+            value = c.get(f"slot{slot}")
             if value is None:
-                assert i not in committed, f"committed value k{i} was lost"
+                assert None in numbers, f"slot{slot} lost its committed value"
                 continue
-            present += 1
-            number, payload = value
-            assert number == i
-            assert payload == random.Random(i).randbytes(len(payload))
-            assert len(payload) == random.Random(i).randint(100_000, 600_000)
-        assert present >= len(committed)
+            # The old value, or the interrupted write if it committed before the kill: never a mix.
+            assert value[0] in numbers, (slot, value[0], numbers)
+            _check_payload(*value)
         assert c.stats().corrupt == 0
     check = sqlite3.connect(path)
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
