@@ -470,8 +470,14 @@ class QueryCache:
                 self._ensure_engine_for_locked(hook_s, bind_engine)
 
     def detach(self, target: Any) -> None:
-        """Remove every listener this QueryCache added for ``target`` (cached entries stay, unserved)."""
+        """Remove every listener this QueryCache added for ``target``.
+
+        When an engine stops being watched, everything cached so far is invalidated (the global token is
+        bumped): writes made while nobody watches could never be seen, so a later ``attach`` must not
+        find old entries.
+        """
         engine = _as_engine(target)
+        released = False
         with self._lock:
             if engine is not None:
                 hook = self._engine_hooks.get(engine)
@@ -479,19 +485,21 @@ class QueryCache:
                     raise NotAttachedError(f"{self.name} is not attached to {engine!r}")
                 hook.direct = False
                 hook.cache_all = False
-                self._release_engine_locked(hook)
-                return
-            hook_s = self._session_hooks.pop(id(target), None)
-            if hook_s is None:
-                raise NotAttachedError(f"{self.name} is not attached to {target!r}")
-            for tgt, name, fn in hook_s.listeners:
-                if event.contains(tgt, name, fn):
-                    event.remove(tgt, name, fn)
-            for bound in hook_s.engines:
-                engine_hook = self._engine_hooks.get(bound)
-                if engine_hook is not None:
-                    engine_hook.owners.discard(id(target))
-                    self._release_engine_locked(engine_hook)
+                released = self._release_engine_locked(hook)
+            else:
+                hook_s = self._session_hooks.pop(id(target), None)
+                if hook_s is None:
+                    raise NotAttachedError(f"{self.name} is not attached to {target!r}")
+                for tgt, name, fn in hook_s.listeners:
+                    if event.contains(tgt, name, fn):
+                        event.remove(tgt, name, fn)
+                for bound in hook_s.engines:
+                    engine_hook = self._engine_hooks.get(bound)
+                    if engine_hook is not None:
+                        engine_hook.owners.discard(id(target))
+                        released = self._release_engine_locked(engine_hook) or released
+        if released:
+            self._bump(None)
 
     def close(self) -> None:
         """Detach from everything."""
@@ -566,14 +574,15 @@ class QueryCache:
         hook.owners.add(id(session_hook.target))
         session_hook.engines.add(engine)
 
-    def _release_engine_locked(self, hook: _EngineHook) -> None:
+    def _release_engine_locked(self, hook: _EngineHook) -> bool:
         if hook.direct or hook.owners:
-            return
+            return False
         del self._engine_hooks[hook.engine]
         hook.uninstall()
         if not self._engine_hooks and self._orm_listening:
             event.remove(Session, "do_orm_execute", self._orm_execute)
             self._orm_listening = False
+        return True
 
     # --- counters ------------------------------------------------------------------------------------
 

@@ -366,6 +366,18 @@ def test_detach_removes_every_listener(engine: Engine, qc: QueryCache) -> None:
         qc.detach(engine)
     assert _name(engine, 1, qc) == "user1"
     assert qc.stats().lookups == 0
+    assert qc.stats().global_invalidations == 1  # detaching retires what was cached
+
+
+def test_entries_from_before_a_detach_are_not_served_after_reattaching(engine: Engine,
+                                                                       qc: QueryCache) -> None:
+    qc.attach(engine)
+    assert _name(engine, 1, qc) == "user1"
+    qc.detach(engine)
+    with engine.begin() as conn:  # nobody watches this write
+        conn.execute(text("UPDATE kqc_users SET name = 'unseen' WHERE id = 1"))
+    qc.attach(engine)
+    assert _name(engine, 1, qc) == "unseen"
 
 
 def test_bad_input_is_rejected_clearly(engine: Engine, qc: QueryCache) -> None:

@@ -163,5 +163,5 @@ def test_async_engine_and_session(postgres_url: str, models: SimpleNamespace) ->
     seen, qc = asyncio.run(scenario())
     assert seen == ["async", "async", "renamed"]
     stats = qc.stats()
-    # one global bump for the DDL transaction (drop_all + create_all), one for ainvalidate_all()
-    assert stats.hits == 1 and stats.global_invalidations == 2
+    # global bumps: the DDL transaction (drop_all + create_all), ainvalidate_all(), and close()
+    assert stats.hits == 1 and stats.global_invalidations == 3
