@@ -338,6 +338,9 @@ def test_async_twins_run_off_the_event_loop(cache: DiskCache) -> None:
         got = [await cache.aget("a"), await cache.aget_many(["b", "c", "zz"])]
         assert await cache.adelete("b")
         got.append(await cache.aget_or_set("d", lambda: 4))
+        await cache.aput("short", 1, ttl=0.01)
+        await asyncio.sleep(0.05)
+        assert await cache.apurge_expired() == 1
         await cache.aclear()
         got.append(len(cache))
         return got

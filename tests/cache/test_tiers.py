@@ -300,6 +300,8 @@ def test_async_twins(tiered: TieredCache) -> None:
         assert await tiered.atouch("d", 30)
         assert await tiered.adelete("d")
         out.append(await tiered.aget_or_set("made", lambda: "yes"))
+        assert await tiered.apersist() == 4  # "m", "a", "b", "made" moved to disk
+        assert len(tiered.memory) == 0 and tiered.get("m") == "small"
         await tiered.aclear()
         out.append(len(tiered))
         return out

@@ -725,6 +725,12 @@ class DiskCache(BaseCache):
     async def aclear(self) -> None:
         await asyncio.to_thread(self.clear)
 
+    async def apurge_expired(self) -> int:
+        return await asyncio.to_thread(self.purge_expired)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
     def __repr__(self) -> str:
         return f"DiskCache({str(self.path)!r}, max_bytes={self.max_bytes}, name={self.name!r})"
 

@@ -408,6 +408,12 @@ class TieredCache(BaseCache):
             return value
         return await asyncio.to_thread(self._slow_get, key, default, started)
 
+    async def apersist(self) -> int:
+        return await asyncio.to_thread(self.persist)
+
+    async def aclose(self, *, persist: bool = False) -> None:
+        await asyncio.to_thread(lambda: self.close(persist=persist))
+
     def __repr__(self) -> str:
         return (
             f"TieredCache(memory={self.memory!r}, disk={self.disk!r}, "
