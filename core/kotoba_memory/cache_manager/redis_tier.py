@@ -389,5 +389,8 @@ class RedisCache(BaseCache):
     async def aclear(self) -> None:
         await asyncio.to_thread(self.clear)
 
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
     def __repr__(self) -> str:
         return f"RedisCache(prefix={self.prefix!r}, name={self.name!r})"
