@@ -540,3 +540,36 @@ def test_processes_sharing_one_file_keep_it_bounded_and_consistent(tmp_path: Pat
         for key in range(100):
             got = c.get(key)
             assert got is None or got[0] == key
+
+
+def test_get_many_reads_in_batches_with_the_same_checks_as_get(tmp_path: Path) -> None:
+    with DiskCache(tmp_path, 1 << 22) as c:
+        c.put_many({i: f"v{i}" for i in range(1200)})
+        c.put("soon", 1, ttl=0.05)
+        c.put("bad", "will be corrupted")
+        raw = sqlite3.connect(c.path)
+        with raw:
+            raw.execute(
+                "UPDATE kotoba_cache_values SET value = X'00' WHERE vid = (SELECT vid FROM kotoba_cache"
+                " WHERE key = ?)",
+                (b"sbad",),
+            )
+        raw.close()
+        time.sleep(0.1)
+        keys = [*range(0, 1300, 3), "soon", "bad", 5, 5, "absent"]
+        got = c.get_many(keys)
+        assert got == {i: f"v{i}" for i in range(0, 1200, 3)} | {5: "v5"}
+        stats = c.stats()
+        assert stats.hits == len([k for k in keys if isinstance(k, int) and k < 1200])
+        assert stats.misses == len(keys) - stats.hits
+        assert stats.expirations == 1 and stats.corrupt == 1
+        assert "soon" not in c and "bad" not in c
+
+
+def test_get_many_counts_as_an_access_for_lru(tmp_path: Path) -> None:
+    with DiskCache(tmp_path, 3500) as c:
+        for key in ("a", "b", "c"):
+            c.put(key, b"v" * 1000)
+        assert c.get_many(["a"]) == {"a": b"v" * 1000}
+        c.put("d", b"v" * 1000)
+        assert "b" not in c and "a" in c

@@ -46,6 +46,7 @@ _DEFAULT_FILENAME = "kotoba-cache.sqlite3"
 _BATCH = 256  # rows per eviction/purge statement: keeps each write transaction short
 _MAX_BATCHES = 10_000  # bound on one eviction/purge loop, whatever the table holds
 _PURGE_EVERY = 64  # puts between two bounded purges of expired rows
+_IN_CHUNK = 500  # keys per "IN (...)" query, well under SQLite's bound on bound parameters
 _TOUCH_BATCH = 128  # hits whose access time is buffered before one UPDATE transaction writes them
 
 _SCHEMA = """
@@ -422,13 +423,59 @@ class DiskCache(BaseCache):
         found, value, remaining, size = self._fetch(key, remove=remove)
         return DiskHit(value, remaining, size) if found else None
 
+    @_translate_errors
     def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
-        """The hits among ``keys``."""
+        """The hits among ``keys``, read with one SELECT per 500 keys (same checks as :meth:`get`)."""
+        wanted = [(key, _encode_key(key)) for key in keys]
         result: dict[Hashable, Any] = {}
-        for key in keys:
-            found, value, _, _ = self._fetch(key, remove=False)
-            if found:
-                result[key] = value
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            unique = list(dict.fromkeys(encoded for _, encoded in chunk))
+            with self._lock:
+                conn = self._connection()
+                rows = conn.execute(
+                    "SELECT c.key, v.value, c.codec, c.checksum, c.expires_at FROM kotoba_cache c"
+                    " JOIN kotoba_cache_values v ON v.vid = c.vid"
+                    f" WHERE c.key IN ({','.join('?' * len(unique))})",
+                    unique,
+                ).fetchall()
+                now = self._now()
+                usable: dict[bytes, tuple[bytes, str | None, int]] = {}
+                for encoded, blob, codec, checksum, expires_at in rows:
+                    if expires_at is not None and expires_at <= now:
+                        conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                        self._expirations += 1
+                    elif zlib.crc32(blob) != checksum:
+                        conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                        self._corrupt += 1
+                        log.warning("%s: dropped a value whose checksum does not match", self.name)
+                    else:
+                        usable[encoded] = (blob, codec, checksum)
+                        self._touched[encoded] = now
+                if len(self._touched) >= _TOUCH_BATCH:
+                    try:
+                        self._flush_touched(conn, transaction=True)
+                    except sqlite3.OperationalError as exc:
+                        log.warning("%s: access times not written: %s", self.name, exc)
+            decoded: dict[bytes, Any] = {}
+            for encoded, (blob, codec, checksum) in usable.items():
+                try:
+                    decoded[encoded] = pickle.loads(self._compressor.unpack(blob, codec))
+                except Exception as exc:
+                    log.warning("%s: dropped a value that no longer loads: %r", self.name, exc)
+                    with self._lock:
+                        self._connection().execute(
+                            "DELETE FROM kotoba_cache WHERE key = ? AND checksum = ?", (encoded, checksum)
+                        )
+                        self._corrupt += 1
+            hits = 0
+            for key, encoded in chunk:
+                if encoded in decoded:
+                    result[key] = decoded[encoded]
+                    hits += 1
+            with self._lock:
+                self._hits += hits
+                self._misses += len(chunk) - hits
         return result
 
     @_translate_errors
