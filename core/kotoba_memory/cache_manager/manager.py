@@ -201,7 +201,8 @@ class CacheManager(BaseCache):
         self._read = _make_reader(self, counted=self._policy.counts_hits)
         # The hot path as an instance attribute: a plain closure over locals, no bound-method creation and
         # no attribute lookups on ``self`` per call.
-        self.get = self._read  # type: ignore[method-assign]
+        if type(self).get is CacheManager.get:  # a subclass overriding get() keeps its override
+            self.get = self._read  # type: ignore[method-assign]
         super().__init__(name)
 
     def _reinit_after_fork(self) -> None:
