@@ -573,3 +573,13 @@ def test_get_many_counts_as_an_access_for_lru(tmp_path: Path) -> None:
         assert c.get_many(["a"]) == {"a": b"v" * 1000}
         c.put("d", b"v" * 1000)
         assert "b" not in c and "a" in c
+
+
+def test_lookup_many_gives_ttls_and_can_take_entries_out(cache: DiskCache) -> None:
+    cache.put("a", 1, ttl=100)
+    cache.put("b", 2)
+    hits = cache.lookup_many(["a", "b", "c"], remove=True)
+    assert set(hits) == {"a", "b"}
+    assert hits["a"].value == 1 and 95 < (hits["a"].ttl_remaining or 0) <= 100
+    assert hits["b"].ttl_remaining is None and hits["b"].stored_bytes > 0
+    assert len(cache) == 0

@@ -381,3 +381,22 @@ def test_value_the_memory_tier_rejects_replaces_the_disk_copy(tmp_path: Path) ->
         assert cache.get("k") == "n" * 3000
         assert _where(cache, "k") == "disk"
         assert cache.stats().memory.rejections >= 1
+
+
+def test_get_many_reads_memory_then_disk_in_one_batch(tiered: TieredCache) -> None:
+    for i in range(40):
+        tiered.put(i, _doc(i))
+    tiered.put("big", "B" * 5000)
+    on_disk = [i for i in range(40) if _where(tiered, i) == "disk"]
+    in_memory = [i for i in range(40) if _where(tiered, i) == "memory"]
+    assert on_disk and in_memory
+    wanted = [*in_memory[:2], *on_disk[:3], "big", "absent"]
+    got = tiered.get_many(wanted)
+    assert got == {k: _doc(k) for k in [*in_memory[:2], *on_disk[:3]]} | {"big": "B" * 5000}
+    stats = tiered.stats()
+    assert stats.hits == 6 and stats.misses == 1
+    assert stats.disk_hits == 4 and stats.memory_hits == 2
+    assert _where(tiered, "big") == "disk"  # over the threshold: stays on disk
+    for key in range(40):
+        _where(tiered, key)  # never in both tiers
+    assert asyncio.run(tiered.aget_many([on_disk[0], "absent"])) == {on_disk[0]: _doc(on_disk[0])}

@@ -24,6 +24,7 @@ _ops = st.lists(
         st.tuples(st.just("get"), _keys, st.none()),
         st.tuples(st.just("delete"), _keys, st.none()),
         st.tuples(st.just("add"), _keys, _values),
+        st.tuples(st.just("get_many"), _keys, st.none()),
     ),
     max_size=60,
 )
@@ -60,6 +61,9 @@ def test_tiered_cache_matches_a_dict(
                 elif op == "delete":
                     assert cache.delete(key) == (key in model)
                     model.pop(key, None)
+                elif op == "get_many":
+                    wanted = [key, (key + 3) % 13, (key + 7) % 13, key]
+                    assert cache.get_many(wanted) == {k: model[k] for k in wanted if k in model}
                 else:
                     assert cache.get(key) == model.get(key)
                 assert len(cache) == len(model)

@@ -423,25 +423,29 @@ class DiskCache(BaseCache):
         found, value, remaining, size = self._fetch(key, remove=remove)
         return DiskHit(value, remaining, size) if found else None
 
-    @_translate_errors
     def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
         """The hits among ``keys``, read with one SELECT per 500 keys (same checks as :meth:`get`)."""
+        return {key: hit.value for key, hit in self.lookup_many(keys).items()}
+
+    @_translate_errors
+    def lookup_many(self, keys: Iterable[Hashable], *, remove: bool = False) -> dict[Hashable, DiskHit]:
+        """:meth:`lookup` for many keys at once: ``{key: DiskHit}`` of the hits; ``remove`` takes them out."""
         wanted = [(key, _encode_key(key)) for key in keys]
-        result: dict[Hashable, Any] = {}
+        result: dict[Hashable, DiskHit] = {}
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
             unique = list(dict.fromkeys(encoded for _, encoded in chunk))
             with self._lock:
                 conn = self._connection()
                 rows = conn.execute(
-                    "SELECT c.key, v.value, c.codec, c.checksum, c.expires_at FROM kotoba_cache c"
+                    "SELECT c.key, v.value, c.codec, c.checksum, c.size, c.expires_at FROM kotoba_cache c"
                     " JOIN kotoba_cache_values v ON v.vid = c.vid"
                     f" WHERE c.key IN ({','.join('?' * len(unique))})",
                     unique,
                 ).fetchall()
                 now = self._now()
-                usable: dict[bytes, tuple[bytes, str | None, int]] = {}
-                for encoded, blob, codec, checksum, expires_at in rows:
+                usable: dict[bytes, tuple[bytes, str | None, int, int, float | None]] = {}
+                for encoded, blob, codec, checksum, size, expires_at in rows:
                     if expires_at is not None and expires_at <= now:
                         conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
                         self._expirations += 1
@@ -450,24 +454,38 @@ class DiskCache(BaseCache):
                         self._corrupt += 1
                         log.warning("%s: dropped a value whose checksum does not match", self.name)
                     else:
-                        usable[encoded] = (blob, codec, checksum)
-                        self._touched[encoded] = now
-                if len(self._touched) >= _TOUCH_BATCH:
+                        usable[encoded] = (blob, codec, checksum, size, expires_at)
+                if remove and usable:
+                    conn.execute("BEGIN IMMEDIATE")
                     try:
-                        self._flush_touched(conn, transaction=True)
-                    except sqlite3.OperationalError as exc:
-                        log.warning("%s: access times not written: %s", self.name, exc)
-            decoded: dict[bytes, Any] = {}
-            for encoded, (blob, codec, checksum) in usable.items():
+                        conn.executemany("DELETE FROM kotoba_cache WHERE key = ?", [(e,) for e in usable])
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                elif usable:
+                    self._touched.update(dict.fromkeys(usable, now))
+                    if len(self._touched) >= _TOUCH_BATCH:
+                        try:
+                            self._flush_touched(conn, transaction=True)
+                        except sqlite3.OperationalError as exc:
+                            log.warning("%s: access times not written: %s", self.name, exc)
+            decoded: dict[bytes, DiskHit] = {}
+            wall = time.time()
+            for encoded, (blob, codec, checksum, size, expires_at) in usable.items():
                 try:
-                    decoded[encoded] = pickle.loads(self._compressor.unpack(blob, codec))
+                    value = pickle.loads(self._compressor.unpack(blob, codec))
                 except Exception as exc:
                     log.warning("%s: dropped a value that no longer loads: %r", self.name, exc)
                     with self._lock:
-                        self._connection().execute(
-                            "DELETE FROM kotoba_cache WHERE key = ? AND checksum = ?", (encoded, checksum)
-                        )
+                        if not remove:
+                            self._connection().execute(
+                                "DELETE FROM kotoba_cache WHERE key = ? AND checksum = ?", (encoded, checksum)
+                            )
                         self._corrupt += 1
+                    continue
+                remaining = None if expires_at is None else max(expires_at - wall, 1e-3)
+                decoded[encoded] = DiskHit(value, remaining, size)
             hits = 0
             for key, encoded in chunk:
                 if encoded in decoded:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +213,45 @@ class TieredCache(BaseCache):
                 self._promote(key, hit.value, hit.ttl_remaining)
             self._sample(self._hit_ns, started)
             return hit.value
+
+    def get_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        """The hits among ``keys``: memory first, then the rest from disk in one batched read."""
+        found: dict[Hashable, Any] = {}
+        missing: list[Hashable] = []
+        for key in keys:
+            next(self._gets)
+            value = self.memory.get(key, _MISSING)
+            if value is _MISSING:
+                missing.append(key)
+            else:
+                found[key] = value
+        if not missing:
+            return found
+        with self._lock:
+            self._slow_lookups += len(missing)
+            on_disk: list[Hashable] = []
+            for key in missing:
+                value = self.memory.get(key, _MISSING) if key in self.memory else _MISSING
+                if value is _MISSING:
+                    on_disk.append(key)
+                else:  # promoted meanwhile by another thread
+                    self._slow_memory_hits += 1
+                    found[key] = value
+            hits = self.disk.lookup_many(on_disk, remove=self.promote_on_hit)
+            for key in on_disk:
+                hit = hits.get(key)
+                if hit is None:
+                    self._misses += 1
+                    continue
+                self._disk_hits += 1
+                found[key] = hit.value
+            if self.promote_on_hit:
+                for key, hit in hits.items():
+                    self._promote(key, hit.value, hit.ttl_remaining)
+        return found
+
+    async def aget_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        return await asyncio.to_thread(self.get_many, list(keys))
 
     @staticmethod
     def _sample(window: LatencyWindow, started: int | None) -> None:
