@@ -99,6 +99,9 @@ def test_double_release_and_use_after_release_raise() -> None:
         block.as_slice()
     with pytest.raises(BlockReleasedError):
         _ = block.address
+    with pytest.raises(BlockReleasedError):
+        _ = block.capacity
+    assert "released" in repr(block)
     with pytest.raises(ValueError, match="released"):
         view[0] = 1  # the view handed out is invalidated
     assert isinstance(BlockReleasedError("x"), KotobaMemoryError)

@@ -144,11 +144,11 @@ class MemoryBlock:
     @property
     def capacity(self) -> int:
         """Bytes actually reserved for this block (its size class)."""
-        cls = self._cls
-        if cls < 0:
-            return -cls
         pool = self._pool
-        return pool._slab_sizes[cls] if pool is not None else self._size
+        if pool is None:
+            raise BlockReleasedError("block already released")
+        cls = self._cls
+        return -cls if cls < 0 else pool._slab_sizes[cls]
 
     @property
     def released(self) -> bool:
@@ -268,7 +268,9 @@ class MemoryBlock:
             pass
 
     def __repr__(self) -> str:
-        state = "released" if self._pool is None else "heap" if self._offset < 0 else f"@{self._offset}"
+        if self._pool is None:
+            return f"<MemoryBlock size={self._size} released>"
+        state = "heap" if self._offset < 0 else f"@{self._offset}"
         return f"<MemoryBlock size={self._size} capacity={self.capacity} {state}>"
 
 
