@@ -231,3 +231,21 @@ def test_launcher_errors() -> None:
     assert missing.returncode == 127 and "command not found" in missing.stderr
     bad = _launch("--allocator", "jemalloc", "--library", "/nonexistent/libjemalloc.so.2", "--", "true")
     assert bad.returncode == 1 and "libjemalloc2" in bad.stderr
+
+
+def test_detects_another_process_by_pid() -> None:
+    if not _installed("jemalloc"):
+        pytest.skip("jemalloc is not installed (Debian package libjemalloc2)")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kotoba_memory.allocators.launcher", "--allocator", "jemalloc", "--",
+         sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        info = detect_allocator(child.pid)  # the launcher exec'd, so the pid is the python child
+        assert info.type is AllocatorType.JEMALLOC and info.pid == child.pid
+    finally:
+        child.communicate(input="", timeout=30)
+    assert child.returncode == 0
