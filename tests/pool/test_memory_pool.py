@@ -461,3 +461,24 @@ def test_concurrent_as_slice_and_release_leave_no_live_view() -> None:
         with pytest.raises(ValueError):
             v[0]
     assert pool.stats().live_blocks == 0 and pool.stats().releases == 150
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_defragment_gives_pages_back_to_the_os() -> None:
+    pool = MemoryPool(32 * MiB)
+    blocks = [pool.allocate(1 * MiB) for _ in range(24)]
+    for b in blocks:
+        b.as_slice()[:] = b"\x01" * MiB  # commit the pages
+    touched = _rss()
+    for b in blocks:
+        b.release()
+    result = pool.defragment()
+    assert result.bytes_advised == pool.capacity
+    assert touched - _rss() >= 20 * MiB
+    again = pool.allocate(1 * MiB)
+    assert bytes(again.as_slice()[:16]) == bytes(16)  # fresh zero pages after MADV_DONTNEED
