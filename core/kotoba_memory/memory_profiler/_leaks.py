@@ -20,7 +20,7 @@ from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
 
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
 _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
-_VETO_MIN_BYTES = 64 * 1024
+_VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
 
 Frame = tuple[str, int]
@@ -175,7 +175,7 @@ class LeakDetector:
         window_interval_s: float,
         global_growth: GlobalGrowth | None = None,
         routes: Sequence[RouteStats] = (),
-        min_confidence: float = 0.5,
+        min_confidence: float = 0.6,
     ) -> list[MemoryLeak]:
         """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
         found: list[MemoryLeak] = []

@@ -136,7 +136,7 @@ class MemoryProfiler:
         max_sites: int = 256,
         max_windows: int = 64,
         max_routes: int = 256,
-        min_confidence: float = 0.5,
+        min_confidence: float = 0.6,
         memory_limit_bytes: int | None = None,
         top_hotspots: int = 10,
         max_trace_memory_bytes: int = 64 * 1024 * 1024,
