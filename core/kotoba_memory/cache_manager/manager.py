@@ -22,7 +22,7 @@ from typing import Any
 
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.mrc import GhostMrc
-from kotoba_memory.cache_manager.policies import ENTRY_BYTES, Entry, EvictionPolicy, policy_class
+from kotoba_memory.cache_manager.policies import Entry, EvictionPolicy, policy_class
 from kotoba_memory.cache_manager.sweeper import sweeper
 from kotoba_memory.cache_manager.types import (
     CacheAnalysis,
@@ -198,6 +198,9 @@ class CacheManager(BaseCache):
         self._miss_ns: deque[int] = deque(maxlen=512)
         self._mrc = GhostMrc(self.max_entries, self.max_bytes)
         self._touch = self._policy.hit_action()
+        self._counted = self._policy.counts_hits
+        self._entry_class = self._policy.entry_class
+        self._entry_bytes = sys.getsizeof(self._entry_class(None, 0, None))
         self._read = _make_reader(self, counted=self._policy.counts_hits)
         # The hot path as an instance attribute: a plain closure over locals, no bound-method creation and
         # no attribute lookups on ``self`` per call.
@@ -249,8 +252,10 @@ class CacheManager(BaseCache):
                 value = self._expired_read(key, entry, default)
                 self._miss_ns.append(_perf_ns() - start)
             else:
-                entry.hits += 1
-                on_hit = entry.on_hit
+                on_hit = self._touch
+                if self._counted:
+                    entry.hits += 1
+                    on_hit = entry.on_hit
                 if on_hit is not None:
                     try:
                         on_hit(key)
@@ -354,7 +359,7 @@ class CacheManager(BaseCache):
             if old is not None:
                 self._unlink(key, old)
             return False, events
-        entry = Entry(value, weight, expires)
+        entry = self._entry_class(value, weight, expires)
         if old is not None:
             self._policy.replace(key, old, entry)
             self._bytes += weight - old.weight
@@ -555,7 +560,7 @@ class CacheManager(BaseCache):
         with_ttl = len(self._expiry)
         return (
             self._policy.metadata_bytes()
-            + entries * ENTRY_BYTES
+            + entries * self._entry_bytes
             + big_weights * _INT_BYTES
             + with_ttl * _HEAP_ITEM_BYTES
             + sys.getsizeof(self._expiry)

@@ -14,7 +14,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, MutableMapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kotoba_memory.cache_manager.types import CachePolicy
 
@@ -26,24 +26,40 @@ __all__ = [
     "LruPolicy",
     "policy_class",
     "register_policy",
+    "TrackedEntry",
 ]
 
 
 class Entry:
-    """One cached value with its weight, absolute expiry (monotonic seconds) and hit counter."""
+    """One cached value with its weight and absolute expiry (monotonic seconds)."""
 
-    __slots__ = ("expires", "hits", "on_hit", "seg", "value", "weight")
+    if TYPE_CHECKING:  # hits/on_hit/seg exist on TrackedEntry only; declared here for the type checker
+        __slots__ = ("expires", "hits", "on_hit", "seg", "value", "weight")
+        hits: int
+        on_hit: Callable[[Hashable], Any] | None
+        seg: Any
+    else:
+        __slots__ = ("expires", "value", "weight")
+
+    def __init__(self, value: Any, weight: int, expires: float | None) -> None:
+        self.value = value
+        self.weight = weight
+        self.expires = expires
+
+
+class TrackedEntry(Entry):
+    """An entry that also counts its hits and carries its policy's read hook and segment."""
+
+    if not TYPE_CHECKING:
+        __slots__ = ("hits", "on_hit", "seg")
 
     def __init__(self, value: Any, weight: int, expires: float | None) -> None:
         self.value = value
         self.weight = weight
         self.expires = expires
         self.hits = 0
-        self.on_hit: Callable[[Hashable], Any] | None = None
-        self.seg: Any = None
-
-
-ENTRY_BYTES = sys.getsizeof(Entry(None, 0, None))
+        self.on_hit = None
+        self.seg = None
 
 
 class EvictionPolicy(ABC):
@@ -54,8 +70,9 @@ class EvictionPolicy(ABC):
     """
 
     kind: ClassVar[CachePolicy]
-    # False: hits need no per-entry counter, only hit_action() (lets the cache use a shorter read path).
+    # False: hits need no per-entry counter, only hit_action(); entries are the slimmer ``Entry``.
     counts_hits: ClassVar[bool] = True
+    entry_class: ClassVar[type[Entry]] = TrackedEntry
     table: MutableMapping[Hashable, Entry]
 
     def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
@@ -121,6 +138,7 @@ class LruPolicy(EvictionPolicy):
 
     kind = CachePolicy.LRU
     counts_hits = False
+    entry_class = Entry
 
     def hit_action(self) -> Callable[[Hashable], Any] | None:
         return self._touch
@@ -132,7 +150,6 @@ class LruPolicy(EvictionPolicy):
         self._touch = self._order.move_to_end
 
     def insert(self, key: Hashable, entry: Entry) -> None:
-        entry.on_hit = self._touch
         self._order[key] = entry
 
     def remove(self, key: Hashable) -> Entry | None:
@@ -147,6 +164,7 @@ class FifoPolicy(EvictionPolicy):
 
     kind = CachePolicy.FIFO
     counts_hits = False
+    entry_class = Entry
 
     def __init__(self, max_entries: int | None, max_bytes: int | None) -> None:
         super().__init__(max_entries, max_bytes)
