@@ -40,15 +40,18 @@ def analyze_cache(
         factor = largest / capacity
         gain = later_rate - now_rate
         size_text = _fmt_capacity(stats, largest)
+        # With frequency-based admission a bigger cache also changes what gets admitted, which the
+        # ghost estimate cannot see: for those policies it is a lower bound.
+        bound = "at least " if stats.policy in ("adaptive", "lfu") else "about "
         if gain >= 0.02:
             recs.append(
-                f"At {factor:.1f}x the size ({size_text}) the hit rate would be about {later_rate:.1%} "
+                f"At {factor:.1f}x the size ({size_text}) the hit rate would be {bound}{later_rate:.1%} "
                 f"instead of {now_rate:.1%} (+{gain * 100:.1f} points, estimated from evicted keys "
                 "that were requested again)."
             )
         elif stats.evictions > 0:
             recs.append(
-                f"At {factor:.1f}x the size ({size_text}) the hit rate would be about {later_rate:.1%} "
+                f"At {factor:.1f}x the size ({size_text}) the hit rate would be {bound}{later_rate:.1%} "
                 f"(+{gain * 100:.1f} points): more memory would barely help; the misses are first-time "
                 "or long-reuse keys."
             )
