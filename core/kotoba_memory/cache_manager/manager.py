@@ -199,6 +199,9 @@ class CacheManager(BaseCache):
         self._mrc = GhostMrc(self.max_entries, self.max_bytes)
         self._touch = self._policy.hit_action()
         self._counted = self._policy.counts_hits
+        self._maintain = (
+            self._policy.maintain if type(self._policy).maintain is not EvictionPolicy.maintain else None
+        )
         self._entry_class = self._policy.entry_class
         self._entry_bytes = sys.getsizeof(self._entry_class(None, 0, None))
         self._read = _make_reader(self, counted=self._policy.counts_hits)
@@ -370,8 +373,10 @@ class CacheManager(BaseCache):
         if expires is not None:
             self._schedule(key, expires)
         self._evict_over_bound(events)
-        self._expire_some(_EXPIRE_PER_OP, events)
-        self._policy.maintain(self._counts)
+        if self._expiry:
+            self._expire_some(_EXPIRE_PER_OP, events)
+        if self._maintain is not None:
+            self._maintain(self._counts)
         return table.get(key) is entry, events
 
     def _evict_over_bound(self, events: list[tuple[Hashable, Any, EvictionCause]]) -> None:
@@ -487,7 +492,8 @@ class CacheManager(BaseCache):
         events: list[tuple[Hashable, Any, EvictionCause]] = []
         try:
             self._expire_some(_EXPIRE_PER_OP * 4, events)
-            self._policy.maintain(self._counts)
+            if self._maintain is not None:
+                self._maintain(self._counts)
         finally:
             self._lock.release()
         self._notify(events)

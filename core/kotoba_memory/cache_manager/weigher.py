@@ -28,12 +28,10 @@ _SHARED = (type, ModuleType, FunctionType, BuiltinFunctionType, MethodType)
 def default_weigher(value: Any) -> int:
     """The weight in bytes the cache charges for ``value``."""
     kind = type(value)
-    if kind is bytes or kind is str:
+    if kind in _FLAT:
         return _getsizeof(value)
     if kind is _cached_value_type():
         return int(value.metadata.size_bytes)
-    if kind in _FLAT:
-        return _getsizeof(value)
     return estimate_size(value)
 
 
