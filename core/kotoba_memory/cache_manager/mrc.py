@@ -47,20 +47,25 @@ class GhostMrc:
 
     def on_evict(self, key: Hashable, weight: int) -> None:
         """Remember an evicted key (under the cache lock)."""
-        self._evicted += weight if self._by_bytes else 1
-        fp = fingerprint(key)
+        evicted = self._evicted + (weight if self._by_bytes else 1)
+        self._evicted = evicted
+        h = (hash(key) * _MIX) & _MASK64
+        fp = h ^ (h >> 29)  # fingerprint(), inlined: this runs on every eviction
         if fp & self._mask:
             return
         ghosts = self._ghosts
-        ghosts[fp] = self._evicted
-        ghosts.move_to_end(fp)
-        horizon = self._evicted - self.span
-        while ghosts:
-            old_fp, at = ghosts.popitem(last=False)
-            if at > horizon:
-                ghosts[old_fp] = at
-                ghosts.move_to_end(old_fp, last=False)
+        ghosts.pop(fp, None)
+        ghosts[fp] = evicted
+        horizon = evicted - self.span
+        while True:
+            try:
+                oldest = next(iter(ghosts))
+            except (StopIteration, RuntimeError):  # empty, or a lock-free on_miss popped meanwhile
                 break
+            at = ghosts.get(oldest)
+            if at is not None and at > horizon:
+                break
+            ghosts.pop(oldest, None)
         if len(ghosts) > self.max_ghosts:
             self._shift += 1
             self._mask = (1 << self._shift) - 1
