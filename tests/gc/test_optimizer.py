@@ -392,3 +392,32 @@ def test_sampled_checks_still_collect_steady_leftovers(make_optimizer) -> None:
     # Checks are spaced so leftovers never run far past the boundary threshold.
     assert worst <= 2 * threshold
     assert optimizer._check_gap < 32  # the measured growth keeps checks frequent
+
+
+def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
+    make_optimizer, wait_for
+) -> None:
+    optimizer = make_optimizer(warmup_requests=5, auto_freeze=False)
+    optimizer.start()
+    gc.collect(0)
+    for _ in range(400):
+        optimizer.on_request_start()
+        {"status": "ok", "items": [1, 2, 3]}  # noqa: B018
+        optimizer.on_request_end()
+    assert optimizer._counting_only
+    assert "on_request_end" in vars(optimizer)  # the C-level counter, no Python frame per request
+    assert optimizer.requests_seen == 400 and optimizer.in_flight == 0
+    # Requests start leaving cyclic garbage: the monitor notices and boundary collections resume.
+    done = optimizer.boundary_collections
+    for _ in range(5):
+        optimizer.on_request_start()
+        cyclic_request(200)
+        optimizer.on_request_end()
+    assert wait_for(lambda: not optimizer._counting_only)
+    for _ in range(5):
+        optimizer.on_request_start()
+        cyclic_request(500)
+        optimizer.on_request_end()
+    assert optimizer.boundary_collections > done
+    optimizer.stop()
+    assert "on_request_end" not in vars(optimizer)

@@ -30,6 +30,9 @@ _MIN_EXAMINED = 64
 _PRESSURE_HYSTERESIS_PERCENT = 5.0
 _MAX_PRESSURE_BACKOFF = 64
 _MAX_CHECK_GAP = 32
+# After this many checks in a row found (almost) nothing left behind, on_request_end() becomes a bare
+# C-level counter and the monitor thread watches the young generation instead (microsecond endpoints).
+_QUIET_CHECKS_FOR_COUNTING = 4
 _NEVER = 1 << 62
 
 
@@ -145,6 +148,9 @@ class GcOptimizer:
         self._check_gap = 1
         self._checked_at = 0
         self._count_after_check = 0
+        self._quiet_checks = 0
+        self._counting_only = False
+        self._young_collections_at_counting = 0
         self._start_wall = time.monotonic()
         self._start_cpu = time.process_time()
         self._stop_event = threading.Event()
@@ -202,7 +208,7 @@ class GcOptimizer:
         global _active
         with self._lock:
             self._tuning = False
-            self._next_check = _NEVER
+            self._leave_counting_mode()
             self._recorder.listener = None
             thread = self._thread
             self._stop_event.set()
@@ -320,11 +326,31 @@ class GcOptimizer:
             gap = int(room / (2.0 * per_request)) if per_request > 0 else _MAX_CHECK_GAP
             self._check_gap = max(1, min(_MAX_CHECK_GAP, gap, 2 * self._check_gap))
             after = young
+            quiet = self._check_gap == _MAX_CHECK_GAP and per_request * 32 * _MAX_CHECK_GAP < room
+            self._quiet_checks = self._quiet_checks + 1 if quiet else 0
         self._checked_at = n
         self._count_after_check = after
         self._next_check = n + self._check_gap
         if n >= self._warmup_at and not self._warmed_up:
             self._finish_warmup()
+        elif self._quiet_checks >= _QUIET_CHECKS_FOR_COUNTING and self._warmed_up:
+            self._enter_counting_mode()
+
+    def _enter_counting_mode(self) -> None:
+        # Requests leave nothing for the collector: even the check costs more than it can save, so the
+        # instance's on_request_end becomes the counter's C-level __next__ until the monitor sees growth.
+        self._young_collections_at_counting = self._recorder.counts[0]
+        self._counting_only = True
+        self.__dict__["on_request_end"] = self._ended.__next__
+
+    def _leave_counting_mode(self) -> None:
+        self.__dict__.pop("on_request_end", None)
+        self._counting_only = False
+        self._quiet_checks = 0
+        self._check_gap = 1
+        self._checked_at = self.requests_seen
+        self._count_after_check = gc.get_count()[0]
+        self._next_check = self._checked_at + 1 if self._tuning else _NEVER
 
     def _collect_at_boundary(self) -> None:
         generation = 1 if gc.get_count()[1] + 1 >= self._gen1_every else 0
@@ -404,6 +430,11 @@ class GcOptimizer:
     def _tick(self) -> None:
         if not self._tuning:
             return
+        if self._counting_only and (
+            gc.get_count()[0] >= self._boundary_threshold // 2
+            or self._recorder.counts[0] != self._young_collections_at_counting
+        ):
+            self._leave_counting_mode()  # requests leave garbage again: check at boundaries
         now = time.monotonic()
         usage = self._ceiling.usage()
         self._last_usage_percent = usage.percent
@@ -593,7 +624,7 @@ class GcOptimizer:
         """Put thresholds, enabled state and freeze state back as first found; stops adaptive tuning."""
         with self._lock:
             self._tuning = False
-            self._next_check = _NEVER
+            self._leave_counting_mode()
             found = self._found
             if found is None:
                 return []
@@ -658,6 +689,7 @@ class GcOptimizer:
         self.on_request_start = self._started.__next__
         self._ended = itertools.count(1)
         self._thread = None
+        self._leave_counting_mode()
         if self._running and self._tuning:
             self._warmup_at = max(1, self.warmup_requests)
             self._checked_at = 0
