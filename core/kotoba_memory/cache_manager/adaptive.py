@@ -180,6 +180,7 @@ class AdaptivePolicy(EvictionPolicy):
     """W-TinyLFU admission with a hill-climbed window size; see the module docstring."""
 
     kind = CachePolicy.ADAPTIVE
+    hooks_every_entry = True
     initial_window = 0.01
     protected_share = 0.8
     step_percent = 0.0625
@@ -233,10 +234,11 @@ class AdaptivePolicy(EvictionPolicy):
         return max(len(self.table), 16)
 
     def insert(self, key: Hashable, entry: Entry) -> None:
-        self.table[key] = entry
+        # Hook first, table last: a lock-free reader may call on_hit as soon as the key is visible.
         entry.seg = _WINDOW
         entry.on_hit = self._window_hit
         self._window[key] = entry
+        self.table[key] = entry
         self._window_size += self.unit(entry)
         self.sketch.add(key)
         if self.adapt == "ghost":

@@ -68,7 +68,7 @@ def _check_bound(name: str, value: object) -> int | None:
     return value
 
 
-def _make_reader(cache: CacheManager, counted: bool) -> Callable[..., Any]:
+def _make_reader(cache: CacheManager, counted: bool, hooked: bool) -> Callable[..., Any]:
     """Build ``cache.get``: the lock-free hit path, specialised for the policy's hit bookkeeping."""
     table = cache._table
     gets, bad_keys = cache._gets, cache._bad_keys
@@ -78,7 +78,7 @@ def _make_reader(cache: CacheManager, counted: bool) -> Callable[..., Any]:
     count = next
     mask = _SAMPLE_MASK
 
-    if counted:  # LFU, ADAPTIVE: a per-entry hit counter and a per-entry C-level hook
+    if counted and hooked:  # ADAPTIVE: a per-entry hit counter and a per-entry C-level hook
 
         def get(key: Hashable, default: Any = None) -> Any:
             if not count(gets) & mask:
@@ -94,12 +94,28 @@ def _make_reader(cache: CacheManager, counted: bool) -> Callable[..., Any]:
             if expires is not None and expires <= monotonic():
                 return expired(key, entry, default)
             entry.hits += 1
-            on_hit = entry.on_hit
-            if on_hit is not None:
-                try:
-                    on_hit(key)
-                except KeyError:  # removed concurrently; the read still returns what it found
-                    pass
+            try:
+                entry.on_hit(key)  # type: ignore[misc]  # set on every entry by this policy
+            except KeyError:  # removed concurrently; the read still returns what it found
+                pass
+            return entry.value
+
+    elif counted:  # LFU: a per-entry hit counter only
+
+        def get(key: Hashable, default: Any = None) -> Any:
+            if not count(gets) & mask:
+                return sampled(key, default)
+            try:
+                entry = table[key]
+            except KeyError:
+                return miss(key, default)
+            except TypeError:
+                count(bad_keys)
+                raise UnhashableKeyError(key) from None
+            expires = entry.expires
+            if expires is not None and expires <= monotonic():
+                return expired(key, entry, default)
+            entry.hits += 1
             return entry.value
 
     elif touch is not None:  # LRU: one shared C call (move_to_end)
@@ -204,7 +220,7 @@ class CacheManager(BaseCache):
         )
         self._entry_class = self._policy.entry_class
         self._entry_bytes = sys.getsizeof(self._entry_class(None, 0, None))
-        self._read = _make_reader(self, counted=self._policy.counts_hits)
+        self._read = _make_reader(self, counted=self._counted, hooked=self._policy.hooks_every_entry)
         # The hot path as an instance attribute: a plain closure over locals, no bound-method creation and
         # no attribute lookups on ``self`` per call.
         if type(self).get is CacheManager.get:  # a subclass overriding get() keeps its override

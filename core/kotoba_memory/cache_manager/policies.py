@@ -72,6 +72,8 @@ class EvictionPolicy(ABC):
     kind: ClassVar[CachePolicy]
     # False: hits need no per-entry counter, only hit_action(); entries are the slimmer ``Entry``.
     counts_hits: ClassVar[bool] = True
+    # True: every entry's ``on_hit`` is set (the read path may call it unchecked).
+    hooks_every_entry: ClassVar[bool] = False
     entry_class: ClassVar[type[Entry]] = TrackedEntry
     table: MutableMapping[Hashable, Entry]
 
