@@ -398,7 +398,7 @@ def run_scenario(url: str, scenario: str, args: argparse.Namespace, sizes: tuple
     engine = create_engine(url, pool_size=4)
     print(f"[{scenario}] seeding {n_articles} articles on {engine.dialect.name} ...", flush=True)
     seed_database(engine, n_authors, n_articles, per_article, args.seed)
-    verify_ops = max(200, ops_per_round // 2)
+    verify_ops = 400
     warmup = args.warmup if args.warmup is not None else ops_per_round
     count = warmup + ops_per_round * rounds + verify_ops
     if args.keys == "zipf":
@@ -488,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     # a plain kill must still stop the throwaway PostgreSQL (context managers run on SystemExit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = (50, 1000, 3) if args.quick else (500, 10_000, 5)
-    ops_per_round = args.ops or (300 if args.quick else 800)
-    rounds = args.rounds or (2 if args.quick else 9)
+    ops_per_round = args.ops or (300 if args.quick else 200)
+    rounds = args.rounds or (2 if args.quick else 36)
     if not 0 <= args.write_ratio < 1:
         parser.error("--write-ratio must be in [0, 1)")
     scenarios = ["separate", "same"] if args.scenario == "both" else [args.scenario]

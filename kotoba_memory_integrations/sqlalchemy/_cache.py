@@ -386,6 +386,7 @@ class QueryCache:
         # version keys its ORM-level entry depended on last time (to fetch them in the same round trip).
         self._shapes: dict[Any, str] = {}
         self._shape_versions: dict[str, tuple[str, ...]] = {}
+        self._dbapi_only: set[str] = set()
         self._orm_listening = False
         self._hits = self._misses = self._bypasses = self._stores = self._rejected = self._errors = 0
         self._global_invalidations = 0
@@ -786,6 +787,8 @@ class QueryCache:
                 assert collector is not None
                 collector.ok = False
             return True
+        if inner:
+            return True  # the ORM-level entry will hold these rows; storing them twice costs a pickle
         ttl = option.ttl if option is not None and option.ttl is not None else self.default_ttl
         try:
             payload = pickle.dumps((description, rows, rowcount), protocol=pickle.HIGHEST_PROTOCOL)
@@ -839,7 +842,11 @@ class QueryCache:
             frozen = orm_context.invoke_statement().freeze()
         finally:
             _COLLECTOR.reset(reset)
-        if collector.complete:
+        if not collector.complete:
+            # Some statement beneath could not be checked, so no ORM entry; and as the DB-API level
+            # stored nothing for this miss either, leave this shape to the DB-API level from now on.
+            self._use_dbapi_level_only(shape)
+        else:
             keys = tuple(sorted(collector.tokens))
             tokens = tuple(collector.tokens[k] for k in keys)
             ttl = option.ttl if option is not None and option.ttl is not None else self.default_ttl
@@ -847,6 +854,7 @@ class QueryCache:
                 payload = pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:  # e.g. mapped classes defined inside a function
                 self._count_bypass("ORM result not picklable")
+                self._use_dbapi_level_only(shape)
                 return frozen()
             try:
                 stored = self.cache.put(key, (keys, tokens, payload), ttl=ttl)
@@ -860,6 +868,11 @@ class QueryCache:
                     else:
                         self._rejected += 1
         return frozen()
+
+    def _use_dbapi_level_only(self, shape: str) -> None:
+        if len(self._dbapi_only) >= _MAX_VERSION_KEY_MEMO:
+            self._dbapi_only.clear()
+        self._dbapi_only.add(shape)
 
     def _orm_plan(self, orm_context: Any) -> tuple[str, CachedOption | None, str] | None:
         collector = _COLLECTOR.get()
@@ -910,8 +923,8 @@ class QueryCache:
         if cache_key is None:
             return None
         sql = self._shapes.get(cache_key.key)
-        if sql is None:
-            return None  # first sight of this shape: the DB-API path runs and learns its SQL
+        if sql is None or sql in self._dbapi_only:
+            return None  # first sight of this shape (the DB-API path learns its SQL), or DB-API level only
         parameters = orm_context.parameters or {}
         if not isinstance(parameters, Mapping):
             return None
