@@ -433,3 +433,15 @@ def test_forked_child_gets_fresh_locks_and_a_working_sweeper() -> None:
     holder.join(5)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_strict_mode_raises_for_an_entry_larger_than_the_cache() -> None:
+    from kotoba_memory.cache_manager import EntryTooLargeError
+
+    cache = CacheManager(100, "lru", weigher=len, strict=True)
+    cache.put("k", b"x" * 10)
+    with pytest.raises(EntryTooLargeError, match="max_bytes=100") as info:
+        cache.put("k", b"y" * 101)
+    assert isinstance(info.value, ValueError) and info.value.weight == 101
+    assert cache.get("k") == b"x" * 10  # nothing changed
+    assert cache.stats().rejections == 1

@@ -29,6 +29,7 @@ from kotoba_memory.cache_manager.types import (
     CachedValue,
     CachePolicy,
     CacheStats,
+    EntryTooLargeError,
     EvictionCause,
     UnhashableKeyError,
     check_ttl,
@@ -179,8 +180,10 @@ class CacheManager(BaseCache):
         weigher: Weigher | None = None,
         on_evict: EvictionListener | None = None,
         name: str | None = None,
+        strict: bool = False,
     ) -> None:
         self.max_bytes = _check_bound("max_bytes", max_bytes)
+        self.strict = bool(strict)
         self.max_entries = _check_bound("max_entries", max_entries)
         if self.max_bytes is None and self.max_entries is None:
             raise ValueError("a cache needs a bound: give max_bytes and/or max_entries")
@@ -324,6 +327,7 @@ class CacheManager(BaseCache):
             raise TypeError(f"weigher must return an int, got {type(weight).__name__} for key {key!r}")
         if weight < 0:
             raise ValueError(f"weigher returned a negative weight ({weight}) for key {key!r}")
+        self._check_strict(key, weight)
         return weight, (None if ttl is None else _monotonic() + ttl)
 
     def put(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
@@ -338,6 +342,12 @@ class CacheManager(BaseCache):
             kept, events = self._put_locked(key, value, weight, expires)
         self._notify(events)
         return kept
+
+    def _check_strict(self, key: Hashable, weight: int) -> None:
+        if self.strict and self.max_bytes is not None and weight > self.max_bytes:
+            with self._lock:
+                self._rejections += 1
+            raise EntryTooLargeError(key, weight, self.max_bytes)
 
     def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` has no live entry (atomic); True if stored."""
