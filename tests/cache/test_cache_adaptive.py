@@ -93,3 +93,16 @@ def test_byte_bounded_adaptive_respects_the_bound() -> None:
     stats = cache.stats()
     assert stats.bytes <= 50_000
     assert stats.hit_rate > 0.2
+
+
+def test_hill_climbing_alternative_also_adapts() -> None:
+    rng = random.Random(11)
+    trace = [i // 3 + rng.randrange(150) for i in range(30_000)]
+    cache = CacheManager(max_entries=200, policy=CachePolicy.ADAPTIVE)
+    cache._policy.adapt = "climb"  # type: ignore[attr-defined]
+    for k in trace:
+        if cache.get(k) is None:
+            cache.put(k, k)
+    details = cache._policy.describe()
+    assert details["adjustments"] > 0
+    assert details["window_fraction"] > 0.05  # grew from 1% on a recency-friendly trace
