@@ -456,6 +456,41 @@ def run_scenario(url: str, scenario: str, args: argparse.Namespace, sizes: tuple
     return {"scenario": scenario, "source": source, "warmup": warmup, "rows": rows}
 
 
+def run_ceiling(url: str, args: argparse.Namespace, sizes: tuple[int, int, int], repeats: int,
+                rounds: int) -> list[dict[str, Any]]:
+    """Every read repeated on one article: 100% hits after the first, the best any cache can do here."""
+    n_authors, n_articles, per_article = sizes
+    engine = create_engine(url, pool_size=4)
+    print(f"[ceiling] seeding {n_articles} articles on {engine.dialect.name} ...", flush=True)
+    seed_database(engine, n_authors, n_articles, per_article, args.seed)
+    contenders: list[Contender] = [NoCache(), KotobaCache(64 * 1024 * 1024), DogpileExample()]
+    rows = []
+    for contender in contenders:
+        contender.attach(engine)
+    try:
+        for kind in READS:
+            ops = [Op(kind, 42)] * repeats
+            tallies = {c.name: Tally() for c in contenders}
+            for r in range(rounds):
+                order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+                for contender in order:
+                    run_ops(engine, contender, ops, n_authors, 0, tallies[contender.name], verify=False)
+            base = tallies["no cache"].queries_per_s
+            for contender in contenders:
+                tally = tallies[contender.name]
+                rows.append({
+                    "query": kind, "contender": contender.name,
+                    "ops_per_s_median": round(statistics.median(tally.queries_per_s), 1),
+                    "speedup": round(statistics.median(q / b for q, b in zip(tally.queries_per_s, base)), 2),
+                    "p50_ms": round(percentile(tally.latencies_ns, 0.50), 3),
+                })
+    finally:
+        for contender in contenders:
+            contender.detach(engine)
+        engine.dispose()
+    return rows
+
+
 def print_table(result: dict[str, Any], rounds: int, ops_per_round: int, write_ratio: float) -> None:
     print(f"\nscenario {result['scenario']}: {rounds} rounds x {ops_per_round} operations per contender "
           f"after {result['warmup']} untimed warm-up operations, write ratio {write_ratio:.0%}; "
@@ -480,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="article popularity: the web trace (default) or YCSB's Zipf(0.99)")
     parser.add_argument("--ops", type=int, help="operations per contender per round")
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="instead: each read repeated on one article (the all-hits ceiling)")
     parser.add_argument("--warmup", type=int, help="untimed operations per contender before the rounds")
     parser.add_argument("--write-ratio", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=7)
@@ -492,6 +529,19 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 36)
     if not 0 <= args.write_ratio < 1:
         parser.error("--write-ratio must be in [0, 1)")
+    if args.ceiling:
+        with database(args.url) as url:
+            ceiling = run_ceiling(url, args, sizes, repeats=50 if args.quick else 200, rounds=rounds)
+        print("\nceiling: one article read over and over (all hits after the first), "
+              f"{rounds} interleaved rounds\n")
+        print("| query | contender | ops/s (median) | vs no cache (median of rounds) | p50 ms |")
+        print("|---|---|---|---|---|")
+        for row in ceiling:
+            print(f"| {row['query']} | {row['contender']} | {row['ops_per_s_median']:.0f} | "
+                  f"{row['speedup']:.2f}x | {row['p50_ms']:.3f} |")
+        if args.json:
+            args.json.write_text(json.dumps(ceiling, indent=2))
+        return 0
     scenarios = ["separate", "same"] if args.scenario == "both" else [args.scenario]
     results = []
     with database(args.url) as url:

@@ -51,3 +51,13 @@ def test_benchmark_workload_runs_and_our_cache_is_never_stale(bench: ModuleType,
     if scenario == "same":  # the peer has no invalidation: writes to what it cached make it stale
         assert tallies[peer.name].stale > 0
     engine.dispose()
+
+
+def test_benchmark_ceiling_mode_runs(bench: ModuleType, tmp_path: Path) -> None:
+    import argparse
+
+    url = f"sqlite:///{tmp_path / 'ceiling.sqlite'}"
+    rows = bench.run_ceiling(url, argparse.Namespace(seed=1), (5, 40, 2), repeats=5, rounds=1)
+    assert {row["query"] for row in rows} == set(bench.READS)
+    assert {row["contender"] for row in rows} == {"no cache", "kotoba QueryCache", "dogpile example"}
+    assert all(row["ops_per_s_median"] > 0 for row in rows)
