@@ -469,7 +469,7 @@ def run_ceiling(url: str, args: argparse.Namespace, sizes: tuple[int, int, int],
         contender.attach(engine)
     try:
         for kind in READS:
-            ops = [Op(kind, 42)] * repeats
+            ops = [Op(kind, min(42, n_articles))] * repeats
             tallies = {c.name: Tally() for c in contenders}
             for r in range(rounds):
                 order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
