@@ -139,7 +139,7 @@ class MemoryProfiler:
         min_confidence: float = 0.6,
         memory_limit_bytes: int | None = None,
         top_hotspots: int = 10,
-        max_trace_memory_bytes: int = 64 * 1024 * 1024,
+        max_trace_memory_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         _positive("sample_interval_s", sample_interval_s)
         _positive("window_s", window_s)
@@ -346,11 +346,14 @@ class MemoryProfiler:
             tracemalloc.start(self.trace_frames)
         self._in_window = True
         self._routes.take_window_counts()
-        snapshots: list[WindowSnapshot] = []
+        raws: list[tuple[float, list[Any]]] = []
+        opened = time.monotonic()
         try:
             gap = self.window_s / (self.snapshots_per_window - 1)
             for i in range(self.snapshots_per_window):
-                if i and self._stop_event.wait(gap):
+                # Snapshot times are fixed from the window start, so slow read-backs do not stretch
+                # the time the app spends traced.
+                if i and self._stop_event.wait(max(0.0, opened + i * gap - time.monotonic())):
                     return
                 if owned and tracemalloc.get_tracemalloc_memory() > self.max_trace_memory_bytes:
                     # A huge allocation burst inside the window: reading it back would cost more than
@@ -358,26 +361,26 @@ class MemoryProfiler:
                     self._skipped_windows += 1
                     return
                 started = time.perf_counter()
-                snapshots.append((time.time(), self._capture()))
+                raws.append((time.time(), self._read_traces()))
                 self._note_window_cost(time.perf_counter() - started)
                 self._guarded(self._sample)
         finally:
             self._in_window = False
             if owned and tracemalloc.is_tracing():
                 tracemalloc.stop()
-        routes = self._routes.take_window_counts()
+        # Grouping is Python work: done once tracing has stopped, it does not prolong the window.
         started = time.perf_counter()
+        snapshots: list[WindowSnapshot] = [(t, self._group(raw)) for t, raw in raws]
+        del raws
+        routes = self._routes.take_window_counts()
         with self._lock:
             self._detector.add_window(snapshots, routes)
             if snapshots:
                 self._update_hotspots(snapshots[-1][1])
         self._note_window_cost(time.perf_counter() - started)
 
-    def _capture(self) -> dict[Key, tuple[int, int]]:
-        """Traced blocks grouped by traceback, minus our own and the import system's."""
-        grouped: dict[Key, list[int]] = {}
-        own = _PROFILER_DIR
-        ignored = self._ignored_files
+    def _read_traces(self) -> list[Any]:
+        """tracemalloc's raw traces now (one C call); its leftover heap is counted as ours."""
         before = _MALLINFO.in_use()
         raw = _raw_traces()
         after = _MALLINFO.in_use()
@@ -385,6 +388,13 @@ class MemoryProfiler:
             # CPython keeps a couple of hundred bytes of malloc memory per trace read-back; count it
             # as ours so it is not mistaken for growth of the process.
             self._own_heap += max(0, after - before - sys.getsizeof(raw))
+        return raw
+
+    def _group(self, raw: list[Any]) -> dict[Key, tuple[int, int]]:
+        """Traced blocks grouped by traceback, minus our own and the import system's."""
+        grouped: dict[Key, list[int]] = {}
+        own = _PROFILER_DIR
+        ignored = self._ignored_files
         for _domain, size, frames, *_ in raw:
             if not frames or frames[0][0] in ignored:
                 continue
