@@ -360,34 +360,10 @@ class RedisCache(BaseCache):
         """Release the client's connections."""
         self.client.close()
 
-    # -- async twins: redis-py's sync client blocks, so each runs in a worker thread ----------------
-
-    async def aget(self, key: Hashable, default: Any = None) -> Any:
-        return await asyncio.to_thread(self.get, key, default)
-
-    async def aput(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
-        return await asyncio.to_thread(self.put, key, value, ttl)
-
-    async def adelete(self, key: Hashable) -> bool:
-        return await asyncio.to_thread(self.delete, key)
-
-    async def aget_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
-        return await asyncio.to_thread(self.get_many, list(keys))
-
-    async def aput_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
-        await asyncio.to_thread(self.put_many, dict(mapping), ttl)
-
-    async def aadd(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
-        return await asyncio.to_thread(self.add, key, value, ttl)
-
-    async def atouch(self, key: Hashable, ttl: float | None = None) -> bool:
-        return await asyncio.to_thread(self.touch, key, ttl)
+    # -- async twins beyond BaseCache's (whose twins already run in a worker thread) ----------------
 
     async def aincr(self, key: Hashable, delta: int = 1) -> int:
         return await asyncio.to_thread(self.incr, key, delta)
-
-    async def aclear(self) -> None:
-        await asyncio.to_thread(self.clear)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
