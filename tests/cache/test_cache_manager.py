@@ -445,3 +445,20 @@ def test_strict_mode_raises_for_an_entry_larger_than_the_cache() -> None:
     assert isinstance(info.value, ValueError) and info.value.weight == 101
     assert cache.get("k") == b"x" * 10  # nothing changed
     assert cache.stats().rejections == 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "adaptive"])
+def test_put_reclaims_expired_entries_before_evicting_live_ones(policy: str) -> None:
+    cache = CacheManager(max_entries=20, policy=policy)
+    for i in range(10):
+        cache.put(("short", i), i, ttl=0.05)
+    for i in range(10):
+        cache.put(("long", i), i, ttl=60)
+    time.sleep(0.1)
+    for i in range(8):
+        cache.put(("new", i), i, ttl=60)
+    for i in range(10):
+        assert cache.get(("long", i)) == i
+    stats = cache.stats()
+    assert stats.evictions == 0
+    assert stats.expirations >= 8

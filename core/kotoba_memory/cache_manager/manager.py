@@ -398,9 +398,11 @@ class CacheManager(BaseCache):
         self._puts += 1
         if expires is not None:
             self._schedule(key, expires)
-        self._evict_over_bound(events)
         if self._expiry:
+            # Expired entries go first, so a put never evicts a live entry to make room that the dead
+            # ones already hold.
             self._expire_some(_EXPIRE_PER_OP, events)
+        self._evict_over_bound(events)
         if self._maintain is not None:
             self._maintain(self._counts)
         return table.get(key) is entry, events
