@@ -251,6 +251,7 @@ figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:.5rem}
 figcaption{font-weight:600;margin-bottom:.25rem}
 table{border-collapse:collapse;margin-top:.5rem;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
+td{overflow-wrap:anywhere} th{white-space:nowrap}
 th{background:#f0f0f3} td.num{text-align:right}
 .empty{color:#777;font-style:italic}
 svg text{font-size:10px;fill:#555}
@@ -297,11 +298,13 @@ def _svg_chart(
 
     shapes: list[str] = []
     if kind == "bars":
-        width = max(1.0, plot_w / max(len(points), 1) * 0.8)
+        # Pauses are instants: thin bars, kept inside the plot so they never cover the axis labels.
+        width = min(4.0, max(1.0, plot_w / max(len(points), 1) * 0.8))
         for x, y in points:
             top = sy(y)
+            left = min(max(sx(x) - width / 2, _PAD_L), _W - _PAD_R - width)
             shapes.append(
-                f'<rect x="{sx(x) - width / 2:.1f}" y="{top:.1f}" width="{width:.1f}" '
+                f'<rect x="{left:.1f}" y="{top:.1f}" width="{width:.1f}" '
                 f'height="{_PAD_T + plot_h - top:.1f}" fill="#d9534f"><title>{y:.3f} {unit}</title></rect>'
             )
     else:
