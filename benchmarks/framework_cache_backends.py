@@ -15,7 +15,6 @@ Two questions, both answered through ``caches[...]``-style backend objects (``ge
 from __future__ import annotations
 
 import argparse
-import gzip
 import pickle
 import statistics
 import sys
@@ -36,34 +35,11 @@ from django.core.cache.backends.locmem import LocMemCache
 
 from kotoba_memory_integrations.django.cache import KotobaCache, forget_location
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path from a test
+from _traces import REFERENCE_ROWS, load_keys
+
 VALUE = b"v" * 100  # every cached value has this size, so a byte bound equals an entry bound
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-# (trace, capacity in entries): the rows of the reference table in the traces README.
-REFERENCE_ROWS: list[tuple[str, int]] = [
-    ("lirs-multi1", 500),
-    ("lirs-multi1", 1000),
-    ("lirs-sprite", 100),
-    ("lirs-sprite", 500),
-    ("lirs-2_pools", 100),
-    ("lirs-2_pools", 1000),
-    ("lirs-loop", 500),
-    ("cache2k-web07", 1000),
-    ("cache2k-web07", 4000),
-]
-
-
-def load_keys(path: Path, limit: int | None = None) -> list[int]:
-    """The keys of a ``*.keys.gz`` trace (one integer per line) in access order."""
-    keys: list[int] = []
-    with gzip.open(path, "rt") as fh:
-        for line in fh:
-            if line.strip():
-                keys.append(int(line))
-                if limit is not None and len(keys) >= limit:
-                    break
-    return keys
-
-
 def _entry_weight() -> int:
     probe = KotobaCache(f"probe-{uuid.uuid4().hex}", {"OPTIONS": {"MAX_BYTES": 1 << 20}})
     probe.set("k", VALUE)
