@@ -18,6 +18,7 @@ from kotoba_memory.allocators import (
     configure_glibc_malloc,
     detect_allocator,
     find_allocator_library,
+    heap_in_use_bytes,
     heap_stats,
     launcher,
     malloc_arena_advice,
@@ -90,6 +91,17 @@ def test_heap_stats_see_python_allocations() -> None:
     assert after.in_use_bytes - before.in_use_bytes >= 200 * 50_000 * 0.9
     assert 0.0 <= after.fragmentation < 1.0
     assert "fragmentation" in after.to_dict()
+    del keep
+
+
+@needs_glibc
+def test_heap_in_use_bytes_matches_heap_stats_and_sees_allocations() -> None:
+    stats, quick = heap_stats(), heap_in_use_bytes()
+    assert quick is not None
+    assert abs(quick - (stats.in_use_bytes + stats.mmap_bytes)) < 1_000_000
+    keep = [bytearray(50_000) for _ in range(200)]
+    grown = heap_in_use_bytes()
+    assert grown is not None and grown - quick >= 200 * 50_000 * 0.9
     del keep
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from kotoba_memory.allocators.process import malloc_trim as allocators_malloc_trim
 
 # cgroup v1 reports "no limit" as a huge page-aligned number rather than a keyword.
 _CGROUP_V1_UNLIMITED = 1 << 60
@@ -114,25 +113,6 @@ class MemoryCeiling:
         return usage.percent >= self.target_percent
 
 
-@functools.cache
-def _malloc_trim_fn() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        fn = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def malloc_trim() -> bool:
-    """Return freed heap memory to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
-    fn = _malloc_trim_fn()
-    if fn is None:
-        return False
-    fn(0)
-    return True
+    """Return freed heap memory to the OS (glibc ``malloc_trim(0)``); False where it does not apply."""
+    return allocators_malloc_trim().supported

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from kotoba_memory.allocators.process import heap_in_use_bytes
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
@@ -321,7 +321,7 @@ class MemoryProfiler:
             # Tracing's own bookkeeping inflates RSS during our windows; leave it out of the trend.
             if self._tracing_mode == "window" and self._in_window:
                 rss -= tracemalloc.get_tracemalloc_memory()
-        heap = _MALLINFO.in_use()
+        heap = heap_in_use_bytes()
         if heap is not None:
             heap -= self._own_heap
             if self._in_window and self._tracing_mode == "window":
@@ -381,9 +381,9 @@ class MemoryProfiler:
 
     def _read_traces(self) -> list[Any]:
         """tracemalloc's raw traces now (one C call); its leftover heap is counted as ours."""
-        before = _MALLINFO.in_use()
+        before = heap_in_use_bytes()
         raw = _raw_traces()
-        after = _MALLINFO.in_use()
+        after = heap_in_use_bytes()
         if before is not None and after is not None:
             # CPython keeps a couple of hundred bytes of malloc memory per trace read-back; count it
             # as ours so it is not mistaken for growth of the process.
@@ -534,41 +534,6 @@ class _SampleGrowth:
         bytes_slope, bytes_err, _ = linear_fit(xs, memory)
         block_slope, block_err, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
         return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
-
-
-class _MallocInfo(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-class _Mallinfo:
-    """glibc's ``mallinfo2()``: bytes malloc has handed out (heap chunks + mmapped chunks)."""
-
-    def __init__(self) -> None:
-        self._fn: Any = None
-        try:
-            fn = ctypes.CDLL(None).mallinfo2
-            fn.restype = _MallocInfo
-            fn.argtypes = []
-            info = fn()
-            if info.uordblks or info.hblkhd:  # all zero under jemalloc/mimalloc: not glibc's heap
-                self._fn = fn
-        except (OSError, AttributeError):
-            self._fn = None
-
-    def in_use(self) -> int | None:
-        if self._fn is None:
-            return None
-        info = self._fn()
-        return int(info.uordblks + info.hblkhd)
-
-
-_MALLINFO = _Mallinfo()
 
 
 def _memory_limit() -> int | None:
