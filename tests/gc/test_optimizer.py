@@ -421,3 +421,17 @@ def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
     assert optimizer.boundary_collections > done
     optimizer.stop()
     assert "on_request_end" not in vars(optimizer)
+
+
+def test_memory_limit_is_shared_by_the_profiler_and_the_ceiling() -> None:
+    import psutil
+
+    from kotoba_memory.gc_optimizer.memory import MemoryCeiling, memory_limit_bytes
+    from kotoba_memory.memory_profiler import MemoryProfiler
+
+    limit = memory_limit_bytes()
+    assert limit > 0
+    cgroup = MemoryCeiling._detect_cgroup()
+    assert limit == (cgroup[1] if cgroup is not None else psutil.virtual_memory().total)
+    assert MemoryProfiler().memory_limit_bytes == limit
+    assert MemoryProfiler(memory_limit_bytes=1 << 30).memory_limit_bytes == 1 << 30

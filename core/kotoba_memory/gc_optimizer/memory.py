@@ -113,6 +113,12 @@ class MemoryCeiling:
         return usage.percent >= self.target_percent
 
 
+def memory_limit_bytes() -> int:
+    """The memory limit this process lives under: its cgroup's limit when one is set, else total RAM."""
+    cgroup = MemoryCeiling._detect_cgroup()
+    return cgroup[1] if cgroup is not None else int(psutil.virtual_memory().total)
+
+
 def malloc_trim() -> bool:
     """Return freed heap memory to the OS (glibc ``malloc_trim(0)``); False where it does not apply."""
     return allocators_malloc_trim().supported

@@ -19,6 +19,7 @@ import psutil
 
 from kotoba_memory.allocators.process import heap_in_use_bytes
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.gc_optimizer.memory import memory_limit_bytes as process_memory_limit
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
@@ -175,7 +176,9 @@ class MemoryProfiler:
         self.snapshots_per_window = snapshots_per_window
         self.trace_frames = trace_frames
         self.min_confidence = float(min_confidence)
-        self.memory_limit_bytes = memory_limit_bytes if memory_limit_bytes is not None else _memory_limit()
+        self.memory_limit_bytes = (
+            memory_limit_bytes if memory_limit_bytes is not None else process_memory_limit()
+        )
         self.top_hotspots = top_hotspots
 
         self._lock = threading.RLock()
@@ -536,15 +539,3 @@ class _SampleGrowth:
         return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
 
 
-def _memory_limit() -> int | None:
-    """The cgroup v2 memory limit when one is set, else physical memory."""
-    try:
-        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if raw.isdigit():
-            return int(raw)
-    except OSError:
-        pass
-    try:
-        return int(psutil.virtual_memory().total)
-    except Exception:
-        return None
