@@ -10,15 +10,17 @@ between-request hooks and hands the result to the active memory profiler and to 
 from __future__ import annotations
 
 import contextvars
-import importlib
 import itertools
-import os
 import threading
 import time
 import tracemalloc
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+from kotoba_memory.gc_optimizer import get_active_gc_optimizer
+from kotoba_memory.memory_profiler import get_active_profiler
+from kotoba_memory.process import activity, scheduler
+from kotoba_memory.process.memory import RssReader, shared_reader
 
 __all__ = [
     "ENVIRON_KEY",
@@ -30,7 +32,6 @@ __all__ = [
     "add_request_listener",
     "current_measurement",
     "listener_errors",
-    "optional_function",
     "remove_request_listener",
     "set_current_route",
 ]
@@ -41,12 +42,6 @@ ENVIRON_KEY = "kotoba_memory.request"
 _RSS_REUSE_S = 0.010
 #: Route label used when no framework told us the route; the raw path is never used (cardinality).
 UNMATCHED_ROUTE = "unmatched"
-
-# Requests in flight in this process and an event counter bumped by every start and finish: a request
-# ran alone if it started with nothing in flight and no start or finish happened until its own finish.
-_flight_lock = threading.Lock()
-_in_flight = 0
-_epoch = 0
 
 _current: contextvars.ContextVar[RequestMeasurement | None] = contextvars.ContextVar(
     "kotoba_memory_request", default=None
@@ -120,129 +115,13 @@ def set_current_route(route: str | None) -> None:
         measurement.route = route
 
 
-class RssReader:
-    """Reads this process's resident set size cheaply.
-
-    On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread`` (about a microsecond);
-    a forked child reopens it (the inherited descriptor still reads the parent), so a pre-forking
-    server measures each worker. Elsewhere it falls back to psutil.
-    """
-
-    def __init__(self) -> None:
-        self._page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self._fd: int | None = None
-        self._last: tuple[int, float] = (0, -1e18)
-        self._unavailable = False
-        self._lock = threading.Lock()
-        self._psutil_process: Any = None
-        _readers.add(self)
-
-    def _open(self) -> int | None:
-        with self._lock:
-            if self._fd is None and not self._unavailable:
-                try:
-                    self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    self._unavailable = True  # not Linux: psutil from now on
-            return self._fd
-
-    def rss(self) -> int:
-        """Resident set size in bytes (0 if it cannot be read)."""
-        fd = self._fd
-        if fd is None:
-            fd = self._open()
-            if fd is None:
-                value = self._rss_psutil()
-                self._last = (value, time.monotonic())
-                return value
-        try:
-            # "size resident shared ..." in pages; the first two fields fit in 64 bytes.
-            value = int(os.pread(fd, 64, 0).split(b" ", 2)[1]) * self._page_size
-        except (OSError, ValueError, IndexError):
-            value = self._rss_psutil()
-        self._last = (value, time.monotonic())
-        return value
-
-    def recent(self, max_age_s: float) -> int:
-        """The last reading if it is at most ``max_age_s`` old, else a fresh one.
-
-        Under load a server finishes requests back to back, so the RSS at one request's end is, to
-        within the server's own bookkeeping, the RSS at the next one's start: reusing it saves one of
-        the two ``/proc`` reads per request, which on a busy machine is the middleware's largest cost.
-        """
-        value, at = self._last
-        if time.monotonic() - at <= max_age_s:
-            return value
-        return self.rss()
-
-    def _rss_psutil(self) -> int:
-        try:
-            if self._psutil_process is None:
-                import psutil
-
-                self._psutil_process = psutil.Process()
-            return int(self._psutil_process.memory_info().rss)
-        except Exception:
-            return 0
-
-    def close(self) -> None:
-        """Close the kept descriptor (reopened on the next read)."""
-        with self._lock:
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-    def _after_fork_in_child(self) -> None:
-        # The child's copy of the descriptor reads the parent's statm; it is the child's to close.
-        self._lock = threading.Lock()
-        self._psutil_process = None
-        self._last = (0, -1e18)  # the parent's reading
-        self.close()
-
-
-_readers: weakref.WeakSet[RssReader] = weakref.WeakSet()
-
-
-def _reset_readers_after_fork() -> None:
-    for reader in list(_readers):
-        reader._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_readers_after_fork)
-
-
-_shared_rss_reader = RssReader()
-
-
-_resolved: dict[tuple[str, str], Callable[[], Any] | None] = {}
-
-
-def optional_function(module: str, name: str) -> Callable[[], Any] | None:
-    """``module.name`` if that module imports (its feature installed), else None; resolved once."""
-    key = (module, name)
-    if key not in _resolved:
-        try:
-            _resolved[key] = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            _resolved[key] = None
-    return _resolved[key]
-
-
-def _none() -> None:
-    return None
-
-
 class RequestMeasurement:
     """The in-flight measurement of one request; ``finish()`` records it exactly once."""
 
     __slots__ = (
         "_alone",
         "_done",
-        "_epoch0",
+        "_epoch",
         "_gc",
         "_gc_pause0",
         "_recorder",
@@ -265,12 +144,14 @@ class RequestMeasurement:
         self.error: str | None = None
         self._done = False
         self._token: contextvars.Token[RequestMeasurement | None] | None = None
+        if scheduler.paused_by_fork:  # the first request of a forked worker: resume our background work
+            scheduler.resume()
+        self._alone, self._epoch = activity.begin()
         gc_opt = recorder.gc_optimizer()
         self._gc = gc_opt
         self._gc_pause0 = 0
         if gc_opt is not None:
             try:
-                gc_opt.on_request_start()
                 self._gc_pause0 = int(gc_opt.pause_total_ns())
             except Exception:
                 _count_error()
@@ -281,12 +162,6 @@ class RequestMeasurement:
             self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
         else:
             self._traced0, self._rss0 = None, 0
-        global _in_flight, _epoch
-        with _flight_lock:
-            _in_flight += 1
-            _epoch += 1
-            self._alone = _in_flight == 1
-            self._epoch0 = _epoch
         self._t0 = time.perf_counter()
 
     @property
@@ -321,11 +196,7 @@ class RequestMeasurement:
         self._done = True
         duration = time.perf_counter() - self._t0
         recorder = self._recorder
-        global _in_flight, _epoch
-        with _flight_lock:
-            _in_flight = max(0, _in_flight - 1)
-            _epoch += 1
-            overlapped = not self._alone or _epoch != self._epoch0 + 1
+        overlapped = activity.end(self._alone, self._epoch)
         rss_delta = recorder.rss_reader.rss() - self._rss0 if self._sampled else 0
         traced_delta = None
         if self._traced0 is not None and not overlapped and tracemalloc.is_tracing():
@@ -335,7 +206,7 @@ class RequestMeasurement:
         if gc_opt is not None:
             try:
                 gc_pause = max(0, int(gc_opt.pause_total_ns()) - self._gc_pause0)
-                gc_opt.on_request_end()
+                gc_opt.request_ended()
             except Exception:
                 _count_error()
         metrics = RequestMetrics(  # positional: measurably cheaper than keywords on the hot path
@@ -380,15 +251,11 @@ class RequestRecorder:
             raise ValueError(f"rss_sample_every must be between 1 and 1000000, got {rss_sample_every}")
         self.every = rss_sample_every
         self.counter = itertools.count()
-        # Resolved once: the getters themselves look up the optimizer/profiler active at call time.
-        self.gc_optimizer = gc_optimizer or optional_function(
-            "kotoba_memory.gc_optimizer", "get_active_gc_optimizer"
-        ) or _none
-        self.profiler = profiler or optional_function(
-            "kotoba_memory.memory_profiler", "get_active_profiler"
-        ) or _none
+        # The getters look up the optimizer/profiler active at call time (the process registry).
+        self.gc_optimizer = gc_optimizer or get_active_gc_optimizer
+        self.profiler = profiler or get_active_profiler
         self.on_request = on_request
-        self.rss_reader = rss_reader or _shared_rss_reader
+        self.rss_reader = rss_reader or shared_reader()
 
     def begin(self, method: str = "GET") -> RequestMeasurement:
         """Start measuring a request."""

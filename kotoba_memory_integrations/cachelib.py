@@ -9,13 +9,14 @@ an eviction ``policy`` and ``stats()``. Pass ``cache=`` to put the entries in a 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from cachelib.base import BaseCache
 from cachelib.serializers import SimpleSerializer
+
+from kotoba_memory.process import forks
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
@@ -46,7 +47,7 @@ def _reset_locks_after_fork() -> None:
     _store_locks.clear()
 
 
-os.register_at_fork(after_in_child=_reset_locks_after_fork)
+forks.register(_reset_locks_after_fork, name="integrations.cachelib")
 
 
 class KotobaCache(BaseCache):

@@ -36,13 +36,11 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from kotoba_memory._version import __version__
-from kotoba_memory_integrations._request import (
-    RequestMetrics,
-    RssReader,
-    add_request_listener,
-    optional_function,
-    remove_request_listener,
-)
+from kotoba_memory.cache_manager import iter_caches
+from kotoba_memory.gc_optimizer import get_active_gc_optimizer
+from kotoba_memory.optimizer import get_active_optimizer
+from kotoba_memory.process import memory as process_memory
+from kotoba_memory_integrations._request import RequestMetrics, add_request_listener, remove_request_listener
 
 __all__ = ["METER_NAME", "MemoryInstrumentor", "instrument", "is_instrumented", "uninstrument"]
 
@@ -66,25 +64,25 @@ def _safe(fn: Callable[[], Iterable[Observation]], counter: list[int]) -> list[O
 
 
 def _iter_caches() -> Iterator[Any]:
-    iter_caches = optional_function("kotoba_memory.cache_manager", "iter_caches")
-    return iter(()) if iter_caches is None else iter(iter_caches())
+    return iter(iter_caches())
 
 
 def _iter_query_caches() -> Iterator[Any]:
-    iter_query_caches = optional_function("kotoba_memory_integrations.sqlalchemy", "iter_query_caches")
-    return iter(()) if iter_query_caches is None else iter(iter_query_caches())
+    try:  # the SQLAlchemy integration is an optional extra
+        from kotoba_memory_integrations.sqlalchemy import iter_query_caches
+    except ImportError:
+        return iter(())
+    return iter(iter_query_caches())
 
 
 def _iter_pools() -> Iterator[Any]:
-    get_active_optimizer = optional_function("kotoba_memory.optimizer", "get_active_optimizer")
-    optimizer = get_active_optimizer() if get_active_optimizer is not None else None
+    optimizer = get_active_optimizer()
     pool = getattr(optimizer, "pool", None) if optimizer is not None else None
     return iter(() if pool is None else (pool,))
 
 
 def _active_gc_optimizer() -> Any:
-    getter = optional_function("kotoba_memory.gc_optimizer", "get_active_gc_optimizer")
-    return getter() if getter is not None else None
+    return get_active_gc_optimizer()
 
 
 def _stat(stats: Any, name: str) -> int | float | None:
@@ -98,7 +96,6 @@ class _Instruments:
     def __init__(self, meter_provider: metrics.MeterProvider | None) -> None:
         self.active = True
         self.callback_errors = [0]
-        self._rss = RssReader()
         self._gc_lock = threading.Lock()
         self._gc_source: Any = None
         self._gc_cursor = 0
@@ -189,12 +186,10 @@ class _Instruments:
 
     # -- observable callbacks -------------------------------------------------------------------
     def _memory_usage(self) -> Iterator[Observation]:
-        yield Observation(self._rss.rss())
+        yield Observation(process_memory.rss_bytes())
 
     def _memory_virtual(self) -> Iterator[Observation]:
-        import psutil
-
-        yield Observation(int(psutil.Process().memory_info().vms))
+        yield Observation(process_memory.virtual_memory_bytes())
 
     def _gc_collections(self) -> Iterator[Observation]:
         self.drain_gc_events(force=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from kotoba_memory.process import forks, scheduler
+
 ENV_DIR = "KOTOBA_MEMORY_PROFILE_DIR"
 ENV_CONFIG = "KOTOBA_MEMORY_PROFILE_CONFIG"
 PROGRESS_EVERY_S = 2.0
@@ -44,12 +46,8 @@ def install() -> None:
     out.mkdir(parents=True, exist_ok=True)
     optimizer = MemoryOptimizer(config)
     optimizer.start()
-    stop = threading.Event()
-    _state.update(optimizer=optimizer, out=out, stop=stop, written=False)
-    thread = threading.Thread(target=_progress_loop, args=(optimizer, out, stop), daemon=True,
-                              name="kotoba-memory-profile-progress")
-    thread.start()
-    _state["thread"] = thread
+    _state.update(optimizer=optimizer, out=out, written=False)
+    _state["task"] = scheduler.every(PROGRESS_EVERY_S, _progress, name="profile.progress")
     atexit.register(finish)
     # SIGTERM's default action skips atexit; turn it into a normal exit so the report gets written.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
@@ -63,12 +61,14 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def _progress_loop(optimizer: Any, out: Path, stop: threading.Event) -> None:
-    while not stop.wait(PROGRESS_EVERY_S):
-        try:
-            _write_progress(optimizer, out)
-        except Exception:  # progress is best effort; never disturb the workload
-            _log.debug("progress write failed", exc_info=True)
+def _progress() -> None:
+    optimizer, out = _state.get("optimizer"), _state.get("out")
+    if optimizer is None or out is None or _state.get("written"):
+        return
+    try:
+        _write_progress(optimizer, out)
+    except Exception:  # progress is best effort; never disturb the workload
+        _log.debug("progress write failed", exc_info=True)
 
 
 def _write_progress(optimizer: Any, out: Path) -> None:
@@ -97,7 +97,9 @@ def finish() -> None:
     if optimizer is None or _state.get("written"):
         return
     _state["written"] = True
-    _state["stop"].set()
+    task = _state.pop("task", None)
+    if task is not None:
+        task.cancel()
     out: Path = _state["out"]
     if not optimizer.running:
         return
@@ -108,14 +110,19 @@ def finish() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # A forked worker (gunicorn, multiprocessing) gets its own optimizer and report directory.
-    if not _state:
+    # A forked worker (gunicorn, multiprocessing) reports on itself, into its own directory. Its
+    # inherited optimizer was re-initialised by the components' own fork callbacks. The profile
+    # command was asked to profile every process, so the child's scheduler resumes right away.
+    root = os.environ.get(ENV_DIR)
+    if not _state or not root:
         return
-    _state.clear()
+    _state["out"] = process_dir(Path(root), os.getpid())
+    _state["written"] = False
     try:
-        install()
-    except Exception:
-        _log.debug("kotoba-memory profile: could not start in forked child", exc_info=True)
+        _state["out"].mkdir(parents=True, exist_ok=True)
+    except OSError:
+        _log.debug("kotoba-memory profile: no report directory for the forked child", exc_info=True)
+    scheduler.resume()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.register(_after_fork_in_child, name="profile")

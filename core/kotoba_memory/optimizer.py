@@ -10,18 +10,17 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import psutil
-
 from kotoba_memory.config import MemoryConfig
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.memory_profiler import MemoryAnalysis, MemoryProfiler
+from kotoba_memory.process import forks, registry, scheduler
+from kotoba_memory.process import memory as process_memory
 from kotoba_memory.report import MemoryReport, MemoryStats, to_plain
 
 __all__ = ["MemoryOptimizer", "MemoryReport", "MemoryStats", "OptimizerError", "get_active_optimizer"]
@@ -29,17 +28,20 @@ __all__ = ["MemoryOptimizer", "MemoryReport", "MemoryStats", "OptimizerError", "
 logger = logging.getLogger(__name__)
 _MIB = 1024 * 1024
 
-_active: MemoryOptimizer | None = None
-_active_lock = threading.Lock()
-
 
 class OptimizerError(KotobaMemoryError, RuntimeError):
     """The optimizer was asked for something it cannot do in its current state."""
 
 
 def get_active_optimizer() -> MemoryOptimizer | None:
-    """The most recently started MemoryOptimizer that is still running, if any."""
-    return _active
+    """The most recently started MemoryOptimizer that is still running, if any.
+
+    In a forked child this is the optimizer it inherited; asking for it resumes its background work.
+    """
+    optimizer: MemoryOptimizer | None = registry.active("optimizer")
+    if optimizer is not None:
+        scheduler.resume()
+    return optimizer
 
 
 def _optional_module(name: str) -> ModuleType | None:
@@ -88,12 +90,11 @@ class MemoryOptimizer:
         self.allocator: dict[str, Any] = {}
         self._notes: list[str] = []
         self._lock = threading.RLock()
-        self._process = psutil.Process()
         self._started_at = 0.0
         self._start_rss = 0
-        self._peak_rss = 0
         self._running = False
         self._owns_gc = False
+        forks.register(self.reinit_after_fork, name="optimizer")
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -103,14 +104,13 @@ class MemoryOptimizer:
 
     def start(self) -> None:
         """Create and start every enabled feature (no-op when already running)."""
-        global _active
         with self._lock:
             if self._running:
                 return
             self._notes = []
             self._started_at = time.time()
-            self._process = psutil.Process()
-            self._start_rss = self._peak_rss = self._rss()
+            process_memory.reset_peak()
+            self._start_rss = self._rss()
             cfg = self.config
             if cfg.enable_caching and self.cache is None:
                 self.cache = self._make_cache()
@@ -132,15 +132,13 @@ class MemoryOptimizer:
                 self._register_gauges(self.profiler)
                 self.profiler.start()
             self._running = True
-        with _active_lock:
-            _active = self
+        registry.claim("optimizer", self)
 
     def stop(self) -> MemoryReport:
         """Stop every feature, restore the GC settings, and return the run's report.
 
         When ``config.report_dir`` is set the report is also written there as report.html/report.json.
         """
-        global _active
         with self._lock:
             if not self._running:
                 raise OptimizerError("stop() called on a MemoryOptimizer that is not running")
@@ -153,9 +151,7 @@ class MemoryOptimizer:
                 except Exception:
                     logger.warning("kotoba-memory: GC optimizer failed to stop cleanly", exc_info=True)
             self._running = False
-        with _active_lock:
-            if _active is self:
-                _active = None
+        registry.release("optimizer", self)
         if self.config.report_dir is not None:
             self.config.report_dir.mkdir(parents=True, exist_ok=True)
             report.write_html(self.config.report_dir / "report.html")
@@ -164,6 +160,7 @@ class MemoryOptimizer:
 
     def report(self) -> MemoryReport:
         """A report of the run so far, without stopping anything."""
+        scheduler.resume()
         with self._lock:
             if not self._running:
                 raise OptimizerError("report() needs a running MemoryOptimizer; stop() returns the final one")
@@ -193,11 +190,7 @@ class MemoryOptimizer:
     def memory_stats(self) -> MemoryStats:
         """Current and peak RSS, and ``memory_efficiency`` (see :class:`MemoryStats` for its definition)."""
         rss = self._rss()
-        with self._lock:
-            self._peak_rss = max(self._peak_rss, rss)
-            if self.profiler is not None:
-                self._peak_rss = max(self._peak_rss, self.profiler.peak_rss_bytes)
-            peak = self._peak_rss
+        peak = max(rss, process_memory.peak_rss_bytes())
         cache_bytes = cache_cap = pool_used = pool_cap = None
         hit_rate: float | None = None
         cache_stats = self._cache_stats()
@@ -243,12 +236,14 @@ class MemoryOptimizer:
 
     # ------------------------------------------------------------------ parts
     def _rss(self) -> int:
-        if self._process.pid != os.getpid():
-            self._process = psutil.Process()
-        try:
-            return int(self._process.memory_info().rss)
-        except psutil.Error:
-            return 0
+        return process_memory.rss_bytes()
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: a new lock, and the run starts over (a worker reports on itself)."""
+        self._lock = threading.RLock()
+        if self._running:
+            self._started_at = time.time()
+            self._start_rss = self._rss()
 
     def _make_cache(self) -> Any:
         module = _optional_module("kotoba_memory.cache_manager")

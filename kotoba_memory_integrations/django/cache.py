@@ -24,6 +24,7 @@ from kotoba_memory.cache_manager import CacheManager, CachePolicy
 from kotoba_memory.cache_manager.disk import DiskCache
 from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.errors import ConfigError
+from kotoba_memory.process import forks
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
@@ -87,7 +88,7 @@ def _reset_locks_after_fork() -> None:
         store.lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_reset_locks_after_fork)
+forks.register(_reset_locks_after_fork, name="integrations.django.cache")
 
 
 def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:

@@ -423,6 +423,8 @@ def test_forked_child_gets_fresh_locks_and_a_working_sweeper() -> None:
         code = 1
         try:
             ok = cache.put("b", 3) and cache.get("a") == 1 and cache.get("b") == 3
+            # A ttl'd put schedules the sweeper, which resumes the child's scheduler thread.
+            ok = ok and cache.put("c", 4, ttl=60)
             deadline = time.monotonic() + 5
             while "short" in cache._table and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -7,11 +7,13 @@ import gc
 import subprocess
 import sys
 import textwrap
+import time
 import threading
 
 import pytest
 
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.process import scheduler
 from kotoba_memory.gc_optimizer import (
     GcOptimizer,
     GcOptimizerError,
@@ -57,7 +59,7 @@ def test_start_is_idempotent_and_stop_restores(make_optimizer) -> None:
     optimizer.stop()
     assert get_active_gc_optimizer() is None and not optimizer.running
     assert gc.get_threshold() == found and gc.get_freeze_count() == 0
-    assert optimizer._thread is None
+    assert optimizer._task is None  # the monitor task is off the process scheduler
     optimizer.stop()  # stopping twice is harmless
 
 
@@ -329,7 +331,7 @@ def test_monitor_survives_errors(make_optimizer, wait_for, monkeypatch) -> None:
     monkeypatch.setattr(optimizer._ceiling, "usage", broken)
     optimizer.start()
     assert wait_for(lambda: optimizer.monitor_errors >= 2)
-    assert optimizer._thread is not None and optimizer._thread.is_alive()
+    assert optimizer._task is not None and not optimizer._task.cancelled and scheduler.running
     analysis = optimizer.analyze()  # still works without a memory reading
     assert analysis.memory_usage_percent is None
 
@@ -356,18 +358,29 @@ def test_forked_worker_keeps_a_working_monitor(tmp_path) -> None:
         """
         import gc, os, sys, time
         from kotoba_memory.gc_optimizer import GcOptimizer, get_active_gc_optimizer
+        from kotoba_memory.process import scheduler
         opt = GcOptimizer(monitoring_interval_s=0.05, warmup_requests=1)
         opt.start()
         frozen = opt.freeze_for_fork()
+        opt.on_request_start()  # a request in flight in the parent at fork time
         pid = os.fork()
         if pid == 0:
             child = get_active_gc_optimizer()
-            ok = child is opt and opt._thread is not None and opt._thread.is_alive()
+            # No thread is started behind the child's back; it resumes at the child's first call.
+            ok = child is opt and not scheduler.running and scheduler.paused_by_fork
+            ok = ok and opt.in_flight == 0  # the parent's request is not the child's
+            scheduler.resume()
+            runs = opt._task.runs
+            deadline = time.monotonic() + 10
+            while opt._task.runs < runs + 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            ok = ok and scheduler.running and opt._task.runs >= runs + 2
             opt.on_request_start(); opt.on_request_end()
             ok = ok and opt.in_flight == 0 and opt.requests_seen == 1
             opt.stop()
             os._exit(0 if ok and gc.get_freeze_count() == 0 else 3)
         _, status = os.waitpid(pid, 0)
+        opt.on_request_end()
         opt.stop()
         print(frozen > 0, os.waitstatus_to_exitcode(status))
         """
@@ -405,7 +418,7 @@ def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
         {"status": "ok", "items": [1, 2, 3]}  # noqa: B018
         optimizer.on_request_end()
     assert optimizer._counting_only
-    assert "on_request_end" in vars(optimizer)  # the C-level counter, no Python frame per request
+    assert "request_ended" in vars(optimizer)  # the C-level counter, no Python frame per request
     assert optimizer.requests_seen == 400 and optimizer.in_flight == 0
     # Requests start leaving cyclic garbage: the monitor notices and boundary collections resume.
     done = optimizer.boundary_collections
@@ -420,18 +433,19 @@ def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
         optimizer.on_request_end()
     assert optimizer.boundary_collections > done
     optimizer.stop()
-    assert "on_request_end" not in vars(optimizer)
+    assert "request_ended" not in vars(optimizer)
 
 
 def test_memory_limit_is_shared_by_the_profiler_and_the_ceiling() -> None:
     import psutil
 
-    from kotoba_memory.gc_optimizer.memory import MemoryCeiling, memory_limit_bytes
+    from kotoba_memory.gc_optimizer.memory import memory_limit_bytes
     from kotoba_memory.memory_profiler import MemoryProfiler
+    from kotoba_memory.process.memory import cgroup_memory
 
     limit = memory_limit_bytes()
     assert limit > 0
-    cgroup = MemoryCeiling._detect_cgroup()
-    assert limit == (cgroup[1] if cgroup is not None else psutil.virtual_memory().total)
+    cgroup = cgroup_memory()
+    assert limit == (cgroup.limit_bytes if cgroup is not None else psutil.virtual_memory().total)
     assert MemoryProfiler().memory_limit_bytes == limit
     assert MemoryProfiler(memory_limit_bytes=1 << 30).memory_limit_bytes == 1 << 30

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kotoba_memory.process import activity
 from kotoba_memory_integrations import _request
 from kotoba_memory_integrations._request import (
     ENVIRON_KEY,
@@ -33,19 +34,17 @@ class Collected:
 
 
 class RecordingGc:
-    """Implements the GC optimizer's request hooks; a collection 'happens' inside each request."""
+    """Implements the GC optimizer's between-request hook; a collection 'happens' inside each request.
+
+    Requests in flight are counted by the process layer, not by the GC optimizer.
+    """
 
     def __init__(self) -> None:
-        self.starts = 0
         self.ends = 0
         self.total = 0
         self.lock = threading.Lock()
 
-    def on_request_start(self) -> None:
-        with self.lock:
-            self.starts += 1
-
-    def on_request_end(self) -> None:
+    def request_ended(self) -> None:
         with self.lock:
             self.ends += 1
 
@@ -249,7 +248,7 @@ def test_gc_hooks_and_pause_inside_request_and_profiler() -> None:
     recorder = RequestRecorder(on_request=collected, gc_optimizer=lambda: gc_opt, profiler=lambda: profiler)
     for _ in range(3):
         call(MemoryMiddleware(app, recorder=recorder))
-    assert (gc_opt.starts, gc_opt.ends) == (3, 3)
+    assert gc_opt.ends == 3 and activity.in_flight() == 0
     assert [m.gc_pause_ns for m in collected.items] == [2_500_000] * 3
     assert [c[0] for c in profiler.calls] == ["/gc"] * 3
     assert all(c[3] > 0 for c in profiler.calls)
@@ -257,7 +256,7 @@ def test_gc_hooks_and_pause_inside_request_and_profiler() -> None:
 
 def test_failing_hooks_never_reach_the_app() -> None:
     class BrokenGc(RecordingGc):
-        def on_request_end(self) -> None:
+        def request_ended(self) -> None:
             raise RuntimeError("gc hook bug")
 
     class BrokenProfiler:
@@ -412,7 +411,7 @@ def test_rss_sampling_measures_one_request_in_n_and_keeps_gc_hooks_on_all() -> N
         call(middleware)
     assert [m.sampled for m in collected.items] == [True, False, False, False] * 3
     assert all(m.rss_delta == 0 and m.traced_delta is None for m in collected.items if not m.sampled)
-    assert (gc_opt.starts, gc_opt.ends) == (12, 12)  # the GC hooks see every request
+    assert gc_opt.ends == 12 and activity.in_flight() == 0  # the GC hook sees every request
     assert len(profiler.calls) == 3  # the profiler only gets measured requests
 
 

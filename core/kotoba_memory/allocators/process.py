@@ -18,6 +18,8 @@ from typing import Any
 
 from kotoba_memory.allocators.types import AllocatorType
 from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.process import Task, scheduler
+from kotoba_memory.process import memory as process_memory
 
 __all__ = [
     "AllocatorInfo",
@@ -368,13 +370,7 @@ def allocator_stats() -> ProcessAllocatorStats:
 
 
 def _rss() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
+    return process_memory.rss_bytes()
 
 
 def _search_dirs() -> list[str]:
@@ -445,9 +441,10 @@ class TrimmerStats:
 
 
 class MallocTrimmer:
-    """A daemon thread that calls ``malloc_trim(0)`` every ``interval`` seconds when the heap has free memory.
+    """Calls ``malloc_trim(0)`` every ``interval`` seconds when the heap has free memory.
 
-    Cheap when idle (one ``mallinfo2`` call per interval); never raises into the host application.
+    A task on the process layer's scheduler thread; cheap when idle (one ``mallinfo2`` call per
+    interval); never raises into the host application.
     """
 
     def __init__(self, interval: float = 30.0, *, min_free_bytes: int = 8 << 20) -> None:
@@ -457,8 +454,7 @@ class MallocTrimmer:
             raise ValueError(f"min_free_bytes must be a non-negative int, got {min_free_bytes!r}")
         self.interval = float(interval)
         self.min_free_bytes = min_free_bytes
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task: Task | None = None
         self._lock = threading.Lock()
         self._reason = _glibc_unsupported()
         self._checks = 0
@@ -469,19 +465,17 @@ class MallocTrimmer:
     def start(self) -> MallocTrimmer:
         """Start the thread (idempotent); off glibc it stays stopped and ``stats().reason`` says why."""
         with self._lock:
-            if self._reason is not None or (self._thread is not None and self._thread.is_alive()):
+            if self._reason is not None or self._task is not None:
                 return self
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="kotoba-malloc-trim", daemon=True)
-            self._thread.start()
+            self._task = scheduler.every(self.interval, self._run, name="allocators.malloc_trim")
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread, waiting up to ``timeout`` seconds for it to finish."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+        """Stop trimming, waiting for a trim in progress to finish."""
+        with self._lock:
+            task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
 
     async def astart(self) -> MallocTrimmer:
         """Async twin of ``start``."""
@@ -507,9 +501,8 @@ class MallocTrimmer:
     def stats(self) -> TrimmerStats:
         """A snapshot of the counters."""
         with self._lock:
-            thread = self._thread
             return TrimmerStats(
-                running=thread is not None and thread.is_alive(),
+                running=self._task is not None,
                 supported=self._reason is None,
                 reason=self._reason,
                 checks=self._checks,
@@ -519,9 +512,8 @@ class MallocTrimmer:
             )
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.trim_now()
-            except Exception:  # the host application must never see our failure
-                with self._lock:
-                    self._errors += 1
+        try:
+            self.trim_now()
+        except Exception:  # the host application must never see our failure
+            with self._lock:
+                self._errors += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import os
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -20,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from kotoba_memory.cache_manager.types import CacheStats, UnhashableKeyError
+from kotoba_memory.process import forks
 
 __all__ = ["BaseCache", "iter_caches"]
 
@@ -60,8 +60,7 @@ def _after_fork_in_child() -> None:
             pass
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.register(_after_fork_in_child, name="cache_manager.base")
 
 
 class _LeaderCancelled(Exception):

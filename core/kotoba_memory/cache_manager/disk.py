@@ -36,6 +36,7 @@ from kotoba_memory.cache_manager.types import (
     UnhashableKeyError,
     check_ttl,
 )
+from kotoba_memory.process import forks
 
 __all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
 
@@ -143,8 +144,7 @@ def _reset_locks_after_fork() -> None:
         cache._lock = threading.RLock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_locks_after_fork)
+forks.register(_reset_locks_after_fork, name="cache_manager.disk")
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

@@ -233,6 +233,8 @@ class CacheManager(BaseCache):
     def _reinit_after_fork(self) -> None:
         super()._reinit_after_fork()
         self._lock = threading.Lock()
+        # The next ttl'd put registers again, which resumes the child's scheduler for the sweeper.
+        self._sweeping = False
 
     # -- reads ------------------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from kotoba_memory.cache_manager.types import (
     check_ttl,
 )
 from kotoba_memory.cache_manager.weigher import Weigher, default_weigher
+from kotoba_memory.process import forks
 
 __all__ = ["TieredCache", "TieredCacheStats"]
 
@@ -50,8 +50,7 @@ def _reset_locks_after_fork() -> None:
         cache._lock = threading.RLock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_locks_after_fork)
+forks.register(_reset_locks_after_fork, name="cache_manager.tiers")
 
 
 @dataclass(frozen=True, kw_only=True)

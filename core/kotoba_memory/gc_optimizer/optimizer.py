@@ -6,7 +6,6 @@ import datetime
 import gc
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from kotoba_memory.errors import ConfigError, KotobaMemoryError
 from kotoba_memory.gc_optimizer.analysis import AnalysisInput, GcAnalysis, build_analysis
 from kotoba_memory.gc_optimizer.events import NUM_GENERATIONS, GcEvent, GcRecorder
 from kotoba_memory.gc_optimizer.memory import MemoryCeiling, malloc_trim
+from kotoba_memory.process import Task, activity, forks, registry, scheduler
 
 logger = logging.getLogger("kotoba_memory.gc")
 
@@ -58,13 +58,10 @@ class _FoundState:
     freeze_count: int
 
 
-_active: GcOptimizer | None = None
-_active_lock = threading.Lock()
-
-
 def get_active_gc_optimizer() -> GcOptimizer | None:
     """The started :class:`GcOptimizer` of this process, if any."""
-    return _active
+    optimizer: GcOptimizer | None = registry.active("gc_optimizer")
+    return optimizer
 
 
 def _count_value(counter: itertools.count[int]) -> int:
@@ -138,8 +135,6 @@ class GcOptimizer:
         self._valve = self._base[0]
         self._boundary_threshold = self._base[0] or 700
         self._gen1_every = max(1, self._base[1])
-        self._started = itertools.count(1)
-        self.on_request_start = self._started.__next__
         self._ended = itertools.count(1)
         self._warmup_at = -1
         # on_request_end() reads gc.get_count() (~0.1 us) only every few requests, as far apart as the
@@ -153,8 +148,7 @@ class GcOptimizer:
         self._young_collections_at_counting = 0
         self._start_wall = time.monotonic()
         self._start_cpu = time.process_time()
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task: Task | None = None
         self._last_activity = time.monotonic()
         self._ended_seen = 0
         self._ended_at_maintenance = 0
@@ -165,21 +159,19 @@ class GcOptimizer:
         self.refreezes = 0
         self.boundary_collections = 0
         self.monitor_errors = 0
+        forks.register(self.reinit_after_fork, name="gc_optimizer")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin recording collections (and tuning, when adaptive). Calling it twice is harmless."""
-        global _active
         with self._lock:
             if self._running:
                 return
-            with _active_lock:
-                if _active is not None and _active is not self:
-                    raise GcOptimizerError(
-                        "another GcOptimizer is already active in this process; stop() it first "
-                        "(get_active_gc_optimizer() returns it)"
-                    )
-                _active = self
+            if registry.claim("gc_optimizer", self, replace=False) not in (None, self):
+                raise GcOptimizerError(
+                    "another GcOptimizer is already active in this process; stop() it first "
+                    "(get_active_gc_optimizer() returns it)"
+                )
             self._capture_found()
             self._base = gc.get_threshold()
             self._valve = self._base[0]
@@ -205,23 +197,18 @@ class GcOptimizer:
 
     def stop(self) -> None:
         """Stop recording and tuning and put the collector back as :meth:`start` found it."""
-        global _active
         with self._lock:
             self._tuning = False
             self._leave_counting_mode()
             self._recorder.listener = None
-            thread = self._thread
-            self._stop_event.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=max(1.0, 2 * self.monitoring_interval_s))
+            task, self._task = self._task, None
+        if task is not None:
+            task.cancel()  # waits for a check in progress
         with self._lock:
-            self._thread = None
             self._recorder.uninstall()
             self.restore()
             self._running = False
-            with _active_lock:
-                if _active is self:
-                    _active = None
+            registry.release("gc_optimizer", self)
         self._flush_change_log()
 
     async def astart(self) -> None:
@@ -290,8 +277,8 @@ class GcOptimizer:
 
     @property
     def in_flight(self) -> int:
-        """Requests started and not yet ended."""
-        return max(0, (_count_value(self._started) - 1) - (_count_value(self._ended) - 1))
+        """Requests started and not yet ended in this process (the process layer's one count)."""
+        return activity.in_flight()
 
     @property
     def requests_seen(self) -> int:
@@ -299,15 +286,22 @@ class GcOptimizer:
         return _count_value(self._ended) - 1
 
     # -- request hooks (hot path) ----------------------------------------------------------------
-    #: Mark the start of a unit of work (a request). Cheap and thread-safe. It is the request counter's
-    #: C-level ``__next__`` (bound per instance), so no Python frame runs on every request.
-    on_request_start: Callable[[], object]
+    #: Mark the start of a unit of work (a request) by hand. Cheap and thread-safe: a C-level call
+    #: that counts the request in flight in the process layer. Middleware calls ``activity.begin``.
+    on_request_start: Callable[[], object] = staticmethod(activity.mark_start)
 
     def on_request_end(self) -> None:
-        """Mark its end; collects young garbage here when enough has accumulated. Thread-safe."""
+        """Mark its end by hand; collects young garbage here when enough has accumulated. Thread-safe."""
+        activity.mark_end()
+        self.request_ended()
+
+    def request_ended(self) -> object:
+        """The between-request hook alone, for a caller that counts requests in flight itself (the
+        middleware does, through the process layer); collects young garbage when enough has piled up."""
         n = next(self._ended)
         if n >= self._next_check:
             self._check_at_boundary(n)
+        return n
 
     def _check_at_boundary(self, n: int) -> None:
         if not self._tuning:
@@ -338,13 +332,13 @@ class GcOptimizer:
 
     def _enter_counting_mode(self) -> None:
         # Requests leave nothing for the collector: even the check costs more than it can save, so the
-        # instance's on_request_end becomes the counter's C-level __next__ until the monitor sees growth.
+        # instance's request_ended becomes the counter's C-level __next__ until the monitor sees growth.
         self._young_collections_at_counting = self._recorder.counts[0]
         self._counting_only = True
-        self.__dict__["on_request_end"] = self._ended.__next__
+        self.__dict__["request_ended"] = self._ended.__next__
 
     def _leave_counting_mode(self) -> None:
-        self.__dict__.pop("on_request_end", None)
+        self.__dict__.pop("request_ended", None)
         self._counting_only = False
         self._quiet_checks = 0
         self._check_gap = 1
@@ -409,23 +403,22 @@ class GcOptimizer:
 
     # -- background monitor ------------------------------------------------------------------------
     def _start_monitor(self) -> None:
-        self._stop_event = threading.Event()
         self._last_activity = time.monotonic()
         self._ended_seen = self.requests_seen
         self._ended_at_maintenance = self._ended_seen
-        thread = threading.Thread(target=self._monitor, name="kotoba-gc-monitor", daemon=True)
-        self._thread = thread
-        thread.start()
+        if self._task is None:
+            self._task = scheduler.every(
+                self.monitoring_interval_s, self._monitor, name="gc_optimizer.monitor"
+            )
 
     def _monitor(self) -> None:
-        stop = self._stop_event
-        while not stop.wait(self.monitoring_interval_s):
-            try:
-                self._tick()
-            except Exception:
-                self.monitor_errors += 1
-                logger.debug("GC monitor tick failed", exc_info=True)
-            self._flush_change_log()
+        """One check of the ceiling, idle time and counting mode (a scheduler task)."""
+        try:
+            self._tick()
+        except Exception:
+            self.monitor_errors += 1
+            logger.debug("GC monitor tick failed", exc_info=True)
+        self._flush_change_log()
 
     def _tick(self) -> None:
         if not self._tuning:
@@ -681,20 +674,19 @@ class GcOptimizer:
                 return
             logger.info("gc %s: %r -> %r (%s)", change.action, change.before, change.after, change.reason)
 
-    def _reinit_after_fork(self) -> None:
-        # Threads and held locks do not survive fork(): give the child fresh ones.
+    def reinit_after_fork(self) -> None:
+        """In a forked child: fresh locks and request counts; the monitor task resumes with the
+        process scheduler (threads do not survive fork())."""
         self._lock = threading.RLock()
         self._recorder.reset_lock()
-        self._started = itertools.count(1)
-        self.on_request_start = self._started.__next__
         self._ended = itertools.count(1)
-        self._thread = None
         self._leave_counting_mode()
         if self._running and self._tuning:
             self._warmup_at = max(1, self.warmup_requests)
             self._checked_at = 0
             self._next_check = 1
-            self._start_monitor()
+            self._last_activity = time.monotonic()
+            self._ended_seen = self._ended_at_maintenance = 0
 
 
 def _check_number(
@@ -713,18 +705,3 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise ConfigError(name, f"must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ConfigError(name, f"must be between {low} and {high}, got {value}")
-
-
-def _after_fork_in_child() -> None:
-    global _active_lock
-    _active_lock = threading.Lock()
-    optimizer = _active
-    if optimizer is not None:
-        try:
-            optimizer._reinit_after_fork()
-        except Exception:
-            logger.debug("GC optimizer re-init after fork failed", exc_info=True)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

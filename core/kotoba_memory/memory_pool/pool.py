@@ -7,7 +7,6 @@ import ctypes
 import enum
 import heapq
 import mmap
-import os
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from kotoba_memory.memory_pool.errors import (
     PoolExhausted,
 )
 from kotoba_memory.memory_pool.size_classes import SizeClasses
+from kotoba_memory.process import forks
 
 __all__ = ["DefragmentResult", "FallbackPolicy", "MemoryBlock", "MemoryPool", "PoolStats", "iter_pools"]
 
@@ -58,8 +58,7 @@ def _after_fork_in_child() -> None:
         pool._lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.register(_after_fork_in_child, name="memory_pool")
 
 
 class FallbackPolicy(enum.Enum):

@@ -64,8 +64,8 @@ class LeakDetector:
     """Accumulates per-traceback growth over tracing windows and turns it into leak suspects."""
 
     def __init__(self, *, max_sites: int = 256, max_windows: int = 64, site_chooser: SiteChooser) -> None:
-        self._max_sites = max_sites
-        self._max_windows = max_windows
+        self.max_sites = self._max_sites = max_sites
+        self.max_windows = self._max_windows = max_windows
         self._tracks: dict[Key, _Track] = {}
         self._windows = 0
         self._window_ends: deque[float] = deque(maxlen=max_windows)

@@ -1,4 +1,5 @@
-"""The MemoryProfiler: one daemon sampler thread plus duty-cycled tracemalloc windows."""
+"""The MemoryProfiler: periodic samples plus duty-cycled tracemalloc windows, run on the process
+layer's scheduler thread."""
 
 from __future__ import annotations
 
@@ -12,14 +13,11 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from kotoba_memory.allocators.process import heap_in_use_bytes
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
-from kotoba_memory.gc_optimizer.memory import memory_limit_bytes as process_memory_limit
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
@@ -30,15 +28,14 @@ from kotoba_memory.memory_profiler._models import (
 )
 from kotoba_memory.memory_profiler._ring import SampleRing
 from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
+from kotoba_memory.process import Task, forks, registry, scheduler
+from kotoba_memory.process import memory as process_memory
 
 logger = logging.getLogger(__name__)
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
 _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
-
-_active: MemoryProfiler | None = None
-_active_lock = threading.Lock()
 
 
 class ProfilerError(KotobaMemoryError, RuntimeError):
@@ -47,7 +44,19 @@ class ProfilerError(KotobaMemoryError, RuntimeError):
 
 def get_active_profiler() -> MemoryProfiler | None:
     """The most recently started profiler that is still running, if any."""
-    return _active
+    profiler: MemoryProfiler | None = registry.active("profiler")
+    return profiler
+
+
+@dataclass
+class _Window:
+    """A tracemalloc window in progress: when it opened and the raw traces read so far."""
+
+    owned: bool
+    opened: float
+    gap: float
+    pid: int
+    raws: list[tuple[float, list[Any]]] = field(default_factory=list)
 
 
 def _library_prefixes() -> list[str]:
@@ -61,7 +70,7 @@ class _RouteTable:
     """Bounded per-route aggregates; the middleware feeds it from many threads."""
 
     def __init__(self, max_routes: int) -> None:
-        self._max = max_routes
+        self.max_routes = max_routes
         self._lock = threading.Lock()
         # route -> [requests, rss_delta, traced_delta, traced_requests, duration]
         self._totals: dict[str, list[float]] = {}
@@ -71,7 +80,7 @@ class _RouteTable:
         with self._lock:
             row = self._totals.get(route)
             if row is None:
-                if len(self._totals) >= self._max:
+                if len(self._totals) >= self.max_routes:
                     route = "<other>"
                     row = self._totals.get(route)
                 if row is None:
@@ -177,7 +186,7 @@ class MemoryProfiler:
         self.trace_frames = trace_frames
         self.min_confidence = float(min_confidence)
         self.memory_limit_bytes = (
-            memory_limit_bytes if memory_limit_bytes is not None else process_memory_limit()
+            memory_limit_bytes if memory_limit_bytes is not None else process_memory.memory_limit_bytes()
         )
         self.top_hotspots = top_hotspots
 
@@ -204,51 +213,49 @@ class MemoryProfiler:
         self.max_trace_memory_bytes = max_trace_memory_bytes
         self._skipped_windows = 0
         self._own_heap = 0
-        self._stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._process: psutil.Process | None = None
-        self._pid = 0
+        self._tasks: tuple[Task, ...] = ()
+        self._window: _Window | None = None
         self._started_at = 0.0
-        self._peak_rss = 0
         self._tick_errors = 0
         self._last_window_ms = 0.0
         self._max_window_ms = 0.0
         self._tracing_mode = "off"
         self._in_window = False
+        forks.register(self.reinit_after_fork, name="memory_profiler")
 
     # ------------------------------------------------------------------ lifecycle
     @property
     def running(self) -> bool:
-        """True while the sampler thread is alive."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        """True between :meth:`start` and :meth:`stop` (its tasks are on the process scheduler)."""
+        return bool(self._tasks)
 
     def start(self) -> None:
-        """Start the sampler thread (no-op when already running) and make this the active profiler."""
-        global _active
+        """Schedule sampling and leak windows (no-op when already running); becomes the active profiler."""
         with self._lock:
-            if self.running:
+            if self._tasks:
                 return
-            self._stop_event.clear()
-            self._process = psutil.Process()
-            self._pid = os.getpid()
             self._started_at = time.monotonic()
             self._sample()
-            self._thread = threading.Thread(target=self._run, name="kotoba-memory-profiler", daemon=True)
-            self._thread.start()
-        with _active_lock:
-            _active = self
+            tasks = [
+                scheduler.every(self.sample_interval_s, self._sample_task, name="memory_profiler.sample")
+            ]
+            if self.leak_detection:
+                tasks.append(scheduler.every(
+                    self.window_interval_s, self._window_step, name="memory_profiler.window",
+                    delay_s=self.first_window_after_s,
+                ))
+            self._tasks = tuple(tasks)
+        registry.claim("profiler", self)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the sampler thread, waiting up to ``timeout`` seconds; a window in progress is abandoned."""
-        global _active
-        self._stop_event.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-        with _active_lock:
-            if _active is self:
-                _active = None
+        """Stop sampling (waiting for a step in progress); a window in progress is abandoned."""
+        with self._lock:
+            tasks, self._tasks = self._tasks, ()
+        for task in tasks:
+            task.cancel()
+        with self._lock:
+            self._abandon_window()
+        registry.release("profiler", self)
 
     async def astart(self) -> None:
         """Async twin of :meth:`start`."""
@@ -289,21 +296,9 @@ class MemoryProfiler:
             self._gauges.pop(name, None)
             self._ring.release_gauge(name)
 
-    # ------------------------------------------------------------------ the sampler thread
-    def _run(self) -> None:
-        next_sample = time.monotonic() + self.sample_interval_s
-        next_window = time.monotonic() + self.first_window_after_s
-        while not self._stop_event.is_set():
-            now = time.monotonic()
-            if self.leak_detection and now >= next_window:
-                self._guarded(self._run_window)
-                next_window = time.monotonic() + self.window_interval_s - self.window_s
-                continue
-            if now >= next_sample:
-                self._guarded(self._sample)
-                next_sample = now + self.sample_interval_s
-            wake = min(next_sample, next_window) if self.leak_detection else next_sample
-            self._stop_event.wait(max(0.0, wake - time.monotonic()))
+    # ------------------------------------------------------------------ scheduled steps
+    def _sample_task(self) -> None:
+        self._guarded(self._sample)
 
     def _guarded(self, step: Callable[[], None]) -> None:
         try:
@@ -313,18 +308,14 @@ class MemoryProfiler:
             logger.debug("kotoba-memory profiler step failed", exc_info=True)
 
     def _sample(self) -> None:
-        if os.getpid() != self._pid:  # forked: the inherited Process object describes the parent
-            self._process = psutil.Process()
-            self._pid = os.getpid()
-        process = self._process or psutil.Process()
-        rss = process.memory_info().rss
+        rss = process_memory.rss_bytes()
         traced: int | None = None
         if tracemalloc.is_tracing():
             traced = tracemalloc.get_traced_memory()[0]
             # Tracing's own bookkeeping inflates RSS during our windows; leave it out of the trend.
             if self._tracing_mode == "window" and self._in_window:
                 rss -= tracemalloc.get_tracemalloc_memory()
-        heap = heap_in_use_bytes()
+        heap = process_memory.heap_in_use_bytes()
         if heap is not None:
             heap -= self._own_heap
             if self._in_window and self._tracing_mode == "window":
@@ -339,40 +330,67 @@ class MemoryProfiler:
         with self._lock:
             blocks = sys.getallocatedblocks() - self._detector.own_blocks
             self._ring.append(time.time(), rss, traced, blocks, heap, (count[0], count[1], count[2]), gauges)
-            self._peak_rss = max(self._peak_rss, rss)
 
-    def _run_window(self) -> None:
-        """Trace for ``window_s`` seconds, taking a few snapshots, then stop tracing (if we started it)."""
-        owned = not tracemalloc.is_tracing()
-        self._tracing_mode = "window" if owned else "shared"
-        if owned:
-            tracemalloc.start(self.trace_frames)
-        self._in_window = True
-        self._routes.take_window_counts()
-        raws: list[tuple[float, list[Any]]] = []
-        opened = time.monotonic()
+    def _window_step(self) -> float:
+        """Open a tracemalloc window, take its next snapshot, or close it; returns when to step next.
+
+        Snapshot times are fixed from the window's start, so slow read-backs do not stretch the time
+        the app spends traced; the next window opens ``window_interval_s - window_s`` after one closes.
+        """
         try:
-            gap = self.window_s / (self.snapshots_per_window - 1)
-            for i in range(self.snapshots_per_window):
-                # Snapshot times are fixed from the window start, so slow read-backs do not stretch
-                # the time the app spends traced.
-                if i and self._stop_event.wait(max(0.0, opened + i * gap - time.monotonic())):
-                    return
-                if owned and tracemalloc.get_tracemalloc_memory() > self.max_trace_memory_bytes:
-                    # A huge allocation burst inside the window: reading it back would cost more than
-                    # the window is worth. Give this window up.
-                    self._skipped_windows += 1
-                    return
-                started = time.perf_counter()
-                raws.append((time.time(), self._read_traces()))
-                self._note_window_cost(time.perf_counter() - started)
-                self._guarded(self._sample)
-        finally:
-            self._in_window = False
-            if owned and tracemalloc.is_tracing():
-                tracemalloc.stop()
+            return self._window_step_unguarded()
+        except Exception:
+            self._tick_errors += 1
+            logger.debug("kotoba-memory profiler window failed", exc_info=True)
+            with self._lock:
+                self._abandon_window()
+            return self.window_interval_s - self.window_s
+
+    def _window_step_unguarded(self) -> float:
+        window = self._window
+        if window is not None and window.pid != os.getpid():
+            self._abandon_window()  # opened in the parent before fork(): its traces are not ours
+            window = None
+        if window is None:
+            owned = not tracemalloc.is_tracing()
+            self._tracing_mode = "window" if owned else "shared"
+            if owned:
+                tracemalloc.start(self.trace_frames)
+            self._in_window = True
+            self._routes.take_window_counts()
+            window = self._window = _Window(
+                owned, time.monotonic(), self.window_s / (self.snapshots_per_window - 1), os.getpid()
+            )
+        if window.owned and tracemalloc.get_tracemalloc_memory() > self.max_trace_memory_bytes:
+            # A huge allocation burst inside the window: reading it back would cost more than the
+            # window is worth. Give this window up.
+            self._skipped_windows += 1
+            self._abandon_window()
+            return self.window_interval_s - self.window_s
+        started = time.perf_counter()
+        window.raws.append((time.time(), self._read_traces()))
+        self._note_window_cost(time.perf_counter() - started)
+        self._guarded(self._sample)
+        taken = len(window.raws)
+        if taken < self.snapshots_per_window:
+            return max(0.0, window.opened + taken * window.gap - time.monotonic())
+        self._close_window(window)
+        return self.window_interval_s - self.window_s
+
+    def _abandon_window(self) -> None:
+        window, self._window = self._window, None
+        self._in_window = False
+        if window is not None and window.owned and tracemalloc.is_tracing():
+            tracemalloc.stop()
+
+    def _close_window(self, window: _Window) -> None:
+        self._window = None
+        self._in_window = False
+        if window.owned and tracemalloc.is_tracing():
+            tracemalloc.stop()
         # Grouping is Python work: done once tracing has stopped, it does not prolong the window.
         started = time.perf_counter()
+        raws, window.raws = window.raws, []
         snapshots: list[WindowSnapshot] = [(t, self._group(raw)) for t, raw in raws]
         del raws
         routes = self._routes.take_window_counts()
@@ -382,11 +400,31 @@ class MemoryProfiler:
                 self._update_hotspots(snapshots[-1][1])
         self._note_window_cost(time.perf_counter() - started)
 
+    def reinit_after_fork(self) -> None:
+        """In a forked child: new locks and no history of the parent's (a worker reports on itself).
+
+        A window the parent had open is closed at the child's first window step, once the scheduler
+        resumes: stopping tracemalloc inside the fork hook could meet a lock the parent held.
+        """
+        self._lock = threading.RLock()
+        self._ring = SampleRing(self._ring.capacity, _MAX_GAUGES)
+        for name, (_, read) in list(self._gauges.items()):
+            self._gauges[name] = (self._ring.gauge_column(name), read)
+        self._routes = _RouteTable(self._routes.max_routes)
+        old = self._detector
+        self._detector = LeakDetector(
+            max_sites=old.max_sites, max_windows=old.max_windows, site_chooser=old.site_chooser
+        )
+        self._hotspots = []
+        self._hotspots_by_count = []
+        self._own_heap = 0
+        self._started_at = time.monotonic()
+
     def _read_traces(self) -> list[Any]:
         """tracemalloc's raw traces now (one C call); its leftover heap is counted as ours."""
-        before = heap_in_use_bytes()
+        before = process_memory.heap_in_use_bytes()
         raw = _raw_traces()
-        after = heap_in_use_bytes()
+        after = process_memory.heap_in_use_bytes()
         if before is not None and after is not None:
             # CPython keeps a couple of hundred bytes of malloc memory per trace read-back; count it
             # as ours so it is not mistaken for growth of the process.
@@ -438,8 +476,8 @@ class MemoryProfiler:
 
     @property
     def peak_rss_bytes(self) -> int:
-        """Highest RSS seen by the sampler."""
-        return self._peak_rss
+        """Highest RSS seen in this process since the optimizer started (the process layer's peak)."""
+        return process_memory.peak_rss_bytes()
 
     def routes(self) -> list[RouteStats]:
         """Per-route aggregates recorded so far, busiest first."""

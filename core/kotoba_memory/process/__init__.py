@@ -1,0 +1,23 @@
+"""The process layer at the bottom of the core: what every component asks about this process.
+
+- :mod:`~kotoba_memory.process.memory`: RSS (and its peak), cgroup limit and usage, the glibc heap.
+- :mod:`~kotoba_memory.process.forks`: the one ``os.register_at_fork``; components register callbacks.
+- :mod:`~kotoba_memory.process.scheduler`: the one background thread for periodic work.
+- :mod:`~kotoba_memory.process.registry`: which optimizer, GC optimizer and profiler are running.
+- :mod:`~kotoba_memory.process.activity`: requests in flight.
+
+It imports no component: components import it.
+"""
+
+from __future__ import annotations
+
+from kotoba_memory.process import activity, forks, memory, registry
+from kotoba_memory.process.scheduler import Scheduler, Task, scheduler
+
+__all__ = ["Scheduler", "Task", "activity", "forks", "memory", "registry", "resume_after_fork", "scheduler"]
+
+
+def resume_after_fork() -> None:
+    """In a forked child, start the background thread again for the tasks it inherited (cheap no-op
+    otherwise). kotoba-memory calls it at a child's first request, report or new task."""
+    scheduler.resume()

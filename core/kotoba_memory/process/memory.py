@@ -1,0 +1,297 @@
+"""The one place that reads this process's memory: RSS, its peak, the cgroup limit and usage, the heap.
+
+RSS comes from a kept ``/proc/self/statm`` descriptor read with one ``pread`` (about a microsecond),
+with psutil as the fallback off Linux. Every reading updates the peak, so components that want "the
+highest RSS seen" ask here instead of tracking it themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kotoba_memory.process import forks
+
+__all__ = [
+    "CgroupMemory",
+    "MemoryUsage",
+    "RssReader",
+    "cgroup_memory",
+    "heap_in_use_bytes",
+    "memory_limit_bytes",
+    "memory_usage",
+    "peak_rss_bytes",
+    "recent_rss_bytes",
+    "reset_peak",
+    "rss_bytes",
+    "system_memory",
+    "virtual_memory_bytes",
+]
+
+# cgroup v1 reports "no limit" as a huge page-aligned number rather than a keyword.
+_CGROUP_V1_UNLIMITED = 1 << 60
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class RssReader:
+    """Reads this process's resident set size cheaply.
+
+    On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread``; a forked child reopens
+    it (the inherited descriptor still reads the parent), so a pre-forking server measures each worker.
+    Elsewhere it falls back to psutil.
+    """
+
+    def __init__(self) -> None:
+        self._page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._fd: int | None = None
+        self._last: tuple[int, float] = (0, -1e18)
+        self._peak = 0
+        self._unavailable = False
+        self._lock = threading.Lock()
+        self._psutil_process: Any = None
+        _readers.add(self)
+
+    def _open(self) -> int | None:
+        with self._lock:
+            if self._fd is None and not self._unavailable:
+                try:
+                    self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    self._unavailable = True  # not Linux: psutil from now on
+            return self._fd
+
+    def rss(self) -> int:
+        """Resident set size in bytes (0 if it cannot be read)."""
+        fd = self._fd
+        if fd is None:
+            fd = self._open()
+        if fd is None:
+            value = self._rss_psutil()
+        else:
+            try:
+                # "size resident shared ..." in pages; the first two fields fit in 64 bytes.
+                value = int(os.pread(fd, 64, 0).split(b" ", 2)[1]) * self._page_size
+            except (OSError, ValueError, IndexError):
+                value = self._rss_psutil()
+        self._last = (value, time.monotonic())
+        if value > self._peak:
+            self._peak = value
+        return value
+
+    def recent(self, max_age_s: float) -> int:
+        """The last reading if it is at most ``max_age_s`` old, else a fresh one.
+
+        Under load a server finishes requests back to back, so the RSS at one request's end is, to
+        within the server's own bookkeeping, the RSS at the next one's start: reusing it saves one of
+        the two ``/proc`` reads per request, which on a busy machine is the middleware's largest cost.
+        """
+        value, at = self._last
+        if time.monotonic() - at <= max_age_s:
+            return value
+        return self.rss()
+
+    @property
+    def peak(self) -> int:
+        """The highest reading this reader has made (since it was created, reset or forked)."""
+        return self._peak
+
+    def reset_peak(self) -> None:
+        """Start the peak afresh from the next reading."""
+        self._peak = 0
+
+    def _rss_psutil(self) -> int:
+        try:
+            if self._psutil_process is None:
+                import psutil
+
+                self._psutil_process = psutil.Process()
+            return int(self._psutil_process.memory_info().rss)
+        except Exception:
+            return 0
+
+    def close(self) -> None:
+        """Close the kept descriptor (reopened on the next read)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def reinit_after_fork(self) -> None:
+        """Forget the parent: its descriptor, psutil handle, last reading and peak."""
+        # The child's copy of the descriptor reads the parent's statm; it is the child's to close.
+        self._lock = threading.Lock()
+        self._psutil_process = None
+        self._last = (0, -1e18)
+        self._peak = 0
+        self.close()
+
+
+_readers: weakref.WeakSet[RssReader] = weakref.WeakSet()
+
+
+def _reinit_readers_after_fork() -> None:
+    for reader in list(_readers):
+        reader.reinit_after_fork()
+
+
+forks.register(_reinit_readers_after_fork, name="process.memory")
+
+_shared = RssReader()
+
+
+def rss_bytes() -> int:
+    """This process's resident set size in bytes, read now (0 if it cannot be read)."""
+    return _shared.rss()
+
+
+def recent_rss_bytes(max_age_s: float) -> int:
+    """The process's last RSS reading if at most ``max_age_s`` old, else a fresh one."""
+    return _shared.recent(max_age_s)
+
+
+def peak_rss_bytes() -> int:
+    """The highest RSS read through this module since the process started (or forked, or a reset)."""
+    return _shared.peak
+
+
+def reset_peak() -> None:
+    """Start :func:`peak_rss_bytes` afresh (the optimizer does at ``start()``)."""
+    _shared.reset_peak()
+
+
+def shared_reader() -> RssReader:
+    """The process-wide reader behind :func:`rss_bytes` (its peak is :func:`peak_rss_bytes`)."""
+    return _shared
+
+
+def virtual_memory_bytes() -> int:
+    """This process's virtual memory size in bytes (0 if it cannot be read)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read(64).split(b" ", 1)[0]) * _shared._page_size
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().vms)
+        except Exception:
+            return 0
+
+
+# -- limits ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MemoryUsage:
+    """One reading of memory use against the limit it is judged by."""
+
+    used_bytes: int
+    limit_bytes: int
+    source: str  # "explicit", "cgroup-v2", "cgroup-v1" or "system"
+
+    @property
+    def percent(self) -> float:
+        """Used memory as a percentage of the limit."""
+        return 100.0 * self.used_bytes / self.limit_bytes if self.limit_bytes else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupMemory:
+    """The memory cgroup this process is limited by: its kind, limit and where its usage is read."""
+
+    kind: str  # "cgroup-v2" or "cgroup-v1"
+    limit_bytes: int
+    usage_file: Path
+
+    def usage_bytes(self) -> int | None:
+        """Bytes the whole cgroup uses now (every process in the container), or None if unreadable."""
+        return _read_int(self.usage_file)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _own_cgroup_dirs(root: Path = _CGROUP_ROOT) -> list[tuple[str, Path]]:
+    """Candidate (kind, directory) pairs for this process's memory cgroup, most specific first."""
+    found: list[tuple[str, Path]] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.lstrip("/")
+        if controllers == "":
+            found.append(("cgroup-v2", root / rel))
+        elif "memory" in controllers.split(","):
+            found.append(("cgroup-v1", root / "memory" / rel))
+    found.append(("cgroup-v2", root))
+    found.append(("cgroup-v1", root / "memory"))
+    return found
+
+
+def cgroup_memory(root: Path = _CGROUP_ROOT) -> CgroupMemory | None:
+    """The memory cgroup limiting this process (v2 or v1, its own cgroup first), or None if unlimited."""
+    for kind, directory in _own_cgroup_dirs(root):
+        if kind == "cgroup-v2":
+            limit = _read_int(directory / "memory.max")
+            usage_file = directory / "memory.current"
+        else:
+            limit = _read_int(directory / "memory.limit_in_bytes")
+            usage_file = directory / "memory.usage_in_bytes"
+        if limit is not None and 0 < limit < _CGROUP_V1_UNLIMITED and usage_file.exists():
+            return CgroupMemory(kind, limit, usage_file)
+    return None
+
+
+def system_memory() -> tuple[int, int]:
+    """``(total, used)`` bytes of the machine's RAM, used meaning not available to new allocations."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.total - vm.available)
+
+
+def memory_limit_bytes() -> int:
+    """The memory limit this process lives under: its cgroup's limit when one is set, else total RAM."""
+    cgroup = cgroup_memory()
+    return cgroup.limit_bytes if cgroup is not None else system_memory()[0]
+
+
+def memory_usage(limit_bytes: int | None = None, cgroup: CgroupMemory | None = None) -> MemoryUsage:
+    """Memory use against a limit: ``limit_bytes`` judged by this process's RSS when given, else the
+    cgroup's usage against its limit, else the machine's use against its RAM."""
+    if limit_bytes is not None:
+        return MemoryUsage(rss_bytes(), limit_bytes, "explicit")
+    if cgroup is not None:
+        used = cgroup.usage_bytes()
+        if used is not None:
+            return MemoryUsage(used, cgroup.limit_bytes, cgroup.kind)
+    total, used = system_memory()
+    return MemoryUsage(used, total, "system")
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc malloc has handed out and not had back, via the allocators module; None elsewhere."""
+    from kotoba_memory.allocators.process import heap_in_use_bytes as read_heap
+
+    return read_heap()
