@@ -17,6 +17,7 @@ from kotoba_memory.cache_manager import (
     CacheMetadata,
     CachePolicy,
     EvictionCause,
+    default_weigher,
     iter_caches,
 )
 
@@ -84,6 +85,8 @@ def test_entry_bound_is_never_exceeded(policy: CachePolicy) -> None:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_byte_bound_with_custom_weigher(policy: CachePolicy) -> None:
     cache = CacheManager(1000, policy, weigher=len)
+    assert cache.weigher is len  # public: TieredCache weighs its spill threshold with it
+    assert CacheManager(1000, policy).weigher is default_weigher
     for i in range(200):
         cache.put(i, b"x" * (i % 90 + 1))
         assert cache.stats().bytes <= 1000
