@@ -36,8 +36,8 @@ from kotoba_memory.cache_manager.redis_tier import RedisCache
 from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.errors import KotobaMemoryError
 
-SHORT = 0.05  # a ttl that has passed after sleep(PAST_SHORT)
-PAST_SHORT = 0.12
+SHORT = 0.1  # a ttl that has passed after sleep(PAST_SHORT); long enough for a few calls
+PAST_SHORT = 0.2
 DEFAULT_MAX_BYTES = 1 << 20
 TIER_THRESHOLD = 2000  # TieredCache: values heavier than this go straight to its disk tier
 
