@@ -188,4 +188,4 @@ class KotobaCache(BaseCache):
             return value if self.set(key, value) else None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(store={getattr(self._store, 'name', self._store)!r})"
+        return f"{type(self).__name__}(store={self._store.name!r})"

@@ -224,12 +224,7 @@ class KotobaCache(BaseCache):
 
     def _remaining_ttl(self, key: str) -> float | None:
         """Seconds the live entry under ``key`` has left (None: forever); KeyError when absent."""
-        try:
-            return self._memory.ttl_remaining(key)
-        except KeyError:
-            if self._disk is None:
-                raise
-            return self._disk.ttl(key)
+        return self._cache.ttl_remaining(key)  # part of every kotoba-memory cache, tiered or not
 
     def _dumps(self, value: Any) -> bytes:
         return pickle.dumps(value, self.pickle_protocol)

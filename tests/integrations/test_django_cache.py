@@ -338,7 +338,7 @@ def test_default_timeout_from_settings(make_cache: MakeCache) -> None:
 
 
 def _remaining(cache: KotobaCache, key: str) -> float | None:
-    return cache.store.ttl_remaining(cache.make_key(key))  # type: ignore[attr-defined,no-any-return]
+    return cache.store.ttl_remaining(cache.make_key(key))
 
 
 def test_touch(cache: KotobaCache) -> None:
@@ -1004,6 +1004,17 @@ def test_disk_tier_keeps_what_memory_evicts(make_cache: MakeCache, tmp_path: Any
     assert cache.delete("k0") is True
     assert cache.has_key("k0") is False
     assert (tmp_path / "kotoba-cache.sqlite3").exists()
+
+
+def test_disk_tier_incr_keeps_the_expiry_of_a_spilled_entry(make_cache: MakeCache, tmp_path: Any) -> None:
+    cache = make_cache(OPTIONS={"MAX_BYTES": 8 * 1024, "MAX_ENTRIES": 10_000, "DISK_PATH": str(tmp_path)})
+    cache.set("n", 1, 100)
+    for i in range(100):  # push "n" out of the memory tier onto the disk tier
+        cache.set(f"k{i}", "x" * 400)
+    assert cache.make_key("n") in cache._disk  # type: ignore[operator]
+    assert cache.incr("n", 5) == 6
+    remaining = _remaining(cache, "n")  # the tiered store's ttl_remaining, whichever tier holds it
+    assert remaining is not None and 90 < remaining <= 100
 
 
 def test_disk_tier_async_methods_run_off_the_loop(make_cache: MakeCache, tmp_path: Any) -> None:

@@ -1,9 +1,11 @@
 """The one contract every cache implements, plus the conveniences built on it.
 
-Subclasses implement ``get``, ``put``, ``delete``, ``__contains__``, ``__len__``, ``clear`` and ``stats``;
-``get_many``, ``put_many``, ``add``, ``touch``, ``get_or_set`` and every ``a``-prefixed coroutine come
-for free. The async twins run the blocking method in a worker thread (``asyncio.to_thread``); an
-in-memory cache overrides them to run inline.
+Subclasses implement ``get``, ``put``, ``delete``, ``__contains__``, ``__len__``, ``clear``, ``stats``
+and ``ttl_remaining``, and set ``default_ttl``; ``get_many``, ``put_many``, ``add``, ``touch``,
+``get_or_set`` and every ``a``-prefixed coroutine come for free. Adapters rely on this contract only
+(``tests/cache/test_contract.py`` runs it against every cache we ship). The async twins run the
+blocking method in a worker thread (``asyncio.to_thread``); an in-memory cache overrides them to run
+inline.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class BaseCache(ABC):
     """Abstract cache: a bounded mapping from hashable keys to values with optional per-entry ttl."""
 
     name: str
+    #: Seconds a put that gives no ttl lives (None: no expiry); set by each cache's constructor.
+    default_ttl: float | None = None
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
@@ -134,6 +138,13 @@ class BaseCache(ABC):
     @abstractmethod
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
+
+    @abstractmethod
+    def ttl_remaining(self, key: Hashable) -> float | None:
+        """Seconds the live entry under ``key`` has left; None if it never expires.
+
+        Raises KeyError when ``key`` holds no live entry.
+        """
 
     # -- conveniences built on the contract ------------------------------------------------------
 
@@ -269,6 +280,10 @@ class BaseCache(ABC):
     async def astats(self) -> CacheStats:
         """Async :meth:`stats`."""
         return await asyncio.to_thread(self.stats)
+
+    async def attl_remaining(self, key: Hashable) -> float | None:
+        """Async :meth:`ttl_remaining`."""
+        return await asyncio.to_thread(self.ttl_remaining, key)
 
     async def aget_or_set(
         self,

@@ -506,7 +506,7 @@ class DiskCache(BaseCache):
         return row is not None and (row[0] is None or row[0] > time.time())
 
     @_translate_errors
-    def ttl(self, key: Hashable) -> float | None:
+    def ttl_remaining(self, key: Hashable) -> float | None:
         """Seconds until ``key`` expires; None when it never expires. KeyError when it is absent."""
         encoded = _encode_key(key)
         with self._lock:
@@ -517,6 +517,10 @@ class DiskCache(BaseCache):
         if row is None or (row[0] is not None and row[0] <= now):
             raise KeyError(key)
         return None if row[0] is None else row[0] - now
+
+    def ttl(self, key: Hashable) -> float | None:
+        """Alias of :meth:`ttl_remaining` (the name this method had before it joined ``BaseCache``)."""
+        return self.ttl_remaining(key)
 
     # -- writes -----------------------------------------------------------------------------------
 

@@ -307,11 +307,19 @@ class CacheManager(BaseCache):
 
     def ttl_remaining(self, key: Hashable) -> float | None:
         """Seconds until ``key`` expires; None if it never expires; raises KeyError if absent."""
-        entry = self._table.get(key)
+        try:
+            entry = self._table.get(key)
+        except TypeError:
+            raise UnhashableKeyError(key) from None
         now = _monotonic()
         if entry is None or (entry.expires is not None and entry.expires <= now):
             raise KeyError(key)
         return None if entry.expires is None else entry.expires - now
+
+    @property
+    def weigher(self) -> Weigher:
+        """The ``weigher(value) -> int`` that gives values their byte weight against ``max_bytes``."""
+        return self._weigher
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -655,3 +663,6 @@ class CacheManager(BaseCache):
 
     async def astats(self) -> CacheStats:
         return self.stats()
+
+    async def attl_remaining(self, key: Hashable) -> float | None:
+        return self.ttl_remaining(key)

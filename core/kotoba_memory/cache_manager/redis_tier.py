@@ -264,12 +264,16 @@ class RedisCache(BaseCache):
                 raise ValueError(f"the value under {key!r} is not an int") from exc
             raise
 
-    def ttl(self, key: Hashable) -> float | None:
-        """Seconds until ``key`` expires; None when it never expires. KeyError when absent."""
+    def ttl_remaining(self, key: Hashable) -> float | None:
+        """Seconds until ``key`` expires (PTTL); None when it never expires. KeyError when absent."""
         remaining = int(self.client.pttl(self.make_key(key)))
         if remaining == -2:
             raise KeyError(key)
         return None if remaining == -1 else remaining / 1000
+
+    def ttl(self, key: Hashable) -> float | None:
+        """Alias of :meth:`ttl_remaining` (the name this method had before it joined ``BaseCache``)."""
+        return self.ttl_remaining(key)
 
     def delete(self, key: Hashable) -> bool:
         """DEL ``key``; True when it existed."""

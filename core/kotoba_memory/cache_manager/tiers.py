@@ -30,7 +30,7 @@ from kotoba_memory.cache_manager.types import (
     UnhashableKeyError,
     check_ttl,
 )
-from kotoba_memory.cache_manager.weigher import Weigher, default_weigher
+from kotoba_memory.cache_manager.weigher import Weigher
 from kotoba_memory.process import forks
 
 __all__ = ["TieredCache", "TieredCacheStats"]
@@ -92,7 +92,7 @@ class TieredCache(BaseCache):
         default_ttl: float | None = None,
         name: str | None = None,
     ) -> None:
-        if not isinstance(memory, BaseCache) or not hasattr(memory, "add_eviction_listener"):
+        if not isinstance(memory, CacheManager):  # spilling needs its eviction listeners and weigher
             raise TypeError(f"memory must be a CacheManager, got {type(memory).__name__}")
         if not isinstance(disk, DiskCache):
             raise TypeError(f"disk must be a DiskCache, got {type(disk).__name__}")
@@ -107,11 +107,9 @@ class TieredCache(BaseCache):
         self.spill_threshold_bytes = spill_threshold_bytes
         self.promote_on_hit = bool(promote_on_hit)
         default = check_ttl(default_ttl, "default_ttl")
-        self.default_ttl = default if default is not None else getattr(memory, "default_ttl", None)
+        self.default_ttl = default if default is not None else memory.default_ttl
         # The memory tier's own weigher, so "heavier than the threshold" means what its byte bound means.
-        self._weigh: Weigher = (
-            getattr(memory, "weigher", None) or getattr(memory, "_weigher", None) or default_weigher
-        )
+        self._weigh: Weigher = memory.weigher
         self._lock = threading.RLock()
         # Monotonic deadline and value of each memory entry that has a ttl: an eviction event carries no
         # ttl, and a spilled entry must keep its remaining lifetime. The value tells whose deadline it is
@@ -121,6 +119,7 @@ class TieredCache(BaseCache):
         # Lookups: a GIL-atomic counter on the lock-free path; memory hits = gets - slow lookups + the
         # slow lookups that found the key in memory after all (promoted meanwhile by another thread).
         self._gets = itertools.count()
+        self._bad_keys = itertools.count()  # gets that raised UnhashableKeyError
         self._slow_lookups = self._slow_memory_hits = 0
         self._disk_hits = self._misses = self._puts = self._deletes = self._rejections = 0
         self._promotions = self._spills = self._direct = self._spill_failures = 0
@@ -180,13 +179,21 @@ class TieredCache(BaseCache):
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value from memory, else from disk (moved to memory when ``promote_on_hit``)."""
         if next(self._gets) & _SAMPLE_MASK:
-            value = self.memory.get(key, _MISSING)
+            try:
+                value = self.memory.get(key, _MISSING)
+            except UnhashableKeyError:
+                next(self._bad_keys)  # not a lookup: counted as neither hit nor miss
+                raise
             if value is not _MISSING:
                 return value
             return self._slow_get(key, default, None)
         # One call in SAMPLE_EVERY is timed, memory hit or not, so the latency medians are unbiased.
         started = time.perf_counter_ns()
-        value = self.memory.get(key, _MISSING)
+        try:
+            value = self.memory.get(key, _MISSING)
+        except UnhashableKeyError:
+            next(self._bad_keys)
+            raise
         if value is not _MISSING:
             self._hit_ns.add(started)
             return value
@@ -219,7 +226,11 @@ class TieredCache(BaseCache):
         missing: list[Hashable] = []
         for key in keys:
             next(self._gets)
-            value = self.memory.get(key, _MISSING)
+            try:
+                value = self.memory.get(key, _MISSING)
+            except UnhashableKeyError:
+                next(self._bad_keys)
+                raise
             if value is _MISSING:
                 missing.append(key)
             else:
@@ -279,6 +290,14 @@ class TieredCache(BaseCache):
     def __len__(self) -> int:
         with self._lock:
             return len(self.memory) + len(self.disk)
+
+    def ttl_remaining(self, key: Hashable) -> float | None:
+        """Seconds the entry has left in whichever tier holds it; None: no expiry. KeyError if absent."""
+        with self._lock:  # a promotion moves the key between the tiers under this lock
+            try:
+                return self.memory.ttl_remaining(key)
+            except KeyError:
+                return self.disk.ttl_remaining(key)
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -366,7 +385,8 @@ class TieredCache(BaseCache):
         memory = self.memory.stats()
         disk = self.disk.stats()
         with self._lock:
-            gets = int(repr(self._gets)[6:-1])  # read an itertools.count without advancing it
+            # read the itertools.counts without advancing them
+            gets = int(repr(self._gets)[6:-1]) - int(repr(self._bad_keys)[6:-1])
             memory_hits = max(gets - self._slow_lookups, 0) + self._slow_memory_hits
             hits = memory_hits + self._disk_hits
             lookups = hits + self._misses
@@ -439,7 +459,11 @@ class TieredCache(BaseCache):
 
     async def aget(self, key: Hashable, default: Any = None) -> Any:
         started = None if next(self._gets) & _SAMPLE_MASK else time.perf_counter_ns()
-        value = self.memory.get(key, _MISSING)
+        try:
+            value = self.memory.get(key, _MISSING)
+        except UnhashableKeyError:
+            next(self._bad_keys)
+            raise
         if value is not _MISSING:
             if started is not None:
                 self._hit_ns.add(started)
