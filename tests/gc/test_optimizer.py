@@ -7,19 +7,18 @@ import gc
 import subprocess
 import sys
 import textwrap
-import time
 import threading
 
 import pytest
 
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
-from kotoba_memory.process import scheduler
 from kotoba_memory.gc_optimizer import (
     GcOptimizer,
     GcOptimizerError,
     RiskLevel,
     get_active_gc_optimizer,
 )
+from kotoba_memory.process import scheduler
 
 
 class Row:
