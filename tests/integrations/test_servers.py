@@ -251,3 +251,42 @@ def test_flask_example_report_names_the_leaking_route_and_site(tmp_path: Path) -
     assert top, "no leak suspect reported"
     assert top["route"] == "/leak"
     assert str(top["allocation_site"]).endswith(f"app.py:{leak_line}")
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["default", "preload"])
+def test_each_gunicorn_worker_runs_exactly_one_optimizer_with_working_threads(
+    tmp_path: Path, preload: bool
+) -> None:
+    """gunicorn -w 2, no server hooks: every worker has one running optimizer, one thread of ours, and
+    its profiler keeps sampling (with --preload the workers inherit the master's optimizer)."""
+    port = free_port()
+    cmd = [str(BIN / "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{port}", "fork_app:application"]
+    if preload:
+        cmd.insert(1, "--preload")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    first: dict[int, dict[str, object]] = {}
+    last: dict[int, dict[str, object]] = {}
+    def samples(state: dict[str, object]) -> int:
+        return int(str(state["samples"]))
+
+    with serve(cmd, Path(__file__).parent, env, port) as base, httpx.Client(base_url=base, timeout=20) as client:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            len(first) < 2 or any(samples(last[pid]) < samples(first[pid]) + 5 for pid in first)
+        ):
+            # New connections spread requests over both workers.
+            state = httpx.get(base + "/state", timeout=10, headers={"Connection": "close"}).json()
+            first.setdefault(state["pid"], state)
+            last[state["pid"]] = state
+            time.sleep(0.05)
+        client.get("/state")
+    assert len(first) == 2, first
+    for pid, state in last.items():
+        assert state["running_optimizers"] == 1 and state["active_is_the_running_one"], state
+        assert state["our_threads"] == ["kotoba-memory"] and state["scheduler_running"], state
+        assert samples(state) >= samples(first[pid]) + 5, (first[pid], state)
+        assert {"memory_profiler.sample", "gc_optimizer.monitor"} <= set(state["tasks"]), state  # type: ignore[arg-type]
+        if preload:
+            assert state["loaded_in"] != pid  # imported in the master, inherited by the worker
+        else:
+            assert state["loaded_in"] == pid
