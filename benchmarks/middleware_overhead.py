@@ -240,7 +240,7 @@ def server_benchmark(
 
 def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
     """Median CPU microseconds per request added by the middleware, measured in this process."""
-    from kotoba_memory_integrations._request import RequestRecorder
+    from kotoba_memory_integrations.request import RequestRecorder
     from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
@@ -274,8 +274,8 @@ def otel_record_cost_us(repeats: int, calls: int) -> dict[str, float]:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from kotoba_memory_integrations._request import RequestMetrics
     from kotoba_memory_integrations.otel import _Instruments
+    from kotoba_memory_integrations.request import RequestMetrics
 
     sample = RequestMetrics("/items/<int:id>", "GET", 200, 0.001, 4096, None, 0, None, False)
     noop = _Instruments(metrics.NoOpMeterProvider())

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from kotoba_memory_integrations._request import (
+from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestListener,
     RequestMeasurement,

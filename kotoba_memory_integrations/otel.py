@@ -40,7 +40,7 @@ from kotoba_memory.cache_manager import iter_caches
 from kotoba_memory.gc_optimizer import get_active_gc_optimizer
 from kotoba_memory.optimizer import get_active_optimizer
 from kotoba_memory.process import memory as process_memory
-from kotoba_memory_integrations._request import RequestMetrics, add_request_listener, remove_request_listener
+from kotoba_memory_integrations.request import RequestMetrics, add_request_listener, remove_request_listener
 
 __all__ = ["METER_NAME", "MemoryInstrumentor", "instrument", "is_instrumented", "uninstrument"]
 

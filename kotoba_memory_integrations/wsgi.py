@@ -7,7 +7,7 @@ Wrap any WSGI app (``app.wsgi_app`` for Flask, ``get_wsgi_application()`` for Dj
 
 The request is recorded when the server closes the response iterable (so a streaming body is
 measured to its end) or when the app raises (the exception is re-raised untouched). Frameworks tell
-the measurement their route template through :func:`kotoba_memory_integrations._request.set_current_route`
+the measurement their route template through :func:`kotoba_memory_integrations.request.set_current_route`
 or ``environ["kotoba_memory.request"].route``; the Django and Flask integrations do so.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
-from kotoba_memory_integrations._request import (
+from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestListener,
     RequestMeasurement,

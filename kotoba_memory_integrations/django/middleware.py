@@ -18,7 +18,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import FileResponse, HttpRequest, HttpResponseBase, StreamingHttpResponse
 
-from kotoba_memory_integrations._request import (
+from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestMeasurement,
     RequestRecorder,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, abort, current_app, request
 
 from kotoba_memory.errors import ConfigError
-from kotoba_memory_integrations._request import ENVIRON_KEY, RequestMeasurement
+from kotoba_memory_integrations.request import ENVIRON_KEY, RequestMeasurement
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 if TYPE_CHECKING:

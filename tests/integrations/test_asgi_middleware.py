@@ -21,8 +21,8 @@ with warnings.catch_warnings():  # starlette's notice about httpx vs httpx2 is n
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from kotoba_memory_integrations._request import UNMATCHED_ROUTE, RequestMetrics, RequestRecorder
 from kotoba_memory_integrations.asgi import MemoryMiddleware, route_from_scope
+from kotoba_memory_integrations.request import UNMATCHED_ROUTE, RequestMetrics, RequestRecorder
 
 
 class Collected(list[RequestMetrics]):

@@ -22,11 +22,12 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.test import AsyncClient, Client, override_settings
 from django.urls import path
 
-from kotoba_memory_integrations import _request, runtime
-from kotoba_memory_integrations._request import RequestMetrics
+from kotoba_memory_integrations import request as _request
+from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.django import checks
 from kotoba_memory_integrations.django.apps import KotobaMemoryConfig, start_from_settings
 from kotoba_memory_integrations.django.middleware import route_of, wrap_asgi, wrap_wsgi
+from kotoba_memory_integrations.request import RequestMetrics
 
 MIDDLEWARE_PATH = "kotoba_memory_integrations.django.middleware.MemoryMiddleware"
 

@@ -13,9 +13,9 @@ from flask import Flask, Response, request
 from flask.testing import FlaskClient
 
 from kotoba_memory.errors import ConfigError
-from kotoba_memory_integrations import _request
-from kotoba_memory_integrations._request import RequestMetrics
+from kotoba_memory_integrations import request as _request
 from kotoba_memory_integrations.flask import EXTENSION_KEY, KotobaMemory
+from kotoba_memory_integrations.request import RequestMetrics
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 TOKEN = "s3cret-token-for-tests-0123456789"

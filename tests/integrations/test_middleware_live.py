@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kotoba_memory_integrations._request import RequestMetrics, RequestRecorder, set_current_route
+from kotoba_memory_integrations.request import RequestMetrics, RequestRecorder, set_current_route
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 gc_optimizer = pytest.importorskip("kotoba_memory.gc_optimizer")

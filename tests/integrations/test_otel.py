@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from kotoba_memory._version import __version__
 from kotoba_memory_integrations import otel
-from kotoba_memory_integrations._request import RequestRecorder, set_current_route
+from kotoba_memory_integrations.request import RequestRecorder, set_current_route
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 

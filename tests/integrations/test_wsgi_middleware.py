@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from kotoba_memory.process import activity
-from kotoba_memory_integrations import _request
-from kotoba_memory_integrations._request import (
+from kotoba_memory_integrations import request as _request
+from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     UNMATCHED_ROUTE,
     RequestMetrics,

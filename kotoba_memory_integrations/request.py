@@ -1,0 +1,283 @@
+"""Per-request memory measurement shared by the WSGI, ASGI, Django and Flask integrations.
+
+One :class:`RequestRecorder` per middleware measures each request: wall time, the change in resident
+memory (RSS), the traced-allocation delta when ``tracemalloc`` is tracing, the GC pause time that fell
+inside the request and the route template it belongs to. It calls the active GC optimizer's
+between-request hooks and hands the result to the active memory profiler and to registered listeners
+(the OpenTelemetry layer is one). Nothing here imports a web framework.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from kotoba_memory.gc_optimizer import get_active_gc_optimizer
+from kotoba_memory.memory_profiler import get_active_profiler
+from kotoba_memory.process import activity, scheduler
+from kotoba_memory.process.memory import RssReader, shared_reader
+
+__all__ = [
+    "ENVIRON_KEY",
+    "UNMATCHED_ROUTE",
+    "RequestMeasurement",
+    "RequestMetrics",
+    "RequestRecorder",
+    "RssReader",
+    "add_request_listener",
+    "current_measurement",
+    "listener_errors",
+    "remove_request_listener",
+    "set_current_route",
+]
+
+#: Key under which the measurement of the running request is stored in a WSGI environ or ASGI scope.
+ENVIRON_KEY = "kotoba_memory.request"
+#: A request starts from the process's last RSS reading when it is at most this old (see RssReader.recent).
+_RSS_REUSE_S = 0.010
+#: Route label used when no framework told us the route; the raw path is never used (cardinality).
+UNMATCHED_ROUTE = "unmatched"
+
+_current: contextvars.ContextVar[RequestMeasurement | None] = contextvars.ContextVar(
+    "kotoba_memory_request", default=None
+)
+
+
+class RequestMetrics(NamedTuple):
+    """What one finished request cost (a NamedTuple: built once per request, so it must be cheap).
+
+    ``rss_delta`` is the process's RSS change over the request; ``traced_delta`` the net traced
+    allocations, given only when tracemalloc traced the whole request *and* no other request of this
+    process started or finished meanwhile (both counters are process-wide, so an overlapped request's
+    figure would include its neighbours'); ``overlapped`` says whether another request ran alongside.
+    ``sampled`` is False for the requests a ``rss_sample_every`` > 1 recorder did not measure: their
+    ``rss_delta`` is 0 and ``traced_delta`` None, and the profiler and OpenTelemetry skip them.
+    """
+
+    route: str
+    method: str
+    status: int | None
+    duration_s: float
+    rss_delta: int
+    traced_delta: int | None
+    gc_pause_ns: int
+    error: str | None
+    overlapped: bool = False
+    sampled: bool = True
+
+
+RequestListener = Callable[[RequestMetrics], None]
+
+_listeners: tuple[RequestListener, ...] = ()
+_listeners_lock = threading.Lock()
+_listener_errors = 0
+
+
+def add_request_listener(listener: RequestListener) -> None:
+    """Call ``listener(metrics)`` after every measured request (idempotent)."""
+    global _listeners
+    with _listeners_lock:
+        if listener not in _listeners:
+            _listeners = (*_listeners, listener)
+
+
+def remove_request_listener(listener: RequestListener) -> None:
+    """Stop calling ``listener``; unknown listeners are ignored."""
+    global _listeners
+    with _listeners_lock:
+        _listeners = tuple(fn for fn in _listeners if fn != listener)
+
+
+def listener_errors() -> int:
+    """How many times a request listener, profiler or GC hook raised (they never reach the app)."""
+    return _listener_errors
+
+
+def _count_error() -> None:
+    global _listener_errors
+    _listener_errors += 1
+
+
+def current_measurement() -> RequestMeasurement | None:
+    """The measurement of the request running in this context, if a middleware started one."""
+    return _current.get()
+
+
+def set_current_route(route: str | None) -> None:
+    """Tell the running request's measurement its route template (a no-op outside a request)."""
+    measurement = _current.get()
+    if measurement is not None and route:
+        measurement.route = route
+
+
+class RequestMeasurement:
+    """The in-flight measurement of one request; ``finish()`` records it exactly once."""
+
+    __slots__ = (
+        "_alone",
+        "_done",
+        "_epoch",
+        "_gc",
+        "_gc_pause0",
+        "_recorder",
+        "_rss0",
+        "_sampled",
+        "_t0",
+        "_token",
+        "_traced0",
+        "error",
+        "method",
+        "route",
+        "status",
+    )
+
+    def __init__(self, recorder: RequestRecorder, method: str) -> None:
+        self._recorder = recorder
+        self.method = method
+        self.route: str | None = None
+        self.status: int | None = None
+        self.error: str | None = None
+        self._done = False
+        self._token: contextvars.Token[RequestMeasurement | None] | None = None
+        if scheduler.paused_by_fork:  # the first request of a forked worker: resume our background work
+            scheduler.resume()
+        self._alone, self._epoch = activity.begin()
+        gc_opt = recorder.gc_optimizer()
+        self._gc = gc_opt
+        self._gc_pause0 = 0
+        if gc_opt is not None:
+            try:
+                self._gc_pause0 = int(gc_opt.pause_total_ns())
+            except Exception:
+                _count_error()
+                self._gc = None
+        self._sampled = sampled = recorder.every == 1 or next(recorder.counter) % recorder.every == 0
+        if sampled:
+            self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+            self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
+        else:
+            self._traced0, self._rss0 = None, 0
+        self._t0 = time.perf_counter()
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``finish()`` already ran."""
+        return self._done
+
+    def activate(self) -> None:
+        """Make this the current measurement of the running context (see :func:`current_measurement`)."""
+        self._token = _current.set(self)
+
+    def deactivate(self) -> None:
+        """Undo :meth:`activate` in the context that activated it."""
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # reset from another context: just clear ours
+                _current.set(None)
+            self._token = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Note that the app raised ``exc`` while serving this request."""
+        if self.error is None:
+            self.error = type(exc).__qualname__
+        if self.status is None:
+            self.status = 500
+
+    def finish(self) -> RequestMetrics | None:
+        """Record the request (idempotent: later calls return None)."""
+        if self._done:
+            return None
+        self._done = True
+        duration = time.perf_counter() - self._t0
+        recorder = self._recorder
+        overlapped = activity.end(self._alone, self._epoch)
+        rss_delta = recorder.rss_reader.rss() - self._rss0 if self._sampled else 0
+        traced_delta = None
+        if self._traced0 is not None and not overlapped and tracemalloc.is_tracing():
+            traced_delta = tracemalloc.get_traced_memory()[0] - self._traced0
+        gc_pause = 0
+        gc_opt = self._gc
+        if gc_opt is not None:
+            try:
+                gc_pause = max(0, int(gc_opt.pause_total_ns()) - self._gc_pause0)
+                gc_opt.request_ended()
+            except Exception:
+                _count_error()
+        metrics = RequestMetrics(  # positional: measurably cheaper than keywords on the hot path
+            self.route or UNMATCHED_ROUTE,
+            self.method,
+            self.status,
+            duration,
+            rss_delta,
+            traced_delta,
+            gc_pause,
+            self.error,
+            overlapped,
+            self._sampled,
+        )
+        recorder.deliver(metrics)
+        return metrics
+
+
+class RequestRecorder:
+    """Starts per-request measurements and delivers their results.
+
+    ``gc_optimizer`` / ``profiler`` default to the process's active ones (looked up per request, so an
+    optimizer started after the middleware was built is still seen); pass ``None``-returning callables
+    to disable either. ``on_request`` is called with every :class:`RequestMetrics` besides the global
+    listeners. ``rss_sample_every=N`` measures memory on one request in N (the others still reach the
+    GC hooks and the listeners, marked ``sampled=False``): the ``/proc`` read is the largest per-request
+    cost on a busy machine, and per-route averages stay unbiased.
+    """
+
+    def __init__(
+        self,
+        *,
+        gc_optimizer: Callable[[], Any] | None = None,
+        profiler: Callable[[], Any] | None = None,
+        on_request: RequestListener | None = None,
+        rss_reader: RssReader | None = None,
+        rss_sample_every: int = 1,
+    ) -> None:
+        if isinstance(rss_sample_every, bool) or not isinstance(rss_sample_every, int):
+            raise TypeError(f"rss_sample_every must be an int, got {type(rss_sample_every).__name__}")
+        if not 1 <= rss_sample_every <= 1_000_000:
+            raise ValueError(f"rss_sample_every must be between 1 and 1000000, got {rss_sample_every}")
+        self.every = rss_sample_every
+        self.counter = itertools.count()
+        # The getters look up the optimizer/profiler active at call time (the process registry).
+        self.gc_optimizer = gc_optimizer or get_active_gc_optimizer
+        self.profiler = profiler or get_active_profiler
+        self.on_request = on_request
+        self.rss_reader = rss_reader or shared_reader()
+
+    def begin(self, method: str = "GET") -> RequestMeasurement:
+        """Start measuring a request."""
+        return RequestMeasurement(self, method)
+
+    def deliver(self, metrics: RequestMetrics) -> None:
+        """Hand finished metrics to the profiler, ``on_request`` and the listeners; never raises."""
+        try:
+            profiler = self.profiler() if metrics.sampled else None
+            if profiler is not None:
+                profiler.record_request(
+                    metrics.route, metrics.rss_delta, metrics.traced_delta, metrics.duration_s
+                )
+        except Exception:
+            _count_error()
+        if self.on_request is not None:
+            try:
+                self.on_request(metrics)
+            except Exception:
+                _count_error()
+        for listener in _listeners:
+            try:
+                listener(metrics)
+            except Exception:
+                _count_error()
