@@ -1,20 +1,17 @@
 """``MemoryOptimizer``: starts and stops everything a :class:`MemoryConfig` turns on, and reports on it.
 
 It owns one MemoryProfiler (sampling + leak detection), one GcOptimizer, and, when enabled, a
-CacheManager and a MemoryPool sized from the config. Features whose module is not installed are
-skipped with a note in the report, so the optimizer always starts.
+CacheManager and a MemoryPool sized from the config. Components are imported when first enabled, so
+``import kotoba_memory.optimizer`` stays cheap; the process layer holds which optimizer is running.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import threading
 import time
-from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kotoba_memory.config import MemoryConfig
 from kotoba_memory.errors import KotobaMemoryError
@@ -22,6 +19,11 @@ from kotoba_memory.memory_profiler import MemoryAnalysis, MemoryProfiler
 from kotoba_memory.process import forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
 from kotoba_memory.report import MemoryReport, MemoryStats, to_plain
+
+if TYPE_CHECKING:
+    from kotoba_memory.cache_manager import CacheManager
+    from kotoba_memory.gc_optimizer import GcOptimizer
+    from kotoba_memory.memory_pool import MemoryPool
 
 __all__ = ["MemoryOptimizer", "MemoryReport", "MemoryStats", "OptimizerError", "get_active_optimizer"]
 
@@ -44,34 +46,14 @@ def get_active_optimizer() -> MemoryOptimizer | None:
     return optimizer
 
 
-def _optional_module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 def detect_allocator() -> str:
-    """The malloc this process runs on: ``jemalloc`` or ``mimalloc`` when loaded, else ``system``.
+    """The malloc this process runs on: ``jemalloc`` or ``mimalloc`` when loaded, else ``system``."""
+    from kotoba_memory.allocators import detect_allocator as detect
 
-    Uses the allocators module's detection when it is installed, else reads ``/proc/self/maps``.
-    """
-    module = _optional_module("kotoba_memory.allocators")
-    detect = getattr(module, "detect_allocator", None) if module else None
-    if detect is not None:
-        try:
-            kind = detect().type
-            return str(getattr(kind, "value", kind)).lower()
-        except OSError:
-            pass
     try:
-        maps = Path("/proc/self/maps").read_text()
+        return str(detect().type.value).lower()
     except OSError:
         return "system"
-    for name in ("jemalloc", "mimalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "system"
 
 
 class MemoryOptimizer:
@@ -84,9 +66,9 @@ class MemoryOptimizer:
             raise TypeError(f"config must be a MemoryConfig, got {type(config).__name__}")
         self.config = config
         self.profiler: MemoryProfiler | None = None
-        self.gc_optimizer: Any = None
-        self.cache: Any = None
-        self.pool: Any = None
+        self.gc_optimizer: GcOptimizer | None = None
+        self.cache: CacheManager | None = None
+        self.pool: MemoryPool | None = None
         self.allocator: dict[str, Any] = {}
         self._notes: list[str] = []
         self._lock = threading.RLock()
@@ -245,33 +227,24 @@ class MemoryOptimizer:
             self._started_at = time.time()
             self._start_rss = self._rss()
 
-    def _make_cache(self) -> Any:
-        module = _optional_module("kotoba_memory.cache_manager")
-        factory = getattr(module, "CacheManager", None) if module else None
-        if factory is None:
-            self._notes.append("caching enabled but kotoba_memory.cache_manager is not available")
-            return None
-        return factory(
-            max_bytes=self.config.cache_size_mb * _MIB, policy=self.config.cache_policy, name="kotoba-memory"
+    def _make_cache(self) -> CacheManager:
+        from kotoba_memory.cache_manager import CacheManager
+
+        return CacheManager(
+            max_bytes=self.config.cache_size_mb * _MIB, policy=self.config.cache_policy_name, name="kotoba-memory"
         )
 
-    def _make_pool(self) -> Any:
-        module = _optional_module("kotoba_memory.memory_pool")
-        factory = getattr(module, "MemoryPool", None) if module else None
-        if factory is None:
-            self._notes.append("pooling enabled but kotoba_memory.memory_pool is not available")
-            return None
-        # A full pool hands out heap memory rather than failing the request.
-        return factory(self.config.pool_size_mb * _MIB, fallback="heap", name="kotoba-memory")
+    def _make_pool(self) -> MemoryPool:
+        from kotoba_memory.memory_pool import MemoryPool
 
-    def _make_gc_optimizer(self) -> Any:
-        module = _optional_module("kotoba_memory.gc_optimizer")
-        factory = getattr(module, "GcOptimizer", None) if module else None
-        if factory is None:
-            self._notes.append("GC optimization enabled but kotoba_memory.gc_optimizer is not available")
-            return None
+        # A full pool hands out heap memory rather than failing the request.
+        return MemoryPool(self.config.pool_size_mb * _MIB, fallback="heap", name="kotoba-memory")
+
+    def _make_gc_optimizer(self) -> GcOptimizer:
+        from kotoba_memory.gc_optimizer import GcOptimizer
+
         limit = self.config.memory_limit_mb * _MIB if self.config.memory_limit_mb else None
-        return factory(
+        return GcOptimizer(
             target_memory_usage_percent=self.config.target_memory_usage_percent,
             adaptive=self.config.gc_adaptive,
             monitoring_interval_s=self.config.monitoring_interval_ms / 1000.0,
@@ -279,17 +252,17 @@ class MemoryOptimizer:
         )
 
     def _start_gc_optimizer(self) -> None:
-        module = _optional_module("kotoba_memory.gc_optimizer")
-        existing = getattr(module, "get_active_gc_optimizer", lambda: None)() if module else None
+        from kotoba_memory.gc_optimizer import get_active_gc_optimizer
+
+        existing = get_active_gc_optimizer()
         if existing is not None:
             # CPython has one collector: share the optimizer that already tunes it, leave it running.
             self.gc_optimizer, self._owns_gc = existing, False
             self._notes.append("a GcOptimizer was already active: reported on, left running by stop()")
             return
         self.gc_optimizer = self._make_gc_optimizer()
-        if self.gc_optimizer is not None:
-            self.gc_optimizer.start()
-            self._owns_gc = True
+        self.gc_optimizer.start()
+        self._owns_gc = True
 
     def _allocator_info(self) -> dict[str, Any]:
         requested = self.config.allocator_name if self.config.enable_custom_allocators else "system"
@@ -308,11 +281,12 @@ class MemoryOptimizer:
         return info
 
     def _register_gauges(self, profiler: MemoryProfiler) -> None:
-        if self.cache is not None:
-            profiler.add_gauge("cache_bytes", lambda: float(self.cache.stats().bytes))
-            profiler.add_gauge("cache_hit_rate", lambda: float(self.cache.stats().hit_rate))
-        if self.pool is not None:
-            profiler.add_gauge("pool_used_bytes", lambda: float(self.pool.stats().used_bytes))
+        cache, pool = self.cache, self.pool
+        if cache is not None:
+            profiler.add_gauge("cache_bytes", lambda: float(cache.stats().bytes))
+            profiler.add_gauge("cache_hit_rate", lambda: float(cache.stats().hit_rate))
+        if pool is not None:
+            profiler.add_gauge("pool_used_bytes", lambda: float(pool.stats().used_bytes))
 
     def _cache_stats(self) -> Any:
         if self.cache is None:
