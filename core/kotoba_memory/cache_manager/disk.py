@@ -15,13 +15,11 @@ import logging
 import os
 import pickle
 import sqlite3
-import statistics
 import sys
 import threading
 import time
 import weakref
 import zlib
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.compression import Codec, CompressionStats, Compressor
+from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.types import (
     CachedValue,
     CacheError,
@@ -95,20 +94,6 @@ END;
 
 class DiskCacheError(CacheError, OSError):
     """The cache file cannot be opened or used (not a cache database, newer format, closed cache)."""
-
-
-class LatencyWindow:
-    """The median of the last ``size`` recorded durations; callers serialize access with their lock."""
-
-    def __init__(self, size: int = 512) -> None:
-        self._samples: deque[int] = deque(maxlen=size)
-
-    def add(self, started_ns: int) -> None:
-        """Record the time elapsed since ``started_ns`` (a ``perf_counter_ns`` reading)."""
-        self._samples.append(time.perf_counter_ns() - started_ns)
-
-    def median(self) -> int:
-        return int(statistics.median(self._samples)) if self._samples else 0
 
 
 class DiskHit(NamedTuple):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kotoba_memory.cache_manager.base import BaseCache
-from kotoba_memory.cache_manager.disk import LatencyWindow
+from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.types import CachedValue, CacheStats, UnhashableKeyError, check_ttl
 
 __all__ = ["RedisCache", "RedisCacheStats", "Serializer"]
