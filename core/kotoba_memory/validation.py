@@ -145,11 +145,11 @@ def _names(members: Iterable[enum.Enum]) -> str:
     return ", ".join(str(member.value) for member in members)
 
 
-def check_str(value: object, name: str, *, allow_spaces: bool = True) -> str:
-    """``value`` if it is a non-empty str (without whitespace unless ``allow_spaces``)."""
+def check_str(value: object, name: str, *, allow_spaces: bool = True, allow_empty: bool = False) -> str:
+    """``value`` if it is a str; non-empty unless ``allow_empty``, no whitespace unless ``allow_spaces``."""
     if not isinstance(value, str):
         raise ConfigTypeError(name, f"must be a str, got {type(value).__name__}")
-    if not value or (not allow_spaces and any(c.isspace() for c in value)):
+    if (not value and not allow_empty) or (not allow_spaces and any(c.isspace() for c in value)):
         what = "a non-empty str" if allow_spaces else "a non-empty str without spaces"
         raise ConfigError(name, f"must be {what}, got {value!r}")
     return value

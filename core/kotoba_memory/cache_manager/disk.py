@@ -35,6 +35,7 @@ from kotoba_memory.cache_manager.types import (
     UnhashableKeyError,
     check_ttl,
 )
+from kotoba_memory.validation import check_non_negative, check_positive_int
 
 __all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
 
@@ -198,12 +199,8 @@ class DiskCache(BaseCache):
         name: str | None = None,
         timeout: float = 30.0,
     ) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-            raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        check_positive_int(max_bytes, "max_bytes")
+        check_non_negative(timeout, "timeout")
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.max_bytes = max_bytes
         self._compressor = Compressor(compression, compress_min_bytes)
