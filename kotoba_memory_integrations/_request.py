@@ -20,6 +20,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from kotoba_memory.validation import check_positive_int
+
 __all__ = [
     "ENVIRON_KEY",
     "UNMATCHED_ROUTE",
@@ -374,11 +376,7 @@ class RequestRecorder:
         rss_reader: RssReader | None = None,
         rss_sample_every: int = 1,
     ) -> None:
-        if isinstance(rss_sample_every, bool) or not isinstance(rss_sample_every, int):
-            raise TypeError(f"rss_sample_every must be an int, got {type(rss_sample_every).__name__}")
-        if not 1 <= rss_sample_every <= 1_000_000:
-            raise ValueError(f"rss_sample_every must be between 1 and 1000000, got {rss_sample_every}")
-        self.every = rss_sample_every
+        self.every = check_positive_int(rss_sample_every, "rss_sample_every", high=1_000_000)
         self.counter = itertools.count()
         # Resolved once: the getters themselves look up the optimizer/profiler active at call time.
         self.gc_optimizer = gc_optimizer or optional_function(

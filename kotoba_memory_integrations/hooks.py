@@ -14,7 +14,6 @@ import functools
 import importlib
 import inspect
 import itertools
-import math
 import os
 import threading
 import tracemalloc
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 import wrapt
 
 from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.validation import check_ttl
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache
@@ -234,11 +234,7 @@ def cached(
         raise TypeError(
             f"cached() needs a kotoba-memory cache (CacheManager, TieredCache...), got {type(cache).__name__}"
         )
-    if ttl is not None:
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-            raise TypeError(f"cached(): ttl must be a number of seconds or None, got {ttl!r}")
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ValueError(f"cached(): ttl must be > 0 seconds, got {ttl!r}")
+    ttl = check_ttl(ttl, "ttl")
     if key is not None and not callable(key):
         raise TypeError(f"cached(): key must be callable, got {type(key).__name__}")
     return _CachedDecorator(cache, ttl, key)

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import Table
 
 from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.validation import check_non_negative_int, check_str, check_ttl
 from kotoba_memory_integrations.sqlalchemy._analysis import normalize_table_name, table_names
 from kotoba_memory_integrations.sqlalchemy._hooks import EngineHook, SessionHook, as_engine, is_session_target
 from kotoba_memory_integrations.sqlalchemy._options import EXECUTION_OPTION, CachedOption, SessionMode
@@ -99,13 +100,12 @@ class QueryCache:
             raise TypeError(
                 f"cache must be a kotoba-memory cache (BaseCache); {type(cache).__name__} lacks {missing}"
             )
-        self.default_ttl = _check_ttl(default_ttl, "default_ttl")
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0:
-            raise ValueError(f"max_rows must be an int >= 0, got {max_rows!r}")
-        if not isinstance(namespace, str) or not namespace or any(c.isspace() for c in namespace):
-            raise ValueError(f"namespace must be a non-empty str without spaces, got {namespace!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        # finite: an infinite ttl used to be accepted here and then made every store fail
+        self.default_ttl = check_ttl(default_ttl, "default_ttl")
+        check_non_negative_int(max_rows, "max_rows")
+        check_str(namespace, "namespace", allow_spaces=False)
+        if name is not None:
+            check_str(name, "name")
         self.cache = cache
         self.max_rows = max_rows
         self.namespace = namespace
@@ -154,7 +154,7 @@ class QueryCache:
         """
         return CachedOption(
             self,
-            ttl=_check_ttl(ttl, "ttl"),
+            ttl=check_ttl(ttl, "ttl"),
             tables=table_names(tables) if tables is not None else frozenset(),
             enabled=True,
             propagate=bool(propagate),
@@ -317,13 +317,3 @@ class QueryCache:
             self._orm_listening = False
         return True
 
-
-
-def _check_ttl(ttl: float | None, name: str) -> float | None:
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, got {type(ttl).__name__}")
-    if not ttl > 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {ttl!r}")
-    return float(ttl)
