@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kotoba_memory import MemoryConfig
+from kotoba_memory.allocators.process import configure_glibc_malloc, malloc_arena_advice, malloc_trim
 from kotoba_memory.cache_manager import CacheManager, DiskCache, RedisCache, TieredCache
 from kotoba_memory.cache_manager.compression import Compressor, ZlibCodec
 from kotoba_memory.errors import ConfigError, ConfigTypeError
@@ -110,6 +111,10 @@ CASES: list[tuple[str, Callable[[Path], Any], str]] = [
     ("GcOptimizer interval nan", lambda t: GcOptimizer(monitoring_interval_s=NAN), "monitoring_interval_s"),
     ("GcOptimizer bool", lambda t: GcOptimizer(adaptive=1), "adaptive"),  # type: ignore[arg-type]
     ("RequestRecorder", lambda t: RequestRecorder(rss_sample_every=0), "rss_sample_every"),
+    ("malloc_trim pad", lambda t: malloc_trim(-1), "pad"),
+    ("configure_glibc_malloc arena_max", lambda t: configure_glibc_malloc(arena_max=0), "arena_max"),
+    ("glibc trim_threshold", lambda t: configure_glibc_malloc(trim_threshold=-1), "trim_threshold"),
+    ("malloc_arena_advice threads", lambda t: malloc_arena_advice(threads=0), "threads"),
     ("@cached ttl inf", lambda t: cached(_cache(), ttl=INF), "ttl"),
     ("@cached ttl type", lambda t: cached(_cache(), ttl="1"), "ttl"),  # type: ignore[arg-type]
     ("QueryCache default_ttl inf", lambda t: _query_cache(default_ttl=INF), "default_ttl"),
