@@ -17,6 +17,7 @@ from cachelib.base import BaseCache
 from cachelib.serializers import SimpleSerializer
 
 from kotoba_memory.process import forks
+from kotoba_memory.validation import check_non_negative_int, check_str
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
@@ -78,15 +79,11 @@ class KotobaCache(BaseCache):
         BaseCache.__init__(self, default_timeout)
         # Set here rather than passed: cachelib before 0.16 has no such parameter.
         self.ignore_delete_many_errors = ignore_delete_many_errors
-        if key_prefix is not None and not isinstance(key_prefix, str):
-            raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
-        self.key_prefix = key_prefix or ""
+        self.key_prefix = "" if key_prefix is None else check_str(key_prefix, "key_prefix", allow_empty=True)
         if cache is None:
             from kotoba_memory.cache_manager import CacheManager
 
-            if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-                raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
-            self._threshold = threshold or 500
+            self._threshold = check_non_negative_int(threshold, "threshold") or 500
             cache = CacheManager(max_bytes, policy, max_entries=self._threshold, default_ttl=None, name=name)
         else:
             from kotoba_memory.cache_manager import BaseCache as KotobaCacheBase

@@ -21,6 +21,7 @@ from kotoba_memory.gc_optimizer import get_active_gc_optimizer
 from kotoba_memory.memory_profiler import get_active_profiler
 from kotoba_memory.process import activity, scheduler
 from kotoba_memory.process.memory import RssReader, shared_reader
+from kotoba_memory.validation import check_positive_int
 
 __all__ = [
     "ENVIRON_KEY",
@@ -245,11 +246,7 @@ class RequestRecorder:
         rss_reader: RssReader | None = None,
         rss_sample_every: int = 1,
     ) -> None:
-        if isinstance(rss_sample_every, bool) or not isinstance(rss_sample_every, int):
-            raise TypeError(f"rss_sample_every must be an int, got {type(rss_sample_every).__name__}")
-        if not 1 <= rss_sample_every <= 1_000_000:
-            raise ValueError(f"rss_sample_every must be between 1 and 1000000, got {rss_sample_every}")
-        self.every = rss_sample_every
+        self.every = check_positive_int(rss_sample_every, "rss_sample_every", high=1_000_000)
         self.counter = itertools.count()
         # The getters look up the optimizer/profiler active at call time (the process registry).
         self.gc_optimizer = gc_optimizer or get_active_gc_optimizer

@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kotoba_memory._version import __version__
-from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.errors import ConfigError, ConfigTypeError, KotobaMemoryError
 
 if TYPE_CHECKING:
     from kotoba_memory.allocators import AllocatorType
@@ -37,6 +37,7 @@ __all__ = [
     "CacheManager",
     "CachePolicy",
     "ConfigError",
+    "ConfigTypeError",
     "GcOptimizer",
     "KotobaMemoryError",
     "MemoryConfig",

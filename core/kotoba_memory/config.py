@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kotoba_memory.errors import ConfigError
+from kotoba_memory.errors import ConfigError, ConfigTypeError
+from kotoba_memory.validation import (
+    check_bool,
+    check_enum,
+    check_int,
+    check_positive,
+    check_positive_int,
+    check_str,
+)
 
 __all__ = ["MemoryConfig"]
 
@@ -32,45 +39,15 @@ def _coerce_choice(
     field_name: str, value: object, module: str, enum_name: str, choices: tuple[str, ...]
 ) -> enum.Enum | str:
     """Accept an enum member or its name/value in any case; return the member (or the name)."""
-    if isinstance(value, enum.Enum):
-        raw = str(value.value)
-    elif isinstance(value, str):
-        raw = value
-    else:
-        raise ConfigError(field_name, f"must be a {enum_name} or str, got {type(value).__name__}")
     cls = _enum_class(module, enum_name)
     if cls is not None:
-        if isinstance(value, cls):
-            return value
-        for member in cls:
-            if raw.strip().lower() in (str(member.value).lower(), member.name.lower()):
-                return member
-        options = ", ".join(str(m.value) for m in cls)
-        raise ConfigError(field_name, f"unknown {enum_name} {value!r}; expected one of {options}")
+        return check_enum(value, field_name, cls, label=enum_name)
+    # The feature module is not installed: check the name against the known choices.
+    raw = str(value.value) if isinstance(value, enum.Enum) else check_str(value, field_name)
     normalized = raw.strip().lower()
     if normalized not in choices:
         raise ConfigError(field_name, f"unknown {enum_name} {value!r}; expected one of {', '.join(choices)}")
     return normalized
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(name, f"must be a bool, got {type(value).__name__}")
-
-
-def _check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(name, f"must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise ConfigError(name, f"must be {bound} and <= {high}, got {value!r}")
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -111,22 +88,20 @@ class MemoryConfig:
             "enable_profiling",
             "enable_leak_detection",
         ):
-            _check_bool(name, getattr(self, name))
-        _check_int("pool_size_mb", self.pool_size_mb, 1, 1 << 20)
-        _check_int("cache_size_mb", self.cache_size_mb, 1, 1 << 20)
-        _check_number(
-            "target_memory_usage_percent", self.target_memory_usage_percent, 0.0, 100.0, low_open=True
-        )
-        _check_int("monitoring_interval_ms", self.monitoring_interval_ms, 10, 3_600_000)
-        _check_number("leak_window_s", self.leak_window_s, 0.0, 3600.0, low_open=True)
-        _check_number("leak_window_interval_s", self.leak_window_interval_s, 0.0, 86_400.0, low_open=True)
+            check_bool(getattr(self, name), name)
+        check_positive_int(self.pool_size_mb, "pool_size_mb", high=1 << 20)
+        check_positive_int(self.cache_size_mb, "cache_size_mb", high=1 << 20)
+        check_positive(self.target_memory_usage_percent, "target_memory_usage_percent", high=100.0)
+        check_int(self.monitoring_interval_ms, "monitoring_interval_ms", low=10, high=3_600_000)
+        check_positive(self.leak_window_s, "leak_window_s", high=3600.0)
+        check_positive(self.leak_window_interval_s, "leak_window_interval_s", high=86_400.0)
         if self.leak_window_interval_s < self.leak_window_s:
             raise ConfigError(
                 "leak_window_interval_s",
                 f"must be >= leak_window_s ({self.leak_window_s}), got {self.leak_window_interval_s}",
             )
         if self.memory_limit_mb is not None:
-            _check_int("memory_limit_mb", self.memory_limit_mb, 1, 1 << 30)
+            check_positive_int(self.memory_limit_mb, "memory_limit_mb", high=1 << 30)
         policy = _coerce_choice(
             "cache_policy", self.cache_policy, "kotoba_memory.cache_manager", "CachePolicy", _CACHE_POLICIES
         )
@@ -137,7 +112,7 @@ class MemoryConfig:
         object.__setattr__(self, "allocator_type", allocator)
         if self.report_dir is not None:
             if not isinstance(self.report_dir, str | Path):
-                raise ConfigError("report_dir", f"must be a path, got {type(self.report_dir).__name__}")
+                raise ConfigTypeError("report_dir", f"must be a path, got {type(self.report_dir).__name__}")
             if str(self.report_dir).strip() == "":
                 raise ConfigError("report_dir", "must not be empty")
             object.__setattr__(self, "report_dir", Path(self.report_dir))

@@ -12,4 +12,12 @@ class ConfigError(KotobaMemoryError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        self.reason = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str]]:
+        return type(self), (self.field, self.reason)
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value has the wrong type (also a ``TypeError``, as such errors used to be)."""

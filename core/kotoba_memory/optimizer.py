@@ -230,9 +230,8 @@ class MemoryOptimizer:
     def _make_cache(self) -> CacheManager:
         from kotoba_memory.cache_manager import CacheManager
 
-        return CacheManager(
-            max_bytes=self.config.cache_size_mb * _MIB, policy=self.config.cache_policy_name, name="kotoba-memory"
-        )
+        size, policy = self.config.cache_size_mb * _MIB, self.config.cache_policy_name
+        return CacheManager(max_bytes=size, policy=policy, name="kotoba-memory")
 
     def _make_pool(self) -> MemoryPool:
         from kotoba_memory.memory_pool import MemoryPool

@@ -25,6 +25,7 @@ from kotoba_memory.cache_manager.disk import DiskCache
 from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.process import forks
+from kotoba_memory.validation import check_enum, check_non_negative_int, check_positive_int, check_str
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
@@ -68,13 +69,6 @@ class _Store:
     config: _StoreConfig
 
 
-def _positive_int(options: Mapping[str, Any], field: str, default: int) -> int:
-    value = options.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(field, f"must be a positive int (bytes), got {value!r}")
-    return value
-
-
 _stores: dict[str, _Store] = {}
 _stores_lock = threading.Lock()
 
@@ -96,14 +90,10 @@ def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:
     if unknown:
         known = ", ".join(sorted(_DJANGO_OPTIONS | _STORE_OPTIONS))
         raise ConfigError(unknown[0], f"unknown KotobaCache OPTIONS key (known: {known})")
-    max_bytes = _positive_int(options, "MAX_BYTES", DEFAULT_MAX_BYTES)
-    try:
-        policy = CachePolicy.coerce(options.get("POLICY", CachePolicy.LRU))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("POLICY", str(exc)) from exc
-    name = options.get("NAME", f"django:{location}" if location else "django")
-    if not isinstance(name, str) or not name:
-        raise ConfigError("NAME", f"must be a non-empty str, got {name!r}")
+    max_bytes = check_positive_int(options.get("MAX_BYTES", DEFAULT_MAX_BYTES), "MAX_BYTES")
+    # LRU, not the core's ADAPTIVE: culling must pick what LocMemCache picks (docs/cache.md, Default policy)
+    policy = check_enum(options.get("POLICY", CachePolicy.LRU), "POLICY", CachePolicy, label="cache policy")
+    name = check_str(options.get("NAME", f"django:{location}" if location else "django"), "NAME")
     disk_path = options.get("DISK_PATH")
     if disk_path is None:
         stray = sorted(_DISK_OPTIONS & set(options))
@@ -115,15 +105,16 @@ def _parse_options(location: str, options: Mapping[str, Any]) -> _StoreConfig:
     compression = options.get("DISK_COMPRESSION")
     if compression not in (None, "zlib", "zstd"):
         raise ConfigError("DISK_COMPRESSION", f"must be None, 'zlib' or 'zstd', got {compression!r}")
-    spill = options.get("SPILL_THRESHOLD_BYTES", DEFAULT_SPILL_THRESHOLD_BYTES)
-    if isinstance(spill, bool) or not isinstance(spill, int) or spill < 0:
-        raise ConfigError("SPILL_THRESHOLD_BYTES", f"must be an int >= 0 (bytes), got {spill!r}")
+    spill = check_non_negative_int(
+        options.get("SPILL_THRESHOLD_BYTES", DEFAULT_SPILL_THRESHOLD_BYTES), "SPILL_THRESHOLD_BYTES"
+    )
+    disk_max = check_positive_int(options.get("DISK_MAX_BYTES", DEFAULT_DISK_MAX_BYTES), "DISK_MAX_BYTES")
     return _StoreConfig(
         max_bytes=max_bytes,
         policy=policy,
         name=name,
         disk_path=os.fspath(disk_path),
-        disk_max_bytes=_positive_int(options, "DISK_MAX_BYTES", DEFAULT_DISK_MAX_BYTES),
+        disk_max_bytes=disk_max,
         disk_compression=compression,
         spill_threshold_bytes=spill,
     )
@@ -182,8 +173,7 @@ class KotobaCache(BaseCache):
 
     def __init__(self, location: str, params: dict[str, Any]) -> None:
         super().__init__(params)
-        if not isinstance(location, str):
-            raise ConfigError("LOCATION", f"must be a str, got {type(location).__name__}")
+        check_str(location, "LOCATION", allow_empty=True)
         self._location = location
         self._shared = _store_for(location, params.get("OPTIONS") or {})
         self._cache = self._shared.cache

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, abort, current_app, request
 
 from kotoba_memory.errors import ConfigError
+from kotoba_memory.validation import check_bool, check_positive_int
 from kotoba_memory_integrations.request import ENVIRON_KEY, RequestMeasurement
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
@@ -102,11 +103,8 @@ class KotobaMemory:
             else:
                 raise ConfigError(_PREFIX + key.upper(), "unknown kotoba-memory setting")
         for key in _BOOL_KEYS:
-            if not isinstance(options[key], bool):
-                raise ConfigError(_PREFIX + key.upper(), f"must be True or False, got {options[key]!r}")
-        every = options["rss_sample_every"]
-        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
-            raise ConfigError(_PREFIX + "RSS_SAMPLE_EVERY", f"must be an int in [1, 1000000], not {every!r}")
+            check_bool(options[key], _PREFIX + key.upper())
+        check_positive_int(options["rss_sample_every"], _PREFIX + "RSS_SAMPLE_EVERY", high=1_000_000)
         endpoint = options["report_endpoint"]
         if endpoint is not None:
             if not isinstance(endpoint, str) or not endpoint.startswith("/"):

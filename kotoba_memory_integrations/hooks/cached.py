@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import wrapt
+
+from kotoba_memory.validation import check_ttl
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache
@@ -199,11 +200,7 @@ def cached(
         raise TypeError(
             f"cached() needs a kotoba-memory cache (CacheManager, TieredCache...), got {type(cache).__name__}"
         )
-    if ttl is not None:
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-            raise TypeError(f"cached(): ttl must be a number of seconds or None, got {ttl!r}")
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ValueError(f"cached(): ttl must be > 0 seconds, got {ttl!r}")
+    ttl = check_ttl(ttl, "ttl")
     if key is not None and not callable(key):
         raise TypeError(f"cached(): key must be callable, got {type(key).__name__}")
     return _CachedDecorator(cache, ttl, key)

@@ -285,3 +285,10 @@ _MEMO = _Memo()
 def analyze_context(context: Any, sql: str) -> StatementInfo:
     """Classify the statement an execution context is running."""
     return _MEMO.for_context(context, sql)
+
+
+def statement_info(context: Any, statement: str) -> StatementInfo:
+    """The analysis of one execution: from its compiled statement when there is a context, else from SQL."""
+    if context is None:
+        return analyze_sql(statement)
+    return analyze_context(context, statement)

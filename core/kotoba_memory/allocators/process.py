@@ -20,6 +20,7 @@ from kotoba_memory.allocators.types import AllocatorType
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.process import Task, scheduler
 from kotoba_memory.process import memory as process_memory
+from kotoba_memory.validation import check_int, check_non_negative_int, check_positive_int
 
 __all__ = [
     "AllocatorInfo",
@@ -273,8 +274,7 @@ def malloc_trim(pad: int = 0) -> TrimResult:
     It walks every arena, so it can take milliseconds on a big heap: call it between requests or from a
     background thread, not on a latency-critical path.
     """
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"pad must be a non-negative int, got {pad!r}")
+    check_non_negative_int(pad, "pad")
     reason = _glibc_unsupported()
     if reason is not None:
         return TrimResult(False, reason=reason)
@@ -303,10 +303,8 @@ def configure_glibc_malloc(
     """
     settings = {"arena_max": arena_max, "trim_threshold": trim_threshold, "mmap_threshold": mmap_threshold}
     for name, value in settings.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if arena_max is not None and arena_max < 1:
-        raise ValueError(f"arena_max must be >= 1, got {arena_max}")
+        if value is not None:
+            check_int(value, name, low=1 if name == "arena_max" else 0)
     requested = {k: v for k, v in settings.items() if v is not None}
     reason = _glibc_unsupported()
     if reason is not None:
@@ -324,8 +322,8 @@ def configure_glibc_malloc(
 
 def malloc_arena_advice(threads: int | None = None) -> ArenaAdvice:
     """Whether to set ``MALLOC_ARENA_MAX`` for a process running ``threads`` threads (default: now)."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if threads is not None:
+        check_positive_int(threads, "threads")
     raw = os.environ.get("MALLOC_ARENA_MAX")
     current = int(raw) if raw and raw.strip().isdigit() else None
     cpus = os.cpu_count() or 1

@@ -22,6 +22,7 @@ from typing import Any
 
 from kotoba_memory.cache_manager.types import CacheStats, UnhashableKeyError
 from kotoba_memory.process import forks
+from kotoba_memory.validation import check_str
 
 __all__ = ["BaseCache", "iter_caches"]
 
@@ -90,9 +91,7 @@ class BaseCache(ABC):
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"name must be a non-empty str, got {name!r}")
-            self.name = name
+            self.name = check_str(name, "name")
         elif not getattr(self, "name", None):
             self.name = f"{type(self).__name__.lower()}-{next(_names)}"
         self._flights: dict[Hashable, Future[Any]] = {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kotoba_memory.cache_manager.types import CacheError
+from kotoba_memory.validation import check_int, check_non_negative_int
 
 __all__ = [
     "Codec",
@@ -53,9 +54,7 @@ class ZlibCodec(Codec):
     name = "zlib"
 
     def __init__(self, level: int = 6) -> None:
-        if not isinstance(level, int) or isinstance(level, bool) or not -1 <= level <= 9:
-            raise ValueError(f"zlib level must be an int in -1..9, got {level!r}")
-        self.level = level
+        self.level = check_int(level, "zlib level", low=-1, high=9)
 
     def compress(self, data: bytes) -> bytes:
         return zlib.compress(data, self.level)
@@ -79,9 +78,7 @@ class ZstdCodec(Codec):
             raise CompressionError(
                 "compression='zstd' needs the zstandard package: pip install 'kotoba-memory[compression]'"
             ) from exc
-        if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22:
-            raise ValueError(f"zstd level must be an int in 1..22, got {level!r}")
-        self.level = level
+        self.level = check_int(level, "zstd level", low=1, high=22)
         self._zstd: Any = zstandard
         # zstandard's (de)compressor objects must not be used by two threads at once: one per thread.
         self._local = threading.local()
@@ -157,8 +154,7 @@ class Compressor:
     """Compress blobs of at least ``min_bytes`` with ``codec`` when that makes them smaller; count ratios."""
 
     def __init__(self, codec: str | Codec | None, min_bytes: int = 1024) -> None:
-        if not isinstance(min_bytes, int) or isinstance(min_bytes, bool) or min_bytes < 0:
-            raise ValueError(f"compress_min_bytes must be an int >= 0, got {min_bytes!r}")
+        check_non_negative_int(min_bytes, "compress_min_bytes")
         self.codec = get_codec(codec)
         self.min_bytes = min_bytes
         self._lock = threading.Lock()

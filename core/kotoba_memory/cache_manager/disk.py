@@ -15,13 +15,11 @@ import logging
 import os
 import pickle
 import sqlite3
-import statistics
 import sys
 import threading
 import time
 import weakref
 import zlib
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.compression import Codec, CompressionStats, Compressor
+from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.types import (
     CachedValue,
     CacheError,
@@ -37,6 +36,7 @@ from kotoba_memory.cache_manager.types import (
     check_ttl,
 )
 from kotoba_memory.process import forks
+from kotoba_memory.validation import check_non_negative, check_positive_int
 
 __all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
 
@@ -96,20 +96,6 @@ END;
 
 class DiskCacheError(CacheError, OSError):
     """The cache file cannot be opened or used (not a cache database, newer format, closed cache)."""
-
-
-class LatencyWindow:
-    """The median of the last ``size`` recorded durations; callers serialize access with their lock."""
-
-    def __init__(self, size: int = 512) -> None:
-        self._samples: deque[int] = deque(maxlen=size)
-
-    def add(self, started_ns: int) -> None:
-        """Record the time elapsed since ``started_ns`` (a ``perf_counter_ns`` reading)."""
-        self._samples.append(time.perf_counter_ns() - started_ns)
-
-    def median(self) -> int:
-        return int(statistics.median(self._samples)) if self._samples else 0
 
 
 class DiskHit(NamedTuple):
@@ -213,12 +199,8 @@ class DiskCache(BaseCache):
         name: str | None = None,
         timeout: float = 30.0,
     ) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-            raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        check_positive_int(max_bytes, "max_bytes")
+        check_non_negative(timeout, "timeout")
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.max_bytes = max_bytes
         self._compressor = Compressor(compression, compress_min_bytes)

@@ -35,6 +35,8 @@ from kotoba_memory.cache_manager.types import (
     check_ttl,
 )
 from kotoba_memory.cache_manager.weigher import Weigher, default_weigher
+from kotoba_memory.errors import ConfigError
+from kotoba_memory.validation import check_positive_int
 
 __all__ = ["CacheManager", "EvictionListener"]
 
@@ -57,16 +59,6 @@ _EXPIRE_PER_OP = 8
 def _count(counter: itertools.count[int]) -> int:
     """Read an itertools.count (used as a GIL-atomic counter) without advancing it."""
     return int(repr(counter)[6:-1])
-
-
-def _check_bound(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
 
 
 def _make_reader(cache: CacheManager, counted: bool, hooked: bool) -> Callable[..., Any]:
@@ -182,11 +174,11 @@ class CacheManager(BaseCache):
         name: str | None = None,
         strict: bool = False,
     ) -> None:
-        self.max_bytes = _check_bound("max_bytes", max_bytes)
+        self.max_bytes = None if max_bytes is None else check_positive_int(max_bytes, "max_bytes")
         self.strict = bool(strict)
-        self.max_entries = _check_bound("max_entries", max_entries)
+        self.max_entries = None if max_entries is None else check_positive_int(max_entries, "max_entries")
         if self.max_bytes is None and self.max_entries is None:
-            raise ValueError("a cache needs a bound: give max_bytes and/or max_entries")
+            raise ConfigError("max_bytes", "a cache needs a bound: give max_bytes and/or max_entries")
         self.policy = CachePolicy.coerce(policy)
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         if weigher is not None and not callable(weigher):

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kotoba_memory.cache_manager.base import BaseCache
-from kotoba_memory.cache_manager.disk import LatencyWindow
+from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.types import CachedValue, CacheStats, UnhashableKeyError, check_ttl
+from kotoba_memory.validation import check_non_negative, check_str
 
 __all__ = ["RedisCache", "RedisCacheStats", "Serializer"]
 
@@ -79,8 +80,7 @@ class RedisCache(BaseCache):
             import redis
         except ImportError as exc:  # pragma: no cover - the redis extra is part of the dev install
             raise ImportError("RedisCache needs redis-py: pip install 'kotoba-memory[redis]'") from exc
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        check_str(prefix, "prefix", allow_empty=True)
         if not hasattr(serializer, "dumps") or not hasattr(serializer, "loads"):
             raise TypeError("serializer must have dumps() and loads(), like the pickle module")
         if isinstance(url_or_client, str):
@@ -99,9 +99,8 @@ class RedisCache(BaseCache):
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.serializer = serializer
         self._redis_error: type[Exception] = redis.RedisError
-        if isinstance(scan_interval, bool) or not isinstance(scan_interval, int | float) or scan_interval < 0:
-            raise ValueError(f"scan_interval must be a number of seconds >= 0, got {scan_interval!r}")
-        self.scan_interval = float(scan_interval)
+        # inf: stats() never rescans by itself (stats(refresh=True) still does); nan is rejected.
+        self.scan_interval = float(check_non_negative(scan_interval, "scan_interval", allow_inf=True))
         self._scan_lock = threading.Lock()
         self._last_scan: tuple[float, int, int] | None = None
         self._lock = threading.Lock()

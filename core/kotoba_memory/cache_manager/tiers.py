@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kotoba_memory.cache_manager.base import BaseCache
-from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheStats, LatencyWindow
+from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheStats
+from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.manager import CacheManager
 from kotoba_memory.cache_manager.types import (
     CachedValue,
@@ -32,6 +33,7 @@ from kotoba_memory.cache_manager.types import (
 )
 from kotoba_memory.cache_manager.weigher import Weigher
 from kotoba_memory.process import forks
+from kotoba_memory.validation import check_non_negative_int
 
 __all__ = ["TieredCache", "TieredCacheStats"]
 
@@ -96,12 +98,7 @@ class TieredCache(BaseCache):
             raise TypeError(f"memory must be a CacheManager, got {type(memory).__name__}")
         if not isinstance(disk, DiskCache):
             raise TypeError(f"disk must be a DiskCache, got {type(disk).__name__}")
-        if isinstance(spill_threshold_bytes, bool) or not isinstance(spill_threshold_bytes, int):
-            raise TypeError(
-                f"spill_threshold_bytes must be an int, got {type(spill_threshold_bytes).__name__}"
-            )
-        if spill_threshold_bytes < 0:
-            raise ValueError(f"spill_threshold_bytes must be >= 0, got {spill_threshold_bytes}")
+        check_non_negative_int(spill_threshold_bytes, "spill_threshold_bytes")
         self.memory = memory
         self.disk = disk
         self.spill_threshold_bytes = spill_threshold_bytes

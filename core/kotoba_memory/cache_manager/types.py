@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import enum
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.validation import check_enum, check_ttl
 
 __all__ = [
     "CacheAnalysis",
@@ -55,18 +55,8 @@ class CachePolicy(enum.Enum):
 
     @classmethod
     def coerce(cls, value: CachePolicy | str) -> CachePolicy:
-        """Accept a member or its name/value in any case (``"lru"``, ``"LRU"``)."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.strip().lower())
-            except ValueError:
-                pass
-            raise ValueError(
-                f"unknown cache policy {value!r}; expected one of {', '.join(m.value for m in cls)}"
-            )
-        raise TypeError(f"policy must be a CachePolicy or str, got {type(value).__name__}")
+        """Accept a member or its name/value in any case (``"lru"``, ``"LRU"``); ConfigError otherwise."""
+        return check_enum(value, "policy", cls, label="cache policy")
 
 
 class EvictionCause(enum.Enum):
@@ -74,17 +64,6 @@ class EvictionCause(enum.Enum):
 
     SIZE = "size"
     EXPIRED = "expired"
-
-
-def check_ttl(ttl: object, name: str = "ttl") -> float | None:
-    """Validate a time-to-live in seconds: ``None`` or a finite number > 0."""
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {type(ttl).__name__}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {ttl!r}")
-    return float(ttl)
 
 
 @dataclass(frozen=True, slots=True)

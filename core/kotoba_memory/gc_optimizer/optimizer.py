@@ -14,11 +14,19 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.gc_optimizer.analysis import AnalysisInput, GcAnalysis, build_analysis
 from kotoba_memory.gc_optimizer.events import NUM_GENERATIONS, GcEvent, GcRecorder
 from kotoba_memory.gc_optimizer.memory import MemoryCeiling, malloc_trim
 from kotoba_memory.process import Task, activity, forks, registry, scheduler
+from kotoba_memory.validation import (
+    check_bool,
+    check_int,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+)
 
 logger = logging.getLogger("kotoba_memory.gc")
 
@@ -95,19 +103,18 @@ class GcOptimizer:
         memory_limit_bytes: int | None = None,
         event_capacity: int = 4096,
     ) -> None:
-        _check_number("target_memory_usage_percent", target_memory_usage_percent, 0.0, 100.0, low_open=True)
-        _check_number("monitoring_interval_s", monitoring_interval_s, 0.0, 3600.0, low_open=True)
-        _check_int("max_young_threshold", max_young_threshold, 1, 10_000_000)
-        _check_int("warmup_requests", warmup_requests, 0, 10**9)
-        _check_number("idle_after_s", idle_after_s, 0.0, 86_400.0)
-        _check_number("pause_target_ms", pause_target_ms, 0.0, 60_000.0, low_open=True)
-        _check_number("heap_growth_ceiling", heap_growth_ceiling, 0.0, 100.0, low_open=True)
-        _check_int("event_capacity", event_capacity, 16, 10_000_000)
+        check_positive(target_memory_usage_percent, "target_memory_usage_percent", high=100.0)
+        check_positive(monitoring_interval_s, "monitoring_interval_s", high=3600.0)
+        check_positive_int(max_young_threshold, "max_young_threshold", high=10_000_000)
+        check_non_negative_int(warmup_requests, "warmup_requests", high=10**9)
+        check_non_negative(idle_after_s, "idle_after_s", high=86_400.0)
+        check_positive(pause_target_ms, "pause_target_ms", high=60_000.0)
+        check_positive(heap_growth_ceiling, "heap_growth_ceiling", high=100.0)
+        check_int(event_capacity, "event_capacity", low=16, high=10_000_000)
         if memory_limit_bytes is not None:
-            _check_int("memory_limit_bytes", memory_limit_bytes, 1, 1 << 62)
-        for field_name, flag in (("adaptive", adaptive), ("auto_freeze", auto_freeze)):
-            if not isinstance(flag, bool):
-                raise ConfigError(field_name, f"must be a bool, got {type(flag).__name__}")
+            check_positive_int(memory_limit_bytes, "memory_limit_bytes", high=1 << 62)
+        check_bool(adaptive, "adaptive")
+        check_bool(auto_freeze, "auto_freeze")
         self.target_memory_usage_percent = float(target_memory_usage_percent)
         self.adaptive = adaptive
         self.monitoring_interval_s = float(monitoring_interval_s)
@@ -689,19 +696,3 @@ class GcOptimizer:
             self._ended_seen = self._ended_at_maintenance = 0
 
 
-def _check_number(
-    name: str, value: object, low: float, high: float, *, low_open: bool = False
-) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ConfigError(name, f"must be a number, got {type(value).__name__}")
-    ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = ">" if low_open else ">="
-        raise ConfigError(name, f"must be {bound} {low} and <= {high}, got {value!r}")
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(name, f"must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ConfigError(name, f"must be between {low} and {high}, got {value}")

@@ -6,8 +6,10 @@ import ctypes
 import threading
 from dataclasses import dataclass
 
+from kotoba_memory.errors import ConfigError
 from kotoba_memory.memory_pool.errors import BlockInUseError, PoolExhausted
 from kotoba_memory.memory_pool.pool import MemoryBlock, MemoryPool
+from kotoba_memory.validation import check_int
 
 __all__ = ["Arena", "ArenaStats"]
 
@@ -55,14 +57,9 @@ class Arena:
     def __init__(
         self, chunk_size: int = 1 << 20, *, max_bytes: int | None = None, pool: MemoryPool | None = None
     ) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-        if chunk_size < 64:
-            raise ValueError(f"chunk_size must be at least 64 bytes, got {chunk_size}")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)):
-            raise TypeError(f"max_bytes must be an int or None, got {type(max_bytes).__name__}")
-        if max_bytes is not None and max_bytes < chunk_size:
-            raise ValueError(f"max_bytes ({max_bytes}) must be at least chunk_size ({chunk_size})")
+        check_int(chunk_size, "chunk_size", low=64)
+        if max_bytes is not None and check_int(max_bytes, "max_bytes") < chunk_size:
+            raise ConfigError("max_bytes", f"must be at least chunk_size ({chunk_size}), got {max_bytes}")
         if pool is not None and not isinstance(pool, MemoryPool):
             raise TypeError(f"pool must be a MemoryPool, got {type(pool).__name__}")
         self.chunk_size = chunk_size

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from kotoba_memory.memory_pool.errors import BlockReleasedError, PoolClosedError, PoolExhausted
+from kotoba_memory.validation import check_non_negative, check_positive_int
 
 __all__ = ["ObjectPool", "ObjectPoolStats"]
 
@@ -56,11 +57,8 @@ class ObjectPool(Generic[T]):
             raise TypeError(f"reset must be callable or None, got {type(reset).__name__}")
         if dispose is not None and not callable(dispose):
             raise TypeError(f"dispose must be callable or None, got {type(dispose).__name__}")
-        if isinstance(max_size, bool) or not isinstance(max_size, int):
-            raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
-        if max_size < 1:
-            raise ValueError(f"max_size must be >= 1, got {max_size}")
-        _check_timeout(timeout)
+        check_positive_int(max_size, "max_size")
+        check_non_negative(timeout, "timeout")  # finite: waiting forever overflows Condition.wait
         self._factory = factory
         self._reset = reset
         self._dispose = dispose
@@ -81,7 +79,7 @@ class ObjectPool(Generic[T]):
 
     def acquire(self, timeout: float | None = None) -> T:
         """An object for exclusive use until ``release(obj)``; waits up to ``timeout`` (None: the pool's)."""
-        wait = self.timeout if timeout is None else _check_timeout(timeout)
+        wait = self.timeout if timeout is None else float(check_non_negative(timeout, "timeout"))
         deadline = time.monotonic() + wait
         with self._cond:
             waited = False
@@ -225,9 +223,3 @@ class ObjectPool(Generic[T]):
             pass
 
 
-def _check_timeout(timeout: float) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
-    if timeout < 0 or timeout != timeout:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
-    return float(timeout)

@@ -26,6 +26,7 @@ from kotoba_memory.memory_pool.errors import (
 )
 from kotoba_memory.memory_pool.size_classes import SizeClasses
 from kotoba_memory.process import forks
+from kotoba_memory.validation import check_enum, check_int
 
 __all__ = ["DefragmentResult", "FallbackPolicy", "MemoryBlock", "MemoryPool", "PoolStats", "iter_pools"]
 
@@ -289,16 +290,9 @@ class MemoryPool:
         classes_per_octave: int = 16,
         name: str | None = None,
     ) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int):
-            raise TypeError(f"capacity must be an int number of bytes, got {type(capacity).__name__}")
-        if capacity < _MIN_CAPACITY:
-            raise ValueError(f"capacity must be at least {_MIN_CAPACITY} bytes, got {capacity}")
-        if capacity >= 1 << 48:
-            raise ValueError(f"capacity {capacity} is beyond what this pool addresses (2**48 bytes)")
-        try:
-            self._fallback = FallbackPolicy(fallback)
-        except ValueError:
-            raise ValueError(f"fallback must be 'raise' or 'heap', got {fallback!r}") from None
+        # bytes: at least one page of slabs, below the 2**48 bytes this pool addresses
+        check_int(capacity, "capacity", low=_MIN_CAPACITY, high=(1 << 48) - 1)
+        self._fallback = check_enum(fallback, "fallback", FallbackPolicy, label="fallback policy")
         self._classes = SizeClasses(classes_per_octave)
         self._octave_shift = classes_per_octave.bit_length() - 1
         self.name = name or f"pool-{id(self):x}"

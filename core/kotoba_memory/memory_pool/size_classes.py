@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from kotoba_memory.errors import ConfigError
+from kotoba_memory.validation import check_int
+
 _ALLOWED_PER_OCTAVE = (1, 2, 4, 8, 16, 32)
 
 
@@ -15,10 +18,8 @@ class SizeClasses:
     __slots__ = ("granule", "per_octave")
 
     def __init__(self, per_octave: int = 16, granule: int = 16) -> None:
-        if isinstance(per_octave, bool) or not isinstance(per_octave, int):
-            raise TypeError(f"per_octave must be an int, got {type(per_octave).__name__}")
-        if per_octave not in _ALLOWED_PER_OCTAVE:
-            raise ValueError(f"per_octave must be one of {_ALLOWED_PER_OCTAVE}, got {per_octave}")
+        if check_int(per_octave, "per_octave") not in _ALLOWED_PER_OCTAVE:
+            raise ConfigError("per_octave", f"must be one of {_ALLOWED_PER_OCTAVE}, got {per_octave}")
         if granule < 8 or granule & (granule - 1):
             raise ValueError(f"granule must be a power of two >= 8, got {granule}")
         self.per_octave = per_octave

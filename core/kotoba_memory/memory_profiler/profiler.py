@@ -30,6 +30,13 @@ from kotoba_memory.memory_profiler._ring import SampleRing
 from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
 from kotoba_memory.process import Task, forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
+from kotoba_memory.validation import (
+    check_int,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,20 +117,6 @@ class _RouteTable:
         return len(self._totals)
 
 
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(name, f"must be a number, got {type(value).__name__}")
-    if not value > 0:
-        raise ConfigError(name, f"must be > 0, got {value!r}")
-
-
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ConfigError(name, f"must be >= {minimum}, got {value!r}")
-
-
 class MemoryProfiler:
     """Samples process memory in the background and finds leaks with short tracemalloc windows.
 
@@ -151,30 +144,26 @@ class MemoryProfiler:
         top_hotspots: int = 10,
         max_trace_memory_bytes: int = 8 * 1024 * 1024,
     ) -> None:
-        _positive("sample_interval_s", sample_interval_s)
-        _positive("window_s", window_s)
-        _positive("window_interval_s", window_interval_s)
+        check_positive(sample_interval_s, "sample_interval_s")
+        check_positive(window_s, "window_s")
+        check_positive(window_interval_s, "window_interval_s")
         if window_interval_s < window_s:
             raise ConfigError(
                 "window_interval_s", f"must be >= window_s ({window_s}), got {window_interval_s}"
             )
-        if first_window_after_s is not None and (
-            isinstance(first_window_after_s, bool) or not isinstance(first_window_after_s, int | float)
-            or first_window_after_s < 0
-        ):
-            raise ConfigError("first_window_after_s", f"must be a number >= 0, got {first_window_after_s!r}")
-        _positive_int("history_size", history_size, 2)
-        _positive_int("snapshots_per_window", snapshots_per_window, 4)
-        _positive_int("trace_frames", trace_frames, 1)
-        _positive_int("max_sites", max_sites)
-        _positive_int("max_windows", max_windows, 2)
-        _positive_int("max_routes", max_routes)
-        _positive_int("top_hotspots", top_hotspots)
-        _positive_int("max_trace_memory_bytes", max_trace_memory_bytes)
-        if not isinstance(min_confidence, int | float) or not 0.0 <= min_confidence <= 1.0:
-            raise ConfigError("min_confidence", f"must be in [0, 1], got {min_confidence!r}")
+        if first_window_after_s is not None:
+            check_non_negative(first_window_after_s, "first_window_after_s")
+        check_int(history_size, "history_size", low=2)
+        check_int(snapshots_per_window, "snapshots_per_window", low=4)
+        check_positive_int(trace_frames, "trace_frames")
+        check_positive_int(max_sites, "max_sites")
+        check_int(max_windows, "max_windows", low=2)
+        check_positive_int(max_routes, "max_routes")
+        check_positive_int(top_hotspots, "top_hotspots")
+        check_positive_int(max_trace_memory_bytes, "max_trace_memory_bytes")
+        check_number(min_confidence, "min_confidence", low=0.0, high=1.0)
         if memory_limit_bytes is not None:
-            _positive_int("memory_limit_bytes", memory_limit_bytes)
+            check_positive_int(memory_limit_bytes, "memory_limit_bytes")
         self.sample_interval_s = float(sample_interval_s)
         self.leak_detection = bool(leak_detection)
         self.window_s = float(window_s)
