@@ -44,3 +44,21 @@ def postgres_url() -> Iterator[str]:
             yield url
     except local_services.ServiceUnavailable as exc:
         _unavailable(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _no_component_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that leaves an optimizer, GC optimizer or profiler running would tune the collector
+    under the next tests: stop it and name the test that leaked it."""
+    from kotoba_memory.process import registry
+
+    before = registry.snapshot()
+    yield
+    leaked = {kind: obj for kind, obj in registry.snapshot().items() if before.get(kind) is not obj}
+    for obj in leaked.values():
+        try:
+            obj.stop()
+        except Exception:
+            pass
+    if leaked:
+        print(f"\nLEAKED by {request.node.nodeid}: {sorted(leaked)}", file=sys.stderr)

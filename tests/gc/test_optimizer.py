@@ -85,12 +85,14 @@ def test_restore_returns_state_exactly_as_found(make_optimizer) -> None:
 def test_restore_leaves_a_freeze_it_found(make_optimizer) -> None:
     gc.freeze()
     try:
+        # Frozen objects freed by reference counting leave the count, so compare loosely; an unfreeze
+        # would take it to zero.
         frozen = gc.get_freeze_count()
         optimizer = make_optimizer(adaptive=False)
         optimizer.freeze_for_fork()
-        assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() > frozen // 2
         optimizer.restore()
-        assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() > frozen // 2
         assert any("left frozen" in c.reason for c in optimizer.changes)
     finally:
         gc.unfreeze()
