@@ -36,7 +36,7 @@ SEGMENT = 500
 
 from kotoba_memory.cache_manager.compression import Compressor, available_codecs  # noqa: E402
 from kotoba_memory.cache_manager.disk import DiskCache  # noqa: E402
-from kotoba_memory.cache_manager.manager import CacheManager  # noqa: E402
+from kotoba_memory.cache_manager.memory import CacheManager  # noqa: E402
 from kotoba_memory.cache_manager.tiers import TieredCache  # noqa: E402
 
 _WORDS_TEXT = (

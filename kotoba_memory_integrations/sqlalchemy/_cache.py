@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import Table
 
+from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.validation import check_non_negative_int, check_str, check_ttl
 from kotoba_memory_integrations.sqlalchemy._analysis import normalize_table_name, table_names
@@ -46,7 +47,6 @@ __all__ = [
     "iter_query_caches",
 ]
 
-_REQUIRED_CACHE_METHODS = ("get", "get_many", "put", "add", "delete")
 
 
 class QueryCacheError(KotobaMemoryError):
@@ -87,7 +87,7 @@ class QueryCache:
 
     def __init__(
         self,
-        cache: Any,
+        cache: BaseCache,
         *,
         default_ttl: float | None = None,
         max_rows: int = 10_000,
@@ -95,10 +95,10 @@ class QueryCache:
         also_invalidate: Mapping[str, Iterable[str]] | None = None,
         name: str | None = None,
     ) -> None:
-        missing = [m for m in _REQUIRED_CACHE_METHODS if not callable(getattr(cache, m, None))]
-        if missing:
+        if not isinstance(cache, BaseCache):
             raise TypeError(
-                f"cache must be a kotoba-memory cache (BaseCache); {type(cache).__name__} lacks {missing}"
+                "cache must be a kotoba-memory cache (a BaseCache: CacheManager, TieredCache, RedisCache), "
+                f"got {type(cache).__name__}"
             )
         # finite: an infinite ttl used to be accepted here and then made every store fail
         self.default_ttl = check_ttl(default_ttl, "default_ttl")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kotoba_memory.cache_manager.disk import DiskCache
-from kotoba_memory.cache_manager.manager import CacheManager
+from kotoba_memory.cache_manager.memory import CacheManager
 from kotoba_memory.cache_manager.tiers import TieredCache, TieredCacheStats
 from kotoba_memory.cache_manager.types import CachedValue
 

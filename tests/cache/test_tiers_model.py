@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kotoba_memory.cache_manager.disk import DiskCache
-from kotoba_memory.cache_manager.manager import CacheManager
+from kotoba_memory.cache_manager.memory import CacheManager
 from kotoba_memory.cache_manager.tiers import TieredCache
 
 _keys = st.integers(min_value=0, max_value=12)

@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kotoba_memory.cache_manager.base import BaseCache, iter_caches
-from kotoba_memory.cache_manager.manager import CacheManager, EvictionListener
+from kotoba_memory.cache_manager.memory import CacheManager, EvictionListener
 from kotoba_memory.cache_manager.policies import EvictionPolicy
 from kotoba_memory.cache_manager.types import (
     CacheAnalysis,

@@ -23,7 +23,7 @@ from typing import Any
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheStats
 from kotoba_memory.cache_manager.latency import LatencyWindow
-from kotoba_memory.cache_manager.manager import CacheManager
+from kotoba_memory.cache_manager.memory import CacheManager
 from kotoba_memory.cache_manager.types import (
     CachedValue,
     CacheStats,
