@@ -12,7 +12,8 @@
   / ``.expirations`` (counters), ``kotoba_memory.cache.size`` (``By``) and ``.entries``;
 * per SQLAlchemy query cache: ``kotoba_memory.query_cache.hits`` / ``.misses`` / ``.invalidations``;
 * memory pools: ``kotoba_memory.pool.usage`` / ``kotoba_memory.pool.capacity`` (``By``);
-* per request (``http.route``, ``http.request.method``, ``http.response.status_code``):
+* per request (``http.route``, ``http.request.method``: the known methods or ``_OTHER`` as the HTTP
+  semantic conventions say, ``http.response.status_code``: only codes in 100..599):
   ``kotoba_memory.http.server.request.rss_growth`` (``By``), ``...traced_allocations`` (``By``, only
   while tracemalloc traces) and ``...gc_pause`` (``s``, only requests a collection hit), recorded by
   the WSGI/ASGI middleware.
@@ -40,7 +41,12 @@ from kotoba_memory.cache_manager import iter_caches
 from kotoba_memory.gc_optimizer import get_active_gc_optimizer
 from kotoba_memory.optimizer import get_active_optimizer
 from kotoba_memory.process import memory as process_memory
-from kotoba_memory_integrations.request import RequestMetrics, add_request_listener, remove_request_listener
+from kotoba_memory_integrations.request import (
+    RequestMetrics,
+    add_request_listener,
+    normalize_method,
+    remove_request_listener,
+)
 
 __all__ = ["METER_NAME", "MemoryInstrumentor", "instrument", "is_instrumented", "uninstrument"]
 
@@ -266,9 +272,13 @@ class _Instruments:
         """Record one finished request (the middleware's listener)."""
         if not self.active or not result.sampled:
             return
-        attributes: dict[str, str | int] = {"http.route": result.route, "http.request.method": result.method}
-        if result.status is not None:
-            attributes["http.response.status_code"] = result.status
+        # Every attribute has a bounded set of values: route templates (never the raw path), the known
+        # methods plus "_OTHER" (clients choose the method), and status codes within 100..599.
+        attributes: dict[str, str | int] = {"http.route": result.route,
+                                            "http.request.method": normalize_method(result.method)}
+        status = result.status
+        if status is not None and 100 <= status <= 599:
+            attributes["http.response.status_code"] = status
         self.request_rss.record(max(0, result.rss_delta), attributes)
         if result.traced_delta is not None:
             self.request_traced.record(max(0, result.traced_delta), attributes)

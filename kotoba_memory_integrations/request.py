@@ -32,7 +32,10 @@ __all__ = [
     "RssReader",
     "add_request_listener",
     "current_measurement",
+    "KNOWN_METHODS",
+    "OTHER_METHOD",
     "listener_errors",
+    "normalize_method",
     "remove_request_listener",
     "set_current_route",
 ]
@@ -43,6 +46,16 @@ ENVIRON_KEY = "kotoba_memory.request"
 _RSS_REUSE_S = 0.010
 #: Route label used when no framework told us the route; the raw path is never used (cardinality).
 UNMATCHED_ROUTE = "unmatched"
+#: The HTTP methods recorded as sent (OpenTelemetry HTTP semantic conventions, case-sensitive); any
+#: other method a client sends is recorded as :data:`OTHER_METHOD`, so metric series stay bounded.
+KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
+OTHER_METHOD = "_OTHER"
+
+
+def normalize_method(method: Any) -> str:
+    """``method`` if it is a known HTTP method, else ``"_OTHER"`` (clients choose it: never a label as sent)."""
+    return method if method in KNOWN_METHODS else OTHER_METHOD
+
 
 _current: contextvars.ContextVar[RequestMeasurement | None] = contextvars.ContextVar(
     "kotoba_memory_request", default=None
@@ -61,7 +74,7 @@ class RequestMetrics(NamedTuple):
     """
 
     route: str
-    method: str
+    method: str  # a KNOWN_METHODS member or "_OTHER" (see normalize_method)
     status: int | None
     duration_s: float
     rss_delta: int
@@ -139,7 +152,7 @@ class RequestMeasurement:
 
     def __init__(self, recorder: RequestRecorder, method: str) -> None:
         self._recorder = recorder
-        self.method = method
+        self.method = method if method in KNOWN_METHODS else OTHER_METHOD
         self.route: str | None = None
         self.status: int | None = None
         self.error: str | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import random
+import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from kotoba_memory._version import __version__
 from kotoba_memory_integrations import otel
-from kotoba_memory_integrations.request import RequestRecorder, set_current_route
+from kotoba_memory_integrations.request import RequestMetrics, RequestRecorder, normalize_method, set_current_route
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 
@@ -213,3 +215,36 @@ def test_pool_metrics_from_the_active_optimizer(reader: InMemoryMetricReader) ->
         block.release()
     finally:
         runtime.stop_optimizer()
+
+
+def test_client_chosen_methods_make_a_bounded_set_of_series(reader: InMemoryMetricReader) -> None:
+    """300 random methods (issue 11, item 3) must not make 300 series: unknown ones count as ``_OTHER``."""
+    rng = random.Random(11)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        set_current_route(environ["ROUTE"])
+        start_response("200 OK", [])
+        return [b""]
+
+    recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None)
+    middleware = MemoryMiddleware(app, recorder=recorder)
+    methods = ["".join(rng.choices(string.ascii_letters, k=12)) for _ in range(300)]
+    requests = [(method, "/items/<id>") for method in [*methods, "GET", "POST", "get"]]
+    for method, route in [*requests, ("DELETE", "/new/<id>")]:
+        result = middleware({"REQUEST_METHOD": method, "ROUTE": route}, lambda *a: None)
+        list(result)
+        result.close()  # type: ignore[attr-defined]
+    series = {tuple(sorted(p.attributes.items()))
+              for p in points(collect(reader)["kotoba_memory.http.server.request.rss_growth"])}
+    seen = {(dict(s)["http.route"], dict(s)["http.request.method"]) for s in series}
+    assert seen == {("/items/<id>", "_OTHER"), ("/items/<id>", "GET"), ("/items/<id>", "POST"),
+                    ("/new/<id>", "DELETE")}
+
+
+def test_every_recorded_request_attribute_is_bounded(reader: InMemoryMetricReader) -> None:
+    """A listener fed metrics by hand gets the same bounds: method normalised, odd status codes dropped."""
+    otel.MemoryInstrumentor()._instruments.on_request(  # type: ignore[union-attr]
+        RequestMetrics("/r", "BREW", 999, 0.0, 1, None, 0, None))
+    [point] = points(collect(reader)["kotoba_memory.http.server.request.rss_growth"])
+    assert dict(point.attributes) == {"http.route": "/r", "http.request.method": "_OTHER"}
+    assert normalize_method("PATCH") == "PATCH" and normalize_method("patch") == "_OTHER"
