@@ -272,3 +272,36 @@ def test_rss_reader_reads_the_child_after_fork() -> None:
         child_rss, child_peak = (int(x) for x in pipe.read().split())
     os.waitpid(pid, 0)
     assert child_rss >= parent + (100 << 20) and child_peak == child_rss
+
+
+def test_a_worker_forked_during_a_request_reports_traced_deltas_for_its_own_requests() -> None:
+    """Issue 11, item 9: the in-flight count must not carry the parent's open request into the child."""
+    script = textwrap.dedent(
+        """
+        import os, tracemalloc
+        from kotoba_memory_integrations.request import RequestRecorder
+
+        tracemalloc.start()
+        recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None)
+        open_in_parent = recorder.begin("GET")  # the master is inside a request when it forks
+        pid = os.fork()
+        if pid == 0:
+            results, kept = [], []
+            for _ in range(3):
+                measurement = recorder.begin("POST")
+                kept.append([bytearray(1000) for _ in range(100)])
+                results.append(measurement.finish())
+            ok = all(r is not None and not r.overlapped and r.traced_delta is not None
+                     and r.traced_delta >= 100_000 for r in results)
+            print("child", [(r.overlapped, r.traced_delta is not None) for r in results], flush=True)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        parent = open_in_parent.finish()
+        print("parent", os.waitstatus_to_exitcode(status), parent.traced_delta is not None, flush=True)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert "parent 0 True" in out.stdout, out.stdout
