@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from kotoba_memory.process import forks, scheduler
+from kotoba_memory.report import private_dir, write_private
 
 ENV_DIR = "KOTOBA_MEMORY_PROFILE_DIR"
 ENV_CONFIG = "KOTOBA_MEMORY_PROFILE_CONFIG"
@@ -43,7 +44,7 @@ def install() -> None:
 
     config = MemoryConfig.from_mapping(json.loads(os.environ.get(ENV_CONFIG, "{}")))
     out = process_dir(Path(root), os.getpid())
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     optimizer = MemoryOptimizer(config)
     optimizer.start()
     _state.update(optimizer=optimizer, out=out, written=False)
@@ -86,9 +87,7 @@ def _write_progress(optimizer: Any, out: Path) -> None:
         if analysis.memory_leaks:
             top = analysis.memory_leaks[0]
             data["top"] = f"{top.allocation_site} ({top.growth_rate_bytes_per_s / 1024:.1f} KiB/s)"
-    tmp = out / "progress.json.tmp"
-    tmp.write_text(json.dumps(data))
-    tmp.replace(out / "progress.json")
+    write_private(out / "progress.json", json.dumps(data))
 
 
 def finish() -> None:
@@ -106,7 +105,7 @@ def finish() -> None:
     report = optimizer.stop()
     report.write_json(out / "report.json")
     report.write_html(out / "report.html")
-    (out / "summary.txt").write_text(report.summary() + "\n")
+    write_private(out / "summary.txt", report.summary() + "\n")
 
 
 def _after_fork_in_child() -> None:
@@ -119,7 +118,7 @@ def _after_fork_in_child() -> None:
     _state["out"] = process_dir(Path(root), os.getpid())
     _state["written"] = False
     try:
-        _state["out"].mkdir(parents=True, exist_ok=True)
+        private_dir(_state["out"])
     except OSError:
         _log.debug("kotoba-memory profile: no report directory for the forked child", exc_info=True)
     scheduler.resume()

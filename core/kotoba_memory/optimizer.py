@@ -135,7 +135,6 @@ class MemoryOptimizer:
             self._running = False
         registry.release("optimizer", self)
         if self.config.report_dir is not None:
-            self.config.report_dir.mkdir(parents=True, exist_ok=True)
             report.write_html(self.config.report_dir / "report.html")
             report.write_json(self.config.report_dir / "report.json")
         return report

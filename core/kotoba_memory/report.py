@@ -10,14 +10,18 @@ import dataclasses
 import enum
 import html
 import json
+import logging
 import math
+import os
+import stat
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MemoryReport", "MemoryStats", "to_plain"]
+__all__ = ["MemoryReport", "MemoryStats", "private_dir", "to_plain", "write_private"]
 
 _MIB = 1024 * 1024
 
@@ -169,18 +173,14 @@ class MemoryReport:
         target = Path(path)
         if target.is_dir():
             target = target / "report.html"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(self.to_html(), encoding="utf-8")
-        return target
+        return write_private(target, self.to_html())
 
     def write_json(self, path: str | Path) -> Path:
         """Write ``to_json()`` to ``path`` (a directory gets ``report.json``); returns the file path."""
         target = Path(path)
         if target.is_dir():
             target = target / "report.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(self.to_json(indent=2), encoding="utf-8")
-        return target
+        return write_private(target, self.to_json(indent=2))
 
     # ------------------------------------------------------------------ HTML
     def to_html(self) -> str:
@@ -409,3 +409,41 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.0f} s"
+
+
+_log = logging.getLogger("kotoba_memory.report")
+
+
+def private_dir(path: str | Path) -> Path:
+    """Make ``path`` (mode 0700, parents too) when it is missing; warn when others may write into it."""
+    directory = Path(path)
+    if not directory.is_dir():
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return directory
+    info = directory.stat()
+    others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if (others_write and not info.st_mode & stat.S_ISVTX) or info.st_uid != os.geteuid():
+        _log.warning("kotoba-memory: report directory %s is writable by others or not ours; reports are "
+                     "written to fresh 0600 files and renamed into place, never through a link", directory)
+    return directory
+
+
+def write_private(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` as a new 0600 file renamed into place (never written through a link)."""
+    target = Path(path)
+    directory = private_dir(target.parent)
+    # mkstemp creates the file with O_EXCL (no link is followed) and mode 0600; os.replace then swaps
+    # the directory entry itself, so a symlink planted at ``target`` is replaced, not written through.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target

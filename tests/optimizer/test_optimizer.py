@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -213,3 +215,33 @@ def test_preloaded_jemalloc_is_detected_and_satisfies_the_request() -> None:
     active, has_note, heap = out.stdout.split()
     assert active == "jemalloc" and has_note == "False"
     assert heap == "None"  # glibc's mallinfo2 knows nothing of jemalloc's heap: RSS is used instead
+
+
+def test_report_dir_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    """Issue 11, item 8: a link planted at report.html is replaced, not followed; reports are 0600."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    report_dir = tmp_path / "shared"
+    report_dir.mkdir()
+    (report_dir / "report.html").symlink_to(victim)
+    (report_dir / "report.json").symlink_to(tmp_path / "dangling")
+    optimizer = MemoryOptimizer(fast_config(report_dir=report_dir))
+    optimizer.start()
+    optimizer.stop()
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "dangling").exists()
+    for name in ("report.html", "report.json"):
+        info = os.lstat(report_dir / name)
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600, name
+    assert "<html" in (report_dir / "report.html").read_text().lower()
+    assert sorted(p.name for p in report_dir.iterdir()) == ["report.html", "report.json"]  # no temp left
+
+
+def test_report_dir_we_create_is_private(tmp_path: Path) -> None:
+    """A report directory kotoba-memory creates is 0700 (its parent may be world-writable)."""
+    report_dir = tmp_path / "made" / "here"
+    optimizer = MemoryOptimizer(fast_config(report_dir=report_dir))
+    optimizer.start()
+    optimizer.stop()
+    assert stat.S_IMODE(os.stat(report_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(report_dir / "report.json").st_mode) == 0o600
