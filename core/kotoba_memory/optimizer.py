@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kotoba_memory.config import MemoryConfig
-from kotoba_memory.errors import KotobaMemoryError
+from kotoba_memory.errors import ConfigError, KotobaMemoryError
 from kotoba_memory.memory_profiler import MemoryAnalysis, MemoryProfiler
 from kotoba_memory.process import forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
@@ -236,7 +236,10 @@ class MemoryOptimizer:
         from kotoba_memory.memory_pool import MemoryPool
 
         # A full pool hands out heap memory rather than failing the request.
-        return MemoryPool(self.config.pool_size_mb * _MIB, fallback="heap", name="kotoba-memory")
+        try:
+            return MemoryPool(self.config.pool_size_mb * _MIB, fallback="heap", name="kotoba-memory")
+        except ConfigError as exc:  # the reservation cannot be mapped here: name the setting that asked
+            raise ConfigError("pool_size_mb", f"{self.config.pool_size_mb} MiB: {exc.reason}") from exc
 
     def _make_gc_optimizer(self) -> GcOptimizer:
         from kotoba_memory.gc_optimizer import GcOptimizer

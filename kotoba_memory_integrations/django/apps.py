@@ -8,12 +8,16 @@ per process. Settings:
 * ``KOTOBA_MEMORY_AUTOSTART`` (default True): start the optimizer in ``ready()``;
 * ``KOTOBA_MEMORY_OTEL`` (default False): also report OpenTelemetry metrics to the global provider.
 
-Bad settings never crash startup: the optimizer is not started and ``manage.py check`` reports them
-(``kotoba_memory.E00x``). With ``gunicorn --preload`` see :mod:`kotoba_memory_integrations.runtime`.
+Bad settings fail start-up the way Django's own do: ``ready()`` raises ``ImproperlyConfigured`` naming the
+setting (an unknown or invalid ``KOTOBA_MEMORY`` field, a non-bool flag, a misspelt ``KOTOBA_MEMORY*``
+setting name, a pool this machine cannot map), so a server that runs no checks (gunicorn) still refuses
+to start with the message. ``manage.py check`` reports the same settings as ``kotoba_memory.E00x``.
+With ``gunicorn --preload`` see :mod:`kotoba_memory_integrations.runtime`.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
@@ -21,10 +25,35 @@ from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
-__all__ = ["KotobaMemoryConfig", "config_from_settings", "start_from_settings"]
+__all__ = ["SETTING_NAMES", "KotobaMemoryConfig", "config_from_settings", "misspelt_settings",
+           "start_from_settings"]
 
 _log = logging.getLogger("kotoba_memory_integrations")
+
+#: The Django settings kotoba-memory reads.
+SETTING_NAMES = ("KOTOBA_MEMORY", "KOTOBA_MEMORY_AUTOSTART", "KOTOBA_MEMORY_OTEL", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY")
+
+
+def misspelt_settings() -> list[tuple[str, str]]:
+    """``(name, meant)`` for each defined setting that looks like a misspelling of one of ours."""
+    found = []
+    for name in dir(settings):
+        if not name.isupper() or name in SETTING_NAMES:
+            continue
+        close = difflib.get_close_matches(name, SETTING_NAMES, n=1, cutoff=0.85)
+        if close:
+            found.append((name, close[0]))
+    return found
+
+
+def _improperly_configured(exc: Exception) -> ImproperlyConfigured:
+    from kotoba_memory.errors import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return ImproperlyConfigured(f"KOTOBA_MEMORY[{exc.field!r}] is invalid: {exc.reason}")
+    return ImproperlyConfigured(f"KOTOBA_MEMORY is invalid: {exc}")
 
 
 def config_from_settings() -> Any:
@@ -48,13 +77,24 @@ def _is_autoreload_parent() -> bool:
 
 
 def start_from_settings() -> Any:
-    """Start the process's optimizer from settings if configured and valid; returns it or None."""
-    if getattr(settings, "KOTOBA_MEMORY_AUTOSTART", True) is not True or _is_autoreload_parent():
-        return None
+    """Start the process's optimizer from settings if configured; returns it or None.
+
+    Raises ``ImproperlyConfigured`` naming the setting when the settings are invalid or cannot be met.
+    """
+    for name, meant in misspelt_settings():
+        raise ImproperlyConfigured(f"{name} is not a kotoba-memory setting; did you mean {meant}?")
+    for name, default in (("KOTOBA_MEMORY_AUTOSTART", True), ("KOTOBA_MEMORY_OTEL", False)):
+        value = getattr(settings, name, default)
+        if not isinstance(value, bool):
+            raise ImproperlyConfigured(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
+        raise ImproperlyConfigured(f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}")
     try:
         config = config_from_settings()
     except (TypeError, ValueError) as exc:
-        _log.error("kotoba-memory not started, invalid settings (see manage.py check): %s", exc)
+        raise _improperly_configured(exc) from exc
+    if getattr(settings, "KOTOBA_MEMORY_AUTOSTART", True) is not True or _is_autoreload_parent():
         return None
     if getattr(settings, "KOTOBA_MEMORY_OTEL", False) is True:
         from kotoba_memory_integrations import otel
@@ -64,7 +104,10 @@ def start_from_settings() -> Any:
         return None
     from kotoba_memory_integrations.runtime import start_optimizer
 
-    return start_optimizer(config)
+    try:
+        return start_optimizer(config)
+    except ValueError as exc:  # ConfigError: e.g. a pool_size_mb this machine cannot map
+        raise _improperly_configured(exc) from exc
 
 
 class KotobaMemoryConfig(AppConfig):

@@ -21,6 +21,7 @@ compared in constant time) or an auth callable: 401 without credentials, 403 wit
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hmac
 import json
 from collections.abc import Callable, Mapping
@@ -61,6 +62,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _misspelt_prefix(key: object) -> bool:
+    """True for a config key whose prefix looks like a misspelling of ``KOTOBA_MEMORY_`` (e.g. MEMROY)."""
+    if not isinstance(key, str) or not key.upper().startswith("KOTOBA") or key.startswith(_PREFIX):
+        return False
+    head = key.upper()[: len(_PREFIX)]
+    return difflib.SequenceMatcher(None, head, _PREFIX).ratio() >= 0.8
+
+
 def _config_fields() -> set[str]:
     from kotoba_memory.config import MemoryConfig
 
@@ -91,6 +100,8 @@ class KotobaMemory:
         for key, value in app.config.items():
             if key.startswith(_PREFIX):
                 merged[key[len(_PREFIX) :].lower()] = value
+            elif _misspelt_prefix(key):
+                raise ConfigError(key, f"not a kotoba-memory setting: misspelt prefix, did you mean {_PREFIX}...?")
         for key, value in self.overrides.items():
             merged[key.lower()] = value
         options = dict(_OWN_KEYS)
@@ -114,6 +125,9 @@ class KotobaMemory:
             token, auth = options["report_token"], options["report_auth"]
             if token is not None and (not isinstance(token, str) or len(token) < 16):
                 raise ConfigError(_PREFIX + "REPORT_TOKEN", "must be a string of at least 16 characters")
+            if token is not None and any(c.isspace() for c in token):
+                # A bearer credential has no whitespace: the one presented is stripped, so it never matches.
+                raise ConfigError(_PREFIX + "REPORT_TOKEN", "must not contain whitespace (it could never match)")
             if auth is not None and not callable(auth):
                 raise ConfigError(_PREFIX + "REPORT_AUTH", "must be a callable(request) -> bool")
             if token is None and auth is None:

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("django")
 
 from django.core.checks import Error, Warning
+from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
 from django.core.management import call_command, load_command_class
@@ -259,12 +260,45 @@ def test_app_config_starts_one_optimizer_per_process(no_optimizer: None) -> None
         assert runtime.get_optimizer() is first
 
 
-def test_app_config_with_bad_or_absent_settings_starts_nothing(no_optimizer: None) -> None:
-    with override_settings(KOTOBA_MEMORY={"cache_size_mb": -1}):
-        assert start_from_settings() is None
+def test_app_config_with_autostart_off_or_absent_settings_starts_nothing(no_optimizer: None) -> None:
     with override_settings(KOTOBA_MEMORY={"cache_size_mb": 8}, KOTOBA_MEMORY_AUTOSTART=False):
         assert start_from_settings() is None
+    assert start_from_settings() is None  # KOTOBA_MEMORY absent: installed but not started
     assert runtime.get_optimizer() is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"KOTOBA_MEMORY": {"cache_size_mb": -1}}, "KOTOBA_MEMORY['cache_size_mb']"),
+        ({"KOTOBA_MEMORY": {"cache_sise_mb": 8}}, "KOTOBA_MEMORY['cache_sise_mb']"),  # a typo in the dict
+        ({"KOTOBA_MEMORY": [("cache_size_mb", 8)]}, "KOTOBA_MEMORY"),
+        ({"KOTOBA_MEMROY": {"cache_size_mb": 8}}, "KOTOBA_MEMROY"),  # a misspelt setting name
+        ({"KOTOBA_MEMORY_AUTOSTART": "yes", "KOTOBA_MEMORY": {}}, "KOTOBA_MEMORY_AUTOSTART"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
+    ],
+)
+def test_bad_settings_fail_start_up_naming_the_setting(no_optimizer: None, settings: dict[str, Any],
+                                                        named: str) -> None:
+    """Issue 11, item 10: gunicorn runs no checks, so ready() itself must refuse bad settings."""
+    with override_settings(**settings), pytest.raises(ImproperlyConfigured) as info:
+        start_from_settings()
+    assert named in str(info.value)
+    assert runtime.get_optimizer() is None
+
+
+def test_report_command_checks_the_html_path_before_stopping_the_optimizer(no_optimizer: None,
+                                                                           tmp_path: Path) -> None:
+    """Issue 11, item 10: an unwritable --html path fails first; the app's optimizer keeps running."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with override_settings(KOTOBA_MEMORY=QUIET):
+        start_from_settings()
+        running = runtime.get_optimizer()
+        assert running is not None
+        with pytest.raises(CommandError, match="--html"):
+            call_command(command(), "--html", str(blocker / "dir" / "x.html"), stdout=io.StringIO())
+        assert runtime.get_optimizer() is running and running.running
 
 
 def command() -> Any:

@@ -131,6 +131,11 @@ def test_init_app_factory_pattern_and_overrides() -> None:
         ({ENDPOINT: "/r", "KOTOBA_MEMORY_REPORT_AUTH": "admin"}, "KOTOBA_MEMORY_REPORT_AUTH"),
         ({"KOTOBA_MEMORY_CACHE_SIZE_MB": -1}, "cache_size_mb"),
         ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
+        # issue 11, item 10: a misspelt prefix used to be ignored, an all-space token never matched
+        ({"KOTOBA_MEMROY_CACHE_SIZE_MB": 3}, "KOTOBA_MEMROY_CACHE_SIZE_MB"),
+        ({"kotoba_memory_cache_size_mb": 3}, "kotoba_memory_cache_size_mb"),
+        ({ENDPOINT: "/r", "KOTOBA_MEMORY_REPORT_TOKEN": " " * 20}, "KOTOBA_MEMORY_REPORT_TOKEN"),
+        ({ENDPOINT: "/r", "KOTOBA_MEMORY_REPORT_TOKEN": TOKEN + " "}, "KOTOBA_MEMORY_REPORT_TOKEN"),
     ],
 )
 def test_bad_config_raises_naming_the_key_and_installs_nothing(config: dict[str, Any], key: str) -> None:

@@ -24,6 +24,7 @@ from kotoba_memory.memory_pool.errors import (
     PoolCorruptedError,
     PoolExhausted,
 )
+from kotoba_memory.errors import ConfigError
 from kotoba_memory.memory_pool.size_classes import SizeClasses
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_enum, check_int
@@ -302,9 +303,15 @@ class MemoryPool:
         self._capacity = capacity
         # Private, not the default MAP_SHARED: a forked worker must get its own copy-on-write pages, or
         # parent and children would hand out the same bytes.
-        self._mm: mmap.mmap | None = mmap.mmap(
-            -1, capacity, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+        try:
+            self._mm: mmap.mmap | None = mmap.mmap(
+                -1, capacity, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except (OSError, OverflowError, ValueError) as exc:
+            # Valid by type and range, yet more than this machine (or its address-space limit) maps.
+            raise ConfigError(
+                "capacity", f"cannot map {capacity} bytes on this machine ({exc}); choose a smaller pool"
+            ) from exc
         self._base = memoryview(self._mm)
         self._words = self._base.cast("q")  # intrusive free-list links live in free slab slots
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))

@@ -2,18 +2,21 @@
 
 Stops this process's optimizer (started from ``KOTOBA_MEMORY`` by the app, or started here for
 ``--duration`` seconds when autostart is off) and prints its report summary; ``--html`` also writes the
-HTML report, ``--json`` prints the report as JSON instead of the summary.
+HTML report (its path is checked before anything is stopped), ``--json`` prints the report as JSON
+instead of the summary.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from kotoba_memory.report import private_dir
 from kotoba_memory_integrations.django.apps import config_from_settings
 from kotoba_memory_integrations.runtime import get_optimizer, start_optimizer, stop_optimizer
 
@@ -36,6 +39,7 @@ class Command(BaseCommand):
         duration = options["duration"]
         if not 0 <= duration <= 3600:
             raise CommandError(f"--duration must be between 0 and 3600 seconds, got {duration}")
+        html = self._html_target(options["html"]) if options["html"] else None
         if get_optimizer() is None:
             try:
                 config = config_from_settings()
@@ -55,6 +59,20 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report.to_dict(), indent=2, default=str))
         else:
             self.stdout.write(report.summary())
-        if options["html"]:
-            path = report.write_html(Path(options["html"]))
+        if html is not None:
+            path = report.write_html(html)
             self.stdout.write(f"HTML report written to {path}")
+
+    @staticmethod
+    def _html_target(value: str) -> Path:
+        """The file ``--html`` names, checked writable *before* the optimizer is stopped (its run ends)."""
+        target = Path(value)
+        if target.is_dir():
+            target = target / "report.html"
+        try:
+            private_dir(target.parent)
+        except OSError as exc:
+            raise CommandError(f"--html {value}: cannot create its directory: {exc}") from exc
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise CommandError(f"--html {value}: directory {target.parent} is not writable")
+        return target
