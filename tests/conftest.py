@@ -36,6 +36,16 @@ def redis_url() -> Iterator[str]:
         _unavailable(str(exc))
 
 
+@pytest.fixture()
+def restartable_redis() -> Iterator[local_services.RedisProcess]:
+    """A private redis-server with AOF for one test, which it may kill and restart from its AOF."""
+    try:
+        with local_services.restartable_redis_server() as server:
+            yield server
+    except local_services.ServiceUnavailable as exc:
+        _unavailable(str(exc))
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """SQLAlchemy URL of a private PostgreSQL on 127.0.0.1 for this test session."""

@@ -79,6 +79,58 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class RedisProcess:
+    """A private redis-server with an append-only file, which a test can kill and restart (same port, same data)."""
+
+    def __init__(self, binary: str, workdir: str) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's ``redis://`` URL (unchanged across restarts)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server (again), loading whatever its AOF holds; returns once it answers PING."""
+        # appendfsync always: every write acknowledged before a kill is in the AOF, as after a crash of
+        # a durably configured server.
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "yes", "--appendfsync", "always", "--dir", self.workdir,
+               "--daemonize", "no", "--loglevel", "warning"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _wait_until(lambda: _redis_ping(self.port), self.proc, "redis-server", 20)
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown, no final save) and wait for it to be gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stop the server politely."""
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+@contextlib.contextmanager
+def restartable_redis_server() -> Iterator[RedisProcess]:
+    """Run a private redis-server with AOF persistence that the caller may ``kill()`` and ``start()``."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        raise ServiceUnavailable("redis-server is not installed (Debian package redis-server)")
+    workdir = tempfile.mkdtemp(prefix="kotoba-redis-aof-")
+    server = RedisProcess(binary, workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _postgres_bindir() -> str:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                         key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)

@@ -81,6 +81,10 @@ class ReadPath:
         except Exception:
             self._counters.bypass("parameters not picklable")
             return False
+        if self._versions.undelivered and not self._versions.redeliver():
+            # An invalidation the tier failed is still unwritten: any entry may be stale, serve none.
+            self._counters.bypass("invalidation undelivered")
+            return False
         version_keys = self._versions.keys_for(reads)
         try:
             found = qc.cache.get_many([key, *version_keys])
@@ -156,6 +160,8 @@ class ReadPath:
         if plan is None:
             return None
         key, option, shape = plan
+        if self._versions.undelivered and not self._versions.redeliver():
+            return None  # the DB-API level bypasses the cache too, and counts it
         known = self._shape_versions.get(shape, ())
         try:
             found = qc.cache.get_many([key, *known])

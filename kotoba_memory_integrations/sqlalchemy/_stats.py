@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +29,10 @@ class QueryCacheStats:
     global_invalidations: int
     invalidations: Mapping[str, int] = field(default_factory=dict)
     bypass_reasons: Mapping[str, int] = field(default_factory=dict)
+    #: Invalidations that could not be written to the tier and are still waiting (the cache is bypassed
+    #: meanwhile), and how many were written late, once the tier answered again.
+    undelivered: int = 0
+    redelivered: int = 0
 
     @property
     def lookups(self) -> int:
@@ -47,6 +51,7 @@ class QueryCacheStats:
             "stores": self.stores, "rejected": self.rejected, "errors": self.errors,
             "hit_rate": self.hit_rate, "global_invalidations": self.global_invalidations,
             "invalidations": dict(self.invalidations), "bypass_reasons": dict(self.bypass_reasons),
+            "undelivered": self.undelivered, "redelivered": self.redelivered,
         }
 
 
@@ -60,6 +65,9 @@ class Counters:
         self._global_invalidations = 0
         self._invalidations: Counter[str] = Counter()
         self._bypass_reasons: Counter[str] = Counter()
+        self._redelivered = 0
+        #: Read by the snapshot: how many invalidations wait to be written (set by VersionTokens).
+        self.undelivered: Callable[[], int] = lambda: 0
 
     def hit(self) -> None:
         """Count a result served from the cache."""
@@ -92,6 +100,11 @@ class Counters:
         logger.warning("query cache %s: %s failed; continuing without the cache", self.name, what,
                        exc_info=True)
 
+    def redelivered(self, count: int) -> None:
+        """Count invalidations written late, after the tier failed them."""
+        with self._lock:
+            self._redelivered += count
+
     def invalidated(self, tables: frozenset[str] | None) -> None:
         """Count an invalidation of ``tables`` (None: the global generation)."""
         with self._lock:
@@ -109,4 +122,5 @@ class Counters:
                 global_invalidations=self._global_invalidations,
                 invalidations=MappingProxyType(dict(self._invalidations)),
                 bypass_reasons=MappingProxyType(dict(self._bypass_reasons)),
+                undelivered=self.undelivered(), redelivered=self._redelivered,
             )

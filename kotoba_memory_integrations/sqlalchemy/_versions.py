@@ -3,21 +3,32 @@
 Every cached entry is stored with the tokens of the tables it read (plus a global generation) and served
 only while they are unchanged. Tokens live in the cache tier itself, so a shared tier (Redis) carries
 invalidations between processes.
+
+A bump the tier fails (Redis down) is kept as *undelivered*: until it is written, this QueryCache serves
+and stores nothing (every read goes to the database), and each read, plus a scheduler task every
+``REDELIVER_EVERY_S``, tries to write it again. A tier that comes back with its old contents (Redis
+restarted from its AOF) therefore gets the new tokens before any entry is checked against them.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from kotoba_memory.process import forks, scheduler
+from kotoba_memory.process.scheduler import Task
 from kotoba_memory_integrations.sqlalchemy._stats import Counters, logger
 
-__all__ = ["MAX_MEMO", "VersionTokens"]
+__all__ = ["MAX_MEMO", "REDELIVER_EVERY_S", "VersionTokens"]
 
 #: Bound of the small memo maps (table set -> version keys, statement shapes).
 MAX_MEMO = 4096
+#: How often the scheduler retries undelivered invalidations (reads retry them too, before any lookup).
+REDELIVER_EVERY_S = 1.0
 
 
 class VersionTokens:
@@ -33,6 +44,17 @@ class VersionTokens:
         self._token_prefix = uuid.uuid4().hex[:12] + ":"
         self._tokens = itertools.count(1)
         self._version_keys: dict[frozenset[str], tuple[str, ...]] = {}
+        # version key -> sequence number of the failed bump (a later failure of the same key renumbers it)
+        self.undelivered: dict[str, int] = {}
+        self._failures = itertools.count(1)
+        self._lock = threading.Lock()
+        self._task: Task | None = None
+        counters.undelivered = self.undelivered.__len__
+        forks.register(self.reinit_after_fork, name="query_cache.versions")
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child: a new lock (the child keeps the undelivered keys and the scheduler task)."""
+        self._lock = threading.Lock()
 
     def new_token(self) -> str:
         """A token no other process or QueryCache can mint."""
@@ -73,15 +95,66 @@ class VersionTokens:
         else:
             tables = self.expand(tables)
             keys = [f"{self.prefix}v:{t}" for t in sorted(tables)]
+        failed = False
         for key in keys:
+            if self._write(key):
+                with self._lock:
+                    self.undelivered.pop(key, None)  # a new token supersedes any that failed before
+            else:
+                failed = True
+                with self._lock:
+                    self.undelivered[key] = next(self._failures)
+        if failed:
+            logger.error("query cache %s could not write invalidations (%d waiting): it serves nothing "
+                         "from the cache until they are written", self._counters.name, len(self.undelivered))
+            self._schedule_redelivery()
+        self._counters.invalidated(tables)
+
+    def _write(self, key: str) -> bool:
+        """Give ``key`` a new token (or remove it: an absent token is "unknown"); False when the tier failed."""
+        try:
+            if not self.cache.put(key, self.new_token()):
+                self.cache.delete(key)
+            return True
+        except Exception:
+            self._counters.error(f"invalidating {key}")
+            try:
+                self.cache.delete(key)
+                return True
+            except Exception:
+                return False
+
+    def redeliver(self) -> bool:
+        """Write the undelivered invalidations; True when none is left (the cache may be used again)."""
+        with self._lock:
+            pending = list(self.undelivered.items())
+        written = 0
+        for key, number in pending:
             try:
                 if not self.cache.put(key, self.new_token()):
                     self.cache.delete(key)
             except Exception:
-                self._counters.error(f"invalidating {key}")
-                try:
-                    self.cache.delete(key)
-                except Exception:
-                    logger.error("query cache %s could not invalidate %s: cached results of it may be "
-                                 "served until they expire", self._counters.name, key)
-        self._counters.invalidated(tables)
+                break  # still down: keep this key and the rest for the next try
+            written += 1
+            with self._lock:
+                if self.undelivered.get(key) == number:  # not failed again meanwhile
+                    del self.undelivered[key]
+        if written:
+            self._counters.redelivered(written)
+            if not self.undelivered:
+                logger.warning("query cache %s: undelivered invalidations written; using the cache again",
+                               self._counters.name)
+        return not self.undelivered
+
+    def _schedule_redelivery(self) -> None:
+        with self._lock:
+            if self._task is not None and not self._task.cancelled:
+                return
+            ref = weakref.ref(self)
+
+            def retry() -> None:
+                versions = ref()
+                if versions is None or versions.redeliver():
+                    task.cancel(wait=False)
+
+            task = self._task = scheduler.every(REDELIVER_EVERY_S, retry, name="query_cache.redeliver")
