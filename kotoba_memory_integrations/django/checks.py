@@ -1,6 +1,7 @@
 """Django system checks for the ``KOTOBA_MEMORY*`` settings (``manage.py check``).
 
-Bad settings are reported with the offending field instead of crashing at startup:
+The same settings make the app's ``ready()`` raise ``ImproperlyConfigured`` (so servers that run no checks
+refuse to start too); these checks name them for ``manage.py check`` and tooling that runs checks alone:
 
 * ``kotoba_memory.E001`` ``KOTOBA_MEMORY`` is not a dict;
 * ``kotoba_memory.E002`` a field of ``KOTOBA_MEMORY`` is unknown or invalid (the message names it);

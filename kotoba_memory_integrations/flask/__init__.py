@@ -13,6 +13,7 @@ plus ``KOTOBA_MEMORY_ENABLED`` (True), ``KOTOBA_MEMORY_AUTOSTART`` (True), ``KOT
 (False), ``KOTOBA_MEMORY_REPORT_ENDPOINT`` (None: off), ``KOTOBA_MEMORY_REPORT_TOKEN`` and
 ``KOTOBA_MEMORY_REPORT_AUTH`` (a ``callable(request) -> bool``), ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` (1:
 measure memory on every request; N: on one in N, which cuts the per-request cost on busy servers).
+A key whose prefix looks like a misspelling of ``KOTOBA_MEMORY_`` raises ``ConfigError`` like an unknown key.
 
 The report endpoint is off by default. When on it needs a token (``Authorization: Bearer <token>``,
 compared in constant time) or an auth callable: 401 without credentials, 403 with wrong ones.
