@@ -53,7 +53,7 @@ OTHER_METHOD = "_OTHER"
 
 
 def normalize_method(method: Any) -> str:
-    """``method`` if it is a known HTTP method, else ``"_OTHER"`` (clients choose it: never a label as sent)."""
+    """``method`` if it is a known HTTP method, else ``"_OTHER"`` (clients choose it: never kept as sent)."""
     return method if method in KNOWN_METHODS else OTHER_METHOD
 
 

@@ -80,7 +80,7 @@ def redis_server() -> Iterator[str]:
 
 
 class RedisProcess:
-    """A private redis-server with an append-only file, which a test can kill and restart (same port, same data)."""
+    """A private redis-server with an append-only file that a test can kill and restart (same port, data)."""
 
     def __init__(self, binary: str, workdir: str) -> None:
         self.binary = binary

@@ -33,7 +33,9 @@ __all__ = ["SETTING_NAMES", "KotobaMemoryConfig", "config_from_settings", "missp
 _log = logging.getLogger("kotoba_memory_integrations")
 
 #: The Django settings kotoba-memory reads.
-SETTING_NAMES = ("KOTOBA_MEMORY", "KOTOBA_MEMORY_AUTOSTART", "KOTOBA_MEMORY_OTEL", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY")
+SETTING_NAMES = (
+    "KOTOBA_MEMORY", "KOTOBA_MEMORY_AUTOSTART", "KOTOBA_MEMORY_OTEL", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY",
+)
 
 
 def misspelt_settings() -> list[tuple[str, str]]:
@@ -89,7 +91,9 @@ def start_from_settings() -> Any:
             raise ImproperlyConfigured(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
     if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
-        raise ImproperlyConfigured(f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}")
+        raise ImproperlyConfigured(
+            f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}"
+        )
     try:
         config = config_from_settings()
     except (TypeError, ValueError) as exc:

@@ -102,7 +102,9 @@ class KotobaMemory:
             if key.startswith(_PREFIX):
                 merged[key[len(_PREFIX) :].lower()] = value
             elif _misspelt_prefix(key):
-                raise ConfigError(key, f"not a kotoba-memory setting: misspelt prefix, did you mean {_PREFIX}...?")
+                raise ConfigError(
+                    key, f"not a kotoba-memory setting: misspelt prefix, did you mean {_PREFIX}...?"
+                )
         for key, value in self.overrides.items():
             merged[key.lower()] = value
         options = dict(_OWN_KEYS)
@@ -128,7 +130,9 @@ class KotobaMemory:
                 raise ConfigError(_PREFIX + "REPORT_TOKEN", "must be a string of at least 16 characters")
             if token is not None and any(c.isspace() for c in token):
                 # A bearer credential has no whitespace: the one presented is stripped, so it never matches.
-                raise ConfigError(_PREFIX + "REPORT_TOKEN", "must not contain whitespace (it could never match)")
+                raise ConfigError(
+                    _PREFIX + "REPORT_TOKEN", "must not contain whitespace (it could never match)"
+                )
             if auth is not None and not callable(auth):
                 raise ConfigError(_PREFIX + "REPORT_AUTH", "must be a callable(request) -> bool")
             if token is None and auth is None:

@@ -111,7 +111,7 @@ class VersionTokens:
         self._counters.invalidated(tables)
 
     def _write(self, key: str) -> bool:
-        """Give ``key`` a new token (or remove it: an absent token is "unknown"); False when the tier failed."""
+        """Give ``key`` a new token (or remove it: absent means "unknown"); False when the tier failed."""
         try:
             if not self.cache.put(key, self.new_token()):
                 self.cache.delete(key)

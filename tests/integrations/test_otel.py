@@ -17,7 +17,12 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from kotoba_memory._version import __version__
 from kotoba_memory_integrations import otel
-from kotoba_memory_integrations.request import RequestMetrics, RequestRecorder, normalize_method, set_current_route
+from kotoba_memory_integrations.request import (
+    RequestMetrics,
+    RequestRecorder,
+    normalize_method,
+    set_current_route,
+)
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 

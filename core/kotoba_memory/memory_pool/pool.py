@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kotoba_memory.errors import ConfigError
 from kotoba_memory.memory_pool.errors import (
     BlockInUseError,
     BlockReleasedError,
@@ -24,7 +25,6 @@ from kotoba_memory.memory_pool.errors import (
     PoolCorruptedError,
     PoolExhausted,
 )
-from kotoba_memory.errors import ConfigError
 from kotoba_memory.memory_pool.size_classes import SizeClasses
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_enum, check_int
