@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, select, update
+from sqlalchemy.orm import Session
 
 from kotoba_memory.cache_manager.redis_tier import RedisCache
 from kotoba_memory_integrations.sqlalchemy import QueryCache
@@ -50,6 +51,12 @@ def name_of(engine: Engine, qc: QueryCache, models: SimpleNamespace) -> Any:
         return conn.execute(select(users.c.name).where(users.c.id == 1).options(qc.cached())).scalar_one()
 
 
+def orm_name_of(engine: Engine, qc: QueryCache, models: SimpleNamespace) -> Any:
+    """User 1's name, loaded as an ORM object in a fresh session (the ORM-level entry when there is one)."""
+    with Session(engine) as session:
+        return session.scalars(select(models.User).where(models.User.id == 1).options(qc.cached())).one().name
+
+
 def test_a_write_committed_while_redis_was_down_is_never_hidden_by_the_restarted_cache(
     restartable_redis: Any, sqlite_engine: Engine, models: SimpleNamespace, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -60,6 +67,9 @@ def test_a_write_committed_while_redis_was_down_is_never_hidden_by_the_restarted
         assert name_of(sqlite_engine, qc, models) == "user1"
         assert name_of(sqlite_engine, qc, models) == "user1"
         assert qc.stats().hits == 1  # the entry and its tokens are in Redis (and its AOF)
+        for _ in range(3):  # DB-API entry, then the ORM-level entry, then an ORM-level hit
+            assert orm_name_of(sqlite_engine, qc, models) == "user1"
+        assert qc.stats().hits == 3
 
         restartable_redis.kill()
         with caplog.at_level(logging.ERROR, "kotoba_memory.sqlalchemy"), sqlite_engine.begin() as conn:
@@ -68,7 +78,8 @@ def test_a_write_committed_while_redis_was_down_is_never_hidden_by_the_restarted
         assert "could not write invalidations" in caplog.text
         assert name_of(sqlite_engine, qc, models) == "bob"  # Redis down: read from the database
 
-        restartable_redis.start()  # back with the old entry and the old tokens
+        restartable_redis.start()  # back with the old entries and the old tokens
+        assert orm_name_of(sqlite_engine, qc, models) == "bob"
         assert name_of(sqlite_engine, qc, models) == "bob"
         assert name_of(sqlite_engine, qc, models) == "bob"
         stats = qc.stats()
