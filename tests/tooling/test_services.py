@@ -1,5 +1,7 @@
 """The test tooling really starts the servers it promises."""
 
+from typing import Any
+
 import pytest
 
 
@@ -20,3 +22,18 @@ def test_postgres_fixture_serves_queries(postgres_url: str) -> None:
     with engine.connect() as conn:
         assert conn.execute(sa.text("select 40 + 2")).scalar_one() == 42
     engine.dispose()
+
+
+@pytest.mark.redis
+def test_restartable_redis_keeps_acknowledged_writes_across_a_sigkill(restartable_redis: Any) -> None:
+    """The AOF server used by the outage tests: killed without a save, restarted with its data."""
+    import redis
+
+    client = redis.Redis.from_url(restartable_redis.url)
+    client.set("kotoba:probe", b"before the kill")
+    restartable_redis.kill()
+    with pytest.raises(redis.ConnectionError):
+        client.get("kotoba:probe")
+    restartable_redis.start()
+    assert client.get("kotoba:probe") == b"before the kill"
+    client.close()
