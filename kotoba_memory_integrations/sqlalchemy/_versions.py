@@ -154,7 +154,11 @@ class VersionTokens:
 
             def retry() -> None:
                 versions = ref()
-                if versions is None or versions.redeliver():
+                if versions is None:
                     task.cancel(wait=False)
+                elif versions.redeliver():
+                    with versions._lock:  # a bump failing right now keeps the task (it checks under the lock)
+                        if not versions.undelivered:
+                            task.cancel(wait=False)
 
             task = self._task = scheduler.every(REDELIVER_EVERY_S, retry, name="query_cache.redeliver")
