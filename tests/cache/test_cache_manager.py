@@ -16,6 +16,7 @@ from kotoba_memory.cache_manager import (
     CacheManager,
     CacheMetadata,
     CachePolicy,
+    EntryTooLargeError,
     EvictionCause,
     default_weigher,
     iter_caches,
@@ -302,6 +303,6 @@ def test_put_many_with_an_unweighable_value_stores_nothing(policy: CachePolicy) 
 def test_strict_put_many_refuses_the_whole_batch_when_one_entry_is_too_large() -> None:
     cache = CacheManager(max_bytes=1000, policy="lru", strict=True)
     cache.put("a", "old a")
-    with pytest.raises(Exception, match="max_bytes|too large"):
+    with pytest.raises(EntryTooLargeError):
         cache.put_many({"a": "new a", "huge": "x" * 5000})
     assert cache.get("a") == "old a" and "huge" not in cache

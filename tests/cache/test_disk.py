@@ -340,20 +340,23 @@ def test_a_write_lock_held_too_long_is_a_disk_cache_error(tmp_path: Path) -> Non
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_fork_while_another_thread_is_inside_the_cache(cache: DiskCache) -> None:
+def test_fork_waits_for_a_call_in_flight_in_another_thread(cache: DiskCache) -> None:
     import warnings
 
     cache.put("k", "v")
     inside, release = threading.Event(), threading.Event()
+    finished: list[str] = []
 
     def busy() -> None:
-        with cache._lock:  # a request thread in the middle of a cache call when the fork happens
+        with cache._lock:  # a request thread in the middle of a cache call when the fork is asked for
             inside.set()
             release.wait(10)
+            finished.append("call done")
 
     thread = threading.Thread(target=busy)
     thread.start()
     assert inside.wait(10)
+    threading.Timer(0.2, release.set).start()  # the call ends while the fork is waiting for it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads running
         pid = os.fork()
@@ -361,13 +364,71 @@ def test_fork_while_another_thread_is_inside_the_cache(cache: DiskCache) -> None
         code = 3
         try:
             signal.alarm(20)  # a deadlock would otherwise hang the child forever
-            code = 0 if cache.get("k") == "v" else 1
+            # The fork happened after the call finished, and the cache works in the child.
+            code = 0 if finished == ["call done"] and cache.get("k") == "v" else 1
         finally:
             os._exit(code)
-    release.set()
     thread.join(10)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    assert cache.put("parent", 1) and cache.get("parent") == 1  # the parent reopened its connection
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("tiered", [False, True], ids=["disk", "tiered"])
+def test_forks_while_threads_hammer_writes_leave_the_child_a_working_cache(
+    tmp_path: Path, tiered: bool
+) -> None:
+    """Issue 11 item 1: a fork caught inside a write left the child's cache "database is locked"."""
+    import warnings
+
+    from kotoba_memory.cache_manager.memory import CacheManager
+    from kotoba_memory.cache_manager.tiers import TieredCache
+
+    disk = DiskCache(tmp_path / "forked.sqlite3", 1 << 22, timeout=2.0)
+    cache: DiskCache | TieredCache = disk
+    if tiered:  # every value goes straight to disk, as heavy ones do
+        cache = TieredCache(CacheManager(max_bytes=1 << 20), disk, spill_threshold_bytes=0)
+    stop = threading.Event()
+    written = [0] * 3
+
+    def writer(n: int) -> None:
+        while not stop.is_set():
+            cache.put(f"w{n}-{written[n] % 50}", "x" * 2000)
+            written[n] += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    codes = []
+    try:
+        for attempt in range(12):
+            before = sum(written)
+            while sum(written) < before + 20:  # writers are busy when we fork
+                time.sleep(0.001)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() with threads
+                pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                code = 3
+                try:
+                    signal.alarm(30)  # a hang would otherwise keep the child forever
+                    ok = cache.put(f"child-{attempt}", attempt) and cache.get(f"child-{attempt}") == attempt
+                    code = 0 if ok else 1
+                except Exception:
+                    code = 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert codes == [0] * 12
+    assert [cache.get(f"child-{i}") for i in range(12)] == list(range(12))  # the children's writes landed
+    assert cache.put("parent", 1) and cache.get("parent") == 1
+    disk.close()
 
 
 def test_reopening_with_a_smaller_budget_shrinks_the_file(tmp_path: Path) -> None:

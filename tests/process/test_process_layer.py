@@ -272,3 +272,26 @@ def test_rss_reader_reads_the_child_after_fork() -> None:
         child_rss, child_peak = (int(x) for x in pipe.read().split())
     os.waitpid(pid, 0)
     assert child_rss >= parent + (100 << 20) and child_peak == child_rss
+
+
+def test_before_and_after_in_parent_callbacks_bracket_the_fork_in_the_parent() -> None:
+    script = textwrap.dedent(
+        """
+        import os
+        from kotoba_memory.process import forks
+
+        seen = []
+        forks.register(lambda: seen.append("child"), before=lambda: seen.append("before"),
+                       after_in_parent=lambda: seen.append("parent"), name="bracket")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if seen == ["before", "child"] else 3)
+        _, status = os.waitpid(pid, 0)
+        print(seen, os.waitstatus_to_exitcode(status))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['before', 'parent'] 0"

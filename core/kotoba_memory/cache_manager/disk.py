@@ -122,15 +122,37 @@ class DiskCacheStats(CacheStats):
 
 
 _open_caches: weakref.WeakSet[DiskCache] = weakref.WeakSet()
+# The caches whose lock the forking thread took in ``_quiesce_before_fork``, by thread id.
+_held_for_fork: dict[int, list[DiskCache]] = {}
+_FORK_GRACE = 5.0  # seconds a fork waits for a cache call in flight, beyond the cache's busy timeout
+
+
+def _quiesce_before_fork() -> None:
+    """In the parent before fork: wait for every cache call in flight and close each SQLite handle."""
+    held = [cache for cache in list(_open_caches) if cache._quiesce_for_fork()]
+    _held_for_fork[threading.get_ident()] = held
+
+
+def _resume_in_parent() -> None:
+    """In the parent after fork: let cache calls run again (each reopens its connection on first use)."""
+    for cache in _held_for_fork.pop(threading.get_ident(), []):
+        cache._lock.release()
 
 
 def _reset_locks_after_fork() -> None:
     # A thread of the parent may have held a lock at fork time; in the child it would never be released.
+    _held_for_fork.clear()
     for cache in list(_open_caches):
         cache._lock = threading.RLock()
+        cache._touched.clear()  # the parent's buffered access times are the parent's to write
 
 
-forks.register(_reset_locks_after_fork, name="cache_manager.disk")
+forks.register(
+    _reset_locks_after_fork,
+    before=_quiesce_before_fork,
+    after_in_parent=_resume_in_parent,
+    name="cache_manager.disk",
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -221,6 +243,7 @@ class DiskCache(BaseCache):
         self._evictions = self._expirations = self._rejections = self._corrupt = 0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
         super().__init__(name or f"disk:{target.name}")
+        _open_caches.add(self)  # before the first connection: a fork must not catch it half-open
         with self._lock:
             conn = self._connection()
             # Reopened with a smaller budget than the file holds: shrink it now, not at the next put.
@@ -235,9 +258,30 @@ class DiskCache(BaseCache):
             except sqlite3.Error as exc:
                 conn.close()
                 raise DiskCacheError(f"{self.path}: {exc}") from exc
-        _open_caches.add(self)
 
     # -- connection -------------------------------------------------------------------------------
+
+    def _quiesce_for_fork(self) -> bool:
+        """Take the lock (no call of ours mid-flight) and close our handle; False if the lock never came.
+
+        SQLite keeps per-process lock bookkeeping for each open file: a handle that crosses a fork (even
+        an idle one) makes the child's new connection believe it holds locks it does not, and one caught
+        inside a write leaves the child's copy of the write lock held for good ("database is locked").
+        """
+        if not self._lock.acquire(timeout=self._timeout + _FORK_GRACE):
+            log.warning(
+                "%s: a cache call outlasted the wait before fork; the child may find it locked", self.name
+            )
+            return False
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                log.warning("%s: could not close the connection before fork: %s", self.name, exc)
+        elif conn is not None:  # inherited from our own parent: neither used nor closed here
+            self._inherited = conn
+        return True
 
     def _connection(self) -> sqlite3.Connection:
         """The shared connection, reopened after a fork (a SQLite handle must not cross one)."""
