@@ -178,10 +178,6 @@ def test_compression_ratio_is_reported(tmp_path: Path) -> None:
 
 
 def test_unusable_files_and_closed_cache_raise_disk_cache_error(tmp_path: Path) -> None:
-    bad = tmp_path / "not-a-db"
-    bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(DiskCacheError, match="not-a-db"):
-        DiskCache(bad, 1000)
     future = tmp_path / "future.sqlite3"
     conn = sqlite3.connect(future)
     conn.execute("PRAGMA user_version=99")
@@ -525,3 +521,83 @@ def test_lookup_many_gives_ttls_and_can_take_entries_out(cache: DiskCache) -> No
     assert hits["a"].value == 1 and 95 < (hits["a"].ttl_remaining or 0) <= 100
     assert hits["b"].ttl_remaining is None and hits["b"].stored_bytes > 0
     assert len(cache) == 0
+
+
+def _filled(path: Path) -> int:
+    """Write a cache file of 200 incompressible values at ``path`` and close it; return its size."""
+    with DiskCache(path, 1 << 24) as c:
+        for i in range(200):
+            c.put(f"k{i}", os.urandom(3000))
+    return path.stat().st_size
+
+
+def _damage(path: Path, kind: str, size: int) -> None:
+    with path.open("r+b") as f:
+        if kind == "zeroed pages":
+            f.seek(4096 * 3)
+            f.write(bytes(4096 * 20))
+        elif kind == "zeroed value pages":  # found by a read, not when the file is opened
+            f.seek(size - 4096 * 30)
+            f.write(bytes(4096 * 30))
+        elif kind == "broken header":
+            f.write(b"garbage!" * 12)
+        else:  # truncated
+            f.truncate(size // 2)
+
+
+@pytest.mark.parametrize("kind", ["zeroed pages", "zeroed value pages", "broken header", "truncated"])
+def test_a_damaged_file_is_quarantined_and_the_cache_starts_afresh(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 7: structural damage made every call raise, for good."""
+    path = tmp_path / "damaged.sqlite3"
+    _damage(path, kind, _filled(path))
+    damaged_bytes = path.read_bytes()
+    with caplog.at_level("WARNING", logger="kotoba_memory.cache_manager.disk"), DiskCache(path, 1 << 24) as c:
+        read = [c.get(f"k{i}") for i in range(200)]  # no call raises
+        assert c.stats().quarantined == 1
+        assert c.get(f"k{read.index(None)}") is None  # the contents are lost, the cache is not
+        assert c.put("k5", b"new") and c.get("k5") == b"new"
+        assert len(c) == 1
+        assert c.stats().quarantined == 1
+    aside = [
+        p
+        for p in tmp_path.iterdir()
+        if p.name.startswith("damaged.sqlite3.corrupt-") and not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(aside) == 1 and aside[0].stat().st_size > 0  # kept for a post-mortem, not deleted
+    if kind != "zeroed value pages":  # found on open: moved exactly as it was
+        assert aside[0].read_bytes() == damaged_bytes
+    assert any("damaged" in r.getMessage() and str(aside[0]) in r.getMessage() for r in caplog.records)
+    with DiskCache(path, 1 << 24) as again:  # the fresh file is a healthy cache
+        assert again.get("k5") == b"new" and again.stats().quarantined == 0
+
+
+def test_damage_found_by_another_process_moves_this_one_to_the_fresh_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kotoba_memory.cache_manager import disk as disk_module
+
+    monkeypatch.setattr(disk_module, "_IDENTITY_CHECK_EVERY", 0.0)
+    path = tmp_path / "shared.sqlite3"
+    with DiskCache(path, 1 << 24) as c:
+        c.put("old", "value")
+        c.flush()
+        assert c._conn is not None
+        c._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with path.open("r+b") as f:
+            f.write(b"garbage!" * 12)
+        code = textwrap.dedent(
+            f"""
+            from kotoba_memory.cache_manager.disk import DiskCache
+            with DiskCache({str(path)!r}, 1 << 24) as other:
+                assert other.stats().quarantined == 1
+                other.put("fresh", "from the other process")
+            """
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        assert c.get("fresh") == "from the other process"
+        assert c.get("old") is None
+        assert c.stats().quarantined == 0  # the other process moved the file aside, not this one
+    moved = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len([name for name in moved if not name.endswith(("-wal", "-shm"))]) == 1  # moved once

@@ -2,14 +2,18 @@
 
 Every write is one SQLite transaction, so a process killed mid-write leaves either the old row or the
 new one, never half a value; each value also carries a CRC32 checked on read, and a row that fails it
-(or no longer unpickles) is dropped and counted as a miss. Values are pickled, optionally compressed.
-Eviction is least-recently-accessed once the stored bytes exceed ``max_bytes``; expiry is by a stored
-wall-clock deadline, so it survives restarts. Several processes may share one file.
+(or no longer unpickles) is dropped and counted as a miss. A file with structural damage (SQLite's
+"malformed" or "not a database") is moved aside as ``<name>.corrupt-<UTC time>-<pid>`` and replaced
+by an empty one (``stats().quarantined``): the cache loses its contents, never its availability.
+Values are pickled, optionally compressed. Eviction is least-recently-accessed once the stored bytes
+exceed ``max_bytes``; expiry is by a stored wall-clock deadline, so it survives restarts.
+Several processes may share one file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -20,7 +24,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
@@ -94,8 +98,12 @@ CREATE TRIGGER IF NOT EXISTS kotoba_cache_revalue AFTER UPDATE OF vid ON kotoba_
 END;
 """
 
+_DAMAGE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})  # structural damage to the file
+_IDENTITY_CHECK_EVERY = 1.0  # seconds between checks that the file at ``path`` is still the one we opened
+
+
 class DiskCacheError(CacheError, OSError):
-    """The cache file cannot be opened or used (not a cache database, newer format, closed cache)."""
+    """The cache file cannot be used: a newer format, a closed cache, a lock held too long, a full disk."""
 
 
 class DiskHit(NamedTuple):
@@ -118,6 +126,7 @@ class DiskCacheStats(CacheStats):
     compression_ratio: float | None = None
     compression: CompressionStats | None = None
     corrupt: int = 0
+    quarantined: int = 0
     path: str = ""
 
 
@@ -158,13 +167,35 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def _is_damage(exc: BaseException) -> bool:
+    """True for SQLite's "malformed" and "not a database" errors: the file itself is broken."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _DAMAGE
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does on a full disk, for one)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the error being raised is the one that matters
+            conn.execute("ROLLBACK")
+
+
 def _translate_errors(
     method: Callable[Concatenate[DiskCache, _P], _R],
 ) -> Callable[Concatenate[DiskCache, _P], _R]:
-    """Turn SQLite failures (a lock held too long, a full disk, an I/O error) into DiskCacheError."""
+    """Turn SQLite failures (a lock held too long, a full disk, an I/O error) into DiskCacheError.
+
+    A damaged file is quarantined and the call runs once more on a fresh, empty one.
+    """
 
     @functools.wraps(method)
     def wrapper(self: DiskCache, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if not _is_damage(exc):
+                raise DiskCacheError(f"{self.name} ({self.path}): {exc}") from exc
+            self._quarantine(exc)
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
@@ -241,23 +272,33 @@ class DiskCache(BaseCache):
         self._touched: dict[bytes, float] = {}
         self._hits = self._misses = self._puts = self._deletes = 0
         self._evictions = self._expirations = self._rejections = self._corrupt = 0
+        self._quarantined = 0
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file our connection opened
+        self._next_identity_check = 0.0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
         super().__init__(name or f"disk:{target.name}")
         _open_caches.add(self)  # before the first connection: a fork must not catch it half-open
+        try:
+            self._shrink_to_budget()
+        except DiskCacheError:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+            raise
+
+    @_translate_errors
+    def _shrink_to_budget(self) -> None:
+        """Reopened with a smaller budget than the file holds: shrink it now, not at the next put."""
         with self._lock:
             conn = self._connection()
-            # Reopened with a smaller budget than the file holds: shrink it now, not at the next put.
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._evict_over_budget(conn, keep=b"", now=time.time())
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                conn.close()
-                raise DiskCacheError(f"{self.path}: {exc}") from exc
+                self._evict_over_budget(conn, keep=b"", now=time.time())
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
 
     # -- connection -------------------------------------------------------------------------------
 
@@ -289,12 +330,40 @@ class DiskCache(BaseCache):
             raise DiskCacheError(f"{self.name} is closed")
         if self._conn is not None:
             if self._pid == os.getpid():
-                return self._conn
-            # Forked: the parent's handle must be neither used nor closed here (closing could disturb
-            # the parent's WAL state); keep it referenced so garbage collection does not close it.
-            self._inherited = self._conn
-            self._conn = None
-            self._touched.clear()
+                if time.monotonic() < self._next_identity_check or not self._file_replaced():
+                    return self._conn
+                # Another process quarantined the file (or it was removed): use the one now at path.
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
+            else:
+                # Forked: the parent's handle must be neither used nor closed here (closing could disturb
+                # the parent's WAL state); keep it referenced so garbage collection does not close it.
+                self._inherited = self._conn
+                self._conn = None
+                self._touched.clear()
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+            self._quarantine(exc)
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as exc:
+            raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+
+    def _file_replaced(self) -> bool:
+        """Whether the file at ``path`` is no longer the one our connection opened (checked once a second)."""
+        self._next_identity_check = time.monotonic() + _IDENTITY_CHECK_EVERY
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._file_id
+
+    def _open(self) -> sqlite3.Connection:
+        """Open ``path`` (creating the schema); a damaged file raises sqlite3.DatabaseError."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -318,17 +387,51 @@ class DiskCache(BaseCache):
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+            st = os.stat(self.path)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._pid = os.getpid()
+        self._file_id = (st.st_dev, st.st_ino)
+        self._next_identity_check = time.monotonic() + _IDENTITY_CHECK_EVERY
         return conn
+
+    def _quarantine(self, exc: BaseException) -> None:
+        """Move a damaged file (and its WAL and shared-memory files) aside, so the next open starts afresh.
+
+        A file another process already replaced is left alone: we only drop our connection to the old one.
+        """
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+            self._conn = None
+            self._touched.clear()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
+            with _directory_lock(self.path.parent):
+                try:
+                    st = os.stat(self.path)
+                except OSError:
+                    return
+                if self._file_id is not None and (st.st_dev, st.st_ino) != self._file_id:
+                    return  # already quarantined and replaced by another process
+                # The WAL goes too: its frames must never be replayed into the fresh file.
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            self._file_id = None
+            self._quarantined += 1
+        log.warning(
+            "%s: %s is damaged (%s); moved it to %s and started an empty cache",
+            self.name,
+            self.path,
+            exc,
+            aside,
+        )
 
     def _flush_touched(self, conn: sqlite3.Connection, *, transaction: bool) -> None:
         """Write the buffered access times (inside the caller's transaction unless ``transaction``)."""
@@ -344,7 +447,7 @@ class DiskCache(BaseCache):
             conn.executemany("UPDATE kotoba_cache SET accessed_at = ? WHERE key = ?", rows)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     @_translate_errors
@@ -487,7 +590,7 @@ class DiskCache(BaseCache):
                         conn.executemany("DELETE FROM kotoba_cache WHERE key = ?", [(e,) for e in usable])
                         conn.execute("COMMIT")
                     except BaseException:
-                        conn.execute("ROLLBACK")
+                        _rollback(conn)
                         raise
                 elif usable:
                     self._touched.update(dict.fromkeys(usable, now))
@@ -639,7 +742,7 @@ class DiskCache(BaseCache):
                     self._expirations += self._purge(conn, now, max_batches=1)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             self._puts += 1
         return True
@@ -696,7 +799,7 @@ class DiskCache(BaseCache):
                     purged = self._purge(conn, time.time(), max_batches=1)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 total += purged
                 if purged < _BATCH:
@@ -746,7 +849,7 @@ class DiskCache(BaseCache):
                 conn.execute("UPDATE kotoba_cache_totals SET entries = 0, bytes = 0, raw_bytes = 0")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
 
     @_translate_errors
@@ -789,6 +892,7 @@ class DiskCache(BaseCache):
                 compression_ratio=raw / stored if stored else None,
                 compression=self._compressor.stats(),
                 corrupt=self._corrupt,
+                quarantined=self._quarantined,
                 path=str(self.path),
                 name=self.name,
                 policy="lru",
@@ -804,6 +908,22 @@ class DiskCache(BaseCache):
 
     def __repr__(self) -> str:
         return f"DiskCache({str(self.path)!r}, max_bytes={self.max_bytes}, name={self.name!r})"
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory``: processes quarantining one file take turns (POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks on directories
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _split_script(script: str) -> list[str]:
