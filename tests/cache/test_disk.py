@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -601,3 +602,40 @@ def test_damage_found_by_another_process_moves_this_one_to_the_fresh_file(
         assert c.stats().quarantined == 0  # the other process moved the file aside, not this one
     moved = [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     assert len([name for name in moved if not name.endswith(("-wal", "-shm"))]) == 1  # moved once
+
+
+def test_a_full_disk_says_so_stays_usable_for_reads_and_recovers(
+    small_disk: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 6: "cannot rollback" masked "disk is full", and the cache stayed stuck."""
+    from kotoba_memory.cache_manager.disk import DiskFullError
+
+    with DiskCache(small_disk.root / "c.sqlite3", 1 << 30, timeout=0.5) as c:
+        c.put("kept", "a value written before the disk filled up")
+        c.put("expiring", "soon gone", ttl=0.01)
+        small_disk.fill()
+        errors = []
+        with caplog.at_level("WARNING", logger="kotoba_memory.cache_manager.disk"):
+            for i in range(50):  # whatever slack the WAL still has, the disk runs out
+                try:
+                    c.put(f"big{i}", os.urandom(20_000))
+                except DiskCacheError as exc:
+                    errors.append(exc)
+                    if len(errors) == 3:
+                        break
+            assert len(errors) == 3
+            assert all(isinstance(e, DiskFullError) and "full" in str(e) for e in errors)
+            assert not any("rollback" in str(e) for e in errors)
+            time.sleep(0.02)
+            assert c.get("kept") == "a value written before the disk filled up"  # reads still work
+            assert c.get("expiring") is None  # an expired row is a miss even when it cannot be deleted
+            assert len(c) >= 1
+            with pytest.raises(DiskFullError):
+                c.delete("kept")  # never reported done when it was not
+        said = [r for r in caplog.records if "full" in r.getMessage()]
+        assert len(said) == 1  # said once, not once per failed call
+        assert c.stats().disk_full >= 3
+        small_disk.free()
+        assert c.put("after", "space is back")
+        assert c.delete("kept")
+        assert c.get("after") == "space is back" and c.get("kept") is None

@@ -42,7 +42,7 @@ from kotoba_memory.cache_manager.types import (
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_non_negative, check_positive_int
 
-__all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
+__all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskFullError", "DiskHit"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class DiskCacheError(CacheError, OSError):
     """The cache file cannot be used: a newer format, a closed cache, a lock held too long, a full disk."""
 
 
+class DiskFullError(DiskCacheError):
+    """A write failed because the file system is full; reads still work, writes work again with space."""
+
+
 class DiskHit(NamedTuple):
     """A value read from disk with its remaining time to live (None: no expiry) and stored size."""
 
@@ -127,6 +131,7 @@ class DiskCacheStats(CacheStats):
     compression: CompressionStats | None = None
     corrupt: int = 0
     quarantined: int = 0
+    disk_full: int = 0
     path: str = ""
 
 
@@ -173,6 +178,12 @@ def _is_damage(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _DAMAGE
 
 
+def _is_full(exc: BaseException) -> bool:
+    """True for SQLite's "database or disk is full" (the file system has no space left)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """Roll back the open transaction, if SQLite has not already (it does on a full disk, for one)."""
     if conn.in_transaction:
@@ -194,12 +205,12 @@ def _translate_errors(
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
             if not _is_damage(exc):
-                raise DiskCacheError(f"{self.name} ({self.path}): {exc}") from exc
+                raise self._error(exc) from exc
             self._quarantine(exc)
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
-            raise DiskCacheError(f"{self.name} ({self.path}): {exc}") from exc
+            raise self._error(exc) from exc
 
     return wrapper
 
@@ -272,7 +283,8 @@ class DiskCache(BaseCache):
         self._touched: dict[bytes, float] = {}
         self._hits = self._misses = self._puts = self._deletes = 0
         self._evictions = self._expirations = self._rejections = self._corrupt = 0
-        self._quarantined = 0
+        self._quarantined = self._disk_full = 0
+        self._full_since: float | None = None  # wall time of the first write refused for a full disk
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file our connection opened
         self._next_identity_check = 0.0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
@@ -399,6 +411,28 @@ class DiskCache(BaseCache):
         self._next_identity_check = time.monotonic() + _IDENTITY_CHECK_EVERY
         return conn
 
+    def _error(self, exc: sqlite3.Error) -> DiskCacheError:
+        """The DiskCacheError for a SQLite failure; a full disk is counted and said once per episode."""
+        message = f"{self.name} ({self.path}): {exc}"
+        if not _is_full(exc):
+            return DiskCacheError(message)
+        with self._lock:
+            self._disk_full += 1
+            first = self._full_since is None
+            if first:
+                self._full_since = time.time()
+        if first:
+            log.warning(
+                "%s: the disk holding %s is full; writes fail until space returns", self.name, self.path
+            )
+        return DiskFullError(message)
+
+    def _wrote(self) -> None:
+        """A write committed: if the disk was full, space is back (said once)."""
+        if self._full_since is not None:
+            self._full_since = None
+            log.warning("%s: %s is writable again", self.name, self.path)
+
     def _quarantine(self, exc: BaseException) -> None:
         """Move a damaged file (and its WAL and shared-memory files) aside, so the next open starts afresh.
 
@@ -484,6 +518,24 @@ class DiskCache(BaseCache):
 
     # -- reads ------------------------------------------------------------------------------------
 
+    def _touches_lost(self, exc: sqlite3.OperationalError) -> None:
+        """Buffered access times could not be written: only recency is lost (a full disk is said once)."""
+        if _is_full(exc):
+            self._error(exc)
+        else:
+            log.warning("%s: access times not written: %s", self.name, exc)
+
+    def _drop_while_reading(self, conn: sqlite3.Connection, encoded: bytes) -> int:
+        """Delete a row a read found expired or corrupt; 0 when a full disk refuses (it stays unserved)."""
+        try:
+            conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+            self._error(exc)  # counted and said once; the read still answers
+            return 0
+        return 1
+
     @_translate_errors
     def _fetch(self, key: Hashable, *, remove: bool) -> tuple[bool, Any, float | None, int]:
         """Look ``key`` up: ``(found, value, ttl_remaining, stored_bytes)``; counts hits and misses."""
@@ -500,11 +552,10 @@ class DiskCache(BaseCache):
                 blob, codec, checksum, size, expires_at = row
                 now = self._now()
                 if expires_at is not None and expires_at <= now:
-                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
-                    self._expirations += 1
+                    self._expirations += self._drop_while_reading(conn, encoded)
                     row = None
                 elif zlib.crc32(blob) != checksum:
-                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                    self._drop_while_reading(conn, encoded)
                     self._corrupt += 1
                     log.warning("%s: dropped a value whose checksum does not match", self.name)
                     row = None
@@ -518,7 +569,7 @@ class DiskCache(BaseCache):
                         try:
                             self._flush_touched(conn, transaction=True)
                         except sqlite3.OperationalError as exc:  # e.g. another process holds the lock
-                            log.warning("%s: access times not written: %s", self.name, exc)
+                            self._touches_lost(exc)
             if row is None:
                 self._misses += 1
                 self._miss_ns.add(started)
@@ -576,10 +627,9 @@ class DiskCache(BaseCache):
                 usable: dict[bytes, tuple[bytes, str | None, int, int, float | None]] = {}
                 for encoded, blob, codec, checksum, size, expires_at in rows:
                     if expires_at is not None and expires_at <= now:
-                        conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
-                        self._expirations += 1
+                        self._expirations += self._drop_while_reading(conn, encoded)
                     elif zlib.crc32(blob) != checksum:
-                        conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                        self._drop_while_reading(conn, encoded)
                         self._corrupt += 1
                         log.warning("%s: dropped a value whose checksum does not match", self.name)
                     else:
@@ -598,7 +648,7 @@ class DiskCache(BaseCache):
                         try:
                             self._flush_touched(conn, transaction=True)
                         except sqlite3.OperationalError as exc:
-                            log.warning("%s: access times not written: %s", self.name, exc)
+                            self._touches_lost(exc)
             decoded: dict[bytes, DiskHit] = {}
             wall = time.time()
             for encoded, (blob, codec, checksum, size, expires_at) in usable.items():
@@ -745,6 +795,7 @@ class DiskCache(BaseCache):
                 _rollback(conn)
                 raise
             self._puts += 1
+            self._wrote()
         return True
 
     def _evict_over_budget(self, conn: sqlite3.Connection, *, keep: bytes, now: float) -> None:
@@ -835,6 +886,7 @@ class DiskCache(BaseCache):
             live = row is not None and (row[0] is None or row[0] > now)
             if live:
                 self._deletes += 1
+            self._wrote()
             return live
 
     @_translate_errors
@@ -851,15 +903,29 @@ class DiskCache(BaseCache):
             except BaseException:
                 _rollback(conn)
                 raise
+            self._wrote()
 
     @_translate_errors
     def __len__(self) -> int:
-        self.purge_expired()
+        try:
+            self.purge_expired()
+        except DiskFullError:  # expired rows cannot be deleted now: count the live ones instead
+            with self._lock:
+                row = self._connection().execute(
+                    "SELECT count(*) FROM kotoba_cache WHERE expires_at IS NULL OR expires_at > ?",
+                    (time.time(),),
+                ).fetchone()
+            return int(row[0])
         with self._lock:
             row = self._connection().execute(
                 "SELECT entries FROM kotoba_cache_totals WHERE id = 0"
             ).fetchone()
         return int(row[0])
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -893,6 +959,7 @@ class DiskCache(BaseCache):
                 compression=self._compressor.stats(),
                 corrupt=self._corrupt,
                 quarantined=self._quarantined,
+                disk_full=self._disk_full,
                 path=str(self.path),
                 name=self.name,
                 policy="lru",
