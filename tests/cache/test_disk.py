@@ -336,6 +336,19 @@ def test_a_write_lock_held_too_long_is_a_disk_cache_error(tmp_path: Path) -> Non
         assert c.get("k") == "new"
 
 
+def _wait_child(pid: int, limit: float = 60.0) -> int:
+    """The child's exit code; a child still running after ``limit`` seconds (hung) is killed: -9."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -signal.SIGKILL
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_fork_waits_for_a_call_in_flight_in_another_thread(cache: DiskCache) -> None:
     import warnings
@@ -360,14 +373,12 @@ def test_fork_waits_for_a_call_in_flight_in_another_thread(cache: DiskCache) -> 
     if pid == 0:  # pragma: no cover - runs in the child
         code = 3
         try:
-            signal.alarm(20)  # a deadlock would otherwise hang the child forever
             # The fork happened after the call finished, and the cache works in the child.
             code = 0 if finished == ["call done"] and cache.get("k") == "v" else 1
         finally:
             os._exit(code)
     thread.join(10)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _wait_child(pid) == 0
     assert cache.put("parent", 1) and cache.get("parent") == 1  # the parent reopened its connection
 
 
@@ -409,15 +420,13 @@ def test_forks_while_threads_hammer_writes_leave_the_child_a_working_cache(
             if pid == 0:  # pragma: no cover - runs in the child
                 code = 3
                 try:
-                    signal.alarm(30)  # a hang would otherwise keep the child forever
                     ok = cache.put(f"child-{attempt}", attempt) and cache.get(f"child-{attempt}") == attempt
                     code = 0 if ok else 1
                 except Exception:
                     code = 2
                 finally:
                     os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            codes.append(os.waitstatus_to_exitcode(status))
+            codes.append(_wait_child(pid))  # a child hung on an inherited SQLite lock is killed: -9
     finally:
         stop.set()
         for thread in threads:
