@@ -385,3 +385,34 @@ def test_a_full_disk_degrades_to_memory_never_serves_a_stale_copy_and_recovers(
             cache.put(f"again{j}", _doc(j))
         assert cache.get("spilled") == _doc(99)  # spilled to disk and read back
     cache.close()
+
+
+def test_too_many_stale_disk_copies_distrust_the_whole_disk_until_it_is_cleared(
+    small_disk: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kotoba_memory.cache_manager import tiers as tiers_module
+
+    monkeypatch.setattr(tiers_module, "_STALE_LIMIT", 2)  # the bound on remembered stale keys
+    memory = CacheManager(max_bytes=1 << 20, policy="lru")
+    disk = DiskCache(small_disk.root / "l2.sqlite3", 1 << 30, timeout=0.5)
+    cache = TieredCache(memory, disk, spill_threshold_bytes=2000, disk_retry_interval=0)
+    for i in range(4):
+        assert cache.put(f"k{i}", bytes([i]) * 2500) and _where(cache, f"k{i}") == "disk"
+    assert cache.put("untouched", b"u" * 2500)
+    small_disk.fill()
+    for i in range(100):  # use up the WAL's slack until the disk refuses
+        cache.put(f"filler{i}", b"f" * 2500)
+        if cache.stats().degraded:
+            break
+    for i in range(4):  # new values in memory; their disk copies cannot be deleted
+        assert cache.put(f"k{i}", f"new {i}")
+    for i in range(4):
+        assert memory.delete(f"k{i}")  # as if evicted without a spill
+    assert [cache.get(f"k{i}") for i in range(4)] == [None] * 4  # no stale copy served
+    assert cache.get("untouched") is None  # past the bound the whole disk tier is distrusted
+    small_disk.free()
+    assert cache.put("after", b"a" * 2500)  # the disk is cleared, then used again
+    assert not cache.stats().degraded
+    assert "untouched" not in disk and "k0" not in disk
+    assert cache.get("after") == b"a" * 2500
+    cache.close()
