@@ -72,3 +72,48 @@ def _no_component_left_running(request: pytest.FixtureRequest) -> Iterator[None]
             pass
     if leaked:
         print(f"\nLEAKED by {request.node.nodeid}: {sorted(leaked)}", file=sys.stderr)
+
+
+class SmallDisk:
+    """A 2 MiB tmpfs mounted for one test: a real file system that runs out of space."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._filler = root / "filler"
+
+    def fill(self) -> None:
+        """Take every free block, so the next write that needs space fails with ENOSPC."""
+        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\xff" * 4096)
+        except OSError as exc:
+            if exc.errno != 28:  # ENOSPC
+                raise
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        """Give the space back."""
+        self._filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A real full-able file system: a 2 MiB tmpfs (needs root, as CI has), unmounted afterwards."""
+    import subprocess
+
+    root = tmp_path / "small-disk"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        _unavailable(f"cannot mount a tmpfs for the full-disk tests: {mounted.stderr.strip()}")
+    try:
+        yield SmallDisk(root)
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)

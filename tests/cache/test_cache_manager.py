@@ -16,6 +16,7 @@ from kotoba_memory.cache_manager import (
     CacheManager,
     CacheMetadata,
     CachePolicy,
+    EntryTooLargeError,
     EvictionCause,
     default_weigher,
     iter_caches,
@@ -272,3 +273,36 @@ def test_put_reclaims_expired_entries_before_evicting_live_ones(policy: str) -> 
     stats = cache.stats()
     assert stats.evictions == 0
     assert stats.expirations >= 8
+
+
+class _Unweighable:
+    """A value the test weigher refuses, standing for any value a weigher cannot size."""
+
+
+def _weigh_or_refuse(value: Any) -> int:
+    if isinstance(value, _Unweighable):
+        raise TypeError("cannot weigh an _Unweighable")
+    return default_weigher(value)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_put_many_with_an_unweighable_value_stores_nothing(policy: CachePolicy) -> None:
+    cache = CacheManager(max_bytes=1 << 20, policy=policy, weigher=_weigh_or_refuse)
+    cache.put("a", "old a")
+    with pytest.raises(TypeError, match="cannot weigh"):
+        cache.put_many({"a": "new a", "bad": _Unweighable(), "c": "new c"})
+    assert cache.get("a") == "old a"
+    assert "bad" not in cache and "c" not in cache
+    with pytest.raises(ValueError, match="ttl"):
+        cache.put_many({"a": "newer a", "c": "c"}, ttl=-1)
+    assert cache.get("a") == "old a" and "c" not in cache
+    cache.put_many({"a": "new a", "c": "new c"})
+    assert cache.get_many(["a", "c"]) == {"a": "new a", "c": "new c"}
+
+
+def test_strict_put_many_refuses_the_whole_batch_when_one_entry_is_too_large() -> None:
+    cache = CacheManager(max_bytes=1000, policy="lru", strict=True)
+    cache.put("a", "old a")
+    with pytest.raises(EntryTooLargeError):
+        cache.put_many({"a": "new a", "huge": "x" * 5000})
+    assert cache.get("a") == "old a" and "huge" not in cache

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -342,3 +343,76 @@ def test_get_many_reads_memory_then_disk_in_one_batch(tiered: TieredCache) -> No
     for key in range(40):
         _where(tiered, key)  # never in both tiers
     assert asyncio.run(tiered.aget_many([on_disk[0], "absent"])) == {on_disk[0]: _doc(on_disk[0])}
+
+
+def test_a_full_disk_degrades_to_memory_never_serves_a_stale_copy_and_recovers(
+    small_disk: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11 item 6: a full disk made puts raise and lost the entries that could not be spilled."""
+    memory = CacheManager(max_bytes=6000, policy="lru")
+    disk = DiskCache(small_disk.root / "l2.sqlite3", 1 << 30, timeout=0.5)
+    cache = TieredCache(memory, disk, spill_threshold_bytes=2000, disk_retry_interval=0)
+    old_heavy = b"o" * 2500
+    assert cache.put("heavy-old", old_heavy) and _where(cache, "heavy-old") == "disk"
+    assert cache.put("k", b"old copy " * 300) and _where(cache, "k") == "disk"
+    small_disk.fill()
+    with caplog.at_level("WARNING", logger="kotoba_memory.cache_manager.tiers"):
+        for i in range(100):  # heavy values go to disk until it refuses one (the WAL has some slack)
+            assert cache.put(f"heavy{i}", bytes([i]) * 2500)  # never raises, never refuses
+            if cache.stats().degraded:
+                break
+        assert cache.stats().degraded
+        assert cache.get(f"heavy{i}") == bytes([i]) * 2500  # kept by the memory tier instead
+        assert cache.put("k", "new value")  # its disk copy cannot be deleted: it becomes stale
+        for j in range(30):  # push "k" out of memory: spills fail, the entries leave the cache
+            assert cache.put(f"doc{j}", _doc(j))
+        assert "k" not in memory
+        assert cache.get("k") is None  # never the stale copy still on disk
+        assert "k" not in cache
+        assert cache.get("heavy-old") == old_heavy  # the disk is still read where its copy is good
+        stats = cache.stats()
+        assert stats.degraded and stats.disk_errors >= 1 and stats.spill_failures >= 1
+        said = [r for r in caplog.records if "disk tier failed" in r.getMessage()]
+        assert len(said) == 1  # said once for the outage, not once per failed operation
+        small_disk.free()
+        assert cache.put("after", b"a" * 2500)
+        assert _where(cache, "after") == "disk"  # the disk tier is used again
+        assert "k" not in disk  # the stale copy was deleted before the disk was trusted again
+        assert not cache.stats().degraded
+        assert any("works again" in r.getMessage() for r in caplog.records)
+        cache.put("spilled", _doc(99))
+        for j in range(30):
+            cache.put(f"again{j}", _doc(j))
+        assert cache.get("spilled") == _doc(99)  # spilled to disk and read back
+    cache.close()
+
+
+def test_too_many_stale_disk_copies_distrust_the_whole_disk_until_it_is_cleared(
+    small_disk: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kotoba_memory.cache_manager import tiers as tiers_module
+
+    monkeypatch.setattr(tiers_module, "_STALE_LIMIT", 2)  # the bound on remembered stale keys
+    memory = CacheManager(max_bytes=1 << 20, policy="lru")
+    disk = DiskCache(small_disk.root / "l2.sqlite3", 1 << 30, timeout=0.5)
+    cache = TieredCache(memory, disk, spill_threshold_bytes=2000, disk_retry_interval=0)
+    for i in range(4):
+        assert cache.put(f"k{i}", bytes([i]) * 2500) and _where(cache, f"k{i}") == "disk"
+    assert cache.put("untouched", b"u" * 2500)
+    small_disk.fill()
+    for i in range(100):  # use up the WAL's slack until the disk refuses
+        cache.put(f"filler{i}", b"f" * 2500)
+        if cache.stats().degraded:
+            break
+    for i in range(4):  # new values in memory; their disk copies cannot be deleted
+        assert cache.put(f"k{i}", f"new {i}")
+    for i in range(4):
+        assert memory.delete(f"k{i}")  # as if evicted without a spill
+    assert [cache.get(f"k{i}") for i in range(4)] == [None] * 4  # no stale copy served
+    assert cache.get("untouched") is None  # past the bound the whole disk tier is distrusted
+    small_disk.free()
+    assert cache.put("after", b"a" * 2500)  # the disk is cleared, then used again
+    assert not cache.stats().degraded
+    assert "untouched" not in disk and "k0" not in disk
+    assert cache.get("after") == b"a" * 2500
+    cache.close()

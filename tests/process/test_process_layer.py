@@ -305,3 +305,26 @@ def test_a_worker_forked_during_a_request_reports_traced_deltas_for_its_own_requ
     )
     assert out.returncode == 0, out.stderr
     assert "parent 0 True" in out.stdout, out.stdout
+
+
+def test_before_and_after_in_parent_callbacks_bracket_the_fork_in_the_parent() -> None:
+    script = textwrap.dedent(
+        """
+        import os
+        from kotoba_memory.process import forks
+
+        seen = []
+        forks.register(lambda: seen.append("child"), before=lambda: seen.append("before"),
+                       after_in_parent=lambda: seen.append("parent"), name="bracket")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if seen == ["before", "child"] else 3)
+        _, status = os.waitpid(pid, 0)
+        print(seen, os.waitstatus_to_exitcode(status))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['before', 'parent'] 0"

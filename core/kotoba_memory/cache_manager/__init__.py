@@ -35,7 +35,13 @@ if TYPE_CHECKING:
         available_codecs,
         get_codec,
     )
-    from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheError, DiskCacheStats, DiskHit
+    from kotoba_memory.cache_manager.disk import (
+        DiskCache,
+        DiskCacheError,
+        DiskCacheStats,
+        DiskFullError,
+        DiskHit,
+    )
     from kotoba_memory.cache_manager.redis_tier import RedisCache, RedisCacheStats, Serializer
     from kotoba_memory.cache_manager.tiers import TieredCache, TieredCacheStats
 
@@ -55,7 +61,8 @@ _LAZY = {
         "kotoba_memory.cache_manager.compression",
     ),
     **dict.fromkeys(
-        ("DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"), "kotoba_memory.cache_manager.disk"
+        ("DiskCache", "DiskCacheError", "DiskCacheStats", "DiskFullError", "DiskHit"),
+        "kotoba_memory.cache_manager.disk",
     ),
     **dict.fromkeys(
         ("RedisCache", "RedisCacheStats", "Serializer"), "kotoba_memory.cache_manager.redis_tier"
@@ -89,6 +96,7 @@ __all__ = [
     "DiskCache",
     "DiskCacheError",
     "DiskCacheStats",
+    "DiskFullError",
     "DiskHit",
     "EntryTooLargeError",
     "EvictionCause",

@@ -2,14 +2,18 @@
 
 Every write is one SQLite transaction, so a process killed mid-write leaves either the old row or the
 new one, never half a value; each value also carries a CRC32 checked on read, and a row that fails it
-(or no longer unpickles) is dropped and counted as a miss. Values are pickled, optionally compressed.
-Eviction is least-recently-accessed once the stored bytes exceed ``max_bytes``; expiry is by a stored
-wall-clock deadline, so it survives restarts. Several processes may share one file.
+(or no longer unpickles) is dropped and counted as a miss. A file with structural damage (SQLite's
+"malformed" or "not a database") is moved aside as ``<name>.corrupt-<UTC time>-<pid>`` and replaced
+by an empty one (``stats().quarantined``): the cache loses its contents, never its availability.
+Values are pickled, optionally compressed. Eviction is least-recently-accessed once the stored bytes
+exceed ``max_bytes``; expiry is by a stored wall-clock deadline, so it survives restarts.
+Several processes may share one file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -20,7 +24,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
@@ -38,7 +42,7 @@ from kotoba_memory.cache_manager.types import (
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_non_negative, check_positive_int
 
-__all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskHit"]
+__all__ = ["DiskCache", "DiskCacheError", "DiskCacheStats", "DiskFullError", "DiskHit"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +98,16 @@ CREATE TRIGGER IF NOT EXISTS kotoba_cache_revalue AFTER UPDATE OF vid ON kotoba_
 END;
 """
 
+_DAMAGE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})  # structural damage to the file
+_IDENTITY_CHECK_EVERY = 1.0  # seconds between checks that the file at ``path`` is still the one we opened
+
+
 class DiskCacheError(CacheError, OSError):
-    """The cache file cannot be opened or used (not a cache database, newer format, closed cache)."""
+    """The cache file cannot be used: a newer format, a closed cache, a lock held too long, a full disk."""
+
+
+class DiskFullError(DiskCacheError):
+    """A write failed because the file system is full; reads still work, writes work again with space."""
 
 
 class DiskHit(NamedTuple):
@@ -118,35 +130,87 @@ class DiskCacheStats(CacheStats):
     compression_ratio: float | None = None
     compression: CompressionStats | None = None
     corrupt: int = 0
+    quarantined: int = 0
+    disk_full: int = 0
     path: str = ""
 
 
 _open_caches: weakref.WeakSet[DiskCache] = weakref.WeakSet()
+# The caches whose lock the forking thread took in ``_quiesce_before_fork``, by thread id.
+_held_for_fork: dict[int, list[DiskCache]] = {}
+_FORK_GRACE = 5.0  # seconds a fork waits for a cache call in flight, beyond the cache's busy timeout
+
+
+def _quiesce_before_fork() -> None:
+    """In the parent before fork: wait for every cache call in flight and close each SQLite handle."""
+    held = [cache for cache in list(_open_caches) if cache._quiesce_for_fork()]
+    _held_for_fork[threading.get_ident()] = held
+
+
+def _resume_in_parent() -> None:
+    """In the parent after fork: let cache calls run again (each reopens its connection on first use)."""
+    for cache in _held_for_fork.pop(threading.get_ident(), []):
+        cache._lock.release()
 
 
 def _reset_locks_after_fork() -> None:
     # A thread of the parent may have held a lock at fork time; in the child it would never be released.
+    _held_for_fork.clear()
     for cache in list(_open_caches):
         cache._lock = threading.RLock()
+        cache._touched.clear()  # the parent's buffered access times are the parent's to write
 
 
-forks.register(_reset_locks_after_fork, name="cache_manager.disk")
+forks.register(
+    _reset_locks_after_fork,
+    before=_quiesce_before_fork,
+    after_in_parent=_resume_in_parent,
+    name="cache_manager.disk",
+)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def _is_damage(exc: BaseException) -> bool:
+    """True for SQLite's "malformed" and "not a database" errors: the file itself is broken."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _DAMAGE
+
+
+def _is_full(exc: BaseException) -> bool:
+    """True for SQLite's "database or disk is full" (the file system has no space left)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does on a full disk, for one)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the error being raised is the one that matters
+            conn.execute("ROLLBACK")
+
+
 def _translate_errors(
     method: Callable[Concatenate[DiskCache, _P], _R],
 ) -> Callable[Concatenate[DiskCache, _P], _R]:
-    """Turn SQLite failures (a lock held too long, a full disk, an I/O error) into DiskCacheError."""
+    """Turn SQLite failures (a lock held too long, a full disk, an I/O error) into DiskCacheError.
+
+    A damaged file is quarantined and the call runs once more on a fresh, empty one.
+    """
 
     @functools.wraps(method)
     def wrapper(self: DiskCache, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
-            raise DiskCacheError(f"{self.name} ({self.path}): {exc}") from exc
+            if not _is_damage(exc):
+                raise self._error(exc) from exc
+            self._quarantine(exc)
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     return wrapper
 
@@ -219,25 +283,58 @@ class DiskCache(BaseCache):
         self._touched: dict[bytes, float] = {}
         self._hits = self._misses = self._puts = self._deletes = 0
         self._evictions = self._expirations = self._rejections = self._corrupt = 0
+        self._quarantined = self._disk_full = 0
+        self._full_since: float | None = None  # wall time of the first write refused for a full disk
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file our connection opened
+        self._next_identity_check = 0.0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
         super().__init__(name or f"disk:{target.name}")
+        _open_caches.add(self)  # before the first connection: a fork must not catch it half-open
+        try:
+            self._shrink_to_budget()
+        except DiskCacheError:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+            raise
+
+    @_translate_errors
+    def _shrink_to_budget(self) -> None:
+        """Reopened with a smaller budget than the file holds: shrink it now, not at the next put."""
         with self._lock:
             conn = self._connection()
-            # Reopened with a smaller budget than the file holds: shrink it now, not at the next put.
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._evict_over_budget(conn, keep=b"", now=time.time())
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                conn.close()
-                raise DiskCacheError(f"{self.path}: {exc}") from exc
-        _open_caches.add(self)
+                self._evict_over_budget(conn, keep=b"", now=time.time())
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
 
     # -- connection -------------------------------------------------------------------------------
+
+    def _quiesce_for_fork(self) -> bool:
+        """Take the lock (no call of ours mid-flight) and close our handle; False if the lock never came.
+
+        SQLite keeps per-process lock bookkeeping for each open file: a handle that crosses a fork (even
+        an idle one) makes the child's new connection believe it holds locks it does not, and one caught
+        inside a write leaves the child's copy of the write lock held for good ("database is locked").
+        """
+        if not self._lock.acquire(timeout=self._timeout + _FORK_GRACE):
+            log.warning(
+                "%s: a cache call outlasted the wait before fork; the child may find it locked", self.name
+            )
+            return False
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                log.warning("%s: could not close the connection before fork: %s", self.name, exc)
+        elif conn is not None:  # inherited from our own parent: neither used nor closed here
+            self._inherited = conn
+        return True
 
     def _connection(self) -> sqlite3.Connection:
         """The shared connection, reopened after a fork (a SQLite handle must not cross one)."""
@@ -245,12 +342,40 @@ class DiskCache(BaseCache):
             raise DiskCacheError(f"{self.name} is closed")
         if self._conn is not None:
             if self._pid == os.getpid():
-                return self._conn
-            # Forked: the parent's handle must be neither used nor closed here (closing could disturb
-            # the parent's WAL state); keep it referenced so garbage collection does not close it.
-            self._inherited = self._conn
-            self._conn = None
-            self._touched.clear()
+                if time.monotonic() < self._next_identity_check or not self._file_replaced():
+                    return self._conn
+                # Another process quarantined the file (or it was removed): use the one now at path.
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
+            else:
+                # Forked: the parent's handle must be neither used nor closed here (closing could disturb
+                # the parent's WAL state); keep it referenced so garbage collection does not close it.
+                self._inherited = self._conn
+                self._conn = None
+                self._touched.clear()
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+            self._quarantine(exc)
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as exc:
+            raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+
+    def _file_replaced(self) -> bool:
+        """Whether the file at ``path`` is no longer the one our connection opened (checked once a second)."""
+        self._next_identity_check = time.monotonic() + _IDENTITY_CHECK_EVERY
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._file_id
+
+    def _open(self) -> sqlite3.Connection:
+        """Open ``path`` (creating the schema); a damaged file raises sqlite3.DatabaseError."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -274,17 +399,73 @@ class DiskCache(BaseCache):
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise DiskCacheError(f"{self.path} is not a usable disk cache: {exc}") from exc
+            st = os.stat(self.path)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._pid = os.getpid()
+        self._file_id = (st.st_dev, st.st_ino)
+        self._next_identity_check = time.monotonic() + _IDENTITY_CHECK_EVERY
         return conn
+
+    def _error(self, exc: sqlite3.Error) -> DiskCacheError:
+        """The DiskCacheError for a SQLite failure; a full disk is counted and said once per episode."""
+        message = f"{self.name} ({self.path}): {exc}"
+        if not _is_full(exc):
+            return DiskCacheError(message)
+        with self._lock:
+            self._disk_full += 1
+            first = self._full_since is None
+            if first:
+                self._full_since = time.time()
+        if first:
+            log.warning(
+                "%s: the disk holding %s is full; writes fail until space returns", self.name, self.path
+            )
+        return DiskFullError(message)
+
+    def _wrote(self) -> None:
+        """A write committed: if the disk was full, space is back (said once)."""
+        if self._full_since is not None:
+            self._full_since = None
+            log.warning("%s: %s is writable again", self.name, self.path)
+
+    def _quarantine(self, exc: BaseException) -> None:
+        """Move a damaged file (and its WAL and shared-memory files) aside, so the next open starts afresh.
+
+        A file another process already replaced is left alone: we only drop our connection to the old one.
+        """
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+            self._conn = None
+            self._touched.clear()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{os.getpid()}")
+            with _directory_lock(self.path.parent):
+                try:
+                    st = os.stat(self.path)
+                except OSError:
+                    return
+                if self._file_id is not None and (st.st_dev, st.st_ino) != self._file_id:
+                    return  # already quarantined and replaced by another process
+                # The WAL goes too: its frames must never be replayed into the fresh file.
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            self._file_id = None
+            self._quarantined += 1
+        log.warning(
+            "%s: %s is damaged (%s); moved it to %s and started an empty cache",
+            self.name,
+            self.path,
+            exc,
+            aside,
+        )
 
     def _flush_touched(self, conn: sqlite3.Connection, *, transaction: bool) -> None:
         """Write the buffered access times (inside the caller's transaction unless ``transaction``)."""
@@ -300,7 +481,7 @@ class DiskCache(BaseCache):
             conn.executemany("UPDATE kotoba_cache SET accessed_at = ? WHERE key = ?", rows)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
 
     @_translate_errors
@@ -337,6 +518,24 @@ class DiskCache(BaseCache):
 
     # -- reads ------------------------------------------------------------------------------------
 
+    def _touches_lost(self, exc: sqlite3.OperationalError) -> None:
+        """Buffered access times could not be written: only recency is lost (a full disk is said once)."""
+        if _is_full(exc):
+            self._error(exc)
+        else:
+            log.warning("%s: access times not written: %s", self.name, exc)
+
+    def _drop_while_reading(self, conn: sqlite3.Connection, encoded: bytes) -> int:
+        """Delete a row a read found expired or corrupt; 0 when a full disk refuses (it stays unserved)."""
+        try:
+            conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+            self._error(exc)  # counted and said once; the read still answers
+            return 0
+        return 1
+
     @_translate_errors
     def _fetch(self, key: Hashable, *, remove: bool) -> tuple[bool, Any, float | None, int]:
         """Look ``key`` up: ``(found, value, ttl_remaining, stored_bytes)``; counts hits and misses."""
@@ -353,11 +552,10 @@ class DiskCache(BaseCache):
                 blob, codec, checksum, size, expires_at = row
                 now = self._now()
                 if expires_at is not None and expires_at <= now:
-                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
-                    self._expirations += 1
+                    self._expirations += self._drop_while_reading(conn, encoded)
                     row = None
                 elif zlib.crc32(blob) != checksum:
-                    conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                    self._drop_while_reading(conn, encoded)
                     self._corrupt += 1
                     log.warning("%s: dropped a value whose checksum does not match", self.name)
                     row = None
@@ -371,7 +569,7 @@ class DiskCache(BaseCache):
                         try:
                             self._flush_touched(conn, transaction=True)
                         except sqlite3.OperationalError as exc:  # e.g. another process holds the lock
-                            log.warning("%s: access times not written: %s", self.name, exc)
+                            self._touches_lost(exc)
             if row is None:
                 self._misses += 1
                 self._miss_ns.add(started)
@@ -429,10 +627,9 @@ class DiskCache(BaseCache):
                 usable: dict[bytes, tuple[bytes, str | None, int, int, float | None]] = {}
                 for encoded, blob, codec, checksum, size, expires_at in rows:
                     if expires_at is not None and expires_at <= now:
-                        conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
-                        self._expirations += 1
+                        self._expirations += self._drop_while_reading(conn, encoded)
                     elif zlib.crc32(blob) != checksum:
-                        conn.execute("DELETE FROM kotoba_cache WHERE key = ?", (encoded,))
+                        self._drop_while_reading(conn, encoded)
                         self._corrupt += 1
                         log.warning("%s: dropped a value whose checksum does not match", self.name)
                     else:
@@ -443,7 +640,7 @@ class DiskCache(BaseCache):
                         conn.executemany("DELETE FROM kotoba_cache WHERE key = ?", [(e,) for e in usable])
                         conn.execute("COMMIT")
                     except BaseException:
-                        conn.execute("ROLLBACK")
+                        _rollback(conn)
                         raise
                 elif usable:
                     self._touched.update(dict.fromkeys(usable, now))
@@ -451,7 +648,7 @@ class DiskCache(BaseCache):
                         try:
                             self._flush_touched(conn, transaction=True)
                         except sqlite3.OperationalError as exc:
-                            log.warning("%s: access times not written: %s", self.name, exc)
+                            self._touches_lost(exc)
             decoded: dict[bytes, DiskHit] = {}
             wall = time.time()
             for encoded, (blob, codec, checksum, size, expires_at) in usable.items():
@@ -595,9 +792,10 @@ class DiskCache(BaseCache):
                     self._expirations += self._purge(conn, now, max_batches=1)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             self._puts += 1
+            self._wrote()
         return True
 
     def _evict_over_budget(self, conn: sqlite3.Connection, *, keep: bytes, now: float) -> None:
@@ -652,7 +850,7 @@ class DiskCache(BaseCache):
                     purged = self._purge(conn, time.time(), max_batches=1)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 total += purged
                 if purged < _BATCH:
@@ -688,6 +886,7 @@ class DiskCache(BaseCache):
             live = row is not None and (row[0] is None or row[0] > now)
             if live:
                 self._deletes += 1
+            self._wrote()
             return live
 
     @_translate_errors
@@ -702,17 +901,31 @@ class DiskCache(BaseCache):
                 conn.execute("UPDATE kotoba_cache_totals SET entries = 0, bytes = 0, raw_bytes = 0")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
+            self._wrote()
 
     @_translate_errors
     def __len__(self) -> int:
-        self.purge_expired()
+        try:
+            self.purge_expired()
+        except DiskFullError:  # expired rows cannot be deleted now: count the live ones instead
+            with self._lock:
+                row = self._connection().execute(
+                    "SELECT count(*) FROM kotoba_cache WHERE expires_at IS NULL OR expires_at > ?",
+                    (time.time(),),
+                ).fetchone()
+            return int(row[0])
         with self._lock:
             row = self._connection().execute(
                 "SELECT entries FROM kotoba_cache_totals WHERE id = 0"
             ).fetchone()
         return int(row[0])
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -745,6 +958,8 @@ class DiskCache(BaseCache):
                 compression_ratio=raw / stored if stored else None,
                 compression=self._compressor.stats(),
                 corrupt=self._corrupt,
+                quarantined=self._quarantined,
+                disk_full=self._disk_full,
                 path=str(self.path),
                 name=self.name,
                 policy="lru",
@@ -760,6 +975,22 @@ class DiskCache(BaseCache):
 
     def __repr__(self) -> str:
         return f"DiskCache({str(self.path)!r}, max_bytes={self.max_bytes}, name={self.name!r})"
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory``: processes quarantining one file take turns (POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks on directories
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _split_script(script: str) -> list[str]:

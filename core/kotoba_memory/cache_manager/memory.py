@@ -345,6 +345,18 @@ class CacheManager(BaseCache):
         self._notify(events)
         return kept
 
+    def put_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
+        """Store every item of ``mapping``: all are validated and weighed first, so a bad one stores none.
+
+        The items are then written under one lock acquisition (eviction listeners run afterwards).
+        """
+        prepared = [(key, value, *self._prepare(key, value, ttl)) for key, value in mapping.items()]
+        events: list[tuple[Hashable, Any, EvictionCause]] = []
+        with self._lock:
+            for key, value, weight, expires in prepared:
+                events.extend(self._put_locked(key, value, weight, expires)[1])
+        self._notify(events)
+
     def _check_strict(self, key: Hashable, weight: int) -> None:
         if self.strict and self.max_bytes is not None and weight > self.max_bytes:
             with self._lock:

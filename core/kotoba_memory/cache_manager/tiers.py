@@ -5,6 +5,11 @@ Values heavier than ``spill_threshold_bytes`` go straight to disk; entries the m
 size are written to disk with their remaining ttl (expired ones are not); a disk hit moves the entry back
 to memory (``promote_on_hit``) unless it is over the threshold. Large values are compressed by the disk
 tier when it was built with ``compression=``; the ratio shows in :meth:`TieredCache.stats`.
+
+When the disk tier fails (a full disk, an I/O error, a lock held too long) the cache degrades to its
+memory tier instead of raising: writes go to memory, entries evicted meanwhile are dropped
+(``spill_failures``), keys whose disk copy could not be updated are never read from disk again until
+that copy is deleted, and the disk is tried again every ``disk_retry_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kotoba_memory.cache_manager.base import BaseCache
-from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheStats
+from kotoba_memory.cache_manager.disk import DiskCache, DiskCacheError, DiskCacheStats
 from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.memory import CacheManager
 from kotoba_memory.cache_manager.types import (
@@ -33,7 +38,7 @@ from kotoba_memory.cache_manager.types import (
 )
 from kotoba_memory.cache_manager.weigher import Weigher
 from kotoba_memory.process import forks
-from kotoba_memory.validation import check_non_negative_int
+from kotoba_memory.validation import check_non_negative, check_non_negative_int
 
 __all__ = ["TieredCache", "TieredCacheStats"]
 
@@ -44,6 +49,9 @@ _MISSING: Any = object()
 SAMPLE_EVERY = 64
 _SAMPLE_MASK = SAMPLE_EVERY - 1
 _live: weakref.WeakSet[TieredCache] = weakref.WeakSet()
+# Keys whose disk copy is stale that we remember one by one; beyond this the whole disk tier is distrusted
+# (and cleared once it is usable again), so a long outage cannot grow the set without bound.
+_STALE_LIMIT = 10_000
 
 
 def _reset_locks_after_fork() -> None:
@@ -62,6 +70,8 @@ class TieredCacheStats(CacheStats):
     ``hits``/``misses`` count lookups on the tiered cache (a disk hit is a hit); ``evictions`` counts
     entries that left both tiers for size (memory evictions that were spilled to disk are not
     evictions of the whole cache: they are ``spills``). ``compression_ratio`` is the disk tier's.
+    ``degraded`` is True while the disk tier is failing and the cache runs on memory alone;
+    ``disk_errors`` counts the disk operations that failed.
     """
 
     memory: CacheStats
@@ -73,6 +83,8 @@ class TieredCacheStats(CacheStats):
     direct_to_disk: int = 0
     spill_failures: int = 0
     compression_ratio: float | None = None
+    degraded: bool = False
+    disk_errors: int = 0
 
 
 class TieredCache(BaseCache):
@@ -93,12 +105,14 @@ class TieredCache(BaseCache):
         promote_on_hit: bool = True,
         default_ttl: float | None = None,
         name: str | None = None,
+        disk_retry_interval: float = 5.0,
     ) -> None:
         if not isinstance(memory, CacheManager):  # spilling needs its eviction listeners and weigher
             raise TypeError(f"memory must be a CacheManager, got {type(memory).__name__}")
         if not isinstance(disk, DiskCache):
             raise TypeError(f"disk must be a DiskCache, got {type(disk).__name__}")
         check_non_negative_int(spill_threshold_bytes, "spill_threshold_bytes")
+        self.disk_retry_interval = check_non_negative(disk_retry_interval, "disk_retry_interval")
         self.memory = memory
         self.disk = disk
         self.spill_threshold_bytes = spill_threshold_bytes
@@ -124,6 +138,13 @@ class TieredCache(BaseCache):
         # The last entry our eviction listener wrote to disk: tells put() that a value the memory tier
         # refused at admission did reach the disk. Only read and written under self._lock.
         self._spilled: tuple[Hashable, Any] | None = None
+        # Degraded mode (the disk tier failing): when to try it again, the keys whose disk copy must not be
+        # served, and whether the whole disk tier is distrusted (too many such keys, or a failed clear).
+        self._degraded = False
+        self._retry_at = 0.0
+        self._disk_errors = 0
+        self._stale: set[Hashable] = set()
+        self._stale_all = False
         super().__init__(name or f"tiered:{memory.name}+{disk.name}")
         memory.add_eviction_listener(self._on_memory_eviction)
         _live.add(self)
@@ -150,6 +171,81 @@ class TieredCache(BaseCache):
         del self._deadlines[key]
         return record[0]
 
+    # -- degraded mode: the disk tier failing ---------------------------------------------------------
+
+    def _disk_usable(self) -> bool:
+        """Whether to use the disk now: always when healthy; when degraded, once the retry time came and
+        the stale disk copies could be deleted (the disk may be back)."""
+        if not self._degraded:
+            return True
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            if self._stale_all:
+                self.disk.clear()
+                self._stale_all = False
+                self._stale.clear()
+            while self._stale:
+                key = next(iter(self._stale))
+                self.disk.delete(key)
+                self._stale.discard(key)
+        except DiskCacheError as exc:
+            self._disk_failed(exc)
+            return False
+        return True
+
+    def _disk_failed(self, exc: DiskCacheError) -> None:
+        """Count a failed disk operation and degrade to memory (said once per outage)."""
+        if self.disk.closed:
+            raise exc
+        self._disk_errors += 1
+        self._retry_at = time.monotonic() + self.disk_retry_interval
+        if not self._degraded:
+            self._degraded = True
+            log.warning(
+                "%s: the disk tier failed (%s); serving from memory alone, retrying every %gs",
+                self.name,
+                exc,
+                self.disk_retry_interval,
+            )
+
+    def _disk_ok(self) -> None:
+        """A disk write succeeded: leave degraded mode (said once)."""
+        if self._degraded and not self._stale and not self._stale_all:
+            self._degraded = False
+            log.warning("%s: the disk tier works again", self.name)
+
+    def _mark_stale(self, key: Hashable) -> None:
+        """The disk copy of ``key`` could not be updated or deleted: never read it until it is deleted."""
+        if self._stale_all:
+            return
+        self._stale.add(key)
+        if len(self._stale) > _STALE_LIMIT:
+            self._stale_all = True
+            self._stale.clear()
+
+    def _readable_on_disk(self, key: Hashable) -> bool:
+        return not self._stale_all and key not in self._stale
+
+    def _drop_from_disk(self, key: Hashable) -> bool:
+        """Delete the disk copy of ``key`` (True if a live one was there); remembered as stale on failure."""
+        if self._disk_usable():
+            try:
+                removed = self.disk.delete(key)
+            except DiskCacheError as exc:
+                self._disk_failed(exc)
+            else:
+                self._disk_ok()
+                return removed
+        live = False
+        if self._readable_on_disk(key):
+            try:
+                live = key in self.disk
+            except DiskCacheError:
+                live = False
+        self._mark_stale(key)
+        return live
+
     def _on_memory_eviction(self, key: Hashable, value: Any, cause: EvictionCause) -> None:
         """Spill entries evicted for size to disk (the memory tier calls this outside its lock)."""
         with self._lock:
@@ -159,12 +255,20 @@ class TieredCache(BaseCache):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return
+            if not self._disk_usable():
+                self._spill_failures += 1  # degraded: the entry leaves the cache
+                return
             try:
                 stored = self.disk.put(key, value, remaining)
+            except DiskCacheError as exc:
+                self._spill_failures += 1
+                self._disk_failed(exc)
+                return
             except Exception as exc:  # e.g. an unpicklable value: it is lost from the cache, not the app
                 self._spill_failures += 1
                 log.warning("%s: could not spill %r to disk: %s", self.name, key, exc)
                 return
+            self._disk_ok()
             if stored:
                 self._spills += 1
                 self._spilled = (key, value)
@@ -206,13 +310,19 @@ class TieredCache(BaseCache):
                     self._slow_memory_hits += 1
                     self._sample(self._hit_ns, started)
                     return value
-            hit = self.disk.lookup(key, remove=self.promote_on_hit)
+            promote = self.promote_on_hit and not self._degraded  # a promotion deletes from disk
+            hit = None
+            if self._readable_on_disk(key):
+                try:
+                    hit = self.disk.lookup(key, remove=promote)
+                except DiskCacheError as exc:
+                    self._disk_failed(exc)
             if hit is None:
                 self._misses += 1
                 self._sample(self._miss_ns, started)
                 return default
             self._disk_hits += 1
-            if self.promote_on_hit:
+            if promote:
                 self._promote(key, hit.value, hit.ttl_remaining)
             self._sample(self._hit_ns, started)
             return hit.value
@@ -244,7 +354,15 @@ class TieredCache(BaseCache):
                 else:  # promoted meanwhile by another thread
                     self._slow_memory_hits += 1
                     found[key] = value
-            hits = self.disk.lookup_many(on_disk, remove=self.promote_on_hit)
+            promote = self.promote_on_hit and not self._degraded
+            readable = [key for key in on_disk if self._readable_on_disk(key)]
+            self._misses += len(on_disk) - len(readable)  # not read: their copies on disk are stale
+            on_disk = readable
+            try:
+                hits = self.disk.lookup_many(on_disk, remove=promote)
+            except DiskCacheError as exc:
+                self._disk_failed(exc)
+                hits = {}
             for key in on_disk:
                 hit = hits.get(key)
                 if hit is None:
@@ -252,7 +370,7 @@ class TieredCache(BaseCache):
                     continue
                 self._disk_hits += 1
                 found[key] = hit.value
-            if self.promote_on_hit:
+            if promote:
                 for key, hit in hits.items():
                     self._promote(key, hit.value, hit.ttl_remaining)
         return found
@@ -279,14 +397,31 @@ class TieredCache(BaseCache):
             if spilled is not None and spilled[0] == key and spilled[1] is value:
                 return  # refused at admission and already written back by our eviction listener
         # Too heavy for memory, or refused by it without a spill: back to disk.
-        self.disk.put(key, value, ttl)
+        try:
+            self.disk.put(key, value, ttl)
+        except DiskCacheError as exc:
+            self._spill_failures += 1  # taken off the disk and kept nowhere: it leaves the cache
+            self._disk_failed(exc)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.memory or key in self.disk
+        if key in self.memory:
+            return True
+        if not self._readable_on_disk(key):
+            return False
+        try:
+            return key in self.disk
+        except DiskCacheError:
+            return False
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self.memory) + len(self.disk)
+            if self._stale_all:
+                return len(self.memory)
+            try:
+                return len(self.memory) + len(self.disk)
+            except DiskCacheError as exc:
+                self._disk_failed(exc)
+                return len(self.memory)
 
     def ttl_remaining(self, key: Hashable) -> float | None:
         """Seconds the entry has left in whichever tier holds it; None: no expiry. KeyError if absent."""
@@ -294,7 +429,12 @@ class TieredCache(BaseCache):
             try:
                 return self.memory.ttl_remaining(key)
             except KeyError:
-                return self.disk.ttl_remaining(key)
+                if not self._readable_on_disk(key):
+                    raise
+                try:
+                    return self.disk.ttl_remaining(key)
+                except DiskCacheError:
+                    raise KeyError(key) from None
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -320,7 +460,7 @@ class TieredCache(BaseCache):
             kept = self.memory.put(key, value, seconds)
             spilled, self._spilled = self._spilled, None
             if kept:
-                self.disk.delete(key)  # the tiers are exclusive: drop an older copy on disk
+                self._drop_from_disk(key)  # the tiers are exclusive: drop an older copy on disk
                 return True
             self._forget_deadline(key, value)
             if spilled is not None and spilled[0] == key and spilled[1] is value:
@@ -328,13 +468,28 @@ class TieredCache(BaseCache):
             return self._put_on_disk(key, value, seconds)
 
     def _put_on_disk(self, key: Hashable, value: Any, seconds: float | None) -> bool:
-        stored = self.disk.put(key, value, seconds)  # raises TypeError (unpicklable) before any change
-        self._direct += 1
-        self.memory.delete(key)
-        self._deadlines.pop(key, None)
-        if not stored:
+        if self._disk_usable():
+            try:
+                # raises TypeError (unpicklable) before any change
+                stored = self.disk.put(key, value, seconds)
+            except DiskCacheError as exc:
+                self._disk_failed(exc)
+            else:
+                self._disk_ok()
+                self._direct += 1
+                self.memory.delete(key)
+                self._deadlines.pop(key, None)
+                if not stored:
+                    self._rejections += 1
+                return stored
+        # Degraded: memory keeps it if it can, whatever its weight; any copy on disk is now stale.
+        self._mark_stale(key)
+        self._remember_deadline(key, value, seconds)
+        kept = self.memory.put(key, value, seconds)
+        if not kept:
+            self._forget_deadline(key, value)
             self._rejections += 1
-        return stored
+        return kept
 
     def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
         """Store only if ``key`` is in neither tier (atomic within this process)."""
@@ -355,14 +510,20 @@ class TieredCache(BaseCache):
                 if value is not _MISSING:
                     self._remember_deadline(key, value, seconds)
                 return True
-            return self.disk.touch(key, seconds)
+            if not self._readable_on_disk(key) or not self._disk_usable():
+                return False
+            try:
+                return self.disk.touch(key, seconds)
+            except DiskCacheError as exc:
+                self._disk_failed(exc)
+                return False
 
     def delete(self, key: Hashable) -> bool:
         """Remove ``key`` from both tiers; True if either held it."""
         with self._lock:
             in_memory = self.memory.delete(key)
             self._deadlines.pop(key, None)
-            on_disk = self.disk.delete(key)
+            on_disk = self._drop_from_disk(key)
             if in_memory or on_disk:
                 self._deletes += 1
                 return True
@@ -373,7 +534,16 @@ class TieredCache(BaseCache):
         with self._lock:
             self.memory.clear()
             self._deadlines.clear()
-            self.disk.clear()
+            if self._disk_usable():
+                try:
+                    self.disk.clear()
+                except DiskCacheError as exc:
+                    self._disk_failed(exc)
+                else:
+                    self._disk_ok()
+                    return
+            self._stale_all = True  # nothing on disk may be served until it is cleared
+            self._stale.clear()
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -415,6 +585,8 @@ class TieredCache(BaseCache):
                 direct_to_disk=self._direct,
                 spill_failures=self._spill_failures,
                 compression_ratio=disk.compression_ratio,
+                degraded=self._degraded,
+                disk_errors=self._disk_errors,
             )
 
     def persist(self) -> int:
@@ -434,11 +606,18 @@ class TieredCache(BaseCache):
                 if remaining is not None and remaining <= 0:
                     continue
                 try:
-                    stored = self.disk.put(key, value, remaining)
+                    stored = self.disk.put(key, value, remaining) if self._disk_usable() else None
                 except TypeError as exc:
                     self._spill_failures += 1
                     log.warning("%s: could not persist %r: %s", self.name, key, exc)
                     continue
+                except DiskCacheError as exc:
+                    self._disk_failed(exc)
+                    stored = None
+                if stored is None:  # the disk tier fails: this entry and the rest stay in memory
+                    self._remember_deadline(key, value, remaining)
+                    self.memory.put(key, value, remaining)
+                    break
                 moved += int(stored)
         return moved
 

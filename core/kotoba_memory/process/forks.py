@@ -1,8 +1,10 @@
 """The one fork registry: a single ``os.register_at_fork`` for the whole package.
 
 Components register a callback to run in a forked child (``reinit_after_fork``: new locks, forget the
-parent's descriptors, readings and threads). Callbacks never start threads: the scheduler resumes its
-one thread the next time the child calls into kotoba-memory (a request, a report, a new task).
+parent's descriptors, readings and threads), and may pair a ``before`` callback (parent, just before
+fork: e.g. take a lock so no write is mid-flight) with an ``after_in_parent`` one (release it).
+Callbacks never start threads: the scheduler resumes its one thread the next time the child calls
+into kotoba-memory (a request, a report, a new task).
 Bound methods are held weakly, so registering does not keep a component alive.
 """
 
@@ -23,6 +25,7 @@ _lock = threading.Lock()
 # (name, strong function or weak method reference, is_weak)
 _child: list[tuple[str, Any, bool]] = []
 _before: list[tuple[str, Any, bool]] = []
+_parent: list[tuple[str, Any, bool]] = []
 _forks = 0
 errors = 0
 
@@ -37,33 +40,37 @@ def register(
     after_in_child: Callable[[], Any] | None = None,
     *,
     before: Callable[[], Any] | None = None,
+    after_in_parent: Callable[[], Any] | None = None,
     name: str = "",
 ) -> None:
-    """Run ``after_in_child()`` in every forked child (and ``before()`` in the parent just before fork).
+    """Run ``after_in_child()`` in every forked child, ``before()`` in the parent just before fork and
+    ``after_in_parent()`` in the parent just after it.
 
     Callbacks run in registration order (``before`` in reverse, as ``os.register_at_fork`` does); one
     that raises is logged and counted, and the others still run.
     """
-    if after_in_child is None and before is None:
-        raise TypeError("register() needs after_in_child or before")
-    for callback in (after_in_child, before):
+    if after_in_child is None and before is None and after_in_parent is None:
+        raise TypeError("register() needs after_in_child, before or after_in_parent")
+    for callback in (after_in_child, before, after_in_parent):
         if callback is not None and not callable(callback):
             raise TypeError(f"fork callbacks must be callable, got {type(callback).__name__}")
-    label = name or getattr(after_in_child or before, "__qualname__", "callback")
+    label = name or getattr(after_in_child or before or after_in_parent, "__qualname__", "callback")
     with _lock:
-        if len(_child) + len(_before) > 256:  # drop callbacks of components that are gone
-            _child[:] = [row for row in _child if _resolve(row) is not None]
-            _before[:] = [row for row in _before if _resolve(row) is not None]
+        if len(_child) + len(_before) + len(_parent) > 256:  # drop callbacks of components that are gone
+            for table in (_child, _before, _parent):
+                table[:] = [row for row in table if _resolve(row) is not None]
         if after_in_child is not None:
             _child.append((label, *_ref(after_in_child)))
         if before is not None:
             _before.append((label, *_ref(before)))
+        if after_in_parent is not None:
+            _parent.append((label, *_ref(after_in_parent)))
 
 
 def unregister(callback: Callable[[], Any]) -> None:
     """Stop running ``callback`` around forks (unknown callbacks are ignored)."""
     with _lock:
-        for table in (_child, _before):
+        for table in (_child, _before, _parent):
             table[:] = [row for row in table if _resolve(row) not in (callback, None)]
 
 
@@ -100,6 +107,10 @@ def _before_fork() -> None:
     _run(list(reversed(_before)))
 
 
+def _after_in_parent() -> None:
+    _run(list(_parent))
+
+
 def _after_in_child() -> None:
     global _lock, _forks
     # A parent thread may have held the lock at fork time: the child's copy would stay held forever.
@@ -110,4 +121,4 @@ def _after_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_after_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
