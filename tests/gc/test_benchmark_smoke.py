@@ -33,7 +33,10 @@ def test_children_measure_each_variant(bench) -> None:
             assert res["gen0_p50_ms"] <= res["gen0_p95_ms"] <= res["gen0_max_ms"]
     # The cyclic ORM workload makes garbage only the collector can free, and both variants free it.
     assert results["orm_cyclic"]["default"][0]["gen0_count"] > 0
-    assert results["orm_cyclic"]["adaptive"][0]["garbage_left"] < 5000
+    # What is left is at most about one young generation's worth, like the default's (whose threshold0
+    # is 700 on 3.11/3.12 and 2000 on 3.13).
+    left_default = results["orm_cyclic"]["default"][0]["garbage_left"]
+    assert results["orm_cyclic"]["adaptive"][0]["garbage_left"] <= max(5000, 1.5 * left_default)
     table = bench.report(results)
     assert "### orm_cyclic" in table and "| adaptive |" in table
     assert "goal" in table

@@ -45,6 +45,7 @@ def cyclic_request(n: int = 1000) -> None:
 
 def test_start_is_idempotent_and_stop_restores(make_optimizer) -> None:
     found = gc.get_threshold()
+    frozen = gc.get_freeze_count()  # 0, or 3.12's immortal objects
     optimizer = make_optimizer()
     optimizer.start()
     optimizer.start()
@@ -57,12 +58,14 @@ def test_start_is_idempotent_and_stop_restores(make_optimizer) -> None:
     assert gc.get_threshold() != found or gc.get_freeze_count() > 0  # it did tune something
     optimizer.stop()
     assert get_active_gc_optimizer() is None and not optimizer.running
-    assert gc.get_threshold() == found and gc.get_freeze_count() == 0
+    assert gc.get_threshold() == found and gc.get_freeze_count() == frozen
     assert optimizer._task is None  # the monitor task is off the process scheduler
     optimizer.stop()  # stopping twice is harmless
 
 
 def test_restore_returns_state_exactly_as_found(make_optimizer) -> None:
+    interpreter = gc.get_threshold()
+    frozen = gc.get_freeze_count()
     gc.set_threshold(1234, 7, 9)
     gc.disable()
     try:
@@ -75,11 +78,12 @@ def test_restore_returns_state_exactly_as_found(make_optimizer) -> None:
         gc.set_threshold(5, 5, 5)
         undone = optimizer.restore()
         assert {c.action for c in undone} >= {"unfreeze", "set_threshold"}
-        assert gc.get_threshold() == (1234, 7, 9) and not gc.isenabled() and gc.get_freeze_count() == 0
+        assert gc.get_threshold() == (1234, 7, 9) and not gc.isenabled()
+        assert gc.get_freeze_count() == frozen
         assert optimizer.restore() == []
     finally:
         gc.enable()
-        gc.set_threshold(700, 10, 10)
+        gc.set_threshold(*interpreter)
 
 
 def test_restore_leaves_a_freeze_it_found(make_optimizer) -> None:
@@ -96,6 +100,7 @@ def test_restore_leaves_a_freeze_it_found(make_optimizer) -> None:
         assert any("left frozen" in c.reason for c in optimizer.changes)
     finally:
         gc.unfreeze()
+        gc.collect()  # 3.12+ moves immortal objects back to the permanent generation, as found
 
 
 def test_one_active_optimizer_per_process(make_optimizer) -> None:
@@ -206,6 +211,7 @@ def test_long_request_making_cyclic_garbage_keeps_collecting(make_optimizer) -> 
 
 
 def test_heap_is_frozen_after_warmup_and_refrozen(make_optimizer) -> None:
+    frozen = gc.get_freeze_count()
     optimizer = make_optimizer(warmup_requests=5)
     optimizer.start()
     keep: list[Row] = []
@@ -215,15 +221,16 @@ def test_heap_is_frozen_after_warmup_and_refrozen(make_optimizer) -> None:
         cyclic_request(500)
         optimizer.on_request_end()
         if i == 4:
-            assert gc.get_freeze_count() > 0
+            assert gc.get_freeze_count() > frozen
     assert any(c.action == "freeze" and "warm-up" in c.reason for c in optimizer.changes)
     assert optimizer.refreezes >= 1
     assert len(gc.get_objects(2)) < len(keep)  # the growing heap went to the permanent generation
     optimizer.stop()
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == frozen
 
 
 def test_memory_ceiling_wins_over_speed(make_optimizer, wait_for) -> None:
+    frozen = gc.get_freeze_count()
     optimizer = make_optimizer(warmup_requests=1, memory_limit_bytes=1 << 20)  # RSS is far above 1 MiB
     optimizer.start()
     optimizer.on_request_start()
@@ -234,7 +241,7 @@ def test_memory_ceiling_wins_over_speed(make_optimizer, wait_for) -> None:
         lambda: any(c.action == "collect" and "memory ceiling" in c.reason for c in optimizer.changes)
     )
     assert any(c.action == "unfreeze" for c in optimizer.changes)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() <= frozen  # thawed (3.12+: only the immortal objects are back)
     assert gc.get_threshold()[0] == optimizer._base[0]
     analysis = optimizer.analyze()
     assert any(b.kind == "memory_pressure" for b in analysis.bottlenecks)
@@ -257,6 +264,7 @@ def test_full_collection_runs_in_idle_time(make_optimizer, wait_for) -> None:
 
 
 def test_optimize_raises_the_threshold_when_young_collections_find_nothing(make_optimizer) -> None:
+    interpreter = gc.get_threshold()
     gc.set_threshold(200, 10, 10)
     try:
         optimizer = make_optimizer(adaptive=False)
@@ -277,7 +285,7 @@ def test_optimize_raises_the_threshold_when_young_collections_find_nothing(make_
         optimizer.stop()
         assert gc.get_threshold() == (200, 10, 10)
     finally:
-        gc.set_threshold(700, 10, 10)
+        gc.set_threshold(*interpreter)
 
 
 def test_analysis_reports_per_generation_figures(make_optimizer) -> None:
@@ -338,6 +346,7 @@ def test_monitor_survives_errors(make_optimizer, wait_for, monkeypatch) -> None:
 
 
 def test_async_twins(make_optimizer) -> None:
+    frozen = gc.get_freeze_count()
     optimizer = make_optimizer(adaptive=False)
 
     async def main() -> None:
@@ -351,7 +360,7 @@ def test_async_twins(make_optimizer) -> None:
         await optimizer.astop()
 
     asyncio.run(main())
-    assert gc.get_freeze_count() == 0 and not optimizer.running
+    assert gc.get_freeze_count() == frozen and not optimizer.running
 
 
 def test_forked_worker_keeps_a_working_monitor(tmp_path) -> None:
@@ -360,6 +369,7 @@ def test_forked_worker_keeps_a_working_monitor(tmp_path) -> None:
         import gc, os, sys, time
         from kotoba_memory.gc_optimizer import GcOptimizer, get_active_gc_optimizer
         from kotoba_memory.process import scheduler
+        found_frozen = gc.get_freeze_count()  # 3.12 starts with immortal tuples frozen
         opt = GcOptimizer(monitoring_interval_s=0.05, warmup_requests=1)
         opt.start()
         frozen = opt.freeze_for_fork()
@@ -379,7 +389,7 @@ def test_forked_worker_keeps_a_working_monitor(tmp_path) -> None:
             opt.on_request_start(); opt.on_request_end()
             ok = ok and opt.in_flight == 0 and opt.requests_seen == 1
             opt.stop()
-            os._exit(0 if ok and gc.get_freeze_count() == 0 else 3)
+            os._exit(0 if ok and gc.get_freeze_count() == found_frozen else 3)
         _, status = os.waitpid(pid, 0)
         opt.on_request_end()
         opt.stop()
@@ -428,10 +438,14 @@ def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
         cyclic_request(200)
         optimizer.on_request_end()
     assert wait_for(lambda: not optimizer._counting_only)
-    for _ in range(5):
+    # Mid-request collections find live rows and raise threshold0 (from the interpreter's own: 700 on
+    # 3.11/3.12, 2000 on 3.13) until whole requests fit under it and collect at their end.
+    for _ in range(40):
         optimizer.on_request_start()
         cyclic_request(500)
         optimizer.on_request_end()
+        if optimizer.boundary_collections > done:
+            break
     assert optimizer.boundary_collections > done
     optimizer.stop()
     assert "request_ended" not in vars(optimizer)

@@ -6,6 +6,7 @@ import datetime
 import gc
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -42,6 +43,26 @@ _MAX_CHECK_GAP = 32
 # C-level counter and the monitor thread watches the young generation instead (microsecond endpoints).
 _QUIET_CHECKS_FOR_COUNTING = 4
 _NEVER = 1 << 62
+# Inside a long request the monitor checks the budget this often (seconds, at most its interval).
+_LONG_REQUEST_POLL_S = 0.1
+
+# threshold0 of this interpreter's collector as this module found it, and the documented defaults
+# when the app had set 0 (automatic collection off) before importing us. Never assume one version's.
+_IMPORT_THRESHOLD0 = gc.get_threshold()[0]
+_DEFAULT_THRESHOLD0 = {(3, 11): 700, (3, 12): 700, (3, 13): 2000}
+
+
+def default_young_threshold(found: int = 0) -> int:
+    """The young-generation threshold to collect at: ``found`` if set, else this interpreter's own."""
+    if found > 0:
+        return found
+    if _IMPORT_THRESHOLD0 > 0:
+        return _IMPORT_THRESHOLD0
+    return _DEFAULT_THRESHOLD0.get(sys.version_info[:2], 2000)
+
+
+#: Modes :meth:`GcOptimizer.analyze` names (``GcAnalysis.mode``).
+MODES = ("stopped", "recording", "warming_up", "between_requests", "long_request_stepping", "budget")
 
 
 class GcOptimizerError(KotobaMemoryError, RuntimeError):
@@ -99,9 +120,9 @@ class GcOptimizer:
         warmup_requests: int = 10,
         idle_after_s: float = 2.0,
         pause_target_ms: float = 10.0,
-        heap_growth_ceiling: float = 0.5,
+        heap_growth_ceiling: float = 0.05,
         memory_limit_bytes: int | None = None,
-        event_capacity: int = 4096,
+        event_capacity: int = 2048,
     ) -> None:
         check_positive(target_memory_usage_percent, "target_memory_usage_percent", high=100.0)
         check_positive(monitoring_interval_s, "monitoring_interval_s", high=3600.0)
@@ -140,8 +161,17 @@ class GcOptimizer:
         self._warmed_up = False
         self._base: tuple[int, int, int] = gc.get_threshold()
         self._valve = self._base[0]
-        self._boundary_threshold = self._base[0] or 700
+        self._boundary_threshold = default_young_threshold(self._base[0])
         self._gen1_every = max(1, self._base[1])
+        self._mode = "stopped"
+        self._mode_reason = "not started"
+        self._long_request = False
+        self._young_at_tick = 0
+        self._freeze_refused = False
+        self._frozen_were_immortal = False
+        self._last_budget_was_step = False
+        self.long_request_steps = 0
+        self.budget_collections = 0
         self._ended = itertools.count(1)
         self._warmup_at = -1
         # on_request_end() reads gc.get_count() (~0.1 us) only every few requests, as far apart as the
@@ -182,8 +212,9 @@ class GcOptimizer:
             self._capture_found()
             self._base = gc.get_threshold()
             self._valve = self._base[0]
-            self._boundary_threshold = self._base[0] or 700
+            self._boundary_threshold = default_young_threshold(self._base[0])
             self._gen1_every = max(1, self._base[1])
+            self._long_request = False
             self._start_wall = time.monotonic()
             self._start_cpu = time.process_time()
             self._recorder.reset_totals()  # analyze() covers this run only
@@ -199,7 +230,10 @@ class GcOptimizer:
                 self._check_gap = 1
                 self._next_check = self._checked_at + 1
                 self._rss_at_full = self._ceiling.process_rss()
+                self._set_mode("warming_up", f"collecting as found until {self.warmup_requests} requests end")
                 self._start_monitor()
+            else:
+                self._set_mode("recording", "adaptive=False: records and analyses; optimize() on demand")
         self._flush_change_log()
 
     def stop(self) -> None:
@@ -215,6 +249,7 @@ class GcOptimizer:
             self._recorder.uninstall()
             self.restore()
             self._running = False
+            self._set_mode("stopped", "stop() restored the collector as found")
             registry.release("gc_optimizer", self)
         self._flush_change_log()
 
@@ -370,13 +405,15 @@ class GcOptimizer:
 
     def _finish_warmup(self) -> None:
         self._warmed_up = True
+        if not self._long_request and not self._pressure:
+            self._set_mode("between_requests", "young garbage is collected when requests end")
         if not self.auto_freeze or self._pressure or self._freeze_active:
             return
         with self._lock:
-            if not self._tuning or self._freeze_active:
+            if not self._tuning or self._freeze_active or not self._may_freeze("warm-up freeze"):
                 return
-            self._capture_found()
-            self._explicit_collect(1)
+            # A full collection first: garbage frozen now would stay until the next full collection.
+            self._explicit_collect(2)
             before = gc.get_freeze_count()
             gc.freeze()
             self._we_froze = True
@@ -395,6 +432,8 @@ class GcOptimizer:
             return
         ratio = collected / examined
         if ratio < _LOW_YIELD:
+            if self._long_request:
+                return  # inside a long request the collector keeps its found pace (small steps)
             new = min(current * 2, self.max_young_threshold)
             why = f"automatic young collection found {ratio:.1%} garbage: objects were still live"
         elif ratio > _HIGH_YIELD:
@@ -403,10 +442,24 @@ class GcOptimizer:
         else:
             return
         if new != current:
-            self._valve = new
-            _, t1, t2 = gc.get_threshold()
-            gc.set_threshold(new, t1, t2)
-            self._note("set_threshold", (current, t1, t2), (new, t1, t2), why)
+            self._set_young_threshold(new, why)
+
+    def _gen1_threshold_for(self, threshold0: int) -> int:
+        """threshold1 that keeps threshold0 x threshold1 (young survivors awaiting a gen-1 collection)
+        within what the collector allowed as found, so raising threshold0 cannot pile up gen 1."""
+        base0, base1 = self._base[0], self._base[1]
+        if base0 <= 0 or base1 <= 0 or threshold0 <= base0:
+            return base1
+        return max(1, min(base1, (base0 * base1) // threshold0))
+
+    def _set_young_threshold(self, new: int, why: str) -> None:
+        # Runs inside the gc callback too: no locks, only lock-free notes.
+        before = gc.get_threshold()
+        after = (new, self._gen1_threshold_for(new), before[2])
+        self._valve = new
+        if after != before:
+            gc.set_threshold(*after)
+            self._note("set_threshold", before, after, why)
 
     # -- background monitor ------------------------------------------------------------------------
     def _start_monitor(self) -> None:
@@ -418,18 +471,29 @@ class GcOptimizer:
                 self.monitoring_interval_s, self._monitor, name="gc_optimizer.monitor"
             )
 
-    def _monitor(self) -> None:
-        """One check of the ceiling, idle time and counting mode (a scheduler task)."""
+    def _monitor(self) -> float | None:
+        """One check of the ceiling, the budget, long requests, idle time and counting mode (a
+        scheduler task); returns the delay to the next check. Never raises into the host."""
+        delay: float | None = None
         try:
-            self._tick()
+            delay = self._tick()
         except Exception:
             self.monitor_errors += 1
             logger.debug("GC monitor tick failed", exc_info=True)
-        self._flush_change_log()
+        try:
+            self._flush_change_log()
+        except Exception:
+            self.monitor_errors += 1
+        return delay
 
-    def _tick(self) -> None:
+    def _poll_delay(self) -> float | None:
+        if self._long_request:
+            return min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S)
+        return None
+
+    def _tick(self) -> float | None:
         if not self._tuning:
-            return
+            return None
         if self._counting_only and (
             gc.get_count()[0] >= self._boundary_threshold // 2
             or self._recorder.counts[0] != self._young_collections_at_counting
@@ -440,27 +504,108 @@ class GcOptimizer:
         self._last_usage_percent = usage.percent
         if self._ceiling.over_target(usage):
             self._relieve_pressure(usage.percent, now)
-            return
+            return None
         if self._pressure and usage.percent < self.target_memory_usage_percent - _PRESSURE_HYSTERESIS_PERCENT:
             with self._lock:
                 self._pressure = False
                 self._pressure_backoff = 1
-                self._freeze_active = self._warmed_up and self.auto_freeze
+                self._freeze_active = self._we_froze
+                if not self._we_froze and self.auto_freeze:
+                    # Freeze again after a fresh warm-up (which starts with a full collection).
+                    self._warmed_up = False
+                    self._warmup_at = self.requests_seen + max(1, self.warmup_requests)
                 self._note("pressure_end", None, round(usage.percent, 1), "memory use back under target")
+                self._set_mode(*self._steady_mode())
         ended = self.requests_seen
-        if ended != self._ended_seen:
+        request_ended = ended != self._ended_seen
+        if request_ended:
             self._ended_seen = ended
             self._last_activity = now
-        if self._freeze_active and self._rss_at_full:
-            rss = self._ceiling.process_rss()
-            if rss > self._rss_at_full * (1.0 + self.heap_growth_ceiling):
-                grown = rss / self._rss_at_full - 1.0
-                self._full_collection(f"RSS grew {grown:.0%} since the last full collection (ceiling)")
-                return
-        idle = self.in_flight == 0 and now - self._last_activity >= self.idle_after_s
+        young_collections = self._recorder.counts[0]
+        collected_since = young_collections != self._young_at_tick
+        self._young_at_tick = young_collections
+        in_flight = self.in_flight
+        if self._long_request and (request_ended or in_flight == 0):
+            self._end_long_request()
+        elif (
+            not self._long_request
+            and not request_ended
+            and in_flight > 0
+            and (collected_since or gc.get_count()[0] >= self._boundary_threshold)
+        ):
+            self._begin_long_request(now)
+        rss = self._ceiling.process_rss()
+        if self._rss_at_full and rss > self._rss_at_full * (1.0 + self.heap_growth_ceiling):
+            self._budget_collection(rss)
+            return self._poll_delay()
+        if self._mode == "budget":
+            self._set_mode(*self._steady_mode())  # back within budget
+        idle = in_flight == 0 and now - self._last_activity >= self.idle_after_s
         if idle and ended > self._ended_at_maintenance:
             self._ended_at_maintenance = ended
             self._full_collection(f"idle for {now - self._last_activity:.1f} s")
+        return self._poll_delay()
+
+    def _steady_mode(self) -> tuple[str, str]:
+        """The mode (and why) when no budget or ceiling action is under way."""
+        if self._long_request:
+            return "long_request_stepping", self._mode_reason
+        if self._warmed_up:
+            return "between_requests", "young garbage is collected when requests end"
+        return "warming_up", f"collecting as found until {self.warmup_requests} requests end"
+
+    def _begin_long_request(self, now: float) -> None:
+        """A request is in flight, none ended since the last check, and garbage keeps coming: collect
+        at the pace the collector was found with (small steps) and check the budget more often."""
+        with self._lock:
+            if not self._tuning or self._long_request:
+                return
+            self._long_request = True
+            self.long_request_steps += 1
+            base0 = self._base[0]
+            why = (
+                f"a request has run {now - self._last_activity:.1f} s with no request ending while "
+                f"young garbage kept coming: threshold0 back to {base0} (small steps), "
+                f"RSS budget {self.heap_growth_ceiling:.0%} checked every "
+                f"{min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S):g} s"
+            )
+            if base0 > 0 and self._valve != base0:
+                self._set_young_threshold(base0, "long request: " + why)
+            self._set_mode("long_request_stepping", why)
+
+    def _end_long_request(self) -> None:
+        with self._lock:
+            self._long_request = False
+            if not self._pressure:
+                self._set_mode(*self._steady_mode())
+
+    def _budget_collection(self, rss: int) -> None:
+        """RSS grew past the budget since the last full collection: collect in two steps. First the
+        unfrozen heap only (cheap); if the budget is crossed again, everything, the frozen heap too."""
+        with self._lock:
+            if not self._tuning:
+                return
+            grown = rss / self._rss_at_full - 1.0
+            self.budget_collections += 1
+            frozen = self._freeze_active
+            step = frozen and self._last_budget_was_step is False
+            why = (
+                f"RSS grew {grown:.1%} since the last full collection, over the "
+                f"{self.heap_growth_ceiling:.0%} budget"
+            )
+            if step:
+                self._explicit_collect(2)  # the frozen heap is skipped: a pause of the young heap only
+                trimmed = malloc_trim()
+                self._rss_at_full = self._ceiling.process_rss()
+                self._last_budget_was_step = True
+                self._note(
+                    "collect", None, 2,
+                    f"budget step: collected the unfrozen heap{' + malloc_trim' if trimmed else ''}: {why}",
+                )
+            else:
+                self._last_budget_was_step = False
+                self._full_collection(f"budget: {why}")
+            self._set_mode("budget", why + (" (unfrozen heap)" if step else " (full collection)"))
 
     def _full_collection(self, reason: str) -> None:
         """Collect every generation, the frozen heap included, then re-freeze and trim."""
@@ -483,16 +628,12 @@ class GcOptimizer:
                 return
             if not self._pressure:
                 self._pressure = True
-                self._note(
-                    "pressure_start", None, round(percent, 1),
-                    f"memory use {percent:.1f}% >= target {self.target_memory_usage_percent:.0f}%",
-                )
+                why = f"memory use {percent:.1f}% >= target {self.target_memory_usage_percent:.0f}%"
+                self._note("pressure_start", None, round(percent, 1), why)
+                self._set_mode("budget", f"memory ceiling: {why}; thresholds as found, heap unfrozen")
                 base0 = self._base[0]
                 if base0 > 0 and self._valve != base0:
-                    before = gc.get_threshold()
-                    self._valve = base0
-                    gc.set_threshold(base0, before[1], before[2])
-                    self._note("set_threshold", before, gc.get_threshold(), "memory ceiling beats speed")
+                    self._set_young_threshold(base0, "memory ceiling beats speed")
             if now < self._next_pressure_collect:
                 return
             rss_before = self._ceiling.process_rss()
@@ -550,6 +691,15 @@ class GcOptimizer:
             changes_made=len(self._changes),
             callback_errors=rec.callback_errors,
             monitor_errors=self.monitor_errors,
+            mode=self._mode,
+            mode_reason=self._mode_reason,
+            own_memory_bytes=self.own_memory_bytes(),
+            rss_budget_bytes=(
+                int(self._rss_at_full * (1.0 + self.heap_growth_ceiling))
+                if self._tuning and self._rss_at_full else None
+            ),
+            budget_collections=self.budget_collections,
+            long_requests=self.long_request_steps,
         )
         return build_analysis(data)
 
@@ -577,7 +727,9 @@ class GcOptimizer:
                     made.append(self._note("set_threshold", before, gc.get_threshold(), why))
                 elif kind == "freeze_long_lived_heap":
                     self._capture_found()
-                    self._explicit_collect(1)
+                    if not self._may_freeze("freeze_long_lived_heap"):
+                        continue
+                    self._explicit_collect(2)
                     frozen_before = gc.get_freeze_count()
                     gc.freeze()
                     self._we_froze = True
@@ -610,7 +762,11 @@ class GcOptimizer:
         """
         with self._lock:
             self._capture_found()
-            if collect:
+            # Asked for explicitly, so it freezes either way; this only learns whether restore() can thaw.
+            probed = self._found is not None and self._found.freeze_count > 0 and self._may_freeze(
+                "freeze_for_fork"
+            )
+            if collect and not probed:
                 self._explicit_collect(2)
             before = gc.get_freeze_count()
             gc.freeze()
@@ -636,6 +792,14 @@ class GcOptimizer:
             if self._we_froze and found.freeze_count == 0:
                 gc.unfreeze()
                 made.append(self._note("unfreeze", None, 0, "restore"))
+            elif self._we_froze and self._frozen_were_immortal:
+                gc.unfreeze()
+                self._explicit_collect(2)  # the collector moves its immortal objects back (3.12+)
+                made.append(self._note(
+                    "unfreeze", None, gc.get_freeze_count(),
+                    "restore: thawed, then a full collection gave the interpreter's immortal objects "
+                    "back to the permanent generation",
+                ))
             elif self._we_froze:
                 made.append(self._note(
                     "restore", None, None,
@@ -648,12 +812,65 @@ class GcOptimizer:
             self._we_froze = False
             self._freeze_active = False
             self._pressure = False
+            self._long_request = False
+            self._freeze_refused = False
+            self._frozen_were_immortal = False
             self._valve = found.thresholds[0]
             self._found = None
+            if self._running:
+                self._set_mode("recording", "restore() put the collector back as found; tuning stopped")
         self._flush_change_log()
         return made
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _may_freeze(self, what: str) -> bool:
+        """Whether freezing can be undone exactly; runs a full collection when it has to find out.
+
+        ``gc.unfreeze()`` thaws everything. From 3.12 the collector itself moves immortal objects (a few
+        hundred static tuples at start-up) to the permanent generation, and puts them back there at the
+        next full collection after a thaw; objects the app froze would not go back. So: nothing frozen
+        when found, or only immortal objects (thaw, collect, compare), and restore() can be exact.
+        """
+        found = self._found
+        if found is None or found.freeze_count == 0 or self._frozen_were_immortal:
+            return True
+        if self._freeze_refused:
+            return False
+        if sys.version_info >= (3, 12):
+            gc.unfreeze()
+            self._explicit_collect(2)
+            if gc.get_freeze_count() >= found.freeze_count:
+                self._frozen_were_immortal = True
+                return True
+            gc.freeze()  # the app had frozen objects of its own: give them back (with the rest)
+            self._we_froze = True
+        self._freeze_refused = True
+        self._note(
+            "skip_freeze", found.freeze_count, gc.get_freeze_count(),
+            f"{what} skipped: {found.freeze_count} objects were already frozen by the app when found, "
+            "and gc.unfreeze() could not give back exactly that set",
+        )
+        return False
+
+    def _set_mode(self, mode: str, reason: str) -> None:
+        self._mode = mode
+        self._mode_reason = reason
+
+    @property
+    def mode(self) -> tuple[str, str]:
+        """The mode the optimizer is in (one of :data:`MODES`) and why."""
+        return self._mode, self._mode_reason
+
+    def own_memory_bytes(self) -> int:
+        """Bytes held by the optimizer's own bookkeeping (event ring, change logs), measured now."""
+        size = sys.getsizeof(self) + sys.getsizeof(self.__dict__)
+        size += self._recorder.memory_bytes()
+        for changes in (self._changes, self._unlogged):
+            size += sys.getsizeof(changes)
+            for change in list(changes):
+                size += sys.getsizeof(change) + sys.getsizeof(change.reason)
+        return size
+
     def _capture_found(self) -> None:
         if self._found is None:
             self._found = _FoundState(gc.get_threshold(), gc.isenabled(), gc.get_freeze_count())
@@ -688,6 +905,7 @@ class GcOptimizer:
         self._recorder.reset_lock()
         self._ended = itertools.count(1)
         self._leave_counting_mode()
+        self._long_request = False
         if self._running and self._tuning:
             self._warmup_at = max(1, self.warmup_requests)
             self._checked_at = 0
