@@ -464,3 +464,114 @@ def test_memory_limit_is_shared_by_the_profiler_and_the_ceiling() -> None:
     assert limit == (cgroup.limit_bytes if cgroup is not None else psutil.virtual_memory().total)
     assert MemoryProfiler().memory_limit_bytes == limit
     assert MemoryProfiler(memory_limit_bytes=1 << 30).memory_limit_bytes == 1 << 30
+
+
+class Cached:
+    def __init__(self, i: int) -> None:
+        self.i = i
+        self.payload = {"i": i}
+
+
+def test_a_freeze_the_app_made_is_found_and_given_back_exactly(make_optimizer) -> None:
+    """The 3.12 defect: stop() left 181,835 objects frozen where it found 375."""
+    app_heap = [Cached(i) for i in range(2000)]
+    gc.freeze()  # the app froze its heap before starting us (e.g. gunicorn preload)
+    try:
+        found = gc.get_freeze_count()
+        optimizer = make_optimizer(warmup_requests=2)
+        optimizer.start()
+        for _ in range(30):
+            optimizer.on_request_start()
+            live_request(2000)
+            cyclic_request(300)
+            optimizer.on_request_end()
+        # It cannot tell the app's frozen objects from its own, so it does not freeze on top of them.
+        assert gc.get_freeze_count() == found
+        assert any(c.action == "skip_freeze" for c in optimizer.changes)
+        assert optimizer.analyze().mode == "between_requests"
+        optimizer.stop()
+        assert gc.get_freeze_count() == found
+        assert len(app_heap) == 2000
+    finally:
+        gc.unfreeze()
+        gc.collect()  # 3.12+: the immortal objects go back to the permanent generation
+
+
+def test_collects_at_the_interpreters_own_young_threshold(make_optimizer) -> None:
+    """The 3.13 defect: with threshold0 at 0 the optimizer assumed 3.11's 700 (3.13's default is 2000)."""
+    from kotoba_memory.gc_optimizer.optimizer import default_young_threshold
+
+    interpreter = {(3, 11): 700, (3, 12): 700, (3, 13): 2000}.get(sys.version_info[:2])
+    if interpreter is None:
+        pytest.skip("no known default threshold for this interpreter")
+    assert default_young_threshold() == interpreter == gc.get_threshold()[0]
+    found = gc.get_threshold()
+    gc.set_threshold(0, found[1], found[2])  # the app turned automatic collection off
+    try:
+        optimizer = make_optimizer(auto_freeze=False)
+        optimizer.start()
+        kept: list[object] = []
+        pending_before_collection: list[int] = []
+        for _ in range(200):
+            optimizer.on_request_start()
+            kept.extend([i] for i in range(50))  # 50 long-lived containers per request
+            young = gc.get_count()[0]
+            done = optimizer.boundary_collections
+            optimizer.on_request_end()
+            if optimizer.boundary_collections > done:
+                pending_before_collection.append(young)
+        assert pending_before_collection
+        # Collected once the interpreter's own threshold0 worth is pending, not earlier or much later.
+        assert all(interpreter <= n < interpreter + 200 for n in pending_before_collection)
+        optimizer.stop()
+        assert gc.get_threshold() == (0, found[1], found[2])
+    finally:
+        gc.set_threshold(*found)
+
+
+def test_long_request_is_stepped_and_holds_its_budget(make_optimizer, wait_for) -> None:
+    """One request that runs for over a second making cyclic garbage after threshold0 was raised."""
+    import time
+    from collections import deque
+
+    base0, base1, _ = gc.get_threshold()
+    optimizer = make_optimizer(max_young_threshold=100_000, warmup_requests=5)
+    optimizer.start()
+    for _ in range(20):  # requests holding live rows push threshold0 up
+        optimizer.on_request_start()
+        live_request(20_000)
+        optimizer.on_request_end()
+    t0, t1, _ = gc.get_threshold()
+    assert t0 > base0
+    # Survivors waiting for a gen-1 collection stay within what the collector allowed as found.
+    assert t0 * t1 <= max(base0 * base1, t0)
+    optimizer.on_request_start()
+    window: deque[object] = deque(maxlen=20)  # sessions stay live a while, then become cyclic garbage
+    stepping_seen = False
+    cursor = 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        session: dict[str, object] = {"rows": []}
+        for i in range(200):
+            row = Row(i)
+            row.parent = session
+            session["rows"].append(row)  # type: ignore[attr-defined]
+        window.append(session)
+        if optimizer.mode[0] == "long_request_stepping":
+            t0_now, t1_now, _ = gc.get_threshold()
+            assert t0_now == base0 and t1_now == base1  # the collector's own pace: small steps
+            if not stepping_seen:
+                cursor, _ = optimizer.events_since(0)
+            stepping_seen = True
+    assert stepping_seen, optimizer.changes
+    _, events = optimizer.events_since(cursor)
+    young = sorted(e.examined for e in events if e.generation == 0 and not e.explicit)
+    # Many small young collections, each of about the found threshold0 (not the raised one).
+    assert len(young) >= 10
+    assert young[len(young) // 2] <= 4 * base0 < t0
+    analysis = optimizer.analyze()
+    assert analysis.mode == "long_request_stepping" and "request" in analysis.mode_reason
+    assert analysis.long_requests == 1
+    optimizer.on_request_end()
+    assert wait_for(lambda: optimizer.mode[0] == "between_requests")
+    assert 0 < analysis.own_memory_bytes <= 1 << 20

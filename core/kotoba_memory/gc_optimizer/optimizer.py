@@ -50,6 +50,9 @@ _LONG_REQUEST_POLL_S = 0.1
 # when the app had set 0 (automatic collection off) before importing us. Never assume one version's.
 _IMPORT_THRESHOLD0 = gc.get_threshold()[0]
 _DEFAULT_THRESHOLD0 = {(3, 11): 700, (3, 12): 700, (3, 13): 2000}
+# Objects frozen when this module was imported: on 3.12+ the interpreter's own immortal objects, which
+# its collector keeps in the permanent generation. More than this when found means the app froze some.
+_IMPORT_FREEZE_COUNT = gc.get_freeze_count()
 
 
 def default_young_threshold(found: int = 0) -> int:
@@ -166,6 +169,7 @@ class GcOptimizer:
         self._mode = "stopped"
         self._mode_reason = "not started"
         self._long_request = False
+        self._long_request_reason = ""
         self._young_at_tick = 0
         self._freeze_refused = False
         self._frozen_were_immortal = False
@@ -549,7 +553,7 @@ class GcOptimizer:
     def _steady_mode(self) -> tuple[str, str]:
         """The mode (and why) when no budget or ceiling action is under way."""
         if self._long_request:
-            return "long_request_stepping", self._mode_reason
+            return "long_request_stepping", self._long_request_reason
         if self._warmed_up:
             return "between_requests", "young garbage is collected when requests end"
         return "warming_up", f"collecting as found until {self.warmup_requests} requests end"
@@ -571,6 +575,7 @@ class GcOptimizer:
             )
             if base0 > 0 and self._valve != base0:
                 self._set_young_threshold(base0, "long request: " + why)
+            self._long_request_reason = why
             self._set_mode("long_request_stepping", why)
 
     def _end_long_request(self) -> None:
@@ -836,7 +841,7 @@ class GcOptimizer:
             return True
         if self._freeze_refused:
             return False
-        if sys.version_info >= (3, 12):
+        if sys.version_info >= (3, 12) and found.freeze_count <= _IMPORT_FREEZE_COUNT:
             gc.unfreeze()
             self._explicit_collect(2)
             if gc.get_freeze_count() >= found.freeze_count:
