@@ -84,6 +84,7 @@ class GcAnalysis:
     # long_request_stepping or budget (RSS budget or memory ceiling).
     mode: str = "recording"
     mode_reason: str = ""
+    mode_cause: str = "adaptive_off"  # short token for metrics: rss_budget, long_request, ...
     own_memory_bytes: int = 0  # the optimizer's own bookkeeping (event ring, change logs)
     rss_budget_bytes: int | None = None  # RSS above which it collects (last full collection + budget)
     budget_collections: int = 0
@@ -117,6 +118,7 @@ class AnalysisInput:
     monitor_errors: int = 0
     mode: str = "recording"
     mode_reason: str = ""
+    mode_cause: str = "adaptive_off"
     own_memory_bytes: int = 0
     rss_budget_bytes: int | None = None
     budget_collections: int = 0
@@ -376,6 +378,7 @@ def build_analysis(data: AnalysisInput) -> GcAnalysis:
         notes=notes,
         mode=data.mode,
         mode_reason=data.mode_reason,
+        mode_cause=data.mode_cause,
         own_memory_bytes=data.own_memory_bytes,
         rss_budget_bytes=data.rss_budget_bytes,
         budget_collections=data.budget_collections,

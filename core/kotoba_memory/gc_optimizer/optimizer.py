@@ -66,6 +66,14 @@ def default_young_threshold(found: int = 0) -> int:
 
 #: Modes :meth:`GcOptimizer.analyze` names (``GcAnalysis.mode``).
 MODES = ("stopped", "recording", "warming_up", "between_requests", "long_request_stepping", "budget")
+_MODE_CAUSES = {
+    "stopped": "stopped",
+    "recording": "adaptive_off",
+    "warming_up": "warmup",
+    "between_requests": "request_boundaries",
+    "long_request_stepping": "long_request",
+    "budget": "rss_budget",
+}
 
 
 class GcOptimizerError(KotobaMemoryError, RuntimeError):
@@ -168,6 +176,7 @@ class GcOptimizer:
         self._gen1_every = max(1, self._base[1])
         self._mode = "stopped"
         self._mode_reason = "not started"
+        self._mode_cause = "stopped"
         self._long_request = False
         self._long_request_reason = ""
         self._young_at_tick = 0
@@ -635,7 +644,9 @@ class GcOptimizer:
                 self._pressure = True
                 why = f"memory use {percent:.1f}% >= target {self.target_memory_usage_percent:.0f}%"
                 self._note("pressure_start", None, round(percent, 1), why)
-                self._set_mode("budget", f"memory ceiling: {why}; thresholds as found, heap unfrozen")
+                self._set_mode(
+                    "budget", f"memory ceiling: {why}; thresholds as found, heap unfrozen", "memory_ceiling"
+                )
                 base0 = self._base[0]
                 if base0 > 0 and self._valve != base0:
                     self._set_young_threshold(base0, "memory ceiling beats speed")
@@ -698,6 +709,7 @@ class GcOptimizer:
             monitor_errors=self.monitor_errors,
             mode=self._mode,
             mode_reason=self._mode_reason,
+            mode_cause=self._mode_cause,
             own_memory_bytes=self.own_memory_bytes(),
             rss_budget_bytes=(
                 int(self._rss_at_full * (1.0 + self.heap_growth_ceiling))
@@ -857,9 +869,16 @@ class GcOptimizer:
         )
         return False
 
-    def _set_mode(self, mode: str, reason: str) -> None:
+    def _set_mode(self, mode: str, reason: str, cause: str | None = None) -> None:
         self._mode = mode
         self._mode_reason = reason
+        self._mode_cause = cause or _MODE_CAUSES.get(mode, mode)
+
+    @property
+    def mode_cause(self) -> str:
+        """A short, fixed token for why it is in its mode (for metrics attributes): e.g. ``rss_budget``,
+        ``memory_ceiling``, ``long_request``, ``request_boundaries``, ``warmup``, ``adaptive_off``."""
+        return self._mode_cause
 
     @property
     def mode(self) -> tuple[str, str]:
