@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 VARIANTS = ("default", "freeze", "raised", "between", "adaptive")
-WORKLOADS = ("orm", "orm_cyclic", "micro", "long_cyclic", "idle_bursts", "growing")
+WORKLOADS = ("orm", "orm_cyclic", "micro", "long_cyclic", "long_blob", "idle_bursts", "growing")
 RAISED_THRESHOLDS = (50_000, 20, 20)
 
 
@@ -91,13 +91,16 @@ def build_heap(n: int) -> list[Any]:
 
 
 def orm_request(
-    rid: int, rows: int, cache: list[dict[str, Any]], cyclic: bool, keep_every: int = 50
+    rid: int, rows: int, cache: list[dict[str, Any]], cyclic: bool, keep_every: int = 50, blob: int = 0
 ) -> int:
     """Query rows, serialize them, render a body; keep a few serialized rows in a growing cache."""
     session = Session() if cyclic else None
     base = rid * rows
     result = [(pk, f"user-{pk}", f"user{pk}@example.com") for pk in range(base, base + rows)]
     objects = [Model(row, session) for row in result]
+    if blob:
+        for m in objects:
+            m.extra["body"] = f"{m.pk:08d}" * (blob // 8)  # a text column: bytes the GC count cannot see
     payload = [
         {"id": m.pk, "name": m.name, "email": m.email, "extra": dict(m.extra), "tags": list(m.tags)}
         for m in objects
@@ -225,13 +228,15 @@ def run_child(workload: str, variant: str, size: Size) -> dict[str, Any]:
             return orm_request(rid, size.rows, cache, False, keep_every=5)
 
         n = size.requests
-    elif workload == "long_cyclic":
+    elif workload in ("long_cyclic", "long_blob"):
         kept: list[int] = []
+        blob = 1024 if workload == "long_blob" else 0
 
         def body(rid: int) -> object:
-            # One request that never returns to the server loop while it makes cyclic garbage.
+            # One request that never returns to the server loop while it makes cyclic garbage
+            # (long_blob: each row also carries a 1 KiB text column the collector's counts do not see).
             for i in range(size.long_iterations):
-                kept.append(orm_request(rid * 10_000 + i, size.rows, cache, True))
+                kept.append(orm_request(rid * 10_000 + i, size.rows, cache, True, blob=blob))
             return len(kept)
 
         n = 1
@@ -240,7 +245,7 @@ def run_child(workload: str, variant: str, size: Size) -> dict[str, Any]:
 
     for rid in range(size.warmup):
         start()
-        if workload == "long_cyclic":
+        if workload in ("long_cyclic", "long_blob"):
             # Ordinary requests first, so the optimizer has tuned for them when the long one comes.
             orm_request(rid, size.rows, cache, False)
         else:
@@ -261,10 +266,14 @@ def run_child(workload: str, variant: str, size: Size) -> dict[str, Any]:
     cpu = time.process_time() - cpu0
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gc.callbacks.remove(recorder)
-    own_kib, mode = 0.0, ""
+    own_kib, mode, long_requests, budget_collections = 0.0, "", 0, 0
     if optimizer is not None:
         analysis = optimizer.analyze()
-        own_kib, mode = analysis.own_memory_bytes / 1024, analysis.mode
+        # getattr: the same script also measures older releases, whose analysis lacks these fields.
+        own_kib = getattr(analysis, "own_memory_bytes", 0) / 1024
+        mode = getattr(analysis, "mode", "")
+        long_requests = getattr(analysis, "long_requests", 0)
+        budget_collections = getattr(analysis, "budget_collections", 0)
         optimizer.stop()
     gc.enable()
     # Garbage still waiting to be reclaimed when the run ends (frozen cycles included).
@@ -291,6 +300,8 @@ def run_child(workload: str, variant: str, size: Size) -> dict[str, Any]:
         "pause_p99_ms": _pct(all_pauses, 99) * 1e3,
         "optimizer_own_kib": own_kib,
         "mode": mode,
+        "long_requests": long_requests,
+        "budget_collections": budget_collections,
         "heap_len": len(heap),
     }
     for g, p in enumerate(pauses):

@@ -36,7 +36,11 @@ def make_optimizer() -> Iterator[Callable[..., GcOptimizer]]:
         elif after[2] != found[2]:
             gc.unfreeze()
             gc.collect()  # 3.12+: the collector puts its immortal objects back in the permanent generation
-        assert after == found, "GcOptimizer.stop() did not restore the collector"
+        assert after == found, (
+            "GcOptimizer.stop() did not restore the collector: "
+            + "; ".join(f"{c.action} {c.before!r}->{c.after!r} {c.reason}" for o in created
+                        for c in o.changes)
+        )
 
 
 @pytest.fixture
