@@ -537,6 +537,10 @@ class Blob:
 
 def test_long_request_holds_the_rss_budget(make_optimizer, wait_for) -> None:
     """One request, after threshold0 was raised, making cyclic garbage that carries 4 KiB each."""
+    import time
+
+    from kotoba_memory.process import memory as process_memory
+
     base0 = gc.get_threshold()[0]
     optimizer = make_optimizer(max_young_threshold=20_000, warmup_requests=5)
     optimizer.start()
@@ -547,28 +551,23 @@ def test_long_request_holds_the_rss_budget(make_optimizer, wait_for) -> None:
     raised = gc.get_threshold()[0]
     assert raised > 4 * base0
     optimizer.on_request_start()
-    cursor, _ = optimizer.events_since(0)
-    for _ in range(40_000):
-        a = Blob(None)
-        a.partner = Blob(a)  # a two-object cycle: only the collector frees it
+    done = optimizer.budget_collections
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline or optimizer.budget_collections == done:
+        for _ in range(1000):
+            a = Blob(None)
+            a.partner = Blob(a)  # a two-object cycle: only the collector frees it
+        assert time.monotonic() < deadline + 10, "no budget collection inside the long request"
     del a
-    _, events = optimizer.events_since(cursor)
-    automatic = [e for e in events if e.generation < 2 and not e.explicit]
-    assert len(automatic) >= 3
-    # The first automatic collection found RSS past the budget: from then on the young generation is
-    # collected at the found pace, not halved step by step from the raised threshold.
-    assert any("budget" in c.reason and c.action == "set_threshold" for c in optimizer.changes)
-    later = automatic[1:]
-    slack = base0 if sys.version_info < (3, 12) else 4 * base0  # 3.12+ collect from the eval breaker
-    assert max(e.examined for e in later) <= base0 + slack < raised
-    assert optimizer.mode[0] == "budget" or optimizer.budget_collections >= 1
-    assert wait_for(lambda: optimizer.budget_collections >= 1)
-    for _ in range(2000):  # keeps going: a long request with collections and no end
-        a = Blob(None)
-        a.partner = Blob(a)
-    del a
+    # Inside the request, with no request boundary: the budget was crossed and collected.
+    assert optimizer.budget_collections > done
+    assert any("budget" in c.reason and c.action == "collect" for c in optimizer.changes), [
+        (c.action, c.reason[:60]) for c in optimizer.changes][-8:]
     analysis = optimizer.analyze()
-    assert analysis.budget_collections >= 1 and analysis.rss_budget_bytes
+    assert analysis.rss_budget_bytes and analysis.budget_collections > done
+    # The garbage rate lowered threshold0 again (automatic collections found mostly garbage).
+    assert gc.get_threshold()[0] < raised
+    assert process_memory.rss_bytes() <= analysis.rss_budget_bytes + (raised * 4096 * 2)
     optimizer.on_request_end()
     assert 0 < analysis.own_memory_bytes <= 1 << 20
 
