@@ -7,7 +7,8 @@
 #   PYTHON=python3.12 VENV=.venv-3.12 bash scripts/test.sh tests/gc   # one interpreter, its own venv
 #
 # With PYTHON or VENV given only that interpreter runs. EXTRA_PYTHONS (space-separated) lists the
-# interpreters for the GC runs; set it to "" to skip them. A missing interpreter is reported and fails.
+# interpreters for the GC runs (default: python3.12 and python3.13 from PATH or pyenv); set it to ""
+# to skip them. A missing interpreter is reported and fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,23 @@ PYTHON=${PYTHON:-python3} VENV=$VENV bash scripts/bootstrap.sh
 "$VENV/bin/python" -m pytest "$@"
 ((single)) && exit 0
 
-EXTRA_PYTHONS=${EXTRA_PYTHONS-/root/.pyenv/versions/3.12.1/bin/python3.12 /root/.pyenv/versions/3.13.0/bin/python3.13}
+find_python() {  # python3.X on PATH (if it runs: pyenv shims may not), else the newest pyenv build
+    local found
+    found=$(command -v "python$1" 2>/dev/null) && "$found" -c "" 2>/dev/null && echo "$found" && return
+    found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$1".*/bin/"python$1" 2>/dev/null | sort -V | tail -n 1)
+    [[ -n $found ]] && echo "$found"
+}
+if [[ -z ${EXTRA_PYTHONS+set} ]]; then
+    EXTRA_PYTHONS=""
+    for minor in 3.12 3.13; do
+        py=$(find_python "$minor") || true
+        if [[ -z $py ]]; then
+            echo "test.sh: no CPython $minor found (PATH or pyenv); install it or set EXTRA_PYTHONS=\"\"" >&2
+            exit 1
+        fi
+        EXTRA_PYTHONS+=" $py"
+    done
+fi
 for py in $EXTRA_PYTHONS; do
     if ! command -v "$py" >/dev/null 2>&1; then
         echo "test.sh: interpreter $py not found" >&2
