@@ -524,8 +524,10 @@ class GcOptimizer:
         self._ended_seen = self.requests_seen
         self._ended_at_maintenance = self._ended_seen
         if self._task is None:
+            # The first check comes soon: the budget must hold in a short run or a first long request.
             self._task = scheduler.every(
-                self.monitoring_interval_s, self._monitor, name="gc_optimizer.monitor"
+                self.monitoring_interval_s, self._monitor, name="gc_optimizer.monitor",
+                delay_s=min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S),
             )
 
     def _monitor(self) -> float | None:
