@@ -190,6 +190,7 @@ class GcOptimizer:
         self._last_budget_was_step = False
         self._budget_due = False
         self._next_full_tick = 0.0
+        self._no_end_since_poll = True
         self.long_request_steps = 0
         self.budget_collections = 0
         self._ended = itertools.count(1)
@@ -546,7 +547,10 @@ class GcOptimizer:
         return delay
 
     def _poll_delay(self) -> float | None:
-        if self._long_request or self._budget_due or activity.in_flight() > 0:
+        # Every 0.1 s while a request is in flight and none ended since the last check (a long request
+        # in the making), in a long request, or over the budget; else every monitoring interval, so
+        # a busy server of short requests is not woken ten times a second.
+        if self._long_request or self._budget_due or (activity.in_flight() > 0 and self._no_end_since_poll):
             return min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S)
         return None
 
@@ -586,10 +590,11 @@ class GcOptimizer:
         return False
 
     def _budget_tick(self, now: float) -> float | None:
-        """Long requests, the RSS budget and idle time: every interval, and every 0.1 s while requests
-        are in flight (one RSS pread and a few comparisons)."""
+        """Long requests, the RSS budget and idle time: every interval, and every 0.1 s while a request
+        may be a long one (one RSS pread and a few comparisons)."""
         ended = self.requests_seen
         request_ended = ended != self._ended_seen
+        self._no_end_since_poll = not request_ended
         if request_ended:
             self._ended_seen = ended
             self._last_activity = now
