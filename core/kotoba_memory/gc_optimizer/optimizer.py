@@ -472,7 +472,7 @@ class GcOptimizer:
 
     def _over_budget_in_collection(self) -> bool:
         # In the gc callback (no locks): one cheap RSS reading. Over the budget, threshold0 stops
-        # rising and the monitor (polling every 0.1 s while requests are in flight) collects. Dropping
+        # rising and the monitor (polling every 0.1 s while a collection is due) collects. Dropping
         # threshold0 to the found value here was measured to be worse: live rows get promoted into the
         # old generations and die there (long_blob: peak RSS 250 MB against 199 MB).
         rss_at_full = self._rss_at_full
@@ -493,8 +493,8 @@ class GcOptimizer:
 
     def _watch_for_long_request(self) -> None:
         # In the gc callback (no locks): automatic collections keep coming while a request is in flight
-        # and none ends, so garbage is piling up inside one request. Step at the found pace at once;
-        # the monitor task ends stepping when a request ends.
+        # and none ends, so garbage is piling up inside one request: switch to long-request mode now
+        # rather than at the monitor's next check; the monitor ends it when a request ends.
         ended = self.requests_seen
         if ended != self._ended_at_collection:
             self._ended_at_collection = ended
@@ -643,21 +643,19 @@ class GcOptimizer:
                 f"a request has run {now - self._last_activity:.1f} s with no request ending while "
                 "young garbage kept coming"
             )
-        task = self._task
-        if task is not None:
-            task.run_soon(min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S))
 
     def _enter_long_request(self, seen: str) -> None:
-        """Collect at the pace the collector was found with (small steps) and check the budget more
-        often. Lock-free: also called from the gc callback."""
+        """Hold the RSS budget inside the request: check it at every collection and every 0.1 s and
+        collect in steps when it is crossed; freeze nothing new. Lock-free: also called from the gc
+        callback."""
         self._long_request = True
         self._ended_at_long = self.requests_seen
         self.long_request_steps += 1
-        base0 = self._base[0] or self._boundary_threshold
         why = (
             f"{seen}: RSS budget ({self.heap_growth_ceiling:.0%} over the last full collection) checked "
             f"at every collection and every {min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S):g} s, "
-            f"threshold0 back to {base0} once over it; nothing new is frozen until requests end"
+            "collected in steps when crossed (unfrozen heap first); nothing new is frozen until a "
+            "request ends"
         )
         self._long_request_reason = why
         if not self._pressure:
