@@ -590,3 +590,25 @@ def test_long_request_is_named_and_freezes_nothing_new(make_optimizer, wait_for)
     assert optimizer.refreezes == refreezes
     optimizer.on_request_end()
     assert wait_for(lambda: optimizer.mode[0] in ("between_requests", "budget"))
+
+
+def test_the_report_names_the_gc_mode_and_why() -> None:
+    from kotoba_memory.config import MemoryConfig
+    from kotoba_memory.optimizer import MemoryOptimizer
+
+    config = MemoryConfig(
+        enable_caching=False, enable_profiling=False, enable_leak_detection=False,
+        enable_gc_optimization=True,
+    )
+    with MemoryOptimizer(config) as optimizer:
+        gc_optimizer = optimizer.gc_optimizer
+        assert gc_optimizer is not None
+        for _ in range(gc_optimizer.warmup_requests + 2):
+            gc_optimizer.on_request_start()
+            cyclic_request(100)
+            gc_optimizer.on_request_end()
+        report = optimizer.report()
+    assert report.gc is not None
+    assert report.gc["mode"] == "between_requests" and report.gc["mode_cause"] == "request_boundaries"
+    assert 0 < report.gc["own_memory_bytes"] <= 1 << 20
+    assert "gc mode: between_requests (young garbage is collected when requests end)" in report.summary()

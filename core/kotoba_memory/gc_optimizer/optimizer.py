@@ -471,10 +471,12 @@ class GcOptimizer:
             self._set_young_threshold(new, why)
 
     def _over_budget_in_collection(self) -> bool:
-        # In the gc callback (no locks): one cheap RSS reading. Over the budget, threshold0 stops
-        # rising and the monitor (polling every 0.1 s while a collection is due) collects. Dropping
-        # threshold0 to the found value here was measured to be worse: live rows get promoted into the
-        # old generations and die there (long_blob: peak RSS 250 MB against 199 MB).
+        """Whether RSS is past the budget, read once (a pread) in the gc callback; no locks.
+
+        Over the budget threshold0 stops rising and the monitor (polling every 0.1 s while a collection
+        is due) collects. Dropping threshold0 to the found value here was measured to be worse: live
+        rows get promoted into the old generations and die there (long_blob: 250 MB against 199 MB).
+        """
         rss_at_full = self._rss_at_full
         if not rss_at_full:
             return False
@@ -492,9 +494,8 @@ class GcOptimizer:
         return True
 
     def _watch_for_long_request(self) -> None:
-        # In the gc callback (no locks): automatic collections keep coming while a request is in flight
-        # and none ends, so garbage is piling up inside one request: switch to long-request mode now
-        # rather than at the monitor's next check; the monitor ends it when a request ends.
+        """In the gc callback (no locks): automatic collections keep coming while a request is in
+        flight and none ends, so switch to long-request mode now; the monitor ends it later."""
         ended = self.requests_seen
         if ended != self._ended_at_collection:
             self._ended_at_collection = ended
@@ -509,9 +510,12 @@ class GcOptimizer:
             )
 
     def _set_young_threshold(self, new: int, why: str) -> None:
-        # Runs inside the gc callback too: no locks, only lock-free notes. threshold1 stays as found:
-        # scaling it down as threshold0 rises was measured to promote live rows into gen 2 sooner,
-        # where they die and wait for a full collection (long_blob: peak RSS 245 MB against 203 MB).
+        """Set threshold0 (the valve) and note why; lock-free, so the gc callback may call it.
+
+        threshold1 stays as found: scaling it down as threshold0 rises was measured to promote live
+        rows into gen 2 sooner, where they die and wait for a full collection (long_blob: 245 MB
+        against 203 MB).
+        """
         before = gc.get_threshold()
         after = (new, before[1], before[2])
         self._valve = new
@@ -547,14 +551,15 @@ class GcOptimizer:
         return delay
 
     def _poll_delay(self) -> float | None:
-        # Every 0.1 s while a request is in flight and none ended since the last check (a long request
-        # in the making), in a long request, or over the budget; else every monitoring interval, so
-        # a busy server of short requests is not woken ten times a second.
+        """0.1 s while a request may be a long one (in flight, none ended since the last check), in a
+        long request or over the budget; else None (the monitoring interval): a busy server of short
+        requests is not woken ten times a second."""
         if self._long_request or self._budget_due or (activity.in_flight() > 0 and self._no_end_since_poll):
             return min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S)
         return None
 
     def _tick(self) -> float | None:
+        """The ceiling and counting mode every interval, the budget and long requests every call."""
         if not self._tuning:
             return None
         now = time.monotonic()
@@ -662,6 +667,7 @@ class GcOptimizer:
             self._set_mode("long_request_stepping", why)
 
     def _end_long_request(self) -> None:
+        """A request ended (or none is in flight): back to the steady mode."""
         with self._lock:
             self._long_request = False
             if not self._pressure:
@@ -950,6 +956,7 @@ class GcOptimizer:
         return False
 
     def _set_mode(self, mode: str, reason: str, cause: str | None = None) -> None:
+        """Record the mode, the sentence why, and its short cause token (lock-free)."""
         self._mode = mode
         self._mode_reason = reason
         self._mode_cause = cause or _MODE_CAUSES.get(mode, mode)
