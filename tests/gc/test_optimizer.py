@@ -486,11 +486,13 @@ def test_a_freeze_the_app_made_is_found_and_given_back_exactly(make_optimizer) -
             cyclic_request(300)
             optimizer.on_request_end()
         # It cannot tell the app's frozen objects from its own, so it does not freeze on top of them.
-        assert gc.get_freeze_count() == found
+        # (Frozen objects freed by reference counting leave the count, so it may only go down.)
+        assert found // 2 < gc.get_freeze_count() <= found
         assert any(c.action == "skip_freeze" for c in optimizer.changes)
+        assert not any(c.action == "freeze" for c in optimizer.changes)
         assert optimizer.analyze().mode == "between_requests"
         optimizer.stop()
-        assert gc.get_freeze_count() == found
+        assert found // 2 < gc.get_freeze_count() <= found
         assert len(app_heap) == 2000
     finally:
         gc.unfreeze()
@@ -603,10 +605,12 @@ def test_the_report_names_the_gc_mode_and_why() -> None:
     with MemoryOptimizer(config) as optimizer:
         gc_optimizer = optimizer.gc_optimizer
         assert gc_optimizer is not None
-        for _ in range(gc_optimizer.warmup_requests + 2):
+        for _ in range(500):  # warm-up ends at a between-request check (checks are spaced out)
             gc_optimizer.on_request_start()
             cyclic_request(100)
             gc_optimizer.on_request_end()
+            if gc_optimizer.mode[0] == "between_requests":
+                break
         report = optimizer.report()
     assert report.gc is not None
     assert report.gc["mode"] == "between_requests" and report.gc["mode_cause"] == "request_boundaries"
