@@ -6,6 +6,10 @@
 * semantic-convention instruments: ``process.memory.usage`` / ``process.memory.virtual`` (``By``) and
   ``cpython.gc.collections`` / ``cpython.gc.collected_objects`` / ``cpython.gc.uncollectable_objects``
   per ``cpython.gc.generation``, observed from ``gc.get_stats()`` on collection;
+* ``kotoba_memory.gc.mode`` (gauge, 1 for the GC optimizer's current mode and 0 for the others, per
+  ``kotoba_memory.gc.mode`` with ``kotoba_memory.gc.mode.cause``: why, e.g. ``rss_budget``,
+  ``memory_ceiling``, ``long_request``, ``request_boundaries``) and ``kotoba_memory.gc.own_memory``
+  (``By``, the optimizer's own bookkeeping), while a GC optimizer is active;
 * ``kotoba_memory.gc.pause`` (histogram, ``s``), fed from the active GC optimizer's event ring, drained
   outside gc callbacks (on collection and at most once a second at the end of a request);
 * per cache (``kotoba_memory.cache.name``): ``kotoba_memory.cache.hits`` / ``.misses`` / ``.evictions``
@@ -39,6 +43,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from kotoba_memory._version import __version__
 from kotoba_memory.cache_manager import iter_caches
 from kotoba_memory.gc_optimizer import get_active_gc_optimizer
+from kotoba_memory.gc_optimizer.optimizer import MODES as GC_MODES
 from kotoba_memory.optimizer import get_active_optimizer
 from kotoba_memory.process import memory as process_memory
 from kotoba_memory_integrations.request import (
@@ -138,6 +143,14 @@ class _Instruments:
             "cpython.gc.uncollectable_objects", [observe(lambda: self._gc_stat("uncollectable"))],
             unit="{object}", description="Objects found uncollectable since interpreter start.",
         )
+        meter.create_observable_gauge(
+            "kotoba_memory.gc.mode", [observe(self._gc_mode)], unit="1",
+            description="1 for the GC optimizer's current mode (and why), 0 for the others.",
+        )
+        meter.create_observable_up_down_counter(
+            "kotoba_memory.gc.own_memory", [observe(self._gc_own_memory)], unit="By",
+            description="Bytes held by the GC optimizer's own bookkeeping (event ring, change logs).",
+        )
         self.gc_pause = meter.create_histogram(
             "kotoba_memory.gc.pause", unit="s", description="Duration of each GC collection.",
             explicit_bucket_boundaries_advisory=list(_PAUSE_BUCKETS),
@@ -201,6 +214,23 @@ class _Instruments:
         self.drain_gc_events(force=True)
         for generation, stats in enumerate(gc.get_stats()):
             yield Observation(stats["collections"], {"cpython.gc.generation": generation})
+
+    def _gc_mode(self) -> Iterator[Observation]:
+        optimizer = _active_gc_optimizer()
+        if optimizer is None:
+            return
+        current, _ = optimizer.mode
+        cause = str(optimizer.mode_cause)
+        for mode in GC_MODES:
+            attributes = {"kotoba_memory.gc.mode": mode}
+            if mode == current:
+                attributes["kotoba_memory.gc.mode.cause"] = cause
+            yield Observation(1 if mode == current else 0, attributes)
+
+    def _gc_own_memory(self) -> Iterator[Observation]:
+        optimizer = _active_gc_optimizer()
+        if optimizer is not None:
+            yield Observation(int(optimizer.own_memory_bytes()))
 
     def _gc_stat(self, key: str) -> Iterator[Observation]:
         for generation, stats in enumerate(gc.get_stats()):

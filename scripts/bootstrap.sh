@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need: Debian packages for the real services and allocators,
-# and a virtualenv at .venv with kotoba-memory (editable) and its dev extras. Safe to re-run.
+# and a virtualenv with kotoba-memory (editable) and its dev extras. Safe to re-run.
+# PYTHON=... picks the interpreter the virtualenv is made from, VENV=... its directory (default .venv),
+# e.g. PYTHON=/root/.pyenv/versions/3.12.1/bin/python3.12 VENV=.venv-3.12 bash scripts/bootstrap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,14 +26,15 @@ if ((${#missing[@]})); then
 fi
 
 PYTHON=${PYTHON:-python3}
-if [[ ! -x .venv/bin/python ]]; then
-    "$PYTHON" -m venv .venv
+VENV=${VENV:-.venv}
+if [[ ! -x $VENV/bin/python ]]; then
+    "$PYTHON" -m venv "$VENV"
 fi
-stamp=.venv/.kotoba-installed
+stamp=$VENV/.kotoba-installed
 want=$(cat pyproject.toml constraints-dev.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-    echo "bootstrap: installing kotoba-memory[dev] into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints-dev.txt -e ".[dev]"
+    echo "bootstrap: installing kotoba-memory[dev] into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -c constraints-dev.txt -e ".[dev]"
     echo "$want" > "$stamp"
 fi

@@ -129,6 +129,11 @@ class MemoryReport:
                 f"{(self.gc.get('total_pause_s') or 0.0) * 1000:.1f} ms paused, "
                 f"score {self.gc.get('performance_score', 0.0):.2f}"
             )
+            if self.gc.get("mode"):
+                lines.append(
+                    f"  gc mode: {self.gc['mode']} ({self.gc.get('mode_reason') or 'no reason given'}); "
+                    f"own bookkeeping {(self.gc.get('own_memory_bytes') or 0) / 1024:.0f} KiB"
+                )
         if self.cache is not None:
             lines.append(
                 f"  cache: hit rate {(self.cache.get('hit_rate') or 0.0) * 100:.1f}%, "

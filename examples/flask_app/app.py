@@ -11,7 +11,8 @@
 Run: ``gunicorn -c gunicorn.conf.py 'app:create_app()'`` from this directory (see README.md).
 Environment: ``KOTOBA_EXAMPLE_DB`` (SQLAlchemy URL, default SQLite in ``KOTOBA_EXAMPLE_DATA_DIR``),
 ``KOTOBA_EXAMPLE_REPORT_TOKEN`` (enables the report endpoint), ``KOTOBA_EXAMPLE_LEAK``,
-``KOTOBA_EXAMPLE_REPORT_DIR`` (where HTML reports go).
+``KOTOBA_EXAMPLE_REPORT_DIR`` (where HTML reports go), ``KOTOBA_EXAMPLE_GC=0`` (GC optimizer off, for
+``benchmarks/gc_servers.py``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         KOTOBA_MEMORY_CACHE_SIZE_MB=16,
         KOTOBA_MEMORY_ENABLE_PROFILING=True,
         KOTOBA_MEMORY_ENABLE_LEAK_DETECTION=True,
-        KOTOBA_MEMORY_ENABLE_GC_OPTIMIZATION=True,
+        KOTOBA_MEMORY_ENABLE_GC_OPTIMIZATION=env("KOTOBA_EXAMPLE_GC", "1") == "1",
         KOTOBA_MEMORY_REPORT_DIR=report_dir,
         # Leak detection opens a short tracemalloc window every this many seconds (the demo shortens it).
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=float(env("KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S", "60")),

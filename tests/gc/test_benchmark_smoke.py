@@ -33,7 +33,10 @@ def test_children_measure_each_variant(bench) -> None:
             assert res["gen0_p50_ms"] <= res["gen0_p95_ms"] <= res["gen0_max_ms"]
     # The cyclic ORM workload makes garbage only the collector can free, and both variants free it.
     assert results["orm_cyclic"]["default"][0]["gen0_count"] > 0
-    assert results["orm_cyclic"]["adaptive"][0]["garbage_left"] < 5000
+    # What is left is at most about one young generation's worth, like the default's (whose threshold0
+    # is 700 on 3.11/3.12 and 2000 on 3.13).
+    left_default = results["orm_cyclic"]["default"][0]["garbage_left"]
+    assert results["orm_cyclic"]["adaptive"][0]["garbage_left"] <= max(5000, 1.5 * left_default)
     table = bench.report(results)
     assert "### orm_cyclic" in table and "| adaptive |" in table
     assert "goal" in table
@@ -68,3 +71,17 @@ def test_hook_cost_measurement_runs(bench) -> None:
     result = bench.measure_hook_cost(pairs=2000, repeats=2)
     assert result["hooks_ns"] > 0 and result["noop_ns"] > 0
     assert gc.get_threshold() == found
+
+
+def test_every_shape_and_the_lax_variant_run(bench) -> None:
+    shapes = ["long_blob", "idle_bursts", "growing"]
+    results = bench.run_all(shapes, ["default", "adaptive_lax"], 1, True, lambda _: None)
+    for workload in shapes:
+        (base,) = results[workload]["default"]
+        (lax,) = results[workload]["adaptive_lax"]
+        assert base["mode"] == "" and base["optimizer_own_kib"] == 0
+        assert lax["mode"] in ("warming_up", "between_requests", "long_request_stepping", "budget")
+        assert 0 < lax["optimizer_own_kib"] <= 1024
+        assert lax["pause_p99_ms"] <= lax["max_pause_ms"] + 1e-9 and 0 <= lax["gc_cpu_share"] <= 1
+    assert results["long_blob"]["default"][0]["requests"] == 1  # one long request
+    assert "### growing" in bench.report(results)

@@ -253,3 +253,25 @@ def test_every_recorded_request_attribute_is_bounded(reader: InMemoryMetricReade
     [point] = points(collect(reader)["kotoba_memory.http.server.request.rss_growth"])
     assert dict(point.attributes) == {"http.route": "/r", "http.request.method": "_OTHER"}
     assert normalize_method("PATCH") == "PATCH" and normalize_method("patch") == "_OTHER"
+
+
+def test_gc_mode_and_own_memory_are_exported(reader: InMemoryMetricReader) -> None:
+    from kotoba_memory.gc_optimizer import GcOptimizer
+
+    optimizer = GcOptimizer(warmup_requests=1, monitoring_interval_s=0.05)
+    optimizer.start()
+    try:
+        for _ in range(3):
+            optimizer.on_request_start()
+            [{"i": i} for i in range(100)]
+            optimizer.on_request_end()
+        found = collect(reader)
+        modes = {p.attributes["kotoba_memory.gc.mode"]: p for p in points(found["kotoba_memory.gc.mode"])}
+        current = [m for m, p in modes.items() if p.value == 1]
+        assert current == [optimizer.mode[0]] == ["between_requests"]
+        assert modes["between_requests"].attributes["kotoba_memory.gc.mode.cause"] == "request_boundaries"
+        assert {"budget", "long_request_stepping"} <= set(modes)
+        [own] = points(found["kotoba_memory.gc.own_memory"])
+        assert found["kotoba_memory.gc.own_memory"].unit == "By" and 0 < own.value <= 1 << 20
+    finally:
+        optimizer.stop()

@@ -80,6 +80,15 @@ class GcAnalysis:
     explicit_collections: int
     changes_made: int = 0
     notes: list[str] = field(default_factory=list)
+    # What the optimizer is doing and why: stopped, recording, warming_up, between_requests,
+    # long_request_stepping or budget (RSS budget or memory ceiling).
+    mode: str = "recording"
+    mode_reason: str = ""
+    mode_cause: str = "adaptive_off"  # short token for metrics: rss_budget, long_request, ...
+    own_memory_bytes: int = 0  # the optimizer's own bookkeeping (event ring, change logs)
+    rss_budget_bytes: int | None = None  # RSS above which it collects (last full collection + budget)
+    budget_collections: int = 0
+    long_requests: int = 0  # long requests it switched to stepping for
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +116,13 @@ class AnalysisInput:
     changes_made: int = 0
     callback_errors: int = 0
     monitor_errors: int = 0
+    mode: str = "recording"
+    mode_reason: str = ""
+    mode_cause: str = "adaptive_off"
+    own_memory_bytes: int = 0
+    rss_budget_bytes: int | None = None
+    budget_collections: int = 0
+    long_requests: int = 0
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -360,4 +376,11 @@ def build_analysis(data: AnalysisInput) -> GcAnalysis:
         explicit_collections=data.explicit_collections,
         changes_made=data.changes_made,
         notes=notes,
+        mode=data.mode,
+        mode_reason=data.mode_reason,
+        mode_cause=data.mode_cause,
+        own_memory_bytes=data.own_memory_bytes,
+        rss_budget_bytes=data.rss_budget_bytes,
+        budget_collections=data.budget_collections,
+        long_requests=data.long_requests,
     )

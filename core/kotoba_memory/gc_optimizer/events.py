@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -157,6 +158,17 @@ class GcRecorder:
             except RuntimeError:  # the callback appended while we copied; try again
                 continue
         return tuple(list(self._events))
+
+    def memory_bytes(self) -> int:
+        """Bytes the ring and its events hold now (shared small ints and bools not counted)."""
+        events = self.snapshot()
+        size = sys.getsizeof(self._events) + sys.getsizeof(self)
+        for event in events:
+            size += sys.getsizeof(event)
+            for value in event:
+                if isinstance(value, float) or (isinstance(value, int) and not -5 <= value <= 256):
+                    size += sys.getsizeof(value)
+        return size
 
     def events_since(self, cursor: int) -> tuple[int, list[GcEvent]]:
         """Events with ``seq > cursor`` still in the ring, and the cursor to pass next time."""

@@ -6,6 +6,7 @@ import datetime
 import gc
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -42,6 +43,39 @@ _MAX_CHECK_GAP = 32
 # C-level counter and the monitor thread watches the young generation instead (microsecond endpoints).
 _QUIET_CHECKS_FOR_COUNTING = 4
 _NEVER = 1 << 62
+# Inside a long request the monitor checks the budget this often (seconds, at most its interval).
+_LONG_REQUEST_POLL_S = 0.1
+# Automatic collections in a row with a request in flight and none ending: a long request.
+_LONG_REQUEST_COLLECTIONS = 8
+
+# threshold0 of this interpreter's collector as this module found it, and the documented defaults
+# when the app had set 0 (automatic collection off) before importing us. Never assume one version's.
+_IMPORT_THRESHOLD0 = gc.get_threshold()[0]
+_DEFAULT_THRESHOLD0 = {(3, 11): 700, (3, 12): 700, (3, 13): 2000}
+# Objects frozen when this module was imported: on 3.12+ the interpreter's own immortal objects, which
+# its collector keeps in the permanent generation. More than this when found means the app froze some.
+_IMPORT_FREEZE_COUNT = gc.get_freeze_count()
+
+
+def default_young_threshold(found: int = 0) -> int:
+    """The young-generation threshold to collect at: ``found`` if set, else this interpreter's own."""
+    if found > 0:
+        return found
+    if _IMPORT_THRESHOLD0 > 0:
+        return _IMPORT_THRESHOLD0
+    return _DEFAULT_THRESHOLD0.get(sys.version_info[:2], 2000)
+
+
+#: Modes :meth:`GcOptimizer.analyze` names (``GcAnalysis.mode``).
+MODES = ("stopped", "recording", "warming_up", "between_requests", "long_request_stepping", "budget")
+_MODE_CAUSES = {
+    "stopped": "stopped",
+    "recording": "adaptive_off",
+    "warming_up": "warmup",
+    "between_requests": "request_boundaries",
+    "long_request_stepping": "long_request",
+    "budget": "rss_budget",
+}
 
 
 class GcOptimizerError(KotobaMemoryError, RuntimeError):
@@ -99,9 +133,9 @@ class GcOptimizer:
         warmup_requests: int = 10,
         idle_after_s: float = 2.0,
         pause_target_ms: float = 10.0,
-        heap_growth_ceiling: float = 0.5,
+        heap_growth_ceiling: float = 0.05,
         memory_limit_bytes: int | None = None,
-        event_capacity: int = 4096,
+        event_capacity: int = 2048,
     ) -> None:
         check_positive(target_memory_usage_percent, "target_memory_usage_percent", high=100.0)
         check_positive(monitoring_interval_s, "monitoring_interval_s", high=3600.0)
@@ -140,8 +174,25 @@ class GcOptimizer:
         self._warmed_up = False
         self._base: tuple[int, int, int] = gc.get_threshold()
         self._valve = self._base[0]
-        self._boundary_threshold = self._base[0] or 700
+        self._boundary_threshold = default_young_threshold(self._base[0])
         self._gen1_every = max(1, self._base[1])
+        self._mode = "stopped"
+        self._mode_reason = "not started"
+        self._mode_cause = "stopped"
+        self._long_request = False
+        self._long_request_reason = ""
+        self._young_at_tick = 0
+        self._ended_at_collection = 0
+        self._ended_at_long = 0
+        self._collections_without_end = 0
+        self._freeze_refused = False
+        self._frozen_were_immortal = False
+        self._last_budget_was_step = False
+        self._budget_due = False
+        self._next_full_tick = 0.0
+        self._no_end_since_poll = True
+        self.long_request_steps = 0
+        self.budget_collections = 0
         self._ended = itertools.count(1)
         self._warmup_at = -1
         # on_request_end() reads gc.get_count() (~0.1 us) only every few requests, as far apart as the
@@ -182,8 +233,9 @@ class GcOptimizer:
             self._capture_found()
             self._base = gc.get_threshold()
             self._valve = self._base[0]
-            self._boundary_threshold = self._base[0] or 700
+            self._boundary_threshold = default_young_threshold(self._base[0])
             self._gen1_every = max(1, self._base[1])
+            self._long_request = False
             self._start_wall = time.monotonic()
             self._start_cpu = time.process_time()
             self._recorder.reset_totals()  # analyze() covers this run only
@@ -199,7 +251,10 @@ class GcOptimizer:
                 self._check_gap = 1
                 self._next_check = self._checked_at + 1
                 self._rss_at_full = self._ceiling.process_rss()
+                self._set_mode("warming_up", f"collecting as found until {self.warmup_requests} requests end")
                 self._start_monitor()
+            else:
+                self._set_mode("recording", "adaptive=False: records and analyses; optimize() on demand")
         self._flush_change_log()
 
     def stop(self) -> None:
@@ -215,6 +270,7 @@ class GcOptimizer:
             self._recorder.uninstall()
             self.restore()
             self._running = False
+            self._set_mode("stopped", "stop() restored the collector as found")
             registry.release("gc_optimizer", self)
         self._flush_change_log()
 
@@ -362,7 +418,7 @@ class GcOptimizer:
         finally:
             recorder.explicit_thread = None
         self.boundary_collections += 1
-        if generation == 1 and self._freeze_active and not self._pressure:
+        if generation == 1 and self._freeze_active and not self._pressure and not self._long_request:
             # What survived a young-generation collection between requests is long-lived: move it to the
             # permanent generation too, so full collections keep scanning almost nothing.
             gc.freeze()
@@ -370,13 +426,15 @@ class GcOptimizer:
 
     def _finish_warmup(self) -> None:
         self._warmed_up = True
+        if not self._long_request and not self._pressure:
+            self._set_mode("between_requests", "young garbage is collected when requests end")
         if not self.auto_freeze or self._pressure or self._freeze_active:
             return
         with self._lock:
-            if not self._tuning or self._freeze_active:
+            if not self._tuning or self._freeze_active or not self._may_freeze("warm-up freeze"):
                 return
-            self._capture_found()
-            self._explicit_collect(1)
+            # A full collection first: garbage frozen now would stay until the next full collection.
+            self._explicit_collect(2)
             before = gc.get_freeze_count()
             gc.freeze()
             self._we_froze = True
@@ -388,13 +446,20 @@ class GcOptimizer:
 
     # -- the gc callback listener (no locks) ------------------------------------------------------
     def _on_collection(self, generation: int, collected: int, examined: int, explicit: bool) -> None:
-        if explicit or generation != 0 or self._pressure or not self._tuning or examined < _MIN_EXAMINED:
+        if explicit or not self._tuning:
+            return
+        if not self._long_request:
+            self._watch_for_long_request()
+        over_budget = self._over_budget_in_collection()
+        if generation != 0 or self._pressure or examined < _MIN_EXAMINED:
             return
         current = self._valve
         if current <= 0:
             return
         ratio = collected / examined
         if ratio < _LOW_YIELD:
+            if over_budget:
+                return  # no more room for young objects until the budget collection ran
             new = min(current * 2, self.max_young_threshold)
             why = f"automatic young collection found {ratio:.1%} garbage: objects were still live"
         elif ratio > _HIGH_YIELD:
@@ -403,10 +468,60 @@ class GcOptimizer:
         else:
             return
         if new != current:
-            self._valve = new
-            _, t1, t2 = gc.get_threshold()
-            gc.set_threshold(new, t1, t2)
-            self._note("set_threshold", (current, t1, t2), (new, t1, t2), why)
+            self._set_young_threshold(new, why)
+
+    def _over_budget_in_collection(self) -> bool:
+        """Whether RSS is past the budget, read once (a pread) in the gc callback; no locks.
+
+        Over the budget threshold0 stops rising and the monitor (polling every 0.1 s while a collection
+        is due) collects. Dropping threshold0 to the found value here was measured to be worse: live
+        rows get promoted into the old generations and die there (long_blob: 250 MB against 199 MB).
+        """
+        rss_at_full = self._rss_at_full
+        if not rss_at_full:
+            return False
+        rss = self._ceiling.process_rss()
+        if rss <= rss_at_full * (1.0 + self.heap_growth_ceiling):
+            return self._budget_due
+        if not self._budget_due:
+            self._budget_due = True
+            if not self._pressure:
+                self._set_mode(
+                    "budget",
+                    f"RSS {rss / rss_at_full - 1.0:.1%} over the last full collection's, past the "
+                    f"{self.heap_growth_ceiling:.0%} budget: threshold0 held, budget collection due",
+                )
+        return True
+
+    def _watch_for_long_request(self) -> None:
+        """In the gc callback (no locks): automatic collections keep coming while a request is in
+        flight and none ends, so switch to long-request mode now; the monitor ends it later."""
+        ended = self.requests_seen
+        if ended != self._ended_at_collection:
+            self._ended_at_collection = ended
+            self._collections_without_end = 0
+            return
+        self._collections_without_end += 1
+        if self._collections_without_end >= _LONG_REQUEST_COLLECTIONS and activity.in_flight() > 0:
+            self._collections_without_end = 0
+            self._enter_long_request(
+                f"{_LONG_REQUEST_COLLECTIONS} automatic collections ran while a request was in flight "
+                "and none ended"
+            )
+
+    def _set_young_threshold(self, new: int, why: str) -> None:
+        """Set threshold0 (the valve) and note why; lock-free, so the gc callback may call it.
+
+        threshold1 stays as found: scaling it down as threshold0 rises was measured to promote live
+        rows into gen 2 sooner, where they die and wait for a full collection (long_blob: 245 MB
+        against 203 MB).
+        """
+        before = gc.get_threshold()
+        after = (new, before[1], before[2])
+        self._valve = new
+        if after != before:
+            gc.set_threshold(*after)
+            self._note("set_threshold", before, after, why)
 
     # -- background monitor ------------------------------------------------------------------------
     def _start_monitor(self) -> None:
@@ -414,53 +529,178 @@ class GcOptimizer:
         self._ended_seen = self.requests_seen
         self._ended_at_maintenance = self._ended_seen
         if self._task is None:
+            # The first check comes soon: the budget must hold in a short run or a first long request.
             self._task = scheduler.every(
-                self.monitoring_interval_s, self._monitor, name="gc_optimizer.monitor"
+                self.monitoring_interval_s, self._monitor, name="gc_optimizer.monitor",
+                delay_s=min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S),
             )
 
-    def _monitor(self) -> None:
-        """One check of the ceiling, idle time and counting mode (a scheduler task)."""
+    def _monitor(self) -> float | None:
+        """One check of the ceiling, the budget, long requests, idle time and counting mode (a
+        scheduler task); returns the delay to the next check. Never raises into the host."""
+        delay: float | None = None
         try:
-            self._tick()
+            delay = self._tick()
         except Exception:
             self.monitor_errors += 1
             logger.debug("GC monitor tick failed", exc_info=True)
-        self._flush_change_log()
+        try:
+            self._flush_change_log()
+        except Exception:
+            self.monitor_errors += 1
+        return delay
 
-    def _tick(self) -> None:
+    def _poll_delay(self) -> float | None:
+        """0.1 s while a request may be a long one (in flight, none ended since the last check), in a
+        long request or over the budget; else None (the monitoring interval): a busy server of short
+        requests is not woken ten times a second."""
+        if self._long_request or self._budget_due or (activity.in_flight() > 0 and self._no_end_since_poll):
+            return min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S)
+        return None
+
+    def _tick(self) -> float | None:
+        """The ceiling and counting mode every interval, the budget and long requests every call."""
         if not self._tuning:
-            return
+            return None
+        now = time.monotonic()
+        if now >= self._next_full_tick:
+            self._next_full_tick = now + self.monitoring_interval_s * 0.95
+            if self._full_tick(now):
+                return None
+        return self._budget_tick(now)
+
+    def _full_tick(self, now: float) -> bool:
+        """Counting mode and the memory ceiling, every monitoring interval; True under pressure."""
         if self._counting_only and (
             gc.get_count()[0] >= self._boundary_threshold // 2
             or self._recorder.counts[0] != self._young_collections_at_counting
         ):
             self._leave_counting_mode()  # requests leave garbage again: check at boundaries
-        now = time.monotonic()
         usage = self._ceiling.usage()
         self._last_usage_percent = usage.percent
         if self._ceiling.over_target(usage):
             self._relieve_pressure(usage.percent, now)
-            return
+            return True
         if self._pressure and usage.percent < self.target_memory_usage_percent - _PRESSURE_HYSTERESIS_PERCENT:
             with self._lock:
                 self._pressure = False
                 self._pressure_backoff = 1
-                self._freeze_active = self._warmed_up and self.auto_freeze
+                self._freeze_active = self._we_froze
+                if not self._we_froze and self.auto_freeze:
+                    # Freeze again after a fresh warm-up (which starts with a full collection).
+                    self._warmed_up = False
+                    self._warmup_at = self.requests_seen + max(1, self.warmup_requests)
                 self._note("pressure_end", None, round(usage.percent, 1), "memory use back under target")
+                self._set_mode(*self._steady_mode())
+        return False
+
+    def _budget_tick(self, now: float) -> float | None:
+        """Long requests, the RSS budget and idle time: every interval, and every 0.1 s while a request
+        may be a long one (one RSS pread and a few comparisons)."""
         ended = self.requests_seen
-        if ended != self._ended_seen:
+        request_ended = ended != self._ended_seen
+        self._no_end_since_poll = not request_ended
+        if request_ended:
             self._ended_seen = ended
             self._last_activity = now
-        if self._freeze_active and self._rss_at_full:
-            rss = self._ceiling.process_rss()
-            if rss > self._rss_at_full * (1.0 + self.heap_growth_ceiling):
-                grown = rss / self._rss_at_full - 1.0
-                self._full_collection(f"RSS grew {grown:.0%} since the last full collection (ceiling)")
-                return
-        idle = self.in_flight == 0 and now - self._last_activity >= self.idle_after_s
+        young_collections = self._recorder.counts[0]
+        collected_since = young_collections != self._young_at_tick
+        self._young_at_tick = young_collections
+        in_flight = self.in_flight
+        if self._long_request and (ended != self._ended_at_long or in_flight == 0):
+            self._end_long_request()
+        elif (
+            not self._long_request
+            and not request_ended
+            and in_flight > 0
+            and (collected_since or gc.get_count()[0] >= self._boundary_threshold)
+        ):
+            self._begin_long_request(now)
+        rss = self._ceiling.process_rss()
+        if self._rss_at_full and (
+            self._budget_due or rss > self._rss_at_full * (1.0 + self.heap_growth_ceiling)
+        ):
+            self._budget_collection(rss)
+            return self._poll_delay()
+        if self._mode == "budget":
+            self._set_mode(*self._steady_mode())  # back within budget
+        idle = in_flight == 0 and now - self._last_activity >= self.idle_after_s
         if idle and ended > self._ended_at_maintenance:
             self._ended_at_maintenance = ended
             self._full_collection(f"idle for {now - self._last_activity:.1f} s")
+        return self._poll_delay()
+
+    def _steady_mode(self) -> tuple[str, str]:
+        """The mode (and why) when no budget or ceiling action is under way."""
+        if self._long_request:
+            return "long_request_stepping", self._long_request_reason
+        if self._warmed_up:
+            return "between_requests", "young garbage is collected when requests end"
+        return "warming_up", f"collecting as found until {self.warmup_requests} requests end"
+
+    def _begin_long_request(self, now: float) -> None:
+        """Seen by the monitor: a request is in flight, none ended since the last check, and garbage
+        keeps coming."""
+        with self._lock:
+            if not self._tuning or self._long_request:
+                return
+            self._enter_long_request(
+                f"a request has run {now - self._last_activity:.1f} s with no request ending while "
+                "young garbage kept coming"
+            )
+
+    def _enter_long_request(self, seen: str) -> None:
+        """Hold the RSS budget inside the request: check it at every collection and every 0.1 s and
+        collect in steps when it is crossed; freeze nothing new. Lock-free: also called from the gc
+        callback."""
+        self._long_request = True
+        self._ended_at_long = self.requests_seen
+        self.long_request_steps += 1
+        why = (
+            f"{seen}: RSS budget ({self.heap_growth_ceiling:.0%} over the last full collection) checked "
+            f"at every collection and every {min(self.monitoring_interval_s, _LONG_REQUEST_POLL_S):g} s, "
+            "collected in steps when crossed (unfrozen heap first); nothing new is frozen until a "
+            "request ends"
+        )
+        self._long_request_reason = why
+        if not self._pressure:
+            self._set_mode("long_request_stepping", why)
+
+    def _end_long_request(self) -> None:
+        """A request ended (or none is in flight): back to the steady mode."""
+        with self._lock:
+            self._long_request = False
+            if not self._pressure:
+                self._set_mode(*self._steady_mode())
+
+    def _budget_collection(self, rss: int) -> None:
+        """RSS grew past the budget since the last full collection: collect in two steps. First the
+        unfrozen heap only (cheap); if the budget is crossed again, everything, the frozen heap too."""
+        with self._lock:
+            if not self._tuning:
+                return
+            grown = rss / self._rss_at_full - 1.0
+            self._budget_due = False
+            frozen = self._freeze_active
+            step = frozen and self._last_budget_was_step is False
+            why = (
+                f"RSS grew {grown:.1%} since the last full collection, over the "
+                f"{self.heap_growth_ceiling:.0%} budget"
+            )
+            if step:
+                self._explicit_collect(2)  # the frozen heap is skipped: a pause of the young heap only
+                trimmed = malloc_trim()
+                self._rss_at_full = self._ceiling.process_rss()
+                self._last_budget_was_step = True
+                self._note(
+                    "collect", None, 2,
+                    f"budget step: collected the unfrozen heap{' + malloc_trim' if trimmed else ''}: {why}",
+                )
+            else:
+                self._last_budget_was_step = False
+                self._full_collection(f"budget: {why}")
+            self._set_mode("budget", why + (" (unfrozen heap)" if step else " (full collection)"))
+            self.budget_collections += 1  # last: readers that see it also see the change noted
 
     def _full_collection(self, reason: str) -> None:
         """Collect every generation, the frozen heap included, then re-freeze and trim."""
@@ -483,16 +723,14 @@ class GcOptimizer:
                 return
             if not self._pressure:
                 self._pressure = True
-                self._note(
-                    "pressure_start", None, round(percent, 1),
-                    f"memory use {percent:.1f}% >= target {self.target_memory_usage_percent:.0f}%",
+                why = f"memory use {percent:.1f}% >= target {self.target_memory_usage_percent:.0f}%"
+                self._note("pressure_start", None, round(percent, 1), why)
+                self._set_mode(
+                    "budget", f"memory ceiling: {why}; thresholds as found, heap unfrozen", "memory_ceiling"
                 )
                 base0 = self._base[0]
                 if base0 > 0 and self._valve != base0:
-                    before = gc.get_threshold()
-                    self._valve = base0
-                    gc.set_threshold(base0, before[1], before[2])
-                    self._note("set_threshold", before, gc.get_threshold(), "memory ceiling beats speed")
+                    self._set_young_threshold(base0, "memory ceiling beats speed")
             if now < self._next_pressure_collect:
                 return
             rss_before = self._ceiling.process_rss()
@@ -550,6 +788,16 @@ class GcOptimizer:
             changes_made=len(self._changes),
             callback_errors=rec.callback_errors,
             monitor_errors=self.monitor_errors,
+            mode=self._mode,
+            mode_reason=self._mode_reason,
+            mode_cause=self._mode_cause,
+            own_memory_bytes=self.own_memory_bytes(),
+            rss_budget_bytes=(
+                int(self._rss_at_full * (1.0 + self.heap_growth_ceiling))
+                if self._tuning and self._rss_at_full else None
+            ),
+            budget_collections=self.budget_collections,
+            long_requests=self.long_request_steps,
         )
         return build_analysis(data)
 
@@ -577,7 +825,9 @@ class GcOptimizer:
                     made.append(self._note("set_threshold", before, gc.get_threshold(), why))
                 elif kind == "freeze_long_lived_heap":
                     self._capture_found()
-                    self._explicit_collect(1)
+                    if not self._may_freeze("freeze_long_lived_heap"):
+                        continue
+                    self._explicit_collect(2)
                     frozen_before = gc.get_freeze_count()
                     gc.freeze()
                     self._we_froze = True
@@ -610,7 +860,11 @@ class GcOptimizer:
         """
         with self._lock:
             self._capture_found()
-            if collect:
+            # Asked for explicitly, so it freezes either way; this only learns whether restore() can thaw.
+            probed = self._found is not None and self._found.freeze_count > 0 and self._may_freeze(
+                "freeze_for_fork"
+            )
+            if collect and not probed:
                 self._explicit_collect(2)
             before = gc.get_freeze_count()
             gc.freeze()
@@ -636,6 +890,14 @@ class GcOptimizer:
             if self._we_froze and found.freeze_count == 0:
                 gc.unfreeze()
                 made.append(self._note("unfreeze", None, 0, "restore"))
+            elif self._we_froze and self._frozen_were_immortal:
+                gc.unfreeze()
+                self._explicit_collect(2)  # the collector moves its immortal objects back (3.12+)
+                made.append(self._note(
+                    "unfreeze", None, gc.get_freeze_count(),
+                    "restore: thawed, then a full collection gave the interpreter's immortal objects "
+                    "back to the permanent generation",
+                ))
             elif self._we_froze:
                 made.append(self._note(
                     "restore", None, None,
@@ -648,12 +910,78 @@ class GcOptimizer:
             self._we_froze = False
             self._freeze_active = False
             self._pressure = False
+            self._long_request = False
+            self._budget_due = False
+            self._freeze_refused = False
+            self._frozen_were_immortal = False
             self._valve = found.thresholds[0]
             self._found = None
+            if self._running:
+                self._set_mode("recording", "restore() put the collector back as found; tuning stopped")
         self._flush_change_log()
         return made
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _may_freeze(self, what: str) -> bool:
+        """Whether freezing can be undone exactly; runs a full collection when it has to find out.
+
+        ``gc.unfreeze()`` thaws everything. From 3.12 the collector itself moves immortal objects (a few
+        hundred static tuples at start-up) to the permanent generation, and puts them back there at the
+        next full collection after a thaw; objects the app froze would not go back. So: nothing frozen
+        when found, or only immortal objects (thaw, collect, compare), and restore() can be exact.
+        """
+        found = self._found
+        if found is None or found.freeze_count == 0 or self._frozen_were_immortal:
+            return True
+        if self._freeze_refused:
+            return False
+        if sys.version_info >= (3, 12) and found.freeze_count <= _IMPORT_FREEZE_COUNT:
+            gc.unfreeze()
+            for _ in range(20):  # at most ~0.1 s, once per run, and only on 3.12+
+                # gc.collect() does nothing while another thread's collection is under way (its
+                # callbacks can release the GIL): try again shortly.
+                self._explicit_collect(2)
+                if gc.get_freeze_count() >= found.freeze_count:
+                    self._frozen_were_immortal = True
+                    return True
+                time.sleep(0.005)
+            gc.freeze()  # the app had frozen objects of its own: give them back (with the rest)
+            self._we_froze = True
+        self._freeze_refused = True
+        self._note(
+            "skip_freeze", found.freeze_count, gc.get_freeze_count(),
+            f"{what} skipped: {found.freeze_count} objects were already frozen by the app when found, "
+            "and gc.unfreeze() could not give back exactly that set",
+        )
+        return False
+
+    def _set_mode(self, mode: str, reason: str, cause: str | None = None) -> None:
+        """Record the mode, the sentence why, and its short cause token (lock-free)."""
+        self._mode = mode
+        self._mode_reason = reason
+        self._mode_cause = cause or _MODE_CAUSES.get(mode, mode)
+
+    @property
+    def mode_cause(self) -> str:
+        """A short, fixed token for why it is in its mode (for metrics attributes): e.g. ``rss_budget``,
+        ``memory_ceiling``, ``long_request``, ``request_boundaries``, ``warmup``, ``adaptive_off``."""
+        return self._mode_cause
+
+    @property
+    def mode(self) -> tuple[str, str]:
+        """The mode the optimizer is in (one of :data:`MODES`) and why."""
+        return self._mode, self._mode_reason
+
+    def own_memory_bytes(self) -> int:
+        """Bytes held by the optimizer's own bookkeeping (event ring, change logs), measured now."""
+        size = sys.getsizeof(self) + sys.getsizeof(self.__dict__)
+        size += self._recorder.memory_bytes()
+        for changes in (self._changes, self._unlogged):
+            size += sys.getsizeof(changes)
+            for change in list(changes):
+                size += sys.getsizeof(change) + sys.getsizeof(change.reason)
+        return size
+
     def _capture_found(self) -> None:
         if self._found is None:
             self._found = _FoundState(gc.get_threshold(), gc.isenabled(), gc.get_freeze_count())
@@ -688,6 +1016,7 @@ class GcOptimizer:
         self._recorder.reset_lock()
         self._ended = itertools.count(1)
         self._leave_counting_mode()
+        self._long_request = False
         if self._running and self._tuning:
             self._warmup_at = max(1, self.warmup_requests)
             self._checked_at = 0

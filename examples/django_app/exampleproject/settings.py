@@ -55,7 +55,7 @@ KOTOBA_MEMORY = {
     "cache_size_mb": 16,
     "enable_profiling": True,
     "enable_leak_detection": True,
-    "enable_gc_optimization": True,
+    "enable_gc_optimization": os.environ.get("KOTOBA_EXAMPLE_GC", "1") == "1",  # 0: benchmarks/gc_servers.py
     "monitoring_interval_ms": int(os.environ.get("KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS", "1000")),
     "leak_window_interval_s": float(os.environ.get("KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S", "60")),
     "report_dir": os.environ.get("KOTOBA_EXAMPLE_REPORT_DIR") or str(DATA_DIR / "kotoba-reports"),
