@@ -60,10 +60,16 @@ def postgres_url() -> Iterator[str]:
 def _no_component_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test that leaves an optimizer, GC optimizer or profiler running would tune the collector
     under the next tests: stop it and name the test that leaked it."""
-    from kotoba_memory.process import registry
+    from kotoba_memory.process import activity, registry
 
     before = registry.snapshot()
     yield
+    if activity.in_flight():
+        # A failed test can leave a request marked in flight; every later request would then read as
+        # overlapped. Clear it so one failure stays one failure.
+        count = activity.in_flight()
+        print(f"\nLEAKED by {request.node.nodeid}: {count} request(s) in flight", file=sys.stderr)
+        activity._flight.clear()
     leaked = {kind: obj for kind, obj in registry.snapshot().items() if before.get(kind) is not obj}
     for obj in leaked.values():
         try:
