@@ -141,3 +141,30 @@ def test_tracked_sites_stay_bounded() -> None:
         detector.add_window([(float(k), {key: (k * 100, k)}) for k in range(4)])
     assert detector.sites_tracked == 4
     assert detector.windows == 50
+
+
+OWN_VIA_LIB: Key = (
+    ("/usr/lib/python3.11/json/encoder.py", 200),
+    ("/srv/kotoba_memory/otel.py", 272),
+    ("/srv/app/views.py", 30),
+)
+LIB_ONLY: Key = (("/usr/lib/python3.11/email/utils.py", 162), ("/usr/lib/python3.11/wsgiref/handlers.py", 9))
+
+
+def test_growth_made_by_kotoba_memory_is_never_a_suspect() -> None:
+    detector = make()
+    now = feed(detector, 8, lambda w, j: 1000 * j, key=OWN_VIA_LIB)
+    assert CHOOSER.owner(OWN_VIA_LIB) == "own"
+    assert detector.suspects(now=now, window_interval_s=10.0, min_confidence=0.0) == []
+
+
+def test_library_growth_without_an_application_frame_is_not_reported_unproven() -> None:
+    detector = make()
+    now = feed(detector, 8, lambda w, j: 1000 * j, key=LIB_ONLY)
+    assert CHOOSER.owner(LIB_ONLY) == "library"
+    assert detector.suspects(now=now, window_interval_s=10.0, min_confidence=0.0) == []
+
+
+def test_library_frames_are_attributed_to_the_application_caller() -> None:
+    assert CHOOSER.owner(LIB) == "user"
+    assert CHOOSER.site(LIB) == "/srv/app/views.py:20"

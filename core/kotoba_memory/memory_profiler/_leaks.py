@@ -197,6 +197,11 @@ class LeakDetector:
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
+        owner = self.site_chooser.owner(track.key)
+        if owner == "own":
+            return None  # kotoba-memory's own allocations are never a suspect
+        if owner == "library":
+            return None  # no application frame: reported only when shown to be retained (survival)
         rate = track.net_growth / max(track.traced_time, 1e-9)
         shrink = track.downs / track.ups
         # Leaked memory is never freed: any shrinking is evidence against a leak. A little is
@@ -334,7 +339,11 @@ class GlobalGrowth(Protocol):
 
 
 class SiteChooser:
-    """Picks the frame to blame in a traceback: the innermost one in application code."""
+    """Picks the frame to blame in a traceback: the innermost one in application code.
+
+    Library frames (standard library, site-packages, generated code) are attributed to the frame that
+    called them; an allocation whose innermost non-library frame is kotoba-memory's own is ours.
+    """
 
     def __init__(self, library_prefixes: Sequence[str], own_prefixes: Sequence[str]) -> None:
         self._library = tuple(p for p in library_prefixes if p)
@@ -342,6 +351,15 @@ class SiteChooser:
 
     def _is_library(self, filename: str) -> bool:
         return filename.startswith(self._library) or filename.startswith("<")
+
+    def owner(self, key: Key) -> str:
+        """``"user"``, ``"own"`` (made by kotoba-memory, directly or through a library it called) or
+        ``"library"`` (no application frame in the traceback at all)."""
+        for filename, _lineno in key:
+            if self._is_library(filename):
+                continue
+            return "own" if filename.startswith(self._own) else "user"
+        return "library"
 
     def site(self, key: Key) -> str:
         """``file:line`` of the innermost application frame (falls back to the innermost frame)."""

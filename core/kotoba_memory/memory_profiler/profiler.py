@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import logging
 import os
 import sys
@@ -64,6 +65,15 @@ class _Window:
     gap: float
     pid: int
     raws: list[tuple[float, list[Any]]] = field(default_factory=list)
+
+
+def _own_prefixes() -> list[str]:
+    """Directories of kotoba-memory's code: the core package and the integrations (not imported here)."""
+    prefixes = [_PACKAGE_DIR + os.sep]
+    spec = importlib.util.find_spec("kotoba_memory_integrations")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        prefixes.append(str(Path(location).resolve()) + os.sep)
+    return prefixes
 
 
 def _library_prefixes() -> list[str]:
@@ -183,7 +193,7 @@ class MemoryProfiler:
         self._ring = SampleRing(history_size, _MAX_GAUGES)
         self._gauges: dict[str, tuple[int, Callable[[], float]]] = {}
         self._routes = _RouteTable(max_routes)
-        own = [_PACKAGE_DIR]
+        own = _own_prefixes()
         self._detector = LeakDetector(
             max_sites=max_sites,
             max_windows=max_windows,
