@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
+from kotoba_memory.memory_profiler._survival import Retention, SurvivalSampler
 
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
 _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
 _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
+_RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
 
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
@@ -72,6 +74,7 @@ class LeakDetector:
         self._own_blocks = 0
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
         self.site_chooser = site_chooser
+        self.survival = SurvivalSampler()
 
     @property
     def windows(self) -> int:
@@ -86,7 +89,13 @@ class LeakDetector:
     def footprint_bytes(self) -> int:
         """Rough bytes held by the detector's bookkeeping (bounded by max_sites x max_windows)."""
         per_track = 400 + 100 * self._max_windows
-        return len(self._tracks) * per_track + 300 * len(self._window_routes)
+        return (
+            len(self._tracks) * per_track + 300 * len(self._window_routes) + self.survival.footprint_bytes()
+        )
+
+    def tracked_keys(self) -> list[Key]:
+        """The allocation tracebacks currently tracked (the census samples objects allocated there)."""
+        return list(self._tracks)
 
     def add_window(
         self, snapshots: Sequence[WindowSnapshot], routes: Mapping[str, int] | None = None
@@ -161,12 +170,13 @@ class LeakDetector:
         keep = sorted(self._tracks.values(), key=_score, reverse=True)[: self._max_sites]
         self._tracks = {t.key: t for t in keep}
         self._own_blocks = sum(_blocks_per_track(key) for key in self._tracks)
+        self.survival.forget(self._tracks)
 
     @property
     def own_blocks(self) -> int:
         """Estimated interpreter blocks our tracking holds; the profiler subtracts them from its samples
         so that our own bookkeeping never looks like growth of the process."""
-        return self._own_blocks
+        return self._own_blocks + 3 * self.survival.sampled
 
     def suspects(
         self,
@@ -200,8 +210,10 @@ class LeakDetector:
         owner = self.site_chooser.owner(track.key)
         if owner == "own":
             return None  # kotoba-memory's own allocations are never a suspect
-        if owner == "library":
-            return None  # no application frame: reported only when shown to be retained (survival)
+        retention = self.survival.retention(track.key, window_interval_s)
+        retained = retention is not None and retention.fraction >= _RETAINED
+        if owner == "library" and not retained:
+            return None  # no application frame: reported only when shown to be retained
         rate = track.net_growth / max(track.traced_time, 1e-9)
         shrink = track.downs / track.ups
         # Leaked memory is never freed: any shrinking is evidence against a leak. A little is
@@ -228,9 +240,11 @@ class LeakDetector:
             f"last growth {quiet:.0f}s ago",
             f"late/early growing steps {track.late_steps}/{track.early_steps}",
         ]
-        if global_growth is not None and age > 0:
+        if global_growth is not None and age > 0 and not retained:
+            # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now)
-        confidence = monotonic * persistence * recency * linearity * consistency
+        survival = _survival_factor(retention, evidence)
+        confidence = monotonic * persistence * recency * linearity * consistency * survival
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         return MemoryLeak(
             size=int(max(rate * age, track.positive_growth)),
@@ -304,6 +318,20 @@ class LeakDetector:
         if not candidates:
             return None
         return max(candidates, key=per_request).route
+
+
+def _survival_factor(retention: Retention | None, evidence: list[str]) -> float:
+    """1 when the sampled objects all survived (or nothing is known yet); falls with the share that died.
+
+    Squared: a churning cache whose entries mostly died is far from a leak even if a few linger.
+    """
+    if retention is None:
+        evidence.append("survival not yet known")
+        return 1.0
+    evidence.append(
+        f"{retention.alive}/{retention.eligible} sampled objects still alive after {retention.min_age_s:.0f}s+"
+    )
+    return min(1.0, retention.fraction / _RETAINED) ** 2
 
 
 def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:

@@ -135,6 +135,10 @@ class ProfilerStats:
     max_window_analysis_ms: float
     tracing_mode: str
     skipped_windows: int = 0
+    censuses: int = 0
+    sampled_objects: int = 0
+    last_census_ms: float = 0.0
+    max_census_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
