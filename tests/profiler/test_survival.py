@@ -15,7 +15,7 @@ class Entry:
     """A weak-referenceable cache entry (slots: CPython 3.11's tracemalloc cannot find the allocation of
     an instance with a managed ``__dict__``)."""
 
-    __slots__ = ("n", "__weakref__")
+    __slots__ = ("__weakref__", "n")
 
     def __init__(self, n: int) -> None:
         self.n = n

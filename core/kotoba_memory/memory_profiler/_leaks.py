@@ -328,9 +328,8 @@ def _survival_factor(retention: Retention | None, evidence: list[str]) -> float:
     if retention is None:
         evidence.append("survival not yet known")
         return 1.0
-    evidence.append(
-        f"{retention.alive}/{retention.eligible} sampled objects still alive after {retention.min_age_s:.0f}s+"
-    )
+    alive, eligible, age = retention.alive, retention.eligible, retention.min_age_s
+    evidence.append(f"{alive}/{eligible} sampled objects still alive after {age:.0f}s+")
     return min(1.0, retention.fraction / _RETAINED) ** 2
 
 

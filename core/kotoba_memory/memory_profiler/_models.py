@@ -142,6 +142,21 @@ class ProfilerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LeakVerdictStatus:
+    """Whether enough tracing windows ran for a leak verdict; before that, no suspects is no verdict.
+
+    ``first_verdict_in_s`` estimates when the first verdict can come (None once ready or when leak
+    detection is off); ``message`` says it in words.
+    """
+
+    ready: bool
+    windows: int
+    windows_needed: int
+    first_verdict_in_s: float | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryAnalysis:
     """Everything ``MemoryProfiler.analyze()`` found."""
 
@@ -153,6 +168,7 @@ class MemoryAnalysis:
     stats: ProfilerStats
     analysis_time_s: float
     samples: list[MemorySample] = field(default_factory=list)
+    leak_status: LeakVerdictStatus | None = None
 
     @property
     def has_leaks(self) -> bool:
@@ -169,6 +185,7 @@ class MemoryAnalysis:
             "routes": [asdict(r) for r in self.routes],
             "stats": asdict(self.stats),
             "analysis_time_s": self.analysis_time_s,
+            "leak_status": asdict(self.leak_status) if self.leak_status is not None else None,
         }
         if include_samples:
             data["samples"] = [

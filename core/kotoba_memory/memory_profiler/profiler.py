@@ -22,6 +22,7 @@ from kotoba_memory.errors import ConfigError, KotobaMemoryError
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
+    LeakVerdictStatus,
     MemoryAnalysis,
     MemorySample,
     ProfilerStats,
@@ -548,6 +549,7 @@ class MemoryProfiler:
             hotspots = list(self._hotspots)
             by_count = list(self._hotspots_by_count)
         stats = self.stats()
+        status = self._leak_status(stats.windows)
         return MemoryAnalysis(
             memory_leaks=leaks,
             hotspots=hotspots,
@@ -557,6 +559,33 @@ class MemoryProfiler:
             stats=stats,
             analysis_time_s=time.perf_counter() - started,
             samples=samples,
+            leak_status=status,
+        )
+
+    def windows_needed(self) -> int:
+        """Growth windows a suspect needs to reach ``min_confidence`` (its persistence factor alone)."""
+        needed = 2
+        while 1.0 - 0.5 ** (needed - 1) < self.min_confidence and needed < 64:
+            needed += 1
+        return needed
+
+    def _leak_status(self, windows: int) -> LeakVerdictStatus:
+        needed = self.windows_needed()
+        if not self.leak_detection:
+            return LeakVerdictStatus(False, windows, needed, None, "leak detection is off")
+        if windows >= needed:
+            return LeakVerdictStatus(True, windows, needed, None, f"verdict from {windows} tracing windows")
+        if not self.running:
+            eta = None
+        elif windows == 0:
+            first = self._started_at + self.first_window_after_s + self.window_s
+            eta = max(0.0, first - time.monotonic()) + (needed - 1) * self.window_interval_s
+        else:
+            eta = (needed - windows) * self.window_interval_s
+        when = f"; the first verdict can come in ~{eta:.0f} s" if eta is not None else ""
+        return LeakVerdictStatus(
+            False, windows, needed, eta,
+            f"not enough evidence for a leak verdict yet: {windows} of {needed} tracing windows{when}",
         )
 
     async def aanalyze(self) -> MemoryAnalysis:
