@@ -23,6 +23,7 @@ _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks
 _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
 _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
+_MIN_WINDOWS_FOR_SHARES = 5  # route shares need a few windows to vary
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
 
 Frame = tuple[str, int]
@@ -297,12 +298,23 @@ class LeakDetector:
     def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
         oldest = max(track.first_window, self._windows - self._max_windows)
         growth = {i: track.growth_ring[i % self._max_windows] for i in range(oldest, self._windows)}
-        window_routes = [(i, counts) for i, counts in self._window_routes if i in growth]
+        window_routes = [(i, counts) for i, counts in self._window_routes if i in growth and counts]
         names = {name for _, counts in window_routes for name in counts}
         best, best_corr = None, 0.3
+        # With enough windows, compare each route's share of the window's requests with the site's
+        # growth per request: a busy window makes every route's count and the growth rise together,
+        # shares take that common factor out (every route may run in every window).
+        shares = len(window_routes) >= _MIN_WINDOWS_FOR_SHARES
         for name in names:
-            xs = [float(counts.get(name, 0)) for _, counts in window_routes]
-            ys = [float(growth[i]) for i, _ in window_routes]
+            xs, ys = [], []
+            for i, counts in window_routes:
+                total = float(sum(counts.values()))
+                if shares:
+                    xs.append(counts.get(name, 0) / total)
+                    ys.append(growth[i] / total)
+                else:
+                    xs.append(float(counts.get(name, 0)))
+                    ys.append(float(growth[i]))
             corr = _pearson(xs, ys)
             if corr is not None and corr > best_corr:
                 best, best_corr = name, corr
