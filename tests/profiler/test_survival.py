@@ -30,10 +30,11 @@ def make_entry(n: int) -> Entry:
 
 
 @pytest.fixture
-def tracing() -> Iterator[Callable[[], None]]:
-    """Start tracing; the fixture value restarts it (a new window: old traces are gone)."""
-    def restart() -> None:
+def tracing() -> Iterator[Callable[[SurvivalSampler, float], None]]:
+    """Start tracing; the fixture value ends a window (survival check with tracing off) and opens the next."""
+    def restart(sampler: SurvivalSampler, now: float) -> None:
         tracemalloc.stop()
+        sampler.check(now)
         tracemalloc.start(1)
 
     was_tracing = tracemalloc.is_tracing()
@@ -62,7 +63,7 @@ def make_churn_entry(n: int) -> object:
     ("make_leak", "make_churn"), [(make_entry, make_churn_bytes), (make_bytes, make_churn_entry)]
 )
 def test_a_leak_is_fully_retained_and_a_churning_cache_is_not(
-    tracing: Callable[[], None], make_leak: Callable[[int], object], make_churn: Callable[[int], object]
+    tracing: Callable[[SurvivalSampler, float], None], make_leak: Callable[[int], object], make_churn: Callable[[int], object]
 ) -> None:
     kept: list[object] = []
     cache: deque[object] = deque(maxlen=30)  # bounded: replaces its contents every window
@@ -76,8 +77,8 @@ def test_a_leak_is_fully_retained_and_a_churning_cache_is_not(
             cache.append(make_churn(window * 100 + i))
         leak_key, churn_key = key_of(kept[-1]), key_of(cache[-1])
         sampler.census([leak_key, churn_key], now)
-        tracing()
         now += 10.0
+        tracing(sampler, now)
     assert leak_key is not None and churn_key is not None
     leak = sampler.retention(leak_key, 5.0)
     churn = sampler.retention(churn_key, 5.0)

@@ -85,6 +85,7 @@ class SurvivalSampler:
         self._samples: dict[Key, list[_Sample]] = {}
         self._read = _object_traceback_reader()
         self.censuses = 0
+        self._last_check = 0.0
 
     @property
     def sampled(self) -> int:
@@ -101,15 +102,21 @@ class SurvivalSampler:
             del self._samples[key]
 
     def census(self, interest: Collection[Key], now: float) -> None:
-        """Check earlier samples and take new ones at ``interest`` sites; only while tracemalloc traces."""
-        if not tracemalloc.is_tracing():
+        """Take new samples at ``interest`` sites; only while tracemalloc traces (it knows where objects
+        were allocated). Allocates nothing per object scanned: every allocation is traced, and slow."""
+        if not tracemalloc.is_tracing() or not interest:
             return
         self.censuses += 1
         objects = gc.get_objects()
-        pool: tuple[list[Any], ...] = (objects, gc.get_referents(*objects))
-        self._check(pool, now)
-        if interest:
-            self._take(pool, frozenset(interest), now)
+        self._take((objects, gc.get_referents(*objects)), frozenset(interest), now)
+
+    def check(self, now: float) -> None:
+        """Which samples are still alive; after tracing stopped (matching by id allocates an int each)."""
+        if not any(self._samples.values()):
+            return
+        objects = gc.get_objects()
+        self._check((objects, gc.get_referents(*objects)), now)
+        self._last_check = now
 
     def _check(self, pool: Iterable[list[Any]], now: float) -> None:
         wanted: dict[int, _Sample] = {}
@@ -128,16 +135,13 @@ class SurvivalSampler:
             return
         found: dict[int, bool] = {}
         for seq in pool:
-            # All in C: keep only the objects whose id is one we sampled.
-            for obj in compress(seq, map(wanted.__contains__, map(id, seq))):
+            # All in C (list() does not let the GIL go between items): the objects whose id we sampled.
+            for obj in list(compress(seq, map(wanted.__contains__, map(id, seq)))):
                 sample = wanted[id(obj)]
                 if found.get(id(obj)):
                     continue
-                traced = self._read(obj)
-                # An object allocated since this window opened is a newcomer at a reused address.
-                found[id(obj)] = (
-                    type(obj) is sample.kind and traced is None and _fingerprint(obj) == sample.fingerprint
-                )
+                # A newcomer at a reused address has another type or other contents.
+                found[id(obj)] = type(obj) is sample.kind and _fingerprint(obj) == sample.fingerprint
         for ident, sample in wanted.items():
             if found.get(ident):
                 sample.last_seen = now
@@ -148,7 +152,7 @@ class SurvivalSampler:
         added: dict[Key, int] = {}
         held = {s.ident for samples in self._samples.values() for s in samples if s.alive}
         for seq in pool:
-            for obj in compress(seq, map(interest.__contains__, map(self._read, seq))):
+            for obj in list(compress(seq, map(interest.__contains__, map(self._read, seq)))):
                 key = self._read(obj)
                 if key is None or id(obj) in held or added.get(key, 0) >= self.new_per_census:
                     continue
@@ -165,11 +169,11 @@ class SurvivalSampler:
 
     def retention(self, key: Key, min_age_s: float) -> Retention | None:
         """Survival of ``key``'s samples: every dead one, and the live ones seen alive for at least
-        ``min_age_s`` and half the oldest one's observed age (young samples prove nothing); None under 3."""
+        ``min_age_s`` and half the oldest sample's age (young samples prove nothing); None under 3."""
         samples = self._samples.get(key)
         if not samples:
             return None
-        oldest = max(s.last_seen - s.taken_at for s in samples)
+        oldest = self._last_check - min(s.taken_at for s in samples)
         threshold = max(min_age_s, oldest / 2.0)
         dead = sum(1 for s in samples if not s.alive)
         alive = sum(1 for s in samples if s.alive and s.last_seen - s.taken_at >= threshold)
