@@ -63,7 +63,9 @@ def make_churn_entry(n: int) -> object:
     ("make_leak", "make_churn"), [(make_entry, make_churn_bytes), (make_bytes, make_churn_entry)]
 )
 def test_a_leak_is_fully_retained_and_a_churning_cache_is_not(
-    tracing: Callable[[SurvivalSampler, float], None], make_leak: Callable[[int], object], make_churn: Callable[[int], object]
+    tracing: Callable[[SurvivalSampler, float], None],
+    make_leak: Callable[[int], object],
+    make_churn: Callable[[int], object],
 ) -> None:
     kept: list[object] = []
     cache: deque[object] = deque(maxlen=30)  # bounded: replaces its contents every window
