@@ -25,6 +25,7 @@ _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
 _MIN_WINDOWS_FOR_SHARES = 5  # route shares need a few windows to vary
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
+_MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
 
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
@@ -244,7 +245,7 @@ class LeakDetector:
         if global_growth is not None and age > 0 and not retained:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now)
-        survival = _survival_factor(retention, evidence)
+        survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
         confidence = monotonic * persistence * recency * linearity * consistency * survival
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         return MemoryLeak(
@@ -332,12 +333,16 @@ class LeakDetector:
         return max(candidates, key=per_request).route
 
 
-def _survival_factor(retention: Retention | None, evidence: list[str]) -> float:
+def _survival_factor(retention: Retention | None, evidence: list[str], misses: int = 0) -> float:
     """1 when the sampled objects all survived (or nothing is known yet); falls with the share that died.
 
-    Squared: a churning cache whose entries mostly died is far from a leak even if a few linger.
+    Squared: a churning cache whose entries mostly died is far from a leak even if a few linger. A site
+    whose growth no census ever found as a live object (``misses`` in a row) is halved.
     """
     if retention is None:
+        if misses >= _MISSES_AGAINST:
+            evidence.append(f"no live object of it found in {misses} censuses")
+            return 0.5
         evidence.append("survival not yet known")
         return 1.0
     alive, eligible, age = retention.alive, retention.eligible, retention.min_age_s

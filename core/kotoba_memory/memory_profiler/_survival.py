@@ -86,6 +86,8 @@ class SurvivalSampler:
         self._read = _object_traceback_reader()
         self.censuses = 0
         self._last_check = 0.0
+        # per traceback: censuses that looked for its objects and found none alive (reset when found)
+        self._misses: dict[Key, int] = {}
 
     @property
     def sampled(self) -> int:
@@ -100,6 +102,14 @@ class SurvivalSampler:
         """Drop the samples of tracebacks no longer tracked."""
         for key in [k for k in self._samples if k not in keep]:
             del self._samples[key]
+        for key in [k for k in self._misses if k not in keep]:
+            del self._misses[key]
+
+    def misses(self, key: Key) -> int:
+        """Censuses in a row that found no live object allocated at ``key`` in their window (0 once any
+        was found): memory tracemalloc still counts there belongs to no live object, e.g. objects
+        parked on CPython's freelists after being freed."""
+        return 0 if key in self._samples else self._misses.get(key, 0)
 
     def census(self, interest: Collection[Key], now: float) -> None:
         """Take new samples at ``interest`` sites; only while tracemalloc traces (it knows where objects
@@ -150,6 +160,9 @@ class SurvivalSampler:
 
     def _take(self, pool: Iterable[list[Any]], interest: frozenset[Key], now: float) -> None:
         added: dict[Key, int] = {}
+        for key in interest:
+            if key not in self._samples:
+                self._misses[key] = self._misses.get(key, 0) + 1
         held = {s.ident for samples in self._samples.values() for s in samples if s.alive}
         for seq in pool:
             for obj in list(compress(seq, map(interest.__contains__, map(self._read, seq)))):
@@ -161,6 +174,7 @@ class SurvivalSampler:
                 kind = type(obj)
                 ref = weakref.ref(obj) if kind.__weakrefoffset__ else None
                 sample = _Sample(now, id(obj), kind, 0 if ref is not None else _fingerprint(obj), ref, now)
+                self._misses.pop(key, None)
                 samples = self._samples.setdefault(key, [])
                 samples.append(sample)
                 if len(samples) > self.per_site:
