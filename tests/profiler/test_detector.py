@@ -183,3 +183,22 @@ def test_leaking_route_is_named_when_every_route_runs_in_every_window() -> None:
     now = feed(detector, 16, lambda w, j: int(plan[w][1] * 100 * j), routes=lambda w: plan[w][0])
     [leak] = detector.suspects(now=now, window_interval_s=10.0)
     assert leak.route == "/leak"
+
+
+def test_survival_decides_between_retention_and_churn() -> None:
+    from kotoba_memory.memory_profiler._survival import Retention
+
+    churn, retained, library = make(), make(), make()
+    now = feed(churn, 8, lambda w, j: 1000 * j)
+    feed(retained, 8, lambda w, j: 1000 * j)
+    feed(library, 8, lambda w, j: 1000 * j, key=LIB_ONLY)
+    churn.survival.retention = lambda key, min_age: Retention(0, 8, 20.0)  # type: ignore[method-assign]
+    retained.survival.retention = lambda key, min_age: Retention(8, 8, 20.0)  # type: ignore[method-assign]
+    library.survival.retention = lambda key, min_age: Retention(8, 8, 20.0)  # type: ignore[method-assign]
+    assert churn.suspects(now=now, window_interval_s=10.0) == []
+    # retained growth beats the whole-process comparison, which would have vetoed it
+    [leak] = retained.suspects(now=now, window_interval_s=10.0, global_growth=Flat())
+    assert "8/8 sampled objects still alive" in leak.evidence
+    # a traceback with no application frame is reported once shown to be retained
+    [lib_leak] = library.suspects(now=now, window_interval_s=10.0)
+    assert lib_leak.allocation_site == "/usr/lib/python3.11/email/utils.py:162"

@@ -95,3 +95,26 @@ def test_census_does_nothing_without_tracing() -> None:
     sampler = SurvivalSampler()
     sampler.census([(("x.py", 1),)], 0.0)
     assert sampler.censuses == 0 and sampler.sampled == 0
+
+
+def test_a_site_whose_objects_are_never_found_alive_counts_misses(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    sampler = SurvivalSampler()
+    kept: list[object] = []
+    now = 0.0
+    for _ in range(3):
+        temporary = make_churn_bytes(7)
+        gone_key = key_of(temporary)
+        del temporary  # freed before the census: nothing of it is alive
+        kept.append(make_leak_bytes(len(kept)))
+        leak_key = key_of(kept[-1])
+        sampler.census([gone_key, leak_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert sampler.misses(gone_key) == 3
+    assert sampler.misses(leak_key) == 0
+
+
+def make_leak_bytes(n: int) -> bytes:
+    return bytes([n % 251]) * 300  # a site whose objects stay alive
