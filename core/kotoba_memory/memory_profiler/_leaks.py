@@ -336,14 +336,15 @@ class LeakDetector:
 def _survival_factor(retention: Retention | None, evidence: list[str], misses: int = 0) -> float:
     """1 when the sampled objects all survived (or nothing is known yet); falls with the share that died.
 
-    Squared: a churning cache whose entries mostly died is far from a leak even if a few linger. A site
-    whose growth no census ever found as a live object (``misses`` in a row) is halved.
+    Squared: a churning cache whose entries mostly died is far from a leak even if a few linger. That no
+    census found a live object of the site (``misses``) is only reported: objects a C extension
+    allocates (zstd contexts) cannot be looked up either, and they do leak.
     """
     if retention is None:
         if misses >= _MISSES_AGAINST:
-            evidence.append(f"no live object of it found in {misses} censuses")
-            return 0.5
-        evidence.append("survival not yet known")
+            evidence.append(f"survival unknown: no live object of it found in {misses} censuses")
+        else:
+            evidence.append("survival not yet known")
         return 1.0
     alive, eligible, age = retention.alive, retention.eligible, retention.min_age_s
     evidence.append(f"{alive}/{eligible} sampled objects still alive after {age:.0f}s+")
