@@ -48,7 +48,7 @@ def _object_traceback_reader() -> Callable[[object], Key | None]:
     """tracemalloc's raw per-object traceback (innermost frame first, like its raw traces)."""
     reader = getattr(tracemalloc, "_get_object_traceback", None)
     if reader is not None:
-        return reader  # type: ignore[no-any-return]
+        return reader
 
     def fallback(obj: object) -> Key | None:
         tb = tracemalloc.get_object_traceback(obj)
@@ -62,8 +62,8 @@ def _fingerprint(obj: Any) -> int:
     if isinstance(obj, _HASHABLE_BY_CONTENT):
         try:
             return hash(obj)
-        except TypeError:
-            return len(obj)
+        except TypeError:  # a tuple holding something unhashable
+            return len(obj) if isinstance(obj, tuple) else 0
     # Mutable containers: the identities of their first referents (a replacement entry holds new ones).
     return hash(tuple(id(r) for r in gc.get_referents(obj)[:4]))
 
@@ -177,9 +177,9 @@ class SurvivalSampler:
 
     def _take(self, pool: Iterable[list[Any]], interest: frozenset[Key], now: float) -> None:
         added: dict[Key, int] = {}
-        for key in interest:
-            if key not in self._samples:
-                self._misses[key] = self._misses.get(key, 0) + 1
+        for wanted in interest:
+            if wanted not in self._samples:
+                self._misses[wanted] = self._misses.get(wanted, 0) + 1
         held = {s.ident for samples in self._samples.values() for s in samples if s.alive}
         for seq in pool:
             for obj in list(compress(seq, map(interest.__contains__, map(self._read, seq)))):
