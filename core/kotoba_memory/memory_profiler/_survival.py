@@ -12,7 +12,6 @@ and a content fingerprint, never a strong reference. Later censuses check which 
 from __future__ import annotations
 
 import gc
-import sys
 import tracemalloc
 import weakref
 from collections.abc import Callable, Collection, Iterable
@@ -24,24 +23,6 @@ Frame = tuple[str, int]
 Key = tuple[Frame, ...]
 
 _HASHABLE_BY_CONTENT = (bytes, str, int, float, complex, frozenset, tuple)
-_FROZEN_DEPTH = 4  # levels below module globals searched when part of the heap is frozen
-_FROZEN_LEVEL_CAP = 200_000  # objects per level at most (bounds the census's cost and memory)
-
-
-def _pool() -> tuple[list[Any], ...]:
-    """Live objects to look at: the collector's (and what they refer to), plus, when ``gc.freeze()``
-    moved part of the heap out of the collector's view, what module globals reach a few levels down."""
-    objects = gc.get_objects()
-    pool = [objects, gc.get_referents(*objects)]
-    if gc.get_freeze_count():
-        # Frozen containers (e.g. a module-level deque once the GC optimizer froze the heap) are not in
-        # gc.get_objects(); reach them through the modules that hold them.
-        level = gc.get_referents(*[m for m in list(sys.modules.values()) if m is not None])
-        for _ in range(_FROZEN_DEPTH):
-            containers = list(filter(gc.is_tracked, level))[:_FROZEN_LEVEL_CAP]
-            level = gc.get_referents(*containers)[:_FROZEN_LEVEL_CAP]
-            pool.append(level)
-    return tuple(pool)
 
 
 def _object_traceback_reader() -> Callable[[object], Key | None]:
@@ -136,13 +117,15 @@ class SurvivalSampler:
         if not tracemalloc.is_tracing() or not interest:
             return
         self.censuses += 1
-        self._take(_pool(), frozenset(interest), now)
+        objects = gc.get_objects()
+        self._take((objects, gc.get_referents(*objects)), frozenset(interest), now)
 
     def check(self, now: float) -> None:
         """Which samples are still alive; after tracing stopped (matching by id allocates an int each)."""
         if not any(self._samples.values()):
             return
-        self._check(_pool(), now)
+        objects = gc.get_objects()
+        self._check((objects, gc.get_referents(*objects)), now)
         self._last_check = now
 
     def _check(self, pool: Iterable[list[Any]], now: float) -> None:
