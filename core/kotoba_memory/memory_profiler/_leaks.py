@@ -302,21 +302,19 @@ class LeakDetector:
         window_routes = [(i, counts) for i, counts in self._window_routes if i in growth and counts]
         names = {name for _, counts in window_routes for name in counts}
         best, best_corr = None, 0.3
-        # With enough windows, compare each route's share of the window's requests with the site's
-        # growth per request: a busy window makes every route's count and the growth rise together,
-        # shares take that common factor out (every route may run in every window).
+        # A route's request count per window against the site's growth; with enough windows also its
+        # share of the window's requests against the growth per request (a busy window makes every
+        # route's count rise with the growth, shares take that common factor out). The better counts.
         shares = len(window_routes) >= _MIN_WINDOWS_FOR_SHARES
+        ys = [float(growth[i]) for i, _ in window_routes]
+        totals = [float(sum(counts.values())) for _, counts in window_routes]
         for name in names:
-            xs, ys = [], []
-            for i, counts in window_routes:
-                total = float(sum(counts.values()))
-                if shares:
-                    xs.append(counts.get(name, 0) / total)
-                    ys.append(growth[i] / total)
-                else:
-                    xs.append(float(counts.get(name, 0)))
-                    ys.append(float(growth[i]))
+            xs = [float(counts.get(name, 0)) for _, counts in window_routes]
             corr = _pearson(xs, ys)
+            if shares:
+                share = _pearson([x / t for x, t in zip(xs, totals)], [y / t for y, t in zip(ys, totals)])
+                if share is not None and (corr is None or share > corr):
+                    corr = share
             if corr is not None and corr > best_corr:
                 best, best_corr = name, corr
         if best is not None:
