@@ -174,13 +174,13 @@ def test_library_frames_are_attributed_to_the_application_caller() -> None:
 def test_leaking_route_is_named_when_every_route_runs_in_every_window() -> None:
     """Every route runs in every window; /leak's count barely moves while /ok swings with the load and
     the site's growth is noisy: the leak follows /leak's share of the requests, not any raw count."""
-    rng = random.Random(0)
+    rng = random.Random(12)  # raw counts correlate under 0.3 here: only shares name the route
     plan = []
-    for _ in range(16):
+    for _ in range(24):
         leak = rng.randint(18, 22)
         plan.append(({"/leak": leak, "/ok": rng.choice([30, 380])}, leak * rng.uniform(0.7, 1.3)))
     detector = make()
-    now = feed(detector, 16, lambda w, j: int(plan[w][1] * 100 * j), routes=lambda w: plan[w][0])
+    now = feed(detector, 24, lambda w, j: int(plan[w][1] * 100 * j), routes=lambda w: plan[w][0])
     [leak] = detector.suspects(now=now, window_interval_s=10.0)
     assert leak.route == "/leak"
 

@@ -23,7 +23,7 @@ _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks
 _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
 _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
-_MIN_WINDOWS_FOR_SHARES = 5  # route shares need a few windows to vary
+_MIN_WINDOWS_FOR_SHARES = 20  # shares of ~10 routes correlate by chance over fewer windows
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
 _MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
 
