@@ -356,5 +356,6 @@ class MemoryOptimizer:
             pool=pool_data if isinstance(pool_data, dict) else None,
             allocator=dict(self.allocator),
             profiler=to_plain(analysis.stats) if analysis else None,
+            leak_status=to_plain(analysis.leak_status) if analysis and analysis.leak_status else None,
             notes=list(self._notes),
         )

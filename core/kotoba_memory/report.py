@@ -101,6 +101,7 @@ class MemoryReport:
     allocator: dict[str, Any] = field(default_factory=dict)
     profiler: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    leak_status: dict[str, Any] | None = None
 
     @property
     def duration_s(self) -> float:
@@ -118,16 +119,12 @@ class MemoryReport:
         ]
         if self.temporal and self.temporal.get("samples"):
             rate = self.temporal.get("growth_rate_bytes_per_s") or 0.0
-            eta = self.temporal.get("time_to_limit_s")
-            trend = f"  trend: {rate / 1024:+.1f} KiB/s"
-            if eta is not None:
-                trend += f", memory limit in {_duration(eta)} at this rate"
-            lines.append(trend)
+            lines.append(f"  trend: {rate / 1024:+.1f} KiB/s{_limit_text(self.temporal)}")
         if self.gc is not None:
             lines.append(
                 f"  gc: {self.gc.get('total_collections', 0)} collections, "
                 f"{(self.gc.get('total_pause_s') or 0.0) * 1000:.1f} ms paused, "
-                f"score {self.gc.get('performance_score', 0.0):.2f}"
+                f"score {self.gc.get('performance_score', 0.0):.2f}{_gc_share_text(self.gc, self.duration_s)}"
             )
             if self.gc.get("mode"):
                 lines.append(
@@ -158,6 +155,8 @@ class MemoryReport:
                     f"~{leak['size'] / 1024:.0f} KiB over {leak['age_seconds']:.0f} s, "
                     f"confidence {leak['confidence']:.2f}"
                 )
+        elif self.leak_status is not None and not self.leak_status.get("ready"):
+            lines.append(f"  leak suspects: no verdict — {self.leak_status.get('message')}")
         elif self.profiler is not None:
             lines.append(f"  leak suspects: none ({self.profiler.get('windows', 0)} tracing windows)")
         lines.extend(f"  note: {note}" for note in self.notes)
@@ -210,7 +209,7 @@ class MemoryReport:
             '<section class="charts">',
             *charts,
             "</section>",
-            _leak_table(self.leaks),
+            _leak_table(self.leaks, self.leak_status),
             _table(
                 "Allocation hotspots (last tracing window)",
                 ["site", "bytes", "blocks"],
@@ -235,6 +234,10 @@ class MemoryReport:
         ]
         if self.gc:
             scalars = {k: v for k, v in self.gc.items() if not isinstance(v, dict | list)}
+            share = scalars.get("gc_time_share")
+            if isinstance(share, int | float) and self.duration_s < _MIN_EXTRAPOLATION_S:
+                short = f"over only {self.duration_s:.0f} s: not steady state"
+                scalars["gc_time_share"] = f"{share:.4f} ({short})"
             parts.append(_table("Garbage collector", ["figure", "value"], _pairs(scalars)))
         if self.cache:
             parts.append(_table("Cache", ["figure", "value"], _pairs(self.cache)))
@@ -364,7 +367,41 @@ def _table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]])
     return "\n".join(out)
 
 
-def _leak_table(leaks: Sequence[Mapping[str, Any]]) -> str:
+# Extrapolations from less than this much data are withheld: a minute of RSS or GC timing says little
+# about the next hours (start-up, warm-up and load bursts dominate it).
+_MIN_EXTRAPOLATION_S = 60.0
+
+
+def _limit_text(temporal: Mapping[str, Any]) -> str:
+    """Time to the memory limit with its range at two standard errors of the slope, or why it is withheld."""
+    eta = temporal.get("time_to_limit_s")
+    if eta is None:
+        return ""
+    duration = float(temporal.get("duration_s") or 0.0)
+    if duration < _MIN_EXTRAPOLATION_S:
+        return f" (time to the memory limit withheld: only {duration:.0f} s of samples)"
+    rate = float(temporal.get("growth_rate_bytes_per_s") or 0.0)
+    err = float(temporal.get("growth_rate_stderr") or 0.0)
+    headroom = eta * rate
+    slow, fast = rate - 2.0 * err, rate + 2.0 * err
+    latest = f"{_duration(headroom / slow)}" if slow > 0 else "never"
+    return f", memory limit in {_duration(eta)} at this rate ({_duration(headroom / fast)} to {latest})"
+
+
+def _gc_share_text(gc_data: Mapping[str, Any], duration_s: float) -> str:
+    """GC share of wall time, marked as a short-run figure when measured over under a minute."""
+    share = gc_data.get("gc_time_share")
+    if not isinstance(share, int | float):
+        return ""
+    if duration_s < _MIN_EXTRAPOLATION_S:
+        return f", {share:.1%} of wall time over only {duration_s:.0f} s (not a steady-state figure)"
+    return f", {share:.1%} of wall time"
+
+
+def _leak_table(leaks: Sequence[Mapping[str, Any]], status: Mapping[str, Any] | None = None) -> str:
+    if not leaks and status is not None and not status.get("ready"):
+        return f'<h2>Leak suspects</h2>\n<p class="empty">no verdict: {_esc(status.get("message"))}</p>'
+
     rows = [
         [
             leak.get("allocation_site"),

@@ -7,6 +7,7 @@ route), allocation hotspots and the memory trend.
 
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
+    LeakVerdictStatus,
     MemoryAnalysis,
     MemoryLeak,
     MemoryPhase,
@@ -19,6 +20,7 @@ from kotoba_memory.memory_profiler.profiler import MemoryProfiler, ProfilerError
 
 __all__ = [
     "AllocationHotspot",
+    "LeakVerdictStatus",
     "MemoryAnalysis",
     "MemoryLeak",
     "MemoryPhase",

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
+from kotoba_memory.memory_profiler._survival import Retention, SurvivalSampler
 
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
 _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against the process (noise)
 _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
+_MIN_WINDOWS_FOR_SHARES = 20  # shares of ~10 routes correlate by chance over fewer windows
+_RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
+_MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
 
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
@@ -72,6 +76,7 @@ class LeakDetector:
         self._own_blocks = 0
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
         self.site_chooser = site_chooser
+        self.survival = SurvivalSampler()
 
     @property
     def windows(self) -> int:
@@ -86,7 +91,13 @@ class LeakDetector:
     def footprint_bytes(self) -> int:
         """Rough bytes held by the detector's bookkeeping (bounded by max_sites x max_windows)."""
         per_track = 400 + 100 * self._max_windows
-        return len(self._tracks) * per_track + 300 * len(self._window_routes)
+        return (
+            len(self._tracks) * per_track + 300 * len(self._window_routes) + self.survival.footprint_bytes()
+        )
+
+    def tracked_keys(self) -> list[Key]:
+        """The allocation tracebacks currently tracked (the census samples objects allocated there)."""
+        return list(self._tracks)
 
     def add_window(
         self, snapshots: Sequence[WindowSnapshot], routes: Mapping[str, int] | None = None
@@ -161,12 +172,13 @@ class LeakDetector:
         keep = sorted(self._tracks.values(), key=_score, reverse=True)[: self._max_sites]
         self._tracks = {t.key: t for t in keep}
         self._own_blocks = sum(_blocks_per_track(key) for key in self._tracks)
+        self.survival.forget(self._tracks)
 
     @property
     def own_blocks(self) -> int:
         """Estimated interpreter blocks our tracking holds; the profiler subtracts them from its samples
         so that our own bookkeeping never looks like growth of the process."""
-        return self._own_blocks
+        return self._own_blocks + 3 * self.survival.sampled
 
     def suspects(
         self,
@@ -197,6 +209,13 @@ class LeakDetector:
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
+        owner = self.site_chooser.owner(track.key)
+        if owner == "own":
+            return None  # kotoba-memory's own allocations are never a suspect
+        retention = self.survival.retention(track.key, window_interval_s)
+        retained = retention is not None and retention.fraction >= _RETAINED
+        if owner == "library" and not retained:
+            return None  # no application frame: reported only when shown to be retained
         rate = track.net_growth / max(track.traced_time, 1e-9)
         shrink = track.downs / track.ups
         # Leaked memory is never freed: any shrinking is evidence against a leak. A little is
@@ -223,9 +242,11 @@ class LeakDetector:
             f"last growth {quiet:.0f}s ago",
             f"late/early growing steps {track.late_steps}/{track.early_steps}",
         ]
-        if global_growth is not None and age > 0:
+        if global_growth is not None and age > 0 and not retained:
+            # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now)
-        confidence = monotonic * persistence * recency * linearity * consistency
+        survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
+        confidence = monotonic * persistence * recency * linearity * consistency * survival
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         return MemoryLeak(
             size=int(max(rate * age, track.positive_growth)),
@@ -278,13 +299,22 @@ class LeakDetector:
     def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
         oldest = max(track.first_window, self._windows - self._max_windows)
         growth = {i: track.growth_ring[i % self._max_windows] for i in range(oldest, self._windows)}
-        window_routes = [(i, counts) for i, counts in self._window_routes if i in growth]
+        window_routes = [(i, counts) for i, counts in self._window_routes if i in growth and counts]
         names = {name for _, counts in window_routes for name in counts}
         best, best_corr = None, 0.3
+        # A route's request count per window against the site's growth; with enough windows also its
+        # share of the window's requests against the growth per request (a busy window makes every
+        # route's count rise with the growth, shares take that common factor out). The better counts.
+        shares = len(window_routes) >= _MIN_WINDOWS_FOR_SHARES
+        ys = [float(growth[i]) for i, _ in window_routes]
+        totals = [float(sum(counts.values())) for _, counts in window_routes]
         for name in names:
             xs = [float(counts.get(name, 0)) for _, counts in window_routes]
-            ys = [float(growth[i]) for i, _ in window_routes]
             corr = _pearson(xs, ys)
+            if shares:
+                share = _pearson([x / t for x, t in zip(xs, totals)], [y / t for y, t in zip(ys, totals)])
+                if share is not None and (corr is None or share > corr):
+                    corr = share
             if corr is not None and corr > best_corr:
                 best, best_corr = name, corr
         if best is not None:
@@ -299,6 +329,24 @@ class LeakDetector:
         if not candidates:
             return None
         return max(candidates, key=per_request).route
+
+
+def _survival_factor(retention: Retention | None, evidence: list[str], misses: int = 0) -> float:
+    """1 when the sampled objects all survived (or nothing is known yet); falls with the share that died.
+
+    Squared: a churning cache whose entries mostly died is far from a leak even if a few linger. That no
+    census found a live object of the site (``misses``) is only reported: objects a C extension
+    allocates (zstd contexts) cannot be looked up either, and they do leak.
+    """
+    if retention is None:
+        if misses >= _MISSES_AGAINST:
+            evidence.append(f"survival unknown: no live object of it found in {misses} censuses")
+        else:
+            evidence.append("survival not yet known")
+        return 1.0
+    alive, eligible, age = retention.alive, retention.eligible, retention.min_age_s
+    evidence.append(f"{alive}/{eligible} sampled objects still alive after {age:.0f}s+")
+    return min(1.0, retention.fraction / _RETAINED) ** 2
 
 
 def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -334,7 +382,11 @@ class GlobalGrowth(Protocol):
 
 
 class SiteChooser:
-    """Picks the frame to blame in a traceback: the innermost one in application code."""
+    """Picks the frame to blame in a traceback: the innermost one in application code.
+
+    Library frames (standard library, site-packages, generated code) are attributed to the frame that
+    called them; an allocation whose innermost non-library frame is kotoba-memory's own is ours.
+    """
 
     def __init__(self, library_prefixes: Sequence[str], own_prefixes: Sequence[str]) -> None:
         self._library = tuple(p for p in library_prefixes if p)
@@ -342,6 +394,15 @@ class SiteChooser:
 
     def _is_library(self, filename: str) -> bool:
         return filename.startswith(self._library) or filename.startswith("<")
+
+    def owner(self, key: Key) -> str:
+        """``"user"``, ``"own"`` (made by kotoba-memory, directly or through a library it called) or
+        ``"library"`` (no application frame in the traceback at all)."""
+        for filename, _lineno in key:
+            if self._is_library(filename):
+                continue
+            return "own" if filename.startswith(self._own) else "user"
+        return "library"
 
     def site(self, key: Key) -> str:
         """``file:line`` of the innermost application frame (falls back to the innermost frame)."""

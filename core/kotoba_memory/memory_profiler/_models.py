@@ -135,6 +135,25 @@ class ProfilerStats:
     max_window_analysis_ms: float
     tracing_mode: str
     skipped_windows: int = 0
+    censuses: int = 0
+    sampled_objects: int = 0
+    last_census_ms: float = 0.0
+    max_census_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LeakVerdictStatus:
+    """Whether enough tracing windows ran for a leak verdict; before that, no suspects is no verdict.
+
+    ``first_verdict_in_s`` estimates when the first verdict can come (None once ready or when leak
+    detection is off); ``message`` says it in words.
+    """
+
+    ready: bool
+    windows: int
+    windows_needed: int
+    first_verdict_in_s: float | None
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +168,7 @@ class MemoryAnalysis:
     stats: ProfilerStats
     analysis_time_s: float
     samples: list[MemorySample] = field(default_factory=list)
+    leak_status: LeakVerdictStatus | None = None
 
     @property
     def has_leaks(self) -> bool:
@@ -165,6 +185,7 @@ class MemoryAnalysis:
             "routes": [asdict(r) for r in self.routes],
             "stats": asdict(self.stats),
             "analysis_time_s": self.analysis_time_s,
+            "leak_status": asdict(self.leak_status) if self.leak_status is not None else None,
         }
         if include_samples:
             data["samples"] = [

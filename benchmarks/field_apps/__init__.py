@@ -1,0 +1,1 @@
+"""Realistic web apps for the leak-detection field suite (see benchmarks/field_suite.py)."""

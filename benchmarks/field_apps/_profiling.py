@@ -1,0 +1,40 @@
+"""What every field app shares: the profiler's settings from the environment and the per-worker dump."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kotoba_memory.config import MemoryConfig
+from kotoba_memory_integrations import runtime
+
+LEAKS_ON = os.environ.get("FIELD_LEAKS", "1") != "0"
+
+
+def config() -> MemoryConfig:
+    """Production components with a diagnosis duty cycle (the field suite runs for minutes, not hours)."""
+    profiling = os.environ.get("FIELD_PROFILE", "1") != "0"  # off while ground truth is replayed
+    return MemoryConfig(
+        enable_caching=False,
+        enable_profiling=profiling,
+        enable_leak_detection=profiling,
+        monitoring_interval_ms=int(os.environ.get("FIELD_SAMPLE_MS", "250")),
+        leak_window_s=float(os.environ.get("FIELD_WINDOW_S", "0.5")),
+        leak_window_interval_s=float(os.environ.get("FIELD_WINDOW_INTERVAL_S", "2")),
+    )
+
+
+def dump_analysis() -> Path | None:
+    """Write this worker's profiler analysis to ``$FIELD_OUT/worker-<pid>.json`` (None when off)."""
+    out = os.environ.get("FIELD_OUT")
+    optimizer = runtime.get_optimizer()
+    if not out or optimizer is None or optimizer.profiler is None:
+        return None
+    analysis = optimizer.profiler.analyze()
+    data: dict[str, Any] = analysis.to_dict(include_samples=False)
+    data["pid"] = os.getpid()
+    path = Path(out) / f"worker-{os.getpid()}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path

@@ -1,0 +1,53 @@
+"""A short field-suite run: the Flask shop (seven churning routes, two leaking ones) under gunicorn with
+two workers and wrk, judged against ground truth replayed under full tracing (benchmarks/field_suite.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("gunicorn")
+pytest.importorskip("jinja2")
+pytest.importorskip("flask")
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(480)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_suite() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("field_suite", ROOT / "benchmarks" / "field_suite.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["field_suite"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
+def test_flask_shop_reports_a_replayed_leak_line_and_nothing_of_ours() -> None:
+    """Asserted: the replay's ground truth, every worker reaching a verdict, a real leak reported at its
+    replayed line in every worker, nothing sited in kotoba-memory. Issue 10's stronger goals (that leak
+    on top with its route, zero confident churn suspects) do not hold in every run yet: bounded ring
+    buffers still reach >= 0.8, and under heavy machine load a worker named the wrong route once — the
+    benchmark reports both."""
+    suite = load_suite()
+    app = suite.APPS["flask_shop"]
+    truth = suite._ground_truth(app)
+    leaking = {route: sites for route, sites in truth.items() if sites}
+    # the replay finds exactly the two leaking routes; every churning route retains nothing
+    assert sorted(leaking) == ["/orders/<int:n>", "/subscribe/<int:n>"], truth
+    site_route = {site: route for route, sites in leaking.items() for site in sites}
+    result = suite.run_app(app, duration=30, workers=2, truth=truth)
+    assert result.error is None, result.error
+    ready = [w for w in result.workers if (w.get("leak_status") or {}).get("ready")]
+    assert len(ready) == 2, [w.get("leak_status") for w in result.workers]
+    for worker in ready:
+        found = [leak for leak in worker["memory_leaks"] if leak["allocation_site"] in site_route]
+        assert found, worker["memory_leaks"][:4]
+    assert result.own_sited == 0

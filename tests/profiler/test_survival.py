@@ -1,0 +1,120 @@
+"""Survival census on real objects: what a site keeps is seen alive later, what it churns is not."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kotoba_memory.memory_profiler._survival import Key, SurvivalSampler
+
+
+class Entry:
+    """A weak-referenceable cache entry (slots: CPython 3.11's tracemalloc cannot find the allocation of
+    an instance with a managed ``__dict__``)."""
+
+    __slots__ = ("__weakref__", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def make_bytes(n: int) -> bytes:
+    return bytes([n % 251]) * 200 + n.to_bytes(4, "little")  # the allocation the census samples
+
+
+def make_entry(n: int) -> Entry:
+    return Entry(n)  # the allocation the census samples
+
+
+@pytest.fixture
+def tracing() -> Iterator[Callable[[SurvivalSampler, float], None]]:
+    """Start tracing; the fixture value ends a window (survival check with tracing off) and opens the next."""
+    def restart(sampler: SurvivalSampler, now: float) -> None:
+        tracemalloc.stop()
+        sampler.check(now)
+        tracemalloc.start(1)
+
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start(1)
+    yield restart
+    if not was_tracing:
+        tracemalloc.stop()
+
+
+def key_of(obj: object) -> Key:
+    tb = tracemalloc.get_object_traceback(obj)
+    assert tb is not None
+    return tuple((f.filename, f.lineno) for f in reversed(tb))
+
+
+def make_churn_bytes(n: int) -> object:
+    return bytes([n % 251]) * 200 + n.to_bytes(4, "little")  # churn site: a different line
+
+
+def make_churn_entry(n: int) -> object:
+    return Entry(n)  # churn site: a different line
+
+
+@pytest.mark.parametrize(
+    ("make_leak", "make_churn"), [(make_entry, make_churn_bytes), (make_bytes, make_churn_entry)]
+)
+def test_a_leak_is_fully_retained_and_a_churning_cache_is_not(
+    tracing: Callable[[SurvivalSampler, float], None],
+    make_leak: Callable[[int], object],
+    make_churn: Callable[[int], object],
+) -> None:
+    kept: list[object] = []
+    cache: deque[object] = deque(maxlen=30)  # bounded: replaces its contents every window
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now = 0.0
+    leak_key = churn_key = None
+    for window in range(6):
+        for i in range(5):
+            kept.append(make_leak(window * 100 + i))
+        for i in range(60):
+            cache.append(make_churn(window * 100 + i))
+        leak_key, churn_key = key_of(kept[-1]), key_of(cache[-1])
+        sampler.census([leak_key, churn_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert leak_key is not None and churn_key is not None
+    leak = sampler.retention(leak_key, 5.0)
+    churn = sampler.retention(churn_key, 5.0)
+    assert leak is not None and leak.fraction == 1.0
+    assert churn is not None and churn.alive == 0 and churn.eligible >= 3
+    assert sampler.sampled <= 2 * 16
+
+
+def test_census_does_nothing_without_tracing() -> None:
+    if tracemalloc.is_tracing():
+        pytest.skip("someone else keeps tracemalloc on")
+    sampler = SurvivalSampler()
+    sampler.census([(("x.py", 1),)], 0.0)
+    assert sampler.censuses == 0 and sampler.sampled == 0
+
+
+def test_a_site_whose_objects_are_never_found_alive_counts_misses(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    sampler = SurvivalSampler()
+    kept: list[object] = []
+    now = 0.0
+    for _ in range(3):
+        temporary = make_churn_bytes(7)
+        gone_key = key_of(temporary)
+        del temporary  # freed before the census: nothing of it is alive
+        kept.append(make_leak_bytes(len(kept)))
+        leak_key = key_of(kept[-1])
+        sampler.census([gone_key, leak_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert sampler.misses(gone_key) == 3
+    assert sampler.misses(leak_key) == 0
+
+
+def make_leak_bytes(n: int) -> bytes:
+    return bytes([n % 251]) * 300  # a site whose objects stay alive
