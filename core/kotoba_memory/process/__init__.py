@@ -14,10 +14,5 @@ from __future__ import annotations
 from kotoba_memory.process import activity, forks, memory, registry
 from kotoba_memory.process.scheduler import Scheduler, Task, scheduler
 
-__all__ = ["Scheduler", "Task", "activity", "forks", "memory", "registry", "resume_after_fork", "scheduler"]
+__all__ = ["Scheduler", "Task", "activity", "forks", "memory", "registry", "scheduler"]
 
-
-def resume_after_fork() -> None:
-    """In a forked child, start the background thread again for the tasks it inherited (cheap no-op
-    otherwise). kotoba-memory calls it at a child's first request, report or new task."""
-    scheduler.resume()

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["fork_count", "register", "registered", "unregister"]
+__all__ = ["fork_count", "register"]
 
 logger = logging.getLogger("kotoba_memory.process")
 
@@ -65,19 +65,6 @@ def register(
             _before.append((label, *_ref(before)))
         if after_in_parent is not None:
             _parent.append((label, *_ref(after_in_parent)))
-
-
-def unregister(callback: Callable[[], Any]) -> None:
-    """Stop running ``callback`` around forks (unknown callbacks are ignored)."""
-    with _lock:
-        for table in (_child, _before, _parent):
-            table[:] = [row for row in table if _resolve(row) not in (callback, None)]
-
-
-def registered() -> list[str]:
-    """Names of the live after-fork callbacks, in the order they run."""
-    with _lock:
-        return [row[0] for row in _child if _resolve(row) is not None]
 
 
 def fork_count() -> int:

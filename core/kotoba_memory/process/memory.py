@@ -26,7 +26,6 @@ __all__ = [
     "memory_limit_bytes",
     "memory_usage",
     "peak_rss_bytes",
-    "recent_rss_bytes",
     "reset_peak",
     "rss_bytes",
     "system_memory",
@@ -83,6 +82,16 @@ class RssReader:
             self._peak = value
         return value
 
+    def vms(self) -> int:
+        """Virtual memory size in bytes, from the same kept descriptor (0 if it cannot be read)."""
+        fd = self._fd if self._fd is not None else self._open()
+        if fd is not None:
+            try:
+                return int(os.pread(fd, 64, 0).split(b" ", 1)[0]) * self._page_size
+            except (OSError, ValueError, IndexError):
+                pass
+        return self._psutil_field("vms")
+
     def recent(self, max_age_s: float) -> int:
         """The last reading if it is at most ``max_age_s`` old, else a fresh one.
 
@@ -105,12 +114,16 @@ class RssReader:
         self._peak = 0
 
     def _rss_psutil(self) -> int:
+        return self._psutil_field("rss")
+
+    def _psutil_field(self, name: str) -> int:
+        """``psutil``'s reading of ``name`` (rss, vms), the fallback off Linux; 0 if unreadable."""
         try:
             if self._psutil_process is None:
                 import psutil
 
                 self._psutil_process = psutil.Process()
-            return int(self._psutil_process.memory_info().rss)
+            return int(getattr(self._psutil_process.memory_info(), name))
         except Exception:
             return 0
 
@@ -152,11 +165,6 @@ def rss_bytes() -> int:
     return _shared.rss()
 
 
-def recent_rss_bytes(max_age_s: float) -> int:
-    """The process's last RSS reading if at most ``max_age_s`` old, else a fresh one."""
-    return _shared.recent(max_age_s)
-
-
 def peak_rss_bytes() -> int:
     """The highest RSS read through this module since the process started (or forked, or a reset)."""
     return _shared.peak
@@ -174,16 +182,7 @@ def shared_reader() -> RssReader:
 
 def virtual_memory_bytes() -> int:
     """This process's virtual memory size in bytes (0 if it cannot be read)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read(64).split(b" ", 1)[0]) * _shared._page_size
-    except (OSError, ValueError, IndexError):
-        try:
-            import psutil
-
-            return int(psutil.Process().memory_info().vms)
-        except Exception:
-            return 0
+    return _shared.vms()
 
 
 # -- limits ----------------------------------------------------------------------------------------

@@ -131,18 +131,6 @@ class Scheduler:
             if self._tasks:
                 self._ensure_thread()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancel every task and wait up to ``timeout`` seconds for the thread to exit."""
-        with self._cond:
-            for task in self._tasks:
-                task.cancelled = True
-            self._tasks.clear()
-            self._heap.clear()
-            thread = self._thread
-            self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
     def reinit_after_fork(self) -> None:
         """In a forked child: new lock, no thread; tasks wait for :meth:`resume`."""
         self._cond = threading.Condition(threading.Lock())
