@@ -1,14 +1,22 @@
 """The in-memory cache: byte and/or entry bounded, per-entry ttl, pluggable eviction policy.
 
-Thread-safety model: every mutation (put, delete, eviction, expiry, policy upkeep) runs under one lock.
-The hit path of :meth:`CacheManager.get` takes no lock: it is a dict lookup, an expiry check, a counter
-bump and at most one C-level policy call, each atomic under the GIL; a race with a concurrent removal
-is tolerated (the reader may return the value that was just being removed, as any concurrent read
-may). One call in ``SAMPLE_EVERY`` is timed for the latency stats and does the amortized upkeep.
+Two implementations behave identically: the compiled core (``kotoba_memory._ccache``, used when built,
+for the four built-in policies) and this pure-Python reference (used where the extension is not built,
+for policies registered with ``register_policy``, or forced with ``KOTOBA_MEMORY_PURE_PYTHON=1``). The
+compiled core holds the table, every policy's bookkeeping, the expiry heap, the MRC ghosts and the
+counters; each of its operations runs whole under the GIL, so it needs no lock.
+
+Thread-safety model of the reference: every mutation (put, delete, eviction, expiry, policy upkeep)
+runs under one lock. The hit path of :meth:`CacheManager.get` takes no lock: it is a dict lookup, an
+expiry check, a counter bump and at most one C-level policy call, each atomic under the GIL; a race
+with a concurrent removal is tolerated (the reader may return the value that was just being removed,
+as any concurrent read may). One call in ``SAMPLE_EVERY`` is timed for the latency stats and does the
+amortized upkeep.
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 import logging
@@ -17,12 +25,20 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
+from kotoba_memory import _native
 from kotoba_memory.cache_manager.base import BaseCache
-from kotoba_memory.cache_manager.mrc import GhostMrc
-from kotoba_memory.cache_manager.policies import Entry, EvictionPolicy, policy_class
+from kotoba_memory.cache_manager.mrc import GhostMrc, mrc_curve
+from kotoba_memory.cache_manager.policies import (
+    Entry,
+    EvictionPolicy,
+    FifoPolicy,
+    LfuPolicy,
+    LruPolicy,
+    policy_class,
+)
 from kotoba_memory.cache_manager.sweeper import sweeper
 from kotoba_memory.cache_manager.types import (
     CacheAnalysis,
@@ -36,7 +52,11 @@ from kotoba_memory.cache_manager.types import (
 )
 from kotoba_memory.cache_manager.weigher import Weigher, default_weigher
 from kotoba_memory.errors import ConfigError
-from kotoba_memory.validation import check_positive_int
+from kotoba_memory.validation import check_enum, check_positive_int
+from kotoba_memory.validation import check_ttl as _check_ttl
+
+if TYPE_CHECKING:
+    from kotoba_memory import _ccache
 
 __all__ = ["CacheManager", "EvictionListener"]
 
@@ -54,6 +74,10 @@ _INT_BYTES = sys.getsizeof(10**6)
 _HEAP_ITEM_BYTES = sys.getsizeof((0.0, 0, 0)) + _FLOAT_BYTES + _INT_BYTES
 # Expired entries dropped per write, so a burst of expiries is reclaimed in amortized steps.
 _EXPIRE_PER_OP = 8
+# The heaviest entry a cache accepts (both implementations): byte totals stay exact in 64 bits.
+MAX_WEIGHT = 1 << 48
+# Bounds the compiled core takes; a larger max_bytes/max_entries runs on the reference.
+_CORE_MAX_BOUND = 1 << 62
 
 
 def _count(counter: itertools.count[int]) -> int:
@@ -67,7 +91,7 @@ def _make_reader(cache: CacheManager, counted: bool, hooked: bool) -> Callable[.
     gets, bad_keys = cache._gets, cache._bad_keys
     sampled, miss, expired = cache._sampled_get, cache._miss, cache._expired_read
     touch = cache._touch
-    monotonic = _monotonic
+    monotonic = cache._clock
     count = next
     mask = _SAMPLE_MASK
 
@@ -173,6 +197,7 @@ class CacheManager(BaseCache):
         on_evict: EvictionListener | None = None,
         name: str | None = None,
         strict: bool = False,
+        implementation: str | None = None,
     ) -> None:
         self.max_bytes = None if max_bytes is None else check_positive_int(max_bytes, "max_bytes")
         self.strict = bool(strict)
@@ -186,7 +211,25 @@ class CacheManager(BaseCache):
         if on_evict is not None and not callable(on_evict):
             raise TypeError(f"on_evict must be callable, got {type(on_evict).__name__}")
         self._weigher: Weigher = weigher or default_weigher
+        # The clock the entries' expiry is judged by, read when the cache is built (tests swap it).
+        self._clock: Callable[[], float] = _monotonic
         self._listeners: list[EvictionListener] = [on_evict] if on_evict is not None else []
+        self._lock = threading.Lock()
+        self._callback_errors = 0
+        self._core: _ccache.Core | None = self._build_core(implementation)
+        self.implementation = "python" if self._core is None else "c"
+        if self._core is not None:
+            core = self._core
+            self._table: Mapping[Hashable, Entry] = _CoreTable(core)
+            self._read = core.get
+            # The hot paths are the core's own methods, bound on the instance (no Python frame per call);
+            # a subclass overriding get() or put() keeps its override.
+            if type(self).get is CacheManager.get:
+                self.get = core.get  # type: ignore[method-assign]
+            if type(self).put is CacheManager.put:
+                self.put = core.put  # type: ignore[method-assign]
+            super().__init__(name)
+            return
         self._policy: EvictionPolicy = policy_class(self.policy)(self.max_entries, self.max_bytes)
         self._table = self._policy.table
         self._record_miss = (
@@ -194,7 +237,6 @@ class CacheManager(BaseCache):
             if type(self._policy).record_miss is not EvictionPolicy.record_miss
             else None
         )
-        self._lock = threading.Lock()
         self._bytes = 0
         self._expiry: list[tuple[float, int, Hashable]] = []
         self._expiry_seq = itertools.count()
@@ -204,7 +246,6 @@ class CacheManager(BaseCache):
         self._misses = itertools.count()
         self._bad_keys = itertools.count()
         self._puts = self._deletes = self._evictions = self._expirations = self._rejections = 0
-        self._callback_errors = 0
         self._hit_ns: deque[int] = deque(maxlen=512)
         self._miss_ns: deque[int] = deque(maxlen=512)
         self._mrc = GhostMrc(self.max_entries, self.max_bytes)
@@ -222,11 +263,79 @@ class CacheManager(BaseCache):
             self.get = self._read  # type: ignore[method-assign]
         super().__init__(name)
 
+    def _build_core(self, implementation: str | None) -> _ccache.Core | None:
+        """The compiled core for this cache, or None where the reference implementation runs."""
+        wanted = None if implementation is None else check_enum(implementation, "implementation", _Impl).value
+        if wanted == "python":
+            return None
+        module = _native.load("_ccache")
+        kind = None if module is None else _core_kind(self.policy, module)
+        if module is None or kind is None:
+            if wanted == "c":
+                reason = (
+                    f"{_native.PURE_PYTHON_ENV} is set"
+                    if _native.pure_python_forced()
+                    else "the C extension is not built"
+                    if module is None
+                    else f"policy {self.policy.value!r} is replaced by a registered class or configured "
+                    "beyond what the compiled core implements"
+                )
+                raise ConfigError("implementation", f"'c' is not available: {reason}")
+            return None
+        if any(bound is not None and bound > _CORE_MAX_BOUND for bound in (self.max_bytes, self.max_entries)):
+            if wanted == "c":
+                raise ConfigError("implementation", "'c' takes max_bytes/max_entries up to 2**62")
+            return None
+        from kotoba_memory.cache_manager.types import CachedValue
+
+        extra: dict[str, Any] = {}
+        if self.policy is CachePolicy.ADAPTIVE:
+            import random
+
+            from kotoba_memory.cache_manager.adaptive import AdaptivePolicy, GhostList
+
+            extra = {
+                "rng_random": random.Random(0x5EED).random,
+                "initial_window": AdaptivePolicy.initial_window,
+                "protected_share": AdaptivePolicy.protected_share,
+                "ghost_depth": AdaptivePolicy.ghost_depth,
+                "ghost_gain": AdaptivePolicy.ghost_gain,
+                "max_ghost_keys": GhostList.max_keys,
+            }
+        core: _ccache.Core = module.Core(
+            kind,
+            -1 if self.max_entries is None else self.max_entries,
+            -1 if self.max_bytes is None else self.max_bytes,
+            self.default_ttl,
+            None if self._weigher is default_weigher else self._weigher,
+            default_weigher,
+            self.strict,
+            self._notify if self._listeners else None,
+            self._start_sweeping,
+            None if self._clock is time.monotonic else self._clock,
+            _check_ttl,
+            EntryTooLargeError,
+            UnhashableKeyError,
+            CachedValue,
+            EvictionCause.SIZE,
+            EvictionCause.EXPIRED,
+            aging_factor=LfuPolicy.aging_factor,
+            max_ghosts=GhostMrc.max_ghosts,
+            **extra,
+        )
+        return core
+
+    def _start_sweeping(self) -> None:
+        sweeper.register(self)
+
     def _reinit_after_fork(self) -> None:
         super()._reinit_after_fork()
         self._lock = threading.Lock()
         # The next ttl'd put registers again, which resumes the child's scheduler for the sweeper.
-        self._sweeping = False
+        if self._core is not None:
+            self._core.reset_after_fork()
+        else:
+            self._sweeping = False
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -264,7 +373,7 @@ class CacheManager(BaseCache):
             raise UnhashableKeyError(key) from None
         if entry is not None:
             expires = entry.expires
-            if expires is not None and expires <= _monotonic():
+            if expires is not None and expires <= self._clock():
                 value = self._expired_read(key, entry, default)
                 self._miss_ns.append(_perf_ns() - start)
             else:
@@ -286,24 +395,30 @@ class CacheManager(BaseCache):
         return value
 
     def __contains__(self, key: object) -> bool:
+        if self._core is not None:
+            return key in self._core
         try:
             entry = self._table.get(key)
         except TypeError:
             raise UnhashableKeyError(key) from None
         if entry is None:
             return False
-        return entry.expires is None or entry.expires > _monotonic()
+        return entry.expires is None or entry.expires > self._clock()
 
     def __len__(self) -> int:
+        if self._core is not None:
+            return len(self._core)
         return len(self._table)
 
     def ttl_remaining(self, key: Hashable) -> float | None:
         """Seconds until ``key`` expires; None if it never expires; raises KeyError if absent."""
+        if self._core is not None:
+            return self._core.ttl_remaining(key)
         try:
             entry = self._table.get(key)
         except TypeError:
             raise UnhashableKeyError(key) from None
-        now = _monotonic()
+        now = self._clock()
         if entry is None or (entry.expires is not None and entry.expires <= now):
             raise KeyError(key)
         return None if entry.expires is None else entry.expires - now
@@ -329,8 +444,13 @@ class CacheManager(BaseCache):
             raise TypeError(f"weigher must return an int, got {type(weight).__name__} for key {key!r}")
         if weight < 0:
             raise ValueError(f"weigher returned a negative weight ({weight}) for key {key!r}")
+        if weight > MAX_WEIGHT:
+            raise ValueError(
+                f"weigher returned {weight} for key {key!r}: more than the largest weight a cache "
+                "accepts (2**48)"
+            )
         self._check_strict(key, weight)
-        return weight, (None if ttl is None else _monotonic() + ttl)
+        return weight, (None if ttl is None else self._clock() + ttl)
 
     def put(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` under ``key`` for ``ttl`` seconds (None: the default ttl).
@@ -339,6 +459,8 @@ class CacheManager(BaseCache):
         older value under the key is dropped so no stale value survives the write) or refused by the
         adaptive policy's admission filter.
         """
+        if self._core is not None:
+            return self._core.put(key, value, ttl)
         weight, expires = self._prepare(key, value, ttl)
         with self._lock:
             kept, events = self._put_locked(key, value, weight, expires)
@@ -350,6 +472,12 @@ class CacheManager(BaseCache):
 
         The items are then written under one lock acquisition (eviction listeners run afterwards).
         """
+        core = self._core
+        if core is not None:
+            core.put_prepared(
+                [(key, value, *core.prepare(key, value, ttl)) for key, value in mapping.items()]
+            )
+            return
         prepared = [(key, value, *self._prepare(key, value, ttl)) for key, value in mapping.items()]
         events: list[tuple[Hashable, Any, EvictionCause]] = []
         with self._lock:
@@ -365,10 +493,12 @@ class CacheManager(BaseCache):
 
     def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` has no live entry (atomic); True if stored."""
+        if self._core is not None:
+            return self._core.add(key, value, ttl)
         weight, expires = self._prepare(key, value, ttl)
         with self._lock:
             entry = self._table.get(key)
-            if entry is not None and (entry.expires is None or entry.expires > _monotonic()):
+            if entry is not None and (entry.expires is None or entry.expires > self._clock()):
                 return False
             kept, events = self._put_locked(key, value, weight, expires)
         self._notify(events)
@@ -376,12 +506,14 @@ class CacheManager(BaseCache):
 
     def touch(self, key: Hashable, ttl: float | None = None) -> bool:
         """Give the live entry under ``key`` a new ttl (None: the default ttl); True if it existed."""
+        if self._core is not None:
+            return self._core.touch(key, ttl)
         ttl = self.default_ttl if ttl is None else check_ttl(ttl)
         try:
             hash(key)
         except TypeError:
             raise UnhashableKeyError(key) from None
-        now = _monotonic()
+        now = self._clock()
         with self._lock:
             entry = self._table.get(key)
             if entry is None or (entry.expires is not None and entry.expires <= now):
@@ -435,6 +567,8 @@ class CacheManager(BaseCache):
 
     def delete(self, key: Hashable) -> bool:
         """Remove ``key``; True if a live entry was removed."""
+        if self._core is not None:
+            return self._core.delete(key)
         try:
             hash(key)
         except TypeError:
@@ -444,7 +578,7 @@ class CacheManager(BaseCache):
             if entry is None:
                 return False
             self._bytes -= entry.weight
-            if entry.expires is not None and entry.expires <= _monotonic():
+            if entry.expires is not None and entry.expires <= self._clock():
                 self._expirations += 1
                 return False
             self._deletes += 1
@@ -452,6 +586,8 @@ class CacheManager(BaseCache):
 
     def pop(self, key: Hashable, default: Any = _MISSING) -> Any:
         """Remove ``key`` and return its live value; ``default`` (or KeyError) if absent."""
+        if self._core is not None:
+            return self._core.pop(key) if default is _MISSING else self._core.pop(key, default)
         try:
             hash(key)
         except TypeError:
@@ -460,7 +596,7 @@ class CacheManager(BaseCache):
             entry = self._policy.remove(key)
             if entry is not None:
                 self._bytes -= entry.weight
-                if entry.expires is None or entry.expires > _monotonic():
+                if entry.expires is None or entry.expires > self._clock():
                     self._deletes += 1
                     return entry.value
                 self._expirations += 1
@@ -470,6 +606,9 @@ class CacheManager(BaseCache):
 
     def clear(self) -> None:
         """Remove every entry; no eviction callbacks run."""
+        if self._core is not None:
+            self._core.clear()
+            return
         with self._lock:
             self._policy.clear()
             self._bytes = 0
@@ -485,12 +624,10 @@ class CacheManager(BaseCache):
         heap = self._expiry
         heapq.heappush(heap, (expires, next(self._expiry_seq), key))
         if len(heap) > 2 * len(self._table) + 64:
-            # Overwrites and deletes leave stale heap items; rebuild from the live entries.
-            self._expiry = [
-                (entry.expires, next(self._expiry_seq), k)
-                for k, entry in list(self._table.items())
-                if entry.expires is not None
-            ]
+            # Overwrites, touches and deletes leave stale items; keep those whose key still expires
+            # at the item's time (their order, by expiry then scheduling sequence, is unchanged).
+            table = self._table
+            self._expiry = [item for item in heap if _expires_at(table.get(item[2]), item[0])]
             heapq.heapify(self._expiry)
         if not self._sweeping:
             self._sweeping = True
@@ -500,7 +637,7 @@ class CacheManager(BaseCache):
         heap = self._expiry
         if not heap:
             return
-        now = _monotonic()
+        now = self._clock()
         table = self._table
         while heap and limit > 0 and heap[0][0] <= now:
             _, _, key = heapq.heappop(heap)
@@ -517,6 +654,13 @@ class CacheManager(BaseCache):
 
         The shared sweeper thread calls this so an idle cache frees expired memory too.
         """
+        if self._core is not None:
+            found, deadline, stop = self._core.sweep(limit)
+            if stop:
+                sweeper.unregister(self)
+            if found:
+                self._notify(found)
+            return deadline
         events: list[tuple[Hashable, Any, EvictionCause]] = []
         with self._lock:
             self._expire_some(limit, events)
@@ -548,6 +692,8 @@ class CacheManager(BaseCache):
             raise TypeError(f"listener must be callable, got {type(listener).__name__}")
         with self._lock:
             self._listeners = [*self._listeners, listener]
+            if self._core is not None:
+                self._core.notify = self._notify
 
     def remove_eviction_listener(self, listener: EvictionListener) -> None:
         """Stop calling ``listener``; ValueError if it was not added."""
@@ -555,6 +701,8 @@ class CacheManager(BaseCache):
             listeners = list(self._listeners)
             listeners.remove(listener)
             self._listeners = listeners
+            if self._core is not None and not listeners:
+                self._core.notify = None
 
     def _notify(self, events: list[tuple[Hashable, Any, EvictionCause]]) -> None:
         if not events:
@@ -577,6 +725,43 @@ class CacheManager(BaseCache):
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters, occupancy and sampled latencies."""
+        if self._core is not None:
+            (
+                gets,
+                misses,
+                bad,
+                evictions,
+                expirations,
+                rejections,
+                puts,
+                deletes,
+                nbytes,
+                entries,
+                metadata,
+                hit_ns,
+                miss_ns,
+            ) = self._core.stats()
+            hits = max(gets - misses - bad, 0)
+            requests = hits + misses
+            return CacheStats(
+                hits=hits,
+                misses=misses,
+                hit_rate=hits / requests if requests else 0.0,
+                evictions=evictions,
+                expirations=expirations,
+                rejections=rejections,
+                puts=puts,
+                deletes=deletes,
+                bytes=nbytes,
+                entries=entries,
+                max_bytes=self.max_bytes,
+                max_entries=self.max_entries,
+                metadata_bytes=metadata,
+                hit_latency_ns=int(statistics.median(hit_ns)) if hit_ns else 0,
+                miss_latency_ns=int(statistics.median(miss_ns)) if miss_ns else 0,
+                name=self.name,
+                policy=self.policy.value,
+            )
         with self._lock:
             gets, misses, bad = _count(self._gets), _count(self._misses), _count(self._bad_keys)
             hits = max(gets - misses - bad, 0)
@@ -620,23 +805,42 @@ class CacheManager(BaseCache):
         from kotoba_memory.cache_manager.analysis import analyze_cache
 
         stats = self.stats()
-        with self._lock:
-            curve = self._mrc.curve(stats.hits, stats.requests)
-            details = self._policy.describe()
+        if self._core is not None:
+            hist = self._core.mrc()[0]
+            capacity = self.max_bytes if self.max_bytes is not None else self.max_entries
+            assert capacity is not None
+            curve = mrc_curve(capacity, max(capacity, 1), hist, stats.hits, stats.requests)
+            details = self._core.describe()
+        else:
+            with self._lock:
+                curve = self._mrc.curve(stats.hits, stats.requests)
+                details = self._policy.describe()
         return analyze_cache(stats, curve, details, self._callback_errors)
+
+    def _describe(self) -> dict[str, Any]:
+        """The policy's internals (e.g. ADAPTIVE's window), whichever implementation runs."""
+        if self._core is not None:
+            return self._core.describe()
+        with self._lock:
+            return self._policy.describe()
 
     async def aanalyze(self) -> CacheAnalysis:
         """Async :meth:`analyze` (pure in-memory work, runs inline)."""
         return self.analyze()
 
     def keys(self) -> list[Hashable]:
-        """A snapshot of the keys held (including expired ones not yet reclaimed)."""
+        """A snapshot of the keys held (including expired ones not yet reclaimed).
+
+        LRU and FIFO list them oldest first, LFU in insertion order; ADAPTIVE's order is unspecified.
+        """
+        if self._core is not None:
+            return self._core.keys()
         return list(self._table)
 
     def __repr__(self) -> str:
         return (
             f"CacheManager(max_bytes={self.max_bytes}, policy={self.policy.name}, "
-            f"max_entries={self.max_entries}, name={self.name!r})"
+            f"max_entries={self.max_entries}, name={self.name!r}, implementation={self.implementation!r})"
         )
 
     # -- async twins: everything here is fast in-memory work, so it runs inline ---------------------
@@ -670,3 +874,53 @@ class CacheManager(BaseCache):
 
     async def attl_remaining(self, key: Hashable) -> float | None:
         return self.ttl_remaining(key)
+
+
+class _Impl(enum.Enum):
+    C = "c"
+    PYTHON = "python"
+
+
+_BUILTIN_KINDS = {CachePolicy.LRU: "LRU", CachePolicy.LFU: "LFU", CachePolicy.FIFO: "FIFO"}
+
+
+def _core_kind(policy: CachePolicy, module: Any) -> int | None:
+    """The compiled core's code for ``policy``, or None when the policy runs only in Python."""
+    cls = policy_class(policy)
+    if policy is CachePolicy.ADAPTIVE:
+        from kotoba_memory.cache_manager.adaptive import AdaptivePolicy
+
+        # The hill-climbing alternative (adapt = "climb") and subclasses stay in Python.
+        if cls is not AdaptivePolicy or AdaptivePolicy.adapt != "ghost":
+            return None
+        return int(module.ADAPTIVE)
+    builtin = {CachePolicy.LRU: LruPolicy, CachePolicy.LFU: LfuPolicy, CachePolicy.FIFO: FifoPolicy}
+    if cls is not builtin[policy]:
+        return None
+    return int(getattr(module, _BUILTIN_KINDS[policy]))
+
+
+def _expires_at(entry: Entry | None, expires: float) -> bool:
+    return entry is not None and entry.expires == expires
+
+
+class _CoreTable(Mapping[Hashable, Entry]):
+    """A read-only view of the compiled core's table as ``key -> Entry`` snapshots (tests, debugging)."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def __getitem__(self, key: Hashable) -> Entry:
+        found = self._core.entry(key)
+        if found is None:
+            raise KeyError(key)
+        return Entry(*found)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._core.keys())
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __contains__(self, key: object) -> bool:
+        return self._core.entry(key) is not None

@@ -14,7 +14,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Hashable
 
-__all__ = ["GhostMrc", "fingerprint"]
+__all__ = ["GhostMrc", "fingerprint", "mrc_curve"]
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -90,17 +90,23 @@ class GhostMrc:
 
     def curve(self, hits: int, requests: int, points: int = 8) -> dict[int, float]:
         """Estimated miss ratio at the current capacity and at ``points`` larger ones."""
-        if requests <= 0:
-            return {}
-        out = {self.capacity: 1.0 - hits / requests}
-        hist = self._hist
-        for i in range(1, points + 1):
-            extra = self.span * i // points
-            upto = min(_BUCKETS, -(-extra * _BUCKETS // (self.span + 1)))
-            gained = sum(hist[:upto])
-            out[self.capacity + extra] = max(0.0, 1.0 - (hits + gained) / requests)
-        return out
+        return mrc_curve(self.capacity, self.span, self._hist, hits, requests, points)
 
     def metadata_bytes(self) -> int:
         # an OrderedDict slot and node plus two ints per ghost
         return sys.getsizeof(self._ghosts) + len(self._ghosts) * 2 * sys.getsizeof(1 << 40)
+
+
+def mrc_curve(
+    capacity: int, span: int, hist: list[int], hits: int, requests: int, points: int = 8
+) -> dict[int, float]:
+    """The miss ratio at ``capacity`` and at ``points`` larger ones, from a ghost-hit histogram."""
+    if requests <= 0:
+        return {}
+    out = {capacity: 1.0 - hits / requests}
+    for i in range(1, points + 1):
+        extra = span * i // points
+        upto = min(_BUCKETS, -(-extra * _BUCKETS // (span + 1)))
+        gained = sum(hist[:upto])
+        out[capacity + extra] = max(0.0, 1.0 - (hits + gained) / requests)
+    return out
