@@ -111,20 +111,27 @@ def build_ops(entries: int, loops: int) -> dict[str, dict[str, Op]]:
     ops["theine"] = {"get-hit": loop(th.get, hit_keys), "get-miss": loop(th.get, miss_keys),
                      "put+evict": put_loop(th_put.set, entries * loops)}
 
-    for policy in CachePolicy:
-        def ours_instance(p: CachePolicy = policy) -> CacheManager:
-            cache = CacheManager(max_entries=capacity, policy=p)
-            for k in range(capacity):
-                cache.put(k, k)
-            for k in range(entries):  # the hit keys are the popular ones
-                cache.get(k)
-            return cache
+    for impl in implementations():
+        for policy in CachePolicy:
+            def ours_instance(p: CachePolicy = policy, i: str = impl) -> CacheManager:
+                cache = CacheManager(max_entries=capacity, policy=p, implementation=i)
+                for k in range(capacity):
+                    cache.put(k, k)
+                for k in range(entries):  # the hit keys are the popular ones
+                    cache.get(k)
+                return cache
 
-        ours, ours_put = ours_instance(), ours_instance()
-        ops[f"ours {policy.value}"] = {"get-hit": loop(ours.get, hit_keys),
-                                       "get-miss": loop(ours.get, miss_keys),
-                                       "put+evict": put_loop(ours_put.put, entries * loops)}
+            ours, ours_put = ours_instance(), ours_instance()
+            ops[f"ours {policy.value} ({impl})"] = {"get-hit": loop(ours.get, hit_keys),
+                                                    "get-miss": loop(ours.get, miss_keys),
+                                                    "put+evict": put_loop(ours_put.put, entries * loops)}
     return ops
+
+
+def implementations() -> list[str]:
+    """Our implementations available in this process: the compiled core (when built) and the reference."""
+    probe = CacheManager(max_entries=1)
+    return ["c", "python"] if probe.implementation == "c" else ["python"]
 
 
 def measure(rounds: int, entries: int, loops: int) -> dict[str, dict[str, Any]]:
@@ -162,13 +169,13 @@ def measure(rounds: int, entries: int, loops: int) -> dict[str, dict[str, Any]]:
 def metadata_overhead(entries: int) -> list[dict[str, Any]]:
     """Bookkeeping bytes per entry for 1 KiB values: stats() figure and a tracemalloc measurement."""
     out = []
-    for policy in CachePolicy:
+    for impl, policy in ((i, p) for i in implementations() for p in CachePolicy):
         keys = [f"key-{i}" for i in range(entries)]
         values = [bytes(1024) + i.to_bytes(4, "little") for i in range(entries)]
         gc.collect()
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        cache = CacheManager(max_entries=entries, policy=policy)
+        cache = CacheManager(max_entries=entries, policy=policy, implementation=impl)
         for k, v in zip(keys, values):
             cache.put(k, v)
         for k in keys[: entries // 2]:
@@ -178,7 +185,7 @@ def metadata_overhead(entries: int) -> list[dict[str, Any]]:
         stats = cache.stats()
         out.append(
             {
-                "policy": policy.value,
+                "policy": f"{policy.value} ({impl})",
                 "entries": stats.entries,
                 "cached bytes": stats.bytes,
                 "metadata_bytes per entry (stats)": round(stats.metadata_bytes / stats.entries, 1),

@@ -70,8 +70,8 @@ typedef struct {
 } ExpItem;
 
 typedef struct {
-    int64_t count;
     int64_t seq;
+    uint32_t count; /* hits are saturating 32-bit counters */
     int32_t slot;
 } LfuItem;
 
@@ -651,9 +651,10 @@ index_delete_at(Core *c, int32_t pos)
 static int
 reserve_one(Core *c, Py_hash_t hash, int32_t *pos)
 {
-    if (c->index == NULL || (c->len + 1) * 2 > ((Py_ssize_t)1 << c->index_bits)) {
+    /* linear probing kept at a load factor <= 2/3, as dict */
+    if (c->index == NULL || (c->len + 1) * 3 > ((Py_ssize_t)1 << c->index_bits) * 2) {
         int bits = c->index == NULL ? 3 : c->index_bits + 1;
-        while (((Py_ssize_t)1 << bits) < (c->len + 1) * 2)
+        while (((Py_ssize_t)1 << bits) * 2 < (c->len + 1) * 3)
             bits++;
         if (bits > 30) {
             PyErr_SetString(PyExc_MemoryError, "cache table is full (2**29 entries)");
@@ -668,7 +669,18 @@ reserve_one(Core *c, Py_hash_t hash, int32_t *pos)
         *pos = i;
     }
     if (c->free_head == NIL && c->slot_used == c->slot_cap) {
-        int32_t cap = c->slot_cap ? c->slot_cap * 2 : 8;
+        int64_t want = c->slot_cap ? (int64_t)c->slot_cap * 2 : 8;
+        /* an entry-bounded table never holds more than max_entries + 1 (+1 for a put re-entered
+           from a key's __eq__), so its array stops there */
+        if (c->max_entries >= 0 && want > c->max_entries + 2)
+            want = c->max_entries + 2;
+        if (want <= c->slot_cap)
+            want = (int64_t)c->slot_cap + 8;
+        if (want > INT32_MAX / 2) {
+            PyErr_SetString(PyExc_MemoryError, "cache table is full");
+            return -1;
+        }
+        int32_t cap = (int32_t)want;
         Slot *slots = PyMem_Realloc(c->slots, (size_t)cap * sizeof(Slot));
         if (slots == NULL) {
             PyErr_NoMemory();
@@ -1201,7 +1213,7 @@ static int
 lfu_push(Core *c, int64_t count, int64_t seq, int32_t s)
 {
     if (c->lheap_len == c->lheap_cap) {
-        Py_ssize_t cap = c->lheap_cap ? c->lheap_cap * 2 : 16;
+        Py_ssize_t cap = c->lheap_cap + c->lheap_cap / 2 + 16;
         LfuItem *h = PyMem_Realloc(c->lheap, (size_t)cap * sizeof(LfuItem));
         if (h == NULL) {
             PyErr_NoMemory();
@@ -1210,7 +1222,7 @@ lfu_push(Core *c, int64_t count, int64_t seq, int32_t s)
         c->lheap = h;
         c->lheap_cap = cap;
     }
-    LfuItem item = {count, seq, s};
+    LfuItem item = {seq, (uint32_t)count, s};
     Py_ssize_t i = c->lheap_len++;
     while (i > 0) {
         Py_ssize_t p = (i - 1) / 2;
@@ -1285,7 +1297,7 @@ lfu_evict(Core *c)
         if (s >= c->slot_used || c->slots[s].key == NULL || c->lfu_seq[s] != item.seq)
             continue;
         int64_t hits = c->slots[s].hits;
-        if (hits != item.count) {
+        if (hits != (int64_t)item.count) {
             int64_t seq = c->lseq++;
             c->lfu_seq[s] = seq;
             if (lfu_push(c, hits, seq, s) < 0)
