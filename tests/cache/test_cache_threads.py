@@ -1,4 +1,8 @@
-"""Many real threads hammering one cache keep every invariant: bounds, byte accounting, stats."""
+"""Many real threads hammering one cache keep every invariant: bounds, byte accounting, stats.
+
+Each test runs on every implementation in use: the compiled core (when built and not disabled) and
+the pure-Python reference.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,15 @@ from typing import Any
 
 import pytest
 
+from kotoba_memory import _native
 from kotoba_memory.cache_manager import CacheManager, CachePolicy, EvictionCause
 
+IMPLEMENTATIONS = ["python"] if _native.load("_ccache") is None else ["c", "python"]
 
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("policy", list(CachePolicy))
-def test_threaded_hammer_keeps_invariants(policy: CachePolicy) -> None:
+def test_threaded_hammer_keeps_invariants(policy: CachePolicy, implementation: str) -> None:
     max_bytes = 20_000
     evicted: list[Any] = []
     cache = CacheManager(
@@ -22,6 +30,7 @@ def test_threaded_hammer_keeps_invariants(policy: CachePolicy) -> None:
         max_entries=300,
         weigher=len,
         on_evict=lambda k, v, c: evicted.append(c),
+        implementation=implementation,
     )
     errors: list[BaseException] = []
     gets = [0] * 8
@@ -69,10 +78,13 @@ def test_threaded_hammer_keeps_invariants(policy: CachePolicy) -> None:
     assert stats.hits + stats.misses >= sum(gets)
     assert stats.evictions == evicted.count(EvictionCause.SIZE)
     assert stats.expirations >= evicted.count(EvictionCause.EXPIRED)
+    if cache._core is not None:
+        cache._core.check()  # index, links, segment sizes and byte total all consistent
 
 
-def test_stats_hits_plus_misses_equals_gets_under_threads() -> None:
-    cache = CacheManager(max_entries=100, policy="adaptive")
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_stats_hits_plus_misses_equals_gets_under_threads(implementation: str) -> None:
+    cache = CacheManager(max_entries=100, policy="adaptive", implementation=implementation)
     for k in range(100):
         cache.put(k, k)
     per_thread = 20_000

@@ -58,11 +58,13 @@ class Backend:
     invariants: Callable[[Any], None] | None = None  # backend-specific checks after the thread hammer
 
 
-def _memory(policy: CachePolicy) -> Callable[..., BaseCache]:
+def _memory(policy: CachePolicy, implementation: str | None = None) -> Callable[..., BaseCache]:
     def build(
         request: pytest.FixtureRequest, tmp: Path, max_bytes: int | None, default_ttl: float | None
     ) -> BaseCache:
-        return CacheManager(max_bytes or DEFAULT_MAX_BYTES, policy, default_ttl=default_ttl)
+        return CacheManager(
+            max_bytes or DEFAULT_MAX_BYTES, policy, default_ttl=default_ttl, implementation=implementation
+        )
 
     return build
 
@@ -70,6 +72,13 @@ def _memory(policy: CachePolicy) -> Callable[..., BaseCache]:
 def _exact_byte_accounting(cache: CacheManager) -> None:
     held = [cache._table[k] for k in list(cache._table)]
     assert cache.stats().bytes == sum(entry.weight for entry in held)
+    if cache._core is not None:
+        cache._core.check()
+
+
+# The memory backends run on the implementation in use (the compiled core when built) and, when that is
+# the compiled core, on the pure-Python reference too, so both meet the contract in every run.
+_REFERENCE_TOO = CacheManager(max_entries=1).implementation == "c"
 
 
 def _disk(
@@ -121,6 +130,12 @@ BACKENDS = [
     *(
         Backend(f"memory-{policy.value}", _memory(policy), invariants=_exact_byte_accounting)
         for policy in CachePolicy
+    ),
+    *(
+        Backend(
+            f"memory-{policy.value}-python", _memory(policy, "python"), invariants=_exact_byte_accounting
+        )
+        for policy in (CachePolicy if _REFERENCE_TOO else ())
     ),
     Backend("disk", _disk, serializes=True, atomic_put_many=True),
     Backend("tiered", _tiered, invariants=_tiers_are_exclusive),
