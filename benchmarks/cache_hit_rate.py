@@ -1,7 +1,9 @@
 """Hit rates of our cache policies against OPT, ARC, cachetools, cachebox and theine on real traces.
 
 Replay (per the traces README): for each key ``get``; on a miss ``put``. Every contender sees the same
-requests in one run. Also: the byte-weighted CDN trace under a byte bound (object and byte hit rates),
+requests in one run. "ours" is the implementation in use (the compiled core when built); the
+implementation check replays every row with both implementations and requires identical hits,
+evictions and policy state. Also: the byte-weighted CDN trace under a byte bound (object and byte hit rates),
 and the miss-ratio-curve check: ``analyze()``'s estimate of the hit rate at twice the size against an
 actual run at twice the size.
 
@@ -155,8 +157,10 @@ def _replay_theine(keys: Sequence[int], capacity: int) -> int:
     return hits
 
 
-def _replay_ours(policy: CachePolicy, keys: Sequence[int], capacity: int) -> tuple[int, CacheManager]:
-    cache = CacheManager(max_entries=capacity, policy=policy)
+def _replay_ours(
+    policy: CachePolicy, keys: Sequence[int], capacity: int, implementation: str | None = None
+) -> tuple[int, CacheManager]:
+    cache = CacheManager(max_entries=capacity, policy=policy, implementation=implementation)
     get, put = cache.get, cache.put
     hits = 0
     for k in keys:
@@ -247,7 +251,37 @@ def mrc_check(traces_dir: Path, rows: list[tuple[str, int]], limit: int | None) 
     return out
 
 
-def byte_weighted(traces_dir: Path, limit: int | None, fractions: Sequence[float]) -> list[dict[str, Any]]:
+def implementation_check(
+    traces_dir: Path, rows: list[tuple[str, int]], limit: int | None
+) -> list[dict[str, Any]]:
+    """Every policy on every row with the compiled core and the reference: hits, evictions, state."""
+    names = {t.name: t for t in find_traces(traces_dir) if not t.sized}
+    out = []
+    for trace, capacity in rows:
+        if trace not in names:
+            continue
+        keys = load_keys(names[trace].path, limit)
+        for policy in CachePolicy:
+            seen = {}
+            for impl in ("c", "python"):
+                hits, cache = _replay_ours(policy, keys, capacity, impl)
+                seen[impl] = (hits, cache.stats().evictions, cache._describe())
+            out.append(
+                {
+                    "trace": trace,
+                    "capacity": capacity,
+                    "policy": policy.value,
+                    "hit rate (c)": round(100.0 * seen["c"][0] / len(keys), 2),
+                    "hit rate (python)": round(100.0 * seen["python"][0] / len(keys), 2),
+                    "identical": seen["c"] == seen["python"],
+                }
+            )
+    return out
+
+
+def byte_weighted(
+    traces_dir: Path, limit: int | None, fractions: Sequence[float], implementation: str | None = None
+) -> list[dict[str, Any]]:
     """Object and byte hit rates of our policies on the sized trace under a byte bound."""
     sized = [t for t in find_traces(traces_dir) if t.sized]
     out: list[dict[str, Any]] = []
@@ -258,7 +292,7 @@ def byte_weighted(traces_dir: Path, limit: int | None, fractions: Sequence[float
         for fraction in fractions:
             max_bytes = max(int(footprint * fraction), 1)
             for policy in CachePolicy:
-                cache = CacheManager(max_bytes, policy, weigher=lambda v: v)
+                cache = CacheManager(max_bytes, policy, weigher=lambda v: v, implementation=implementation)
                 get, put = cache.get, cache.put
                 hits = hit_bytes = 0
                 for k, size in requests:
@@ -276,6 +310,7 @@ def byte_weighted(traces_dir: Path, limit: int | None, fractions: Sequence[float
                         "object hit rate": round(100.0 * hits / len(requests), 2),
                         "byte hit rate": round(100.0 * hit_bytes / total_bytes, 2),
                         "rejections": cache.stats().rejections,
+                        "evictions": cache.stats().evictions,
                     }
                 )
     return out
@@ -326,8 +361,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         sized,
         ["trace", "max_bytes", "fraction of footprint", "policy", "object hit rate", "byte hit rate"],
     )
+    check: list[dict[str, Any]] = []
+    if CacheManager(max_entries=1).implementation == "c":
+        check = implementation_check(traces_dir, rows, limit)
+        sized_py = byte_weighted(traces_dir, 20_000 if args.quick else None, (0.01, 0.05, 0.2), "python")
+        for c_row, py_row in zip(sized, sized_py, strict=True):
+            check.append(
+                {
+                    "trace": c_row["trace"],
+                    "capacity": c_row["max_bytes"],
+                    "policy": c_row["policy"],
+                    "hit rate (c)": c_row["object hit rate"],
+                    "hit rate (python)": py_row["object hit rate"],
+                    "identical": c_row == py_row,
+                }
+            )
+        print("\n### Implementation check: compiled core vs pure-Python reference, same replay\n")
+        _print_table(check, ["trace", "capacity", "policy", "hit rate (c)", "hit rate (python)", "identical"])
+        print(f"\nidentical on {sum(r['identical'] for r in check)} of {len(check)} replays")
+    else:
+        print("\n(the compiled core is not in use: implementation check skipped)")
     if args.json:
-        args.json.write_text(json.dumps({"rows": results, "mrc": mrc, "sized": sized}, indent=1))
+        args.json.write_text(
+            json.dumps({"rows": results, "mrc": mrc, "sized": sized, "implementations": check}, indent=1)
+        )
     return 0
 
 

@@ -107,8 +107,9 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int kind;
-    int64_t max_bytes;   /* -1: none */
-    int64_t max_entries; /* -1: none */
+    int64_t max_bytes;   /* -1: none; as built: whether units are bytes (policy sizes, MRC) */
+    int64_t bound_bytes; /* -1: none; the byte bound puts are held to (CacheManager.max_bytes) */
+    int64_t max_entries; /* -1: none; the entry bound (CacheManager.max_entries, may change) */
     int64_t capacity;    /* max_bytes if set, else max_entries */
 
     Slot *slots;
@@ -1637,7 +1638,7 @@ static int
 evict_over_bound(Core *c, PyObject **events)
 {
     int collect = c->notify != NULL;
-    while (c->len > 0 && ((c->max_bytes >= 0 && c->bytes > c->max_bytes) ||
+    while (c->len > 0 && ((c->bound_bytes >= 0 && c->bytes > c->bound_bytes) ||
                           (c->max_entries >= 0 && c->len > c->max_entries))) {
         int32_t s = policy_evict(c);
         if (s == -2)
@@ -2184,10 +2185,10 @@ prepare(Core *c, PyObject *key, PyObject *value, PyObject *ttl, Prepared *p)
     p->weight = weigh(c, key, value);
     if (p->weight < 0)
         return -1;
-    if (c->strict && c->max_bytes >= 0 && p->weight > c->max_bytes) {
+    if (c->strict && c->bound_bytes >= 0 && p->weight > c->bound_bytes) {
         c->rejections++;
         PyObject *exc = PyObject_CallFunction(c->too_large, "OLL", key, (long long)p->weight,
-                                              (long long)c->max_bytes);
+                                              (long long)c->bound_bytes);
         if (exc != NULL) {
             PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
             Py_DECREF(exc);
@@ -2209,7 +2210,7 @@ put_locked(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, int64_t weig
     int32_t s = lookup(c, key, hash, &pos);
     if (s == -2)
         return -1;
-    if (c->max_bytes >= 0 && weight > c->max_bytes) {
+    if (c->bound_bytes >= 0 && weight > c->bound_bytes) {
         c->rejections++;
         if (s != NIL)
             unlink_entry(c, s);
@@ -2544,6 +2545,29 @@ Core_sweep(Core *c, PyObject *arg)
     return finish(c, NULL, r);
 }
 
+/* set_bounds(max_entries, max_bytes): new bounds for later puts (-1: none); policy units stay as built. */
+static PyObject *
+Core_set_bounds(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_bounds(max_entries, max_bytes)");
+        return NULL;
+    }
+    long long entries = PyLong_AsLongLong(args[0]);
+    if (entries == -1 && PyErr_Occurred())
+        return NULL;
+    long long nbytes = PyLong_AsLongLong(args[1]);
+    if (nbytes == -1 && PyErr_Occurred())
+        return NULL;
+    if (entries == 0 || nbytes == 0 || entries < -1 || nbytes < -1) {
+        PyErr_SetString(PyExc_ValueError, "bounds must be positive (or -1 for none)");
+        return NULL;
+    }
+    c->max_entries = entries;
+    c->bound_bytes = nbytes;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Core_reset_after_fork(Core *c, PyObject *Py_UNUSED(ignored))
 {
@@ -2681,10 +2705,6 @@ Core_check(Core *c, PyObject *Py_UNUSED(ignored))
     }
     if (listed != c->len)
         FAIL("lists hold a different number of entries than the table");
-    if (c->max_bytes >= 0 && c->bytes > c->max_bytes)
-        FAIL("over max_bytes");
-    if (c->max_entries >= 0 && c->len > c->max_entries)
-        FAIL("over max_entries");
     Py_RETURN_NONE;
 #undef FAIL
 }
@@ -2761,6 +2781,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->kind = kind;
     c->max_entries = max_entries < 0 ? -1 : max_entries;
     c->max_bytes = max_bytes < 0 ? -1 : max_bytes;
+    c->bound_bytes = c->max_bytes;
     c->capacity = c->max_bytes >= 0 ? c->max_bytes : c->max_entries;
     c->free_head = NIL;
     for (int i = 0; i < 3; i++)
@@ -2904,6 +2925,8 @@ static PyMethodDef Core_methods[] = {
     {"mrc", (PyCFunction)Core_mrc, METH_NOARGS, "(histogram, ghost_hits, ghosts)."},
     {"describe", (PyCFunction)Core_describe, METH_NOARGS, "Policy internals."},
     {"check", (PyCFunction)Core_check, METH_NOARGS, "Verify internal invariants."},
+    {"set_bounds", (PyCFunction)(void (*)(void))Core_set_bounds, METH_FASTCALL,
+     "set_bounds(max_entries, max_bytes): the bounds later puts are held to (-1: none)."},
     {"reset_after_fork", (PyCFunction)Core_reset_after_fork, METH_NOARGS,
      "In a forked child: the sweeper registers again on the next ttl'd put."},
     {NULL, NULL, 0, NULL},

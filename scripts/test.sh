@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs, lints, type-checks and runs the whole test suite, then the
-# GC tests and the GC benchmark's smoke test under the other CPythons it supports, each in its own venv.
+# The test command: installs what it needs, lints, type-checks and runs the whole test suite (on the
+# compiled C extensions), then the suite again on the pure-Python implementation, then the GC tests and
+# the GC benchmark's smoke test under the other CPythons it supports, each in its own venv.
 # Extra arguments go to pytest. Exits non-zero on any failure, including "no tests ran".
 #
 #   bash scripts/test.sh                                   # CI: everything (3.11 + gc on 3.12/3.13)
 #   PYTHON=python3.12 VENV=.venv-3.12 bash scripts/test.sh tests/gc   # one interpreter, its own venv
 #
-# With PYTHON or VENV given only that interpreter runs. EXTRA_PYTHONS (space-separated) lists the
+# KOTOBA_MEMORY_SECOND_PASS=0 skips the pure-Python pass. With PYTHON or VENV given only that
+# interpreter runs. EXTRA_PYTHONS (space-separated) lists the
 # interpreters for the GC runs (default: python3.12 and python3.13 from PATH or pyenv); set it to ""
 # to skip them. A missing interpreter is reported and fails the script.
 set -euo pipefail
@@ -19,6 +21,16 @@ PYTHON=${PYTHON:-python3} VENV=$VENV bash scripts/bootstrap.sh
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
 "$VENV/bin/python" -m pytest "$@"
+# Second pass, KOTOBA_MEMORY_PURE_PYTHON=1: every component on its pure-Python reference (the compiled
+# core's differential and fuzz tests skip themselves here; they already compared both in the first
+# pass). To keep CI under ~13 minutes on 2 cores it leaves out the tests marked `server` (real
+# gunicorn/uvicorn runs and the field suite: the servers' own cost, not ours, dominates them) and
+# `slow`; every cache, pool, profiler, GC, optimizer and integration unit test runs both ways.
+if [[ ${KOTOBA_MEMORY_SECOND_PASS:-1} != 0 ]]; then
+    echo "test.sh: the suite again on the pure-Python implementation (KOTOBA_MEMORY_PURE_PYTHON=1)"
+    KOTOBA_MEMORY_PURE_PYTHON=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+        -m "not server and not slow" "$@"
+fi
 ((single)) && exit 0
 
 find_python() {  # python3.X on PATH (if it runs: pyenv shims may not), else the newest pyenv build

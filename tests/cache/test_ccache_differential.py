@@ -175,6 +175,19 @@ class Differential(RuleBasedStateMachine):
             if rng.random() < 0.02:
                 self.clock.now += 0.3
 
+    @rule(
+        entries=st.one_of(st.none(), st.integers(1, 40)), nbytes=st.one_of(st.none(), st.integers(20, 3000))
+    )
+    def rebound(self, entries: int | None, nbytes: int | None) -> None:
+        """Bounds may change between puts (the Django backend lowers max_entries for one culling put)."""
+        for cache in self.caches.values():
+            if entries is None and nbytes is None:
+                nbytes = 1000
+            cache.max_entries = entries
+            cache.max_bytes = nbytes
+        self.n += 1
+        self.both("put", "rebound", _value(self.n, 5))
+
     @rule(key=KEYS)
     def contains(self, key: Hashable) -> None:
         self.both("__contains__", key)

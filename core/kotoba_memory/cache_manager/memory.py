@@ -199,9 +199,10 @@ class CacheManager(BaseCache):
         strict: bool = False,
         implementation: str | None = None,
     ) -> None:
-        self.max_bytes = None if max_bytes is None else check_positive_int(max_bytes, "max_bytes")
+        self._core: _ccache.Core | None = None
+        self._max_bytes = None if max_bytes is None else check_positive_int(max_bytes, "max_bytes")
         self.strict = bool(strict)
-        self.max_entries = None if max_entries is None else check_positive_int(max_entries, "max_entries")
+        self._max_entries = None if max_entries is None else check_positive_int(max_entries, "max_entries")
         if self.max_bytes is None and self.max_entries is None:
             raise ConfigError("max_bytes", "a cache needs a bound: give max_bytes and/or max_entries")
         self.policy = CachePolicy.coerce(policy)
@@ -216,7 +217,7 @@ class CacheManager(BaseCache):
         self._listeners: list[EvictionListener] = [on_evict] if on_evict is not None else []
         self._lock = threading.Lock()
         self._callback_errors = 0
-        self._core: _ccache.Core | None = self._build_core(implementation)
+        self._core = self._build_core(implementation)
         self.implementation = "python" if self._core is None else "c"
         if self._core is not None:
             core = self._core
@@ -262,6 +263,33 @@ class CacheManager(BaseCache):
         if type(self).get is CacheManager.get:  # a subclass overriding get() keeps its override
             self.get = self._read  # type: ignore[method-assign]
         super().__init__(name)
+
+    @property
+    def max_entries(self) -> int | None:
+        """The entry bound; may be changed (e.g. lowered for one put), later puts evict down to it."""
+        return self._max_entries
+
+    @max_entries.setter
+    def max_entries(self, value: int | None) -> None:
+        self._max_entries = None if value is None else check_positive_int(value, "max_entries")
+        self._sync_bounds()
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The byte bound; may be changed, later puts are held to it (policy sizing stays as built)."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        self._max_bytes = None if value is None else check_positive_int(value, "max_bytes")
+        self._sync_bounds()
+
+    def _sync_bounds(self) -> None:
+        if self._core is not None:
+            # beyond the core's range a bound is effectively none
+            self._core.set_bounds(
+                *(-1 if b is None else min(b, _CORE_MAX_BOUND) for b in (self._max_entries, self._max_bytes))
+            )
 
     def _build_core(self, implementation: str | None) -> _ccache.Core | None:
         """The compiled core for this cache, or None where the reference implementation runs."""
