@@ -2077,6 +2077,28 @@ is_flat(PyTypeObject *t)
            t == &PyRange_Type;
 }
 
+/* The common flat types' own __sizeof__ (method descriptors), called without sys.getsizeof's argument
+   parsing and attribute lookup; sys.getsizeof adds nothing to them (they are not GC-tracked). */
+#define N_SIZEOF 4
+static PyTypeObject *sizeof_types[N_SIZEOF];
+static PyObject *sizeof_descrs[N_SIZEOF];
+
+static int
+init_sizeof(void)
+{
+    PyTypeObject *types[N_SIZEOF] = {&PyLong_Type, &PyUnicode_Type, &PyFloat_Type, &PyByteArray_Type};
+    for (int i = 0; i < N_SIZEOF; i++) {
+        if (PyType_IS_GC(types[i]))
+            continue;
+        PyObject *d = PyObject_GetAttrString((PyObject *)types[i], "__sizeof__");
+        if (d == NULL)
+            return -1;
+        sizeof_types[i] = types[i];
+        sizeof_descrs[i] = d;
+    }
+    return 0;
+}
+
 /* The value's weight, validated as the reference does. -1 with an error set on failure. */
 static int64_t
 weigh(Core *c, PyObject *key, PyObject *value)
@@ -2086,7 +2108,17 @@ weigh(Core *c, PyObject *key, PyObject *value)
         PyTypeObject *t = Py_TYPE(value);
         if (t == &PyBytes_Type)
             return (int64_t)PyBytes_Type.tp_basicsize + (int64_t)PyBytes_GET_SIZE(value);
-        r = PyObject_CallOneArg(is_flat(t) ? getsizeof_fn : c->default_weigher, value);
+        r = NULL;
+        for (int i = 0; i < N_SIZEOF; i++) {
+            if (t == sizeof_types[i]) {
+                r = PyObject_Vectorcall(sizeof_descrs[i], &value, 1, NULL);
+                if (r == NULL)
+                    return -1;
+                break;
+            }
+        }
+        if (r == NULL)
+            r = PyObject_CallOneArg(is_flat(t) ? getsizeof_fn : c->default_weigher, value);
     }
     else
         r = PyObject_CallOneArg(c->weigher, value);
@@ -2195,7 +2227,9 @@ prepare(Core *c, PyObject *key, PyObject *value, PyObject *ttl, Prepared *p)
         }
         return -1;
     }
-    if (now_mono(c, &p->now) < 0)
+    /* the clock is read only when something needs it (NAN: not read yet) */
+    p->now = NAN;
+    if (!isnan(seconds) && now_mono(c, &p->now) < 0)
         return -1;
     p->expires = isnan(seconds) ? NONE_EXPIRY : p->now + seconds;
     return 0;
@@ -2252,8 +2286,12 @@ put_locked(Core *c, PyObject *key, Py_hash_t hash, PyObject *value, int64_t weig
     c->puts++;
     if (expires != NONE_EXPIRY && exp_schedule(c, key, hash, expires) < 0)
         return -1;
-    if (c->heap_len > 0 && expire_some(c, EXPIRE_PER_OP, now, events) < 0)
-        return -1;
+    if (c->heap_len > 0) {
+        if (isnan(now) && now_mono(c, &now) < 0)
+            return -1;
+        if (expire_some(c, EXPIRE_PER_OP, now, events) < 0)
+            return -1;
+    }
     if (evict_over_bound(c, events) < 0)
         return -1;
     if (policy_maintain(c) < 0)
@@ -2295,6 +2333,8 @@ Core_add(Core *c, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     int32_t s = lookup(c, out[0], p.hash, &pos);
     if (s == -2)
         return finish(c, NULL, NULL);
+    if (s != NIL && c->slots[s].expires != NONE_EXPIRY && isnan(p.now) && now_mono(c, &p.now) < 0)
+        return finish(c, NULL, NULL);
     if (s != NIL && (c->slots[s].expires == NONE_EXPIRY || c->slots[s].expires > p.now))
         return finish(c, NULL, Py_NewRef(Py_False));
     PyObject *events = NULL;
@@ -2326,9 +2366,7 @@ Core_put_prepared(Core *c, PyObject *items)
         PyErr_SetString(PyExc_TypeError, "put_prepared() takes a list");
         return NULL;
     }
-    double now = 0;
-    if (PyList_GET_SIZE(items) && now_mono(c, &now) < 0)
-        return NULL;
+    double now = NAN; /* read by the first put that needs it */
     PyObject *events = NULL;
     Py_INCREF(items);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
@@ -2345,6 +2383,8 @@ Core_put_prepared(Core *c, PyObject *items)
         }
         Py_hash_t hash = hash_key(c, key, 0);
         if (hash == -1 && PyErr_Occurred())
+            goto error;
+        if (isnan(now) && c->heap_len > 0 && now_mono(c, &now) < 0)
             goto error;
         if (put_locked(c, key, hash, value, weight, expires, now, &events) < 0)
             goto error;
@@ -2976,6 +3016,8 @@ PyInit__ccache(void)
     getsizeof_fn = PyObject_GetAttrString(sys, "getsizeof");
     Py_DECREF(sys);
     if (getsizeof_fn == NULL)
+        return NULL;
+    if (init_sizeof() < 0)
         return NULL;
     str_ttl = PyUnicode_InternFromString("ttl");
     if (str_ttl == NULL)

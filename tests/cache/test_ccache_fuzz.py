@@ -307,3 +307,39 @@ def test_probation_hits_beyond_the_buffer_keep_the_oldest_out() -> None:
             cache.get(k - 200)
         results[impl] = (sorted(map(str, cache.keys())), cache._describe(), cache.stats().evictions)
     assert results["c"] == results["python"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        0,
+        1,
+        -5,
+        2**30,
+        2**64,
+        -(2**200),
+        "",
+        "a",
+        "é" * 10,
+        "\U0001f600" * 3,
+        1.5,
+        float("inf"),
+        b"",
+        b"abc",
+        bytearray(b"xy"),
+        True,
+        None,
+        1j,
+        range(10),
+        memoryview(b"abcd"),
+        [1, 2],
+        {"a": (1, 2)},
+        frozenset({1}),
+    ],
+)
+def test_default_weights_match_the_reference(value: Any) -> None:
+    caches = [CacheManager(max_entries=4, implementation=i) for i in ("c", "python")]
+    for cache in caches:
+        cache.put("k", value)
+    weights = [cache.stats().bytes for cache in caches]
+    assert weights[0] == weights[1] > 0
