@@ -3,11 +3,16 @@
 All contenders run in one process, interleaved round by round; each figure is the median over rounds of
 ns/op for a loop of calls exactly as a user writes them (nothing subtracted), and the ratio to
 ``functools.lru_cache`` is the median of per-round ratios; the "best" columns take each contender's
-least-disturbed round (its intrinsic cost on a noisy shared machine). Also measures our per-entry bookkeeping
+least-disturbed round (its intrinsic cost on a noisy shared machine). Loops are timed in the thread's
+CPU time (``time.thread_time_ns``): on a shared machine the wall clock also counts the time the process
+waits for a core, which on a loaded 2-core VM inflates random rounds 10x; ``--wall`` times them on
+``perf_counter_ns`` instead. Ours run in both implementations: "(c)" the compiled core, "(python)"
+the pure-Python reference. Also measures our per-entry bookkeeping
 memory for 1 KiB values, reported by ``stats().metadata_bytes`` and measured with tracemalloc.
 
     .venv/bin/python benchmarks/cache_latency.py            # 15 rounds
     .venv/bin/python benchmarks/cache_latency.py --quick    # 3 rounds, smaller loops
+    .venv/bin/python benchmarks/cache_latency.py --wall     # wall-clock timing
 """
 
 from __future__ import annotations
@@ -134,8 +139,9 @@ def implementations() -> list[str]:
     return ["c", "python"] if probe.implementation == "c" else ["python"]
 
 
-def measure(rounds: int, entries: int, loops: int) -> dict[str, dict[str, Any]]:
+def measure(rounds: int, entries: int, loops: int, wall: bool = False) -> dict[str, dict[str, Any]]:
     """Median ns/op per contender and operation, and the median ratio to lru_cache."""
+    clock = time.perf_counter_ns if wall else time.thread_time_ns
     ops = build_ops(entries, loops)
     samples: dict[tuple[str, str], list[float]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
@@ -146,9 +152,9 @@ def measure(rounds: int, entries: int, loops: int) -> dict[str, dict[str, Any]]:
         for name in order:
             for op, fn in ops[name].items():
                 gc.collect()
-                start = time.perf_counter_ns()
+                start = clock()
                 n = fn()
-                this_round[(name, op)] = (time.perf_counter_ns() - start) / n
+                this_round[(name, op)] = (clock() - start) / n
         for key, ns in this_round.items():
             samples.setdefault(key, []).append(ns)
             base = this_round.get(("functools.lru_cache", key[1]))
@@ -210,13 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds of short loops")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--wall", action="store_true", help="time on the wall clock, not thread CPU time")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 31)
     entries, loops = 1000, 5
-    result = measure(rounds, entries, loops)
+    result = measure(rounds, entries, loops, wall=args.wall)
     ops = ["get-hit", "get-miss", "put+evict"]
     rows = [{"contender": name, **values} for name, values in result.items()]
-    print(f"\n### ns/op, median of {rounds} interleaved rounds ({entries} keys x {loops} loops)\n")
+    timer = "wall clock" if args.wall else "thread CPU time"
+    print(f"\n### ns/op ({timer}), median of {rounds} interleaved rounds ({entries} keys x {loops} loops)\n")
     _print_table(
         rows,
         [

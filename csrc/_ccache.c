@@ -2671,14 +2671,15 @@ Core_stats(Core *c, PyObject *Py_UNUSED(ignored))
                          c->len, (Py_ssize_t)metadata_bytes(c), hit, miss);
 }
 
-/* mrc() -> (histogram list, ghost_hits, ghosts held) */
+/* mrc() -> (histogram list, ghost_hits, ghosts held, capacity, span) */
 static PyObject *
 Core_mrc(Core *c, PyObject *Py_UNUSED(ignored))
 {
     PyObject *hist = ring_list(c->hist, HIST_BUCKETS);
     if (hist == NULL)
         return NULL;
-    return Py_BuildValue("(NLi)", hist, (long long)c->ghost_hits, (int)c->mrc.count);
+    return Py_BuildValue("(NLiLL)", hist, (long long)c->ghost_hits, (int)c->mrc.count, (long long)c->capacity,
+                         (long long)c->mrc_span);
 }
 
 static PyObject *

@@ -254,6 +254,7 @@ class Differential(RuleBasedStateMachine):
         else:
             assert c.keys() == py.keys()
         assert c._describe() == py._describe()
+        assert c.analyze().miss_ratio_curve == py.analyze().miss_ratio_curve
         c._core.check()
 
 

@@ -754,66 +754,47 @@ class CacheManager(BaseCache):
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters, occupancy and sampled latencies."""
         if self._core is not None:
-            (
-                gets,
-                misses,
-                bad,
-                evictions,
-                expirations,
-                rejections,
-                puts,
-                deletes,
-                nbytes,
-                entries,
-                metadata,
-                hit_ns,
-                miss_ns,
-            ) = self._core.stats()
-            hits = max(gets - misses - bad, 0)
-            requests = hits + misses
-            return CacheStats(
-                hits=hits,
-                misses=misses,
-                hit_rate=hits / requests if requests else 0.0,
-                evictions=evictions,
-                expirations=expirations,
-                rejections=rejections,
-                puts=puts,
-                deletes=deletes,
-                bytes=nbytes,
-                entries=entries,
-                max_bytes=self.max_bytes,
-                max_entries=self.max_entries,
-                metadata_bytes=metadata,
-                hit_latency_ns=int(statistics.median(hit_ns)) if hit_ns else 0,
-                miss_latency_ns=int(statistics.median(miss_ns)) if miss_ns else 0,
-                name=self.name,
-                policy=self.policy.value,
-            )
-        with self._lock:
-            gets, misses, bad = _count(self._gets), _count(self._misses), _count(self._bad_keys)
-            hits = max(gets - misses - bad, 0)
-            requests = hits + misses
-            hit_ns, miss_ns = list(self._hit_ns), list(self._miss_ns)
-            return CacheStats(
-                hits=hits,
-                misses=misses,
-                hit_rate=hits / requests if requests else 0.0,
-                evictions=self._evictions,
-                expirations=self._expirations,
-                rejections=self._rejections,
-                puts=self._puts,
-                deletes=self._deletes,
-                bytes=self._bytes,
-                entries=len(self._table),
-                max_bytes=self.max_bytes,
-                max_entries=self.max_entries,
-                metadata_bytes=self._metadata_bytes_locked(),
-                hit_latency_ns=int(statistics.median(hit_ns)) if hit_ns else 0,
-                miss_latency_ns=int(statistics.median(miss_ns)) if miss_ns else 0,
-                name=self.name,
-                policy=self.policy.value,
-            )
+            raw = self._core.stats()
+        else:
+            with self._lock:
+                raw = (
+                    _count(self._gets),
+                    _count(self._misses),
+                    _count(self._bad_keys),
+                    self._evictions,
+                    self._expirations,
+                    self._rejections,
+                    self._puts,
+                    self._deletes,
+                    self._bytes,
+                    len(self._table),
+                    self._metadata_bytes_locked(),
+                    list(self._hit_ns),
+                    list(self._miss_ns),
+                )
+        gets, misses, bad, evictions, expirations, rejections, puts, deletes, nbytes, entries, meta = raw[:11]
+        hit_ns, miss_ns = raw[11], raw[12]
+        hits = max(gets - misses - bad, 0)
+        requests = hits + misses
+        return CacheStats(
+            hits=hits,
+            misses=misses,
+            hit_rate=hits / requests if requests else 0.0,
+            evictions=evictions,
+            expirations=expirations,
+            rejections=rejections,
+            puts=puts,
+            deletes=deletes,
+            bytes=nbytes,
+            entries=entries,
+            max_bytes=self.max_bytes,
+            max_entries=self.max_entries,
+            metadata_bytes=meta,
+            hit_latency_ns=int(statistics.median(hit_ns)) if hit_ns else 0,
+            miss_latency_ns=int(statistics.median(miss_ns)) if miss_ns else 0,
+            name=self.name,
+            policy=self.policy.value,
+        )
 
     def _metadata_bytes_locked(self) -> int:
         entries = len(self._table)
@@ -834,10 +815,8 @@ class CacheManager(BaseCache):
 
         stats = self.stats()
         if self._core is not None:
-            hist = self._core.mrc()[0]
-            capacity = self.max_bytes if self.max_bytes is not None else self.max_entries
-            assert capacity is not None
-            curve = mrc_curve(capacity, max(capacity, 1), hist, stats.hits, stats.requests)
+            hist, _, _, capacity, span = self._core.mrc()
+            curve = mrc_curve(capacity, span, hist, stats.hits, stats.requests)
             details = self._core.describe()
         else:
             with self._lock:
