@@ -134,7 +134,7 @@ OPS = st.lists(
 EXPECTED = (Boom, UnhashableKeyError, KeyError, RuntimeError)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS, policy=st.sampled_from(list(CachePolicy)), bytes_bound=st.booleans())
 def test_hostile_keys_never_corrupt_the_core(
     ops: list[tuple[str, Any, int]], policy: CachePolicy, bytes_bound: bool
