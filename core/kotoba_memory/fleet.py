@@ -143,7 +143,7 @@ class FleetSpool:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
             return []
-        files: list[tuple[float, int, str]] = []
+        files: list[tuple[float, int, str, float]] = []
         now = time.time()
         for entry in entries:
             name = entry.name
@@ -158,19 +158,21 @@ class FleetSpool:
             stem, _, ext = name.partition(".")
             if ext != "json" or not stem.isdigit() or not stat.S_ISREG(info.st_mode):
                 continue
-            files.append((info.st_mtime, int(stem), entry.path))
+            started = _process_created_at(int(stem))
+            if started is None:  # the process is gone
+                if prune:
+                    _unlink(entry.path)
+                continue
+            files.append((info.st_mtime, int(stem), entry.path, started))
         files.sort(reverse=True)
-        if prune and len(files) > MAX_FILES:
-            for _, pid, path in files[MAX_FILES:]:
-                if not _alive(pid, None):
-                    _unlink(path)
         snapshots = []
-        for _, pid, path in files[:MAX_FILES]:
+        for _, pid, path, started in files[:MAX_FILES]:
             data = self._load(path, pid)
             if data is None:
                 continue
-            if not _alive(pid, data.get("created_at")):
-                if prune:
+            created_at = data.get("created_at")
+            if started >= 0 and isinstance(created_at, int | float) and abs(started - created_at) >= 1.0:
+                if prune:  # the pid was reused by another process since the snapshot was written
                     _unlink(path)
                 continue
             snapshots.append(data)
@@ -218,16 +220,6 @@ def _process_created_at(pid: int) -> float | None:
         return None
     except psutil.Error:  # e.g. AccessDenied: it exists, we cannot tell more
         return -1.0
-
-
-def _alive(pid: int, created_at: object) -> bool:
-    """Whether ``pid`` still runs and is the process that wrote the snapshot (not a reused pid)."""
-    started = _process_created_at(pid)
-    if started is None:
-        return False
-    if started < 0 or not isinstance(created_at, int | float):
-        return True
-    return abs(started - float(created_at)) < 1.0
 
 
 # -- snapshots -------------------------------------------------------------------------------------
