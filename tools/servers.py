@@ -147,11 +147,11 @@ def wrk(
     script: str | Path | None = None,
     timeout_s: float = 5.0,
 ) -> str:
-    """Run wrk against ``url`` and return its report (raises CalledProcessError when wrk fails)."""
+    """Run wrk against ``url`` and return its report (RuntimeError with wrk's output when it fails)."""
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout_s:g}s"]
     if script is not None:
         cmd += ["-s", str(script)]
-    done = subprocess.run(
-        [*cmd, url], check=True, capture_output=True, text=True, timeout=seconds + 60
-    )
+    done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk exited with {done.returncode}:\n{done.stdout}{done.stderr}")
     return done.stdout
