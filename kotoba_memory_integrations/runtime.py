@@ -116,7 +116,12 @@ def with_fleet(report: MemoryReport, spool: fleet.FleetSpool, *, viewer_pid: int
     ``viewer_pid``: the reporting process, whose own server's processes are listed; None (a command
     run outside the server) lists every server of the app.
     """
-    rows, totals = fleet.fleet_view(spool.read(), viewer_pid=viewer_pid)
+    try:
+        rows, totals = fleet.fleet_view(spool.read(), viewer_pid=viewer_pid)
+    except OSError as exc:  # FleetError: a spool that is not ours is never read
+        _log.warning("kotoba-memory: fleet spool %s not read: %s", spool.directory, exc)
+        failed = {"error": str(exc), "spool": str(spool.directory)}
+        return dataclasses.replace(report, fleet=failed, notes=[*report.notes, f"workers not listed: {exc}"])
     totals["spool"] = str(spool.directory)
     return dataclasses.replace(report, workers=rows, fleet=totals)
 

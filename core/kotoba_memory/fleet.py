@@ -81,14 +81,17 @@ def spool_dir(name: str, base: str | Path | None = None) -> Path:
 def _private_directory(path: Path) -> Path:
     """Create ``path`` (and parents) 0700; refuse one that is not ours or that others may write into."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-    info = os.lstat(path)
+    _check_private(path, os.lstat(path))
+    return path
+
+
+def _check_private(path: Path, info: os.stat_result) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise FleetError(errno.ENOTDIR, f"fleet spool {path} is not a directory")
     if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
         raise FleetError(errno.EPERM, f"fleet spool {path} belongs to uid {info.st_uid}, not to us")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise FleetError(errno.EPERM, f"fleet spool {path} is writable by others (mode {info.st_mode:o})")
-    return path
 
 
 class FleetSpool:
@@ -138,11 +141,17 @@ class FleetSpool:
             pass
 
     def read(self, *, prune: bool = True) -> list[dict[str, Any]]:
-        """Snapshots of live processes, newest first; with ``prune`` the files of dead ones are removed."""
+        """Snapshots of live processes, newest first; with ``prune`` the files of dead ones are removed.
+
+        Raises :class:`FleetError` when the directory is not ours or others may write into it (its
+        files could be planted), ``OSError`` when it cannot be listed.
+        """
         try:
-            entries = list(os.scandir(self.directory))
+            info = os.lstat(self.directory)
         except FileNotFoundError:
             return []
+        _check_private(self.directory, info)
+        entries = list(os.scandir(self.directory))
         files: list[tuple[float, int, str, float]] = []
         now = time.time()
         for entry in entries:

@@ -462,6 +462,8 @@ _WORKER_HEADERS = ["pid", "role", "RSS", "peak RSS", "requests", "GC", "leak sus
 def _fleet_lines(workers: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] | None) -> list[str]:
     if fleet is None:
         return []
+    if fleet.get("error"):
+        return [f"  workers: not listed ({fleet['error']})"]
     hit_rate = fleet.get("cache_hit_rate")
     lines = [
         f"  workers: {fleet.get('workers', 0)} ({fleet.get('processes', 0)} processes), "

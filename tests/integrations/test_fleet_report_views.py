@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -150,3 +151,19 @@ def test_configure_fleet_rejects_bad_names() -> None:
         runtime.configure_fleet("  ")
     with pytest.raises(ValueError, match="interval_s"):
         runtime.configure_fleet(True, interval_s=0)
+
+
+def test_a_spool_others_may_write_into_is_named_in_the_report_and_not_read(tmp_path: Path) -> None:
+    from kotoba_memory.fleet import FleetSpool
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    runtime.stop_optimizer()
+    optimizer = runtime.start_optimizer(QUIET)
+    try:
+        result = runtime.with_fleet(optimizer.report(), FleetSpool(shared), viewer_pid=os.getpid())
+    finally:
+        runtime.stop_optimizer()
+    assert result.workers == [] and "writable by others" in result.fleet["error"]  # type: ignore[index]
+    assert "workers: not listed (fleet spool" in result.summary()

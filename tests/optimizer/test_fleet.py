@@ -81,9 +81,12 @@ def test_a_spool_others_may_write_into_is_refused(tmp_path: Path) -> None:
     directory = tmp_path / "shared"
     directory.mkdir()
     directory.chmod(0o777)
+    planted = fleet.snapshot_from_report(None)
+    (directory / f"{os.getpid()}.json").write_text(json.dumps(planted))  # e.g. by another user
     with pytest.raises(fleet.FleetError, match="writable by others"):
         fleet.FleetSpool(directory).write(fleet.snapshot_from_report(None))
-    assert list(directory.iterdir()) == []
+    with pytest.raises(fleet.FleetError, match="writable by others"):
+        fleet.FleetSpool(directory).read()  # never trusted
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     os.symlink(target, tmp_path / "link")
