@@ -13,7 +13,6 @@ read; the directory is 0700 and refused when it is not ours.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -87,11 +86,11 @@ def _private_directory(path: Path) -> Path:
 
 def _check_private(path: Path, info: os.stat_result) -> None:
     if not stat.S_ISDIR(info.st_mode):
-        raise FleetError(errno.ENOTDIR, f"fleet spool {path} is not a directory")
+        raise FleetError(f"fleet spool {path} is not a directory")
     if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
-        raise FleetError(errno.EPERM, f"fleet spool {path} belongs to uid {info.st_uid}, not to us")
+        raise FleetError(f"fleet spool {path} belongs to uid {info.st_uid}, not to us")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise FleetError(errno.EPERM, f"fleet spool {path} is writable by others (mode {info.st_mode:o})")
+        raise FleetError(f"fleet spool {path} is writable by others (mode {info.st_mode:o})")
 
 
 class FleetSpool:
