@@ -28,6 +28,7 @@ from typing import Any
 
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.process import Task, forks, memory, registry, scheduler
+from kotoba_memory.report import replace_private
 from kotoba_memory.validation import check_positive, check_str
 
 __all__ = [
@@ -117,20 +118,7 @@ class FleetSpool:
         text = json.dumps(snapshot, separators=(",", ":"), default=str)
         if len(text) > MAX_FILE_BYTES:
             raise ValueError(f"snapshot of pid {pid} is {len(text)} bytes; the limit is {MAX_FILE_BYTES}")
-        directory = _private_directory(self.directory)
-        target = directory / f"{pid}.json"
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{pid}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return target
+        return replace_private(_private_directory(self.directory) / f"{pid}.json", text)
 
     def remove(self, pid: int | None = None) -> None:
         """Remove the snapshot of ``pid`` (default: this process), if there is one."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MemoryReport", "MemoryStats", "private_dir", "to_plain", "write_private"]
+__all__ = ["MemoryReport", "MemoryStats", "private_dir", "replace_private", "to_plain", "write_private"]
 
 _MIB = 1024 * 1024
 
@@ -535,10 +535,14 @@ def private_dir(path: str | Path) -> Path:
 def write_private(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` as a new 0600 file renamed into place (never written through a link)."""
     target = Path(path)
-    directory = private_dir(target.parent)
+    return replace_private(private_dir(target.parent) / target.name, text)
+
+
+def replace_private(target: Path, text: str) -> Path:
+    """Write ``text`` to a fresh 0600 file beside ``target`` and rename it over ``target`` (atomic)."""
     # mkstemp creates the file with O_EXCL (no link is followed) and mode 0600; os.replace then swaps
     # the directory entry itself, so a symlink planted at ``target`` is replaced, not written through.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), 0o600)
