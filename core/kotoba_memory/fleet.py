@@ -80,6 +80,12 @@ def spool_dir(name: str, base: str | Path | None = None) -> Path:
 
 def _private_directory(path: Path) -> Path:
     """Create ``path`` (and parents) 0700; refuse one that is not ours or that others may write into."""
+    if not path.parent.exists():  # the per-user base too: makedirs gives parents the default mode
+        os.makedirs(path.parent.parent, exist_ok=True)
+        try:
+            os.mkdir(path.parent, 0o700)
+        except FileExistsError:
+            pass
     os.makedirs(path, mode=0o700, exist_ok=True)
     _check_private(path, os.lstat(path))
     return path
@@ -219,9 +225,17 @@ def _process_created_at(pid: int) -> float | None:
 
 
 # -- snapshots -------------------------------------------------------------------------------------
+_own_start: tuple[int, float | None] = (0, None)
+
+
 def _created_at() -> float | None:
-    started = _process_created_at(os.getpid())
-    return started if started is not None and started >= 0 else None
+    """When this process started (read once per pid: a forked child reads its own)."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start[0] != pid:
+        started = _process_created_at(pid)
+        _own_start = (pid, started if started is not None and started >= 0 else None)
+    return _own_start[1]
 
 
 def snapshot_from_report(report: Any | None, *, name: str = "") -> dict[str, Any]:

@@ -24,7 +24,7 @@ def files(spool: fleet.FleetSpool) -> list[str]:
 
 
 def test_snapshot_round_trip_and_a_dead_process_is_pruned(tmp_path: Path) -> None:
-    spool = fleet.FleetSpool(tmp_path / "spool")
+    spool = fleet.FleetSpool(tmp_path / "base" / "spool")
     ours = fleet.snapshot_from_report(None, name="app")
     spool.write(ours)
     code = (
@@ -44,6 +44,7 @@ def test_snapshot_round_trip_and_a_dead_process_is_pruned(tmp_path: Path) -> Non
     assert not child_file.exists()  # pruned on read
     assert files(spool) == [f"{os.getpid()}.json"]
     assert (spool.directory.stat().st_mode & 0o777) == 0o700
+    assert (spool.directory.parent.stat().st_mode & 0o777) == 0o700  # the base we created too
     assert ((spool.directory / f"{os.getpid()}.json").stat().st_mode & 0o777) == 0o600
 
 
