@@ -212,3 +212,26 @@ def test_publisher_reports_a_write_failure_once_and_keeps_going(
     assert len([r for r in caplog.records if "fleet snapshot" in r.getMessage()]) == 1
     with pytest.raises(ValueError, match="interval_s"):
         fleet.FleetPublisher(fleet.FleetSpool(tmp_path), interval_s=0)
+
+
+def test_a_dead_worker_not_yet_reaped_counts_as_dead(tmp_path: Path) -> None:
+    spool = fleet.FleetSpool(tmp_path)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            spool.write(fleet.snapshot_from_report(None))
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 10  # wait until the child is a zombie (exited, not reaped)
+        while time.monotonic() < deadline:
+            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+            if state == b"Z":
+                break
+            time.sleep(0.01)
+        assert state == b"Z"
+        assert (tmp_path / f"{pid}.json").exists()
+        assert spool.read() == []
+        assert not (tmp_path / f"{pid}.json").exists()
+    finally:
+        os.waitpid(pid, 0)
