@@ -48,6 +48,8 @@ SCHEMA = 1
 DEFAULT_INTERVAL_S = 5.0
 MAX_FILES = 256
 MAX_FILE_BYTES = 64 * 1024
+#: The largest share of wall time the periodic snapshot may take (its interval stretches beyond that).
+MAX_SHARE = 0.005
 _TOP_LEAKS = 3
 _STALE_TMP_S = 60.0
 _ENV_DIR = "KOTOBA_MEMORY_FLEET_DIR"
@@ -383,11 +385,15 @@ class FleetPublisher:
         self._written.add(snapshot["pid"])
         return snapshot
 
-    def _tick(self) -> None:
+    def _tick(self) -> float | None:
+        """One periodic write; returns the delay to the next, stretched so that writing never takes
+        more than :data:`MAX_SHARE` of the time (a report is slow when tracemalloc traces everything)."""
         if self._keep is not None and not self._keep():
             self.stop()  # e.g. the optimizer stopped: this process leaves the fleet
-            return
+            return None
+        started = time.perf_counter()
         self.publish()
+        return max(self.interval_s, (time.perf_counter() - started) / MAX_SHARE)
 
 
 def _active_report() -> Any | None:

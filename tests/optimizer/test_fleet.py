@@ -235,3 +235,14 @@ def test_a_dead_worker_not_yet_reaped_counts_as_dead(tmp_path: Path) -> None:
         assert not (tmp_path / f"{pid}.json").exists()
     finally:
         os.waitpid(pid, 0)
+
+
+def test_a_slow_snapshot_stretches_the_interval(tmp_path: Path) -> None:
+    def slow_report() -> None:
+        time.sleep(0.02)  # e.g. a report built while tracemalloc traces every allocation
+
+    publisher = fleet.FleetPublisher(fleet.FleetSpool(tmp_path), interval_s=1.0, report=slow_report)
+    delay = publisher._tick()
+    assert delay is not None and delay >= 0.02 / fleet.MAX_SHARE  # 4 s: at most 0.5% of the time
+    quick = fleet.FleetPublisher(fleet.FleetSpool(tmp_path), interval_s=30.0, report=lambda: None)
+    assert quick._tick() == 30.0
