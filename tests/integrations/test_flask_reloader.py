@@ -25,7 +25,8 @@ from kotoba_memory_integrations.flask import KotobaMemory
 app = Flask(__name__)
 KotobaMemory(app, enable_leak_detection=False)
 role = "child" if os.environ.get("WERKZEUG_RUN_MAIN") == "true" else "parent"
-print(f"ROLE {role} pid={os.getpid()} optimizer={get_active_optimizer() is not None}", file=sys.stderr, flush=True)
+started = get_active_optimizer() is not None
+print(f"ROLE {role} pid={os.getpid()} optimizer={started}", file=sys.stderr, flush=True)
 '''
 
 
