@@ -134,6 +134,8 @@ class NearCache(BaseCache):
     are counted and absorbed (a read is a miss, a write stays local); False raises
     :class:`CacheUnavailableError`. ``outage_ttl`` caps the life of L1 copies made while the channel is
     not subscribed (0: none are kept); ``lock_timeout`` bounds the cross-process ``get_or_set`` lock.
+    The listener PINGs an idle channel every ``health_interval`` seconds and counts it lost (L1 flushed)
+    when no answer comes within ``health_timeout``; ``socket_timeout`` bounds every request's call.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class NearCache(BaseCache):
         ignore_exceptions: bool = True,
         socket_timeout: float = 0.1,
         health_interval: float = 0.5,
+        health_timeout: float = 1.0,
         retry_interval: float = 0.05,
         outage_ttl: float = 1.0,
         lock_timeout: float = 5.0,
@@ -164,6 +167,7 @@ class NearCache(BaseCache):
         check_str(namespace, "namespace", allow_spaces=False)
         self.socket_timeout = float(check_positive(socket_timeout, "socket_timeout"))
         self.health_interval = float(check_positive(health_interval, "health_interval"))
+        self.health_timeout = float(check_positive(health_timeout, "health_timeout"))
         self.retry_interval = float(check_positive(retry_interval, "retry_interval"))
         self.outage_ttl = float(check_non_negative(outage_ttl, "outage_ttl"))
         self.lock_timeout = float(check_positive(lock_timeout, "lock_timeout"))
@@ -464,6 +468,7 @@ class NearCache(BaseCache):
         stop = self._stop
         while not stop.is_set() and not self._closed:
             conn = None
+            subscribed = False
             try:
                 pool = self.client.connection_pool
                 kwargs = dict(pool.connection_kwargs)
@@ -476,6 +481,7 @@ class NearCache(BaseCache):
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
                 self._set_coherent(True)
+                subscribed = True
                 with self._counter_lock:
                     self._subscriptions += 1
                 backoff = self.retry_interval
@@ -483,7 +489,7 @@ class NearCache(BaseCache):
                     self._closed_breaker()
                 self._serve(conn, stop)
             except Exception as exc:  # never let the thread die: any failure is a lost channel
-                if isinstance(exc, self._connection_errors) and self._open_since is None:
+                if not subscribed and isinstance(exc, self._connection_errors) and self._open_since is None:
                     # the channel cannot even be opened: Redis is down, stop sending requests there
                     with self._counter_lock:
                         if self._open_since is None:
@@ -508,7 +514,7 @@ class NearCache(BaseCache):
             idle_limit = self.retry_interval if (self._open_since or self._pending) else self.health_interval
             now = time.monotonic()
             if ping_sent is not None:
-                wait = ping_sent + self.socket_timeout - now
+                wait = ping_sent + self.health_timeout - now
                 if wait <= 0:
                     raise TimeoutError("Redis did not answer PING on the invalidation channel")
             else:
@@ -878,6 +884,11 @@ class NearCache(BaseCache):
         try:
             while True:
                 if self.client.set(lock_key, token, nx=True, px=px):
+                    # the previous holder may have stored the value and released just now
+                    value = self._fetch(key) if waited else _MISSING
+                    if value is not _MISSING:
+                        self._release(key, token)
+                        return None, value
                     with self._counter_lock:
                         self._lock_wins += 1
                     return token, _MISSING
