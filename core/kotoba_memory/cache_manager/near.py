@@ -51,6 +51,8 @@ _OWN_MAX = 8192  # own writes whose invalidation has not come back yet
 _PENDING_MAX = 10_000  # keys whose write could not reach Redis; beyond: clear the namespace on recovery
 _CHUNK = 500
 _LOCK_POLL = 0.005
+# One read in 64 checks the invalidation channel on the caller's thread (a poll() of a few microseconds).
+_POLL_MASK = 63
 
 # KEYS[1] the key; ARGV: value, px ("" = none), nx ("1"), channel, message. 1 when written.
 _SET = """
@@ -236,6 +238,12 @@ class NearCache(BaseCache):
         self._pending: OrderedDict[bytes, None] = OrderedDict()
         self._pending_all = False
         self._thread: threading.Thread | None = None
+        self._read_lock = threading.Lock()  # one reader of the channel at a time (listener or caller)
+        self._conn: Any = None
+        self._last_seen = 0.0
+        self._ping_sent: float | None = None
+        self._pong = False
+        self._polls = itertools.count(1)
         self._stop = threading.Event()
         self._closed = getattr(self, "_closed", False)
         self._redis_hits = self._misses_redis = self._puts = self._deletes = 0
@@ -508,34 +516,64 @@ class NearCache(BaseCache):
             backoff = min(backoff * 2, 0.25)
 
     def _serve(self, conn: Any, stop: threading.Event) -> None:
-        last_seen = time.monotonic()
-        ping_sent: float | None = None
-        while not stop.is_set() and not self._closed:
-            idle_limit = self.retry_interval if (self._open_since or self._pending) else self.health_interval
-            now = time.monotonic()
-            if ping_sent is not None:
-                wait = ping_sent + self.health_timeout - now
-                if wait <= 0:
-                    raise TimeoutError("Redis did not answer PING on the invalidation channel")
-            else:
-                wait = last_seen + idle_limit - now
-                if wait <= 0:
-                    conn.send_command("PING")
-                    ping_sent = now
-                    continue
-            if not conn.can_read(timeout=min(wait, 0.25)):
-                continue
+        self._last_seen = time.monotonic()
+        self._ping_sent = None
+        self._pong = False
+        self._conn = conn
+        try:
+            while not stop.is_set() and not self._closed:
+                busy = self._open_since is not None or self._pending or self._pending_all
+                if self._pong:
+                    self._pong = False
+                    if busy and self._redeliver():
+                        self._closed_breaker()
+                now = time.monotonic()
+                if self._ping_sent is not None:
+                    wait = self._ping_sent + self.health_timeout - now
+                    if wait <= 0:
+                        raise TimeoutError("Redis did not answer PING on the invalidation channel")
+                else:
+                    wait = self._last_seen + (self.retry_interval if busy else self.health_interval) - now
+                    if wait <= 0:
+                        with self._read_lock:
+                            conn.send_command("PING")
+                            self._ping_sent = now
+                        continue
+                if conn.can_read(timeout=min(wait, 0.25)):
+                    with self._read_lock:
+                        self._drain(conn)
+        finally:
+            self._conn = None
+
+    def _drain(self, conn: Any) -> None:
+        """Apply every message already received (caller holds ``_read_lock``)."""
+        while conn.can_read(timeout=0):
             reply = conn.read_response(timeout=self.socket_timeout, push_request=True)
-            last_seen = time.monotonic()
+            self._last_seen = time.monotonic()
             if not isinstance(reply, list) or not reply:
                 continue
             kind = reply[0]
             if kind == b"message" and len(reply) == 3:
                 self._on_message(reply[2])
             elif kind == b"pong":
-                ping_sent = None
-                if (self._open_since is not None or self._pending or self._pending_all) and self._redeliver():
-                    self._closed_breaker()
+                self._ping_sent = None
+                self._pong = True
+
+    def _poll_channel(self) -> None:
+        """Apply waiting invalidations on the caller's thread: a thread that keeps the GIL busy with L1
+        hits would otherwise hold the listener back for a whole switch interval (5 ms by default)."""
+        conn = self._conn
+        if conn is None or not self._read_lock.acquire(blocking=False):
+            return
+        try:
+            self._drain(conn)
+        except Exception:  # the listener finds the broken connection and starts over (L1 flushed)
+            try:
+                conn.disconnect()
+            except Exception:
+                pass
+        finally:
+            self._read_lock.release()
 
     def close(self) -> None:
         """Stop the listener and release the client's connections (the cache is unusable afterwards)."""
@@ -562,6 +600,8 @@ class NearCache(BaseCache):
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value from L1, else from Redis (then kept in L1), else ``default``."""
         l1key = key if type(key) is str else redis_key(self._prefix, key)
+        if not next(self._polls) & _POLL_MASK:
+            self._poll_channel()
         entry = self._l1_get(l1key, _MISSING)
         if entry is not _MISSING:
             return entry[0]
@@ -669,13 +709,17 @@ class NearCache(BaseCache):
 
     # -- writes -----------------------------------------------------------------------------------------
 
-    def _write(self, key: Hashable, value: Any, ttl: float | None, *, only_if_absent: bool) -> bool:
+    def _write(
+        self, key: Hashable, value: Any, ttl: float | None, *, only_if_absent: bool, fill: bool = False
+    ) -> bool:
+        """SET (NX) + invalidation; ``fill``: a value just read from the application's source by
+        ``get_or_set``, which needs no replay when Redis cannot take it (Redis' copy is not older)."""
         l1key, rkey = self._keys(key)
         seconds = self._resolve_ttl(value, ttl)
         wid = self._new_wid()
         data = self._encode(rkey, value, wid)  # raises TypeError before anything changes
         if not self._usable():
-            return self._write_locally(l1key, rkey, value, seconds, only_if_absent)
+            return self._write_locally(l1key, rkey, value, seconds, only_if_absent, replay=not fill)
         self._drop_local(l1key)
         since = self._seq
         self._note_own(l1key, wid)
@@ -686,9 +730,10 @@ class NearCache(BaseCache):
                       self._message(rkey, wid)],
             )
         except self._redis_error as exc:
-            self._remember_pending(rkey)
+            if not fill:
+                self._remember_pending(rkey)
             self._failed(exc)
-            return self._write_locally(l1key, rkey, value, seconds, only_if_absent)
+            return self._write_locally(l1key, rkey, value, seconds, only_if_absent, replay=not fill)
         if not stored:
             with self._state_lock:
                 if self._own.get(l1key) == wid:  # no invalidation will come back for a write not made
@@ -700,10 +745,19 @@ class NearCache(BaseCache):
         return True
 
     def _write_locally(
-        self, l1key: Hashable, rkey: bytes, value: Any, seconds: float | None, only_if_absent: bool
+        self,
+        l1key: Hashable,
+        rkey: bytes,
+        value: Any,
+        seconds: float | None,
+        only_if_absent: bool,
+        *,
+        replay: bool = True,
     ) -> bool:
-        """Redis unavailable: keep the value in L1 under the outage rules and delete Redis' copy later."""
-        self._remember_pending(rkey)
+        """Redis unavailable: keep the value in L1 under the outage rules (and, for a write of the
+        application's, delete Redis' older copy once it answers)."""
+        if replay:
+            self._remember_pending(rkey)
         with self._state_lock:
             if only_if_absent and l1key in self.l1:
                 return False
@@ -932,7 +986,7 @@ class NearCache(BaseCache):
                     if close is not None:
                         close()
                     raise TypeError("get_or_set got an async factory; use aget_or_set")
-                self.put(key, value, ttl)
+                self._write(key, value, ttl, only_if_absent=False, fill=True)
         except BaseException as exc:
             self._release(key, token)
             _settle(future, exc=exc if isinstance(exc, Exception) else _LeaderCancelled())
@@ -962,7 +1016,7 @@ class NearCache(BaseCache):
                     value = await asyncio.to_thread(factory)
                     if inspect.isawaitable(value):
                         value = await value
-                await self.aput(key, value, ttl)
+                await asyncio.to_thread(self._write, key, value, ttl, only_if_absent=False, fill=True)
         except BaseException as exc:
             await asyncio.to_thread(self._release, key, token)
             _settle(future, exc=exc if isinstance(exc, Exception) else _LeaderCancelled())
@@ -977,6 +1031,8 @@ class NearCache(BaseCache):
 
     async def aget(self, key: Hashable, default: Any = None) -> Any:
         l1key = key if type(key) is str else redis_key(self._prefix, key)
+        if not next(self._polls) & _POLL_MASK:
+            self._poll_channel()
         entry = self._l1_get(l1key, _MISSING)
         if entry is not _MISSING:
             return entry[0]
