@@ -397,8 +397,9 @@ class NearCache(BaseCache):
         """True while Redis is bypassed after a failure (until the listener sees it answer)."""
         return self._open_since is not None
 
-    def _failed(self, exc: BaseException) -> None:
-        """Count a failed Redis call; connection faults and timeouts open the breaker."""
+    def _failed(self, exc: BaseException, *, quiet: bool = False) -> None:
+        """Count a failed Redis call; connection faults and timeouts open the breaker. Raises
+        :class:`CacheUnavailableError` unless ``ignore_exceptions`` (or ``quiet``: the caller raises)."""
         with self._counter_lock:
             self._errors += 1
             trip = isinstance(exc, self._connection_errors) and self._open_since is None
@@ -408,7 +409,7 @@ class NearCache(BaseCache):
         if trip:
             log.warning("%s: Redis failed (%s); serving from L1 and the caller until it answers",
                         self.name, exc)
-        if not self.ignore_exceptions:
+        if not self.ignore_exceptions and not quiet:
             raise CacheUnavailableError(f"{self.name}: Redis failed: {exc}") from exc
 
     def _closed_breaker(self) -> None:
@@ -670,6 +671,31 @@ class NearCache(BaseCache):
                     self._redis_hits += 1
                 found[key] = value
                 self._fill(l1key, value, wid, pttl / 1000 if pttl > 0 else None, since)
+        return found
+
+    def fresh_many(self, keys: Iterable[Hashable]) -> dict[Hashable, Any]:
+        """The values Redis holds for ``keys`` now, bypassing L1 (nothing kept, nothing counted).
+
+        For values that must never lag a write by even the invalidation delay (the QueryCache's version
+        tokens). Raises :class:`CacheUnavailableError` when Redis cannot answer, whatever
+        ``ignore_exceptions`` says: the caller has no safe default.
+        """
+        wanted = [(key, self._keys(key)[1]) for key in keys]
+        if self._open_since is not None or not self._usable():
+            raise CacheUnavailableError(f"{self.name}: Redis is unavailable")
+        found: dict[Hashable, Any] = {}
+        try:
+            for start in range(0, len(wanted), _CHUNK):
+                chunk = wanted[start : start + _CHUNK]
+                replies: list[Any] = self.client.mget([rkey for _, rkey in chunk])
+                for (key, rkey), data in zip(chunk, replies):
+                    if data is not None:
+                        ok, value, _ = self._decode(rkey, data)
+                        if ok:
+                            found[key] = value
+        except self._redis_error as exc:
+            self._failed(exc, quiet=True)
+            raise CacheUnavailableError(f"{self.name}: Redis failed: {exc}") from exc
         return found
 
     def __contains__(self, key: object) -> bool:
