@@ -213,7 +213,8 @@ def latency(url: str, rounds: int, calls: int) -> dict[str, Any]:
     result["ratio_csc_unpickled_over_l1_hit"] = statistics.median(
         c / h for c, h in zip(per_round["redis_py_csc_hit_unpickled"], per_round["near_l1_hit"])
     )
-    result["near_redis_hits_during_run"] = near_stats.redis_hits  # 0: every near read was an L1 hit
+    result["near_redis_hits_during_run"] = near_stats.redis_hits  # L1 misses: refills after a flush
+    result["near_l1_flushes_during_run"] = near_stats.flushes
     near.clear()
     near.close()
     raw.close()
@@ -272,34 +273,54 @@ def _recovery_reader(url: str, namespace: str, ready: Any, go: Any, out: Any) ->
     cache.close()
 
 
-def outage(calls: int, readers: int) -> dict[str, Any]:
+def _wait_recovered(cache: NearCache) -> None:
+    deadline = time.monotonic() + 10
+    while (cache.breaker_open or not cache.stats().coherent) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def outage(calls: int, readers: int, rounds: int) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="kotoba-near-bench-")
     source = _Source(os.path.join(workdir, "source.sqlite3"))
     namespace = f"bench-out-{uuid.uuid4().hex[:8]}"
+    healthy: list[float] = []
+    paused: list[float] = []
+    down: list[float] = []
+    failures = {"healthy": 0, "paused": 0, "down": 0}
+    per_round: list[dict[str, float]] = []
     with local_services.restartable_redis_server() as server:
         cache = NearCache(server.url, secret=SECRET, namespace=namespace, socket_timeout=0.05)
         filler = NearCache(server.url, secret=SECRET, namespace=namespace, name="filler")
         cache.wait_coherent(10)
         filler.wait_coherent(10)
-        for i in range(calls):
-            filler.put(f"h{i}", source.load(i % 5000), ttl=300)
-        # healthy: every key is in Redis, none in this process's L1 (written by another cache)
-        healthy, healthy_fail = _timed_calls(cache, source, range(calls), "h")
-        assert server.proc is not None
-        server.proc.send_signal(signal.SIGSTOP)
-        try:
-            paused, paused_fail = _timed_calls(cache, source, range(calls), "p")
-        finally:
-            server.proc.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while cache.breaker_open and time.monotonic() < deadline:
-            time.sleep(0.01)
-        server.kill()
-        down, down_fail = _timed_calls(cache, source, range(calls), "d")
-        server.start()
-        deadline = time.monotonic() + 10
-        while (cache.breaker_open or not cache.stats().coherent) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        for r in range(rounds):
+            _wait_recovered(filler)
+            for i in range(calls):
+                filler.put(f"h{r}-{i}", source.load(i % 5000), ttl=300)
+            _wait_recovered(cache)
+            # healthy: every key is in Redis, none in this process's L1 (written by another cache)
+            h, fails = _timed_calls(cache, source, range(calls), f"h{r}-")
+            failures["healthy"] += fails
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                p, fails = _timed_calls(cache, source, range(calls), f"p{r}-")
+                failures["paused"] += fails
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            _wait_recovered(cache)
+            server.kill()
+            d, fails = _timed_calls(cache, source, range(calls), f"d{r}-")
+            failures["down"] += fails
+            server.start()
+            _wait_recovered(cache)
+            healthy += h
+            paused += p
+            down += d
+            per_round.append({"healthy_p99_us": _pct(h, 0.99), "paused_p99_us": _pct(p, 0.99),
+                              "down_p99_us": _pct(d, 0.99),
+                              "down_over_healthy": _pct(d, 0.99) / _pct(h, 0.99),
+                              "paused_over_healthy": _pct(p, 0.99) / _pct(h, 0.99)})
         stats = cache.stats()
         # recovery: readers serving while Redis is down, then Redis comes back holding "after"
         ctx = mp.get_context("spawn")
@@ -323,21 +344,26 @@ def outage(calls: int, readers: int) -> dict[str, Any]:
         cache.close()
         filler.close()
     source.conn.close()
-    healthy_p99 = _pct(healthy, 0.99)
     return {
-        "calls_per_phase": calls,
+        "rounds": rounds,
+        "calls_per_phase_per_round": calls,
+        "per_round": per_round,
+        "median_ratio_down_p99_over_healthy_p99": statistics.median(
+            r["down_over_healthy"] for r in per_round
+        ),
+        "median_ratio_paused_p99_over_healthy_p99": statistics.median(
+            r["paused_over_healthy"] for r in per_round
+        ),
         "op": "get_or_set + get + put per sample",
         "healthy_l1_miss_p50_us": _pct(healthy, 0.5),
-        "healthy_l1_miss_p99_us": healthy_p99,
+        "healthy_l1_miss_p99_us": _pct(healthy, 0.99),
         "paused_p50_us": _pct(paused, 0.5),
         "paused_p99_us": _pct(paused, 0.99),
         "paused_max_us": max(paused),
         "down_p50_us": _pct(down, 0.5),
         "down_p99_us": _pct(down, 0.99),
         "down_max_us": max(down),
-        "ratio_down_p99_over_healthy_p99": _pct(down, 0.99) / healthy_p99,
-        "ratio_paused_p99_over_healthy_p99": _pct(paused, 0.99) / healthy_p99,
-        "failed_operations": {"healthy": healthy_fail, "paused": paused_fail, "down": down_fail},
+        "failed_operations": failures,
         "redis_errors_counted": stats.redis_errors,
         "breaker_trips": stats.breaker_trips,
         "recovery_readers": readers,
@@ -411,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     versions = 40 if args.quick else 200
     rounds, calls = (3, 2000) if args.quick else (9, 50_000)
-    outage_calls = 200 if args.quick else 2000
+    outage_calls, outage_rounds = (200, 1) if args.quick else (2000, 3)
     results: dict[str, Any] = {}
     with local_services.redis_server() as url:
         readers, gap = args.readers, args.reader_gap
@@ -419,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         results["invalidation_busy_readers"] = invalidation(url, readers, versions, 0.0, 0.005)
         results["latency_ns"] = latency(url, rounds, calls)
         results["tampering"] = tampering(url, 60 if args.quick else 600)
-    results["outage"] = outage(outage_calls, args.readers)
+    results["outage"] = outage(outage_calls, args.readers, outage_rounds)
     print(json.dumps(results, indent=2, default=str))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
