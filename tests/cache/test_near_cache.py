@@ -420,3 +420,70 @@ def test_ignore_exceptions_false_raises(make: Callable[..., NearCache], restarta
         cache.put("k", 1)
     with pytest.raises(CacheUnavailableError):
         asyncio.run(cache.aget("k"))
+
+
+# -- the disk tier: signed values, private files, as a larger L1 ------------------------------------
+
+
+def test_signed_disk_cache_refuses_rows_written_behind_its_back(tmp_path: Path) -> None:
+    import sqlite3
+
+    from kotoba_memory.cache_manager.disk import DiskCache
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "private" / "cache.sqlite3"
+    disk = DiskCache(path, 1 << 20, secret=SECRET)
+    try:
+        disk.put("genuine", {"ok": 1})
+        disk.put("victim", "v")
+        assert disk.get("genuine") == {"ok": 1}
+        assert (path.stat().st_mode & 0o777) == 0o600
+        assert (path.parent.stat().st_mode & 0o777) == 0o700
+        disk.flush()
+        conn = sqlite3.connect(path)
+        try:
+            evil = pickle.dumps(_Payload(str(marker)))
+            vid = conn.execute(
+                "SELECT vid FROM kotoba_cache WHERE key = ?", (b"svictim",)
+            ).fetchone()[0]
+            conn.execute("UPDATE kotoba_cache_values SET value = ? WHERE vid = ?", (evil, vid))
+            import zlib
+
+            conn.execute("UPDATE kotoba_cache SET checksum = ? WHERE key = ?", (zlib.crc32(evil), b"svictim"))
+            conn.commit()
+        finally:
+            conn.close()
+        assert disk.get("victim", "refused") == "refused"
+        assert disk.get_many(["genuine", "victim"]) == {"genuine": {"ok": 1}}
+        assert disk.stats().refused == 1
+    finally:
+        disk.close()
+    assert not marker.exists()
+    other = DiskCache(path, 1 << 20, secret="another secret")
+    try:
+        assert other.get("genuine", "refused") == "refused"  # signed with a different secret
+    finally:
+        other.close()
+
+
+def test_a_tiered_l1_spills_to_disk_and_stays_coherent(
+    make: Callable[..., NearCache], tmp_path: Path
+) -> None:
+    from kotoba_memory.cache_manager import CacheManager
+    from kotoba_memory.cache_manager.disk import DiskCache
+    from kotoba_memory.cache_manager.tiers import TieredCache
+
+    l1 = TieredCache(CacheManager(4000, "lru"), DiskCache(tmp_path / "l1.sqlite3", 1 << 20, secret=SECRET),
+                     spill_threshold_bytes=1000)
+    a, b = make(l1=l1), make()
+    assert a.wait_coherent() and b.wait_coherent()
+    for i in range(40):
+        a.put(f"k{i}", "x" * 200)
+    stats = a.stats()
+    assert stats.l1.spills > 0  # type: ignore[attr-defined]
+    assert all(a.get(f"k{i}") == "x" * 200 for i in range(40))
+    assert a.stats().redis_hits == 0  # every read answered by memory or the disk tier
+    b.put("k0", "new")
+    assert _until(lambda: a.get("k0") == "new")
+    b.clear()
+    assert _until(lambda: a.get("k5", "gone") == "gone")

@@ -35,6 +35,7 @@ from kotoba_memory.cache_manager.base import BaseCache, _LeaderCancelled, _settl
 from kotoba_memory.cache_manager.memory import CacheManager
 from kotoba_memory.cache_manager.redis_tier import prefix_occupancy, redis_key, scan_prefix, unlink_prefix
 from kotoba_memory.cache_manager.signing import Signer
+from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.cache_manager.types import CachedValue, CacheError, CachePolicy, CacheStats, check_ttl
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.process import forks
@@ -130,6 +131,9 @@ class NearCacheStats(CacheStats):
 class NearCache(BaseCache):
     """L1 (a :class:`CacheManager`, ADAPTIVE by default) over Redis, coherent across processes.
 
+    ``l1`` may be a :class:`TieredCache` (memory over a disk file) for an L1 larger than RAM; its disk
+    file must be this process's own (build the DiskCache with ``secret=``: its values are signed too).
+
     ``redis`` is a ``redis://`` URL or a ``redis.Redis`` (``decode_responses=False``; a URL gets short
     timeouts and no retries, a client is used as given). ``secret`` signs every value written to Redis;
     processes sharing a ``namespace`` must share it. ``ignore_exceptions`` (default True): Redis failures
@@ -146,7 +150,7 @@ class NearCache(BaseCache):
         *,
         secret: str | bytes,
         namespace: str = "kotoba",
-        l1: CacheManager | None = None,
+        l1: CacheManager | TieredCache | None = None,
         l1_max_bytes: int = 64 * 1024 * 1024,
         policy: CachePolicy | str = CachePolicy.ADAPTIVE,
         default_ttl: float | None = None,
@@ -193,8 +197,8 @@ class NearCache(BaseCache):
         if l1 is None:
             l1 = CacheManager(check_positive_int(l1_max_bytes, "l1_max_bytes"), policy,
                               name=f"{name or 'near:' + namespace}:l1")
-        elif not isinstance(l1, CacheManager):
-            raise TypeError(f"l1 must be a CacheManager, got {type(l1).__name__}")
+        elif not isinstance(l1, CacheManager | TieredCache):
+            raise TypeError(f"l1 must be a CacheManager or a TieredCache, got {type(l1).__name__}")
         self.client = client
         self.l1 = l1
         self.namespace = namespace
