@@ -490,7 +490,7 @@ class NearCache(BaseCache):
                 conn = pool.connection_class(**kwargs)
                 conn.connect()
                 conn.send_command("SUBSCRIBE", self.channel)
-                reply = conn.read_response(timeout=self.socket_timeout, push_request=True)
+                reply = conn.read_response(push_request=True)
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
                 self._set_coherent(True)
@@ -553,7 +553,7 @@ class NearCache(BaseCache):
     def _drain(self, conn: Any) -> None:
         """Apply every message already received (caller holds ``_read_lock``)."""
         while conn.can_read(timeout=0):
-            reply = conn.read_response(timeout=self.socket_timeout, push_request=True)
+            reply = conn.read_response(push_request=True)
             self._last_seen = time.monotonic()
             if not isinstance(reply, list) or not reply:
                 continue
