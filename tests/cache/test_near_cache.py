@@ -36,15 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-secret"
 
 
-def _until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.005)
-    return check()
-
-
 @pytest.fixture
 def namespace() -> str:
     return f"near-{uuid.uuid4().hex[:10]}"
@@ -100,29 +91,31 @@ def test_bad_configuration_names_the_field(redis_url: str) -> None:
 # -- coherence within one process (two caches = two processes' worth of state) ----------------------
 
 
-def test_a_write_in_one_cache_drops_the_copy_in_the_other(make: Callable[..., NearCache]) -> None:
+def test_a_write_in_one_cache_drops_the_copy_in_the_other(
+    make: Callable[..., NearCache], eventually: Callable[..., bool]
+) -> None:
     a, b = make(), make()
     assert a.wait_coherent() and b.wait_coherent()
     a.put("k", "v1")
     assert b.get("k") == "v1"
     assert b.get("k") == "v1" and b.stats().l1_hits == 1  # the second read is an L1 hit
     a.put("k", "v2")
-    assert _until(lambda: b.get("k") == "v2")
+    assert eventually(lambda: b.get("k") == "v2")
     a.delete("k")
-    assert _until(lambda: b.get("k", "gone") == "gone")
+    assert eventually(lambda: b.get("k", "gone") == "gone")
     b.put("k", "from-b")
-    assert _until(lambda: a.get("k") == "from-b")
+    assert eventually(lambda: a.get("k") == "from-b")
     a.clear()
-    assert _until(lambda: b.get("k", "gone") == "gone")
+    assert eventually(lambda: b.get("k", "gone") == "gone")
     assert b.stats().invalidations >= 4
 
 
-def test_own_writes_stay_in_l1(make: Callable[..., NearCache]) -> None:
+def test_own_writes_stay_in_l1(make: Callable[..., NearCache], eventually: Callable[..., bool]) -> None:
     a = make()
     assert a.wait_coherent()
     for i in range(50):
         a.put(f"k{i}", i)
-    assert _until(lambda: a.stats().invalidations >= 50)  # our own messages came back ...
+    assert eventually(lambda: a.stats().invalidations >= 50)  # our own messages came back ...
     assert all(a.get(f"k{i}") == i for i in range(50))
     stats = a.stats()
     assert stats.l1_hits == 50 and stats.redis_hits == 0  # ... and did not drop our copies
@@ -253,7 +246,9 @@ def test_get_or_set_runs_the_factory_once_across_processes(redis_url: str, names
         raw.close()
 
 
-def test_a_forked_child_gets_its_own_listener(make: Callable[..., NearCache]) -> None:
+def test_a_forked_child_gets_its_own_listener(
+    make: Callable[..., NearCache], eventually: Callable[..., bool]
+) -> None:
     parent = make()
     assert parent.wait_coherent()
     parent.put("k", "before")
@@ -268,7 +263,7 @@ def test_a_forked_child_gets_its_own_listener(make: Callable[..., NearCache]) ->
             ok = parent.get("k") == "before" and parent.wait_coherent(10)
             os.write(write_fd, b"1" if ok else b"0")
             os.read(go_read, 1)
-            ok = _until(lambda: parent.get("k") == "after")
+            ok = eventually(lambda: parent.get("k") == "after")
             os.write(write_fd, b"1" if ok else b"0")
             code = 0
         finally:
@@ -303,8 +298,9 @@ def test_tampered_values_are_refused_and_never_unpickled(
         forgeries = {
             "plain-pickle": evil,  # no signature at all
             "bad-tag": b"\x00KS1" + os.urandom(32) + os.urandom(16) + evil,  # looks signed
-            "other-secret": Signer("not-our-secret", "near-cache").sign(prefix + b"other-secret",
-                                                                       os.urandom(16) + evil),
+            "other-secret": Signer("not-our-secret", "near-cache").sign(
+                prefix + b"other-secret", os.urandom(16) + evil
+            ),
         }
         for key, data in forgeries.items():
             raw.set(prefix + key.encode(), data)
@@ -322,7 +318,9 @@ def test_tampered_values_are_refused_and_never_unpickled(
     assert cache.stats().refused >= 9
 
 
-def test_forged_invalidations_are_ignored(make: Callable[..., NearCache], redis_url: str) -> None:
+def test_forged_invalidations_are_ignored(
+    make: Callable[..., NearCache], redis_url: str, eventually: Callable[..., bool]
+) -> None:
     cache = make()
     assert cache.wait_coherent()
     cache.put("k", "v")
@@ -330,7 +328,7 @@ def test_forged_invalidations_are_ignored(make: Callable[..., NearCache], redis_
     try:
         raw.publish(cache.channel, b"F" + os.urandom(16))
         raw.publish(cache.channel, b"\x00KS1" + os.urandom(48) + b"K" + b"x" * 16 + b"k")
-        assert _until(lambda: cache.stats().forged_messages == 2)
+        assert eventually(lambda: cache.stats().forged_messages == 2)
     finally:
         raw.close()
     assert cache.get("k") == "v" and cache.stats().l1_hits == 1
@@ -340,7 +338,7 @@ def test_forged_invalidations_are_ignored(make: Callable[..., NearCache], redis_
 
 
 def test_a_dropped_channel_flushes_l1_and_resubscribes(
-    make: Callable[..., NearCache], redis_url: str
+    make: Callable[..., NearCache], redis_url: str, eventually: Callable[..., bool]
 ) -> None:
     cache = make()
     assert cache.wait_coherent()
@@ -351,14 +349,16 @@ def test_a_dropped_channel_flushes_l1_and_resubscribes(
         raw.client_kill_filter(_type="pubsub", skipme=True)
     finally:
         raw.close()
-    assert _until(lambda: cache.stats().subscriptions >= 2 and cache.stats().coherent)
+    assert eventually(lambda: cache.stats().subscriptions >= 2 and cache.stats().coherent)
     stats = cache.stats()
     assert stats.flushes >= 1 and "k" not in cache.l1
     assert cache.get("k") == "v"  # read again from Redis
 
 
 @pytest.mark.slow
-def test_redis_killed_and_restarted_mid_load(make: Callable[..., NearCache], restartable_redis: Any) -> None:
+def test_redis_killed_and_restarted_mid_load(
+    make: Callable[..., NearCache], restartable_redis: Any, eventually: Callable[..., bool]
+) -> None:
     cache = make(restartable_redis.url)
     other = make(restartable_redis.url)
     assert cache.wait_coherent() and other.wait_coherent()
@@ -378,17 +378,17 @@ def test_redis_killed_and_restarted_mid_load(make: Callable[..., NearCache], res
     stats = cache.stats()
     assert stats.breaker_open and stats.redis_errors >= 1 and not stats.coherent
     restartable_redis.start()
-    assert _until(lambda: not cache.breaker_open and cache.stats().coherent)
-    assert _until(lambda: not other.breaker_open and other.stats().pending_writes == 0)
+    assert eventually(lambda: not cache.breaker_open and cache.stats().coherent)
+    assert eventually(lambda: not other.breaker_open and other.stats().pending_writes == 0)
     # the AOF brought "stored" = v1 back; the write made during the outage deleted it on recovery
-    assert _until(lambda: cache.get("stored", "miss") == "miss")
+    assert eventually(lambda: cache.get("stored", "miss") == "miss")
     cache.put("after", "ok")
-    assert _until(lambda: other.get("after") == "ok")
+    assert eventually(lambda: other.get("after") == "ok")
 
 
 @pytest.mark.slow
 def test_redis_paused_costs_at_most_a_timeout_and_recovers(
-    make: Callable[..., NearCache], restartable_redis: Any
+    make: Callable[..., NearCache], restartable_redis: Any, eventually: Callable[..., bool]
 ) -> None:
     cache = make(restartable_redis.url, socket_timeout=0.05)
     assert cache.wait_coherent()
@@ -406,7 +406,7 @@ def test_redis_paused_costs_at_most_a_timeout_and_recovers(
         assert slow_calls <= 2  # only the call(s) that found Redis paused waited for the timeout
     finally:
         restartable_redis.proc.send_signal(signal.SIGCONT)
-    assert _until(lambda: not cache.breaker_open and cache.stats().coherent)
+    assert eventually(lambda: not cache.breaker_open and cache.stats().coherent)
     assert cache.get("k") == "v"
 
 
@@ -443,9 +443,7 @@ def test_signed_disk_cache_refuses_rows_written_behind_its_back(tmp_path: Path) 
         conn = sqlite3.connect(path)
         try:
             evil = pickle.dumps(_Payload(str(marker)))
-            vid = conn.execute(
-                "SELECT vid FROM kotoba_cache WHERE key = ?", (b"svictim",)
-            ).fetchone()[0]
+            vid = conn.execute("SELECT vid FROM kotoba_cache WHERE key = ?", (b"svictim",)).fetchone()[0]
             conn.execute("UPDATE kotoba_cache_values SET value = ? WHERE vid = ?", (evil, vid))
             import zlib
 
@@ -467,14 +465,17 @@ def test_signed_disk_cache_refuses_rows_written_behind_its_back(tmp_path: Path) 
 
 
 def test_a_tiered_l1_spills_to_disk_and_stays_coherent(
-    make: Callable[..., NearCache], tmp_path: Path
+    make: Callable[..., NearCache], tmp_path: Path, eventually: Callable[..., bool]
 ) -> None:
     from kotoba_memory.cache_manager import CacheManager
     from kotoba_memory.cache_manager.disk import DiskCache
     from kotoba_memory.cache_manager.tiers import TieredCache
 
-    l1 = TieredCache(CacheManager(4000, "lru"), DiskCache(tmp_path / "l1.sqlite3", 1 << 20, secret=SECRET),
-                     spill_threshold_bytes=1000)
+    l1 = TieredCache(
+        CacheManager(4000, "lru"),
+        DiskCache(tmp_path / "l1.sqlite3", 1 << 20, secret=SECRET),
+        spill_threshold_bytes=1000,
+    )
     a, b = make(l1=l1), make()
     assert a.wait_coherent() and b.wait_coherent()
     for i in range(40):
@@ -484,6 +485,23 @@ def test_a_tiered_l1_spills_to_disk_and_stays_coherent(
     assert all(a.get(f"k{i}") == "x" * 200 for i in range(40))
     assert a.stats().redis_hits == 0  # every read answered by memory or the disk tier
     b.put("k0", "new")
-    assert _until(lambda: a.get("k0") == "new")
+    assert eventually(lambda: a.get("k0") == "new")
     b.clear()
-    assert _until(lambda: a.get("k5", "gone") == "gone")
+    assert eventually(lambda: a.get("k5", "gone") == "gone")
+
+
+def test_an_idle_channel_answers_its_health_checks(
+    make: Callable[..., NearCache], eventually: Callable[..., bool]
+) -> None:
+    cache = make(health_interval=0.02)
+    assert cache.wait_coherent()
+    cache.put("k", "v")
+    time.sleep(0.3)  # about 15 health checks with nothing else on the channel
+    stats = cache.stats()
+    assert stats.flushes == 0 and stats.subscriptions == 1 and stats.coherent
+    assert cache.get("k") == "v" and cache.stats().l1_hits == 1  # L1 kept its copy
+    # a request failure opens the breaker; the listener's next PING (not a reconnect) closes it
+    cache._failed(redis.ConnectionError("simulated"))
+    assert cache.breaker_open
+    assert eventually(lambda: not cache.breaker_open)
+    assert cache.stats().subscriptions == 1

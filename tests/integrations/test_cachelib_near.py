@@ -7,7 +7,6 @@ in-memory bounds) run again here with ``redis_url=``; then what only the shared 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -79,29 +78,22 @@ def cache(request: pytest.FixtureRequest, factory: Callable[..., KotobaCache]) -
     return factory(request.param)
 
 
-def _until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.005)
-    return check()
-
-
 def test_redis_url_builds_a_near_cache(factory: Callable[..., KotobaCache]) -> None:
     backend = factory()
     assert isinstance(backend.store, NearCache)
 
 
-def test_two_processes_worth_of_backends_stay_coherent(factory: Callable[..., KotobaCache]) -> None:
+def test_two_processes_worth_of_backends_stay_coherent(
+    factory: Callable[..., KotobaCache], eventually: Callable[..., bool]
+) -> None:
     a, b = factory(name="a"), factory(name="b")
     assert a.store is not b.store
     assert a.set("k", {"v": 1})
     assert b.get("k") == {"v": 1}
     assert b.set("k", {"v": 2})
-    assert _until(lambda: a.get("k") == {"v": 2})
+    assert eventually(lambda: a.get("k") == {"v": 2})
     assert a.delete("k")
-    assert _until(lambda: b.get("k") is None)
+    assert eventually(lambda: b.get("k") is None)
 
 
 def test_inc_is_atomic_across_backends(factory: Callable[..., KotobaCache]) -> None:

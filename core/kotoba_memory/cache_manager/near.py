@@ -16,7 +16,6 @@ factory serve meanwhile, and the listener thread closes the breaker once Redis a
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import math
@@ -27,11 +26,10 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from kotoba_memory.cache_manager.base import BaseCache, _LeaderCancelled, _settle
+from kotoba_memory.cache_manager.base import BaseCache, _call_async, _call_sync
 from kotoba_memory.cache_manager.memory import CacheManager
 from kotoba_memory.cache_manager.redis_tier import prefix_occupancy, redis_key, scan_prefix, unlink_prefix
 from kotoba_memory.cache_manager.signing import Signer
@@ -555,12 +553,11 @@ class NearCache(BaseCache):
         while conn.can_read(timeout=0):
             reply = conn.read_response(push_request=True)
             self._last_seen = time.monotonic()
-            if not isinstance(reply, list) or not reply:
-                continue
-            kind = reply[0]
+            # a PING on a subscribed connection answers [b"pong", b""] (redis-py may hand over b"PONG")
+            kind = reply[0] if isinstance(reply, list) and reply else reply
             if kind == b"message" and len(reply) == 3:
                 self._on_message(reply[2])
-            elif kind == b"pong":
+            elif kind in (b"pong", b"PONG"):
                 self._ping_sent = None
                 self._pong = True
 
@@ -1001,60 +998,27 @@ class NearCache(BaseCache):
             except CacheUnavailableError:
                 pass  # the lock expires by itself; the value is already stored
 
-    def _lead_sync(
-        self, key: Hashable, future: Future[Any] | None, factory: Callable[[], Any], ttl: float | None
-    ) -> Any:
-        token = None
+    def _compute(self, key: Hashable, factory: Callable[[], Any], ttl: float | None) -> Any:
+        """Under the key's Redis lock: run the factory once across processes (or take the winner's)."""
+        token, value = self._acquire_or_wait(key)
         try:
-            value = self.get(key, _MISSING)
             if value is _MISSING:
-                token, value = self._acquire_or_wait(key)
-            if value is _MISSING:
-                value = factory()
-                if inspect.isawaitable(value):
-                    close = getattr(value, "close", None)
-                    if close is not None:
-                        close()
-                    raise TypeError("get_or_set got an async factory; use aget_or_set")
+                value = _call_sync(factory)
                 self._write(key, value, ttl, only_if_absent=False, fill=True)
-        except BaseException as exc:
+        finally:
             self._release(key, token)
-            _settle(future, exc=exc if isinstance(exc, Exception) else _LeaderCancelled())
-            self._end_flight(key, future)
-            raise
-        self._release(key, token)
-        _settle(future, value=value)
-        self._end_flight(key, future)
         return value
 
-    async def _lead_async(
-        self,
-        key: Hashable,
-        future: Future[Any] | None,
-        factory: Callable[[], Any] | Callable[[], Awaitable[Any]],
-        ttl: float | None,
+    async def _acompute(
+        self, key: Hashable, factory: Callable[[], Any] | Callable[[], Awaitable[Any]], ttl: float | None
     ) -> Any:
-        token = None
+        token, value = await asyncio.to_thread(self._acquire_or_wait, key)
         try:
-            value = await self.aget(key, _MISSING)
             if value is _MISSING:
-                token, value = await asyncio.to_thread(self._acquire_or_wait, key)
-            if value is _MISSING:
-                if inspect.iscoroutinefunction(factory):
-                    value = await factory()
-                else:
-                    value = await asyncio.to_thread(factory)
-                    if inspect.isawaitable(value):
-                        value = await value
+                value = await _call_async(factory)
                 await asyncio.to_thread(self._write, key, value, ttl, only_if_absent=False, fill=True)
-        except BaseException as exc:
+        finally:
             await asyncio.to_thread(self._release, key, token)
-            _settle(future, exc=exc if isinstance(exc, Exception) else _LeaderCancelled())
-            self._end_flight(key, future)
-            raise
-        await asyncio.to_thread(self._release, key, token)
-        _settle(future, value=value)
-        self._end_flight(key, future)
         return value
 
     # -- async: an L1 hit answers inline, anything that may call Redis runs in a thread -----------------
