@@ -89,3 +89,34 @@ def test_three_workers_share_one_coherent_cache_through_faults(
         # v2 came back from the AOF: every worker serves it again (their L1s were flushed meanwhile)
         _every_worker_serves(base, "k", "v2", eventually)
         assert eventually(lambda: not _ask(base, "/get", k="k")["breaker_open"])
+
+
+def test_django_example_with_redis_url_under_three_gunicorn_workers(
+    tmp_path: Path, restartable_redis: Any
+) -> None:
+    """The Django example with ``KOTOBA_EXAMPLE_REDIS_URL``: its views' cache entries land in Redis, under
+    the namespace derived from its SECRET_KEY, signed; every worker answers (sync and async views)."""
+    import subprocess
+
+    import redis
+    from test_servers import EXAMPLES, example_env
+
+    port = free_port()
+    env = example_env(tmp_path, port)
+    env.update(KOTOBA_EXAMPLE_REDIS_URL=restartable_redis.url, KOTOBA_EXAMPLE_WORKERS=str(WORKERS))
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=EXAMPLES / "django_app", env=env,
+                   check=True, timeout=90)
+    cmd = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "exampleproject.wsgi"]
+    with serve(cmd, EXAMPLES / "django_app", env, port) as base:
+        for i in range(30):
+            response = httpx.get(f"{base}/books/{4 + i % 3}/", timeout=20, headers={"Connection": "close"})
+            assert response.status_code == 200 and response.json()["id"] == 4 + i % 3
+            assert httpx.get(f"{base}/async/books/4/", timeout=20).status_code == 200
+        assert httpx.get(f"{base}/stats/", timeout=20).status_code == 200
+        raw = redis.Redis.from_url(restartable_redis.url)
+        try:
+            keys = [k for k in raw.scan_iter(match=b"kotoba:*") if b"book" in k]
+            assert keys, "the example's cache entries are not in Redis"
+            assert all(raw.get(k).startswith(b"\x00KS1") for k in keys)  # type: ignore[union-attr]
+        finally:
+            raw.close()
