@@ -505,3 +505,22 @@ def test_an_idle_channel_answers_its_health_checks(
     assert cache.breaker_open
     assert eventually(lambda: not cache.breaker_open)
     assert cache.stats().subscriptions == 1
+
+
+def test_an_own_invalidation_does_not_keep_a_copy_of_another_write(make: Callable[..., NearCache]) -> None:
+    """White-box race: our write W is in flight; another thread fills L1 with X (read from Redis after
+    X's message, before W was applied); W's message then comes back. Keeping "our" copy would keep X."""
+    cache = make()
+    assert cache.wait_coherent()
+    rkey = cache._keys("k")[1]
+    own, other = cache._new_wid(), cache._new_wid()
+    cache._note_own("k", own)
+    cache._fill("k", "X", other, None, cache._seq)
+    assert cache.l1.get("k") == ("X", other)
+    cache._on_message(cache._message(rkey, own))
+    assert "k" not in cache.l1
+    # the normal case: our own copy stays when our message comes back
+    cache._note_own("k", own)
+    cache._fill("k", "W", own, None, cache._seq)
+    cache._on_message(cache._message(rkey, own))
+    assert cache.l1.get("k") == ("W", own)

@@ -333,6 +333,10 @@ class NearCache(BaseCache):
                     return
                 ttl = self.outage_ttl if ttl is None else min(ttl, self.outage_ttl)
             self.l1.put(l1key, (value, wid), ttl)
+            if self._own.get(l1key, wid) != wid:
+                # L1 now holds another write than our pending one: when that one's message comes back,
+                # it must drop this copy, not keep it as "ours"
+                del self._own[l1key]
 
     def _note_own(self, l1key: Hashable, wid: bytes) -> None:
         with self._state_lock:
