@@ -123,7 +123,9 @@ def _near(
 ) -> BaseCache:
     url = request.getfixturevalue("redis_url")
     namespace = f"contract-near-{uuid.uuid4().hex[:10]}"
-    cache = NearCache(url, secret="contract", namespace=namespace, default_ttl=default_ttl, scan_interval=0)
+    # a generous timeout: the contract is about semantics; faults are test_near_cache.py's
+    cache = NearCache(url, secret="contract", namespace=namespace, default_ttl=default_ttl,
+                      scan_interval=0, socket_timeout=2.0)
     assert cache.wait_coherent(10), "the near-cache never subscribed to its invalidation channel"
 
     def cleanup() -> None:

@@ -48,6 +48,7 @@ def make(redis_url: str, namespace: str) -> Iterator[Callable[..., NearCache]]:
     def factory(url: str | None = None, **options: Any) -> NearCache:
         options.setdefault("secret", SECRET)
         options.setdefault("namespace", namespace)
+        options.setdefault("socket_timeout", 1.0)  # semantics tests; the fault tests set a short one
         cache = NearCache(url or redis_url, **options)
         made.append(cache)
         return cache
@@ -252,6 +253,7 @@ def test_a_forked_child_gets_its_own_listener(
     parent = make()
     assert parent.wait_coherent()
     parent.put("k", "before")
+    parent_wid_prefix = parent._new_wid()[:8]
     read_fd, write_fd = os.pipe()
     go_read, go_write = os.pipe()
     pid = os.fork()
@@ -261,6 +263,7 @@ def test_a_forked_child_gets_its_own_listener(
             os.close(read_fd)
             os.close(go_write)
             ok = parent.get("k") == "before" and parent.wait_coherent(10)
+            ok = ok and parent._new_wid()[:8] != parent_wid_prefix  # the child mints its own write ids
             os.write(write_fd, b"1" if ok else b"0")
             os.read(go_read, 1)
             ok = eventually(lambda: parent.get("k") == "after")

@@ -98,7 +98,7 @@ def make_cache(location: str, redis_url: str) -> contract.MakeCache:
     """Backends on the test's LOCATION, each a near-cache over the session's Redis."""
 
     def build(location_: str | None = None, **params: Any) -> KotobaCache:
-        options = {"REDIS_URL": redis_url, **params.pop("OPTIONS", {})}
+        options = {"REDIS_URL": redis_url, "SOCKET_TIMEOUT": 1.0, **params.pop("OPTIONS", {})}
         cache = KotobaCache(location_ or location, {**params, "OPTIONS": options})
         assert isinstance(cache, KotobaNearCache)
         assert cache._near.wait_coherent(10)

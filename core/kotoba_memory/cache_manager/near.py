@@ -219,8 +219,6 @@ class NearCache(BaseCache):
         self._touch = client.register_script(_TOUCH)
         self._get = client.register_script(_GET)
         self._unlock = client.register_script(_UNLOCK)
-        self._wid_prefix = os.urandom(8)
-        self._wids = itertools.count(1)
         self._l1_get = l1.get
         self._init_state()
         super().__init__(name or f"near:{namespace}")
@@ -229,6 +227,10 @@ class NearCache(BaseCache):
     def _init_state(self) -> None:
         """Per-process state: locks, counters, the listener (none yet), coherence bookkeeping."""
         self._pid = os.getpid()
+        # write ids: a forked child must not mint its parent's (the parent would keep its copy on
+        # the child's invalidation, taking it for its own write)
+        self._wid_prefix = os.urandom(8)
+        self._wids = itertools.count(1)
         self._state_lock = threading.Lock()  # coherence: the log, the own-write table, L1 fills and drops
         self._counter_lock = threading.Lock()
         self._seq = 0
@@ -248,7 +250,7 @@ class NearCache(BaseCache):
         self._polls = itertools.count(1)
         self._stop = threading.Event()
         self._closed = getattr(self, "_closed", False)
-        self._redis_hits = self._misses_redis = self._puts = self._deletes = 0
+        self._redis_hits = self._puts = self._deletes = 0
         self._errors = self._refused = self._trips = self._messages = self._forged = 0
         self._flushes = self._subscriptions = self._lock_waits = self._lock_wins = 0
         self._last_scan: tuple[float, int, int] | None = None
