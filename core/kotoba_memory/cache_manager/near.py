@@ -102,7 +102,7 @@ class NearCacheStats(CacheStats):
     """:class:`CacheStats` of the whole near-cache plus L1's own stats and the fault counters.
 
     ``hits`` counts L1 hits and Redis hits; ``entries``/``bytes`` are what Redis holds under the
-    namespace (L1's are in ``l1``). ``refused`` counts values that failed the signature check;
+    namespace (L1's are in ``l1``; while the breaker is open, L1's are reported, as ``len()`` does). ``refused`` counts values that failed the signature check;
     ``redis_errors`` failed Redis calls absorbed; ``breaker_open`` whether Redis is being bypassed now;
     ``coherent`` whether the invalidation channel is subscribed (L1 copies are then kept without the
     outage cap); ``flushes`` how often L1 was emptied because the channel was lost.
@@ -1053,7 +1053,7 @@ class NearCache(BaseCache):
         """Whole-cache counters, L1's stats, and the fault counters; Redis occupancy rescanned at most
         every ``scan_interval`` seconds (or when ``refresh``)."""
         l1 = self.l1.stats()
-        entries, stored = self._occupancy(refresh)
+        entries, stored = self._occupancy(refresh, l1)
         with self._counter_lock:
             hits = l1.hits + self._redis_hits
             misses = max(l1.misses - self._redis_hits, 0)
@@ -1094,19 +1094,18 @@ class NearCache(BaseCache):
                 namespace=self.namespace,
             )
 
-    def _occupancy(self, refresh: bool) -> tuple[int, int]:
+    def _occupancy(self, refresh: bool, l1: CacheStats) -> tuple[int, int]:
+        """(entries, bytes) under the namespace in Redis; L1's while Redis is unavailable (as ``len``)."""
+        if self._open_since is not None:
+            return l1.entries, l1.bytes
         cached = self._last_scan
         if not refresh and cached is not None and time.monotonic() - cached[0] < self.scan_interval:
             return cached[1], cached[2]
-        if self._open_since is not None:
-            return (cached[1], cached[2]) if cached is not None else (0, 0)
         try:
             entries, stored = prefix_occupancy(self.client, self._prefix_str)
         except self._redis_error as exc:
-            with self._counter_lock:
-                self._errors += 1
-            log.debug("%s: occupancy scan failed: %s", self.name, exc)
-            return (cached[1], cached[2]) if cached is not None else (0, 0)
+            self._failed(exc, quiet=True)
+            return l1.entries, l1.bytes
         self._last_scan = (time.monotonic(), entries, stored)
         return entries, stored
 
