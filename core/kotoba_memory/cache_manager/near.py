@@ -102,10 +102,11 @@ class NearCacheStats(CacheStats):
     """:class:`CacheStats` of the whole near-cache plus L1's own stats and the fault counters.
 
     ``hits`` counts L1 hits and Redis hits; ``entries``/``bytes`` are what Redis holds under the
-    namespace (L1's are in ``l1``; while the breaker is open, L1's are reported, as ``len()`` does). ``refused`` counts values that failed the signature check;
-    ``redis_errors`` failed Redis calls absorbed; ``breaker_open`` whether Redis is being bypassed now;
-    ``coherent`` whether the invalidation channel is subscribed (L1 copies are then kept without the
-    outage cap); ``flushes`` how often L1 was emptied because the channel was lost.
+    namespace (L1's are in ``l1``; while the breaker is open, L1's are reported, as ``len()`` does).
+    ``refused`` counts values that failed the signature check; ``redis_errors`` failed Redis calls
+    absorbed; ``breaker_open`` whether Redis is being bypassed now; ``coherent`` whether the
+    invalidation channel is subscribed (L1 copies are then kept without the outage cap); ``flushes``
+    how often L1 was emptied because the channel was lost.
     """
 
     l1: CacheStats
@@ -552,7 +553,8 @@ class NearCache(BaseCache):
                     with self._read_lock:
                         self._drain(conn)
         finally:
-            self._conn = None
+            with self._read_lock:  # no caller may use the connection once it is being torn down
+                self._conn = None
 
     def _drain(self, conn: Any) -> None:
         """Apply every message already received (caller holds ``_read_lock``)."""
@@ -574,6 +576,8 @@ class NearCache(BaseCache):
         if conn is None or not self._read_lock.acquire(blocking=False):
             return
         try:
+            if self._conn is not conn:  # torn down meanwhile: redis-py would reconnect it on can_read()
+                return
             self._drain(conn)
         except Exception:  # the listener finds the broken connection and starts over (L1 flushed)
             try:
