@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestListener,
@@ -83,6 +84,7 @@ class MemoryMiddleware:
     ) -> None:
         self.app = app
         self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
+        runtime.serving()  # this process serves requests: it joins the fleet report
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         outer = environ.get(ENVIRON_KEY)

@@ -31,7 +31,8 @@ if [[ ! -x $VENV/bin/python ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 stamp=$VENV/.kotoba-installed
-want=$(cat pyproject.toml constraints-dev.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
+# The C sources are in the stamp too: an editable install compiles them once, so a change must rebuild.
+want=$(shopt -s nullglob; cat pyproject.toml constraints-dev.txt setup.py csrc/*.c csrc/*.h | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
     echo "bootstrap: installing kotoba-memory[dev] into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip

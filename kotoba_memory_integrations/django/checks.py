@@ -7,6 +7,7 @@ refuse to start too); these checks name them for ``manage.py check`` and tooling
 * ``kotoba_memory.E002`` a field of ``KOTOBA_MEMORY`` is unknown or invalid (the message names it);
 * ``kotoba_memory.E003`` ``KOTOBA_MEMORY_AUTOSTART`` / ``KOTOBA_MEMORY_OTEL`` is not a bool;
 * ``kotoba_memory.E004`` ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` is not an int from 1 to 1000000;
+* ``kotoba_memory.E005`` ``KOTOBA_MEMORY_FLEET``, ``KOTOBA_MEMORY_REPORT_TOKEN`` or ``_AUTH`` is invalid;
 * ``kotoba_memory.W001`` the middleware is missing, so no per-request or per-route metrics.
 """
 
@@ -47,6 +48,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="kotoba_memory.E004",
             )
         )
+    from kotoba_memory_integrations.django.views import report_access_errors
+
+    fleet = getattr(settings, "KOTOBA_MEMORY_FLEET", True)
+    problems = report_access_errors()
+    if not isinstance(fleet, bool | str) or (isinstance(fleet, str) and not fleet.strip()):
+        problems.append(("KOTOBA_MEMORY_FLEET", f"must be True, False or a non-empty str, got {fleet!r}"))
+    for name, problem in problems:
+        messages.append(Error(f"{name} {problem}.", obj=name, id="kotoba_memory.E005"))
     raw = getattr(settings, "KOTOBA_MEMORY", None)
     if raw is None:
         return messages
