@@ -10,7 +10,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def _unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason}; CI must provide it (scripts/bootstrap.sh installs it)")
     pytest.skip(reason)
+
+
+def _eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return bool(predicate())
+
+
+@pytest.fixture
+def eventually() -> Callable[..., bool]:
+    """``eventually(predicate, timeout=10.0)``: poll until it holds and return its last value; a bound on
+    convergence between processes, not a speed claim."""
+    return _eventually
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Django cache backend on kotoba-memory: ``BACKEND = "kotoba_memory_integrations.django.KotobaCache"``.
 
-It behaves as Django's ``LocMemCache`` (same keys, versions, timeouts, culling, warnings, pickled values
-isolated from later mutation, aliases with one ``LOCATION`` sharing data) and adds, from ``OPTIONS``: an
-eviction ``POLICY``, a byte bound ``MAX_BYTES``, an optional disk tier (``DISK_PATH``...) and ``stats()``.
+With ``OPTIONS={"REDIS_URL": "redis://..."}`` it is a near-cache shared by every worker (see
+``near_cache.py``). Otherwise it behaves as Django's ``LocMemCache`` (same keys, versions, timeouts,
+culling, warnings, pickled values isolated from later mutation, aliases with one ``LOCATION`` sharing
+data) and adds, from ``OPTIONS``: an eviction ``POLICY``, a byte bound ``MAX_BYTES``, an optional disk
+tier (``DISK_PATH``...) and ``stats()``.
 Key prefixes, versions, key functions, key validation and ``incr_version`` come from Django's own
 ``BaseCache``.
 """
@@ -180,6 +182,14 @@ class KotobaCache(BaseCache):
     """Thread-safe in-memory Django cache on a kotoba-memory ``CacheManager`` (one per ``LOCATION``)."""
 
     pickle_protocol = pickle.HIGHEST_PROTOCOL
+
+    def __new__(cls, location: str, params: dict[str, Any]) -> KotobaCache:
+        # OPTIONS={"REDIS_URL": ...} switches the backend to the near-cache over Redis (near_cache.py).
+        if cls is KotobaCache and "REDIS_URL" in (params.get("OPTIONS") or {}):
+            from kotoba_memory_integrations.django.near_cache import KotobaNearCache
+
+            return super().__new__(KotobaNearCache)
+        return super().__new__(cls)
 
     def __init__(self, location: str, params: dict[str, Any]) -> None:
         super().__init__(params)
