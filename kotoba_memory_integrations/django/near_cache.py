@@ -166,7 +166,7 @@ class KotobaNearCache(KotobaCache):
         check_str(location, "LOCATION", allow_empty=True)
         self._location = location
         self._near = _store_for(location, params.get("OPTIONS") or {})
-        self._cache = self._near  # type: ignore[assignment]
+        self._cache = self._near
         self._disk = None
 
     @property

@@ -126,6 +126,11 @@ v = "value"
 def build_report():
     return {"total": 42}
 
+SECRET_KEY = "docs-snippet-not-secret"
+
+def load_product(product_id):
+    return {"id": product_id, "name": "kettle"}
+
 async def async_build():
     return {"total": 42}
 '''
