@@ -654,8 +654,10 @@ Pool_heap_block(PoolObject *self, PyObject *arg)
 static PyObject *
 Pool_lc_pop(PoolObject *self, PyObject *arg)
 {
-    long long cap = PyLong_AsLongLong(arg);
+    int overflow = 0;
+    long long cap = PyLong_AsLongLongAndOverflow(arg, &overflow);
     if (cap == -1 && PyErr_Occurred()) return NULL;
+    if (overflow) return PyLong_FromLong(-1);  /* no block that large is ever cached */
     return PyLong_FromLongLong(lc_pop(self, cap));
 }
 
@@ -1060,6 +1062,10 @@ Block_getbuffer(BlockObject *self, Py_buffer *view, int flags)
     else {
         if (!pool->bound) {
             PyErr_SetString(ClosedError ? ClosedError : PyExc_ValueError, "pool is closed");
+            return -1;
+        }
+        if (self->offset < 0 || self->offset > pool->capacity - self->size) {
+            PyErr_SetString(PyExc_ValueError, "block lies outside its pool's mapping");
             return -1;
         }
         ptr = pool->base + self->offset;
