@@ -40,7 +40,12 @@
 #define FAST_LOCKING 1
 #endif
 
+/* Released Block objects kept for reuse (their memory only); GIL-protected, so off without a GIL. */
+#if FAST_LOCKING
 #define BLOCK_FREELIST_MAX 64
+#else
+#define BLOCK_FREELIST_MAX 0
+#endif
 
 static PyObject *ReleasedError = NULL;  /* BlockReleasedError */
 static PyObject *InUseError = NULL;     /* BlockInUseError */
@@ -439,7 +444,7 @@ Pool_unbind(PoolObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static BlockObject *block_freelist[BLOCK_FREELIST_MAX];
+static BlockObject *block_freelist[BLOCK_FREELIST_MAX + 1];
 static int block_freelist_n = 0;
 
 static BlockObject *
