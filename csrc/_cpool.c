@@ -891,11 +891,15 @@ Block_release(BlockObject *self, PyObject *unused)
         return NULL;
     }
 #if FAST_LOCKING
-    if (pool->lock && !pool->lock->owner && !self->view && !self->exports &&
-        push_inline(pool, self->offset, self->cls, self->size)) {
-        self->pool = NULL;
-        Py_DECREF(pool);
-        Py_RETURN_NONE;
+    if (pool->lock && !pool->lock->owner && !self->exports) {
+        /* Releasing the view runs no Python code (its buffer belongs to the pool's mapping or our
+         * bytearray), so this stays atomic under the GIL. */
+        if (release_view(self) < 0) return NULL;
+        if (push_inline(pool, self->offset, self->cls, self->size)) {
+            self->pool = NULL;
+            Py_DECREF(pool);
+            Py_RETURN_NONE;
+        }
     }
 #endif
     if (pool_lock(pool) < 0) return NULL;
