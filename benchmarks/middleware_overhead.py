@@ -27,8 +27,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -122,30 +120,19 @@ def create_app() -> Callable[..., Iterable[bytes]]:
     return build_variant(os.environ.get("KOTOBA_BENCH_VARIANT", "plain"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _servers() -> Any:
+    """tools/servers.py: the start/stop helpers the server tests use too."""
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import servers
 
-
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                if sock.recv(16).startswith(b"HTTP/1."):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"gunicorn did not answer on port {port} within {timeout} s")
+    return servers
 
 
 def start_server(variant: str, data_dir: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+    servers = _servers()
+    port = servers.free_port()
     path = [str(ROOT / "benchmarks"), str(EXAMPLE_DIR)]
     env = dict(
         os.environ, KOTOBA_BENCH_VARIANT=variant, PYTHONPATH=os.pathsep.join(path),
@@ -159,7 +146,8 @@ def start_server(variant: str, data_dir: str) -> tuple[subprocess.Popen[bytes], 
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT / "benchmarks", start_new_session=True)
     try:
-        wait_ready(port, proc)
+        # Output goes to our stdout (nothing to log here): any HTTP answer means it is up.
+        servers.wait_ready(servers.Server(proc, port, Path(os.devnull)), timeout=30.0, status=None)
     except BaseException:
         stop_server(proc)
         raise
@@ -167,13 +155,7 @@ def start_server(variant: str, data_dir: str) -> tuple[subprocess.Popen[bytes], 
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    _servers().stop(proc, timeout=10.0)
 
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")

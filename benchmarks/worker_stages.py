@@ -123,11 +123,13 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 def run_mode(mode: str, seconds: int, connections: int) -> dict[str, list[int]]:
     sys.path.insert(0, str(HERE))
-    from middleware_overhead import free_port, run_wrk, stop_server, wait_ready
+    from middleware_overhead import _servers, run_wrk, stop_server
+
+    servers = _servers()
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "totals.json")
-        port = free_port()
+        port = servers.free_port()
         env = dict(os.environ, KOTOBA_STAGES_MODE=mode, KOTOBA_STAGES_OUT=out, PYTHONPATH=str(HERE))
         cmd = [
             sys.executable, "-m", "gunicorn", "-c", str(HERE / "worker_stages.py"), "--bind",
@@ -136,7 +138,7 @@ def run_mode(mode: str, seconds: int, connections: int) -> dict[str, list[int]]:
         ]
         proc = subprocess.Popen(cmd, env=env, cwd=HERE, start_new_session=True)
         try:
-            wait_ready(port, proc)
+            servers.wait_ready(servers.Server(proc, port, Path(os.devnull)), timeout=30.0, status=None)
             run_wrk(port, 1, connections)  # warm-up (counted too; the table divides by all requests)
             run_wrk(port, seconds, connections)
         finally:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestListener,
@@ -86,6 +87,7 @@ class MemoryMiddleware:
         self.app = app
         self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
         self.route_of = route_of
+        runtime.serving()  # this process serves requests: it joins the fleet report
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         outer = environ.get(ENVIRON_KEY)

@@ -7,7 +7,9 @@ so they never skip silently there.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import local_services
 
 IN_CI = bool(os.environ.get("CI"))
+
+# Fleet spools written by the apps and servers the tests start (they inherit the environment) go to a
+# directory of this session, never into the user's own runtime directory.
+_FLEET_DIR = tempfile.mkdtemp(prefix="kotoba-fleet-tests-")
+os.environ["KOTOBA_MEMORY_FLEET_DIR"] = _FLEET_DIR
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_FLEET_DIR, ignore_errors=True)
 
 
 def _unavailable(reason: str) -> None:

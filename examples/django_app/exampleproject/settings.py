@@ -63,7 +63,8 @@ KOTOBA_MEMORY = {
 KOTOBA_MEMORY_OTEL = os.environ.get("KOTOBA_EXAMPLE_METRICS", "1") == "1"
 
 EXAMPLE_LEAK = os.environ.get("KOTOBA_EXAMPLE_LEAK") == "1"
-EXAMPLE_REPORT_TOKEN = os.environ.get("KOTOBA_EXAMPLE_REPORT_TOKEN") or None
+# Who may read kotoba-memory's report view (/_kotoba/report): this bearer token (unset: nobody).
+KOTOBA_MEMORY_REPORT_TOKEN = os.environ.get("KOTOBA_EXAMPLE_REPORT_TOKEN") or None
 
 LOGGING = {
     "version": 1,
