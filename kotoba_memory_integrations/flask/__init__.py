@@ -7,7 +7,8 @@
 
 ``init_app`` reads ``KOTOBA_MEMORY_*`` keys from ``app.config`` (keyword overrides given to the
 constructor win, lower-case without the prefix), starts the process's memory optimizer, wraps
-``app.wsgi_app`` in the WSGI middleware and labels each request with ``request.url_rule.rule``.
+``app.wsgi_app`` in the WSGI middleware and labels each request with ``request.url_rule.rule`` (read
+when the response starts: no ``before_request`` function, which costs microseconds per request).
 Keys: every :class:`~kotoba_memory.config.MemoryConfig` field (``KOTOBA_MEMORY_CACHE_SIZE_MB`` ...),
 plus ``KOTOBA_MEMORY_ENABLED`` (True), ``KOTOBA_MEMORY_AUTOSTART`` (True), ``KOTOBA_MEMORY_OTEL``
 (False), ``KOTOBA_MEMORY_REPORT_ENDPOINT`` (None: off), ``KOTOBA_MEMORY_REPORT_TOKEN`` and
@@ -31,7 +32,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, abort, current_app, request
+from flask import Flask, Response, abort, current_app, got_request_exception, request
 
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.validation import check_bool, check_positive_int
@@ -190,9 +191,11 @@ class KotobaMemory:
             fleet = options["fleet"]
             configure_fleet(f"flask:{app.import_name}:{app.root_path}" if fleet is True else fleet)
             app.wsgi_app = MemoryMiddleware(  # type: ignore[method-assign]
-                app.wsgi_app, rss_sample_every=options["rss_sample_every"]
+                app.wsgi_app, rss_sample_every=options["rss_sample_every"], route_of=_url_rule
             )
-            app.before_request(_label_route)
+            # An exception that propagates never starts a response: label the route while Flask's
+            # request is still there (the signal fires on errors only, so it costs nothing otherwise).
+            got_request_exception.connect(_label_failed_request, app, weak=False)
         if options["report_endpoint"] is not None:
             app.add_url_rule(
                 options["report_endpoint"],
@@ -211,11 +214,18 @@ class KotobaMemory:
         return get_optimizer() if state is not None else None
 
 
-def _label_route() -> None:
+def _url_rule(environ: dict[str, Any]) -> str | None:
+    # Werkzeug keeps the request object in the environ until Flask pops its context, which happens
+    # after the response started; its url_rule is the matched rule (None on a 404).
+    req = environ.get("werkzeug.request")
+    rule = getattr(req, "url_rule", None)
+    return rule.rule if rule is not None else None
+
+
+def _label_failed_request(sender: Flask, **extra: Any) -> None:
     measurement = request.environ.get(ENVIRON_KEY)
-    if isinstance(measurement, RequestMeasurement):
-        rule = request.url_rule
-        measurement.route = rule.rule if rule is not None else None
+    if isinstance(measurement, RequestMeasurement) and measurement.route is None:
+        measurement.route = _url_rule(request.environ)
 
 
 def _authorized(options: Mapping[str, Any]) -> bool:
