@@ -1,15 +1,20 @@
 """Per-request overhead of kotoba-memory's WSGI middleware under a real server and load generator.
 
 A trivial endpoint is served by gunicorn (one sync worker per variant, all started up front) and
-driven by ``wrk`` on 127.0.0.1. Each contender is loaded at the same moment as its baseline (two wrk
-processes side by side, contender order shuffled each round), so load from other processes on this
-shared machine hits both alike and cancels out of their ratio. Reports the median req/s per variant
-and the median of the per-round ratios to the variant's baseline: the bare WSGI app, or bare Flask for
-the Flask pair (goal: the middleware costs <= 3% of req/s). A second, in-process part times the
-middleware's own cost per request in microseconds (median of interleaved repeats).
+driven by ``wrk`` on 127.0.0.1; so is the Flask example app (``examples/flask_app``: SQLAlchemy with the
+query cache, Flask-Caching, ``@cached``), with ``KotobaMemory`` at the example's settings (middleware and
+the full optimizer: profiling, leak detection, GC optimization, cache) against the same app with
+``KOTOBA_MEMORY_ENABLED=False``, wrk cycling through its read endpoints. Each contender is loaded at
+the same moment as its baseline (two wrk processes side by side, contender order shuffled each round),
+so load from other processes on this shared machine hits both alike and cancels out of their ratio.
+Reports the median req/s per variant, the worker's CPU time per request (from its own /proc counters)
+and the median of the per-round ratios to the variant's baseline: the bare WSGI app, bare Flask, or
+the example without kotoba-memory (goal: <= 3% more worker CPU per request on the examples). A
+second, in-process part times the middleware's own cost per request in microseconds (median of
+interleaved repeats; goal <= 2 us).
 
-    .venv/bin/python benchmarks/middleware_overhead.py            # ~3 minutes
-    .venv/bin/python benchmarks/middleware_overhead.py --quick    # ~1 minute
+    .venv/bin/python benchmarks/middleware_overhead.py            # ~6 minutes
+    .venv/bin/python benchmarks/middleware_overhead.py --quick    # ~2 minutes
 
 The module doubles as the gunicorn app: ``middleware_overhead:create_app()`` builds the variant named
 by ``KOTOBA_BENCH_VARIANT``.
@@ -22,11 +27,10 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +48,21 @@ VARIANTS = {
     "middleware+optimizer": "plain",
     "flask": "flask",
     "flask+kotoba": "flask",
+    "example": "example",
+    "example+kotoba": "example",
 }
+EXAMPLE_DIR = ROOT / "examples" / "flask_app"
+# wrk cycles through the example's read endpoints (cached and uncached queries, a memoised function).
+_EXAMPLE_WRK_SCRIPT = """
+local paths = {"/", "/books", "/stats", "/checksum/%d", "/books/%d", "/books/%d", "/books/%d"}
+local n = 0
+request = function()
+  n = n + 1
+  local p = paths[(n % #paths) + 1]
+  if string.find(p, "%%d") then p = string.format(p, (n * 7919) % 200 + 1) end
+  return wrk.format("GET", p)
+end
+"""
 DEFAULT_VARIANTS = tuple(VARIANTS)
 _BODY = b"ok"
 
@@ -61,6 +79,11 @@ def build_variant(variant: str) -> Callable[..., Iterable[bytes]]:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if variant == "plain":
         return trivial_app
+    if variant.startswith("example"):
+        import app as example  # examples/flask_app/app.py (on PYTHONPATH for these servers)
+
+        enabled = variant == "example+kotoba"
+        return example.create_app({"KOTOBA_MEMORY_ENABLED": enabled})  # type: ignore[no-any-return]
     if variant.startswith("flask"):
         from flask import Flask
 
@@ -97,31 +120,25 @@ def create_app() -> Callable[..., Iterable[bytes]]:
     return build_variant(os.environ.get("KOTOBA_BENCH_VARIANT", "plain"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _servers() -> Any:
+    """tools/servers.py: the start/stop helpers the server tests use too."""
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import servers
+
+    return servers
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                if sock.recv(16).startswith(b"HTTP/1."):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"gunicorn did not answer on port {port} within {timeout} s")
-
-
-def start_server(variant: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = dict(os.environ, KOTOBA_BENCH_VARIANT=variant, PYTHONPATH=str(ROOT / "benchmarks"))
+def start_server(variant: str, data_dir: str) -> tuple[subprocess.Popen[bytes], int]:
+    servers = _servers()
+    port = servers.free_port()
+    path = [str(ROOT / "benchmarks"), str(EXAMPLE_DIR)]
+    env = dict(
+        os.environ, KOTOBA_BENCH_VARIANT=variant, PYTHONPATH=os.pathsep.join(path),
+        # The example's own data (SQLite) per server; no Prometheus exporter (an app choice, not ours).
+        KOTOBA_EXAMPLE_DATA_DIR=data_dir, KOTOBA_EXAMPLE_METRICS="0",
+    )
     cmd = [
         sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
         "--worker-class", "sync", "--log-level", "warning",
@@ -129,7 +146,8 @@ def start_server(variant: str) -> tuple[subprocess.Popen[bytes], int]:
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT / "benchmarks", start_new_session=True)
     try:
-        wait_ready(port, proc)
+        # Output goes to our stdout (nothing to log here): any HTTP answer means it is up.
+        servers.wait_ready(servers.Server(proc, port, Path(os.devnull)), timeout=30.0, status=None)
     except BaseException:
         stop_server(proc)
         raise
@@ -137,13 +155,7 @@ def start_server(variant: str) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    _servers().stop(proc, timeout=10.0)
 
 
 _RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
@@ -155,7 +167,13 @@ class Server:
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
-        self.proc, self.port = start_server(variant)
+        self._data = tempfile.TemporaryDirectory(prefix=f"kotoba-bench-{variant}-")
+        self.script: str | None = None
+        if variant.startswith("example"):
+            self.script = os.path.join(self._data.name, "paths.lua")
+            with open(self.script, "w") as f:
+                f.write(_EXAMPLE_WRK_SCRIPT)
+        self.proc, self.port = start_server(variant, self._data.name)
         import psutil
 
         deadline = time.monotonic() + 10
@@ -169,12 +187,14 @@ class Server:
 
     def stop(self) -> None:
         stop_server(self.proc)
+        self._data.cleanup()
 
 
-def run_wrk(port: int, seconds: int, connections: int) -> tuple[float, int]:
+def run_wrk(port: int, seconds: int, connections: int, script: str | None = None) -> tuple[float, int]:
     """One wrk run; returns (req/s, requests completed)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s"] + (["-s", script] if script else [])
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        [*cmd, f"http://127.0.0.1:{port}/"],
         check=True, capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
     rps, requests = _RPS.search(out), _REQUESTS.search(out)
@@ -187,8 +207,8 @@ def run_pair(base: Server, contender: Server, seconds: int, connections: int) ->
     """Load baseline and contender at the same time; req/s and worker CPU microseconds per request."""
     cpu0 = (base.cpu_seconds(), contender.cpu_seconds())
     with ThreadPoolExecutor(max_workers=2) as pool:
-        base_run = pool.submit(run_wrk, base.port, seconds, connections)
-        contender_run = pool.submit(run_wrk, contender.port, seconds, connections)
+        base_run = pool.submit(run_wrk, base.port, seconds, connections, base.script)
+        contender_run = pool.submit(run_wrk, contender.port, seconds, connections, contender.script)
         (base_rps, base_n), (rps, n) = base_run.result(), contender_run.result()
     cpu1 = (base.cpu_seconds(), contender.cpu_seconds())
     return {
@@ -217,7 +237,7 @@ def server_benchmark(
         for variant in variants:
             servers[variant] = Server(variant)
         for server in servers.values():  # warm-up, discarded
-            run_wrk(server.port, 1, connections)
+            run_wrk(server.port, 1, connections, server.script)
         pairs: dict[str, list[Pair]] = {v: [] for v in variants if VARIANTS[v] != v}
         contenders = list(pairs)
         rng = random.Random(20240501)

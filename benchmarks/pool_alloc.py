@@ -1,10 +1,13 @@
-"""Allocate+release cost: MemoryPool vs ``bytearray(n)`` vs ``bytes(n)``, one process, interleaved.
+"""Allocate+release cost: MemoryPool (C and pure Python) vs ``bytearray(n)`` vs ``bytes(n)``, interleaved.
 
     .venv/bin/python benchmarks/pool_alloc.py            # full run (~1 min)
     .venv/bin/python benchmarks/pool_alloc.py --quick    # a few seconds
 
 Every contender runs the same loop shape; rounds interleave the contenders in a shuffled order and the
 medians over rounds are reported, with ratios against ``bytearray(n)`` (> 1 means faster than bytearray).
+Both pool implementations run in the same process: ``CMemoryPool`` (the C hot paths; skipped when the
+extension is not built) and ``PyMemoryPool`` (the pure-Python reference). "+memoryview" wraps the C
+block itself in a memoryview (it exports the buffer protocol); "+as_slice" asks for the block's view.
 Loops are timed in this thread's CPU time (``time.thread_time_ns``), not wall-clock time: on a shared,
 overloaded machine wall-clock time charges the longer loops for the time they wait to be scheduled.
 """
@@ -19,20 +22,31 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-from kotoba_memory.memory_pool import MemoryPool
+from kotoba_memory.memory_pool.pool import CMemoryPool, PyMemoryPool
 
 SIZES = [64, 1024, 64 * 1024, 1024 * 1024]
+NAMES = [
+    "c pool", "c pool+memoryview", "c pool+as_slice", "c pool with-block",
+    "py pool", "py pool+as_slice", "bytearray(n)", "bytes(n)",
+]
 Loop = Callable[[int], None]
 
 
-def contenders(pool: MemoryPool, size: int) -> dict[str, Loop]:
-    """name -> a loop running ``count`` allocate+release operations of ``size`` bytes."""
+def pool_loops(pool: Any, size: int, prefix: str, buffer: bool) -> dict[str, Loop]:
+    """name -> a loop running ``count`` allocate+release operations of ``size`` bytes from ``pool``."""
     allocate = pool.allocate
 
     def pool_loop(count: int) -> None:
         for _ in range(count):
             allocate(size).release()
+
+    def pool_memoryview_loop(count: int) -> None:
+        for _ in range(count):
+            block = allocate(size)
+            memoryview(block).release()
+            block.release()
 
     def pool_view_loop(count: int) -> None:
         for _ in range(count):
@@ -45,6 +59,16 @@ def contenders(pool: MemoryPool, size: int) -> dict[str, Loop]:
             with allocate(size) as block:
                 block.as_slice()
 
+    loops = {f"{prefix} pool": pool_loop, f"{prefix} pool+as_slice": pool_view_loop}
+    if buffer:
+        loops[f"{prefix} pool+memoryview"] = pool_memoryview_loop
+        loops[f"{prefix} pool with-block"] = pool_with_loop
+    return loops
+
+
+def contenders(pools: dict[str, Any], size: int) -> dict[str, Loop]:
+    """name -> a loop running ``count`` allocate+release operations of ``size`` bytes."""
+
     def bytearray_loop(count: int) -> None:
         for _ in range(count):
             bytearray(size)
@@ -53,13 +77,12 @@ def contenders(pool: MemoryPool, size: int) -> dict[str, Loop]:
         for _ in range(count):
             bytes(size)
 
-    return {
-        "pool": pool_loop,
-        "pool+as_slice": pool_view_loop,
-        "pool with-block": pool_with_loop,
-        "bytearray(n)": bytearray_loop,
-        "bytes(n)": bytes_loop,
-    }
+    loops: dict[str, Loop] = {}
+    for prefix, pool in pools.items():
+        loops.update(pool_loops(pool, size, prefix, buffer=prefix == "c"))
+    loops["bytearray(n)"] = bytearray_loop
+    loops["bytes(n)"] = bytes_loop
+    return loops
 
 
 def _ops_for(size: int, budget_bytes: int, floor: int, ceiling: int) -> int:
@@ -69,10 +92,13 @@ def _ops_for(size: int, budget_bytes: int, floor: int, ceiling: int) -> int:
 def run(sizes: list[int], rounds: int, ops: int, seed: int = 1) -> dict[str, dict[str, float]]:
     """Median ns/op per size and contender, plus ``ratio`` entries (bytearray time / contender time)."""
     rng = random.Random(seed)
-    pool = MemoryPool(64 * 1024 * 1024)
+    pools: dict[str, Any] = {"py": PyMemoryPool(64 * 1024 * 1024)}
+    if CMemoryPool is not None:
+        pools["c"] = CMemoryPool(64 * 1024 * 1024)
     samples: dict[int, dict[str, list[float]]] = {s: {} for s in sizes}
-    loops = {s: contenders(pool, s) for s in sizes}
-    counts = {s: _ops_for(s, ops * 1024, 200, ops) for s in sizes}
+    loops = {s: contenders(pools, s) for s in sizes}
+    # At least 2000 operations per timed loop: the C pool's ~40 ns loops are otherwise too short to time.
+    counts = {s: _ops_for(s, ops * 1024, 2000, ops) for s in sizes}
     for loop in (lp for by_size in loops.values() for lp in by_size.values()):
         loop(50)  # warm up: slabs carved, large blocks split, heap primed
     gc_was_enabled = gc.isenabled()
@@ -108,20 +134,18 @@ def _label(size: int) -> str:
 
 
 def markdown(result: dict[str, dict[str, float]]) -> str:
-    """The result as a markdown table."""
-    names = ["pool", "pool+as_slice", "pool with-block", "bytearray(n)", "bytes(n)"]
-    head = (
-        "| n | "
-        + " | ".join(f"{n} ns/op" for n in names)
-        + " | pool vs bytearray | pool+as_slice vs bytearray |"
-    )
-    lines = [head, "|" + "---|" * (len(names) + 3)]
+    """The result as a markdown table: ns/op, then speedups against bytearray(n)."""
+    first = next(iter(result.values()))
+    names = [n for n in NAMES if f"{n} ns" in first]
+    pools = [n for n in ("c pool", "c pool+memoryview", "py pool") if n in names]
+    head = "| n | " + " | ".join(f"{n} ns/op" for n in names) + " | " + " | ".join(
+        f"{n} vs bytearray" for n in pools
+    ) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(pools))]
     for size, row in result.items():
         cells = " | ".join(f"{row[f'{n} ns']:,.0f}" for n in names)
-        lines.append(
-            f"| {_label(int(size))} | {cells} | {row['pool speedup']:.2f}x "
-            f"| {row['pool+as_slice speedup']:.2f}x |"
-        )
+        ratios = " | ".join(f"{row[f'{n} speedup']:.2f}x" for n in pools)
+        lines.append(f"| {_label(int(size))} | {cells} | {ratios} |")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestListener,
@@ -56,6 +57,7 @@ class MemoryMiddleware:
     ) -> None:
         self.app = app
         self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
+        runtime.serving()  # this process serves requests: it joins the fleet report
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

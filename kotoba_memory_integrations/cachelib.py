@@ -3,12 +3,16 @@
 Behaves as ``cachelib.SimpleCache`` does (values pickled through ``serializer``, ``timeout=None`` means
 the default, ``0`` means never expire, ``threshold`` bounds the number of entries), plus ``max_bytes``,
 an eviction ``policy`` and ``stats()``. Pass ``cache=`` to put the entries in a cache you built yourself
-(a tiered or shared one), e.g. to share one store between several cachelib/Flask-Caching instances.
+(a tiered or shared one), e.g. to share one store between several cachelib/Flask-Caching instances, or
+``redis_url=`` (with ``secret=``) to use a near-cache shared by every process: an in-process L1 in
+front of Redis, kept coherent across processes, values signed with ``secret``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -60,6 +64,8 @@ class KotobaCache(BaseCache):
     :param policy: which entries leave first when full: ``"lru"``, ``"lfu"``, ``"fifo"``, ``"adaptive"``.
     :param key_prefix: prepended to every key (useful when several caches share one ``cache``).
     :param cache: an existing kotoba-memory cache to store into instead of building a ``CacheManager``.
+    :param redis_url: build a near-cache over this Redis instead (``max_bytes``/``policy`` size its L1);
+        ``secret`` signs the values (required), ``namespace`` keeps apps apart (default: from the secret).
     """
 
     serializer = SimpleSerializer()
@@ -75,11 +81,21 @@ class KotobaCache(BaseCache):
         key_prefix: str | None = None,
         cache: KotobaBaseCache | None = None,
         name: str | None = None,
+        redis_url: str | None = None,
+        secret: str | bytes | None = None,
+        namespace: str | None = None,
     ) -> None:
         BaseCache.__init__(self, default_timeout)
         # Set here rather than passed: cachelib before 0.16 has no such parameter.
         self.ignore_delete_many_errors = ignore_delete_many_errors
         self.key_prefix = "" if key_prefix is None else check_str(key_prefix, "key_prefix", allow_empty=True)
+        if redis_url is not None:
+            if cache is not None:
+                raise ValueError("give either cache= or redis_url=, not both")
+            cache = _near_cache(redis_url, secret, namespace, max_bytes, policy, name)
+            max_bytes = name = None
+        elif secret is not None or namespace is not None:
+            raise ValueError("secret/namespace configure the near-cache: give redis_url= too")
         if cache is None:
             from kotoba_memory.cache_manager import CacheManager
 
@@ -174,15 +190,73 @@ class KotobaCache(BaseCache):
 
     def inc(self, key: str, delta: int = 1) -> int | None:
         """Atomically add ``delta`` (a missing key counts as 0); the new value, or None on failure."""
+        if _is_near(self._store):
+            return self._near_inc(key, delta)
         with self._lock:
             value = (self.get(key) or 0) + delta
             return value if self.set(key, value) else None
 
     def dec(self, key: str, delta: int = 1) -> int | None:
         """Atomically subtract ``delta`` (a missing key counts as 0); the new value, or None on failure."""
+        if _is_near(self._store):
+            return self._near_inc(key, -delta)
         with self._lock:
             value = (self.get(key) or 0) - delta
             return value if self.set(key, value) else None
 
+    def _near_inc(self, key: str, delta: int) -> int | None:
+        """inc/dec on a near-cache: atomic across processes (local only while Redis is unavailable)."""
+        from kotoba_memory.cache_manager.near import CacheUnavailableError
+
+        store_key = self._key(key)
+        result: list[int] = []
+
+        def change(payload: Any) -> Any:
+            result[:] = [(self.serializer.loads(payload) or 0) + delta]
+            return self.serializer.dumps(result[0])
+
+        for _ in range(8):
+            try:
+                self._store.update(store_key, change)  # type: ignore[attr-defined]
+                return result[0]
+            except KeyError:
+                if self._store.add(store_key, self.serializer.dumps(delta)):
+                    return delta
+            except CacheUnavailableError:
+                with self._lock:
+                    value = (self.get(key) or 0) + delta
+                    return value if self.set(key, value) else None
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(store={self._store.name!r})"
+
+
+def _is_near(store: Any) -> bool:
+    near = sys.modules.get("kotoba_memory.cache_manager.near")
+    return near is not None and isinstance(store, near.NearCache)
+
+
+def _near_cache(
+    redis_url: str,
+    secret: str | bytes | None,
+    namespace: str | None,
+    max_bytes: int | None,
+    policy: CachePolicy | str,
+    name: str | None,
+) -> KotobaBaseCache:
+    from kotoba_memory.cache_manager.near import NearCache
+    from kotoba_memory.errors import ConfigError
+
+    check_str(redis_url, "redis_url")
+    if not secret:
+        raise ConfigError("secret", "a near-cache signs what it writes to Redis: give secret= (SECRET_KEY)")
+    if namespace is None:
+        raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+        namespace = "cachelib:" + hashlib.sha256(b"kotoba-namespace:" + raw).hexdigest()[:12]
+    options: dict[str, Any] = {"secret": secret, "namespace": namespace, "policy": policy}
+    if max_bytes is not None:
+        options["l1_max_bytes"] = max_bytes
+    if name is not None:
+        options["name"] = name
+    return NearCache(redis_url, **options)

@@ -10,6 +10,7 @@ between-request hooks and hands the result to the active memory profiler and to 
 from __future__ import annotations
 
 import contextvars
+import functools
 import itertools
 import threading
 import time
@@ -17,9 +18,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from kotoba_memory.gc_optimizer import get_active_gc_optimizer
-from kotoba_memory.memory_profiler import get_active_profiler
-from kotoba_memory.process import activity, scheduler
+from kotoba_memory.process import activity, registry, scheduler
 from kotoba_memory.process.memory import RssReader, shared_reader
 from kotoba_memory.validation import check_positive_int
 
@@ -86,6 +85,8 @@ class RequestMetrics(NamedTuple):
 
 
 RequestListener = Callable[[RequestMetrics], None]
+# RequestMetrics(...) without the generated Python-level __new__ (one call per request: no frame).
+_new_metrics = functools.partial(tuple.__new__, RequestMetrics)
 
 _listeners: tuple[RequestListener, ...] = ()
 _listeners_lock = threading.Lock()
@@ -223,7 +224,7 @@ class RequestMeasurement:
                 gc_opt.request_ended()
             except Exception:
                 _count_error()
-        metrics = RequestMetrics(  # positional: measurably cheaper than keywords on the hot path
+        metrics: RequestMetrics = _new_metrics((
             self.route or UNMATCHED_ROUTE,
             self.method,
             self.status,
@@ -234,7 +235,7 @@ class RequestMeasurement:
             self.error,
             overlapped,
             self._sampled,
-        )
+        ))
         recorder.deliver(metrics)
         return metrics
 
@@ -261,9 +262,10 @@ class RequestRecorder:
     ) -> None:
         self.every = check_positive_int(rss_sample_every, "rss_sample_every", high=1_000_000)
         self.counter = itertools.count()
-        # The getters look up the optimizer/profiler active at call time (the process registry).
-        self.gc_optimizer = gc_optimizer or get_active_gc_optimizer
-        self.profiler = profiler or get_active_profiler
+        # The getters look up the optimizer/profiler active at call time (the process registry); the
+        # defaults are get_active_gc_optimizer / get_active_profiler as C-level calls (per request).
+        self.gc_optimizer = gc_optimizer or registry.getter("gc_optimizer")
+        self.profiler = profiler or registry.getter("profiler")
         self.on_request = on_request
         self.rss_reader = rss_reader or shared_reader()
 

@@ -8,7 +8,8 @@ Wrap any WSGI app (``app.wsgi_app`` for Flask, ``get_wsgi_application()`` for Dj
 The request is recorded when the server closes the response iterable (so a streaming body is
 measured to its end) or when the app raises (the exception is re-raised untouched). Frameworks tell
 the measurement their route template through :func:`kotoba_memory_integrations.request.set_current_route`
-or ``environ["kotoba_memory.request"].route``; the Django and Flask integrations do so.
+or ``environ["kotoba_memory.request"].route``, or the middleware asks ``route_of(environ)`` when the
+app calls ``start_response`` (the Flask integration does: no per-request hook inside Flask).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
+from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestListener,
@@ -80,9 +82,12 @@ class MemoryMiddleware:
         recorder: RequestRecorder | None = None,
         on_request: RequestListener | None = None,
         rss_sample_every: int = 1,
+        route_of: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> None:
         self.app = app
         self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
+        self.route_of = route_of
+        runtime.serving()  # this process serves requests: it joins the fleet report
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         outer = environ.get(ENVIRON_KEY)
@@ -91,6 +96,7 @@ class MemoryMiddleware:
             return self.app(environ, start_response)
         measurement = self.recorder.begin(environ.get("REQUEST_METHOD", "GET"))
         environ[ENVIRON_KEY] = measurement
+        route_of = self.route_of
 
         def measured_start_response(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
@@ -99,6 +105,11 @@ class MemoryMiddleware:
                 measurement.status = int(status[:3])
             except ValueError:
                 pass
+            if route_of is not None and measurement.route is None:
+                try:
+                    measurement.route = route_of(environ)
+                except Exception:  # a route label is never worth failing the response
+                    pass
             if exc_info is None:
                 return start_response(status, headers)
             return start_response(status, headers, exc_info)

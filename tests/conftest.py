@@ -7,8 +7,11 @@ so they never skip silently there.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +22,36 @@ import local_services
 
 IN_CI = bool(os.environ.get("CI"))
 
+# Fleet spools written by the apps and servers the tests start (they inherit the environment) go to a
+# directory of this session, never into the user's own runtime directory.
+_FLEET_DIR = tempfile.mkdtemp(prefix="kotoba-fleet-tests-")
+os.environ["KOTOBA_MEMORY_FLEET_DIR"] = _FLEET_DIR
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_FLEET_DIR, ignore_errors=True)
+
 
 def _unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason}; CI must provide it (scripts/bootstrap.sh installs it)")
     pytest.skip(reason)
+
+
+def _eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return bool(predicate())
+
+
+@pytest.fixture
+def eventually() -> Callable[..., bool]:
+    """``eventually(predicate, timeout=10.0)``: poll until it holds and return its last value; a bound on
+    convergence between processes, not a speed claim."""
+    return _eventually
 
 
 @pytest.fixture(scope="session")

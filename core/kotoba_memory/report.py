@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MemoryReport", "MemoryStats", "private_dir", "to_plain", "write_private"]
+__all__ = ["MemoryReport", "MemoryStats", "private_dir", "replace_private", "to_plain", "write_private"]
 
 _MIB = 1024 * 1024
 
@@ -102,6 +102,9 @@ class MemoryReport:
     profiler: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     leak_status: dict[str, Any] | None = None
+    #: Every process of the server from the fleet spool (see :mod:`kotoba_memory.fleet`), and their totals.
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    fleet: dict[str, Any] | None = None
 
     @property
     def duration_s(self) -> float:
@@ -159,6 +162,7 @@ class MemoryReport:
             lines.append(f"  leak suspects: no verdict — {self.leak_status.get('message')}")
         elif self.profiler is not None:
             lines.append(f"  leak suspects: none ({self.profiler.get('windows', 0)} tracing windows)")
+        lines.extend(_fleet_lines(self.workers, self.fleet))
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -209,6 +213,7 @@ class MemoryReport:
             '<section class="charts">',
             *charts,
             "</section>",
+            _workers_table(self.workers) if self.fleet is not None else "",
             _leak_table(self.leaks, self.leak_status),
             _table(
                 "Allocation hotspots (last tracing window)",
@@ -422,6 +427,63 @@ def _leak_table(leaks: Sequence[Mapping[str, Any]], status: Mapping[str, Any] | 
     )
 
 
+def _worker_cells(row: Mapping[str, Any]) -> list[object]:
+    """pid, role, RSS, peak, requests, GC, leak suspects, cache, age: one process of the fleet."""
+    gc_row = row.get("gc") or {}
+    gc_text = (
+        f"{gc_row.get('collections') or 0} collections, {(gc_row.get('pause_total_s') or 0.0) * 1000:.1f} ms"
+        if gc_row else "off"
+    )
+    leaks = row.get("leak_suspects")
+    if leaks is None:
+        leak_text = "off" if row.get("optimizer") else "no optimizer"
+    elif leaks:
+        top = (row.get("leaks") or [{}])[0]
+        route = f" [route {top['route']}]" if top.get("route") else ""
+        leak_text = f"{leaks}: {top.get('allocation_site')}{route}"
+    else:
+        leak_text = "none yet" if row.get("leak_verdict") else "none"
+    cache = row.get("cache") or {}
+    cache_text = (
+        f"{(cache.get('hit_rate') or 0.0) * 100:.1f}% hits, {cache.get('entries') or 0} entries, "
+        f"{_bytes(cache.get('bytes'))}" if cache else "off"
+    )
+    return [
+        row.get("pid"), row.get("role", "worker"),
+        _bytes(row.get("rss_bytes")), _bytes(row.get("peak_rss_bytes")),
+        row.get("requests") if row.get("requests") is not None else "", gc_text, leak_text, cache_text,
+        f"{float(row.get('age_s') or 0.0):.0f} s",
+    ]
+
+
+_WORKER_HEADERS = ["pid", "role", "RSS", "peak RSS", "requests", "GC", "leak suspects", "cache", "written"]
+
+
+def _fleet_lines(workers: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] | None) -> list[str]:
+    if fleet is None:
+        return []
+    if fleet.get("error"):
+        return [f"  workers: not listed ({fleet['error']})"]
+    hit_rate = fleet.get("cache_hit_rate")
+    lines = [
+        f"  workers: {fleet.get('workers', 0)} ({fleet.get('processes', 0)} processes), "
+        f"RSS {(fleet.get('rss_bytes') or 0) / _MIB:.1f} MB in all, {fleet.get('requests') or 0} requests, "
+        f"{fleet.get('leak_suspects') or 0} leak suspects"
+        + (f", cache {hit_rate * 100:.1f}% hits" if isinstance(hit_rate, int | float) else "")
+    ]
+    for row in workers:
+        pid, role, rss, peak, requests, gc_text, leak_text, cache_text, age = _worker_cells(row)
+        lines.append(
+            f"    pid {pid} ({role}): RSS {rss} (peak {peak}), {requests or 0} requests, gc {gc_text}, "
+            f"leaks {leak_text}, cache {cache_text}, written {age} ago"
+        )
+    return lines
+
+
+def _workers_table(workers: Sequence[Mapping[str, Any]]) -> str:
+    return _table("Workers", _WORKER_HEADERS, [_worker_cells(row) for row in workers])
+
+
 def _pairs(mapping: Mapping[str, Any]) -> list[list[object]]:
     return [[k, json.dumps(v) if isinstance(v, dict | list) else v] for k, v in mapping.items()]
 
@@ -473,10 +535,14 @@ def private_dir(path: str | Path) -> Path:
 def write_private(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` as a new 0600 file renamed into place (never written through a link)."""
     target = Path(path)
-    directory = private_dir(target.parent)
+    return replace_private(private_dir(target.parent) / target.name, text)
+
+
+def replace_private(target: Path, text: str) -> Path:
+    """Write ``text`` to a fresh 0600 file beside ``target`` and rename it over ``target`` (atomic)."""
     # mkstemp creates the file with O_EXCL (no link is followed) and mode 0600; os.replace then swaps
     # the directory entry itself, so a symlink planted at ``target`` is replaced, not written through.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), 0o600)

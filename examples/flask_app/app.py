@@ -8,7 +8,9 @@
 * OpenTelemetry metrics exported in Prometheus format at ``/metrics``;
 * ``/leak``, which leaks memory on purpose, only when ``KOTOBA_EXAMPLE_LEAK=1``.
 
-Run: ``gunicorn -c gunicorn.conf.py 'app:create_app()'`` from this directory (see README.md).
+Run: ``gunicorn -c gunicorn.conf.py 'app:create_app()'`` from this directory (see README.md). The schema
+is created and seeded once, before any worker starts: by gunicorn's ``on_starting`` hook in
+``gunicorn.conf.py``, or by ``flask --app app init-db`` for other servers; workers never race on it.
 Environment: ``KOTOBA_EXAMPLE_DB`` (SQLAlchemy URL, default SQLite in ``KOTOBA_EXAMPLE_DATA_DIR``),
 ``KOTOBA_EXAMPLE_REPORT_TOKEN`` (enables the report endpoint), ``KOTOBA_EXAMPLE_LEAK``,
 ``KOTOBA_EXAMPLE_REPORT_DIR`` (where HTML reports go), ``KOTOBA_EXAMPLE_GC=0`` (GC optimizer off, for
@@ -66,8 +68,26 @@ def _seed(session: Any) -> None:
     session.add_all(authors + books)
     try:
         session.commit()
-    except IntegrityError:  # another worker seeded first
+    except IntegrityError:  # seeded by another ``init-db`` run meanwhile
         session.rollback()
+
+
+def database_url() -> str:
+    """The SQLAlchemy URL: ``KOTOBA_EXAMPLE_DB``, else SQLite in ``KOTOBA_EXAMPLE_DATA_DIR``."""
+    data_dir = Path(os.environ.get("KOTOBA_EXAMPLE_DATA_DIR") or tempfile.gettempdir())
+    return os.environ.get("KOTOBA_EXAMPLE_DB") or f"sqlite:///{data_dir / 'kotoba-flask.sqlite3'}"
+
+
+def init_db(url: str | None = None) -> None:
+    """Create the schema and seed it: run once before the workers start (never in each worker, where
+    concurrent ``create_all`` calls race: "table author already exists")."""
+    engine = create_engine(url or database_url())
+    try:
+        Base.metadata.create_all(engine)
+        with sessionmaker(engine)() as session:
+            _seed(session)
+    finally:
+        engine.dispose()
 
 
 def checksum_chain(rounds: int) -> str:
@@ -111,7 +131,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     data_dir = Path(os.environ.get("KOTOBA_EXAMPLE_DATA_DIR") or tempfile.gettempdir())
     report_dir = os.environ.get("KOTOBA_EXAMPLE_REPORT_DIR") or str(data_dir / "kotoba-reports")
     app.config.update(
-        DATABASE_URL=os.environ.get("KOTOBA_EXAMPLE_DB") or f"sqlite:///{data_dir / 'kotoba-flask.sqlite3'}",
+        DATABASE_URL=database_url(),
         CACHE_TYPE="kotoba_memory_integrations.flask.KotobaCache",
         CACHE_DEFAULT_TIMEOUT=30,
         CACHE_THRESHOLD=2000,
@@ -133,14 +153,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
 
     engine = create_engine(app.config["DATABASE_URL"])
-    Base.metadata.create_all(engine)
     query_store = CacheManager(max_bytes=8 << 20, name="example-flask-queries")
     query_cache = QueryCache(query_store, name="example-flask")
     query_cache.attach(engine)
     Session = scoped_session(sessionmaker(engine))
-    with Session() as session:
-        _seed(session)
-    Session.remove()
+
+    @app.cli.command("init-db")
+    def init_db_command() -> None:
+        """Create and seed the example's database (gunicorn.conf.py does it in on_starting)."""
+        init_db(app.config["DATABASE_URL"])
 
     cache = Cache(app)
     KotobaMemory(app)

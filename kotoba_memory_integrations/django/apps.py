@@ -6,7 +6,12 @@ per process. Settings:
 
 * ``KOTOBA_MEMORY``: dict of MemoryConfig fields; absent means "installed but not started";
 * ``KOTOBA_MEMORY_AUTOSTART`` (default True): start the optimizer in ``ready()``;
-* ``KOTOBA_MEMORY_OTEL`` (default False): also report OpenTelemetry metrics to the global provider.
+* ``KOTOBA_MEMORY_OTEL`` (default False): also report OpenTelemetry metrics to the global provider;
+* ``KOTOBA_MEMORY_FLEET`` (default True): each serving process writes its snapshot to a per-host spool
+  named after the settings module, so the report view and ``manage.py kotoba_memory_report`` list every
+  worker of the server (a str names the spool; False: off);
+* ``KOTOBA_MEMORY_REPORT_TOKEN`` / ``KOTOBA_MEMORY_REPORT_AUTH``: who may read the packaged report view
+  (:mod:`kotoba_memory_integrations.django.views`).
 
 Bad settings fail start-up the way Django's own do: ``ready()`` raises ``ImproperlyConfigured`` naming the
 setting (an unknown or invalid ``KOTOBA_MEMORY`` field, a non-bool flag, a misspelt ``KOTOBA_MEMORY*``
@@ -27,7 +32,7 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-__all__ = ["SETTING_NAMES", "KotobaMemoryConfig", "config_from_settings", "misspelt_settings",
+__all__ = ["SETTING_NAMES", "KotobaMemoryConfig", "config_from_settings", "fleet_name", "misspelt_settings",
            "start_from_settings"]
 
 _log = logging.getLogger("kotoba_memory_integrations")
@@ -35,6 +40,7 @@ _log = logging.getLogger("kotoba_memory_integrations")
 #: The Django settings kotoba-memory reads.
 SETTING_NAMES = (
     "KOTOBA_MEMORY", "KOTOBA_MEMORY_AUTOSTART", "KOTOBA_MEMORY_OTEL", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY",
+    "KOTOBA_MEMORY_FLEET", "KOTOBA_MEMORY_REPORT_TOKEN", "KOTOBA_MEMORY_REPORT_AUTH",
 )
 
 
@@ -73,6 +79,24 @@ def config_from_settings() -> Any:
     return MemoryConfig.from_mapping(raw)
 
 
+def fleet_name() -> str | None:
+    """The fleet spool's name from ``KOTOBA_MEMORY_FLEET``: by default the settings module and its file
+    (the same for the server's workers and a management command run beside them); None when off."""
+    value = getattr(settings, "KOTOBA_MEMORY_FLEET", True)
+    if not isinstance(value, bool | str) or (isinstance(value, str) and not value.strip()):
+        raise ImproperlyConfigured(
+            f"KOTOBA_MEMORY_FLEET must be True, False or a non-empty str, got {value!r}"
+        )
+    if value is False:
+        return None
+    if isinstance(value, str):
+        return value
+    module_name = getattr(settings, "SETTINGS_MODULE", None) or "settings"
+    module = sys.modules.get(module_name)
+    location = os.path.realpath(getattr(module, "__file__", None) or os.getcwd())
+    return f"django:{module_name}:{location}"
+
+
 def _is_autoreload_parent() -> bool:
     # ``runserver`` re-executes itself in a child (RUN_MAIN=true) that serves; the parent only watches.
     return "runserver" in sys.argv and os.environ.get("RUN_MAIN") != "true" and "--noreload" not in sys.argv
@@ -98,6 +122,9 @@ def start_from_settings() -> Any:
         config = config_from_settings()
     except (TypeError, ValueError) as exc:
         raise _improperly_configured(exc) from exc
+    from kotoba_memory_integrations.runtime import configure_fleet
+
+    configure_fleet(fleet_name() or False)
     if getattr(settings, "KOTOBA_MEMORY_AUTOSTART", True) is not True or _is_autoreload_parent():
         return None
     if getattr(settings, "KOTOBA_MEMORY_OTEL", False) is True:

@@ -1,8 +1,10 @@
 """Django cache backend on kotoba-memory: ``BACKEND = "kotoba_memory_integrations.django.KotobaCache"``.
 
-It behaves as Django's ``LocMemCache`` (same keys, versions, timeouts, culling, warnings, pickled values
-isolated from later mutation, aliases with one ``LOCATION`` sharing data) and adds, from ``OPTIONS``: an
-eviction ``POLICY``, a byte bound ``MAX_BYTES``, an optional disk tier (``DISK_PATH``...) and ``stats()``.
+With ``OPTIONS={"REDIS_URL": "redis://..."}`` it is a near-cache shared by every worker (see
+``near_cache.py``). Otherwise it behaves as Django's ``LocMemCache`` (same keys, versions, timeouts,
+culling, warnings, pickled values isolated from later mutation, aliases with one ``LOCATION`` sharing
+data) and adds, from ``OPTIONS``: an eviction ``POLICY``, a byte bound ``MAX_BYTES``, an optional disk
+tier (``DISK_PATH``...) and ``stats()``.
 Key prefixes, versions, key functions, key validation and ``incr_version`` come from Django's own
 ``BaseCache``.
 """
@@ -166,16 +168,45 @@ def forget_location(location: str) -> bool:
     return True
 
 
+class _Misconfigured:
+    """Stands in for the store of a cache whose OPTIONS are invalid: any use raises the ConfigError."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self._error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise type(self._error)(self._error.field, self._error.reason)
+
+
 class KotobaCache(BaseCache):
     """Thread-safe in-memory Django cache on a kotoba-memory ``CacheManager`` (one per ``LOCATION``)."""
 
     pickle_protocol = pickle.HIGHEST_PROTOCOL
 
+    def __new__(cls, location: str, params: dict[str, Any]) -> KotobaCache:
+        # OPTIONS={"REDIS_URL": ...} switches the backend to the near-cache over Redis (near_cache.py).
+        if cls is KotobaCache and "REDIS_URL" in (params.get("OPTIONS") or {}):
+            from kotoba_memory_integrations.django.near_cache import KotobaNearCache
+
+            return super().__new__(KotobaNearCache)
+        return super().__new__(cls)
+
     def __init__(self, location: str, params: dict[str, Any]) -> None:
         super().__init__(params)
         check_str(location, "LOCATION", allow_empty=True)
         self._location = location
-        self._shared = _store_for(location, params.get("OPTIONS") or {})
+        options = params.get("OPTIONS") or {}
+        try:
+            if not isinstance(options, Mapping):
+                raise ConfigError("OPTIONS", f"must be a dict, got {type(options).__name__}")
+            self._shared = _store_for(location, options)
+        except ConfigError as exc:
+            # Django's own cache checks build every cache, so raising here would crash `manage.py check`
+            # with a traceback; kotoba_memory.E006 reports the error there and any use raises it.
+            misconfigured: Any = _Misconfigured(exc)
+            self._shared = self._cache = self._memory = misconfigured
+            self._disk = None
+            return
         self._cache = self._shared.cache
         self._memory = self._shared.memory
         self._disk = self._shared.disk

@@ -18,6 +18,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import FileResponse, HttpRequest, HttpResponseBase, StreamingHttpResponse
 
+from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
     ENVIRON_KEY,
     RequestMeasurement,
@@ -120,6 +121,7 @@ class MemoryMiddleware:
     def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
         self.recorder = _recorder_for_settings()
+        runtime.serving()  # this process serves requests: it joins the fleet report
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)

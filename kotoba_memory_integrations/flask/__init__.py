@@ -7,12 +7,15 @@
 
 ``init_app`` reads ``KOTOBA_MEMORY_*`` keys from ``app.config`` (keyword overrides given to the
 constructor win, lower-case without the prefix), starts the process's memory optimizer, wraps
-``app.wsgi_app`` in the WSGI middleware and labels each request with ``request.url_rule.rule``.
+``app.wsgi_app`` in the WSGI middleware and labels each request with ``request.url_rule.rule`` (read
+when the response starts: no ``before_request`` function, which costs microseconds per request).
 Keys: every :class:`~kotoba_memory.config.MemoryConfig` field (``KOTOBA_MEMORY_CACHE_SIZE_MB`` ...),
 plus ``KOTOBA_MEMORY_ENABLED`` (True), ``KOTOBA_MEMORY_AUTOSTART`` (True), ``KOTOBA_MEMORY_OTEL``
 (False), ``KOTOBA_MEMORY_REPORT_ENDPOINT`` (None: off), ``KOTOBA_MEMORY_REPORT_TOKEN`` and
 ``KOTOBA_MEMORY_REPORT_AUTH`` (a ``callable(request) -> bool``), ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` (1:
-measure memory on every request; N: on one in N, which cuts the per-request cost on busy servers).
+measure memory on every request; N: on one in N, which cuts the per-request cost on busy servers),
+``KOTOBA_MEMORY_FLEET`` (True: every worker of the server writes its snapshot to a per-host spool named
+after the app and the report lists them all; a str names the spool; False: off).
 A key whose prefix looks like a misspelling of ``KOTOBA_MEMORY_`` raises ``ConfigError`` like an unknown key.
 
 The report endpoint is off by default. When on it needs a token (``Authorization: Bearer <token>``,
@@ -25,10 +28,11 @@ import dataclasses
 import difflib
 import hmac
 import json
+import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, abort, current_app, request
+from flask import Flask, Response, abort, current_app, got_request_exception, request
 
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.validation import check_bool, check_positive_int
@@ -50,6 +54,7 @@ _OWN_KEYS: dict[str, Any] = {
     "report_token": None,
     "report_auth": None,
     "rss_sample_every": 1,
+    "fleet": True,
 }
 _BOOL_KEYS = ("enabled", "autostart", "otel")
 
@@ -86,6 +91,24 @@ class _State:
         self.optimizer = optimizer
 
 
+def _is_reloader_parent() -> bool:
+    """True in the process ``flask run --debug`` (or ``--reload``) keeps only to watch files: it loads the
+    app too, but the serving child (``WERKZEUG_RUN_MAIN=true``) is the one to optimize."""
+    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
+        return False
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.info_name != "run" or "reload" not in ctx.params:
+        return False  # not the flask CLI's run command (app.run() or a WSGI server)
+    reload = ctx.params["reload"]
+    if reload is None:  # flask run's default: reload when debugging
+        from flask.helpers import get_debug_flag
+
+        reload = get_debug_flag()
+    return bool(reload)
+
+
 class KotobaMemory:
     """Attach kotoba-memory to a Flask app (see the module docstring for the config keys)."""
 
@@ -119,6 +142,9 @@ class KotobaMemory:
         for key in _BOOL_KEYS:
             check_bool(options[key], _PREFIX + key.upper())
         check_positive_int(options["rss_sample_every"], _PREFIX + "RSS_SAMPLE_EVERY", high=1_000_000)
+        fleet = options["fleet"]
+        if not isinstance(fleet, bool | str) or (isinstance(fleet, str) and not fleet.strip()):
+            raise ConfigError(_PREFIX + "FLEET", f"must be True, False or a non-empty str, got {fleet!r}")
         endpoint = options["report_endpoint"]
         if endpoint is not None:
             if not isinstance(endpoint, str) or not endpoint.startswith("/"):
@@ -152,7 +178,7 @@ class KotobaMemory:
         memory_config = MemoryConfig.from_mapping(memory)
         optimizer = None
         if options["enabled"]:
-            if options["autostart"]:
+            if options["autostart"] and not _is_reloader_parent():
                 from kotoba_memory_integrations.runtime import start_optimizer
 
                 optimizer = start_optimizer(memory_config)
@@ -160,10 +186,16 @@ class KotobaMemory:
                 from kotoba_memory_integrations import otel
 
                 otel.instrument()
+            from kotoba_memory_integrations.runtime import configure_fleet
+
+            fleet = options["fleet"]
+            configure_fleet(f"flask:{app.import_name}:{app.root_path}" if fleet is True else fleet)
             app.wsgi_app = MemoryMiddleware(  # type: ignore[method-assign]
-                app.wsgi_app, rss_sample_every=options["rss_sample_every"]
+                app.wsgi_app, rss_sample_every=options["rss_sample_every"], route_of=_url_rule
             )
-            app.before_request(_label_route)
+            # An exception that propagates never starts a response: label the route while Flask's
+            # request is still there (the signal fires on errors only, so it costs nothing otherwise).
+            got_request_exception.connect(_label_failed_request, app, weak=False)
         if options["report_endpoint"] is not None:
             app.add_url_rule(
                 options["report_endpoint"],
@@ -182,11 +214,18 @@ class KotobaMemory:
         return get_optimizer() if state is not None else None
 
 
-def _label_route() -> None:
+def _url_rule(environ: dict[str, Any]) -> str | None:
+    # Werkzeug keeps the request object in the environ until Flask pops its context, which happens
+    # after the response started; its url_rule is the matched rule (None on a 404).
+    req = environ.get("werkzeug.request")
+    rule = getattr(req, "url_rule", None)
+    return rule.rule if rule is not None else None
+
+
+def _label_failed_request(sender: Flask, **extra: Any) -> None:
     measurement = request.environ.get(ENVIRON_KEY)
-    if isinstance(measurement, RequestMeasurement):
-        rule = request.url_rule
-        measurement.route = rule.rule if rule is not None else None
+    if isinstance(measurement, RequestMeasurement) and measurement.route is None:
+        measurement.route = _url_rule(request.environ)
 
 
 def _authorized(options: Mapping[str, Any]) -> bool:

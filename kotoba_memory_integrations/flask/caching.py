@@ -3,7 +3,8 @@
 The cachelib ``KotobaCache`` (pickled values in a byte-bounded, policy-driven kotoba-memory cache) with
 Flask-Caching's ``factory``: ``CACHE_THRESHOLD`` bounds the entries, ``CACHE_DEFAULT_TIMEOUT`` is the
 default (``0`` = never expire), and ``CACHE_OPTIONS`` may add ``max_bytes``, ``policy``, ``key_prefix``
-or ``cache`` (an existing kotoba-memory cache to share).
+or ``cache`` (an existing kotoba-memory cache to share). ``CACHE_REDIS_URL = "redis://..."`` makes it a
+near-cache shared by every worker, its values signed with the app's ``SECRET_KEY``.
 """
 
 from __future__ import annotations
@@ -44,4 +45,8 @@ class KotobaCache(FlaskCachingBaseCache, CachelibKotobaCache):
     ) -> KotobaCache:
         """Build the backend from the app's ``CACHE_*`` config (called by ``flask_caching.Cache``)."""
         kwargs.setdefault("threshold", config.get("CACHE_THRESHOLD", 500))
+        if config.get("CACHE_REDIS_URL") and "cache" not in kwargs:
+            kwargs.setdefault("redis_url", config["CACHE_REDIS_URL"])
+        if "redis_url" in kwargs:
+            kwargs.setdefault("secret", app.config.get("SECRET_KEY"))
         return cls(*args, **kwargs)

@@ -87,7 +87,7 @@ class ReadPath:
             return False
         version_keys = self._versions.keys_for(reads)
         try:
-            found = qc.cache.get_many([key, *version_keys])
+            found = self._versions.lookup(key, list(version_keys))
             versions = tuple(found.get(k) or self._versions.establish(k) for k in version_keys)
         except Exception:
             self._counters.error("version lookup")
@@ -164,13 +164,13 @@ class ReadPath:
             return None  # the DB-API level bypasses the cache too, and counts it
         known = self._shape_versions.get(shape, ())
         try:
-            found = qc.cache.get_many([key, *known])
+            found = self._versions.lookup(key, list(known))
             entry = found.get(key)
             if entry is not None:
                 stored_keys, stored_tokens, payload = entry
                 absent = [k for k in stored_keys if k not in found]
                 if absent:
-                    found.update(qc.cache.get_many(absent))
+                    found.update(self._versions.lookup(None, absent))
                 if tuple(found.get(k) for k in stored_keys) == stored_tokens:
                     frozen = pickle.loads(payload)
                     self._counters.hit()

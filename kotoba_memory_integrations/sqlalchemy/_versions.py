@@ -70,13 +70,30 @@ class VersionTokens:
             self._version_keys[tables] = keys
         return keys
 
+    def lookup(self, entry_key: str | None, version_keys: list[str]) -> dict[str, Any]:
+        """``{key: value}`` of the entry and the version keys found, in one call where the tier can.
+
+        A near-cache (an L1 copy per process in front of Redis) reads the tokens from Redis itself
+        (``fresh_many``): a token must never lag a bump by the invalidation delay. The entry may come
+        from L1: it is only served if it was stored under exactly the tokens read now.
+        """
+        fresh = getattr(self.cache, "fresh_many", None)
+        if fresh is None:
+            return dict(self.cache.get_many([entry_key, *version_keys] if entry_key else version_keys))
+        found: dict[str, Any] = fresh(version_keys)
+        if entry_key is not None:
+            entry = self.cache.get(entry_key)
+            if entry is not None:
+                found[entry_key] = entry
+        return found
+
     def establish(self, key: str) -> str | None:
         """The token of a key that had none, or None when it cannot be known."""
         # A missing token is "unknown, possibly changed": mint a fresh one, never assume "unchanged".
         token = self.new_token()
         if self.cache.add(key, token):
             return token
-        current = self.cache.get(key)
+        current = self.lookup(None, [key]).get(key)
         return current if isinstance(current, str) else None
 
     def expand(self, tables: frozenset[str]) -> frozenset[str]:

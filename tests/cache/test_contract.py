@@ -1,10 +1,10 @@
 """The BaseCache contract, run against every cache we ship.
 
 One suite instead of a hand-written copy per backend: ``CacheManager`` under each policy, ``DiskCache``,
-``TieredCache`` (memory over disk) and ``RedisCache`` (a private redis-server from the test tooling; a
-missing server skips locally and fails under ``CI``, as every Redis test does). Backend-specific
-behaviour (persistence, crashes, compression, spills, policies, Redis commands) stays in the backend's
-own test file. Expiry uses short ttls (a few tens of milliseconds) and short sleeps.
+``TieredCache`` (memory over disk), ``RedisCache`` and ``NearCache`` (a private redis-server from the
+test tooling; a missing server skips locally and fails under ``CI``, as every Redis test does).
+Backend-specific behaviour (persistence, crashes, compression, spills, policies, Redis commands)
+stays in the backend's own test file. Expiry uses short ttls (a few tens of milliseconds) and short sleeps.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from kotoba_memory.cache_manager import (
     iter_caches,
 )
 from kotoba_memory.cache_manager.disk import DiskCache
+from kotoba_memory.cache_manager.near import NearCache
 from kotoba_memory.cache_manager.redis_tier import RedisCache
 from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.errors import KotobaMemoryError
@@ -126,6 +127,31 @@ def _redis(
     return cache
 
 
+def _near(
+    request: pytest.FixtureRequest, tmp: Path, max_bytes: int | None, default_ttl: float | None
+) -> BaseCache:
+    url = request.getfixturevalue("redis_url")
+    namespace = f"contract-near-{uuid.uuid4().hex[:10]}"
+    # a generous timeout: the contract is about semantics; faults are test_near_cache.py's
+    cache = NearCache(url, secret="contract", namespace=namespace, default_ttl=default_ttl,
+                      scan_interval=0, socket_timeout=2.0)
+    assert cache.wait_coherent(10), "the near-cache never subscribed to its invalidation channel"
+
+    def cleanup() -> None:
+        cache.clear()
+        cache.close()
+
+    request.addfinalizer(cleanup)
+    return cache
+
+
+def _near_l1_holds_only_what_redis_holds(cache: NearCache) -> None:
+    for key in list(cache.l1.keys()):
+        entry = cache.l1.get(key)
+        if entry is not None:
+            assert cache.client.exists(key if isinstance(key, bytes) else cache._keys(key)[1])
+
+
 BACKENDS = [
     *(
         Backend(f"memory-{policy.value}", _memory(policy), invariants=_exact_byte_accounting)
@@ -148,12 +174,21 @@ BACKENDS = [
         counts_expirations=False,
         keeps_bookkeeping=False,
     ),
+    Backend(
+        "near",
+        _near,
+        byte_bound=False,
+        serializes=True,
+        atomic_put_many=True,
+        counts_expirations=False,
+        invariants=_near_l1_holds_only_what_redis_holds,
+    ),
 ]
 
 
 def _params(wanted: Callable[[Backend], bool] = lambda b: True) -> list[Any]:
     return [
-        pytest.param(b, id=b.name, marks=[pytest.mark.redis] if b.name == "redis" else [])
+        pytest.param(b, id=b.name, marks=[pytest.mark.redis] if b.name in ("redis", "near") else [])
         for b in BACKENDS
         if wanted(b)
     ]

@@ -10,8 +10,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import servers  # tools/servers.py (tests/conftest.py puts tools/ on sys.path)
 
 pytest.importorskip("gunicorn")
 pytest.importorskip("opentelemetry.exporter.prometheus")
@@ -32,44 +31,17 @@ BIN = Path(sys.executable).parent
 TOKEN = "server-test-token-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+free_port = servers.free_port
 
 
 @contextlib.contextmanager
 def serve(cmd: list[str], cwd: Path, env: dict[str, str], port: int) -> Iterator[str]:
     """Run ``cmd`` until it answers on ``port`` (bounded wait), yield its base URL, always stop it."""
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 45
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                pytest.fail(f"server exited early ({proc.returncode}):\n{out}")
-            try:
-                if httpx.get(base + "/", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become ready within 45 s")
-            time.sleep(0.25)
-        yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        if proc.stdout:
-            proc.stdout.close()
+        with servers.serve(cmd, cwd=cwd, env=env, port=port) as server:
+            yield server.base
+    except servers.ServerFailed as exc:
+        pytest.fail(str(exc))
 
 
 def example_env(tmp_path: Path, port: int) -> dict[str, str]:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         DiskFullError,
         DiskHit,
     )
+    from kotoba_memory.cache_manager.near import CacheUnavailableError, NearCache, NearCacheStats
     from kotoba_memory.cache_manager.redis_tier import RedisCache, RedisCacheStats, Serializer
     from kotoba_memory.cache_manager.tiers import TieredCache, TieredCacheStats
 
@@ -68,6 +69,9 @@ _LAZY = {
         ("RedisCache", "RedisCacheStats", "Serializer"), "kotoba_memory.cache_manager.redis_tier"
     ),
     **dict.fromkeys(("TieredCache", "TieredCacheStats"), "kotoba_memory.cache_manager.tiers"),
+    **dict.fromkeys(
+        ("CacheUnavailableError", "NearCache", "NearCacheStats"), "kotoba_memory.cache_manager.near"
+    ),
 }
 
 
@@ -88,6 +92,7 @@ __all__ = [
     "CacheMetadata",
     "CachePolicy",
     "CacheStats",
+    "CacheUnavailableError",
     "CachedValue",
     "Codec",
     "CompressionError",
@@ -102,6 +107,8 @@ __all__ = [
     "EvictionCause",
     "EvictionListener",
     "EvictionPolicy",
+    "NearCache",
+    "NearCacheStats",
     "RedisCache",
     "RedisCacheStats",
     "Serializer",

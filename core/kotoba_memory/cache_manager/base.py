@@ -66,6 +66,27 @@ def _after_fork_in_child() -> None:
 forks.register(_after_fork_in_child, name="cache_manager.base")
 
 
+def _call_sync(factory: Callable[[], Any]) -> Any:
+    """``factory()``, refusing an async one (its coroutine is closed, never left unawaited)."""
+    value = factory()
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if close is not None:
+            close()
+        raise TypeError("get_or_set got an async factory; use aget_or_set")
+    return value
+
+
+async def _call_async(factory: Callable[[], Any] | Callable[[], Awaitable[Any]]) -> Any:
+    """Await an async factory, or run a sync one in a worker thread (awaiting what it returns)."""
+    if inspect.iscoroutinefunction(factory):
+        return await factory()
+    value = await asyncio.to_thread(factory)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
 class _LeaderCancelled(Exception):
     """The caller computing a value was cancelled; a waiter should compute it itself."""
 
@@ -227,19 +248,28 @@ class BaseCache(ABC):
             # Another leader may have stored the value between our miss and our election.
             value = self.get(key, _MISSING)
             if value is _MISSING:
-                value = factory()
-                if inspect.isawaitable(value):
-                    close = getattr(value, "close", None)
-                    if close is not None:
-                        close()
-                    raise TypeError("get_or_set got an async factory; use aget_or_set")
-                self.put(key, value, ttl)
+                value = self._compute(key, factory, ttl)
         except BaseException as exc:
             _settle(future, exc=exc if isinstance(exc, Exception) else _LeaderCancelled())
             self._end_flight(key, future)
             raise
         _settle(future, value=value)
         self._end_flight(key, future)
+        return value
+
+    def _compute(self, key: Hashable, factory: Callable[[], Any], ttl: float | None) -> Any:
+        """Run the factory of a ``get_or_set`` miss and store its value (a shared cache may first
+        coordinate with other processes here)."""
+        value = _call_sync(factory)
+        self.put(key, value, ttl)
+        return value
+
+    async def _acompute(
+        self, key: Hashable, factory: Callable[[], Any] | Callable[[], Awaitable[Any]], ttl: float | None
+    ) -> Any:
+        """:meth:`_compute` for ``aget_or_set``: ``factory`` may be async."""
+        value = await _call_async(factory)
+        await self.aput(key, value, ttl)
         return value
 
     # -- async twins -----------------------------------------------------------------------------
@@ -320,13 +350,7 @@ class BaseCache(ABC):
         try:
             value = await self.aget(key, _MISSING)
             if value is _MISSING:
-                if inspect.iscoroutinefunction(factory):
-                    value = await factory()
-                else:
-                    value = await asyncio.to_thread(factory)
-                    if inspect.isawaitable(value):
-                        value = await value
-                await self.aput(key, value, ttl)
+                value = await self._acompute(key, factory, ttl)
         except BaseException as exc:
             _settle(future, exc=exc if isinstance(exc, Exception) else _LeaderCancelled())
             self._end_flight(key, future)

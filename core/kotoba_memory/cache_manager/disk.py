@@ -32,6 +32,7 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.compression import Codec, CompressionStats, Compressor
 from kotoba_memory.cache_manager.latency import LatencyWindow
+from kotoba_memory.cache_manager.signing import Signer
 from kotoba_memory.cache_manager.types import (
     CachedValue,
     CacheError,
@@ -130,6 +131,7 @@ class DiskCacheStats(CacheStats):
     compression_ratio: float | None = None
     compression: CompressionStats | None = None
     corrupt: int = 0
+    refused: int = 0
     quarantined: int = 0
     disk_full: int = 0
     path: str = ""
@@ -234,6 +236,14 @@ def _encode_key(key: Hashable) -> bytes:
         raise TypeError(f"DiskCache keys must be picklable, got {kind.__name__}: {exc}") from exc
 
 
+class _Refused(Exception):
+    """A stored value whose signature does not match: never unpickled."""
+
+
+def _sign_context(encoded: bytes, codec: str | None) -> bytes:
+    return encoded + b"\x00" + (codec or "").encode("ascii")
+
+
 def _dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -249,7 +259,10 @@ class DiskCache(BaseCache):
     ``path`` is the database file, or a directory to hold ``kotoba-cache.sqlite3``. ``max_bytes``
     bounds the stored payload (keys + possibly compressed values; SQLite adds its own page overhead).
     ``compression`` (``None``, ``"zlib"``, ``"zstd"`` or a :class:`Codec`) applies to pickled values
-    of at least ``compress_min_bytes`` and only when it makes them smaller.
+    of at least ``compress_min_bytes`` and only when it makes them smaller. With ``secret`` every value
+    is signed (HMAC-SHA256 over key and payload); a value that fails the check is refused (counted in
+    ``stats().refused``) and never unpickled. The file (and its directory, when created) is private to
+    the user.
     """
 
     def __init__(
@@ -262,12 +275,14 @@ class DiskCache(BaseCache):
         compress_min_bytes: int = 1024,
         name: str | None = None,
         timeout: float = 30.0,
+        secret: str | bytes | None = None,
     ) -> None:
         check_positive_int(max_bytes, "max_bytes")
         check_non_negative(timeout, "timeout")
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.max_bytes = max_bytes
         self._compressor = Compressor(compression, compress_min_bytes)
+        self._signer = None if secret is None else Signer(secret, "disk-cache")
         target = Path(path)
         if target.is_dir():
             target = target / _DEFAULT_FILENAME
@@ -283,7 +298,7 @@ class DiskCache(BaseCache):
         self._touched: dict[bytes, float] = {}
         self._hits = self._misses = self._puts = self._deletes = 0
         self._evictions = self._expirations = self._rejections = self._corrupt = 0
-        self._quarantined = self._disk_full = 0
+        self._quarantined = self._disk_full = self._refused = 0
         self._full_since: float | None = None  # wall time of the first write refused for a full disk
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file our connection opened
         self._next_identity_check = 0.0
@@ -377,7 +392,11 @@ class DiskCache(BaseCache):
     def _open(self) -> sqlite3.Connection:
         """Open ``path`` (creating the schema); a damaged file raises sqlite3.DatabaseError."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:  # created private to the user; SQLite gives its -wal/-shm files the same mode
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
             conn = sqlite3.connect(
                 self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
             )
@@ -575,14 +594,14 @@ class DiskCache(BaseCache):
                 self._miss_ns.add(started)
                 return False, None, None, 0
         try:
-            value = pickle.loads(self._compressor.unpack(blob, codec))
+            value = self._load(encoded, blob, codec)
         except Exception as exc:  # a class that moved since it was stored, a codec now missing, ...
             with self._lock:
                 if not remove:
                     self._connection().execute(
                         "DELETE FROM kotoba_cache WHERE key = ? AND checksum = ?", (encoded, checksum)
                     )
-                self._corrupt += 1
+                self._count_unloadable(exc)
                 self._misses += 1
                 self._miss_ns.add(started)
             log.warning("%s: dropped a value that no longer loads: %r", self.name, exc)
@@ -592,6 +611,13 @@ class DiskCache(BaseCache):
             self._hits += 1
             self._hit_ns.add(started)
         return True, value, remaining, size
+
+    def _count_unloadable(self, exc: Exception) -> None:
+        """Count a dropped value (caller holds the lock): refused (bad signature) or corrupt."""
+        if isinstance(exc, _Refused):
+            self._refused += 1
+        else:
+            self._corrupt += 1
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when absent, expired or unreadable."""
@@ -653,7 +679,7 @@ class DiskCache(BaseCache):
             wall = time.time()
             for encoded, (blob, codec, checksum, size, expires_at) in usable.items():
                 try:
-                    value = pickle.loads(self._compressor.unpack(blob, codec))
+                    value = self._load(encoded, blob, codec)
                 except Exception as exc:
                     log.warning("%s: dropped a value that no longer loads: %r", self.name, exc)
                     with self._lock:
@@ -661,7 +687,7 @@ class DiskCache(BaseCache):
                             self._connection().execute(
                                 "DELETE FROM kotoba_cache WHERE key = ? AND checksum = ?", (encoded, checksum)
                             )
-                        self._corrupt += 1
+                        self._count_unloadable(exc)
                     continue
                 remaining = None if expires_at is None else max(expires_at - wall, 1e-3)
                 decoded[encoded] = DiskHit(value, remaining, size)
@@ -709,10 +735,21 @@ class DiskCache(BaseCache):
             ttl = value.ttl
         return self.default_ttl if ttl is None else ttl
 
-    def _encode_value(self, value: Any) -> tuple[bytes, str | None, int]:
+    def _encode_value(self, value: Any, encoded: bytes) -> tuple[bytes, str | None, int]:
         raw = _dumps(value)
         blob, codec = self._compressor.pack(raw)
+        if self._signer is not None:
+            blob = self._signer.sign(_sign_context(encoded, codec), blob)
         return blob, codec, len(raw)
+
+    def _load(self, encoded: bytes, blob: bytes, codec: str | None) -> Any:
+        """Unpickle a stored value; with a ``secret``, only after its signature matched."""
+        if self._signer is not None:
+            body = self._signer.verify(_sign_context(encoded, codec), blob)
+            if body is None:
+                raise _Refused("a value not signed with this cache's secret")
+            blob = body
+        return pickle.loads(self._compressor.unpack(blob, codec))
 
     def put(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` under ``key``; False (and the key left absent) when it exceeds ``max_bytes``.
@@ -721,22 +758,22 @@ class DiskCache(BaseCache):
         """
         encoded = _encode_key(key)
         seconds = self._resolve_ttl(value, ttl)
-        blob, codec, raw_size = self._encode_value(value)
+        blob, codec, raw_size = self._encode_value(value, encoded)
         return self._store(encoded, blob, codec, raw_size, seconds, only_if_absent=False)
 
     def add(self, key: Hashable, value: Any, ttl: float | None = None) -> bool:
         """Store ``value`` only if ``key`` holds no live entry (atomic, also across processes)."""
         encoded = _encode_key(key)
         seconds = self._resolve_ttl(value, ttl)
-        blob, codec, raw_size = self._encode_value(value)
+        blob, codec, raw_size = self._encode_value(value, encoded)
         return self._store(encoded, blob, codec, raw_size, seconds, only_if_absent=True)
 
     def put_many(self, mapping: Mapping[Hashable, Any], ttl: float | None = None) -> None:
         """Store every item of ``mapping``; all are encoded before the first is written."""
-        encoded = [
-            (_encode_key(key), self._resolve_ttl(value, ttl), *self._encode_value(value))
-            for key, value in mapping.items()
-        ]
+        encoded = []
+        for key, value in mapping.items():
+            key_bytes = _encode_key(key)
+            encoded.append((key_bytes, self._resolve_ttl(value, ttl), *self._encode_value(value, key_bytes)))
         for key_bytes, seconds, blob, codec, raw_size in encoded:
             self._store(key_bytes, blob, codec, raw_size, seconds, only_if_absent=False)
 
@@ -958,6 +995,7 @@ class DiskCache(BaseCache):
                 compression_ratio=raw / stored if stored else None,
                 compression=self._compressor.stats(),
                 corrupt=self._corrupt,
+                refused=self._refused,
                 quarantined=self._quarantined,
                 disk_full=self._disk_full,
                 path=str(self.path),

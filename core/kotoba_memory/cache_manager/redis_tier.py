@@ -53,8 +53,61 @@ def _milliseconds(ttl: float) -> int:
     return max(1, math.ceil(ttl * 1000))
 
 
+def redis_key(prefix: bytes, key: Hashable) -> bytes:
+    """``prefix`` + text for str keys, ``prefix`` + NUL + pickle otherwise (so 42 and "42" differ)."""
+    if type(key) is str:
+        return prefix + key.encode("utf-8", "surrogatepass")
+    try:
+        hash(key)
+    except TypeError:
+        raise UnhashableKeyError(key) from None
+    try:
+        return prefix + b"\x00" + pickle.dumps(key, protocol=4)
+    except Exception as exc:
+        raise TypeError(f"Redis cache keys must be str or picklable, got {type(key).__name__}") from exc
+
+
 def _escape_glob(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def scan_prefix(client: Any, prefix: str) -> Iterator[bytes]:
+    """Every key under ``prefix`` (SCAN with an escaped MATCH pattern)."""
+    pattern = _escape_glob(prefix).encode("utf-8") + b"*"
+    yield from client.scan_iter(match=pattern, count=_CHUNK)
+
+
+def unlink_prefix(client: Any, prefix: str) -> None:
+    """UNLINK every key under ``prefix``, a chunk per round trip (never FLUSHDB)."""
+    batch: list[bytes] = []
+    for key in scan_prefix(client, prefix):
+        batch.append(key)
+        if len(batch) >= _CHUNK:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+
+
+def prefix_occupancy(client: Any, prefix: str) -> tuple[int, int]:
+    """(keys, summed value bytes) under ``prefix``: one SCAN plus pipelined STRLENs."""
+    entries = stored = 0
+    keys: list[bytes] = []
+    for key in scan_prefix(client, prefix):
+        keys.append(key)
+        if len(keys) >= _CHUNK:
+            entries, stored = entries + len(keys), stored + _value_bytes(client, keys)
+            keys = []
+    if keys:
+        entries, stored = entries + len(keys), stored + _value_bytes(client, keys)
+    return entries, stored
+
+
+def _value_bytes(client: Any, keys: list[bytes]) -> int:
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.strlen(key)
+        return sum(int(n) for n in pipe.execute())
 
 
 class RedisCache(BaseCache):
@@ -112,16 +165,7 @@ class RedisCache(BaseCache):
 
     def make_key(self, key: Hashable) -> bytes:
         """The Redis key for ``key``: prefix + text for str keys, prefix + NUL + pickle otherwise."""
-        if type(key) is str:
-            return self._prefix_bytes + key.encode("utf-8", "surrogatepass")
-        try:
-            hash(key)
-        except TypeError:
-            raise UnhashableKeyError(key) from None
-        try:
-            return self._prefix_bytes + b"\x00" + pickle.dumps(key, protocol=4)
-        except Exception as exc:
-            raise TypeError(f"RedisCache keys must be str or picklable, got {type(key).__name__}") from exc
+        return redis_key(self._prefix_bytes, key)
 
     def _dumps(self, value: Any) -> bytes:
         if type(value) is int:
@@ -285,23 +329,12 @@ class RedisCache(BaseCache):
     def __contains__(self, key: object) -> bool:
         return bool(self.client.exists(self.make_key(key)))
 
-    def _scan(self) -> Iterator[bytes]:
-        pattern = _escape_glob(self.prefix).encode("utf-8") + b"*"
-        yield from self.client.scan_iter(match=pattern, count=_CHUNK)
-
     def __len__(self) -> int:
-        return sum(1 for _ in self._scan())
+        return sum(1 for _ in scan_prefix(self.client, self.prefix))
 
     def clear(self) -> None:
         """UNLINK every key under the prefix (and nothing else)."""
-        batch: list[bytes] = []
-        for redis_key in self._scan():
-            batch.append(redis_key)
-            if len(batch) >= _CHUNK:
-                self.client.unlink(*batch)
-                batch.clear()
-        if batch:
-            self.client.unlink(*batch)
+        unlink_prefix(self.client, self.prefix)
         with self._scan_lock:
             self._last_scan = None
 
@@ -341,23 +374,9 @@ class RedisCache(BaseCache):
             cached = self._last_scan
             if not refresh and cached is not None and time.monotonic() - cached[0] < self.scan_interval:
                 return cached[1], cached[2]
-            entries = stored = 0
-            keys: list[bytes] = []
-            for redis_key in self._scan():
-                keys.append(redis_key)
-                if len(keys) >= _CHUNK:
-                    entries, stored = entries + len(keys), stored + self._value_bytes(keys)
-                    keys = []
-            if keys:
-                entries, stored = entries + len(keys), stored + self._value_bytes(keys)
+            entries, stored = prefix_occupancy(self.client, self.prefix)
             self._last_scan = (time.monotonic(), entries, stored)
             return entries, stored
-
-    def _value_bytes(self, keys: list[bytes]) -> int:
-        with self.client.pipeline(transaction=False) as pipe:
-            for redis_key in keys:
-                pipe.strlen(redis_key)
-            return sum(int(n) for n in pipe.execute())
 
     def close(self) -> None:
         """Release the client's connections."""

@@ -470,6 +470,10 @@ class GcOptimizer:
         if new != current:
             self._set_young_threshold(new, why)
 
+    def _rss_budget(self, rss_at_full: int) -> int:
+        """The RSS past which a budget collection is due: the last full collection's plus the ceiling."""
+        return int(rss_at_full * (1.0 + self.heap_growth_ceiling))
+
     def _over_budget_in_collection(self) -> bool:
         """Whether RSS is past the budget, read once (a pread) in the gc callback; no locks.
 
@@ -481,7 +485,7 @@ class GcOptimizer:
         if not rss_at_full:
             return False
         rss = self._ceiling.process_rss()
-        if rss <= rss_at_full * (1.0 + self.heap_growth_ceiling):
+        if rss <= self._rss_budget(rss_at_full):
             return self._budget_due
         if not self._budget_due:
             self._budget_due = True
@@ -617,9 +621,7 @@ class GcOptimizer:
         ):
             self._begin_long_request(now)
         rss = self._ceiling.process_rss()
-        if self._rss_at_full and (
-            self._budget_due or rss > self._rss_at_full * (1.0 + self.heap_growth_ceiling)
-        ):
+        if self._rss_at_full and (self._budget_due or rss > self._rss_budget(self._rss_at_full)):
             self._budget_collection(rss)
             return self._poll_delay()
         if self._mode == "budget":
@@ -793,8 +795,7 @@ class GcOptimizer:
             mode_cause=self._mode_cause,
             own_memory_bytes=self.own_memory_bytes(),
             rss_budget_bytes=(
-                int(self._rss_at_full * (1.0 + self.heap_growth_ceiling))
-                if self._tuning and self._rss_at_full else None
+                self._rss_budget(self._rss_at_full) if self._tuning and self._rss_at_full else None
             ),
             budget_collections=self.budget_collections,
             long_requests=self.long_request_steps,

@@ -1,4 +1,10 @@
-"""``MemoryPool``: one reserved ``mmap`` carved into slabs (small sizes) and buddy blocks (large sizes)."""
+"""``MemoryPool``: one reserved ``mmap`` carved into slabs (small sizes) and buddy blocks (large sizes).
+
+Two implementations share everything but the hot paths: ``PyMemoryPool`` / ``PyMemoryBlock`` (pure
+Python, the reference) and ``CMemoryPool`` / ``kotoba_memory._cpool.Block`` (the size-class free lists,
+the deferred large-block cache and the block handle in C). ``MemoryPool`` and ``MemoryBlock`` name the
+one in use: C where it was built, unless ``KOTOBA_MEMORY_PURE_PYTHON=1``.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
+from kotoba_memory import _native
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.memory_pool.errors import (
     BlockInUseError,
@@ -29,7 +36,17 @@ from kotoba_memory.memory_pool.size_classes import SizeClasses
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_enum, check_int
 
-__all__ = ["DefragmentResult", "FallbackPolicy", "MemoryBlock", "MemoryPool", "PoolStats", "iter_pools"]
+__all__ = [
+    "CMemoryPool",
+    "DefragmentResult",
+    "FallbackPolicy",
+    "MemoryBlock",
+    "MemoryPool",
+    "PoolStats",
+    "PyMemoryBlock",
+    "PyMemoryPool",
+    "iter_pools",
+]
 
 MIN_BLOCK_SHIFT = 9
 MIN_BLOCK = 1 << MIN_BLOCK_SHIFT  # smallest buddy block; large requests are rounded to a multiple of it
@@ -44,10 +61,14 @@ _MIN_CAPACITY = 64 * 1024
 _LEAKED = -2  # pending-queue marker: a collected block whose buffer was still exported
 
 
-_LIVE_POOLS: weakref.WeakSet[MemoryPool] = weakref.WeakSet()
+_cpool = _native.load("_cpool")
+if _cpool is not None:
+    _cpool.configure(BlockReleasedError, BlockInUseError, PoolClosedError)
+
+_LIVE_POOLS: weakref.WeakSet[_PoolImpl] = weakref.WeakSet()
 
 
-def iter_pools() -> Iterator[MemoryPool]:
+def iter_pools() -> Iterator[_PoolImpl]:
     """The live (not closed) memory pools of this process, weakly held, for metrics and reports."""
     for pool in list(_LIVE_POOLS):
         if not pool.closed:
@@ -57,7 +78,7 @@ def iter_pools() -> Iterator[MemoryPool]:
 def _after_fork_in_child() -> None:
     # A lock held by another thread at fork time would stay locked forever in the child.
     for pool in list(_LIVE_POOLS):
-        pool._lock = threading.Lock()
+        pool._lock = type(pool._lock)()
 
 
 forks.register(_after_fork_in_child, name="memory_pool")
@@ -118,18 +139,19 @@ class DefragmentResult:
     bytes_advised: int  # free bytes handed back to the OS with madvise(MADV_DONTNEED)
 
 
-class MemoryBlock:
+class PyMemoryBlock:
     """A block of pool memory; use ``as_slice()`` for a writable zero-copy memoryview.
 
-    Released by ``release()``, on leaving a ``with`` block, or when collected.
+    Released by ``release()``, on leaving a ``with`` block, or when collected. The pure-Python
+    reference; the C block (``kotoba_memory._cpool.Block``) also exports the buffer protocol.
     """
 
     # _cls >= 0: slab class index; _cls < 0: buddy block of capacity -_cls. _offset -1: heap fallback.
     # _pool is None once released.
     __slots__ = ("_cls", "_offset", "_pool", "_size", "_view")
 
-    def __init__(self, pool: MemoryPool, offset: int, size: int, cls: int) -> None:
-        self._pool: MemoryPool | None = pool
+    def __init__(self, pool: PyMemoryPool, offset: int, size: int, cls: int) -> None:
+        self._pool: PyMemoryPool | None = pool
         self._offset = offset
         self._size = size
         self._cls = cls
@@ -243,7 +265,7 @@ class MemoryBlock:
         finally:
             lock.release()
 
-    def __enter__(self) -> MemoryBlock:
+    def __enter__(self) -> PyMemoryBlock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -275,13 +297,43 @@ class MemoryBlock:
         return f"<MemoryBlock size={self._size} capacity={self.capacity} {state}>"
 
 
-class MemoryPool:
+class _PoolImpl:
     """A fixed reservation of ``capacity`` bytes handing out ``MemoryBlock`` s without per-call malloc.
 
     Small requests (<= 8 KiB) come from slabs of one size class; larger ones from a buddy allocator whose
     unused tails are split off and freed, so a request wastes at most its size class rounding.
     Thread-safe.
     """
+
+    # Supplied by the fast-path base (PyFastPaths or the C PoolCore); declared for the type checker.
+    _lock_type: Any
+    _lock: Any
+    _pending: deque[tuple[int, int, int]]
+    _heads: array[int]
+    _slab_live: array[int]
+    _used: int
+    _requested: int
+    _allocs: int
+    _releases: int
+    _failures: int
+    _timed_ns: int
+    _timed: int
+
+    if TYPE_CHECKING:
+
+        @property
+        def _large_cached(self) -> int: ...
+        def _lc_pop(self, cap: int) -> int: ...
+        def _lc_push(self, cap: int, off: int) -> None: ...
+        def _lc_drain(self) -> list[tuple[int, int]]: ...
+        def _lc_entries(self) -> list[tuple[int, int]]: ...
+        def _lc_metadata_bytes(self) -> int: ...
+        def _new_block(self, off: int, size: int, cls: int) -> PyMemoryBlock: ...
+        def _heap_block(self, size: int) -> PyMemoryBlock: ...
+        def _bind(self) -> None: ...
+        def _unbind(self) -> None: ...
+        def allocate(self, size: int, *, zero: bool = False) -> PyMemoryBlock:
+            """A block of ``size`` bytes; contents are left as they were unless ``zero=True``."""
 
     def __init__(
         self,
@@ -315,8 +367,8 @@ class MemoryPool:
         self._base = memoryview(self._mm)
         self._words = self._base.cast("q")  # intrusive free-list links live in free slab slots
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
-        self._lock = threading.Lock()
-        self._pending: deque[tuple[int, int, int]] = deque()  # releases from __del__, any thread
+        self._lock = self._lock_type()
+        self._pending = deque()  # releases from __del__ (collected blocks), any thread
 
         # Buddy allocator: per order a set (membership) and an address-ordered heap (lowest first).
         self._orders = max(1, (capacity - 1).bit_length() - MIN_BLOCK_SHIFT + 1)
@@ -324,8 +376,6 @@ class MemoryPool:
         self._free_heaps: list[list[int]] = [[] for _ in range(self._orders)]
         for off, order in _pieces(0, capacity):
             self._push_free(order, off)
-        self._large_cache: dict[int, list[int]] = {}
-        self._large_cached = 0
 
         # Slabs: one intrusive free chain per class; live counts per 16 KiB slab granule.
         self._slab_sizes = self._classes.classes_up_to(SLAB_MAX)
@@ -339,8 +389,8 @@ class MemoryPool:
             max(_SLAB_MIN, 1 << (s * _SLAB_MIN_SLOTS - 1).bit_length()) for s in self._slab_sizes
         ]
         self._slab_masks = [~(b - 1) for b in self._slab_bytes]
-        self._heads = [-1] * len(self._slab_sizes)
-        self._slab_live = array("l", [0]) * ((capacity >> _SLAB_MIN_SHIFT) + 1)
+        self._heads = array("q", [-1]) * len(self._slab_sizes)
+        self._slab_live = array("q", [0]) * ((capacity >> _SLAB_MIN_SHIFT) + 1)
         # class index of the slab starting at each 16 KiB granule, -1 where no slab starts
         self._slab_class = array("h", [-1]) * len(self._slab_live)
         self._slab_count = 0
@@ -355,6 +405,7 @@ class MemoryPool:
         self._timed_ns = 0
         self._timed = 0
         self._leaked_exported = 0
+        self._bind()
         _LIVE_POOLS.add(self)
 
     # -- public API ----------------------------------------------------------------------------------
@@ -369,8 +420,8 @@ class MemoryPool:
         """The size-class grid this pool rounds requests to."""
         return self._classes
 
-    def allocate(self, size: int, *, zero: bool = False) -> MemoryBlock:
-        """A block of ``size`` bytes; contents are left as they were unless ``zero=True``."""
+    def _allocate_slow(self, size: int, zero: bool = False) -> PyMemoryBlock:
+        """``allocate`` in pure Python: the whole of it for PyMemoryPool, the C fast path's fallback."""
         if type(size) is not int:
             if isinstance(size, bool) or not isinstance(size, int):
                 raise TypeError(f"size must be an int, got {type(size).__name__}")
@@ -407,11 +458,8 @@ class MemoryPool:
                 if cap & (MIN_BLOCK - 1):
                     cap = (cap | (MIN_BLOCK - 1)) + 1
                 cls = -cap
-                cached = self._large_cache.get(cap)
-                if cached:
-                    off = cached.pop()
-                    self._large_cached -= 1
-                else:
+                off = self._lc_pop(cap)
+                if off < 0:
                     off = self._large_take(cap)
                 if off >= 0:
                     self._used += cap
@@ -419,17 +467,17 @@ class MemoryPool:
                 block = self._exhausted(size)
             else:
                 self._requested += size
-                block = MemoryBlock(self, off, size, cls)
+                block = self._new_block(off, size, cls)
             if t0:
                 self._timed_ns += time.perf_counter_ns() - t0
                 self._timed += 1
         finally:
             lock.release()
-        if zero and block._offset >= 0:
-            ctypes.memset(self._address + block._offset, 0, size)
+        if zero and not block.from_heap:
+            ctypes.memset(block.address, 0, size)
         return block
 
-    async def aallocate(self, size: int, *, zero: bool = False) -> MemoryBlock:
+    async def aallocate(self, size: int, *, zero: bool = False) -> PyMemoryBlock:
         """Async twin of ``allocate`` (pure in-memory work, runs inline)."""
         return self.allocate(size, zero=zero)
 
@@ -499,6 +547,7 @@ class MemoryPool:
             live = self._allocs - self._fallbacks - self._failures - self._releases
             if live:
                 raise BlockInUseError(f"pool {self.name!r} still has {live} live blocks")
+            self._unbind()
             self._words.release()
             self._base.release()
             try:
@@ -510,11 +559,10 @@ class MemoryPool:
             self._mm = None
             # Empty every free structure so the allocation fast path falls through to _exhausted, which
             # raises PoolClosedError, without a closed-check of its own.
-            self._heads = [-1] * len(self._heads)
+            self._heads = array("q", [-1]) * len(self._heads)
             self._free_sets = [set() for _ in self._free_sets]
             self._free_heaps = [[] for _ in self._free_heaps]
-            self._large_cache.clear()
-            self._large_cached = 0
+            self._lc_drain()
             self._slab_class = array("h", [-1]) * len(self._slab_live)
             self._slab_count = 0
 
@@ -523,7 +571,7 @@ class MemoryPool:
         """True once ``close()`` succeeded."""
         return self._mm is None
 
-    def __enter__(self) -> MemoryPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -539,7 +587,7 @@ class MemoryPool:
         cap = self._classes.round(size)
         return -(-cap // MIN_BLOCK) * MIN_BLOCK
 
-    def _exhausted(self, size: int) -> MemoryBlock:
+    def _exhausted(self, size: int) -> PyMemoryBlock:
         # Reclaim what deferred work holds, then retry once before giving up.
         if self._mm is None:
             self._failures += 1
@@ -549,12 +597,10 @@ class MemoryPool:
         off, cls = self._retry(size)
         if off >= 0:
             self._requested += size
-            return MemoryBlock(self, off, size, cls)
+            return self._new_block(off, size, cls)
         if self._fallback is FallbackPolicy.HEAP:
             self._fallbacks += 1
-            block = MemoryBlock(self, -1, size, -size)
-            block._view = memoryview(bytearray(size))
-            return block
+            return self._heap_block(size)
         self._failures += 1
         raise PoolExhausted(
             f"pool {self.name!r} cannot serve {size} bytes: {self._capacity - self._used} of "
@@ -598,8 +644,7 @@ class MemoryPool:
         cap = -cls
         self._used -= cap
         if self._large_cached < _LARGE_CACHE_MAX_BLOCKS:
-            self._large_cache.setdefault(cap, []).append(offset)
-            self._large_cached += 1
+            self._lc_push(cap, offset)
         else:
             self._large_release(offset, cap)
 
@@ -664,13 +709,10 @@ class MemoryPool:
         return sum(len(s) for s in empty.values())
 
     def _flush_large_cache(self) -> int:
-        n = self._large_cached
-        for cap, offsets in self._large_cache.items():
-            for off in offsets:
-                self._large_release(off, cap)
-        self._large_cache.clear()
-        self._large_cached = 0
-        return n
+        drained = self._lc_drain()
+        for cap, off in drained:
+            self._large_release(off, cap)
+        return len(drained)
 
     def _advise_free(self) -> int:
         page = mmap.PAGESIZE
@@ -691,9 +733,8 @@ class MemoryPool:
         """Every free buddy block as (offset, order); with ``include_cache`` also the deferred ones."""
         blocks = [(off, order) for order, free in enumerate(self._free_sets) for off in free]
         if include_cache:  # cached large blocks are free too: any allocation failure flushes them
-            for cap, offsets in self._large_cache.items():
-                for off in offsets:
-                    blocks += _pieces(off, off + cap)
+            for cap, off in self._lc_entries():
+                blocks += _pieces(off, off + cap)
         return blocks
 
     def _largest_free(self) -> int:
@@ -726,8 +767,7 @@ class MemoryPool:
         total = sum(getsizeof(s) for s in self._free_sets) + sum(getsizeof(h) for h in self._free_heaps)
         # int objects: the sets' (shared with the heaps) plus the heaps' stale ones
         total += 32 * sum(len(h) for h in self._free_heaps)
-        total += getsizeof(self._large_cache)
-        total += sum(getsizeof(v) + 32 * len(v) for v in self._large_cache.values())
+        total += self._lc_metadata_bytes()
         total += getsizeof(self._slab_class)
         total += getsizeof(self._class_of) + getsizeof(self._slab_live) + getsizeof(self._heads)
         total += getsizeof(self._slab_sizes) + getsizeof(self._slab_bytes) + getsizeof(self._slab_masks)
@@ -790,6 +830,85 @@ class MemoryPool:
     def _large_release(self, off: int, cap: int) -> None:
         for pos, piece in _pieces(off, off + cap):
             self._buddy_free(pos, piece)
+
+
+class _PyFastPaths:
+    """The hot paths in pure Python: the reference ``allocate``, the block handle and the large cache."""
+
+    _lock_type: Any = threading.Lock
+
+    def _bind(self) -> None:
+        # Freed large blocks kept un-coalesced, by capacity, each list used last-in first-out.
+        self._large_cache: dict[int, list[int]] = {}
+        self._large_cached = 0
+
+    def _unbind(self) -> None:
+        pass
+
+    def _new_block(self, off: int, size: int, cls: int) -> PyMemoryBlock:
+        return PyMemoryBlock(self, off, size, cls)  # type: ignore[arg-type]
+
+    def _heap_block(self, size: int) -> PyMemoryBlock:
+        block = PyMemoryBlock(self, -1, size, -size)  # type: ignore[arg-type]
+        block._view = memoryview(bytearray(size))
+        return block
+
+    def _lc_pop(self, cap: int) -> int:
+        cached = self._large_cache.get(cap)
+        if not cached:
+            return -1
+        self._large_cached -= 1
+        return cached.pop()
+
+    def _lc_push(self, cap: int, off: int) -> None:
+        self._large_cache.setdefault(cap, []).append(off)
+        self._large_cached += 1
+
+    def _lc_entries(self) -> list[tuple[int, int]]:
+        return [(cap, off) for cap, offsets in self._large_cache.items() for off in offsets]
+
+    def _lc_drain(self) -> list[tuple[int, int]]:
+        entries = self._lc_entries()
+        self._large_cache.clear()
+        self._large_cached = 0
+        return entries
+
+    def _lc_metadata_bytes(self) -> int:
+        cache = self._large_cache
+        return sys.getsizeof(cache) + sum(sys.getsizeof(v) + 32 * len(v) for v in cache.values())
+
+
+class PyMemoryPool(_PyFastPaths, _PoolImpl):
+    __doc__ = _PoolImpl.__doc__
+
+    #: A block of ``size`` bytes; contents are left as they were unless ``zero=True``.
+    allocate = _PoolImpl._allocate_slow
+
+
+if _cpool is not None:
+    _PoolCore: Any = _cpool.PoolCore
+    _CLock: Any = _cpool.Lock
+
+    class CMemoryPool(_PoolCore, _PoolImpl):
+        __doc__ = _PoolImpl.__doc__
+        _lock_type = _CLock
+
+        def _bind(self) -> None:
+            self._bind_core(self._mm, self._base, self._heads, self._slab_live, self._class_of,
+                            self._slab_sizes, self._slab_bytes, self._octave_shift)
+
+else:
+    CMemoryPool = None  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:  # both implementations have this interface
+    MemoryPool = _PoolImpl
+    MemoryBlock = PyMemoryBlock
+elif _cpool is not None:
+    MemoryPool = CMemoryPool
+    MemoryBlock = _cpool.Block
+else:
+    MemoryPool = PyMemoryPool
+    MemoryBlock = PyMemoryBlock
 
 
 def _runs(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:

@@ -7,12 +7,14 @@ entries: the objects are the same, re-initialised by their fork callbacks.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kotoba_memory.process import forks
 
-__all__ = ["KINDS", "active", "claim", "release", "snapshot"]
+__all__ = ["KINDS", "active", "claim", "getter", "release", "snapshot"]
 
 #: The kinds of component the registry knows; one running instance of each per process.
 KINDS = ("optimizer", "gc_optimizer", "profiler")
@@ -29,6 +31,13 @@ def _check(kind: str) -> None:
 def active(kind: str) -> Any:
     """The running component of ``kind``, or None."""
     return _active.get(kind)
+
+
+def getter(kind: str) -> Callable[[], Any]:
+    """A callable returning the running component of ``kind`` (or None): ``active(kind)`` as one C-level
+    call, for per-request lookups."""
+    _check(kind)
+    return functools.partial(_active.get, kind)
 
 
 def claim(kind: str, component: Any, *, replace: bool = True) -> Any:

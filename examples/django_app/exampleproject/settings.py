@@ -2,7 +2,8 @@
 
 Environment: ``KOTOBA_EXAMPLE_DATA_DIR`` (where the SQLite file lives, default the temp dir),
 ``KOTOBA_EXAMPLE_LEAK=1`` (turns on the leaking view), ``KOTOBA_EXAMPLE_REPORT_TOKEN`` (enables the
-token-protected report view), ``KOTOBA_EXAMPLE_REPORT_DIR``, ``KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S``.
+token-protected report view), ``KOTOBA_EXAMPLE_REPORT_DIR``, ``KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S``,
+``KOTOBA_EXAMPLE_REDIS_URL`` (the cache becomes the near-cache over that Redis, shared by every worker).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ CACHES = {
         "OPTIONS": {"MAX_ENTRIES": 2000},
     }
 }
+if os.environ.get("KOTOBA_EXAMPLE_REDIS_URL"):  # one cache for every worker: the near-cache over Redis
+    CACHES["default"]["OPTIONS"] = {"REDIS_URL": os.environ["KOTOBA_EXAMPLE_REDIS_URL"]}
 
 KOTOBA_MEMORY = {
     "enable_caching": True,
@@ -63,7 +66,8 @@ KOTOBA_MEMORY = {
 KOTOBA_MEMORY_OTEL = os.environ.get("KOTOBA_EXAMPLE_METRICS", "1") == "1"
 
 EXAMPLE_LEAK = os.environ.get("KOTOBA_EXAMPLE_LEAK") == "1"
-EXAMPLE_REPORT_TOKEN = os.environ.get("KOTOBA_EXAMPLE_REPORT_TOKEN") or None
+# Who may read kotoba-memory's report view (/_kotoba/report): this bearer token (unset: nobody).
+KOTOBA_MEMORY_REPORT_TOKEN = os.environ.get("KOTOBA_EXAMPLE_REPORT_TOKEN") or None
 
 LOGGING = {
     "version": 1,

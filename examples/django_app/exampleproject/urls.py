@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 from library import views
 
 urlpatterns = [
@@ -10,5 +10,7 @@ urlpatterns = [
     path("stream/", views.stream, name="stream"),
     path("leak/", views.leak, name="leak"),
     path("metrics", views.metrics, name="metrics"),
-    path("_kotoba/report", views.report, name="kotoba-report"),
+    # kotoba-memory's report view (every worker of the server): /_kotoba/report, for the bearer token
+    # KOTOBA_MEMORY_REPORT_TOKEN (set from KOTOBA_EXAMPLE_REPORT_TOKEN) or a staff user.
+    path("_kotoba/", include("kotoba_memory_integrations.django.urls")),
 ]

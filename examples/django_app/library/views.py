@@ -1,12 +1,12 @@
-"""Views of the Django example: ORM + cache backend, a streaming view, the leak, metrics and the report."""
+"""Views of the Django example: ORM + cache backend, a streaming view, the leak and metrics.
+
+The memory report is kotoba-memory's packaged view (see ``exampleproject/urls.py``).
+"""
 
 from __future__ import annotations
 
-import hmac
-import json
 import os
 from collections.abc import Iterator
-from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
@@ -15,12 +15,10 @@ from django.http import (
     Http404,
     HttpRequest,
     HttpResponse,
-    HttpResponseBadRequest,
     JsonResponse,
     StreamingHttpResponse,
 )
 
-from kotoba_memory_integrations.runtime import current_report
 from library.models import Book
 
 # Module level on purpose: what /leak/ appends here is never freed (the leak the report must find).
@@ -91,29 +89,3 @@ def metrics(request: HttpRequest) -> HttpResponse:
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
     return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
-
-
-def report(request: HttpRequest) -> HttpResponse:
-    """The optimizer's report; 404 unless a token is configured, 401/403 without the right one."""
-    token = settings.EXAMPLE_REPORT_TOKEN
-    if not token:
-        raise Http404()
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not presented:
-        response = HttpResponse("authentication required\n", status=401)
-        response["WWW-Authenticate"] = 'Bearer realm="kotoba-memory"'
-        return response
-    if not hmac.compare_digest(presented.strip().encode(), token.encode()):
-        return HttpResponse("forbidden\n", status=403)
-    result: Any = current_report()
-    if result is None:
-        return HttpResponse("kotoba-memory optimizer is not running\n", status=503)
-    fmt = request.GET.get("format", "text")
-    if fmt == "json":
-        return HttpResponse(json.dumps(result.to_dict(), default=str), content_type="application/json")
-    if fmt == "html":
-        return HttpResponse(result.to_html(), content_type="text/html")
-    if fmt != "text":
-        return HttpResponseBadRequest("format must be one of text, json, html\n")
-    return HttpResponse(result.summary(), content_type="text/plain")
-

@@ -3,7 +3,9 @@
 Stops this process's optimizer (started from ``KOTOBA_MEMORY`` by the app, or started here for
 ``--duration`` seconds when autostart is off) and prints its report summary; ``--html`` also writes the
 HTML report (its path is checked before anything is stopped), ``--json`` prints the report as JSON
-instead of the summary.
+instead of the summary. The report also lists every process of the app's running servers on this host
+(``workers`` rows and ``fleet`` totals, read from the fleet spool the servers' workers write; see
+``KOTOBA_MEMORY_FLEET``), so run from outside the server it shows the server's workers.
 """
 
 from __future__ import annotations
@@ -17,12 +19,21 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from kotoba_memory.report import private_dir
-from kotoba_memory_integrations.django.apps import config_from_settings
-from kotoba_memory_integrations.runtime import get_optimizer, start_optimizer, stop_optimizer
+from kotoba_memory_integrations.django.apps import config_from_settings, fleet_name
+from kotoba_memory_integrations.runtime import (
+    fleet_spool,
+    get_optimizer,
+    start_optimizer,
+    stop_optimizer,
+    with_fleet,
+)
 
 
 class Command(BaseCommand):
-    help = "Print kotoba-memory's memory report for this process (optionally write the HTML report)."
+    help = (
+        "Print kotoba-memory's memory report for this process and every worker of the app's servers on "
+        "this host (optionally write the HTML report)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--html", metavar="PATH", help="Also write the HTML report to PATH.")
@@ -55,6 +66,10 @@ class Command(BaseCommand):
         report = stop_optimizer()
         if report is None:  # another thread stopped it between our calls
             raise CommandError("the kotoba-memory optimizer was stopped concurrently; run the command again")
+        name = fleet_name()
+        spool = fleet_spool(name) if name else None
+        if spool is not None:
+            report = with_fleet(report, spool, viewer_pid=None)
         if options["json"]:
             self.stdout.write(json.dumps(report.to_dict(), indent=2, default=str))
         else:
