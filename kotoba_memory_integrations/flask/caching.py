@@ -23,6 +23,8 @@ __all__ = ["KotobaCache"]
 class KotobaCache(FlaskCachingBaseCache, CachelibKotobaCache):
     """Flask-Caching backend storing pickled values in a kotoba-memory ``CacheManager``."""
 
+    report_label = "Flask-Caching KotobaCache"
+
     def __init__(
         self,
         threshold: int = 500,
@@ -44,4 +46,6 @@ class KotobaCache(FlaskCachingBaseCache, CachelibKotobaCache):
     ) -> KotobaCache:
         """Build the backend from the app's ``CACHE_*`` config (called by ``flask_caching.Cache``)."""
         kwargs.setdefault("threshold", config.get("CACHE_THRESHOLD", 500))
+        if "cache" not in kwargs:  # a store built here is named after the app in reports and metrics
+            kwargs.setdefault("name", f"flask-caching:{app.name}")
         return cls(*args, **kwargs)

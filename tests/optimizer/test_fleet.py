@@ -185,6 +185,9 @@ def test_publisher_task_writes_until_stopped(tmp_path: Path) -> None:
     config = MemoryConfig(enable_caching=True, enable_profiling=False, enable_gc_optimization=False)
     optimizer = MemoryOptimizer(config)
     optimizer.start()
+    assert optimizer.cache is not None  # built on first use: the snapshot lists it from then on
+    optimizer.cache.put("k", b"v")
+    optimizer.cache.get("k")
     spool = fleet.FleetSpool(tmp_path)
     publisher = fleet.FleetPublisher(spool, name="app", interval_s=0.05)
     try:
@@ -194,6 +197,8 @@ def test_publisher_task_writes_until_stopped(tmp_path: Path) -> None:
             time.sleep(0.02)
         [snapshot] = spool.read()
         assert snapshot["optimizer"] is True and snapshot["cache"]["name"] == "kotoba-memory"
+        [mine] = [c for c in snapshot["caches"] if c["name"] == "kotoba-memory"]
+        assert mine["hits"] == 1 and mine["uses"] == ["MemoryOptimizer (optimizer.cache)"]
         assert snapshot["gc"] is None and snapshot["leak_suspects"] is None  # those features are off
     finally:
         publisher.stop()

@@ -103,6 +103,9 @@ def test_quick_start_runs_and_reports(tmp_path: Path) -> None:
     if optimizer.cache is not None:
         assert reader.figures["cache-hit-rate"], "cache hit rate sampled while running"
         assert report.cache is not None and report.cache["hits"] > 0
+        [own] = [c for c in report.caches if c["name"] == "kotoba-memory"]
+        assert own["hits"] == report.cache["hits"] and own["uses"] == ["MemoryOptimizer (optimizer.cache)"]
+        assert "kotoba-memory (CacheManager): " in text and "used by MemoryOptimizer" in text
     if optimizer.gc_optimizer is not None:
         assert report.gc is not None
 
