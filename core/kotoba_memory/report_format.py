@@ -270,8 +270,10 @@ def recommendations(report: Any) -> list[str]:
                 f"Cache {row.get('name')} answers only {percent_text(hits / lookups)} of lookups and evicted "
                 f"{number_text(evictions)} entries: it is smaller than what is asked of it; raise its size"
             )
-    for text in (report.cache or {}).get("recommendations") or []:
-        out.append(f"Cache {(report.cache or {}).get('name', 'kotoba-memory')}: {text}")
+    own = report.cache or {}
+    if int(own.get("hits") or 0) + int(own.get("misses") or 0) >= 100:  # advice from enough lookups only
+        name = own.get("name", "kotoba-memory")
+        out.extend(f"Cache {name}: {text}" for text in own.get("recommendations") or [])
     note = (report.allocator or {}).get("note")
     if note:
         out.append(f"Allocator: {note}")

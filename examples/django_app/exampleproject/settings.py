@@ -51,8 +51,6 @@ CACHES = {
 }
 
 KOTOBA_MEMORY = {
-    "enable_caching": True,
-    "cache_size_mb": 16,
     "enable_profiling": True,
     "enable_leak_detection": True,
     "enable_gc_optimization": os.environ.get("KOTOBA_EXAMPLE_GC", "1") == "1",  # 0: benchmarks/gc_servers.py
