@@ -156,9 +156,11 @@ def human_value(key: str, value: Any) -> str:
     name = key.lower()
     if name.endswith("_per_s") and "bytes" in name:
         return rate_text(float(value))
+    if "_per_" in name:  # a rate (collections per minute, objects per ms): a plain number
+        return number_text(value)
     if name.endswith("_percent"):
         return f"{float(value):.1f}%"
-    if name.endswith(("_share", "_rate", "_ratio", "efficiency")) and "per_" not in name:
+    if name.endswith(("_share", "_rate", "_ratio", "efficiency")):
         return percent_text(float(value))
     if name.endswith("_mb"):
         return bytes_text(float(value) * _KIB * _KIB)
