@@ -321,7 +321,9 @@ class MemoryReport:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222;max-width:72rem}
 h1{font-size:1.5rem} h2{font-size:1.15rem;margin-top:2rem}
-pre.summary{background:#f5f5f7;padding:1rem;border-radius:6px;overflow-x:auto}
+pre.summary{background:#f5f5f7;padding:1rem;border-radius:6px;white-space:pre-wrap}
+pre.src{margin:.25rem 0;padding:.25rem .4rem;background:#fff8e6;white-space:pre-wrap;font-size:.85rem}
+code{font-size:.85rem;overflow-wrap:anywhere} td:first-child{min-width:12rem}
 .charts{display:flex;flex-wrap:wrap;gap:1rem}
 figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:.5rem}
 figcaption{font-weight:600;margin-bottom:.25rem}
@@ -425,7 +427,13 @@ def _help(key: str) -> str:
     return f'<p class="what">{_esc(text)}</p>' if text else ""
 
 
+class _Html(str):
+    """A table cell that is already HTML (escaped where it holds data)."""
+
+
 def _cell(value: object) -> str:
+    if isinstance(value, _Html):
+        return f"<td>{value}</td>"
     if isinstance(value, int | float) and not isinstance(value, bool):
         return f'<td class="num">{_esc(fmt.number_text(value))}</td>'
     return f"<td>{_esc(value)}</td>"
@@ -502,24 +510,30 @@ def _leak_table(leaks: Sequence[Mapping[str, Any]], status: Mapping[str, Any] | 
             f'<p class="empty">no verdict: {_esc(status.get("message"))}</p>'
         )
 
-    rows = [
-        [
-            leak.get("allocation_site"),
-            leak.get("source_line") or fmt.source_line(leak.get("allocation_site")),
+    rows = []
+    for leak in fmt.leak_order(leaks):
+        source = leak.get("source_line") or fmt.source_line(leak.get("allocation_site"))
+        frames = list(leak.get("traceback") or [])
+        site = f"<code>{_esc(leak.get('allocation_site'))}</code>"
+        if source:
+            site += f'<pre class="src">{_esc(source)}</pre>'
+        if len(frames) > 1:
+            site += (
+                f"<details><summary>{len(frames)} frames</summary>"
+                f'<pre class="src">{_esc(chr(10).join(frames))}</pre></details>'
+            )
+        rows.append([
+            _Html(site),
             leak.get("route") or "",
             fmt.rate_text(float(leak.get("growth_rate_bytes_per_s") or 0.0)),
             _bytes(leak.get("size")),
             fmt.duration_text(float(leak.get("age_seconds") or 0.0)),
             f"{float(leak.get('confidence') or 0.0):.2f}",
-            " <- ".join(leak.get("traceback") or []),
             leak.get("evidence", ""),
-        ]
-        for leak in fmt.leak_order(leaks)
-    ]
+        ])
     return _table(
         "Leak suspects",
-        ["allocation site", "source", "route", "growth", "size", "age", "confidence", "traceback",
-         "evidence"],
+        ["allocation site and source", "route", "growth", "size", "age", "confidence", "evidence"],
         rows,
         help_key="leaks",
     )
@@ -607,7 +621,8 @@ def _worker_cells(row: Mapping[str, Any]) -> list[object]:
     """pid, role, RSS, peak, requests, GC, leak suspects, cache, age: one process of the fleet."""
     gc_row = row.get("gc") or {}
     gc_text = (
-        f"{gc_row.get('collections') or 0} collections, {(gc_row.get('pause_total_s') or 0.0) * 1000:.1f} ms"
+        f"{fmt.number_text(int(gc_row.get('collections') or 0))} collections, "
+        f"{fmt.seconds_text(float(gc_row.get('pause_total_s') or 0.0))}"
         if gc_row else "off"
     )
     leaks = row.get("leak_suspects")
@@ -653,7 +668,8 @@ def _fleet_lines(workers: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] 
     hit_rate = fleet.get("cache_hit_rate")
     lines = [
         f"  workers: {fleet.get('workers', 0)} ({fleet.get('processes', 0)} processes), "
-        f"RSS {(fleet.get('rss_bytes') or 0) / _MIB:.1f} MB in all, {fleet.get('requests') or 0} requests, "
+        f"RSS {fmt.bytes_text(fleet.get('rss_bytes') or 0)} in all, "
+        f"{fmt.number_text(int(fleet.get('requests') or 0))} requests, "
         f"{fleet.get('leak_suspects') or 0} leak suspects"
         + (f", caches {fmt.percent_text(hit_rate)} hits" if isinstance(hit_rate, int | float) else "")
     ]

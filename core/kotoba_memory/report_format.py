@@ -275,7 +275,9 @@ def recommendations(report: Any) -> list[str]:
     own = report.cache or {}
     if int(own.get("hits") or 0) + int(own.get("misses") or 0) >= 100:  # advice from enough lookups only
         name = own.get("name", "kotoba-memory")
-        out.extend(f"Cache {name}: {text}" for text in own.get("recommendations") or [])
+        for text in own.get("recommendations") or []:
+            if not text.startswith("The adaptive policy currently"):  # a description, nothing to do
+                out.append(f"Cache {name}: {text}")
     note = (report.allocator or {}).get("note")
     if note:
         out.append(f"Allocator: {note}")

@@ -152,7 +152,7 @@ def test_report_shows_the_workers_rows_and_totals() -> None:
     )
     report = MemoryReport(0.0, 1.0, {}, stats, workers=rows, fleet=totals)
     text = report.summary()
-    assert "workers: 2 (2 processes), RSS 130.0 MB in all, 11 requests, 1 leak suspects" in text
+    assert "workers: 2 (2 processes), RSS 130.0 MiB in all, 11 requests, 1 leak suspects" in text
     assert "pid 41 (worker): RSS 60.0 MiB (peak 61.0 MiB), 9 requests" in text
     assert "leaks 1: app.py:12 [route /leak]" in text
     page = report.to_html()
