@@ -221,8 +221,8 @@ class MemoryReport:
 
     # ------------------------------------------------------------------ HTML
     def to_html(self) -> str:
-        """A self-contained HTML page: what to do first, charts (memory, GC pauses, cache hit rate),
-        leak suspects with their source lines, every live cache, then the detailed figures."""
+        """A self-contained HTML page: what to do first, leak suspects with their source lines, every live
+        cache, charts (memory, GC pauses, cache hit rate), the text summary, then the detailed figures."""
         t0 = self.started_at
         memory = [(t - t0, mb) for t, mb in self.memory_series]
         pauses = [(t - t0, ms) for t, ms, _ in self.gc_pauses]
@@ -258,13 +258,13 @@ class MemoryReport:
                 if advice
                 else '<p class="empty">nothing stands out</p>'
             ),
-            '<h2 id="summary">Summary</h2>',
-            f'<pre class="summary">{_esc(self.summary(advice=False))}</pre>',
+            _leak_table(self.leaks, self.leak_status),
+            _caches_table(self.caches),
             '<section class="charts">',
             *charts,
             "</section>",
-            _leak_table(self.leaks, self.leak_status),
-            _caches_table(self.caches),
+            '<h2 id="summary">Summary</h2>',
+            f'<pre class="summary">{_esc(self.summary(advice=False))}</pre>',
             _workers_table(self.workers) if self.fleet is not None else "",
             _table(
                 "Routes",

@@ -203,6 +203,9 @@ def cache_line(row: Mapping[str, Any]) -> str:
     name, kind = row.get("name"), row.get("type") or "cache"
     if row.get("error"):
         return f"{name} ({kind}): stats unavailable ({row['error']})"
+    if row.get("note") and "hits" not in row:
+        users = "; ".join(row.get("uses") or [])
+        return f"{name} ({kind}): {row['note']}" + (f"; used by {users}" if users else "")
     hits, misses = int(row.get("hits") or 0), int(row.get("misses") or 0)
     lookups = hits + misses
     parts = [

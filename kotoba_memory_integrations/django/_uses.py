@@ -1,6 +1,10 @@
-"""What the memory report says about a ``KotobaCache`` store: the ``CACHES`` aliases that use it."""
+"""What the memory report says about Django's caches: the ``CACHES`` aliases a ``KotobaCache`` store
+serves, and the aliases on other backends (listed without counters, which Django does not keep)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 from kotoba_memory.cache_manager import BaseCache
 from kotoba_memory.cache_manager.inventory import note_use
@@ -25,3 +29,20 @@ def note_store(cache: BaseCache, location: str) -> None:
     ]
     where = ", ".join(repr(a) for a in aliases) if aliases else f"LOCATION {location!r}"
     note_use(cache, f"Django CACHES {where}")
+
+
+def foreign_caches() -> Iterator[dict[str, Any]]:
+    """One report row per ``CACHES`` alias whose backend is not kotoba-memory's."""
+    from django.conf import settings
+
+    for alias, conf in dict(getattr(settings, "CACHES", None) or {}).items():
+        backend = str(conf.get("BACKEND", "")) if isinstance(conf, dict) else ""
+        if not backend or backend.startswith(_BACKEND_PREFIX):
+            continue
+        yield {
+            "name": f"django:{alias}",
+            "type": backend.rsplit(".", 1)[-1],
+            "uses": [f"Django CACHES {alias!r}"],
+            "note": "no hit counters (not a kotoba-memory backend; "
+            "BACKEND 'kotoba_memory_integrations.django.KotobaCache' reports them)",
+        }

@@ -117,7 +117,7 @@ def test_the_html_report_renders_in_headless_chromium_with_charts_that_have_data
     assert len(dom.points["gc-pauses"]) == len(report.gc_pauses) >= 1
     assert dom.shapes["memory"] == 1 and dom.shapes["cache-hit-rate"] == 1  # one line each
     assert dom.shapes["gc-pauses"] == len(report.gc_pauses)  # one bar per pause
-    assert dom.headings[:2] == ["Do first", "Summary"] and "Caches" in dom.headings
+    assert dom.headings[:3] == ["Do first", "Leak suspects", "Caches"] and "Summary" in dom.headings
     assert "browser-test" in dumped.stdout and "@cached tests.lookup" in dumped.stdout
 
     shot = tmp_path / "report.png"

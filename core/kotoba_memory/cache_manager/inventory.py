@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kotoba_memory.cache_manager.base import BaseCache, iter_caches
 from kotoba_memory.process import forks
 
-__all__ = ["add_view", "cache_inventory", "cache_lookups", "note_use"]
+__all__ = ["add_provider", "add_view", "cache_inventory", "cache_lookups", "note_use"]
 
 #: Labels kept per cache (e.g. one per ``@cached`` function); beyond it the rest are counted.
 MAX_USES = 12
@@ -62,6 +62,31 @@ def add_view(front: Any, store: BaseCache, label: str, stats: Callable[[Any], Ma
         _views[:] = [v for v in _views if v[0]() is not None and v[1]() is not None]
         if len(_views) < MAX_LISTED * MAX_USES:
             _views.append((weakref.ref(front), weakref.ref(store), label, stats))
+
+
+_providers: list[Callable[[], Iterable[Mapping[str, Any]]]] = []
+_MAX_PROVIDERS = 16
+
+
+def add_provider(provider: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+    """List caches kotoba-memory does not own (a Django ``CACHES`` alias on another backend): each call
+    of ``provider()`` yields rows with at least ``name``, and ``type``, ``uses``, ``note`` when known."""
+    with _lock:
+        if provider not in _providers and len(_providers) < _MAX_PROVIDERS:
+            _providers.append(provider)
+
+
+def _foreign_rows() -> list[dict[str, Any]]:
+    with _lock:
+        providers = list(_providers)
+    rows: list[dict[str, Any]] = []
+    for provider in providers:
+        try:
+            rows.extend({"uses": [], "views": [], "parts": [], **dict(row)} for row in provider())
+        except Exception as exc:  # a broken provider must not cost the report
+            rows.append({"name": repr(provider), "uses": [], "views": [], "parts": [],
+                         "error": f"{type(exc).__name__}: {exc}"})
+    return rows
 
 
 def _parts(cache: BaseCache) -> list[BaseCache]:
@@ -110,6 +135,7 @@ def cache_inventory(limit: int = MAX_LISTED) -> tuple[list[dict[str, Any]], int]
     parts_of = {id(cache): _parts(cache) for cache in caches}
     inner = {id(part) for parts in parts_of.values() for part in parts}
     rows = [_row(cache, parts_of[id(cache)]) for cache in caches if id(cache) not in inner]
+    rows.extend(_foreign_rows())
     rows.sort(key=lambda r: (-(int(r.get("hits") or 0) + int(r.get("misses") or 0)), str(r["name"])))
     return rows[:limit], max(0, len(rows) - limit)
 
