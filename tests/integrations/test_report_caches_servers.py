@@ -24,11 +24,6 @@ EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 TOKEN = "report-caches-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-WRK_SCRIPT = """
-local paths = {PATHS}
-function init(args) math.randomseed(os.time()) end
-request = function() return wrk.format("GET", paths[math.random(#paths)]) end
-"""
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
@@ -54,9 +49,7 @@ def _load(base: str, paths: list[str], tmp: Path) -> None:
         if os.environ.get("CI"):
             pytest.fail("wrk is not installed; CI must provide it (scripts/bootstrap.sh installs it)")
         pytest.skip("wrk is not installed")
-    script = tmp / "routes.lua"
-    script.write_text(WRK_SCRIPT.replace("{PATHS}", "{" + ", ".join(f'"{p}"' for p in paths) + "}"))
-    out = servers.wrk(base + "/", seconds=3, connections=8, threads=2, script=script)
+    out = servers.wrk_routes(base, paths, seconds=3, work_dir=tmp, connections=8, threads=2)
     assert "Non-2xx" not in out and "Socket errors" not in out, out
 
 
