@@ -25,7 +25,11 @@
 Observable instruments read our stats only when a reader collects, so the steady-state cost is one
 histogram record per request (~10 us with the SDK); with no SDK configured it goes to the API's
 proxy instrument (~0.1 us). ``uninstrument()`` stops all of it (the API cannot delete instruments, so their
-callbacks just report nothing afterwards).
+callbacks just report nothing afterwards; instrumenting the same provider again revives them).
+
+:class:`MemoryInstrumentor` is an OpenTelemetry contrib ``BaseInstrumentor`` registered under the
+``opentelemetry_instrumentor`` entry point, so ``opentelemetry-instrument python app.py`` loads it with
+no code change.
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from opentelemetry import metrics
+from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]  # untyped upstream
+    BaseInstrumentor,
+)
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from kotoba_memory._version import __version__
@@ -61,6 +69,7 @@ _log = logging.getLogger(__name__)
 _BYTE_BUCKETS = (0, 4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20)
 _PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _GC_DRAIN_INTERVAL_S = 1.0
+_INSTRUMENTS = ("kotoba-memory >= 0.1",)
 
 _Reader = Callable[[], Iterable[Observation]]
 
@@ -319,26 +328,22 @@ class _Instruments:
         self.drain_gc_events()
 
 
-class MemoryInstrumentor:
-    """Contrib-style instrumentor: ``instrument(meter_provider=None)`` / ``uninstrument()``.
+class MemoryInstrumentor(BaseInstrumentor):
+    """The OpenTelemetry contrib instrumentor for kotoba-memory's metrics (a per-process singleton).
 
-    One per process (the class is a singleton, like OpenTelemetry's ``BaseInstrumentor``).
+    ``MemoryInstrumentor().instrument(meter_provider=None)`` / ``.uninstrument()``, or through the
+    ``opentelemetry_instrumentor`` entry point: ``opentelemetry-instrument python app.py``.
     """
 
-    _instance: MemoryInstrumentor | None = None
-    _instance_lock = threading.Lock()
+    _lock = threading.Lock()
+    _instruments: _Instruments | None = None
+    # Instruments made per provider: the API cannot delete them, so instrumenting the same provider
+    # again reactivates the first set rather than registering duplicates the SDK would ignore.
+    _made: list[tuple[weakref.ref[Any] | None, _Instruments]] = []
 
-    def __new__(cls) -> MemoryInstrumentor:
-        with cls._instance_lock:
-            if cls._instance is None:
-                instance = super().__new__(cls)
-                instance._lock = threading.Lock()
-                instance._instruments = None
-                cls._instance = instance
-            return cls._instance
-
-    _lock: threading.Lock
-    _instruments: _Instruments | None
+    def instrumentation_dependencies(self) -> Collection[str]:
+        """What is instrumented: kotoba-memory itself (its caches, pools, GC optimizer, middleware)."""
+        return _INSTRUMENTS
 
     @property
     def is_instrumented(self) -> bool:
@@ -350,22 +355,38 @@ class MemoryInstrumentor:
         """How many metric callbacks raised (swallowed so the host's collection goes on)."""
         return self._instruments.callback_errors[0] if self._instruments is not None else 0
 
-    def instrument(self, meter_provider: metrics.MeterProvider | None = None) -> None:
-        """Start reporting to ``meter_provider`` (default: the global one); a second call is a no-op."""
+    def _instrument(self, **kwargs: Any) -> None:
+        provider: metrics.MeterProvider | None = kwargs.get("meter_provider")
         with self._lock:
             if self._instruments is not None:
                 return
-            instruments = _Instruments(meter_provider)
+            instruments = self._instruments_for(provider)
+            instruments.active = True
             self._instruments = instruments
             add_request_listener(instruments.on_request)
 
-    def uninstrument(self) -> None:
-        """Stop reporting; safe to call when not instrumented."""
+    def _uninstrument(self, **kwargs: Any) -> None:
         with self._lock:
             instruments, self._instruments = self._instruments, None
             if instruments is not None:
                 instruments.active = False
                 remove_request_listener(instruments.on_request)
+
+    def _instruments_for(self, provider: metrics.MeterProvider | None) -> _Instruments:
+        alive = []
+        found = None
+        for ref, instruments in type(self)._made:
+            target = None if ref is None else ref()
+            if ref is not None and target is None:
+                continue  # that provider is gone
+            alive.append((ref, instruments))
+            if target is provider:
+                found = instruments
+        if found is None:
+            found = _Instruments(provider)
+            alive.append((None if provider is None else weakref.ref(provider), found))
+        type(self)._made = alive
+        return found
 
     def drain_gc_events(self) -> int:
         """Record pending GC pause events now (normally done on collection and at request end)."""
@@ -374,17 +395,20 @@ class MemoryInstrumentor:
 
 
 def instrument(meter_provider: metrics.MeterProvider | None = None) -> MemoryInstrumentor:
-    """Report kotoba-memory's metrics to ``meter_provider`` (default: the global provider)."""
+    """Report kotoba-memory's metrics to ``meter_provider`` (default: the global provider); idempotent."""
     instrumentor = MemoryInstrumentor()
-    instrumentor.instrument(meter_provider)
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(meter_provider=meter_provider)
     return instrumentor
 
 
 def uninstrument() -> None:
-    """Stop reporting kotoba-memory's metrics."""
-    MemoryInstrumentor().uninstrument()
+    """Stop reporting kotoba-memory's metrics; safe to call when not instrumented."""
+    instrumentor = MemoryInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
 
 
 def is_instrumented() -> bool:
-    """Whether :func:`instrument` is in effect."""
+    """Whether kotoba-memory's metrics are being reported."""
     return MemoryInstrumentor().is_instrumented

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need: Debian packages for the real services and allocators,
-# and a virtualenv with kotoba-memory (editable) and its dev extras. Safe to re-run.
+# and a virtualenv with kotoba-memory (editable, every extra) and the `dev` dependency group (pyproject.toml:
+# test runner, servers, drivers, benchmark peers, linters, build tools; never published). Safe to re-run.
 # PYTHON=... picks the interpreter the virtualenv is made from, VENV=... its directory (default .venv),
 # e.g. PYTHON=/root/.pyenv/versions/3.12.1/bin/python3.12 VENV=.venv-3.12 bash scripts/bootstrap.sh
 set -euo pipefail
@@ -34,8 +35,9 @@ stamp=$VENV/.kotoba-installed
 # The C sources are in the stamp too: an editable install compiles them once, so a change must rebuild.
 want=$(shopt -s nullglob; cat pyproject.toml constraints-dev.txt setup.py csrc/*.c csrc/*.h | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-    echo "bootstrap: installing kotoba-memory[dev] into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -c constraints-dev.txt -e ".[dev]"
+    echo "bootstrap: installing kotoba-memory[all] and the dev group into $VENV"
+    # --group (PEP 735 dependency groups) needs pip >= 25.1.
+    "$VENV/bin/python" -m pip install -q --upgrade "pip>=25.1"
+    "$VENV/bin/python" -m pip install -q -c constraints-dev.txt -e ".[all]" --group dev
     echo "$want" > "$stamp"
 fi

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from kotoba_memory._cli import plain
 from kotoba_memory._version import __version__
 
 # name -> module exposing ``add_parser(subparsers)``; the module's parser sets ``func(args) -> int``.
@@ -18,7 +19,7 @@ _SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="kotoba-memory", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kotoba-memory", description=plain(__doc__))
     parser.add_argument("--version", action="version", version=f"kotoba-memory {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _SUBCOMMANDS.values():

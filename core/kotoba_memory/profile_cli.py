@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from kotoba_memory import _profile_bootstrap as bootstrap
+from kotoba_memory._cli import plain, split_command
 from kotoba_memory.config import MemoryConfig
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.report import private_dir
@@ -54,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "profile",
         help="run a Python workload under the memory profiler and write an HTML/JSON report",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("kotoba-memory-report"),
@@ -70,16 +71,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--gc-tuning", action="store_true",
                         help="let the GC optimizer tune the collector (default: observe only)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the workload, after --")
-    parser.set_defaults(func=run)
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="the workload, best after -- (without it our own options are taken from it)")
+    parser.set_defaults(func=run, parser=parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the workload, show progress, collect the report; returns the workload's exit status."""
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = split_command(args, args.parser, "kotoba-memory profile")
     if not command:
         print("kotoba-memory profile: give the workload after --, e.g. -- python app.py", file=sys.stderr)
         return 2

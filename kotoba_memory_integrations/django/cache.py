@@ -168,6 +168,16 @@ def forget_location(location: str) -> bool:
     return True
 
 
+class _Misconfigured:
+    """Stands in for the store of a cache whose OPTIONS are invalid: any use raises the ConfigError."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self._error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise type(self._error)(self._error.field, self._error.reason)
+
+
 class KotobaCache(BaseCache):
     """Thread-safe in-memory Django cache on a kotoba-memory ``CacheManager`` (one per ``LOCATION``)."""
 
@@ -177,7 +187,18 @@ class KotobaCache(BaseCache):
         super().__init__(params)
         check_str(location, "LOCATION", allow_empty=True)
         self._location = location
-        self._shared = _store_for(location, params.get("OPTIONS") or {})
+        options = params.get("OPTIONS") or {}
+        try:
+            if not isinstance(options, Mapping):
+                raise ConfigError("OPTIONS", f"must be a dict, got {type(options).__name__}")
+            self._shared = _store_for(location, options)
+        except ConfigError as exc:
+            # Django's own cache checks build every cache, so raising here would crash `manage.py check`
+            # with a traceback; kotoba_memory.E006 reports the error there and any use raises it.
+            misconfigured: Any = _Misconfigured(exc)
+            self._shared = self._cache = self._memory = misconfigured
+            self._disk = None
+            return
         self._cache = self._shared.cache
         self._memory = self._shared.memory
         self._disk = self._shared.disk

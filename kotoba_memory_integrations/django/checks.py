@@ -8,6 +8,8 @@ refuse to start too); these checks name them for ``manage.py check`` and tooling
 * ``kotoba_memory.E003`` ``KOTOBA_MEMORY_AUTOSTART`` / ``KOTOBA_MEMORY_OTEL`` is not a bool;
 * ``kotoba_memory.E004`` ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` is not an int from 1 to 1000000;
 * ``kotoba_memory.E005`` ``KOTOBA_MEMORY_FLEET``, ``KOTOBA_MEMORY_REPORT_TOKEN`` or ``_AUTH`` is invalid;
+* ``kotoba_memory.E006`` the ``OPTIONS`` (or ``LOCATION``) of a ``CACHES`` entry using ``KotobaCache`` is
+  invalid (the message names the alias and the option);
 * ``kotoba_memory.W001`` the middleware is missing, so no per-request or per-route metrics.
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-__all__ = ["MIDDLEWARE_PATH", "check_middleware", "check_settings"]
+__all__ = ["MIDDLEWARE_PATH", "check_caches", "check_middleware", "check_settings"]
 
 MIDDLEWARE_PATH = "kotoba_memory_integrations.django.middleware.MemoryMiddleware"
 _TAG = "kotoba_memory"
@@ -90,6 +92,59 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     return messages
 
 
+def _is_kotoba_backend(path: Any) -> bool:
+    if not isinstance(path, str):
+        return False
+    from django.utils.module_loading import import_string
+
+    from kotoba_memory_integrations.django.cache import KotobaCache
+
+    try:
+        backend = import_string(path)
+    except ImportError:
+        return False  # Django's own checks and cache loading report a backend that does not import
+    return isinstance(backend, type) and issubclass(backend, KotobaCache)
+
+
+def check_caches(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Validate the ``OPTIONS`` of every ``CACHES`` entry whose backend is ``KotobaCache``."""
+    from kotoba_memory.errors import ConfigError
+    from kotoba_memory.validation import check_str
+    from kotoba_memory_integrations.django.cache import _parse_options
+
+    messages: list[CheckMessage] = []
+    seen: dict[str, tuple[str, Any]] = {}  # LOCATION -> (first alias, its parsed options)
+    caches = getattr(settings, "CACHES", None)
+    for alias, entry in (caches or {}).items() if isinstance(caches, Mapping) else ():
+        if not isinstance(entry, Mapping) or not _is_kotoba_backend(entry.get("BACKEND")):
+            continue
+        options = entry.get("OPTIONS") or {}
+        try:
+            location = check_str(entry.get("LOCATION", ""), "LOCATION", allow_empty=True)
+            if not isinstance(options, Mapping):
+                raise ConfigError("OPTIONS", f"must be a dict, got {type(options).__name__}")
+            parsed = _parse_options(location, options)
+            first = seen.setdefault(location, (alias, parsed))
+            if first[1] != parsed:
+                raise ConfigError(
+                    "OPTIONS",
+                    f"LOCATION {location!r} is also used by CACHES[{first[0]!r}] with other options; aliases "
+                    "sharing a LOCATION share one store and must agree on MAX_BYTES/POLICY/NAME/DISK_*",
+                )
+        except ConfigError as exc:
+            field = exc.field
+            where = f"[{field!r}]" if field in ("LOCATION", "OPTIONS") else f"['OPTIONS'][{field!r}]"
+            messages.append(
+                Error(
+                    f"CACHES[{alias!r}]{where} is invalid: {exc.reason}",
+                    hint="See the KotobaCache section of kotoba-memory's docs/cache-backends.md.",
+                    obj=f"CACHES[{alias!r}]",
+                    id="kotoba_memory.E006",
+                )
+            )
+    return messages
+
+
 def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Warn when the app is installed but its middleware is not, so routes go unmeasured."""
     middleware = getattr(settings, "MIDDLEWARE", None) or []
@@ -109,4 +164,5 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
 def register_checks() -> None:
     """Register the checks (called from the AppConfig's ``ready``; registering twice is harmless)."""
     register(_TAG)(check_settings)
+    register(_TAG, "caches")(check_caches)
     register(_TAG)(check_middleware)

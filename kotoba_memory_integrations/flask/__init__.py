@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import hmac
 import json
+import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,24 @@ class _State:
         self.options = options
         self.memory_config = memory_config
         self.optimizer = optimizer
+
+
+def _is_reloader_parent() -> bool:
+    """True in the process ``flask run --debug`` (or ``--reload``) keeps only to watch files: it loads the
+    app too, but the serving child (``WERKZEUG_RUN_MAIN=true``) is the one to optimize."""
+    if os.environ.get("WERKZEUG_RUN_MAIN") == "true":
+        return False
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.info_name != "run" or "reload" not in ctx.params:
+        return False  # not the flask CLI's run command (app.run() or a WSGI server)
+    reload = ctx.params["reload"]
+    if reload is None:  # flask run's default: reload when debugging
+        from flask.helpers import get_debug_flag
+
+        reload = get_debug_flag()
+    return bool(reload)
 
 
 class KotobaMemory:
@@ -158,7 +177,7 @@ class KotobaMemory:
         memory_config = MemoryConfig.from_mapping(memory)
         optimizer = None
         if options["enabled"]:
-            if options["autostart"]:
+            if options["autostart"] and not _is_reloader_parent():
                 from kotoba_memory_integrations.runtime import start_optimizer
 
                 optimizer = start_optimizer(memory_config)

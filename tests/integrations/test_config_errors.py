@@ -47,7 +47,9 @@ def _django(options: dict[str, Any]) -> Any:
     pytest.importorskip("django")
     from kotoba_memory_integrations.django import KotobaCache
 
-    return KotobaCache(f"config-errors-{uuid.uuid4().hex}", {"OPTIONS": options})
+    cache = KotobaCache(f"config-errors-{uuid.uuid4().hex}", {"OPTIONS": options})
+    cache.get("k")  # invalid OPTIONS raise on use (construction must not: Django's checks build caches)
+    return cache
 
 
 def _cachelib(**kwargs: Any) -> Any:

@@ -742,12 +742,14 @@ def test_policy_option_selects_the_eviction_order(make_cache: MakeCache) -> None
 def test_invalid_options_raise_clear_errors(location: str) -> None:
     from kotoba_memory.errors import ConfigError
 
+    # Built without raising (Django's own checks build every cache; kotoba_memory.E006 reports the
+    # error there), the cache raises the error on any use.
     with pytest.raises(ConfigError, match="POLICY"):
-        KotobaCache(location + "-a", {"OPTIONS": {"POLICY": "random"}})
+        KotobaCache(location + "-a", {"OPTIONS": {"POLICY": "random"}}).get("k")
     with pytest.raises(ConfigError, match="MAX_BYTES"):
-        KotobaCache(location + "-b", {"OPTIONS": {"MAX_BYTES": -5}})
+        KotobaCache(location + "-b", {"OPTIONS": {"MAX_BYTES": -5}}).set("k", 1)
     with pytest.raises(ConfigError, match="NO_SUCH_OPTION"):
-        KotobaCache(location + "-c", {"OPTIONS": {"NO_SUCH_OPTION": 1}})
+        KotobaCache(location + "-c", {"OPTIONS": {"NO_SUCH_OPTION": 1}}).stats()
 
 
 # --- sharing and the settings machinery ------------------------------------------------------------
@@ -1035,11 +1037,12 @@ def test_disk_options_are_validated(location: str, tmp_path: Any) -> None:
     from kotoba_memory.errors import ConfigError
 
     with pytest.raises(ConfigError, match="DISK_MAX_BYTES"):
-        KotobaCache(location + "-a", {"OPTIONS": {"DISK_MAX_BYTES": 1024}})  # no DISK_PATH
+        KotobaCache(location + "-a", {"OPTIONS": {"DISK_MAX_BYTES": 1024}}).get("k")  # no DISK_PATH
     with pytest.raises(ConfigError, match="DISK_COMPRESSION"):
-        KotobaCache(location + "-b", {"OPTIONS": {"DISK_PATH": str(tmp_path), "DISK_COMPRESSION": "lz4"}})
+        options = {"DISK_PATH": str(tmp_path), "DISK_COMPRESSION": "lz4"}
+        KotobaCache(location + "-b", {"OPTIONS": options}).get("k")
     with pytest.raises(ConfigError, match="DISK_MAX_BYTES"):
-        KotobaCache(location + "-c", {"OPTIONS": {"DISK_PATH": str(tmp_path), "DISK_MAX_BYTES": 0}})
+        KotobaCache(location + "-c", {"OPTIONS": {"DISK_PATH": str(tmp_path), "DISK_MAX_BYTES": 0}}).get("k")
 
 
 def test_one_location_cannot_have_two_configurations(make_cache: MakeCache) -> None:
@@ -1048,7 +1051,7 @@ def test_one_location_cannot_have_two_configurations(make_cache: MakeCache) -> N
     make_cache(OPTIONS={"MAX_BYTES": 10_000})
     make_cache(OPTIONS={"MAX_BYTES": 10_000, "MAX_ENTRIES": 5})  # per-alias culling options may differ
     with pytest.raises(ConfigError, match="already in use"):
-        make_cache(OPTIONS={"MAX_BYTES": 20_000})
+        make_cache(OPTIONS={"MAX_BYTES": 20_000}).get("k")
 
 
 def test_aget_or_set_accepts_an_async_default(cache: KotobaCache) -> None:

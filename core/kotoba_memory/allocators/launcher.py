@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kotoba_memory._cli import plain, split_command
 from kotoba_memory.allocators.process import (
     DEBIAN_PACKAGES,
     AllocatorNotFoundError,
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "run",
         help="run a command with jemalloc/mimalloc preloaded or glibc malloc tuned",
-        description=__doc__,
+        description=plain(__doc__),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,8 +54,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the environment changes and command, run nothing"
     )
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
-    parser.set_defaults(func=run)
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="the command, best after -- (without it our own options are taken from it)")
+    parser.set_defaults(func=run, parser=parser)
     return parser
 
 
@@ -108,9 +110,7 @@ def build_environment(
 
 def run(args: argparse.Namespace) -> int:
     """Exec the command with the chosen allocator; returns an exit code only when it cannot."""
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = split_command(args, args.parser, "kotoba-memory run")
     if not command:
         print("kotoba-memory run: error: no command given (put it after --)", file=sys.stderr)
         return 2
