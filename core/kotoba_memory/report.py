@@ -544,7 +544,7 @@ def _caches_table(caches: Sequence[Mapping[str, Any]]) -> str:
     for row in caches:
         hits, misses = int(row.get("hits") or 0), int(row.get("misses") or 0)
         lookups = hits + misses
-        uses = list(row.get("uses") or []) + [fmt._view_text(v) for v in row.get("views") or []]
+        uses = list(row.get("uses") or []) + [fmt.view_text(v) for v in row.get("views") or []]
         if row.get("parts"):
             uses.append("tiers: " + ", ".join(str(p) for p in row["parts"]))
         rows.append([

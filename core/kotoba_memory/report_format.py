@@ -24,6 +24,7 @@ __all__ = [
     "recommendations",
     "seconds_text",
     "source_line",
+    "view_text",
 ]
 
 #: A leak suspect at or above this confidence is listed as a recommendation.
@@ -222,7 +223,7 @@ def cache_line(row: Mapping[str, Any]) -> str:
     text = f"{name} ({kind}): " + ", ".join(parts)
     uses = list(row.get("uses") or [])
     for view in row.get("views") or []:
-        uses.append(_view_text(view))
+        uses.append(view_text(view))
     if row.get("more_uses"):
         uses.append(f"{row['more_uses']} more")
     if uses:
@@ -232,7 +233,8 @@ def cache_line(row: Mapping[str, Any]) -> str:
     return text
 
 
-def _view_text(view: Mapping[str, Any]) -> str:
+def view_text(view: Mapping[str, Any]) -> str:
+    """A front end listed under its store (a ``QueryCache``): its label, name and its own hit rate."""
     label = str(view.get("label", "?")) + (f" {view['name']!r}" if view.get("name") else "")
     if view.get("error"):
         return f"{label} (stats unavailable: {view['error']})"

@@ -23,6 +23,8 @@ __all__ = ["add_provider", "add_view", "cache_inventory", "cache_lookups", "note
 MAX_USES = 12
 #: Caches listed in a report, busiest first; the rest are counted.
 MAX_LISTED = 40
+#: Front ends (query caches) remembered at most; dead ones are dropped first.
+MAX_VIEWS = 256
 
 _lock = threading.Lock()
 _uses: weakref.WeakKeyDictionary[BaseCache, list[str]] = weakref.WeakKeyDictionary()
@@ -60,7 +62,7 @@ def add_view(front: Any, store: BaseCache, label: str, stats: Callable[[Any], Ma
     """
     with _lock:
         _views[:] = [v for v in _views if v[0]() is not None and v[1]() is not None]
-        if len(_views) < MAX_LISTED * MAX_USES:
+        if len(_views) < MAX_VIEWS:
             _views.append((weakref.ref(front), weakref.ref(store), label, stats))
 
 
