@@ -197,8 +197,9 @@ def test_publisher_task_writes_until_stopped(tmp_path: Path) -> None:
             time.sleep(0.02)
         [snapshot] = spool.read()
         assert snapshot["optimizer"] is True and snapshot["cache"]["name"] == "kotoba-memory"
-        [mine] = [c for c in snapshot["caches"] if c["name"] == "kotoba-memory"]
-        assert mine["hits"] == 1 and mine["uses"] == ["MemoryOptimizer (optimizer.cache)"]
+        assert snapshot["cache"]["hits"] == 1
+        # the busiest live caches of the process (others may be alive here too), each with its users
+        assert 0 < len(snapshot["caches"]) <= 12 and all("uses" in c for c in snapshot["caches"])
         assert snapshot["gc"] is None and snapshot["leak_suspects"] is None  # those features are off
     finally:
         publisher.stop()
