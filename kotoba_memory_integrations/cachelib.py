@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cachelib.base import BaseCache
 from cachelib.serializers import SimpleSerializer
 
+from kotoba_memory.cache_manager.inventory import note_use
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_non_negative_int, check_str
 
@@ -69,6 +70,8 @@ class KotobaCache(BaseCache):
     """
 
     serializer = SimpleSerializer()
+    #: What the memory report says stores into this backend's cache.
+    report_label = "cachelib KotobaCache"
 
     def __init__(
         self,
@@ -110,6 +113,7 @@ class KotobaCache(BaseCache):
                 raise ValueError("max_bytes/name configure the cache built here; with cache= set them on it")
             self._threshold = threshold or 500
         self._store = cache
+        note_use(cache, self.report_label)
 
     @property
     def _lock(self) -> threading.Lock:

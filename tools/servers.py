@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["Server", "ServerFailed", "free_port", "serve", "stop", "wait_ready", "wrk"]
+__all__ = ["Server", "ServerFailed", "free_port", "serve", "stop", "wait_ready", "wrk", "wrk_routes"]
 
 
 class ServerFailed(RuntimeError):
@@ -155,3 +155,27 @@ def wrk(
     if done.returncode != 0:
         raise RuntimeError(f"wrk exited with {done.returncode}:\n{done.stdout}{done.stderr}")
     return done.stdout
+
+
+_ROUTES_LUA = """
+local paths = {PATHS}
+function init(args) math.randomseed(os.time()) end
+request = function() return wrk.format("GET", paths[math.random(#paths)]) end
+"""
+
+
+def wrk_routes(
+    base: str,
+    paths: Sequence[str],
+    *,
+    seconds: float,
+    work_dir: str | Path,
+    connections: int = 4,
+    threads: int = 2,
+) -> str:
+    """wrk on ``base`` with each request's path picked at random from ``paths`` (as real traffic is);
+    the Lua script is written to ``work_dir``."""
+    script = Path(work_dir) / "routes.lua"
+    script.write_text(_ROUTES_LUA.replace("{PATHS}", "{" + ", ".join(f'"{p}"' for p in paths) + "}"))
+    url = base.rstrip("/") + "/"
+    return wrk(url, seconds=seconds, connections=connections, threads=threads, script=script)

@@ -286,6 +286,7 @@ def snapshot_from_report(report: Any | None, *, name: str = "") -> dict[str, Any
         "leaks": [],
         "leak_verdict": None,
         "cache": None,
+        "caches": [],
     }
     if report is None:
         return data
@@ -315,9 +316,44 @@ def snapshot_from_report(report: Any | None, *, name: str = "") -> dict[str, Any
             data["leak_verdict"] = status.get("message")
     if report.cache is not None:
         cache = report.cache
-        keys = ("name", "hits", "misses", "hit_rate", "entries", "bytes", "max_bytes")
-        data["cache"] = {key: cache.get(key) for key in keys}
+        data["cache"] = {key: cache.get(key) for key in _CACHE_KEYS}
+    data["caches"] = [
+        {key: row.get(key) for key in (*_CACHE_KEYS, "type", "evictions", "uses")}
+        for row in (getattr(report, "caches", None) or [])[:_TOP_CACHES]
+    ]
     return data
+
+
+_CACHE_KEYS = ("name", "hits", "misses", "hit_rate", "entries", "bytes", "max_bytes")
+_TOP_CACHES = 12
+
+
+def _row_caches(row: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The caches of one snapshot: its ``caches`` list, or (older snapshots) the optimizer's ``cache``."""
+    caches = row.get("caches")
+    if caches:
+        return [c for c in caches if isinstance(c, Mapping)]
+    cache = row.get("cache")
+    return [cache] if isinstance(cache, Mapping) else []
+
+
+def _caches_across(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each cache name's counters summed over the processes that have it, busiest first."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for cache in _row_caches(row):
+            name = str(cache.get("name") or "?")
+            into = merged.setdefault(
+                name, {"name": name, "type": cache.get("type"), "processes": 0, "hits": 0, "misses": 0,
+                       "entries": 0, "bytes": 0, "evictions": 0, "uses": cache.get("uses") or []},
+            )
+            into["processes"] += 1
+            for key in ("hits", "misses", "entries", "bytes", "evictions"):
+                into[key] += int(cache.get(key) or 0)
+    for into in merged.values():
+        lookups = into["hits"] + into["misses"]
+        into["hit_rate"] = into["hits"] / lookups if lookups else None
+    return sorted(merged.values(), key=lambda c: (-(c["hits"] + c["misses"]), c["name"]))
 
 
 class FleetPublisher:
@@ -434,8 +470,9 @@ def fleet_view(
         row["age_s"] = max(0.0, at - float(row.get("written_at") or at))
     rows.sort(key=lambda r: (r["role"] != "worker", r["server"], int(r["pid"])))
     workers = [r for r in rows if r["role"] == "worker"]
-    hits = sum(int((r.get("cache") or {}).get("hits") or 0) for r in rows)
-    misses = sum(int((r.get("cache") or {}).get("misses") or 0) for r in rows)
+    caches = _caches_across(rows)
+    hits = sum(c["hits"] for c in caches)
+    misses = sum(c["misses"] for c in caches)
     totals: dict[str, Any] = {
         "workers": len(workers),
         "processes": len(rows),
@@ -449,5 +486,6 @@ def fleet_view(
         "cache_hits": hits,
         "cache_misses": misses,
         "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+        "caches": caches,
     }
     return rows, totals

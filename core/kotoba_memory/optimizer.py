@@ -1,8 +1,10 @@
 """``MemoryOptimizer``: starts and stops everything a :class:`MemoryConfig` turns on, and reports on it.
 
 It owns one MemoryProfiler (sampling + leak detection), one GcOptimizer, and, when enabled, a
-CacheManager and a MemoryPool sized from the config. Components are imported when first enabled, so
-``import kotoba_memory.optimizer`` stays cheap; the process layer holds which optimizer is running.
+MemoryPool and a CacheManager sized from the config (the cache is built when first used through
+``optimizer.cache``, so an app whose caches live elsewhere carries no idle one). Components are
+imported when first enabled, so ``import kotoba_memory.optimizer`` stays cheap; the process layer
+holds which optimizer is running.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ __all__ = ["MemoryOptimizer", "MemoryReport", "MemoryStats", "OptimizerError", "
 
 logger = logging.getLogger(__name__)
 _MIB = 1024 * 1024
+
+
+def _cache_lookups() -> tuple[int, int]:
+    """Hits and misses summed over the live caches that are not parts of another cache."""
+    from kotoba_memory.cache_manager.inventory import cache_lookups
+
+    return cache_lookups()
+
+
+def _with_source(leak: dict[str, Any]) -> dict[str, Any]:
+    """A leak suspect with the text of its allocation site (read here, where the source is)."""
+    from kotoba_memory.report_format import source_line
+
+    leak["source_line"] = source_line(leak.get("allocation_site"))
+    return leak
 
 
 class OptimizerError(KotobaMemoryError, RuntimeError):
@@ -67,7 +84,7 @@ class MemoryOptimizer:
         self.config = config
         self.profiler: MemoryProfiler | None = None
         self.gc_optimizer: GcOptimizer | None = None
-        self.cache: CacheManager | None = None
+        self._cache: CacheManager | None = None
         self.pool: MemoryPool | None = None
         self.allocator: dict[str, Any] = {}
         self._notes: list[str] = []
@@ -94,8 +111,6 @@ class MemoryOptimizer:
             process_memory.reset_peak()
             self._start_rss = self._rss()
             cfg = self.config
-            if cfg.enable_caching and self.cache is None:
-                self.cache = self._make_cache()
             if (cfg.enable_pooling or (cfg.enable_custom_allocators and cfg.allocator_name == "custom")) and (
                 self.pool is None
             ):
@@ -167,6 +182,16 @@ class MemoryOptimizer:
         if self._running:
             self.stop()
 
+    @property
+    def cache(self) -> CacheManager | None:
+        """The optimizer's own ``CacheManager`` (``cache_size_mb``, ``cache_policy``), built on first use;
+        None when ``enable_caching`` is off."""
+        if self._cache is None and self.config.enable_caching:
+            with self._lock:
+                if self._cache is None:
+                    self._cache = self._make_cache()
+        return self._cache
+
     # ------------------------------------------------------------------ stats
     def memory_stats(self) -> MemoryStats:
         """Current and peak RSS, and ``memory_efficiency`` (see :class:`MemoryStats` for its definition)."""
@@ -228,9 +253,12 @@ class MemoryOptimizer:
 
     def _make_cache(self) -> CacheManager:
         from kotoba_memory.cache_manager import CacheManager
+        from kotoba_memory.cache_manager.inventory import note_use
 
         size, policy = self.config.cache_size_mb * _MIB, self.config.cache_policy_name
-        return CacheManager(max_bytes=size, policy=policy, name="kotoba-memory")
+        cache = CacheManager(max_bytes=size, policy=policy, name="kotoba-memory")
+        note_use(cache, "MemoryOptimizer (optimizer.cache)")
+        return cache
 
     def _make_pool(self) -> MemoryPool:
         from kotoba_memory.memory_pool import MemoryPool
@@ -282,18 +310,18 @@ class MemoryOptimizer:
         return info
 
     def _register_gauges(self, profiler: MemoryProfiler) -> None:
-        cache, pool = self.cache, self.pool
-        if cache is not None:
-            profiler.add_gauge("cache_bytes", lambda: float(cache.stats().bytes))
-            profiler.add_gauge("cache_hit_rate", lambda: float(cache.stats().hit_rate))
+        pool = self.pool
+        # Lookups of every live cache, so the report's chart shows the hit rate between samples.
+        profiler.add_gauge("cache_hits", lambda: float(_cache_lookups()[0]))
+        profiler.add_gauge("cache_misses", lambda: float(_cache_lookups()[1]))
         if pool is not None:
             profiler.add_gauge("pool_used_bytes", lambda: float(pool.stats().used_bytes))
 
     def _cache_stats(self) -> Any:
-        if self.cache is None:
+        if self._cache is None:
             return None
         try:
-            return self.cache.stats()
+            return self._cache.stats()
         except Exception:
             return None
 
@@ -312,11 +340,18 @@ class MemoryOptimizer:
         memory_series: list[tuple[float, float]] = []
         hit_series: list[tuple[float, float]] = []
         if analysis is not None:
+            previous: tuple[float, float] | None = None
             for sample in analysis.samples:
                 memory_series.append((sample.timestamp, sample.rss_bytes / _MIB))
-                for name, value in sample.gauges:
-                    if name == "cache_hit_rate":
-                        hit_series.append((sample.timestamp, value))
+                gauges = dict(sample.gauges)
+                if "cache_hits" not in gauges or "cache_misses" not in gauges:
+                    continue
+                now = (gauges["cache_hits"], gauges["cache_misses"])
+                if previous is not None:
+                    hits, misses = now[0] - previous[0], now[1] - previous[1]
+                    if hits >= 0 and misses >= 0 and hits + misses > 0:
+                        hit_series.append((sample.timestamp, hits / (hits + misses)))
+                previous = now
         gc_data: dict[str, Any] | None = None
         pauses: list[tuple[float, float, int]] = []
         if self.gc_optimizer is not None:
@@ -332,13 +367,25 @@ class MemoryOptimizer:
                 logger.warning("kotoba-memory: GC analysis failed", exc_info=True)
                 self._notes.append("GC analysis failed; see the log")
         cache_data = to_plain(self._cache_stats())
-        if isinstance(cache_data, dict) and self.cache is not None:
+        if isinstance(cache_data, dict) and self._cache is not None:
             try:
-                analysis_obj = self.cache.analyze()
+                analysis_obj = self._cache.analyze()
                 cache_data["recommendations"] = list(getattr(analysis_obj, "recommendations", []))
             except Exception:
                 pass
         pool_data = to_plain(self._pool_stats())
+        from kotoba_memory.cache_manager.inventory import cache_inventory
+
+        try:
+            caches, unlisted = cache_inventory()
+        except Exception:
+            logger.warning("kotoba-memory: listing the caches failed", exc_info=True)
+            caches, unlisted = [], -1
+        notes = list(self._notes)
+        if unlisted < 0:
+            notes.append("listing the caches failed; see the log")
+        elif unlisted:
+            notes.append(f"{unlisted} more caches are alive but not listed (the quietest ones)")
         return MemoryReport(
             started_at=self._started_at,
             finished_at=time.time(),
@@ -347,15 +394,16 @@ class MemoryOptimizer:
             memory_series=memory_series,
             gc_pauses=pauses,
             cache_hit_rate_series=hit_series,
-            leaks=[leak.to_dict() for leak in analysis.memory_leaks] if analysis else [],
+            leaks=[_with_source(leak.to_dict()) for leak in analysis.memory_leaks] if analysis else [],
             hotspots=[h.to_dict() for h in analysis.hotspots] if analysis else [],
             temporal=analysis.temporal.to_dict() if analysis else None,
             routes=[to_plain(r) for r in analysis.routes] if analysis else [],
             gc=gc_data,
             cache=cache_data if isinstance(cache_data, dict) else None,
             pool=pool_data if isinstance(pool_data, dict) else None,
+            caches=to_plain(caches),
             allocator=dict(self.allocator),
             profiler=to_plain(analysis.stats) if analysis else None,
             leak_status=to_plain(analysis.leak_status) if analysis and analysis.leak_status else None,
-            notes=list(self._notes),
+            notes=notes,
         )

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kotoba_memory import report_format as fmt
+
 __all__ = ["MemoryReport", "MemoryStats", "private_dir", "replace_private", "to_plain", "write_private"]
 
 _MIB = 1024 * 1024
+_MAX_ADVICE = 8
+_MAX_TEXT_CACHES = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,9 @@ class MemoryReport:
     #: Every process of the server from the fleet spool (see :mod:`kotoba_memory.fleet`), and their totals.
     workers: list[dict[str, Any]] = field(default_factory=list)
     fleet: dict[str, Any] | None = None
+    #: Every live cache of the process, busiest first (see :mod:`kotoba_memory.cache_manager.inventory`);
+    #: ``cache`` above is only the optimizer's own, when it was used.
+    caches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def duration_s(self) -> float:
@@ -112,52 +119,73 @@ class MemoryReport:
         return max(0.0, self.finished_at - self.started_at)
 
     # ------------------------------------------------------------------ text
-    def summary(self) -> str:
-        """A short human-readable summary (what you would print at the end of a run)."""
+    def recommendations(self) -> list[str]:
+        """What to do first, the most certain first: confident leak suspects, GC advice, thrashing caches."""
+        return fmt.recommendations(self)
+
+    def summary(self, *, advice: bool = True) -> str:
+        """A short human-readable summary (what you would print at the end of a run); ``advice=False``
+        leaves out the recommendations (the HTML page lists them on their own)."""
         s = self.stats
-        lines = [
-            f"kotoba-memory report: {self.duration_s:.1f} s",
-            f"  memory: current {s.current_memory_mb:.1f} MB, peak {s.peak_memory_mb:.1f} MB, "
-            f"efficiency {s.memory_efficiency * 100:.1f}% ({s.efficiency_basis})",
-        ]
+        head = f"kotoba-memory report: {self.duration_s:.1f} s"
+        if self.duration_s < _MIN_EXTRAPOLATION_S:
+            head += " (a short run: rates and shares below are extrapolated from it, not steady state)"
+        lines = [head]
+        todo = self.recommendations() if advice else []
+        if todo:
+            lines.append("  do first:")
+            lines.extend(f"    - {text}" for text in todo[:_MAX_ADVICE])
+        lines.append(
+            f"  memory: current {fmt.bytes_text(s.rss_bytes)}, peak {fmt.bytes_text(s.peak_rss_bytes)}, "
+            f"{_efficiency_text(s)}"
+        )
         if self.temporal and self.temporal.get("samples"):
-            rate = self.temporal.get("growth_rate_bytes_per_s") or 0.0
-            lines.append(f"  trend: {rate / 1024:+.1f} KiB/s{_limit_text(self.temporal)}")
+            rate = float(self.temporal.get("growth_rate_bytes_per_s") or 0.0)
+            lines.append(f"  trend: {fmt.rate_text(rate)}{_limit_text(self.temporal)}")
         if self.gc is not None:
             lines.append(
-                f"  gc: {self.gc.get('total_collections', 0)} collections, "
-                f"{(self.gc.get('total_pause_s') or 0.0) * 1000:.1f} ms paused, "
-                f"score {self.gc.get('performance_score', 0.0):.2f}{_gc_share_text(self.gc, self.duration_s)}"
+                f"  gc: {fmt.number_text(int(self.gc.get('total_collections') or 0))} collections, "
+                f"{fmt.seconds_text(float(self.gc.get('total_pause_s') or 0.0))} paused in all, "
+                f"score {float(self.gc.get('performance_score') or 0.0):.2f} of 1"
+                f"{_gc_share_text(self.gc, self.duration_s)}"
             )
             if self.gc.get("mode"):
                 lines.append(
                     f"  gc mode: {self.gc['mode']} ({self.gc.get('mode_reason') or 'no reason given'}); "
-                    f"own bookkeeping {(self.gc.get('own_memory_bytes') or 0) / 1024:.0f} KiB"
+                    f"own bookkeeping {fmt.bytes_text(self.gc.get('own_memory_bytes') or 0)}"
                 )
-        if self.cache is not None:
-            lines.append(
-                f"  cache: hit rate {(self.cache.get('hit_rate') or 0.0) * 100:.1f}%, "
-                f"{self.cache.get('entries', 0)} entries, {(self.cache.get('bytes') or 0) / _MIB:.1f} MB"
-            )
+        if self.caches:
+            lines.append(f"  caches: {len(self.caches)} alive (hit rate = lookups answered from the cache)")
+            lines.extend(f"    {fmt.cache_line(row)}" for row in self.caches[:_MAX_TEXT_CACHES])
+            if len(self.caches) > _MAX_TEXT_CACHES:
+                lines.append(f"    ... and {len(self.caches) - _MAX_TEXT_CACHES} more (see the JSON report)")
+        elif self.cache is not None:
+            lines.append(f"  cache: {fmt.cache_line(self.cache)}")
+        else:
+            lines.append("  caches: none alive")
         if self.pool is not None:
             lines.append(
-                f"  pool: {(self.pool.get('used_bytes') or 0) / _MIB:.1f} of "
-                f"{(self.pool.get('capacity') or 0) / _MIB:.0f} MB used, "
-                f"hit rate {(self.pool.get('hit_rate') or 0.0) * 100:.1f}%"
+                f"  pool: {fmt.bytes_text(self.pool.get('used_bytes') or 0)} of "
+                f"{fmt.bytes_text(self.pool.get('capacity') or 0)} used, "
+                f"hit rate {fmt.percent_text(float(self.pool.get('hit_rate') or 0.0))}"
             )
         if self.allocator:
             active, requested = self.allocator.get("active"), self.allocator.get("requested")
             lines.append(f"  allocator: {active} (requested {requested})")
         if self.leaks:
-            lines.append(f"  leak suspects: {len(self.leaks)}")
-            for leak in self.leaks[:5]:
+            lines.append(f"  leak suspects: {len(self.leaks)} (most confident first)")
+            for leak in fmt.leak_order(self.leaks)[:5]:
                 route = f" [route {leak['route']}]" if leak.get("route") else ""
                 lines.append(
                     f"    {leak['allocation_site']}{route}: "
-                    f"{leak['growth_rate_bytes_per_s'] / 1024:.1f} KiB/s, "
-                    f"~{leak['size'] / 1024:.0f} KiB over {leak['age_seconds']:.0f} s, "
-                    f"confidence {leak['confidence']:.2f}"
+                    f"{fmt.rate_text(float(leak.get('growth_rate_bytes_per_s') or 0.0))}, "
+                    f"~{fmt.bytes_text(leak.get('size') or 0)} over "
+                    f"{fmt.duration_text(float(leak.get('age_seconds') or 0.0))}, "
+                    f"confidence {float(leak.get('confidence') or 0.0):.2f}"
                 )
+                src = leak.get("source_line") or fmt.source_line(leak.get("allocation_site"))
+                if src:
+                    lines.append(f"      > {src}")
         elif self.leak_status is not None and not self.leak_status.get("ready"):
             lines.append(f"  leak suspects: no verdict — {self.leak_status.get('message')}")
         elif self.profiler is not None:
@@ -167,9 +195,10 @@ class MemoryReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-serialisable)."""
+        """Plain-data form (JSON-serialisable): the raw figures, plus ``recommendations``."""
         data = {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         data["duration_s"] = self.duration_s
+        data["recommendations"] = self.recommendations()
         return data
 
     def to_json(self, **kwargs: Any) -> str:
@@ -192,34 +221,51 @@ class MemoryReport:
 
     # ------------------------------------------------------------------ HTML
     def to_html(self) -> str:
-        """A self-contained HTML page: summary, charts (memory, GC pauses, cache hit rate) and tables."""
+        """A self-contained HTML page: what to do first, leak suspects with their source lines, every live
+        cache, charts (memory, GC pauses, cache hit rate), the text summary, then the detailed figures."""
         t0 = self.started_at
         memory = [(t - t0, mb) for t, mb in self.memory_series]
         pauses = [(t - t0, ms) for t, ms, _ in self.gc_pauses]
         hit_rate = [(t - t0, rate * 100.0) for t, rate in self.cache_hit_rate_series]
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0))
         charts = [
-            _svg_chart("memory", "Memory over time (RSS)", memory, "MB", kind="line"),
+            _svg_chart("memory", "Memory over time (RSS)", memory, "MiB", kind="line"),
             _svg_chart("gc-pauses", "GC pauses", pauses, "ms", kind="bars"),
-            _svg_chart("cache-hit-rate", "Cache hit rate", hit_rate, "%", kind="line", y_max=100.0),
+            _svg_chart(
+                "cache-hit-rate", "Cache hit rate (all caches)", hit_rate, "%", kind="line", y_max=100.0
+            ),
         ]
+        advice = self.recommendations()
+        short = self.duration_s < _MIN_EXTRAPOLATION_S
         parts = [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             f"<title>kotoba-memory report ({_esc(stamp)})</title>",
             f"<style>{_CSS}</style></head><body>",
             "<h1>kotoba-memory report</h1>",
-            f"<pre class=\"summary\">{_esc(self.summary())}</pre>",
+            f'<p class="meta">{_esc(stamp)}, {_esc(fmt.duration_text(self.duration_s))} of data'
+            + (
+                '. <strong class="warn">A short run: rates, shares and forecasts are extrapolated from '
+                "it and are not steady-state figures.</strong>"
+                if short
+                else "."
+            )
+            + "</p>",
+            '<h2 id="recommendations">Do first</h2>',
+            _help("recommendations"),
+            (
+                "<ol class=\"advice\">" + "".join(f"<li>{_esc(a)}</li>" for a in advice) + "</ol>"
+                if advice
+                else '<p class="empty">nothing stands out</p>'
+            ),
+            _leak_table(self.leaks, self.leak_status),
+            _caches_table(self.caches),
             '<section class="charts">',
             *charts,
             "</section>",
+            '<h2 id="summary">Summary</h2>',
+            f'<pre class="summary">{_esc(self.summary(advice=False))}</pre>',
             _workers_table(self.workers) if self.fleet is not None else "",
-            _leak_table(self.leaks, self.leak_status),
-            _table(
-                "Allocation hotspots (last tracing window)",
-                ["site", "bytes", "blocks"],
-                [[h.get("allocation_site"), _bytes(h.get("size")), h.get("count")] for h in self.hotspots],
-            ),
             _table(
                 "Routes",
                 ["route", "requests", "mean RSS delta", "mean traced delta", "total time"],
@@ -229,27 +275,44 @@ class MemoryReport:
                         r.get("requests"),
                         _bytes(_mean(r.get("rss_delta_bytes"), r.get("requests"))),
                         _bytes(_mean(r.get("traced_delta_bytes"), r.get("traced_requests"))),
-                        f"{r.get('total_duration_s', 0.0):.2f} s",
+                        fmt.seconds_text(float(r.get("total_duration_s") or 0.0)),
                     ]
                     for r in self.routes
                 ],
+                help_key="routes",
             ),
-            _table("Memory stats", ["figure", "value"], _pairs(self.stats.to_dict())),
-            _table("Configuration", ["field", "value"], _pairs(self.config)),
+            _table(
+                "Allocation hotspots (last tracing window)",
+                ["site", "source", "bytes", "blocks"],
+                [
+                    [
+                        h.get("allocation_site"),
+                        fmt.source_line(h.get("allocation_site")),
+                        _bytes(h.get("size")),
+                        h.get("count"),
+                    ]
+                    for h in self.hotspots
+                ],
+                help_key="hotspots",
+            ),
+            _table("Memory", ["figure", "value"], _memory_rows(self.stats), help_key="memory-stats"),
         ]
         if self.gc:
-            scalars = {k: v for k, v in self.gc.items() if not isinstance(v, dict | list)}
-            share = scalars.get("gc_time_share")
-            if isinstance(share, int | float) and self.duration_s < _MIN_EXTRAPOLATION_S:
-                short = f"over only {self.duration_s:.0f} s: not steady state"
-                scalars["gc_time_share"] = f"{share:.4f} ({short})"
-            parts.append(_table("Garbage collector", ["figure", "value"], _pairs(scalars)))
-        if self.cache:
-            parts.append(_table("Cache", ["figure", "value"], _pairs(self.cache)))
+            parts.extend(_gc_tables(self.gc, self.duration_s))
+        if self.cache and not self.caches:
+            parts.append(_table("Cache", ["figure", "value"], _human_pairs(self.cache), help_key="caches"))
         if self.pool:
-            parts.append(_table("Memory pool", ["figure", "value"], _pairs(self.pool)))
+            parts.append(_table("Memory pool", ["figure", "value"], _human_pairs(self.pool), help_key="pool"))
         if self.profiler:
-            parts.append(_table("Profiler's own footprint", ["figure", "value"], _pairs(self.profiler)))
+            parts.append(
+                _table("Profiler's own footprint", ["figure", "value"], _human_pairs(self.profiler),
+                       help_key="profiler")
+            )
+        if self.notes:
+            parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in self.notes) + "</ul>")
+        parts.append(
+            _table("Configuration", ["field", "value"], _pairs(self.config), help_key="configuration")
+        )
         parts.append("</body></html>")
         return "\n".join(p for p in parts if p)
 
@@ -258,7 +321,9 @@ class MemoryReport:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222;max-width:72rem}
 h1{font-size:1.5rem} h2{font-size:1.15rem;margin-top:2rem}
-pre.summary{background:#f5f5f7;padding:1rem;border-radius:6px;overflow-x:auto}
+pre.summary{background:#f5f5f7;padding:1rem;border-radius:6px;white-space:pre-wrap}
+pre.src{margin:.25rem 0;padding:.25rem .4rem;background:#fff8e6;white-space:pre-wrap;font-size:.85rem}
+code{font-size:.85rem;overflow-wrap:anywhere} td:first-child{min-width:12rem}
 .charts{display:flex;flex-wrap:wrap;gap:1rem}
 figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:.5rem}
 figcaption{font-weight:600;margin-bottom:.25rem}
@@ -267,6 +332,9 @@ th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:
 td{overflow-wrap:anywhere} th{white-space:nowrap}
 th{background:#f0f0f3} td.num{text-align:right}
 .empty{color:#777;font-style:italic}
+p.what{color:#555;margin:.25rem 0 .5rem;max-width:60rem}
+p.meta{color:#555} .warn{color:#a15c00}
+ol.advice li{margin:.25rem 0}
 svg text{font-size:10px;fill:#555}
 """
 
@@ -334,10 +402,10 @@ def _svg_chart(
         axis.append(
             f'<text x="{_PAD_L - 4}" y="{y + 3:.1f}" text-anchor="end">{_fmt(value)} {_esc(unit)}</text>'
         )
-    for frac in (0.0, 0.5, 1.0):
+    for frac, anchor in ((0.0, "middle"), (0.5, "middle"), (1.0, "end")):
         value = x_lo + frac * (x_hi - x_lo)
         axis.append(
-            f'<text x="{sx(value):.1f}" y="{_H - 8}" text-anchor="middle">{_fmt(value)} s</text>'
+            f'<text x="{sx(value):.1f}" y="{_H - 8}" text-anchor="{anchor}">{_fmt(value)} s</text>'
         )
     svg = (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" '
@@ -354,19 +422,37 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+def _help(key: str) -> str:
+    text = fmt.SECTION_HELP.get(key)
+    return f'<p class="what">{_esc(text)}</p>' if text else ""
+
+
+class _Html(str):
+    """A table cell that is already HTML (escaped where it holds data)."""
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, _Html):
+        return f"<td>{value}</td>"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f'<td class="num">{_esc(fmt.number_text(value))}</td>'
+    return f"<td>{_esc(value)}</td>"
+
+
+def _table(
+    title: str, headers: Sequence[str], rows: Iterable[Sequence[object]], *, help_key: str | None = None
+) -> str:
     rows = list(rows)
     out = [f"<h2>{_esc(title)}</h2>"]
+    if help_key:
+        out.append(_help(help_key))
     if not rows:
         out.append('<p class="empty">none</p>')
         return "\n".join(out)
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     out.append(f"<table><thead><tr>{head}</tr></thead><tbody>")
     for row in rows:
-        cells = "".join(
-            f'<td class="num">{_esc(c)}</td>' if isinstance(c, int | float) else f"<td>{_esc(c)}</td>"
-            for c in row
-        )
+        cells = "".join(_cell(c) for c in row)
         out.append(f"<tr>{cells}</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
@@ -390,7 +476,21 @@ def _limit_text(temporal: Mapping[str, Any]) -> str:
     headroom = eta * rate
     slow, fast = rate - 2.0 * err, rate + 2.0 * err
     latest = f"{_duration(headroom / slow)}" if slow > 0 else "never"
-    return f", memory limit in {_duration(eta)} at this rate ({_duration(headroom / fast)} to {latest})"
+    return (
+        f", memory limit in {_duration(eta)} at this rate ({_duration(headroom / fast)} to {latest}; "
+        f"extrapolated from {_duration(duration)} of samples)"
+    )
+
+
+def _efficiency_text(stats: MemoryStats) -> str:
+    """What ``memory_efficiency`` means for this run, in words."""
+    if stats.efficiency_basis == "managed":
+        reserved = (stats.cache_capacity_bytes or 0) + (stats.pool_capacity_bytes or 0)
+        return (
+            f"the optimizer's cache and pool hold {fmt.percent_text(stats.memory_efficiency)} of the "
+            f"{fmt.bytes_text(reserved)} they may use"
+        )
+    return f"now {fmt.percent_text(stats.memory_efficiency)} of the peak"
 
 
 def _gc_share_text(gc_data: Mapping[str, Any], duration_s: float) -> str:
@@ -405,33 +505,124 @@ def _gc_share_text(gc_data: Mapping[str, Any], duration_s: float) -> str:
 
 def _leak_table(leaks: Sequence[Mapping[str, Any]], status: Mapping[str, Any] | None = None) -> str:
     if not leaks and status is not None and not status.get("ready"):
-        return f'<h2>Leak suspects</h2>\n<p class="empty">no verdict: {_esc(status.get("message"))}</p>'
+        return (
+            f'<h2>Leak suspects</h2>\n{_help("leaks")}\n'
+            f'<p class="empty">no verdict: {_esc(status.get("message"))}</p>'
+        )
 
-    rows = [
-        [
-            leak.get("allocation_site"),
+    rows = []
+    for leak in fmt.leak_order(leaks):
+        source = leak.get("source_line") or fmt.source_line(leak.get("allocation_site"))
+        frames = list(leak.get("traceback") or [])
+        site = f"<code>{_esc(leak.get('allocation_site'))}</code>"
+        if source:
+            site += f'<pre class="src">{_esc(source)}</pre>'
+        if len(frames) > 1:
+            site += (
+                f"<details><summary>{len(frames)} frames</summary>"
+                f'<pre class="src">{_esc(chr(10).join(frames))}</pre></details>'
+            )
+        rows.append([
+            _Html(site),
             leak.get("route") or "",
-            f"{(leak.get('growth_rate_bytes_per_s') or 0.0) / 1024:.2f} KiB/s",
+            fmt.rate_text(float(leak.get("growth_rate_bytes_per_s") or 0.0)),
             _bytes(leak.get("size")),
-            f"{leak.get('age_seconds', 0.0):.0f} s",
-            f"{leak.get('confidence', 0.0):.2f}",
-            " <- ".join(leak.get("traceback") or []),
+            fmt.duration_text(float(leak.get("age_seconds") or 0.0)),
+            f"{float(leak.get('confidence') or 0.0):.2f}",
             leak.get("evidence", ""),
-        ]
-        for leak in leaks
-    ]
+        ])
     return _table(
         "Leak suspects",
-        ["allocation site", "route", "growth", "size", "age", "confidence", "traceback", "evidence"],
+        ["allocation site and source", "route", "growth", "size", "age", "confidence", "evidence"],
         rows,
+        help_key="leaks",
     )
+
+
+def _caches_table(caches: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for row in caches:
+        hits, misses = int(row.get("hits") or 0), int(row.get("misses") or 0)
+        lookups = hits + misses
+        uses = list(row.get("uses") or []) + [fmt.view_text(v) for v in row.get("views") or []]
+        if row.get("parts"):
+            uses.append("tiers: " + ", ".join(str(p) for p in row["parts"]))
+        rows.append([
+            row.get("name"),
+            row.get("type"),
+            fmt.percent_text(hits / lookups) if lookups else "no lookups",
+            lookups,
+            row.get("entries"),
+            _bytes(row.get("bytes")),
+            _bytes(row.get("max_bytes")) or "unbounded",
+            row.get("evictions"),
+            fmt.seconds_text((row.get("hit_latency_ns") or 0) / 1e9) if row.get("hit_latency_ns") else "",
+            "; ".join(uses) or (row.get("error") or ""),
+        ])
+    return _table(
+        "Caches",
+        ["cache", "type", "hit rate", "lookups", "entries", "held", "limit", "evicted", "hit latency",
+         "used by"],
+        rows,
+        help_key="caches",
+    )
+
+
+def _memory_rows(stats: MemoryStats) -> list[list[object]]:
+    rows: list[list[object]] = [
+        ["RSS now", fmt.bytes_text(stats.rss_bytes)],
+        ["peak RSS", fmt.bytes_text(stats.peak_rss_bytes)],
+        ["efficiency", f"{fmt.percent_text(stats.memory_efficiency)}: {_efficiency_text(stats)}"],
+    ]
+    if stats.cache_capacity_bytes:
+        held = f"{fmt.bytes_text(stats.cache_bytes)} of {fmt.bytes_text(stats.cache_capacity_bytes)}"
+        rows.append(["optimizer's cache", held])
+    if stats.pool_capacity_bytes:
+        used = f"{fmt.bytes_text(stats.pool_used_bytes)} of {fmt.bytes_text(stats.pool_capacity_bytes)}"
+        rows.append(["pool", used])
+    if stats.gc_pause_total_s is not None:
+        rows.append(["GC paused in all", fmt.seconds_text(stats.gc_pause_total_s)])
+    rows.append(["uptime", fmt.duration_text(stats.uptime_s)])
+    return rows
+
+
+def _gc_tables(gc_data: Mapping[str, Any], duration_s: float) -> list[str]:
+    scalars = {k: v for k, v in gc_data.items() if not isinstance(v, dict | list)}
+    rows = _human_pairs(scalars)
+    if duration_s < _MIN_EXTRAPOLATION_S:
+        for row in rows:
+            if row[0] in ("gc time share", "gc cpu share", "collections per minute"):
+                row[1] = f"{row[1]} (over only {duration_s:.0f} s: not steady state)"
+    tables = [_table("Garbage collector", ["figure", "value"], rows, help_key="gc")]
+    generations = gc_data.get("generations") or {}
+    if isinstance(generations, Mapping) and generations:
+        tables.append(_table(
+            "GC generations",
+            ["generation", "collections", "pause p50", "pause p95", "pause max", "paused in all",
+             "collected"],
+            [
+                [
+                    g.get("generation", key), g.get("collections"),
+                    fmt.seconds_text(g.get("pause_p50_s")), fmt.seconds_text(g.get("pause_p95_s")),
+                    fmt.seconds_text(g.get("pause_max_s")), fmt.seconds_text(g.get("total_pause_s")),
+                    g.get("collected"),
+                ]
+                for key, g in generations.items() if isinstance(g, Mapping)
+            ],
+        ))
+    bottlenecks = [b for b in gc_data.get("bottlenecks") or [] if isinstance(b, Mapping)]
+    findings = [[b.get("kind"), b.get("description")] for b in bottlenecks]
+    if findings:
+        tables.append(_table("GC bottlenecks", ["kind", "what"], findings))
+    return tables
 
 
 def _worker_cells(row: Mapping[str, Any]) -> list[object]:
     """pid, role, RSS, peak, requests, GC, leak suspects, cache, age: one process of the fleet."""
     gc_row = row.get("gc") or {}
     gc_text = (
-        f"{gc_row.get('collections') or 0} collections, {(gc_row.get('pause_total_s') or 0.0) * 1000:.1f} ms"
+        f"{fmt.number_text(int(gc_row.get('collections') or 0))} collections, "
+        f"{fmt.seconds_text(float(gc_row.get('pause_total_s') or 0.0))}"
         if gc_row else "off"
     )
     leaks = row.get("leak_suspects")
@@ -443,17 +634,27 @@ def _worker_cells(row: Mapping[str, Any]) -> list[object]:
         leak_text = f"{leaks}: {top.get('allocation_site')}{route}"
     else:
         leak_text = "none yet" if row.get("leak_verdict") else "none"
-    cache = row.get("cache") or {}
-    cache_text = (
-        f"{(cache.get('hit_rate') or 0.0) * 100:.1f}% hits, {cache.get('entries') or 0} entries, "
-        f"{_bytes(cache.get('bytes'))}" if cache else "off"
-    )
+    cache_text = _worker_caches_text(row)
     return [
         row.get("pid"), row.get("role", "worker"),
         _bytes(row.get("rss_bytes")), _bytes(row.get("peak_rss_bytes")),
         row.get("requests") if row.get("requests") is not None else "", gc_text, leak_text, cache_text,
         f"{float(row.get('age_s') or 0.0):.0f} s",
     ]
+
+
+def _worker_caches_text(row: Mapping[str, Any]) -> str:
+    caches = [c for c in row.get("caches") or [] if isinstance(c, Mapping)]
+    if not caches and isinstance(row.get("cache"), Mapping):
+        caches = [row["cache"]]
+    if not caches:
+        return "none"
+    hits = sum(int(c.get("hits") or 0) for c in caches)
+    lookups = hits + sum(int(c.get("misses") or 0) for c in caches)
+    rate = f"{fmt.percent_text(hits / lookups)} of {fmt.number_text(lookups)} lookups hit" if lookups else (
+        "no lookups yet"
+    )
+    return f"{len(caches)} ({', '.join(str(c.get('name')) for c in caches[:3])}): {rate}"
 
 
 _WORKER_HEADERS = ["pid", "role", "RSS", "peak RSS", "requests", "GC", "leak suspects", "cache", "written"]
@@ -467,10 +668,22 @@ def _fleet_lines(workers: Sequence[Mapping[str, Any]], fleet: Mapping[str, Any] 
     hit_rate = fleet.get("cache_hit_rate")
     lines = [
         f"  workers: {fleet.get('workers', 0)} ({fleet.get('processes', 0)} processes), "
-        f"RSS {(fleet.get('rss_bytes') or 0) / _MIB:.1f} MB in all, {fleet.get('requests') or 0} requests, "
+        f"RSS {fmt.bytes_text(fleet.get('rss_bytes') or 0)} in all, "
+        f"{fmt.number_text(int(fleet.get('requests') or 0))} requests, "
         f"{fleet.get('leak_suspects') or 0} leak suspects"
-        + (f", cache {hit_rate * 100:.1f}% hits" if isinstance(hit_rate, int | float) else "")
+        + (f", caches {fmt.percent_text(hit_rate)} hits" if isinstance(hit_rate, int | float) else "")
     ]
+    for cache in (fleet.get("caches") or [])[:_MAX_TEXT_CACHES]:
+        lookups = int(cache.get("hits") or 0) + int(cache.get("misses") or 0)
+        rate = cache.get("hit_rate")
+        hit_text = f"{fmt.percent_text(rate)} of {fmt.number_text(lookups)} lookups hit" if lookups else (
+            "no lookups"
+        )
+        entries = fmt.number_text(int(cache.get("entries") or 0))
+        lines.append(
+            f"    cache {cache.get('name')} in {cache.get('processes')} processes: {hit_text}, "
+            f"{entries} entries, {fmt.bytes_text(cache.get('bytes'))}"
+        )
     for row in workers:
         pid, role, rss, peak, requests, gc_text, leak_text, cache_text, age = _worker_cells(row)
         lines.append(
@@ -486,6 +699,11 @@ def _workers_table(workers: Sequence[Mapping[str, Any]]) -> str:
 
 def _pairs(mapping: Mapping[str, Any]) -> list[list[object]]:
     return [[k, json.dumps(v) if isinstance(v, dict | list) else v] for k, v in mapping.items()]
+
+
+def _human_pairs(mapping: Mapping[str, Any]) -> list[list[object]]:
+    """Raw figures as (label, value in units) rows; the raw numbers stay in the JSON report."""
+    return [[k.replace("_", " "), fmt.human_value(k, v)] for k, v in mapping.items()]
 
 
 def _mean(total: object, count: object) -> float | None:
@@ -505,14 +723,7 @@ def _bytes(value: object) -> str:
     return f"{size:.1f} GiB"
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 86_400:
-        return f"{seconds / 86_400:.1f} days"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.0f} s"
+_duration = fmt.duration_text
 
 
 _log = logging.getLogger("kotoba_memory.report")

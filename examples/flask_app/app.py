@@ -165,7 +165,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     cache = Cache(app)
     KotobaMemory(app)
-    # Memoise through the optimizer's own cache when it runs, so the report shows its hit rate.
+    # Memoise through the optimizer's own cache (KOTOBA_MEMORY_CACHE_SIZE_MB; built on this first use):
+    # the report lists it as used by "@cached app.checksum_chain", with its hit rate.
     optimizer = KotobaMemory.optimizer(app)
     compute_cache = getattr(optimizer, "cache", None)
     if compute_cache is None:

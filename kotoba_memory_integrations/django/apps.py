@@ -150,7 +150,10 @@ class KotobaMemoryConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
+        from kotoba_memory.cache_manager.inventory import add_provider
+        from kotoba_memory_integrations.django._uses import foreign_caches
         from kotoba_memory_integrations.django.checks import register_checks
 
         register_checks()
+        add_provider(foreign_caches)  # the report lists CACHES aliases on other backends too
         start_from_settings()

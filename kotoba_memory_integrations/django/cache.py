@@ -28,6 +28,7 @@ from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.process import forks
 from kotoba_memory.validation import check_enum, check_non_negative_int, check_positive_int, check_str
+from kotoba_memory_integrations.django._uses import note_store
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import BaseCache as KotobaBaseCache
@@ -147,6 +148,7 @@ def _store_for(location: str, options: Mapping[str, Any]) -> _Store:
         store = _stores.get(location)
         if store is None:
             store = _stores[location] = _build_store(config)
+            note_store(store.cache, location)
         elif store.config != config:
             raise ConfigError(
                 "OPTIONS",

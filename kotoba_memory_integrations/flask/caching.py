@@ -24,6 +24,8 @@ __all__ = ["KotobaCache"]
 class KotobaCache(FlaskCachingBaseCache, CachelibKotobaCache):
     """Flask-Caching backend storing pickled values in a kotoba-memory ``CacheManager``."""
 
+    report_label = "Flask-Caching KotobaCache"
+
     def __init__(
         self,
         threshold: int = 500,
@@ -49,4 +51,6 @@ class KotobaCache(FlaskCachingBaseCache, CachelibKotobaCache):
             kwargs.setdefault("redis_url", config["CACHE_REDIS_URL"])
         if "redis_url" in kwargs:
             kwargs.setdefault("secret", app.config.get("SECRET_KEY"))
+        if "cache" not in kwargs:  # a store built here is named after the app in reports and metrics
+            kwargs.setdefault("name", f"flask-caching:{app.name}")
         return cls(*args, **kwargs)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import wrapt
 
+from kotoba_memory.cache_manager.inventory import note_use
 from kotoba_memory.validation import check_ttl
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ class _CachedDecorator:
             # Closures made by one factory share a qualified name but not their results: keep them apart.
             name = f"{name}#{next(_local_ids)}"
         call = _CachedCall(self.cache, self.ttl, self.key, name, is_async)
+        note_use(self.cache, f"@cached {name}")
         return cast(F, CachedFunction(func, call))
 
     def _identity(self) -> tuple[int, float | None, int]:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import Table
 
 from kotoba_memory.cache_manager.base import BaseCache
+from kotoba_memory.cache_manager.inventory import add_view
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.validation import check_non_negative_int, check_str, check_ttl
 from kotoba_memory_integrations.sqlalchemy._analysis import normalize_table_name, table_names
@@ -47,6 +48,15 @@ __all__ = [
     "iter_query_caches",
 ]
 
+
+
+def _view_stats(query_cache: QueryCache) -> dict[str, Any]:
+    """The query cache's own counters, listed beside its store in the memory report."""
+    stats = query_cache.stats()
+    return {
+        "name": stats.name, "hits": stats.hits, "misses": stats.misses, "bypasses": stats.bypasses,
+        "stores": stats.stores, "errors": stats.errors,
+    }
 
 
 class QueryCacheError(KotobaMemoryError):
@@ -123,6 +133,7 @@ class QueryCache:
         self._reads = ReadPath(self)
         with _registry_lock:
             _registry.append(weakref.ref(self))
+        add_view(self, cache, "SQLAlchemy QueryCache", _view_stats)
 
     def __repr__(self) -> str:
         return f"<QueryCache {self.name!r} engines={len(self._engine_hooks)}>"

@@ -152,7 +152,7 @@ def test_report_shows_the_workers_rows_and_totals() -> None:
     )
     report = MemoryReport(0.0, 1.0, {}, stats, workers=rows, fleet=totals)
     text = report.summary()
-    assert "workers: 2 (2 processes), RSS 130.0 MB in all, 11 requests, 1 leak suspects" in text
+    assert "workers: 2 (2 processes), RSS 130.0 MiB in all, 11 requests, 1 leak suspects" in text
     assert "pid 41 (worker): RSS 60.0 MiB (peak 61.0 MiB), 9 requests" in text
     assert "leaks 1: app.py:12 [route /leak]" in text
     page = report.to_html()
@@ -185,6 +185,9 @@ def test_publisher_task_writes_until_stopped(tmp_path: Path) -> None:
     config = MemoryConfig(enable_caching=True, enable_profiling=False, enable_gc_optimization=False)
     optimizer = MemoryOptimizer(config)
     optimizer.start()
+    assert optimizer.cache is not None  # built on first use: the snapshot lists it from then on
+    optimizer.cache.put("k", b"v")
+    optimizer.cache.get("k")
     spool = fleet.FleetSpool(tmp_path)
     publisher = fleet.FleetPublisher(spool, name="app", interval_s=0.05)
     try:
@@ -194,6 +197,9 @@ def test_publisher_task_writes_until_stopped(tmp_path: Path) -> None:
             time.sleep(0.02)
         [snapshot] = spool.read()
         assert snapshot["optimizer"] is True and snapshot["cache"]["name"] == "kotoba-memory"
+        assert snapshot["cache"]["hits"] == 1
+        # the busiest live caches of the process (others may be alive here too), each with its users
+        assert 0 < len(snapshot["caches"]) <= 12 and all("uses" in c for c in snapshot["caches"])
         assert snapshot["gc"] is None and snapshot["leak_suspects"] is None  # those features are off
     finally:
         publisher.stop()

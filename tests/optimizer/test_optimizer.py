@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kotoba_memory.cache_manager.inventory import cache_inventory
 from kotoba_memory.config import MemoryConfig
 from kotoba_memory.optimizer import MemoryOptimizer, OptimizerError, get_active_optimizer
 from kotoba_memory.report import MemoryReport, MemoryStats
@@ -103,6 +104,14 @@ def test_quick_start_runs_and_reports(tmp_path: Path) -> None:
     if optimizer.cache is not None:
         assert reader.figures["cache-hit-rate"], "cache hit rate sampled while running"
         assert report.cache is not None and report.cache["hits"] > 0
+        # Other optimizers' caches (same name) may be alive in this process: find this one by its counters.
+        rows, _ = cache_inventory(limit=10_000)
+        assert any(
+            row["name"] == "kotoba-memory" and row["hits"] == report.cache["hits"]
+            and row["uses"] == ["MemoryOptimizer (optimizer.cache)"]
+            for row in rows
+        )
+        assert report.caches and all("uses" in row and "hits" in row for row in report.caches)
     if optimizer.gc_optimizer is not None:
         assert report.gc is not None
 

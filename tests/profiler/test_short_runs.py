@@ -56,7 +56,8 @@ def test_time_to_limit_from_seconds_of_data_is_withheld() -> None:
 def test_time_to_limit_from_a_long_run_carries_its_range() -> None:
     text = report(600.0, temporal=temporal(600.0)).summary()
     # slope 1000 +- 2 x 100 B/s: 7.2 MB of headroom lasts 6000 to 9000 s
-    assert "memory limit in 2.0 h at this rate (1.7 h to 2.5 h)" in text
+    expected = "memory limit in 2.0 h at this rate (1.7 h to 2.5 h; extrapolated from 10.0 min of samples)"
+    assert expected in text
 
 
 def test_short_run_gc_share_is_marked() -> None:

@@ -54,8 +54,6 @@ if os.environ.get("KOTOBA_EXAMPLE_REDIS_URL"):  # one cache for every worker: th
     CACHES["default"]["OPTIONS"] = {"REDIS_URL": os.environ["KOTOBA_EXAMPLE_REDIS_URL"]}
 
 KOTOBA_MEMORY = {
-    "enable_caching": True,
-    "cache_size_mb": 16,
     "enable_profiling": True,
     "enable_leak_detection": True,
     "enable_gc_optimization": os.environ.get("KOTOBA_EXAMPLE_GC", "1") == "1",  # 0: benchmarks/gc_servers.py
