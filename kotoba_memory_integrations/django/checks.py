@@ -123,7 +123,12 @@ def check_caches(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
             location = check_str(entry.get("LOCATION", ""), "LOCATION", allow_empty=True)
             if not isinstance(options, Mapping):
                 raise ConfigError("OPTIONS", f"must be a dict, got {type(options).__name__}")
-            parsed = _parse_options(location, options)
+            if "REDIS_URL" in options:  # the near-cache over Redis (near_cache.py) has its own options
+                from kotoba_memory_integrations.django.near_cache import _parse as _parse_near
+
+                parsed: Any = _parse_near(location, options)
+            else:
+                parsed = _parse_options(location, options)
             first = seen.setdefault(location, (alias, parsed))
             if first[1] != parsed:
                 raise ConfigError(
