@@ -40,6 +40,12 @@ def test_referents_leave_out_modules() -> None:
 
     from kotoba_memory.memory_profiler._survival import _referents
 
-    referents = _referents([sys.modules["gc"], [1, 2]])
-    assert sorted(referents) == [1, 2]
+    class Lazy:  # a proxy that sets itself up when asked for its class, as Django's settings do
+        @property
+        def __class__(self) -> type:  # type: ignore[override]
+            raise RuntimeError("set up on __class__")
+
+    lazy = Lazy()
+    referents = _referents([sys.modules["gc"], [1, 2], lazy])
+    assert sorted(r for r in referents if isinstance(r, int)) == [1, 2]
     assert gc.get_referents(sys.modules["gc"])  # what is left out: the module's own references

@@ -44,9 +44,10 @@ def _referents(objects: list[Any]) -> list[Any]:
 
     On CPython 3.12.1 traversing the ``_asyncio`` module visits its free-listed future iterators and
     revives them, corrupting the free list: the next traversal never ends (GBs of referents) and the
-    interpreter hangs at exit.
+    interpreter hangs at exit. ``type()``, not ``isinstance()``: that reads ``__class__``, which a lazy
+    proxy (Django's ``settings``) answers by setting itself up.
     """
-    return gc.get_referents(*[obj for obj in objects if not isinstance(obj, ModuleType)])
+    return gc.get_referents(*[obj for obj in objects if not issubclass(type(obj), ModuleType)])
 
 
 def _fingerprint(obj: Any) -> int:
