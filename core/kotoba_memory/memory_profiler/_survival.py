@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from itertools import compress
+from types import ModuleType
 from typing import Any
 
 Frame = tuple[str, int]
@@ -36,6 +37,17 @@ def _object_traceback_reader() -> Callable[[object], Key | None]:
         return None if tb is None else tuple((f.filename, f.lineno) for f in reversed(tb))
 
     return fallback
+
+
+def _referents(objects: list[Any]) -> list[Any]:
+    """What ``objects`` refer to, modules left out (their dicts are listed by ``gc.get_objects()``).
+
+    On CPython 3.12.1 traversing the ``_asyncio`` module visits its free-listed future iterators and
+    revives them, corrupting the free list: the next traversal never ends (GBs of referents) and the
+    interpreter hangs at exit. ``type()``, not ``isinstance()``: that reads ``__class__``, which a lazy
+    proxy (Django's ``settings``) answers by setting itself up.
+    """
+    return gc.get_referents(*[obj for obj in objects if not issubclass(type(obj), ModuleType)])
 
 
 def _fingerprint(obj: Any) -> int:
@@ -118,14 +130,14 @@ class SurvivalSampler:
             return
         self.censuses += 1
         objects = gc.get_objects()
-        self._take((objects, gc.get_referents(*objects)), frozenset(interest), now)
+        self._take((objects, _referents(objects)), frozenset(interest), now)
 
     def check(self, now: float) -> None:
         """Which samples are still alive; after tracing stopped (matching by id allocates an int each)."""
         if not any(self._samples.values()):
             return
         objects = gc.get_objects()
-        self._check((objects, gc.get_referents(*objects)), now)
+        self._check((objects, _referents(objects)), now)
         self._last_check = now
 
     def _check(self, pool: Iterable[list[Any]], now: float) -> None:
