@@ -118,3 +118,47 @@ def test_a_site_whose_objects_are_never_found_alive_counts_misses(
 
 def make_leak_bytes(n: int) -> bytes:
     return bytes([n % 251]) * 300  # a site whose objects stay alive
+
+
+def make_atom(n: int) -> bytes:
+    return bytes(300)  # identical contents every time: an address reused by the next one looks the same
+
+
+def test_identical_atoms_reusing_a_freed_address_are_not_taken_for_survivors(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Atoms are held and judged by their reference count, so a new ``bytes(300)`` at a dead sample's
+    address (pymalloc hands it straight back) is not mistaken for the sample."""
+    cache: deque[object] = deque(maxlen=20)
+    kept: list[object] = []
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now = 0.0
+    churn_key = leak_key = None
+    for window in range(6):
+        for i in range(50):
+            cache.append(make_atom(i))
+        kept.append(make_leak_bytes(window))
+        churn_key, leak_key = key_of(cache[-1]), key_of(kept[-1])
+        sampler.census([churn_key, leak_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert churn_key is not None and leak_key is not None
+    churn = sampler.retention(churn_key, 5.0)
+    leak = sampler.retention(leak_key, 5.0)
+    assert churn is not None and churn.alive == 0 and churn.eligible >= 3
+    assert leak is not None and leak.fraction == 1.0
+    # what it holds is bounded and let go of once dead
+    assert 0 < sampler.held_bytes <= sampler.max_held_bytes
+    live_held = sum(s.held_bytes for samples in sampler._samples.values() for s in samples if s.alive)
+    assert sampler.held_bytes == live_held
+
+
+def test_held_bytes_stay_under_the_cap(tracing: Callable[[SurvivalSampler, float], None]) -> None:
+    kept: list[object] = []
+    sampler = SurvivalSampler(per_site=16, new_per_census=4, max_held_bytes=1000)
+    for window in range(4):
+        kept.extend(make_leak_bytes(window * 10 + i) for i in range(8))
+        sampler.census([key_of(kept[-1])], float(window))
+        tracing(sampler, float(window) + 0.5)
+    assert sampler.held_bytes <= 1000
+    assert sampler.sampled > 3  # past the cap it samples by id and fingerprint instead
