@@ -185,6 +185,29 @@ def test_leaking_route_is_named_when_every_route_runs_in_every_window() -> None:
     assert leak.route == "/leak"
 
 
+def test_route_from_snapshot_steps_when_the_load_moves_every_route_together() -> None:
+    """Per snapshot step, every route's count rises and falls with the server's load; only /leak's
+    requests add to the site. Ten routes, eight windows: the fit over all counts names /leak."""
+    rng = random.Random(5)
+    names = [f"/r{i}" for i in range(9)] + ["/leak"]
+    detector = make()
+    t = 1000.0
+    for _w in range(8):
+        size, shots, steps = 0, [], []
+        for j in range(6):
+            load = rng.choice([1, 2, 6])  # a busy or a quiet moment for every route alike
+            counts = {name: rng.randint(0, 2) * load for name in names}
+            if j >= 1:
+                size += counts["/leak"] * 500 + rng.randint(0, 200)
+            shots.append((t + j * 0.1, {APP: (size, size // 100)} if size else {}))
+            steps.append(counts)
+        totals = {name: sum(c[name] for c in steps) for name in names}
+        detector.add_window(shots, totals, steps)
+        t += 10.0
+    [leak] = detector.suspects(now=t, window_interval_s=10.0)
+    assert leak.route == "/leak"
+
+
 def test_survival_decides_between_retention_and_churn() -> None:
     from kotoba_memory.memory_profiler._survival import Retention
 

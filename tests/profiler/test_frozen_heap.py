@@ -61,7 +61,9 @@ def test_ring_buffer_and_leak_behind_a_frozen_heap() -> None:
         f"ns = runpy.run_path({THIS_FILE!r})\n"
         "print(json.dumps(ns['_frozen_heap_verdict']()))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     verdict = json.loads(out.stdout.strip().splitlines()[-1])
     lines = Path(THIS_FILE).read_text().splitlines()
     leak_line = next(i for i, text in enumerate(lines, 1) if "# the leak: every" in text)
