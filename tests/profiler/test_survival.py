@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -162,3 +163,28 @@ def test_held_bytes_stay_under_the_cap(tracing: Callable[[SurvivalSampler, float
         tracing(sampler, float(window) + 0.5)
     assert sampler.held_bytes <= 1000
     assert sampler.sampled > 3  # past the cap it samples by id and fingerprint instead
+
+
+class Store:
+    """Keeps its entries in a dict of ints to bytes: such a dict is untracked by the collector."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, bytes] = {}
+
+
+def test_contents_of_untracked_containers_are_found(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    store = Store()
+    sampler = SurvivalSampler()
+    key = None
+    for window in range(4):
+        for i in range(5):
+            store.data[window * 10 + i] = make_leak_bytes(window * 10 + i)
+        assert not gc.is_tracked(store.data)
+        key = key_of(store.data[window * 10])
+        sampler.census([key], float(window) * 10)
+        tracing(sampler, float(window) * 10 + 5)
+    assert key is not None and sampler.misses(key) == 0
+    retention = sampler.retention(key, 5.0)
+    assert retention is not None and retention.fraction == 1.0

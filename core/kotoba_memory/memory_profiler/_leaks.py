@@ -89,6 +89,7 @@ class LeakDetector:
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
         self.site_chooser = site_chooser
         self.survival = SurvivalSampler()
+        self._explained = (0.0, 0.0)  # bytes/s and blocks/s of growth at sites shown retained
 
     @property
     def windows(self) -> int:
@@ -212,6 +213,16 @@ class LeakDetector:
         min_confidence: float = 0.6,
     ) -> list[MemoryLeak]:
         """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
+        # The process growth that sites shown retained account for: only the rest can hide another leak.
+        self._explained = (0.0, 0.0)
+        for track in self._tracks.values():
+            retention = self.survival.retention(track.key, window_interval_s)
+            if retention is not None and retention.fraction >= _RETAINED and track.net_growth > 0:
+                span = max(track.traced_time, 1e-9)
+                self._explained = (
+                    self._explained[0] + track.net_growth / span,
+                    self._explained[1] + max(track.net_count_growth, 0) / span,
+                )
         found: list[MemoryLeak] = []
         for track in self._tracks.values():
             leak = self._judge(track, now, window_interval_s, global_growth, routes, min_confidence)
@@ -295,11 +306,14 @@ class LeakDetector:
         evidence: list[str],
         now: float,
     ) -> float:
-        """0.25 when the site grew significantly faster (over twice as fast) than the whole process.
+        """0.25 when the site grew significantly faster (over twice as fast) than the whole process, less
+        what sites shown retained (real leaks) account for.
 
         Then what it allocates is being freed again outside our windows (a cache evicting, sessions
         expiring), because a leak at one site cannot outgrow the process. Small blocks are compared
         with the interpreter's allocated-block count, large ones with malloc's in-use bytes (or RSS).
+        Taking out the retained leaks matters in a busy app: there the process grows with them, which
+        would otherwise leave room for every churning site slower than they are.
         """
         # The later half of the site's life only: start-up and warm-up growth of the process would
         # otherwise hide that it has since gone flat.
@@ -308,16 +322,21 @@ class LeakDetector:
             return 1.0
         count_rate = track.net_count_growth / max(track.traced_time, 1e-9)
         mean_block = track.net_growth / track.net_count_growth if track.net_count_growth > 0 else math.inf
+        explained_bytes, explained_blocks = self._explained
         if mean_block <= _SMALL_BLOCK:
             slope, stderr, floor, unit = growth.blocks_per_s, growth.blocks_stderr, _VETO_MIN_BLOCKS, "blocks"
-            site_rate = count_rate
+            site_rate, explained = count_rate, explained_blocks
         else:
             slope, stderr, floor, unit = growth.bytes_per_s, growth.bytes_stderr, _VETO_MIN_BYTES, "bytes"
-            site_rate = rate
+            site_rate, explained = rate, explained_bytes
         # Factor 2: the site's rate is measured inside windows, where the app may run faster or slower
         # than on average; a churning site leaves the process flat, far below half its rate.
-        if site_rate * growth.span_s >= floor and site_rate > 2.0 * max(slope, 0.0) + 3.0 * stderr:
-            evidence.append(f"site +{site_rate:.0f} {unit}/s but process +{slope:.0f}±{stderr:.0f} {unit}/s")
+        rest = max(slope - explained, 0.0)
+        if site_rate * growth.span_s >= floor and site_rate > 2.0 * rest + 3.0 * stderr:
+            less = f" ({explained:.0f} of it at retained sites)" if explained > 0 else ""
+            evidence.append(
+                f"site +{site_rate:.0f} {unit}/s but process +{slope:.0f}±{stderr:.0f} {unit}/s{less}"
+            )
             return 0.25
         return 1.0
 

@@ -4,7 +4,8 @@ A window only sees what was allocated inside it, so a cache that churns at capac
 freed between windows) grows in every window exactly like a leak. What separates them is survival: the
 entries a leak allocated are all still alive minutes later, a churning cache's are gone. At the end of
 a window, while tracemalloc still traces, a census finds live objects allocated at tracked sites
-(``gc.get_objects()`` and their direct referents, whose allocation traceback tracemalloc knows) and
+(``gc.get_objects()``, their referents and the contents of untracked containers among those, whose
+allocation traceback tracemalloc knows) and
 keeps a bounded sample of them. Later censuses check which samples are still alive:
 
 - a weak reference when the type allows one;
@@ -24,9 +25,9 @@ import gc
 import sys
 import tracemalloc
 import weakref
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import compress
+from itertools import compress, filterfalse
 from typing import Any
 
 Frame = tuple[str, int]
@@ -107,6 +108,20 @@ class Retention:
 Found = list[tuple[Key | None, Any]]  # (allocation traceback, live object) pairs a census scan found
 
 
+def _heap() -> Iterator[list[Any]]:
+    """What the collector lists, their referents, and what untracked containers among those hold.
+
+    Untracked containers (a dict or tuple of atoms: a cache's inner dict of ints to bytes) are not
+    listed themselves, so their contents are one level further down. Built in C, a level at a time.
+    """
+    objects = gc.get_objects()
+    yield objects
+    referents = gc.get_referents(*objects)
+    del objects
+    yield referents
+    yield gc.get_referents(*filterfalse(gc.is_tracked, referents))
+
+
 def _holdable(obj: Any) -> int:
     """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
     exact atoms and tuples of them (never a container that could join a cycle), up to 4 KiB."""
@@ -181,9 +196,8 @@ class SurvivalSampler:
             return None
         wanted = frozenset(interest)
         read = self._read
-        objects = gc.get_objects()
         found: Found = []
-        for seq in (objects, gc.get_referents(*objects)):
+        for seq in _heap():
             # All in C (list() does not let the GIL go between items): the objects allocated there.
             hits = list(compress(seq, map(wanted.__contains__, map(read, seq))))
             found.extend((read(obj), obj) for obj in hits)
@@ -248,8 +262,7 @@ class SurvivalSampler:
         self._last_check = now
         if not wanted:
             return
-        objects = gc.get_objects()
-        self._find(wanted, (objects, gc.get_referents(*objects)), now)
+        self._find(wanted, _heap(), now)
 
     @staticmethod
     def _find(wanted: dict[int, _Sample], pool: Iterable[list[Any]], now: float) -> None:
