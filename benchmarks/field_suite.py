@@ -163,7 +163,8 @@ def replay(app: App) -> dict[str, list[str]]:
     module_name, factory = app.target.split(":")
     module = __import__(module_name, fromlist=["_"])
     made = getattr(module, factory.rstrip("()"))()
-    get = _AsgiClient(made).get if app.server == "uvicorn" else Client(made).get
+    client = _AsgiClient(made) if app.server == "uvicorn" else Client(made)
+    get = client.get
     rng = random.Random(1)
     tracemalloc.start(16)
     truth: dict[str, list[str]] = {}
@@ -191,6 +192,8 @@ def replay(app: App) -> dict[str, list[str]]:
             and snaps[2].get(site, 0) - snaps[1].get(site, 0) >= floor
         )
     tracemalloc.stop()
+    if isinstance(client, _AsgiClient):
+        client.close()
     return truth
 
 
@@ -215,7 +218,8 @@ class _AsgiClient:
     async def _lifespan_startup(self) -> None:
         import asyncio
 
-        messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        messages = self._messages
         await messages.put({"type": "lifespan.startup"})
         started = asyncio.Event()
 
@@ -231,6 +235,12 @@ class _AsgiClient:
 
     def get(self, path: str) -> _AsgiResponse:
         return self.loop.run_until_complete(self._get(path))
+
+    def close(self) -> None:
+        """Lifespan shutdown, then the loop closes."""
+        self._messages.put_nowait({"type": "lifespan.shutdown"})
+        self.loop.run_until_complete(self._lifespan)
+        self.loop.close()
 
     async def _get(self, path: str) -> _AsgiResponse:
         scope = {

@@ -26,6 +26,7 @@ _MAX_ADMISSIONS_PER_WINDOW = 32
 _MIN_WINDOWS_FOR_SHARES = 20  # shares of ~10 routes correlate by chance over fewer windows
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
 _MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
+_MIN_UNPROVEN_BYTES = 8 * 1024  # growth under this must be shown retained to be reported
 
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
@@ -280,7 +281,8 @@ class LeakDetector:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now)
         survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
-        confidence = monotonic * persistence * recency * linearity * consistency * survival
+        unproven = 1.0 if retained else _unproven_factor(track, self.survival.misses(track.key), evidence)
+        confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
             return None  # the route is worth finding for suspects only (it is the costly part)
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
@@ -445,6 +447,25 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
         if corr is not None and corr > best_corr:
             best, best_corr = name, corr
     return best
+
+
+def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
+    """0.5 for growth that survival has not shown retained and that looks like a by-product of churn.
+
+    - Tiny: under ``_MIN_UNPROVEN_BYTES`` in all windows; a one-off refill of a freelist or a buffer
+      looks like that, and a leak this small is not worth a page until a census shows it retained.
+    - Intermittent and never found: grew in under 80% of its windows, and no census found a live
+      object of it. Memory a dict's table resize or a freelist keeps (tracemalloc still counts freed
+      objects CPython parks there) grows like that; a leak's objects are found alive, a steady one grows
+      in nearly every window.
+    """
+    if track.positive_growth < _MIN_UNPROVEN_BYTES:
+        evidence.append(f"only {track.positive_growth} bytes grew, not shown retained")
+        return 0.5
+    if misses >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
+        evidence.append("intermittent growth of nothing any census found alive")
+        return 0.5
+    return 1.0
 
 
 def _survival_factor(retention: Retention | None, evidence: list[str], misses: int = 0) -> float:
