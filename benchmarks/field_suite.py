@@ -37,7 +37,7 @@ OWN_DIRS = (str(REPO / "core" / "kotoba_memory") + os.sep, str(REPO / "kotoba_me
 CONFIDENT = 0.8
 REPLAY_BATCH = 150
 CONNECTIONS = 16  # wrk connections: enough that every worker accepts some (keep-alive pins them)
-REPLAY_WARM_UP = 600  # more requests than any bounded structure in the apps holds (at most 256)
+REPLAY_WARM_UP = 400  # more requests than any size-bounded structure in the apps holds (at most 300)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def replay(app: App) -> dict[str, list[str]]:
     client = _AsgiClient(made) if app.server == "uvicorn" else Client(made)
     get = client.get
     rng = random.Random(1)
-    tracemalloc.start(16)
+    tracemalloc.start(8)
     truth: dict[str, list[str]] = {}
     for route in app.routes:
         def batch(size: int = REPLAY_BATCH, route: Route = route) -> None:

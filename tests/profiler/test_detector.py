@@ -105,7 +105,7 @@ def test_slow_leak_with_few_events_is_found_once_shown_retained() -> None:
     now = feed(detector, 15, lambda w, j: 300 * (w % 3 == 0 and j >= 2 + (w // 3) % 4))
     # 1.5 kB in all: too little to report on in-window growth alone (freelists refill like that)
     assert detector.suspects(now=now, window_interval_s=10.0) == []
-    detector.survival.retention = lambda key, min_age: Retention(5, 5, 20.0)  # type: ignore[method-assign]
+    detector.survival.retention = lambda key, min_age, since=None: Retention(5, 5, 20.0)  # type: ignore[method-assign]
     [leak] = detector.suspects(now=now, window_interval_s=10.0)
     assert leak.growth_windows == 5
 
@@ -220,9 +220,9 @@ def test_survival_decides_between_retention_and_churn() -> None:
     now = feed(churn, 8, lambda w, j: 1000 * j)
     feed(retained, 8, lambda w, j: 1000 * j)
     feed(library, 8, lambda w, j: 1000 * j, key=LIB_ONLY)
-    churn.survival.retention = lambda key, min_age: Retention(0, 8, 20.0)  # type: ignore[method-assign]
-    retained.survival.retention = lambda key, min_age: Retention(8, 8, 20.0)  # type: ignore[method-assign]
-    library.survival.retention = lambda key, min_age: Retention(8, 8, 20.0)  # type: ignore[method-assign]
+    churn.survival.retention = lambda key, min_age, since=None: Retention(0, 8, 20.0)  # type: ignore[method-assign]
+    retained.survival.retention = lambda key, min_age, since=None: Retention(8, 8, 20.0)  # type: ignore[method-assign]
+    library.survival.retention = lambda key, min_age, since=None: Retention(8, 8, 20.0)  # type: ignore[method-assign]
     assert churn.suspects(now=now, window_interval_s=10.0) == []
     # retained growth beats the whole-process comparison, which would have vetoed it
     [leak] = retained.suspects(now=now, window_interval_s=10.0, global_growth=Flat())

@@ -188,3 +188,32 @@ def test_contents_of_untracked_containers_are_found(
     assert key is not None and sampler.misses(key) == 0
     retention = sampler.retention(key, 5.0)
     assert retention is not None and retention.fraction == 1.0
+
+
+def make_job(n: int) -> Entry:
+    return Entry(n)  # a job queued; the consumer falls behind
+
+
+def test_a_queue_falling_behind_is_retention_though_its_oldest_entries_die(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Three jobs in, one out per step: every job is dropped in the end, but ever older ones — the queue
+    grows for good. A death counts against retention only when the object died younger than its site
+    was at its birth (how a bounded cache replaces entries)."""
+    jobs: deque[Entry] = deque()
+    sampler = SurvivalSampler(per_site=16, new_per_census=2)
+    now, key = 10.0, None
+    for window in range(12):
+        for i in range(30):
+            jobs.append(make_job(window * 100 + i))
+        for _ in range(10):
+            jobs.popleft()
+        key = key_of(jobs[-1])
+        sampler.census([key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    plain = sampler.retention(key, 5.0)
+    growing = sampler.retention(key, 5.0, since=0.0)
+    assert plain is not None and plain.alive < plain.eligible  # some samples did die
+    assert growing is not None and growing.fraction >= 0.9

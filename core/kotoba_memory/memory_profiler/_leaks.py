@@ -217,7 +217,7 @@ class LeakDetector:
         # The process growth that sites shown retained account for: only the rest can hide another leak.
         self._explained = (0.0, 0.0)
         for track in self._tracks.values():
-            retention = self.survival.retention(track.key, window_interval_s)
+            retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
             if retention is not None and retention.fraction >= _RETAINED and track.net_growth > 0:
                 span = max(track.traced_time, 1e-9)
                 self._explained = (
@@ -247,7 +247,7 @@ class LeakDetector:
         owner = self.site_chooser.owner(track.key)
         if owner == "own":
             return None  # kotoba-memory's own allocations are never a suspect
-        retention = self.survival.retention(track.key, window_interval_s)
+        retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
         retained = retention is not None and retention.fraction >= _RETAINED
         if owner == "library" and not retained:
             return None  # no application frame: reported only when shown to be retained
@@ -281,7 +281,8 @@ class LeakDetector:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now)
         survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
-        unproven = 1.0 if retained else _unproven_factor(track, self.survival.misses(track.key), evidence)
+        proven = retained or self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
+        unproven = 1.0 if proven else _unproven_factor(track, self.survival.misses(track.key), evidence)
         confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
             return None  # the route is worth finding for suspects only (it is the costly part)
@@ -450,7 +451,8 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
 
 
 def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
-    """0.5 for growth that survival has not shown retained and that looks like a by-product of churn.
+    """0.5 for growth that survival has not shown retained (nor at least two samples alive and none dead)
+    and that looks like a by-product of churn.
 
     - Tiny: under ``_MIN_UNPROVEN_BYTES`` in all windows; a one-off refill of a freelist or a buffer
       looks like that, and a leak this small is not worth a page until a census shows it retained.

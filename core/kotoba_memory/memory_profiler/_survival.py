@@ -89,6 +89,7 @@ class _Sample:
     alive: bool = True
     held: Any = None  # the object itself, for small atoms checked by reference count
     held_bytes: int = 0
+    died_at: float = 0.0  # when a check first found it gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,13 @@ class Retention:
     def fraction(self) -> float:
         """Share of eligible samples still alive."""
         return self.alive / self.eligible if self.eligible else 0.0
+
+
+def _died_young(sample: _Sample, since: float | None) -> bool:
+    """Dead, and (with ``since``) younger than its site was when it was born (see ``retention``)."""
+    if sample.alive:
+        return False
+    return since is None or sample.died_at - sample.taken_at < sample.taken_at - since
 
 
 Found = list[tuple[Key | None, Any]]  # (allocation traceback, live object) pairs a census scan found
@@ -247,13 +255,13 @@ class SurvivalSampler:
                     continue
                 if sample.ref is not None:
                     if sample.ref() is None:
-                        sample.alive = False
+                        sample.alive, sample.died_at = False, now
                     else:
                         sample.last_seen = now
                 elif sample.held is not None:
                     # Held by us alone: nobody else refers to it any more, so it would have been freed.
                     if sys.getrefcount(sample.held) <= _DEAD_REFCOUNT:
-                        sample.alive = False
+                        sample.alive, sample.died_at = False, now
                         self._release(sample)
                     else:
                         sample.last_seen = now
@@ -279,12 +287,26 @@ class SurvivalSampler:
             if found.get(ident):
                 sample.last_seen = now
             else:
-                sample.alive = False
+                sample.alive, sample.died_at = False, now
 
-    def retention(self, key: Key, min_age_s: float) -> Retention | None:
-        """Survival of ``key``'s samples: every dead one, and the live ones seen alive for at least
-        ``min_age_s`` and half the oldest sample's age (young samples prove nothing); None under 3."""
-        samples = self._samples.get(key)
+    def unrefuted(self, key: Key, min_age_s: float, since: float | None = None) -> bool:
+        """At least two samples alive for ``min_age_s`` and none dead (as :meth:`retention` counts the
+        dead): weaker than a retention verdict, enough to lift the doubt on tiny or intermittent growth."""
+        samples = self._samples.get(key) or []
+        if any(_died_young(s, since) for s in samples):
+            return False
+        return sum(1 for s in samples if s.alive and s.last_seen - s.taken_at >= min_age_s) >= 2
+
+    def retention(self, key: Key, min_age_s: float, since: float | None = None) -> Retention | None:
+        """Survival of ``key``'s samples: the dead ones, and the live ones seen alive for at least
+        ``min_age_s`` and half the oldest sample's age (young samples prove nothing); None under 3.
+
+        With ``since`` (when the site started growing), a death counts only when the object died
+        younger than the site was at its birth: a bounded cache replaces its entries at a steady age,
+        while a queue that falls behind drops ever older ones and grows all the same.
+        """
+        # Deaths at an old age are left out altogether (also from the age the live ones must reach).
+        samples = [s for s in self._samples.get(key) or () if s.alive or _died_young(s, since)]
         if not samples:
             return None
         oldest = self._last_check - min(s.taken_at for s in samples)

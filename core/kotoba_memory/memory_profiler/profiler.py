@@ -218,10 +218,11 @@ class MemoryProfiler:
             }
         )
         self.max_trace_memory_bytes = max_trace_memory_bytes
-        # Survival censuses may take a tenth of the time tracing already takes, and at least 0.5% of
-        # wall time: at production defaults one census per window up to ~300 ms of census work.
+        # Survival censuses may take a quarter of the time tracing already takes (tracing slows the app
+        # several times over, a census only holds it for its own CPU time), and at least 0.5% of wall
+        # time: at production defaults one census per window up to ~300 ms of census work.
         self.census_budget = (
-            max(0.005, 0.1 * self.window_s / self.window_interval_s) if census_budget is None
+            max(0.005, 0.25 * self.window_s / self.window_interval_s) if census_budget is None
             else float(census_budget)
         )
         self._next_census = 0.0
