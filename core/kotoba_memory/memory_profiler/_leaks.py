@@ -451,8 +451,8 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
 
 
 def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
-    """0.5 for growth that survival has not shown retained (nor at least two samples alive and none dead)
-    and that looks like a by-product of churn.
+    """0.5 for growth that survival has not shown retained (nor a sample alive for two window intervals
+    with none dead) and that looks like a by-product of churn.
 
     - Tiny: under ``_MIN_UNPROVEN_BYTES`` in all windows; a one-off refill of a freelist or a buffer
       looks like that, and a leak this small is not worth a page until a census shows it retained.

@@ -211,19 +211,28 @@ class SurvivalSampler:
             found.extend((read(obj), obj) for obj in hits)
         return found
 
-    def add(self, found: Found, interest: Collection[Key], now: float) -> None:
-        """Take up to ``new_per_census`` new samples per site from a :meth:`scan`."""
-        self.censuses += 1
-        for wanted in interest:
-            if wanted not in self._samples:
-                self._misses[wanted] = self._misses.get(wanted, 0) + 1
-        held = {s.ident for samples in self._samples.values() for s in samples if s.alive}
+    def choose(self, found: Found) -> Found:
+        """Up to ``new_per_census`` objects per site from a :meth:`scan` that are not sampled yet
+        (changes nothing: the caller can do it outside its lock and hold it only for :meth:`add`)."""
+        held = {s.ident for samples in list(self._samples.values()) for s in samples if s.alive}
+        chosen: Found = []
         added: dict[Key, int] = {}
         for key, obj in found:
             if key is None or id(obj) in held or added.get(key, 0) >= self.new_per_census:
                 continue
             held.add(id(obj))
             added[key] = added.get(key, 0) + 1
+            chosen.append((key, obj))
+        return chosen
+
+    def add(self, found: Found, interest: Collection[Key], now: float) -> None:
+        """Take up to ``new_per_census`` new samples per site from a :meth:`scan` (or its :meth:`choose`)."""
+        self.censuses += 1
+        for wanted in interest:
+            if wanted not in self._samples:
+                self._misses[wanted] = self._misses.get(wanted, 0) + 1
+        for key, obj in self.choose(found):
+            assert key is not None  # choose() drops objects without a traceback
             self._misses.pop(key, None)
             samples = self._samples.setdefault(key, [])
             samples.append(self._sample(obj, now))
@@ -290,12 +299,12 @@ class SurvivalSampler:
                 sample.alive, sample.died_at = False, now
 
     def unrefuted(self, key: Key, min_age_s: float, since: float | None = None) -> bool:
-        """At least two samples alive for ``min_age_s`` and none dead (as :meth:`retention` counts the
-        dead): weaker than a retention verdict, enough to lift the doubt on tiny or intermittent growth."""
+        """A sample alive for ``min_age_s`` and none dead (as :meth:`retention` counts the dead): weaker
+        than a retention verdict, enough to lift the doubt on tiny or intermittent growth."""
         samples = self._samples.get(key) or []
         if any(_died_young(s, since) for s in samples):
             return False
-        return sum(1 for s in samples if s.alive and s.last_seen - s.taken_at >= min_age_s) >= 2
+        return any(s.alive and s.last_seen - s.taken_at >= min_age_s for s in samples)
 
     def retention(self, key: Key, min_age_s: float, since: float | None = None) -> Retention | None:
         """Survival of ``key``'s samples: the dead ones, and the live ones seen alive for at least

@@ -433,9 +433,10 @@ class MemoryProfiler:
         self._thaw_heap()
         sampler.check(time.time())
         if found is not None:
+            chosen = sampler.choose(found)  # the bulk of the work, outside the lock
             with self._lock:
                 if sampler is self._detector.survival:  # not replaced by a fork meanwhile
-                    sampler.add(found, keys, time.time())
+                    sampler.add(chosen, keys, time.time())
         del found
         cost = self._census_cost + time.thread_time() - started
         self._last_census_ms = cost * 1000.0
@@ -483,8 +484,8 @@ class MemoryProfiler:
                 routes[name] = routes.get(name, 0) + n
         with self._lock:
             self._detector.add_window(snapshots, routes, steps)
-            if snapshots:
-                self._update_hotspots(snapshots[-1][1])
+        if snapshots:
+            self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._note_window_cost(time.perf_counter() - started)
 
     def reinit_after_fork(self) -> None:
