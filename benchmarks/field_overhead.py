@@ -13,6 +13,7 @@ per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a 
 
     .venv/bin/python benchmarks/field_overhead.py                      # 60 s warm-up + 6 x 60 s
     .venv/bin/python benchmarks/field_overhead.py --rounds 3 --round-s 20 --warmup-s 20   # a quick look
+    .venv/bin/python benchmarks/field_overhead.py --without-profiler   # + the defaults minus profiling
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ _REQUESTS = re.compile(r"(\d+) requests in")
 class Server:
     """gunicorn with one gthread worker serving the catalogue, bare or with kotoba-memory."""
 
-    def __init__(self, kotoba: bool) -> None:
+    def __init__(self, kotoba: bool, profiler: bool = True) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         env = dict(
             os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS="1", FIELD_LEAKS="0",
             FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1", PYTHONPATH=str(REPO),
+            FIELD_PROFILE="1" if profiler else "0",
         )
         env.pop("FIELD_OUT", None)
         conf = REPO / "benchmarks" / "field_apps" / "gunicorn_conf.py"
@@ -96,20 +98,18 @@ def wrk(port: int, seconds: float, script: Path, connections: int) -> int:
 
 
 def paired_round(
-    off: Server, on: Server, seconds: float, script: Path, connections: int
+    servers: dict[str, Server], seconds: float, script: Path, connections: int
 ) -> dict[str, float]:
-    """Load both at once; worker CPU microseconds per request of each."""
-    cpu0 = off.cpu_seconds(), on.cpu_seconds()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = [pool.submit(wrk, s.port, seconds, script, connections) for s in (off, on)]
-        n_off, n_on = (r.result() for r in runs)
-    cpu1 = off.cpu_seconds(), on.cpu_seconds()
-    return {
-        "off_requests": n_off,
-        "on_requests": n_on,
-        "off_cpu_us": (cpu1[0] - cpu0[0]) / max(n_off, 1) * 1e6,
-        "on_cpu_us": (cpu1[1] - cpu0[1]) / max(n_on, 1) * 1e6,
-    }
+    """Load every server at once; each worker's CPU microseconds per request and requests served."""
+    cpu0 = {name: s.cpu_seconds() for name, s in servers.items()}
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        runs = {name: pool.submit(wrk, s.port, seconds, script, connections) for name, s in servers.items()}
+        served = {name: run.result() for name, run in runs.items()}
+    result: dict[str, float] = {}
+    for name, server in servers.items():
+        result[f"{name}_requests"] = served[name]
+        result[f"{name}_cpu_us"] = (server.cpu_seconds() - cpu0[name]) / max(served[name], 1) * 1e6
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,33 +121,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=60.0)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--without-profiler", action="store_true",
+        help="also serve the defaults without the profiler (a third server, loaded at the same time)",
+    )
     args = parser.parse_args(argv)
-    servers: list[Server] = []
+    servers: dict[str, Server] = {}
+    rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="field-overhead-") as tmp:
         script = Path(tmp) / "routes.lua"
         _wrk_script(APPS["wsgi_catalog"], script)
         try:
-            off, on = Server(False), Server(True)
-            servers = [off, on]
+            servers["off"] = Server(False)
+            servers["on"] = Server(True)
+            if args.without_profiler:
+                servers["noprof"] = Server(True, profiler=False)
             print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
-            paired_round(off, on, args.warmup_s, script, args.connections)
-            rounds = []
+            paired_round(servers, args.warmup_s, script, args.connections)
             for r in range(args.rounds):
-                result = paired_round(off, on, args.round_s, script, args.connections)
-                result["cpu_ratio"] = result["on_cpu_us"] / result["off_cpu_us"]
+                result = paired_round(servers, args.round_s, script, args.connections)
+                for name in servers:
+                    if name != "off":
+                        result[f"{name}_ratio"] = result[f"{name}_cpu_us"] / result["off_cpu_us"]
                 rounds.append(result)
-                print(f"  round {r + 1}/{args.rounds}: off {result['off_cpu_us']:.1f} us/request "
-                      f"({result['off_requests']} requests), on {result['on_cpu_us']:.1f} us/request "
-                      f"({result['on_requests']}), ratio {result['cpu_ratio']:.3f}", flush=True)
+                shown = ", ".join(
+                    f"{name} {result[f'{name}_cpu_us']:.1f} us ({int(result[f'{name}_requests'])} requests)"
+                    for name in servers
+                )
+                ratios = ", ".join(f"{n}/off {result[f'{n}_ratio']:.3f}" for n in servers if n != "off")
+                print(f"  round {r + 1}/{args.rounds}: {shown}; {ratios}", flush=True)
         finally:
-            for server in servers:
+            for server in servers.values():
                 server.stop()
-    ratio = statistics.median(r["cpu_ratio"] for r in rounds)
-    per_round = ", ".join(f"{r['cpu_ratio']:.3f}" for r in rounds)
-    print(f"median CPU per request on/off: {ratio:.3f} -> {100 * (1 - 1 / ratio):.1f}% fewer requests per "
-          f"CPU-second (goal <= 2%); per round: {per_round}")
+    summary: dict[str, Any] = {"rounds": rounds, "args": vars(args)}
+    for name in servers:
+        if name == "off":
+            continue
+        ratio = statistics.median(r[f"{name}_ratio"] for r in rounds)
+        summary[f"median_{name}_ratio"] = ratio
+        per_round = ", ".join(f"{r[f'{name}_ratio']:.3f}" for r in rounds)
+        print(f"{name}: median CPU per request vs off {ratio:.3f} -> {100 * (1 - 1 / ratio):.1f}% fewer "
+              f"requests per CPU-second (goal <= 2%); per round: {per_round}")
     if args.json:
-        summary: dict[str, Any] = {"rounds": rounds, "median_cpu_ratio": ratio, "args": vars(args)}
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0
 
