@@ -230,3 +230,16 @@ def test_survival_decides_between_retention_and_churn() -> None:
     # a traceback with no application frame is reported once shown to be retained
     [lib_leak] = library.suspects(now=now, window_interval_s=10.0)
     assert lib_leak.allocation_site == "/usr/lib/python3.11/email/utils.py:162"
+
+
+def test_no_window_since_the_last_growth_is_no_sign_the_leak_stopped() -> None:
+    """A scheduler starved by a loaded machine (or a long interval) ran no window for a while: the quiet
+    time is counted up to the latest window, so the verdict does not fade before anything was seen."""
+    detector = make()
+    end = feed(detector, 8, lambda w, j: 1000 * j)
+    [leak] = detector.suspects(now=end + 600.0, window_interval_s=10.0)
+    assert leak.confidence >= 0.8
+    # growth that did stop: later windows saw it flat, and its confidence fades with them
+    stopped = make()
+    end = feed(stopped, 8, lambda w, j: 1000 * j if w < 4 else 4000)
+    assert all(s.confidence < 0.8 for s in stopped.suspects(now=end, window_interval_s=10.0))

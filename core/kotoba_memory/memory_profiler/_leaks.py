@@ -90,7 +90,6 @@ class LeakDetector:
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
         self.site_chooser = site_chooser
         self.survival = SurvivalSampler()
-        self._explained = (0.0, 0.0)  # bytes/s and blocks/s of growth at sites shown retained
 
     @property
     def windows(self) -> int:
@@ -215,18 +214,22 @@ class LeakDetector:
     ) -> list[MemoryLeak]:
         """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
         # The process growth that sites shown retained account for: only the rest can hide another leak.
-        self._explained = (0.0, 0.0)
-        for track in self._tracks.values():
+        # A snapshot: the scheduler thread may add a window meanwhile (analyze() does not wait for it).
+        tracks = list(self._tracks.values())
+        explained_bytes = explained_blocks = 0.0  # per second, at sites shown retained
+        for track in tracks:
             retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
             if retention is not None and retention.fraction >= _RETAINED and track.net_growth > 0:
                 span = max(track.traced_time, 1e-9)
-                self._explained = (
-                    self._explained[0] + track.net_growth / span,
-                    self._explained[1] + max(track.net_count_growth, 0) / span,
-                )
+                explained_bytes += track.net_growth / span
+                explained_blocks += max(track.net_count_growth, 0) / span
+        observed_until = self._window_ends[-1] if self._window_ends else now
         found: list[MemoryLeak] = []
-        for track in self._tracks.values():
-            leak = self._judge(track, now, window_interval_s, global_growth, routes, min_confidence)
+        for track in tracks:
+            leak = self._judge(
+                track, now, window_interval_s, global_growth, routes, min_confidence,
+                (explained_bytes, explained_blocks), observed_until,
+            )
             if leak is not None:
                 found.append(leak)
         # Confident suspects first, the fastest-growing of them on top: that is where the memory goes.
@@ -241,6 +244,8 @@ class LeakDetector:
         global_growth: GlobalGrowth | None,
         routes: Sequence[RouteStats],
         min_confidence: float = 0.0,
+        explained: tuple[float, float] = (0.0, 0.0),
+        observed_until: float | None = None,
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
@@ -262,7 +267,10 @@ class LeakDetector:
         # with the usual spacing of growth windows.
         assert track.first_growth is not None and track.last_growth is not None
         spacing = (track.last_growth - track.first_growth) / max(track.growth_windows - 1, 1)
-        quiet = max(0.0, now - track.last_growth)
+        # Quiet time up to the latest window, not to now: with no window since, nothing says it stopped
+        # (a starved scheduler or a long interval must not read as "the leak stopped").
+        seen_until = now if observed_until is None else min(now, observed_until)
+        quiet = max(0.0, seen_until - track.last_growth)
         allowance = 2.0 * max(spacing, window_interval_s)
         recency = 1.0 if quiet <= allowance else allowance / quiet
         # A leak grows steadily through a window; a churning cache or buffer pool stops growing once
@@ -274,12 +282,12 @@ class LeakDetector:
         evidence = [
             f"grew in {track.growth_windows}/{track.windows} windows",
             f"shrink/grow {shrink:.2f}",
-            f"last growth {quiet:.0f}s ago",
+            f"last growth {quiet:.0f}s before the latest window",
             f"late/early growing steps {track.late_steps}/{track.early_steps}",
         ]
         if global_growth is not None and age > 0 and not retained:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
-            consistency = self._consistency(track, rate, global_growth, evidence, now)
+            consistency = self._consistency(track, rate, global_growth, evidence, now, explained)
         survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
         proven = retained or self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
         unproven = 1.0 if proven else _unproven_factor(track, self.survival.misses(track.key), evidence)
@@ -308,6 +316,7 @@ class LeakDetector:
         global_growth: GlobalGrowth,
         evidence: list[str],
         now: float,
+        explained: tuple[float, float] = (0.0, 0.0),
     ) -> float:
         """0.25 when the site grew significantly faster (over twice as fast) than the whole process, less
         what sites shown retained (real leaks) account for.
@@ -325,18 +334,18 @@ class LeakDetector:
             return 1.0
         count_rate = track.net_count_growth / max(track.traced_time, 1e-9)
         mean_block = track.net_growth / track.net_count_growth if track.net_count_growth > 0 else math.inf
-        explained_bytes, explained_blocks = self._explained
+        explained_bytes, explained_blocks = explained
         if mean_block <= _SMALL_BLOCK:
             slope, stderr, floor, unit = growth.blocks_per_s, growth.blocks_stderr, _VETO_MIN_BLOCKS, "blocks"
-            site_rate, explained = count_rate, explained_blocks
+            site_rate, retained = count_rate, explained_blocks
         else:
             slope, stderr, floor, unit = growth.bytes_per_s, growth.bytes_stderr, _VETO_MIN_BYTES, "bytes"
-            site_rate, explained = rate, explained_bytes
+            site_rate, retained = rate, explained_bytes
         # Factor 2: the site's rate is measured inside windows, where the app may run faster or slower
         # than on average; a churning site leaves the process flat, far below half its rate.
-        rest = max(slope - explained, 0.0)
+        rest = max(slope - retained, 0.0)
         if site_rate * growth.span_s >= floor and site_rate > 2.0 * rest + 3.0 * stderr:
-            less = f" ({explained:.0f} of it at retained sites)" if explained > 0 else ""
+            less = f" ({retained:.0f} of it at retained sites)" if retained > 0 else ""
             evidence.append(
                 f"site +{site_rate:.0f} {unit}/s but process +{slope:.0f}±{stderr:.0f} {unit}/s{less}"
             )
@@ -349,13 +358,13 @@ class LeakDetector:
         # Per growth step (several per window) when the steps' request counts are known: many more
         # points than windows, and inside a window a leak grows exactly when its route's requests run.
         points: list[tuple[float, dict[str, int]]] = []
-        for i, steps in self._step_routes:
+        for i, steps in list(self._step_routes):  # a copy: windows may be added meanwhile
             if i in live:
                 base = (i % self._max_windows) * self.steps_per_window
                 points.extend((float(track.step_ring[base + k]), counts) for k, counts in enumerate(steps))
         if len(points) < _MIN_WINDOWS_FOR_SHARES:
             growth = {i: track.growth_ring[i % self._max_windows] for i in live}
-            points = [(float(growth[i]), counts) for i, counts in self._window_routes if i in growth]
+            points = [(float(growth[i]), counts) for i, counts in list(self._window_routes) if i in growth]
         points = [(y, counts) for y, counts in points if counts]
         best = _regressed_route(points) or _best_correlated(points)
         if best is not None:

@@ -482,8 +482,9 @@ class MemoryProfiler:
         for counts in steps:
             for name, n in counts.items():
                 routes[name] = routes.get(name, 0) + n
-        with self._lock:
-            self._detector.add_window(snapshots, routes, steps)
+        # Not under the lock: analyze() reads the detector without it (see there); only this thread
+        # changes it.
+        self._detector.add_window(snapshots, routes, steps)
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._note_window_cost(time.perf_counter() - started)
@@ -605,16 +606,19 @@ class MemoryProfiler:
         routes = self._routes.snapshot()
         with self._lock:
             samples = self._ring.samples()
-            temporal = analyze_samples(samples, self.memory_limit_bytes)
-            leaks = self._detector.suspects(
-                now=time.time(),
-                window_interval_s=self.window_interval_s,
-                global_growth=_SampleGrowth(samples),
-                routes=routes,
-                min_confidence=self.min_confidence,
-            )
             hotspots = list(self._hotspots)
             by_count = list(self._hotspots_by_count)
+            detector = self._detector
+        temporal = analyze_samples(samples, self.memory_limit_bytes)
+        # Outside the lock: only the scheduler thread changes the detector, and a window it adds
+        # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
+        leaks = detector.suspects(
+            now=time.time(),
+            window_interval_s=self.window_interval_s,
+            global_growth=_SampleGrowth(samples),
+            routes=routes,
+            min_confidence=self.min_confidence,
+        )
         stats = self.stats()
         status = self._leak_status(stats.windows)
         return MemoryAnalysis(
