@@ -213,7 +213,25 @@ def test_a_queue_falling_behind_is_retention_though_its_oldest_entries_die(
         now += 10.0
         tracing(sampler, now)
     assert key is not None
-    plain = sampler.retention(key, 5.0)
     growing = sampler.retention(key, 5.0, since=0.0)
-    assert plain is not None and plain.alive < plain.eligible  # some samples did die
     assert growing is not None and growing.fraction >= 0.9
+
+
+def test_a_long_churn_stays_churn_after_many_censuses(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Far more censuses than samples kept per site: the samples kept must still show the churn (the
+    oldest deaths, which do not count once the site is older, make way for newer ones)."""
+    cache: deque[object] = deque(maxlen=30)
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now, key = 0.0, None
+    for window in range(30):
+        for i in range(60):
+            cache.append(make_churn_entry(window * 100 + i))
+        key = key_of(cache[-1])
+        sampler.census([key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    churn = sampler.retention(key, 5.0, since=0.0)
+    assert churn is not None and churn.alive == 0 and churn.eligible >= 3, churn

@@ -237,8 +237,12 @@ class SurvivalSampler:
             samples = self._samples.setdefault(key, [])
             samples.append(self._sample(obj, now))
             if len(samples) > self.per_site:
-                # Keep the oldest (most telling) and the newest; drop a middle-aged one.
-                self._release(samples.pop(len(samples) // 2))
+                # Drop the oldest dead sample: newer deaths say the same, and are the ones that count
+                # (see retention(): an entry of a cache that churns died young only once the cache was
+                # older than its turnover). With none dead, keep the oldest (most telling for a leak)
+                # and the newest, and drop a middle-aged one.
+                dead = next((i for i, sample in enumerate(samples) if not sample.alive), None)
+                self._release(samples.pop(len(samples) // 2 if dead is None else dead))
 
     def _sample(self, obj: Any, now: float) -> _Sample:
         kind = type(obj)
