@@ -229,9 +229,29 @@ def test_a_long_churn_stays_churn_after_many_censuses(
         for i in range(60):
             cache.append(make_churn_entry(window * 100 + i))
         key = key_of(cache[-1])
-        sampler.census([key], now)
+        sampler.census([key], now, since={key: 0.0})
         now += 10.0
         tracing(sampler, now)
     assert key is not None
     churn = sampler.retention(key, 5.0, since=0.0)
     assert churn is not None and churn.alive == 0 and churn.eligible >= 3, churn
+
+
+def test_a_slow_churn_stays_churn_after_many_censuses(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Turnover of several census intervals (an lru_cache at capacity): the deaths that count are
+    kept, so the newest samples, still alive, cannot outvote them."""
+    cache: deque[object] = deque(maxlen=100)
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now, key = 0.0, None
+    for window in range(40):
+        for i in range(30):
+            cache.append(make_churn_entry(window * 100 + i))
+        key = key_of(cache[-1])
+        sampler.census([key], now, since={key: 0.0})
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    churn = sampler.retention(key, 5.0, since=0.0)
+    assert churn is not None and churn.fraction < 0.5, churn

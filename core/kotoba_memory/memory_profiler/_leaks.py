@@ -107,6 +107,10 @@ class LeakDetector:
         routes = 300 * (len(self._window_routes) + self.steps_per_window * len(self._step_routes))
         return len(self._tracks) * per_track + routes + self.survival.footprint_bytes()
 
+    def first_seen(self) -> dict[Key, float]:
+        """When each tracked traceback was first seen growing (the survival sampler's ``since``)."""
+        return {key: track.first_seen for key, track in list(self._tracks.items())}
+
     def tracked_keys(self) -> list[Key]:
         """The allocation tracebacks currently tracked (the census samples objects allocated there)."""
         return list(self._tracks)

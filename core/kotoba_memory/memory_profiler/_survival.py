@@ -25,7 +25,7 @@ import gc
 import sys
 import tracemalloc
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import compress, filterfalse
 from typing import Any
@@ -190,11 +190,11 @@ class SurvivalSampler:
         parked on CPython's freelists after being freed."""
         return 0 if key in self._samples else self._misses.get(key, 0)
 
-    def census(self, interest: Collection[Key], now: float) -> None:
+    def census(self, interest: Collection[Key], now: float, since: Mapping[Key, float] | None = None) -> None:
         """:meth:`scan` then :meth:`add` (for a caller with no readers on other threads)."""
         found = self.scan(interest)
         if found is not None:
-            self.add(found, interest, now)
+            self.add(found, interest, now, since)
 
     def scan(self, interest: Collection[Key]) -> Found | None:
         """Live objects allocated at ``interest`` sites (None unless tracemalloc traces: it knows where
@@ -225,8 +225,11 @@ class SurvivalSampler:
             chosen.append((key, obj))
         return chosen
 
-    def add(self, found: Found, interest: Collection[Key], now: float) -> None:
-        """Take up to ``new_per_census`` new samples per site from a :meth:`scan` (or its :meth:`choose`)."""
+    def add(
+        self, found: Found, interest: Collection[Key], now: float, since: Mapping[Key, float] | None = None
+    ) -> None:
+        """Take up to ``new_per_census`` new samples per site from a :meth:`scan` (or its :meth:`choose`);
+        ``since``: when each site started growing (see :meth:`retention`)."""
         self.censuses += 1
         for wanted in interest:
             if wanted not in self._samples:
@@ -237,12 +240,14 @@ class SurvivalSampler:
             samples = self._samples.setdefault(key, [])
             samples.append(self._sample(obj, now))
             if len(samples) > self.per_site:
-                # Drop the oldest dead sample: newer deaths say the same, and are the ones that count
-                # (see retention(): an entry of a cache that churns died young only once the cache was
-                # older than its turnover). With none dead, keep the oldest (most telling for a leak)
-                # and the newest, and drop a middle-aged one.
-                dead = next((i for i, sample in enumerate(samples) if not sample.alive), None)
-                self._release(samples.pop(len(samples) // 2 if dead is None else dead))
+                # First a death that does not count (see retention(): it died older than its site was
+                # at its birth, e.g. an entry taken while the cache was still filling): it says nothing.
+                # Else keep the oldest (most telling) and the newest, and drop a middle-aged one.
+                start = None if since is None else since.get(key)
+                idle = next(
+                    (i for i, x in enumerate(samples) if not x.alive and not _died_young(x, start)), None
+                )
+                self._release(samples.pop(len(samples) // 2 if idle is None else idle))
 
     def _sample(self, obj: Any, now: float) -> _Sample:
         kind = type(obj)

@@ -436,7 +436,7 @@ class MemoryProfiler:
             chosen = sampler.choose(found)  # the bulk of the work, outside the lock
             with self._lock:
                 if sampler is self._detector.survival:  # not replaced by a fork meanwhile
-                    sampler.add(chosen, keys, time.time())
+                    sampler.add(chosen, keys, time.time(), self._detector.first_seen())
         del found
         cost = self._census_cost + time.thread_time() - started
         self._last_census_ms = cost * 1000.0
