@@ -36,7 +36,8 @@ APPS_DIR = REPO / "benchmarks" / "field_apps"
 OWN_DIRS = (str(REPO / "core" / "kotoba_memory") + os.sep, str(REPO / "kotoba_memory_integrations") + os.sep)
 CONFIDENT = 0.8
 REPLAY_BATCH = 150
-REPLAY_WARM_UP = 600  # more requests than any bounded structure in the apps holds (at most 256)
+CONNECTIONS = 16  # wrk connections: enough that every worker accepts some (keep-alive pins them)
+REPLAY_WARM_UP = 400  # more requests than any size-bounded structure in the apps holds (at most 300)
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,14 @@ class Route:
 
 @dataclass(frozen=True)
 class App:
-    """One field app: its WSGI factory, its routes, and whether its leaks are switched on."""
+    """One field app: its factory, its routes, whether its leaks are on, and the server it runs under."""
 
     name: str
-    target: str  # module:factory() for gunicorn
+    target: str  # module:factory() (a WSGI app for gunicorn, an ASGI app for uvicorn)
     routes: tuple[Route, ...]
     leaks_on: bool
+    server: str = "gunicorn"  # or "uvicorn"
+    default: bool = True  # run when no --only is given
 
 
 _SHOP_ROUTES = (
@@ -80,13 +83,37 @@ _CATALOG_ROUTES = (
     Route("/report/<n>", "/report/", True),
     Route("/lookup/<key>", "/lookup/", True),
 )
+_FORUM_ROUTES = (
+    Route("/", "/", False),
+    Route("/products/<int:sku>", "/products/", True),
+    Route("/recent", "/recent", False),
+    Route("/session/<str:sid>", "/session/", True),
+    Route("/render/<int:n>", "/render/", True),
+    Route("/cache/<int:n>", "/cache/", True),
+    Route("/audit/<int:user>", "/audit/", True),
+    Route("/report/<int:n>", "/report/", True),
+    Route("/notify/<int:n>", "/notify/", True),
+)
+_FEED_ROUTES = (
+    Route("/", "/", False),
+    Route("/products/{sku:int}", "/products/", True),
+    Route("/recent", "/recent", False),
+    Route("/session/{sid}", "/session/", True),
+    Route("/render/{n:int}", "/render/", True),
+    Route("/feed/{n:int}", "/feed/", True),
+    Route("/fanout/{n:int}", "/fanout/", True),
+    Route("/audit/{user:int}", "/audit/", True),
+    Route("/report/{n:int}", "/report/", True),
+)
 APPS = {
     app.name: app
     for app in (
         App("flask_shop", "benchmarks.field_apps.flask_shop:create_app()", _SHOP_ROUTES, True),
+        App("django_forum", "benchmarks.field_apps.django_forum:create_app()", _FORUM_ROUTES, True),
+        App("asgi_feed", "benchmarks.field_apps.asgi_feed:create_app()", _FEED_ROUTES, False, "uvicorn"),
         App("wsgi_catalog", "benchmarks.field_apps.wsgi_catalog:create_app()", _CATALOG_ROUTES, True),
         App("wsgi_catalog_no_leak", "benchmarks.field_apps.wsgi_catalog:create_app()", _CATALOG_ROUTES,
-            False),
+            False, default=False),
     )
 }
 
@@ -135,19 +162,21 @@ def replay(app: App) -> dict[str, list[str]]:
 
     module_name, factory = app.target.split(":")
     module = __import__(module_name, fromlist=["_"])
-    client = Client(getattr(module, factory.rstrip("()"))())
+    made = getattr(module, factory.rstrip("()"))()
+    client = _AsgiClient(made) if app.server == "uvicorn" else Client(made)
+    get = client.get
     rng = random.Random(1)
-    tracemalloc.start(16)
+    tracemalloc.start(8)
     truth: dict[str, list[str]] = {}
     for route in app.routes:
         def batch(size: int = REPLAY_BATCH, route: Route = route) -> None:
             for _ in range(size):
                 path = route.prefix + (str(rng.randrange(10**9)) if route.arg else "")
-                response = client.get(path)
+                response = get(path)
                 assert response.status_code == 200, (path, response.status_code)
                 response.close()
-            time.sleep(churn.SESSION_TTL_S + 0.1)
-            client.get(route.prefix + ("0" if route.arg else "")).close()  # lets expiry purge
+            time.sleep(max(churn.SESSION_TTL_S, 1.0) + 0.1)  # past every expiry (the feed's TTL: 1 s)
+            get(route.prefix + ("0" if route.arg else "")).close()  # lets expiry purge
             gc.collect()  # cyclic garbage awaiting the collector is not retained
 
         batch(REPLAY_WARM_UP)
@@ -163,7 +192,80 @@ def replay(app: App) -> dict[str, list[str]]:
             and snaps[2].get(site, 0) - snaps[1].get(site, 0) >= floor
         )
     tracemalloc.stop()
+    if isinstance(client, _AsgiClient):
+        client.close()
     return truth
+
+
+class _AsgiResponse:
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+
+    def close(self) -> None:
+        """Nothing to release: the body was consumed."""
+
+
+class _AsgiClient:
+    """Calls an ASGI app in this process, one GET at a time, on one event loop (lifespan included)."""
+
+    def __init__(self, app: Any) -> None:
+        import asyncio
+
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._lifespan_startup())
+
+    async def _lifespan_startup(self) -> None:
+        import asyncio
+
+        self._messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        messages = self._messages
+        await messages.put({"type": "lifespan.startup"})
+        started = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                started.set()
+
+        # The app serves lifespan until shutdown, which never comes here: run it as a task.
+        self._lifespan = asyncio.ensure_future(
+            self.app({"type": "lifespan", "asgi": {"version": "3.0"}}, messages.get, send)
+        )
+        await asyncio.wait_for(started.wait(), 10)
+
+    def get(self, path: str) -> _AsgiResponse:
+        return self.loop.run_until_complete(self._get(path))
+
+    def close(self) -> None:
+        """Lifespan shutdown, then the loop closes."""
+        self._messages.put_nowait({"type": "lifespan.shutdown"})
+        self.loop.run_until_complete(self._lifespan)
+        self.loop.close()
+
+    async def _get(self, path: str) -> _AsgiResponse:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "headers": [(b"host", b"replay")], "client": ("127.0.0.1", 1),
+            "server": ("replay", 80),
+        }
+        sent = False
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await self.app(scope, receive, send)
+        return _AsgiResponse(status)
 
 
 # ---------------------------------------------------------------------- load run
@@ -181,6 +283,9 @@ def _wrk_script(app: App, path: Path) -> None:
         "function init(args)\n  counter = counter + 1\n  math.randomseed(os.time() * 1000 + counter)\nend\n"
         "request = function()\n  local r = routes[math.random(#routes)]\n"
         "  local path = r[1]\n  if r[2] then path = path .. math.random(1000000000) end\n"
+        # One request in 20 closes its connection: keep-alive would pin every connection to the worker
+        # that accepted it first (one worker once served everything); reconnecting spreads the load.
+        '  if math.random(20) == 1 then return wrk.format("GET", path, {["Connection"] = "close"}) end\n'
         '  return wrk.format("GET", path)\nend\n',
         encoding="utf-8",
     )
@@ -198,8 +303,7 @@ def run_app(app: App, duration: float, workers: int, truth: dict[str, list[str]]
             FIELD_LEAKS="1" if app.leaks_on else "0", PYTHONPATH=str(REPO),
         )
         env.pop("FIELD_PROFILE", None)
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        cmd = [str(gunicorn), "-c", str(APPS_DIR / "gunicorn_conf.py"), app.target]
+        cmd = _server_command(app, port, workers)
         server = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -208,8 +312,8 @@ def run_app(app: App, duration: float, workers: int, truth: dict[str, list[str]]
             script = work / "routes.lua"
             _wrk_script(app, script)
             wrk = subprocess.run(
-                ["wrk", "-t1", "-c4", f"-d{int(duration)}s", "--timeout", "5s", "-s", str(script),
-                 f"http://127.0.0.1:{port}/"],
+                ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(duration)}s", "--timeout", "5s", "-s",
+                 str(script), f"http://127.0.0.1:{port}/"],
                 capture_output=True, text=True, check=True,
             )
             for line in wrk.stdout.splitlines():
@@ -234,6 +338,19 @@ def run_app(app: App, duration: float, workers: int, truth: dict[str, list[str]]
     return result
 
 
+def _server_command(app: App, port: int, workers: int) -> list[str]:
+    """gunicorn (gthread workers, see field_apps/gunicorn_conf.py) or uvicorn with worker processes."""
+    bin_dir = Path(sys.executable).parent
+    if app.server == "uvicorn":
+        module, factory = app.target.split(":")
+        return [
+            str(bin_dir / "uvicorn"), "--factory", f"{module}:{factory.rstrip('()')}", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning",
+            "--lifespan", "on", "--timeout-graceful-shutdown", "20",
+        ]
+    return [str(bin_dir / "gunicorn"), "-c", str(APPS_DIR / "gunicorn_conf.py"), app.target]
+
+
 def _wait_ready(server: subprocess.Popen[bytes], port: int) -> None:
     deadline = time.monotonic() + 45
     while time.monotonic() < deadline:
@@ -253,6 +370,11 @@ def is_own(leak: dict[str, Any]) -> bool:
     return str(leak.get("allocation_site", "")).startswith(OWN_DIRS)
 
 
+def served(worker: dict[str, Any]) -> int:
+    """Requests the worker's profiler saw."""
+    return sum(int(route.get("requests", 0)) for route in worker.get("routes") or [])
+
+
 def judge(result: Result) -> None:
     """Fill in top_right / confident_false / own_sited from the workers' suspects."""
     leak_sites = {site: route for route, sites in result.truth.items() for site in sites}
@@ -266,8 +388,8 @@ def judge(result: Result) -> None:
             if is_own(leak):
                 result.own_sited += 1
         status = worker.get("leak_status") or {}
-        if not status.get("ready"):
-            continue
+        if not status.get("ready") or not served(worker):
+            continue  # no verdict, or a worker the load balancer left idle: nothing to judge
         if leak_sites:
             top = leaks[0] if leaks else None
             tops.append(
@@ -306,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(replay(APPS[args.replay])))
         return 0
     results = []
-    for name in args.only or sorted(APPS):
+    for name in args.only or [name for name, app in APPS.items() if app.default]:
         app = APPS[name]
         truth = _ground_truth(app)
         result = run_app(app, args.duration, args.workers, truth)
@@ -317,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ERROR {result.error}")
         for worker in result.workers:
             status = worker.get("leak_status") or {}
-            print(f"  worker {worker['pid']}: {status.get('message')}")
+            print(f"  worker {worker['pid']}: {served(worker)} requests; {status.get('message')}")
             for leak in worker.get("memory_leaks", [])[:6]:
                 mark = "REAL" if any(leak["allocation_site"] in s for s in truth.values()) else "not"
                 print(f"    [{mark}] {_short(leak['allocation_site'])} route {leak.get('route')} "

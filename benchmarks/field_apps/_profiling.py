@@ -11,10 +11,17 @@ from kotoba_memory.config import MemoryConfig
 from kotoba_memory_integrations import runtime
 
 LEAKS_ON = os.environ.get("FIELD_LEAKS", "1") != "0"
+KOTOBA_ON = os.environ.get("FIELD_KOTOBA", "1") != "0"  # 0: the bare app (overhead baseline)
 
 
 def config() -> MemoryConfig:
-    """Production components with a diagnosis duty cycle (the field suite runs for minutes, not hours)."""
+    """Production components with a diagnosis duty cycle (the field suite runs for minutes, not hours);
+    ``FIELD_PRODUCTION=1``: MemoryConfig's defaults, untouched (the overhead benchmark; with
+    ``FIELD_PROFILE=0`` the same without the profiler)."""
+    if os.environ.get("FIELD_PRODUCTION") == "1":
+        if os.environ.get("FIELD_PROFILE", "1") == "0":  # the defaults without the profiler
+            return MemoryConfig(enable_profiling=False, enable_leak_detection=False)
+        return MemoryConfig()
     profiling = os.environ.get("FIELD_PROFILE", "1") != "0"  # off while ground truth is replayed
     return MemoryConfig(
         enable_caching=False,

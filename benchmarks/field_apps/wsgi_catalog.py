@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from benchmarks.field_apps import churn
-from benchmarks.field_apps._profiling import LEAKS_ON, config
+from benchmarks.field_apps._profiling import KOTOBA_ON, LEAKS_ON, config
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import set_current_route
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
@@ -63,6 +63,9 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
 
 
 def create_app() -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """The app wrapped in kotoba-memory's WSGI middleware, with the process's optimizer started."""
+    """The app wrapped in kotoba-memory's WSGI middleware, with the process's optimizer started (the bare
+    app with ``FIELD_KOTOBA=0``)."""
+    if not KOTOBA_ON:
+        return app
     runtime.start_optimizer(config())
     return MemoryMiddleware(app)

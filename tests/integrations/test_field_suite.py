@@ -31,22 +31,25 @@ def load_suite() -> ModuleType:
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
 def test_flask_shop_reports_a_replayed_leak_line_and_nothing_of_ours() -> None:
-    """Asserted: the replay's ground truth, every worker reaching a verdict, nothing sited in
-    kotoba-memory. Issue 10's stronger goals (a real leak reported in every worker, on top with its route,
-    zero confident churn suspects) do not hold in every run yet; the benchmark reports them."""
+    """Asserted: the replay's ground truth, a verdict in every worker that served requests, a replayed
+    leak line among each such worker's suspects, nothing sited in kotoba-memory. Issue 10's stronger
+    goals (the top suspect a real leak with its route, zero confident churn suspects) need more windows
+    and censuses than 30 s give; the benchmark reports them over 10 minutes (docs/performance.md)."""
     suite = load_suite()
     app = suite.APPS["flask_shop"]
     truth = suite._ground_truth(app)
     leaking = {route: sites for route, sites in truth.items() if sites}
     # the replay finds exactly the two leaking routes; every churning route retains nothing
     assert sorted(leaking) == ["/orders/<int:n>", "/subscribe/<int:n>"], truth
-    site_route = {site: route for route, sites in leaking.items() for site in sites}
+    leak_sites = {site for sites in leaking.values() for site in sites}
     result = suite.run_app(app, duration=30, workers=2, truth=truth)
     assert result.error is None, result.error
-    ready = [w for w in result.workers if (w.get("leak_status") or {}).get("ready")]
-    assert len(ready) == 2, [w.get("leak_status") for w in result.workers]
+    serving = [w for w in result.workers if suite.served(w)]
+    assert serving, "no worker served a request"
+    for worker in serving:
+        assert (worker.get("leak_status") or {}).get("ready"), worker.get("leak_status")
+        # The leaks' objects survive every census, so no process-growth comparison can veto them.
+        sites = {leak["allocation_site"] for leak in worker.get("memory_leaks") or []}
+        assert sites & leak_sites, (worker["pid"], sorted(sites))
     # Nothing of ours is ever a suspect, in any worker.
     assert result.own_sited == 0
-    # Whether each worker names a real leak is reported by the benchmark, not asserted: in a clean-clone
-    # run under load one worker listed only churn (issue 10 is open on exactly that).
-    assert site_route

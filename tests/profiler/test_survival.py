@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -118,3 +119,139 @@ def test_a_site_whose_objects_are_never_found_alive_counts_misses(
 
 def make_leak_bytes(n: int) -> bytes:
     return bytes([n % 251]) * 300  # a site whose objects stay alive
+
+
+def make_atom(n: int) -> bytes:
+    return bytes(300)  # identical contents every time: an address reused by the next one looks the same
+
+
+def test_identical_atoms_reusing_a_freed_address_are_not_taken_for_survivors(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Atoms are held and judged by their reference count, so a new ``bytes(300)`` at a dead sample's
+    address (pymalloc hands it straight back) is not mistaken for the sample."""
+    cache: deque[object] = deque(maxlen=20)
+    kept: list[object] = []
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now = 0.0
+    churn_key = leak_key = None
+    for window in range(6):
+        for i in range(50):
+            cache.append(make_atom(i))
+        kept.append(make_leak_bytes(window))
+        churn_key, leak_key = key_of(cache[-1]), key_of(kept[-1])
+        sampler.census([churn_key, leak_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert churn_key is not None and leak_key is not None
+    churn = sampler.retention(churn_key, 5.0)
+    leak = sampler.retention(leak_key, 5.0)
+    assert churn is not None and churn.alive == 0 and churn.eligible >= 3
+    assert leak is not None and leak.fraction == 1.0
+    # what it holds is bounded and let go of once dead
+    assert 0 < sampler.held_bytes <= sampler.max_held_bytes
+    live_held = sum(s.held_bytes for samples in sampler._samples.values() for s in samples if s.alive)
+    assert sampler.held_bytes == live_held
+
+
+def test_held_bytes_stay_under_the_cap(tracing: Callable[[SurvivalSampler, float], None]) -> None:
+    kept: list[object] = []
+    sampler = SurvivalSampler(per_site=16, new_per_census=4, max_held_bytes=1000)
+    for window in range(4):
+        kept.extend(make_leak_bytes(window * 10 + i) for i in range(8))
+        sampler.census([key_of(kept[-1])], float(window))
+        tracing(sampler, float(window) + 0.5)
+    assert sampler.held_bytes <= 1000
+    assert sampler.sampled > 3  # past the cap it samples by id and fingerprint instead
+
+
+class Store:
+    """Keeps its entries in a dict of ints to bytes: such a dict is untracked by the collector."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, bytes] = {}
+
+
+def test_contents_of_untracked_containers_are_found(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    store = Store()
+    sampler = SurvivalSampler()
+    key = None
+    for window in range(4):
+        for i in range(5):
+            store.data[window * 10 + i] = make_leak_bytes(window * 10 + i)
+        assert not gc.is_tracked(store.data)
+        key = key_of(store.data[window * 10])
+        sampler.census([key], float(window) * 10)
+        tracing(sampler, float(window) * 10 + 5)
+    assert key is not None and sampler.misses(key) == 0
+    retention = sampler.retention(key, 5.0)
+    assert retention is not None and retention.fraction == 1.0
+
+
+def make_job(n: int) -> Entry:
+    return Entry(n)  # a job queued; the consumer falls behind
+
+
+def test_a_queue_falling_behind_is_retention_though_its_oldest_entries_die(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Three jobs in, one out per step: every job is dropped in the end, but ever older ones — the queue
+    grows for good. A death counts against retention only when the object died younger than its site
+    was at its birth (how a bounded cache replaces entries)."""
+    jobs: deque[Entry] = deque()
+    sampler = SurvivalSampler(per_site=16, new_per_census=2)
+    now, key = 10.0, None
+    for window in range(12):
+        for i in range(30):
+            jobs.append(make_job(window * 100 + i))
+        for _ in range(10):
+            jobs.popleft()
+        key = key_of(jobs[-1])
+        sampler.census([key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    growing = sampler.retention(key, 5.0, since=0.0)
+    assert growing is not None and growing.fraction >= 0.9
+
+
+def test_a_long_churn_stays_churn_after_many_censuses(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Far more censuses than samples kept per site: the samples kept must still show the churn (the
+    oldest deaths, which do not count once the site is older, make way for newer ones)."""
+    cache: deque[object] = deque(maxlen=30)
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now, key = 0.0, None
+    for window in range(30):
+        for i in range(60):
+            cache.append(make_churn_entry(window * 100 + i))
+        key = key_of(cache[-1])
+        sampler.census([key], now, since={key: 0.0})
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    churn = sampler.retention(key, 5.0, since=0.0)
+    assert churn is not None and churn.alive == 0 and churn.eligible >= 3, churn
+
+
+def test_a_slow_churn_stays_churn_after_many_censuses(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """Turnover of several census intervals (an lru_cache at capacity): the deaths that count are
+    kept, so the newest samples, still alive, cannot outvote them."""
+    cache: deque[object] = deque(maxlen=100)
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now, key = 0.0, None
+    for window in range(40):
+        for i in range(30):
+            cache.append(make_churn_entry(window * 100 + i))
+        key = key_of(cache[-1])
+        sampler.census([key], now, since={key: 0.0})
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    churn = sampler.retention(key, 5.0, since=0.0)
+    assert churn is not None and churn.fraction < 0.5, churn

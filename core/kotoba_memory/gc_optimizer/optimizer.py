@@ -298,6 +298,12 @@ class GcOptimizer:
         """Whether :meth:`start` has been called and :meth:`stop` has not."""
         return self._running
 
+    @property
+    def refreezes_heap(self) -> bool:
+        """Whether it froze the heap itself and freezes it again after young collections between
+        requests: a brief ``gc.unfreeze()`` by someone else (the profiler's census) is then undone here."""
+        return self._running and self._tuning and self._freeze_active and self._we_froze
+
     # -- recording -------------------------------------------------------------------------------
     def record_collection(
         self, pause: float | datetime.timedelta, bytes_reclaimed: int, generation: int

@@ -26,6 +26,7 @@ _MAX_ADMISSIONS_PER_WINDOW = 32
 _MIN_WINDOWS_FOR_SHARES = 20  # shares of ~10 routes correlate by chance over fewer windows
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
 _MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
+_MIN_UNPROVEN_BYTES = 8 * 1024  # growth under this must be shown retained to be reported
 
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]  # innermost (most recent) frame first, as tracemalloc records them
@@ -53,6 +54,8 @@ class _Track:
     first_window: int = 0
     # growth per window, a ring indexed by window number (preallocated: tracking allocates nothing more)
     growth_ring: array[int] = field(default_factory=lambda: array("i"))
+    # growth per snapshot step (steps_per_window per window), the same ring: route attribution
+    step_ring: array[int] = field(default_factory=lambda: array("i"))
 
 
 def _blocks_per_track(key: Key) -> int:
@@ -67,9 +70,19 @@ def _score(track: _Track) -> int:
 class LeakDetector:
     """Accumulates per-traceback growth over tracing windows and turns it into leak suspects."""
 
-    def __init__(self, *, max_sites: int = 256, max_windows: int = 64, site_chooser: SiteChooser) -> None:
+    def __init__(
+        self,
+        *,
+        max_sites: int = 256,
+        max_windows: int = 64,
+        site_chooser: SiteChooser,
+        steps_per_window: int = 4,
+    ) -> None:
         self.max_sites = self._max_sites = max_sites
         self.max_windows = self._max_windows = max_windows
+        self.steps_per_window = steps_per_window  # growth steps kept per window (snapshots - 2)
+        # per window: the requests per route that finished in each growth step
+        self._step_routes: deque[tuple[int, list[dict[str, int]]]] = deque(maxlen=max_windows)
         self._tracks: dict[Key, _Track] = {}
         self._windows = 0
         self._window_ends: deque[float] = deque(maxlen=max_windows)
@@ -90,19 +103,26 @@ class LeakDetector:
 
     def footprint_bytes(self) -> int:
         """Rough bytes held by the detector's bookkeeping (bounded by max_sites x max_windows)."""
-        per_track = 400 + 100 * self._max_windows
-        return (
-            len(self._tracks) * per_track + 300 * len(self._window_routes) + self.survival.footprint_bytes()
-        )
+        per_track = 400 + (100 + 4 * self.steps_per_window) * self._max_windows
+        routes = 300 * (len(self._window_routes) + self.steps_per_window * len(self._step_routes))
+        return len(self._tracks) * per_track + routes + self.survival.footprint_bytes()
+
+    def first_seen(self) -> dict[Key, float]:
+        """When each tracked traceback was first seen growing (the survival sampler's ``since``)."""
+        return {key: track.first_seen for key, track in list(self._tracks.items())}
 
     def tracked_keys(self) -> list[Key]:
         """The allocation tracebacks currently tracked (the census samples objects allocated there)."""
         return list(self._tracks)
 
     def add_window(
-        self, snapshots: Sequence[WindowSnapshot], routes: Mapping[str, int] | None = None
+        self,
+        snapshots: Sequence[WindowSnapshot],
+        routes: Mapping[str, int] | None = None,
+        step_routes: Sequence[Mapping[str, int]] | None = None,
     ) -> None:
-        """Feed one window's snapshots (at least three, in time order) and the route request counts in it."""
+        """Feed one window's snapshots (at least three, in time order) and the route request counts in it;
+        ``step_routes[j]``, when given, counts the requests that finished between snapshots j-1 and j."""
         if len(snapshots) < 3:
             return
         index = self._windows
@@ -111,6 +131,9 @@ class LeakDetector:
         span = max(t_last - snapshots[1][0], 1e-9)
         self._window_ends.append(t_last)
         self._window_routes.append((index, dict(routes or {})))
+        steps_kept = min(self.steps_per_window, len(snapshots) - 2)
+        if step_routes is not None and len(step_routes) == len(snapshots) and steps_kept > 0:
+            self._step_routes.append((index, [dict(step_routes[j]) for j in range(2, 2 + steps_kept)]))
         # Only tracebacks that grew in this window start being tracked: the rest cannot be leaking
         # yet, and tracking them would make our own bookkeeping grow with every window.
         first, last = snapshots[1][1], snapshots[-1][1]
@@ -131,8 +154,11 @@ class LeakDetector:
             first_count = snapshots[1][1].get(key, (0, 0))[1]
             track.net_count_growth += snapshots[-1][1].get(key, (0, 0))[1] - first_count
             ups = downs = 0
+            base = (index % self._max_windows) * self.steps_per_window - 2
             for j in range(2, len(sizes)):
                 delta = sizes[j] - sizes[j - 1]
+                if j - 2 < steps_kept:
+                    track.step_ring[base + j] = max(-(2**31), min(2**31 - 1, delta))
                 if delta > 0:
                     ups += delta
                     if j < middle:
@@ -162,6 +188,7 @@ class LeakDetector:
             first_seen=now,
             first_window=self._windows - 1,
             growth_ring=array("i", bytes(4 * self._max_windows)),
+            step_ring=array("i", bytes(4 * self._max_windows * self.steps_per_window)),
         )
         self._own_blocks += _blocks_per_track(key)
 
@@ -190,10 +217,24 @@ class LeakDetector:
         min_confidence: float = 0.6,
     ) -> list[MemoryLeak]:
         """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
+        # The process growth that sites shown retained account for: only the rest can hide another leak.
+        # A snapshot: the scheduler thread may add a window meanwhile (analyze() does not wait for it).
+        tracks = list(self._tracks.values())
+        explained_bytes = explained_blocks = 0.0  # per second, at sites shown retained
+        for track in tracks:
+            retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
+            if retention is not None and retention.fraction >= _RETAINED and track.net_growth > 0:
+                span = max(track.traced_time, 1e-9)
+                explained_bytes += track.net_growth / span
+                explained_blocks += max(track.net_count_growth, 0) / span
+        observed_until = self._window_ends[-1] if self._window_ends else now
         found: list[MemoryLeak] = []
-        for track in self._tracks.values():
-            leak = self._judge(track, now, window_interval_s, global_growth, routes)
-            if leak is not None and leak.confidence >= min_confidence:
+        for track in tracks:
+            leak = self._judge(
+                track, now, window_interval_s, global_growth, routes, min_confidence,
+                (explained_bytes, explained_blocks), observed_until,
+            )
+            if leak is not None:
                 found.append(leak)
         # Confident suspects first, the fastest-growing of them on top: that is where the memory goes.
         found.sort(key=lambda leak: (leak.confidence >= 0.8, leak.growth_rate_bytes_per_s), reverse=True)
@@ -206,13 +247,16 @@ class LeakDetector:
         window_interval_s: float,
         global_growth: GlobalGrowth | None,
         routes: Sequence[RouteStats],
+        min_confidence: float = 0.0,
+        explained: tuple[float, float] = (0.0, 0.0),
+        observed_until: float | None = None,
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
         owner = self.site_chooser.owner(track.key)
         if owner == "own":
             return None  # kotoba-memory's own allocations are never a suspect
-        retention = self.survival.retention(track.key, window_interval_s)
+        retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
         retained = retention is not None and retention.fraction >= _RETAINED
         if owner == "library" and not retained:
             return None  # no application frame: reported only when shown to be retained
@@ -227,7 +271,10 @@ class LeakDetector:
         # with the usual spacing of growth windows.
         assert track.first_growth is not None and track.last_growth is not None
         spacing = (track.last_growth - track.first_growth) / max(track.growth_windows - 1, 1)
-        quiet = max(0.0, now - track.last_growth)
+        # Quiet time up to the latest window, not to now: with no window since, nothing says it stopped
+        # (a starved scheduler or a long interval must not read as "the leak stopped").
+        seen_until = now if observed_until is None else min(now, observed_until)
+        quiet = max(0.0, seen_until - track.last_growth)
         allowance = 2.0 * max(spacing, window_interval_s)
         recency = 1.0 if quiet <= allowance else allowance / quiet
         # A leak grows steadily through a window; a churning cache or buffer pool stops growing once
@@ -239,14 +286,18 @@ class LeakDetector:
         evidence = [
             f"grew in {track.growth_windows}/{track.windows} windows",
             f"shrink/grow {shrink:.2f}",
-            f"last growth {quiet:.0f}s ago",
+            f"last growth {quiet:.0f}s before the latest window",
             f"late/early growing steps {track.late_steps}/{track.early_steps}",
         ]
         if global_growth is not None and age > 0 and not retained:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
-            consistency = self._consistency(track, rate, global_growth, evidence, now)
+            consistency = self._consistency(track, rate, global_growth, evidence, now, explained)
         survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
-        confidence = monotonic * persistence * recency * linearity * consistency * survival
+        proven = retained or self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
+        unproven = 1.0 if proven else _unproven_factor(track, self.survival.misses(track.key), evidence)
+        confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
+        if round(confidence, 3) < min_confidence:
+            return None  # the route is worth finding for suspects only (it is the costly part)
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         return MemoryLeak(
             size=int(max(rate * age, track.positive_growth)),
@@ -269,12 +320,16 @@ class LeakDetector:
         global_growth: GlobalGrowth,
         evidence: list[str],
         now: float,
+        explained: tuple[float, float] = (0.0, 0.0),
     ) -> float:
-        """0.25 when the site grew significantly faster (over twice as fast) than the whole process.
+        """0.25 when the site grew significantly faster (over twice as fast) than the whole process, less
+        what sites shown retained (real leaks) account for.
 
         Then what it allocates is being freed again outside our windows (a cache evicting, sessions
         expiring), because a leak at one site cannot outgrow the process. Small blocks are compared
         with the interpreter's allocated-block count, large ones with malloc's in-use bytes (or RSS).
+        Taking out the retained leaks matters in a busy app: there the process grows with them, which
+        would otherwise leave room for every churning site slower than they are.
         """
         # The later half of the site's life only: start-up and warm-up growth of the process would
         # otherwise hide that it has since gone flat.
@@ -283,40 +338,39 @@ class LeakDetector:
             return 1.0
         count_rate = track.net_count_growth / max(track.traced_time, 1e-9)
         mean_block = track.net_growth / track.net_count_growth if track.net_count_growth > 0 else math.inf
+        explained_bytes, explained_blocks = explained
         if mean_block <= _SMALL_BLOCK:
             slope, stderr, floor, unit = growth.blocks_per_s, growth.blocks_stderr, _VETO_MIN_BLOCKS, "blocks"
-            site_rate = count_rate
+            site_rate, retained = count_rate, explained_blocks
         else:
             slope, stderr, floor, unit = growth.bytes_per_s, growth.bytes_stderr, _VETO_MIN_BYTES, "bytes"
-            site_rate = rate
+            site_rate, retained = rate, explained_bytes
         # Factor 2: the site's rate is measured inside windows, where the app may run faster or slower
         # than on average; a churning site leaves the process flat, far below half its rate.
-        if site_rate * growth.span_s >= floor and site_rate > 2.0 * max(slope, 0.0) + 3.0 * stderr:
-            evidence.append(f"site +{site_rate:.0f} {unit}/s but process +{slope:.0f}±{stderr:.0f} {unit}/s")
+        rest = max(slope - retained, 0.0)
+        if site_rate * growth.span_s >= floor and site_rate > 2.0 * rest + 3.0 * stderr:
+            less = f" ({retained:.0f} of it at retained sites)" if retained > 0 else ""
+            evidence.append(
+                f"site +{site_rate:.0f} {unit}/s but process +{slope:.0f}±{stderr:.0f} {unit}/s{less}"
+            )
             return 0.25
         return 1.0
 
     def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
         oldest = max(track.first_window, self._windows - self._max_windows)
-        growth = {i: track.growth_ring[i % self._max_windows] for i in range(oldest, self._windows)}
-        window_routes = [(i, counts) for i, counts in self._window_routes if i in growth and counts]
-        names = {name for _, counts in window_routes for name in counts}
-        best, best_corr = None, 0.3
-        # A route's request count per window against the site's growth; with enough windows also its
-        # share of the window's requests against the growth per request (a busy window makes every
-        # route's count rise with the growth, shares take that common factor out). The better counts.
-        shares = len(window_routes) >= _MIN_WINDOWS_FOR_SHARES
-        ys = [float(growth[i]) for i, _ in window_routes]
-        totals = [float(sum(counts.values())) for _, counts in window_routes]
-        for name in names:
-            xs = [float(counts.get(name, 0)) for _, counts in window_routes]
-            corr = _pearson(xs, ys)
-            if shares:
-                share = _pearson([x / t for x, t in zip(xs, totals)], [y / t for y, t in zip(ys, totals)])
-                if share is not None and (corr is None or share > corr):
-                    corr = share
-            if corr is not None and corr > best_corr:
-                best, best_corr = name, corr
+        live = range(oldest, self._windows)
+        # Per growth step (several per window) when the steps' request counts are known: many more
+        # points than windows, and inside a window a leak grows exactly when its route's requests run.
+        points: list[tuple[float, dict[str, int]]] = []
+        for i, steps in list(self._step_routes):  # a copy: windows may be added meanwhile
+            if i in live:
+                base = (i % self._max_windows) * self.steps_per_window
+                points.extend((float(track.step_ring[base + k]), counts) for k, counts in enumerate(steps))
+        if len(points) < _MIN_WINDOWS_FOR_SHARES:
+            growth = {i: track.growth_ring[i % self._max_windows] for i in live}
+            points = [(float(growth[i]), counts) for i, counts in list(self._window_routes) if i in growth]
+        points = [(y, counts) for y, counts in points if counts]
+        best = _regressed_route(points) or _best_correlated(points)
         if best is not None:
             return best
         # No contrast between windows (the leak grows in all of them): fall back to the route whose
@@ -329,6 +383,104 @@ class LeakDetector:
         if not candidates:
             return None
         return max(candidates, key=per_request).route
+
+
+def _regressed_route(points: Sequence[tuple[float, Mapping[str, int]]]) -> str | None:
+    """The route contributing most to a site's growth in a least-squares fit of the growth per point on
+    every route's request count per point (no intercept: no requests, no growth).
+
+    Unlike one correlation per route, the fit separates routes whose counts rise and fall together
+    (every route is busier when the server is). Needs three points per route, and the fit must explain
+    at least half of the growth's variation; else None.
+    """
+    names = sorted({name for _, counts in points for name in counts})
+    k = len(names)
+    if k == 0 or len(points) < 3 * k:
+        return None
+    rows = [[float(counts.get(name, 0)) for name in names] for _, counts in points]
+    ys = [y for y, _ in points]
+    # Normal equations (X'X + a tiny ridge) b = X'y, solved by Gaussian elimination (k is small).
+    xtx = [[sum(r[i] * r[j] for r in rows) for j in range(k)] for i in range(k)]
+    xty = [sum(r[i] * y for r, y in zip(rows, ys)) for i in range(k)]
+    for i in range(k):
+        xtx[i][i] += 1e-6 * (xtx[i][i] + 1.0)
+    coef = _solve(xtx, xty)
+    if coef is None:
+        return None
+    fitted = [sum(b * x for b, x in zip(coef, r)) for r in rows]
+    mean = sum(ys) / len(ys)
+    total = sum((y - mean) ** 2 for y in ys)
+    residual = sum((y - f) ** 2 for y, f in zip(ys, fitted))
+    if total <= 0 or 1.0 - residual / total < 0.5:
+        return None
+    contribution = [b * sum(r[i] for r in rows) for i, b in enumerate(coef)]
+    i = max(range(k), key=contribution.__getitem__)
+    return names[i] if contribution[i] > 0 else None
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Solve ``a x = b`` (square, modified in place) by Gaussian elimination with partial pivoting."""
+    n = len(b)
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        b[col], b[pivot] = b[pivot], b[col]
+        for r in range(col + 1, n):
+            factor = a[r][col] / a[col][col]
+            if factor:
+                for c in range(col, n):
+                    a[r][c] -= factor * a[col][c]
+                b[r] -= factor * b[col]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (b[r] - sum(a[r][c] * x[c] for c in range(r + 1, n))) / a[r][r]
+    return x
+
+
+def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str | None:
+    """The route whose request counts best follow a site's growth over ``points`` (growth, counts).
+
+    A route's count per point against the growth; with enough points also its share of the point's
+    requests against the growth per request (a busy moment makes every route's count rise with the
+    growth, shares take that common factor out). The better of the two counts; at least 0.3.
+    """
+    names = {name for _, counts in points for name in counts}
+    best, best_corr = None, 0.3
+    shares = len(points) >= _MIN_WINDOWS_FOR_SHARES
+    ys = [y for y, _ in points]
+    totals = [float(sum(counts.values())) for _, counts in points]
+    for name in sorted(names):
+        xs = [float(counts.get(name, 0)) for _, counts in points]
+        corr = _pearson(xs, ys)
+        if shares:
+            share = _pearson([x / t for x, t in zip(xs, totals)], [y / t for y, t in zip(ys, totals)])
+            if share is not None and (corr is None or share > corr):
+                corr = share
+        if corr is not None and corr > best_corr:
+            best, best_corr = name, corr
+    return best
+
+
+def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
+    """0.5 for growth that survival has not shown retained (nor a sample alive for two window intervals
+    with none dead) and that looks like a by-product of churn.
+
+    - Tiny: under ``_MIN_UNPROVEN_BYTES`` in all windows; a one-off refill of a freelist or a buffer
+      looks like that, and a leak this small is not worth a page until a census shows it retained.
+    - Intermittent and never found: grew in under 80% of its windows, and no census found a live
+      object of it. Memory a dict's table resize or a freelist keeps (tracemalloc still counts freed
+      objects CPython parks there) grows like that; a leak's objects are found alive, a steady one grows
+      in nearly every window.
+    """
+    if track.positive_growth < _MIN_UNPROVEN_BYTES:
+        evidence.append(f"only {track.positive_growth} bytes grew, not shown retained")
+        return 0.5
+    if misses >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
+        evidence.append("intermittent growth of nothing any census found alive")
+        return 0.5
+    return 1.0
 
 
 def _survival_factor(retention: Retention | None, evidence: list[str], misses: int = 0) -> float:

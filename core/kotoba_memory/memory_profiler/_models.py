@@ -139,6 +139,7 @@ class ProfilerStats:
     sampled_objects: int = 0
     last_census_ms: float = 0.0
     max_census_ms: float = 0.0
+    heap_thaws: int = 0
 
 
 @dataclass(frozen=True, slots=True)

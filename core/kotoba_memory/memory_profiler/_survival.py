@@ -4,19 +4,30 @@ A window only sees what was allocated inside it, so a cache that churns at capac
 freed between windows) grows in every window exactly like a leak. What separates them is survival: the
 entries a leak allocated are all still alive minutes later, a churning cache's are gone. At the end of
 a window, while tracemalloc still traces, a census finds live objects allocated at tracked sites
-(``gc.get_objects()`` and their direct referents, whose allocation traceback tracemalloc knows) and
-keeps a bounded sample of them — a weak reference when the type allows one, else the object's id, type
-and a content fingerprint, never a strong reference. Later censuses check which samples are still alive.
+(``gc.get_objects()``, their referents and the contents of untracked containers among those, whose
+allocation traceback tracemalloc knows) and
+keeps a bounded sample of them. Later censuses check which samples are still alive:
+
+- a weak reference when the type allows one;
+- a small object that cannot refer to others (a str, bytes, number, or a tuple or dict of those) is held
+  and alive while anyone else still refers to it (its reference count): exact, and it cannot be part of
+  a cycle we would keep alive; the bytes held this way are capped (``max_held_bytes``);
+- anything else by id, type and a content fingerprint, looked up in the heap again (a newcomer at a
+  reused address has other contents).
+
+The heap scans only see what the collector lists: ``gc.freeze()`` hides the frozen objects, so the
+caller thaws the heap first when the one who froze it freezes it again (see the profiler).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 import tracemalloc
 import weakref
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import compress
+from itertools import compress, filterfalse
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +35,22 @@ Frame = tuple[str, int]
 Key = tuple[Frame, ...]
 
 _HASHABLE_BY_CONTENT = (bytes, str, int, float, complex, frozenset, tuple)
+_MAX_HELD_OBJECT = 4096  # bytes (with its referents) of one object held for its reference count
+
+
+class _Slot:
+    __slots__ = ("obj",)
+    obj: object
+
+
+def _dead_refcount() -> int:
+    """``sys.getrefcount`` of an object referred to by one attribute only (2 on CPython 3.11-3.13)."""
+    slot = _Slot()
+    slot.obj = object()
+    return sys.getrefcount(slot.obj)
+
+
+_DEAD_REFCOUNT = _dead_refcount()
 
 
 def _object_traceback_reader() -> Callable[[object], Key | None]:
@@ -72,6 +99,9 @@ class _Sample:
     ref: weakref.ref[Any] | None
     last_seen: float
     alive: bool = True
+    held: Any = None  # the object itself, for small atoms checked by reference count
+    held_bytes: int = 0
+    died_at: float = 0.0  # when a check first found it gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +118,60 @@ class Retention:
         return self.alive / self.eligible if self.eligible else 0.0
 
 
-class SurvivalSampler:
-    """Bounded samples of live objects per allocation traceback, re-checked at every census."""
+def _died_young(sample: _Sample, since: float | None) -> bool:
+    """Dead, and (with ``since``) younger than its site was when it was born (see ``retention``)."""
+    if sample.alive:
+        return False
+    return since is None or sample.died_at - sample.taken_at < sample.taken_at - since
 
-    def __init__(self, *, per_site: int = 16, new_per_census: int = 4) -> None:
+
+Found = list[tuple[Key | None, Any]]  # (allocation traceback, live object) pairs a census scan found
+
+
+def _heap() -> Iterator[list[Any]]:
+    """What the collector lists, their referents, and what untracked containers among those hold.
+
+    Untracked containers (a dict or tuple of atoms: a cache's inner dict of ints to bytes) are not
+    listed themselves, so their contents are one level further down. Built in C, a level at a time.
+    """
+    objects = gc.get_objects()
+    yield objects
+    referents = _referents(objects)
+    del objects
+    yield referents
+    yield gc.get_referents(*filterfalse(gc.is_tracked, referents))
+
+
+def _holdable(obj: Any) -> int:
+    """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
+    exact atoms and tuples of them (never a container that could join a cycle), up to 4 KiB."""
+    kind = type(obj)
+    if kind is tuple:
+        if gc.is_tracked(obj):
+            return 0
+        size = sys.getsizeof(obj) + sum(map(sys.getsizeof, obj))
+    elif kind in (str, bytes, int, float, complex):
+        size = sys.getsizeof(obj)
+    else:
+        return 0
+    return size if size <= _MAX_HELD_OBJECT else 0
+
+
+class SurvivalSampler:
+    """Bounded samples of live objects per allocation traceback, re-checked at every census.
+
+    One thread takes censuses and checks; others may read :meth:`retention` meanwhile. Only
+    :meth:`add` and :meth:`forget` change which samples exist (callers hold their lock around them);
+    :meth:`scan` and :meth:`check` only read them or flip a sample's state.
+    """
+
+    def __init__(
+        self, *, per_site: int = 16, new_per_census: int = 4, max_held_bytes: int = 256 * 1024
+    ) -> None:
         self.per_site = per_site
         self.new_per_census = new_per_census
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0
         self._samples: dict[Key, list[_Sample]] = {}
         self._read = _object_traceback_reader()
         self.censuses = 0
@@ -104,16 +182,17 @@ class SurvivalSampler:
     @property
     def sampled(self) -> int:
         """Number of samples held."""
-        return sum(len(v) for v in self._samples.values())
+        return sum(len(v) for v in list(self._samples.values()))
 
     def footprint_bytes(self) -> int:
-        """Rough bytes held by the samples (bounded by sites x per_site)."""
-        return 200 * self.sampled + 100 * len(self._samples)
+        """Rough bytes held by the samples (bounded by sites x per_site, plus the objects held)."""
+        return 200 * self.sampled + 100 * len(self._samples) + self.held_bytes
 
     def forget(self, keep: Collection[Key]) -> None:
         """Drop the samples of tracebacks no longer tracked."""
         for key in [k for k in self._samples if k not in keep]:
-            del self._samples[key]
+            for sample in self._samples.pop(key):
+                self._release(sample)
         for key in [k for k in self._misses if k not in keep]:
             del self._misses[key]
 
@@ -123,38 +202,108 @@ class SurvivalSampler:
         parked on CPython's freelists after being freed."""
         return 0 if key in self._samples else self._misses.get(key, 0)
 
-    def census(self, interest: Collection[Key], now: float) -> None:
-        """Take new samples at ``interest`` sites; only while tracemalloc traces (it knows where objects
-        were allocated). Allocates nothing per object scanned: every allocation is traced, and slow."""
+    def census(self, interest: Collection[Key], now: float, since: Mapping[Key, float] | None = None) -> None:
+        """:meth:`scan` then :meth:`add` (for a caller with no readers on other threads)."""
+        found = self.scan(interest)
+        if found is not None:
+            self.add(found, interest, now, since)
+
+    def scan(self, interest: Collection[Key]) -> Found | None:
+        """Live objects allocated at ``interest`` sites (None unless tracemalloc traces: it knows where
+        objects were allocated). Changes nothing; allocates little per object scanned (each allocation
+        is traced, and slow)."""
         if not tracemalloc.is_tracing() or not interest:
-            return
+            return None
+        wanted = frozenset(interest)
+        read = self._read
+        found: Found = []
+        for seq in _heap():
+            # All in C (list() does not let the GIL go between items): the objects allocated there.
+            hits = list(compress(seq, map(wanted.__contains__, map(read, seq))))
+            found.extend((read(obj), obj) for obj in hits)
+        return found
+
+    def choose(self, found: Found) -> Found:
+        """Up to ``new_per_census`` objects per site from a :meth:`scan` that are not sampled yet
+        (changes nothing: the caller can do it outside its lock and hold it only for :meth:`add`)."""
+        held = {s.ident for samples in list(self._samples.values()) for s in samples if s.alive}
+        chosen: Found = []
+        added: dict[Key, int] = {}
+        for key, obj in found:
+            if key is None or id(obj) in held or added.get(key, 0) >= self.new_per_census:
+                continue
+            held.add(id(obj))
+            added[key] = added.get(key, 0) + 1
+            chosen.append((key, obj))
+        return chosen
+
+    def add(
+        self, found: Found, interest: Collection[Key], now: float, since: Mapping[Key, float] | None = None
+    ) -> None:
+        """Take up to ``new_per_census`` new samples per site from a :meth:`scan` (or its :meth:`choose`);
+        ``since``: when each site started growing (see :meth:`retention`)."""
         self.censuses += 1
-        objects = gc.get_objects()
-        self._take((objects, _referents(objects)), frozenset(interest), now)
+        for wanted in interest:
+            if wanted not in self._samples:
+                self._misses[wanted] = self._misses.get(wanted, 0) + 1
+        for key, obj in self.choose(found):
+            assert key is not None  # choose() drops objects without a traceback
+            self._misses.pop(key, None)
+            samples = self._samples.setdefault(key, [])
+            samples.append(self._sample(obj, now))
+            if len(samples) > self.per_site:
+                # First a death that does not count (see retention(): it died older than its site was
+                # at its birth, e.g. an entry taken while the cache was still filling): it says nothing.
+                # Else keep the oldest (most telling) and the newest, and drop a middle-aged one.
+                start = None if since is None else since.get(key)
+                idle = next(
+                    (i for i, x in enumerate(samples) if not x.alive and not _died_young(x, start)), None
+                )
+                self._release(samples.pop(len(samples) // 2 if idle is None else idle))
+
+    def _sample(self, obj: Any, now: float) -> _Sample:
+        kind = type(obj)
+        if kind.__weakrefoffset__:
+            return _Sample(now, id(obj), kind, 0, weakref.ref(obj), now)
+        size = _holdable(obj)
+        if size and self.held_bytes + size <= self.max_held_bytes:
+            self.held_bytes += size
+            return _Sample(now, id(obj), kind, 0, None, now, held=obj, held_bytes=size)
+        return _Sample(now, id(obj), kind, _fingerprint(obj), None, now)
+
+    def _release(self, sample: _Sample) -> None:
+        if sample.held is not None:
+            sample.held = None
+            self.held_bytes -= sample.held_bytes
 
     def check(self, now: float) -> None:
         """Which samples are still alive; after tracing stopped (matching by id allocates an int each)."""
-        if not any(self._samples.values()):
-            return
-        objects = gc.get_objects()
-        self._check((objects, _referents(objects)), now)
-        self._last_check = now
-
-    def _check(self, pool: Iterable[list[Any]], now: float) -> None:
         wanted: dict[int, _Sample] = {}
-        for samples in self._samples.values():
+        for samples in list(self._samples.values()):
             for sample in samples:
                 if not sample.alive:
                     continue
                 if sample.ref is not None:
                     if sample.ref() is None:
-                        sample.alive = False
+                        sample.alive, sample.died_at = False, now
+                    else:
+                        sample.last_seen = now
+                elif sample.held is not None:
+                    # Held by us alone: nobody else refers to it any more, so it would have been freed.
+                    if sys.getrefcount(sample.held) <= _DEAD_REFCOUNT:
+                        sample.alive, sample.died_at = False, now
+                        self._release(sample)
                     else:
                         sample.last_seen = now
                 else:
                     wanted[sample.ident] = sample
+        self._last_check = now
         if not wanted:
             return
+        self._find(wanted, _heap(), now)
+
+    @staticmethod
+    def _find(wanted: dict[int, _Sample], pool: Iterable[list[Any]], now: float) -> None:
         found: dict[int, bool] = {}
         for seq in pool:
             # All in C (list() does not let the GIL go between items): the objects whose id we sampled.
@@ -168,35 +317,26 @@ class SurvivalSampler:
             if found.get(ident):
                 sample.last_seen = now
             else:
-                sample.alive = False
+                sample.alive, sample.died_at = False, now
 
-    def _take(self, pool: Iterable[list[Any]], interest: frozenset[Key], now: float) -> None:
-        added: dict[Key, int] = {}
-        for wanted in interest:
-            if wanted not in self._samples:
-                self._misses[wanted] = self._misses.get(wanted, 0) + 1
-        held = {s.ident for samples in self._samples.values() for s in samples if s.alive}
-        for seq in pool:
-            for obj in list(compress(seq, map(interest.__contains__, map(self._read, seq)))):
-                key = self._read(obj)
-                if key is None or id(obj) in held or added.get(key, 0) >= self.new_per_census:
-                    continue
-                held.add(id(obj))
-                added[key] = added.get(key, 0) + 1
-                kind = type(obj)
-                ref = weakref.ref(obj) if kind.__weakrefoffset__ else None
-                sample = _Sample(now, id(obj), kind, 0 if ref is not None else _fingerprint(obj), ref, now)
-                self._misses.pop(key, None)
-                samples = self._samples.setdefault(key, [])
-                samples.append(sample)
-                if len(samples) > self.per_site:
-                    # Keep the oldest (most telling) and the newest; drop a middle-aged one.
-                    del samples[len(samples) // 2]
+    def unrefuted(self, key: Key, min_age_s: float, since: float | None = None) -> bool:
+        """A sample alive for ``min_age_s`` and none dead (as :meth:`retention` counts the dead): weaker
+        than a retention verdict, enough to lift the doubt on tiny or intermittent growth."""
+        samples = self._samples.get(key) or []
+        if any(_died_young(s, since) for s in samples):
+            return False
+        return any(s.alive and s.last_seen - s.taken_at >= min_age_s for s in samples)
 
-    def retention(self, key: Key, min_age_s: float) -> Retention | None:
-        """Survival of ``key``'s samples: every dead one, and the live ones seen alive for at least
-        ``min_age_s`` and half the oldest sample's age (young samples prove nothing); None under 3."""
-        samples = self._samples.get(key)
+    def retention(self, key: Key, min_age_s: float, since: float | None = None) -> Retention | None:
+        """Survival of ``key``'s samples: the dead ones, and the live ones seen alive for at least
+        ``min_age_s`` and half the oldest sample's age (young samples prove nothing); None under 3.
+
+        With ``since`` (when the site started growing), a death counts only when the object died
+        younger than the site was at its birth: a bounded cache replaces its entries at a steady age,
+        while a queue that falls behind drops ever older ones and grows all the same.
+        """
+        # Deaths at an old age are left out altogether (also from the age the live ones must reach).
+        samples = [s for s in self._samples.get(key) or () if s.alive or _died_young(s, since)]
         if not samples:
             return None
         oldest = self._last_check - min(s.taken_at for s in samples)

@@ -29,6 +29,7 @@ from kotoba_memory.memory_profiler._models import (
     RouteStats,
 )
 from kotoba_memory.memory_profiler._ring import SampleRing
+from kotoba_memory.memory_profiler._survival import Found
 from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
 from kotoba_memory.process import Task, forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
@@ -66,6 +67,8 @@ class _Window:
     gap: float
     pid: int
     raws: list[tuple[float, list[Any]]] = field(default_factory=list)
+    # requests per route finished since the previous snapshot, one dict per snapshot
+    step_routes: list[dict[str, int]] = field(default_factory=list)
 
 
 def _own_prefixes() -> list[str]:
@@ -202,6 +205,7 @@ class MemoryProfiler:
             max_sites=max_sites,
             max_windows=max_windows,
             site_chooser=SiteChooser(_library_prefixes(), own),
+            steps_per_window=snapshots_per_window - 2,
         )
         self._hotspots: list[AllocationHotspot] = []
         self._hotspots_by_count: list[AllocationHotspot] = []
@@ -214,10 +218,11 @@ class MemoryProfiler:
             }
         )
         self.max_trace_memory_bytes = max_trace_memory_bytes
-        # Survival censuses may take a tenth of the time tracing already takes, and at least 0.5% of
-        # wall time: at production defaults one census per window up to ~300 ms of census work.
+        # Survival censuses may take a quarter of the time tracing already takes (tracing slows the app
+        # several times over, a census only holds it for its own CPU time), and at least 0.5% of wall
+        # time: at production defaults one census per window up to ~300 ms of census work.
         self.census_budget = (
-            max(0.005, 0.1 * self.window_s / self.window_interval_s) if census_budget is None
+            max(0.005, 0.25 * self.window_s / self.window_interval_s) if census_budget is None
             else float(census_budget)
         )
         self._next_census = 0.0
@@ -226,6 +231,9 @@ class MemoryProfiler:
         self._last_census_ms = 0.0
         self._max_census_ms = 0.0
         self._skipped_windows = 0
+        self._thaws = 0
+        self._census_keys: list[Key] = []
+        self._census_found: Found | None = None
         self._own_heap = 0
         self._tasks: tuple[Task, ...] = ()
         self._window: _Window | None = None
@@ -383,6 +391,7 @@ class MemoryProfiler:
             return self.window_interval_s - self.window_s
         started = time.perf_counter()
         window.raws.append((time.time(), self._read_traces()))
+        window.step_routes.append(self._routes.take_window_counts())
         self._note_window_cost(time.perf_counter() - started)
         self._guarded(self._sample)
         taken = len(window.raws)
@@ -393,10 +402,13 @@ class MemoryProfiler:
         return self.window_interval_s - self.window_s
 
     def _census(self) -> None:
-        """While tracing is still on: sample live objects allocated at tracked sites in this window.
+        """While tracing is still on: find live objects allocated at tracked sites in this window.
 
-        With :meth:`_survival_check` after tracing stops, its cost (GIL time, well under 1 us per live
-        object and referent) is kept under ``census_budget`` of wall time by spacing censuses out.
+        Only the lookup that needs tracing happens here (allocations made now are traced, and slow);
+        :meth:`_survival_check` samples what was found and checks earlier samples once tracing has
+        stopped. Their cost (GIL time, well under 1 us per live object and referent) is kept under
+        ``census_budget`` of wall time by spacing censuses out; neither holds the profiler's lock
+        while it scans the heap, so ``analyze()`` does not wait for them.
         """
         now = time.monotonic()
         self._census_due = self.census_budget > 0 and now >= self._next_census
@@ -404,26 +416,53 @@ class MemoryProfiler:
             return
         started = time.thread_time()  # this thread's CPU time: the GIL time the census takes
         with self._lock:
-            self._detector.survival.census(self._detector.tracked_keys(), time.time())
+            self._census_keys = self._detector.tracked_keys()
+        self._thaw_heap()
+        self._census_found = self._detector.survival.scan(self._census_keys)
         self._census_cost = time.thread_time() - started
 
     def _survival_check(self) -> None:
-        """After tracing stopped: which sampled objects are still alive (see :meth:`_census`)."""
+        """After tracing stopped: which sampled objects are still alive, then new samples from the census."""
         if not self._census_due:
             return
         self._census_due = False
+        found, keys, self._census_found, self._census_keys = self._census_found, self._census_keys, None, []
         now = time.monotonic()
         started = time.thread_time()
-        with self._lock:
-            self._detector.survival.check(time.time())
+        sampler = self._detector.survival
+        self._thaw_heap()
+        sampler.check(time.time())
+        if found is not None:
+            chosen = sampler.choose(found)  # the bulk of the work, outside the lock
+            with self._lock:
+                if sampler is self._detector.survival:  # not replaced by a fork meanwhile
+                    sampler.add(chosen, keys, time.time(), self._detector.first_seen())
+        del found
         cost = self._census_cost + time.thread_time() - started
         self._last_census_ms = cost * 1000.0
         self._max_census_ms = max(self._max_census_ms, self._last_census_ms)
         self._next_census = now + cost / self.census_budget
 
+    def _thaw_heap(self) -> None:
+        """Let the census see the whole heap when the GC optimizer keeps it frozen.
+
+        ``gc.get_objects()`` does not list frozen objects, and the GC optimizer freezes everything that
+        outlives a young collection: a ring buffer's entries and a leak's dicts would be invisible (a
+        leak's samples would even look dead). Thawing is cheap (one list splice) and the optimizer
+        freezes the heap again at its next young collection between requests, after collecting young
+        garbage. A heap someone else froze (e.g. for copy-on-write) is left frozen.
+        """
+        if gc.get_freeze_count() == 0:
+            return
+        gc_optimizer = registry.active("gc_optimizer")
+        if gc_optimizer is not None and getattr(gc_optimizer, "refreezes_heap", False):
+            gc.unfreeze()
+            self._thaws += 1
+
     def _abandon_window(self) -> None:
         window, self._window = self._window, None
         self._in_window = False
+        self._census_due, self._census_found, self._census_keys = False, None, []
         if window is not None and window.owned and tracemalloc.is_tracing():
             tracemalloc.stop()
 
@@ -438,11 +477,16 @@ class MemoryProfiler:
         raws, window.raws = window.raws, []
         snapshots: list[WindowSnapshot] = [(t, self._group(raw)) for t, raw in raws]
         del raws
-        routes = self._routes.take_window_counts()
-        with self._lock:
-            self._detector.add_window(snapshots, routes)
-            if snapshots:
-                self._update_hotspots(snapshots[-1][1])
+        steps, window.step_routes = window.step_routes, []
+        routes: dict[str, int] = {}
+        for counts in steps:
+            for name, n in counts.items():
+                routes[name] = routes.get(name, 0) + n
+        # Not under the lock: analyze() reads the detector without it (see there); only this thread
+        # changes it.
+        self._detector.add_window(snapshots, routes, steps)
+        if snapshots:
+            self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._note_window_cost(time.perf_counter() - started)
 
     def reinit_after_fork(self) -> None:
@@ -458,12 +502,14 @@ class MemoryProfiler:
         self._routes = _RouteTable(self._routes.max_routes)
         old = self._detector
         self._detector = LeakDetector(
-            max_sites=old.max_sites, max_windows=old.max_windows, site_chooser=old.site_chooser
+            max_sites=old.max_sites, max_windows=old.max_windows, site_chooser=old.site_chooser,
+            steps_per_window=old.steps_per_window,
         )
         self._hotspots = []
         self._hotspots_by_count = []
         self._own_heap = 0
         self._next_census = 0.0
+        self._census_due, self._census_found, self._census_keys = False, None, []
         self._started_at = time.monotonic()
 
     def _read_traces(self) -> list[Any]:
@@ -548,6 +594,7 @@ class MemoryProfiler:
                 sampled_objects=self._detector.survival.sampled,
                 last_census_ms=self._last_census_ms,
                 max_census_ms=self._max_census_ms,
+                heap_thaws=self._thaws,
             )
 
     def _own_memory(self) -> int:
@@ -559,16 +606,19 @@ class MemoryProfiler:
         routes = self._routes.snapshot()
         with self._lock:
             samples = self._ring.samples()
-            temporal = analyze_samples(samples, self.memory_limit_bytes)
-            leaks = self._detector.suspects(
-                now=time.time(),
-                window_interval_s=self.window_interval_s,
-                global_growth=_SampleGrowth(samples),
-                routes=routes,
-                min_confidence=self.min_confidence,
-            )
             hotspots = list(self._hotspots)
             by_count = list(self._hotspots_by_count)
+            detector = self._detector
+        temporal = analyze_samples(samples, self.memory_limit_bytes)
+        # Outside the lock: only the scheduler thread changes the detector, and a window it adds
+        # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
+        leaks = detector.suspects(
+            now=time.time(),
+            window_interval_s=self.window_interval_s,
+            global_growth=_SampleGrowth(samples),
+            routes=routes,
+            min_confidence=self.min_confidence,
+        )
         stats = self.stats()
         status = self._leak_status(stats.windows)
         return MemoryAnalysis(

@@ -1,0 +1,171 @@
+"""Overhead of kotoba-memory at production defaults on a realistic app, in steady state.
+
+The plain-WSGI field app (benchmarks/field_apps/wsgi_catalog.py, its leak switched off: seven routes
+of caches, sessions, templates, logging and JSON) runs twice under gunicorn, one gthread worker each:
+``off`` is the bare app, ``on`` the app in kotoba-memory's WSGI middleware with ``MemoryConfig()``'s
+defaults untouched (profiling with a 0.5 s tracing window every 60 s and survival censuses, the
+adaptive GC optimizer, the cache manager). After a warm-up (start-up, the first tracing window, the
+GC optimizer's warm-up freeze) both are loaded at the same moment by two wrk processes, round after
+round; the rounds are a whole window interval long, so each holds its share of tracing windows. The
+figure is the worker's CPU time per request (``/proc`` counters), which bounds a saturated worker's
+requests per CPU-second and hardly depends on the machine's other load; reported as the median of the
+per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a ratio <= 1.02).
+
+    .venv/bin/python benchmarks/field_overhead.py                      # 60 s warm-up + 6 x 60 s
+    .venv/bin/python benchmarks/field_overhead.py --rounds 3 --round-s 20 --warmup-s 20   # a quick look
+    .venv/bin/python benchmarks/field_overhead.py --without-profiler   # + the defaults minus profiling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.field_suite import APPS, _wrk_script  # noqa: E402
+
+_REQUESTS = re.compile(r"(\d+) requests in")
+
+
+class Server:
+    """gunicorn with one gthread worker serving the catalogue, bare or with kotoba-memory."""
+
+    def __init__(self, kotoba: bool, profiler: bool = True) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        env = dict(
+            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS="1", FIELD_LEAKS="0",
+            FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1", PYTHONPATH=str(REPO),
+            FIELD_PROFILE="1" if profiler else "0",
+        )
+        env.pop("FIELD_OUT", None)
+        conf = REPO / "benchmarks" / "field_apps" / "gunicorn_conf.py"
+        cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", str(conf), APPS["wsgi_catalog"].target]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            children = psutil.Process(self.proc.pid).children()
+            with socket.socket() as sock:
+                if children and sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    self.worker = children[0]
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("gunicorn did not come up")
+
+    def cpu_seconds(self) -> float:
+        times = self.worker.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def wrk(port: int, seconds: float, script: Path, connections: int) -> int:
+    """Requests completed in one wrk run over the app's routes."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "5s", "-s", str(script),
+         f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout
+    found = _REQUESTS.search(out)
+    if found is None or "Non-2xx" in out:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    return int(found.group(1))
+
+
+def paired_round(
+    servers: dict[str, Server], seconds: float, script: Path, connections: int
+) -> dict[str, float]:
+    """Load every server at once; each worker's CPU microseconds per request and requests served."""
+    cpu0 = {name: s.cpu_seconds() for name, s in servers.items()}
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        runs = {name: pool.submit(wrk, s.port, seconds, script, connections) for name, s in servers.items()}
+        served = {name: run.result() for name, run in runs.items()}
+    result: dict[str, float] = {}
+    for name, server in servers.items():
+        result[f"{name}_requests"] = served[name]
+        result[f"{name}_cpu_us"] = (server.cpu_seconds() - cpu0[name]) / max(served[name], 1) * 1e6
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--round-s", type=float, default=60.0, help="one window interval at the defaults")
+    parser.add_argument("--warmup-s", type=float, default=60.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--without-profiler", action="store_true",
+        help="also serve the defaults without the profiler (a third server, loaded at the same time)",
+    )
+    args = parser.parse_args(argv)
+    servers: dict[str, Server] = {}
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="field-overhead-") as tmp:
+        script = Path(tmp) / "routes.lua"
+        _wrk_script(APPS["wsgi_catalog"], script)
+        try:
+            servers["off"] = Server(False)
+            servers["on"] = Server(True)
+            if args.without_profiler:
+                servers["noprof"] = Server(True, profiler=False)
+            print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
+            paired_round(servers, args.warmup_s, script, args.connections)
+            for r in range(args.rounds):
+                result = paired_round(servers, args.round_s, script, args.connections)
+                for name in servers:
+                    if name != "off":
+                        result[f"{name}_ratio"] = result[f"{name}_cpu_us"] / result["off_cpu_us"]
+                rounds.append(result)
+                shown = ", ".join(
+                    f"{name} {result[f'{name}_cpu_us']:.1f} us ({int(result[f'{name}_requests'])} requests)"
+                    for name in servers
+                )
+                ratios = ", ".join(f"{n}/off {result[f'{n}_ratio']:.3f}" for n in servers if n != "off")
+                print(f"  round {r + 1}/{args.rounds}: {shown}; {ratios}", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+    summary: dict[str, Any] = {"rounds": rounds, "args": vars(args)}
+    for name in servers:
+        if name == "off":
+            continue
+        ratio = statistics.median(r[f"{name}_ratio"] for r in rounds)
+        summary[f"median_{name}_ratio"] = ratio
+        per_round = ", ".join(f"{r[f'{name}_ratio']:.3f}" for r in rounds)
+        print(f"{name}: median CPU per request vs off {ratio:.3f} -> {100 * (1 - 1 / ratio):.1f}% fewer "
+              f"requests per CPU-second (goal <= 2%); per round: {per_round}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
