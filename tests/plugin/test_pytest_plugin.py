@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import textwrap
 
 import pytest
@@ -132,7 +133,10 @@ def test_route_verdicts_name_the_leaking_route(pytester: pytest.Pytester) -> Non
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "routes that kept traced memory (kotoba-memory middleware):" in out
-    assert "/leak: 3 request(s), +48.8 KiB kept per request" in out
+    # 50,000 bytes a request, plus or minus what the interpreter itself keeps around it
+    kept = re.search(r"/leak: 3 request\(s\), \+(\d+\.\d) KiB kept per request", out)
+    assert kept is not None, out
+    assert 48.0 <= float(kept.group(1)) <= 50.0, out
     assert "/fine:" not in out.split("routes that kept")[1]
 
 
