@@ -4,7 +4,7 @@ A window only sees what was allocated inside it, so a cache that churns at capac
 freed between windows) grows in every window exactly like a leak. What separates them is survival: the
 entries a leak allocated are all still alive minutes later, a churning cache's are gone. At the end of
 a window, while tracemalloc still traces, a census finds live objects allocated at tracked sites
-(``gc.get_objects()``, their referents and the contents of untracked containers among those, whose
+(``gc.get_objects()`` less tuples, their referents and the contents of untracked containers among those, whose
 allocation traceback tracemalloc knows) and
 keeps a bounded sample of them. Later censuses check which samples are still alive:
 
@@ -25,9 +25,10 @@ import gc
 import sys
 import tracemalloc
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import compress, filterfalse
+from itertools import chain, compress, filterfalse, islice, repeat
+from operator import indexOf, is_not
 from types import ModuleType
 from typing import Any
 
@@ -66,7 +67,7 @@ def _object_traceback_reader() -> Callable[[object], Key | None]:
     return fallback
 
 
-def _referents(objects: list[Any]) -> list[Any]:
+def _referents(objects: Sequence[Any]) -> list[Any]:
     """What ``objects`` refer to, modules left out (their dicts are listed by ``gc.get_objects()``).
 
     On CPython 3.12.1 traversing the ``_asyncio`` module visits its free-listed future iterators and
@@ -128,13 +129,42 @@ def _died_young(sample: _Sample, since: float | None) -> bool:
 Found = list[tuple[Key | None, Any]]  # (allocation traceback, live object) pairs a census scan found
 
 
-def _heap() -> Iterator[list[Any]]:
+def _listed_objects() -> list[Any]:
+    """``gc.get_objects()`` without exact tuples, the list taken and filtered inside one C-level call.
+
+    Another thread may be in the middle of ``tuple(iterable)``: that tuple is already listed by the
+    collector, and CPython resizes it at the end only if nobody else refers to it (else SystemError
+    "bad argument to internal function" in the host's thread). Holding the collector's list while
+    any bytecode runs (where the GIL can pass to that thread) is therefore unsafe, so that list never
+    reaches Python code: an iterator pipeline made only of C callables takes it, drops exact tuples
+    (a tuple still alive later is found again as a referent of whatever holds it) and frees it
+    before ``extend()`` returns. Before 3.12 a collection can run finalizers (Python code) inside an
+    allocation, so the collector is paused for that one call.
+    """
+    listed: list[Any] = []
+    twice = chain.from_iterable(map(repeat, islice(iter(gc.get_objects, None), 1), repeat(2)))
+    keep = map(map, repeat(is_not), map(map, repeat(type), twice), repeat(repeat(tuple)))
+    paused = sys.version_info < (3, 12) and gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        list.extend(listed, chain.from_iterable(map(compress, twice, keep)))
+    finally:
+        if paused:
+            gc.enable()
+    # ``listed`` existed when the collector listed everything: out of itself, or it would hold itself
+    # (and so the whole heap) in a cycle. Found by id: comparing objects could run their ``__eq__``.
+    del listed[indexOf(map(id, listed), id(listed))]
+    return listed
+
+
+def _heap() -> Iterator[Sequence[Any]]:
     """What the collector lists, their referents, and what untracked containers among those hold.
 
     Untracked containers (a dict or tuple of atoms: a cache's inner dict of ints to bytes) are not
     listed themselves, so their contents are one level further down. Built in C, a level at a time.
     """
-    objects = gc.get_objects()
+    objects = _listed_objects()
     yield objects
     referents = _referents(objects)
     del objects
@@ -303,7 +333,7 @@ class SurvivalSampler:
         self._find(wanted, _heap(), now)
 
     @staticmethod
-    def _find(wanted: dict[int, _Sample], pool: Iterable[list[Any]], now: float) -> None:
+    def _find(wanted: dict[int, _Sample], pool: Iterable[Sequence[Any]], now: float) -> None:
         found: dict[int, bool] = {}
         for seq in pool:
             # All in C (list() does not let the GIL go between items): the objects whose id we sampled.
