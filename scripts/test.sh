@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs, lints, type-checks and runs the whole test suite, then the
-# release check (sdist + wheel built, twine check, each extra installed from the wheel in a fresh venv),
-# then the suite minus the real-server tests under the other CPythons the classifiers name, each in its
-# own venv; the first of those runs on the pure-Python implementation (KOTOBA_MEMORY_PURE_PYTHON=1), so
-# the suite runs both ways. Extra arguments go to pytest. Exits non-zero on any failure, including "no
-# tests ran".
+# The test command: installs what it needs, lints, type-checks and runs the whole test suite, then, side
+# by side, the release check (sdist + wheel built, twine check, each extra installed from the wheel in a
+# fresh venv) and the suite minus the real-server tests under the other CPythons the classifiers name,
+# each in its own venv; the first of those runs on the pure-Python implementation
+# (KOTOBA_MEMORY_PURE_PYTHON=1), so the suite runs both ways. Extra arguments go to the main pytest run.
+# Exits non-zero on any failure, including "no tests ran".
 #
 #   bash scripts/test.sh                                   # CI: everything (3.11 full + 3.12/3.13)
 #   PYTHON=python3.12 VENV=.venv-3.12 bash scripts/test.sh tests/gc   # one interpreter, its own venv
@@ -20,14 +20,11 @@ single=0
 [[ -n ${PYTHON:-} || -n ${VENV:-} ]] && single=1
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3} VENV=$VENV bash scripts/bootstrap.sh
-"$VENV/bin/ruff" check .
-"$VENV/bin/mypy"
-"$VENV/bin/python" -m pytest "$@"
-((single)) && exit 0
-
-# --- release check (issue 15): build sdist + wheel, twine check, install each extra in a fresh venv ---
-VENV=$VENV bash scripts/check_dist.sh
-# --- end release check ---
+if ((single)); then
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/mypy"
+    exec "$VENV/bin/python" -m pytest "$@"
+fi
 
 find_python() {  # python3.X on PATH (if it runs: pyenv shims may not), else the newest pyenv build
     local found
@@ -46,28 +43,63 @@ if [[ -z ${EXTRA_PYTHONS+set} ]]; then
         EXTRA_PYTHONS+=" $py"
     done
 fi
-# --- both implementations (issue 12): the first other CPython runs the suite on the pure-Python
-# implementation (KOTOBA_MEMORY_PURE_PYTHON=1), the others on the compiled extensions, so every test
-# but the real-server ones runs both ways without a pass of its own (CI stays under ~13 minutes on 2
-# cores). The compiled core's differential and fuzz tests skip themselves in the pure-Python run; they
-# compare both implementations in the compiled runs. ---
-pure=1
+# The other CPythons' venvs are made now, one after the other: their editable installs build in this
+# tree, which must not happen while the release check builds here too.
+versions=()
 for py in $EXTRA_PYTHONS; do
     if ! command -v "$py" >/dev/null 2>&1; then
         echo "test.sh: interpreter $py not found" >&2
         exit 1
     fi
     version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    # --- every CPython the classifiers name (issue 15): the suite without the real-server tests ---
-    # (gunicorn/uvicorn + wrk runs, 4 of the 6 minutes of the 3.11 run; they drive the same code).
-    echo "test.sh: the suite except -m server on CPython $version (.venv-$version)$( ((pure)) && echo ', pure Python')"
     PYTHON=$py VENV=.venv-$version bash scripts/bootstrap.sh
-    KOTOBA_MEMORY_PURE_PYTHON=$pure ".venv-$version/bin/python" -m pytest -q -p no:cacheprovider -m "not server"
-    pure=0
-    # --- end every CPython ---
+    versions+=("$version")
 done
-if ((pure)); then  # no other CPython: the pure-Python run on this venv
-    echo "test.sh: the suite except -m server on the pure-Python implementation"
-    KOTOBA_MEMORY_PURE_PYTHON=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not server"
+
+"$VENV/bin/ruff" check .
+"$VENV/bin/mypy"
+# The whole suite, real servers included, alone on the machine: its server tests time real load.
+"$VENV/bin/python" -m pytest --durations=15 "$@"
+
+# Then side by side (two cores; the CI budget is 15 minutes): the release check (issue 15: sdist +
+# wheel built, twine check, each extra installed from the wheel in a fresh venv) and the suite minus
+# the real-server tests on every other CPython the classifiers name (issue 15). The first of those runs
+# the pure-Python implementation (KOTOBA_MEMORY_PURE_PYTHON=1), the others the compiled extensions, so
+# every test but the real-server ones runs both ways (issue 12); the compiled core's differential and
+# fuzz tests skip themselves in the pure-Python run. The real-server tests (gunicorn/uvicorn + wrk)
+# drive the same code and need the machine to themselves.
+logs=$(mktemp -d "${TMPDIR:-/tmp}/kotoba-ci.XXXXXX")
+names=() pids=()
+VENV=$VENV bash scripts/check_dist.sh >"$logs/0.log" 2>&1 &
+names+=("release check") pids+=($!)
+pure=1
+# Each run side by side gets a temporary directory of its own (servers' data, example databases).
+own_tmp() { mkdir -p "$logs/tmp-$1" && echo "$logs/tmp-$1"; }
+if ((${#versions[@]} == 0)); then  # no other CPython: the pure-Python run on this venv
+    TMPDIR=$(own_tmp 1) KOTOBA_MEMORY_PURE_PYTHON=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+        -m "not server" >"$logs/1.log" 2>&1 &
+    names+=("the suite except -m server, pure Python") pids+=($!)
 fi
-# --- end both implementations ---
+for version in "${versions[@]}"; do
+    TMPDIR=$(own_tmp ${#pids[@]}) KOTOBA_MEMORY_PURE_PYTHON=$pure ".venv-$version/bin/python" -m pytest \
+        -q -p no:cacheprovider -m "not server" >"$logs/${#pids[@]}.log" 2>&1 &
+    label="the suite except -m server on CPython $version"
+    ((pure)) && label+=", pure Python"
+    names+=("$label")
+    pids+=($!)
+    pure=0
+done
+failed=()
+for i in "${!pids[@]}"; do
+    status=0
+    wait "${pids[$i]}" || status=$?
+    echo "===== test.sh: ${names[$i]} (exit $status) ====="
+    cat "$logs/$i.log"
+    ((status == 0)) || failed+=("$i")
+done
+for i in "${failed[@]}"; do  # the failures again, last, where a truncated log still shows them
+    echo "===== test.sh: FAILED: ${names[$i]} ====="
+    tail -n 40 "$logs/$i.log"
+done
+rm -rf "$logs"
+((${#failed[@]} == 0))
