@@ -77,3 +77,19 @@ def test_effectiveness_reflects_hit_rate() -> None:
     replay(good, trace)
     replay(bad, trace)
     assert good.analyze().cache_effectiveness > bad.analyze().cache_effectiveness
+
+
+def test_bookkeeping_advice_needs_many_entries_and_memory_worth_saving() -> None:
+    # Two tiny values: the per-entry figure would be the cache's fixed tables split two ways.
+    few = CacheManager(max_entries=1000, policy="adaptive")
+    for k in range(2):
+        few.put(k, b"x" * 100)
+    assert not any("Bookkeeping" in r for r in few.analyze().recommendations)
+    # Many tiny values: bookkeeping dwarfs them and adds up to megabytes.
+    many = CacheManager(max_entries=50_000, policy="adaptive")
+    for k in range(20_000):
+        many.put(k, b"x")
+    stats = many.stats()
+    assert stats.metadata_bytes >= 1 << 20 and stats.metadata_overhead > 0.25
+    advice = many.analyze().recommendations
+    assert any("Bookkeeping" in r and "cache fewer, larger values" in r for r in advice)

@@ -10,6 +10,10 @@ __all__ = ["analyze_cache"]
 
 # Below this many lookups the rates are too noisy to recommend anything.
 _MIN_REQUESTS = 200
+# Bookkeeping advice needs entries enough that the per-entry figure is not the cache's fixed tables
+# divided by a handful, and bookkeeping big enough to be worth acting on.
+_MIN_ENTRIES_FOR_OVERHEAD = 100
+_MIN_OVERHEAD_BYTES = 1 << 20
 
 
 def _fmt_capacity(stats: CacheStats, capacity: int) -> str:
@@ -70,7 +74,12 @@ def analyze_cache(
             f"{stats.rejections} puts were refused as larger than max_bytes={stats.max_bytes}: raise the "
             "bound or store such values elsewhere (e.g. a disk tier)."
         )
-    if stats.bytes and stats.metadata_overhead > 0.25:
+    if (
+        stats.bytes
+        and stats.metadata_overhead > 0.25
+        and stats.entries >= _MIN_ENTRIES_FOR_OVERHEAD
+        and stats.metadata_bytes >= _MIN_OVERHEAD_BYTES
+    ):
         per_entry = stats.metadata_bytes / max(stats.entries, 1)
         avg_value = stats.bytes / max(stats.entries, 1)
         recs.append(
