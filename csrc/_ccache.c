@@ -75,6 +75,67 @@ typedef struct {
     int32_t slot;
 } LfuItem;
 
+/* Binary min-heaps over arrays of items (the LFU order and the expiry order): one template, each
+   instance with its own item type and order. */
+#define DEFINE_HEAP(name, T, LESS)                                                                   \
+    static void name##_sift_down(T *h, Py_ssize_t n, Py_ssize_t i)                                   \
+    {                                                                                                \
+        T item = h[i];                                                                               \
+        for (;;) {                                                                                   \
+            Py_ssize_t l = 2 * i + 1;                                                                \
+            if (l >= n)                                                                              \
+                break;                                                                               \
+            Py_ssize_t m = (l + 1 < n && LESS(&h[l + 1], &h[l])) ? l + 1 : l;                        \
+            if (!LESS(&h[m], &item))                                                                 \
+                break;                                                                               \
+            h[i] = h[m];                                                                             \
+            i = m;                                                                                   \
+        }                                                                                            \
+        h[i] = item;                                                                                 \
+    }                                                                                                \
+    /* Appends item to h[0..*n) (room reserved by the caller) and restores the order. */            \
+    static void name##_push_into(T *h, Py_ssize_t *n, T item)                                        \
+    {                                                                                                \
+        Py_ssize_t i = (*n)++;                                                                       \
+        while (i > 0) {                                                                              \
+            Py_ssize_t p = (i - 1) / 2;                                                              \
+            if (!LESS(&item, &h[p]))                                                                 \
+                break;                                                                               \
+            h[i] = h[p];                                                                             \
+            i = p;                                                                                   \
+        }                                                                                            \
+        h[i] = item;                                                                                 \
+    }                                                                                                \
+    static T name##_pop_from(T *h, Py_ssize_t *n)                                                    \
+    {                                                                                                \
+        T top = h[0];                                                                                \
+        (*n)--;                                                                                      \
+        if (*n > 0) {                                                                                \
+            h[0] = h[*n];                                                                            \
+            name##_sift_down(h, *n, 0);                                                              \
+        }                                                                                            \
+        return top;                                                                                  \
+    }
+
+/* Room for `extra` more items in a heap array of `*cap` (doubling); -1 with MemoryError. */
+static int
+heap_reserve(void **h, Py_ssize_t *cap, Py_ssize_t len, Py_ssize_t extra, size_t item_size)
+{
+    if (len + extra <= *cap)
+        return 0;
+    Py_ssize_t want = *cap ? *cap * 2 : 16;
+    while (want < len + extra)
+        want *= 2;
+    void *grown = PyMem_Realloc(*h, (size_t)want * item_size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *h = grown;
+    *cap = want;
+    return 0;
+}
+
 typedef struct {
     PyObject *key; /* strong */
     Py_hash_t hash;
@@ -1193,59 +1254,16 @@ lfu_less(const LfuItem *a, const LfuItem *b)
     return a->count < b->count || (a->count == b->count && a->seq < b->seq);
 }
 
-static void
-lfu_sift_down(LfuItem *h, Py_ssize_t n, Py_ssize_t i)
-{
-    LfuItem item = h[i];
-    for (;;) {
-        Py_ssize_t l = 2 * i + 1;
-        if (l >= n)
-            break;
-        Py_ssize_t m = (l + 1 < n && lfu_less(&h[l + 1], &h[l])) ? l + 1 : l;
-        if (!lfu_less(&h[m], &item))
-            break;
-        h[i] = h[m];
-        i = m;
-    }
-    h[i] = item;
-}
+DEFINE_HEAP(lfu, LfuItem, lfu_less)
 
 static int
 lfu_push(Core *c, int64_t count, int64_t seq, int32_t s)
 {
-    if (c->lheap_len == c->lheap_cap) {
-        Py_ssize_t cap = c->lheap_cap + c->lheap_cap / 2 + 16;
-        LfuItem *h = PyMem_Realloc(c->lheap, (size_t)cap * sizeof(LfuItem));
-        if (h == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        c->lheap = h;
-        c->lheap_cap = cap;
-    }
+    if (heap_reserve((void **)&c->lheap, &c->lheap_cap, c->lheap_len, 1, sizeof(LfuItem)) < 0)
+        return -1;
     LfuItem item = {seq, (uint32_t)count, s};
-    Py_ssize_t i = c->lheap_len++;
-    while (i > 0) {
-        Py_ssize_t p = (i - 1) / 2;
-        if (!lfu_less(&item, &c->lheap[p]))
-            break;
-        c->lheap[i] = c->lheap[p];
-        i = p;
-    }
-    c->lheap[i] = item;
+    lfu_push_into(c->lheap, &c->lheap_len, item);
     return 0;
-}
-
-static LfuItem
-lfu_pop(Core *c)
-{
-    LfuItem top = c->lheap[0];
-    c->lheap_len--;
-    if (c->lheap_len > 0) {
-        c->lheap[0] = c->lheap[c->lheap_len];
-        lfu_sift_down(c->lheap, c->lheap_len, 0);
-    }
-    return top;
 }
 
 static int
@@ -1293,7 +1311,7 @@ static int32_t
 lfu_evict(Core *c)
 {
     while (c->lheap_len > 0) {
-        LfuItem item = lfu_pop(c);
+        LfuItem item = lfu_pop_from(c->lheap, &c->lheap_len);
         int32_t s = item.slot;
         if (s >= c->slot_used || c->slots[s].key == NULL || c->lfu_seq[s] != item.seq)
             continue;
@@ -1466,65 +1484,12 @@ exp_less(const ExpItem *a, const ExpItem *b)
     return a->expires < b->expires || (a->expires == b->expires && a->seq < b->seq);
 }
 
-static void
-exp_sift_down(ExpItem *h, Py_ssize_t n, Py_ssize_t i)
-{
-    ExpItem item = h[i];
-    for (;;) {
-        Py_ssize_t l = 2 * i + 1;
-        if (l >= n)
-            break;
-        Py_ssize_t m = (l + 1 < n && exp_less(&h[l + 1], &h[l])) ? l + 1 : l;
-        if (!exp_less(&h[m], &item))
-            break;
-        h[i] = h[m];
-        i = m;
-    }
-    h[i] = item;
-}
+DEFINE_HEAP(exp, ExpItem, exp_less)
 
 static int
 exp_reserve(Core *c, Py_ssize_t extra)
 {
-    if (c->heap_len + extra <= c->heap_cap)
-        return 0;
-    Py_ssize_t cap = c->heap_cap ? c->heap_cap * 2 : 16;
-    while (cap < c->heap_len + extra)
-        cap *= 2;
-    ExpItem *h = PyMem_Realloc(c->heap, (size_t)cap * sizeof(ExpItem));
-    if (h == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    c->heap = h;
-    c->heap_cap = cap;
-    return 0;
-}
-
-static void
-exp_push_item(Core *c, ExpItem item)
-{
-    Py_ssize_t i = c->heap_len++;
-    while (i > 0) {
-        Py_ssize_t p = (i - 1) / 2;
-        if (!exp_less(&item, &c->heap[p]))
-            break;
-        c->heap[i] = c->heap[p];
-        i = p;
-    }
-    c->heap[i] = item;
-}
-
-static ExpItem
-exp_pop(Core *c)
-{
-    ExpItem top = c->heap[0];
-    c->heap_len--;
-    if (c->heap_len > 0) {
-        c->heap[0] = c->heap[c->heap_len];
-        exp_sift_down(c->heap, c->heap_len, 0);
-    }
-    return top;
+    return heap_reserve((void **)&c->heap, &c->heap_cap, c->heap_len, extra, sizeof(ExpItem));
 }
 
 /* Drop heap items whose key is gone or now expires at another time (overwritten, touched, deleted).
@@ -1591,7 +1556,7 @@ exp_schedule(Core *c, PyObject *key, Py_hash_t hash, double expires)
         return -1;
     Py_INCREF(key);
     ExpItem item = {expires, c->exp_seq++, key, hash};
-    exp_push_item(c, item);
+    exp_push_into(c->heap, &c->heap_len, item);
     if (c->heap_len > 2 * c->len + 64) {
         if (exp_compact(c) < 0)
             return -1;
@@ -1617,7 +1582,7 @@ expire_some(Core *c, int limit, double now, PyObject **events)
 {
     int collect = c->notify != NULL;
     while (c->heap_len > 0 && limit > 0 && c->heap[0].expires <= now) {
-        ExpItem item = exp_pop(c);
+        ExpItem item = exp_pop_from(c->heap, &c->heap_len);
         int32_t pos;
         int32_t s = lookup(c, item.key, item.hash, &pos);
         defer_decref(c, item.key);
