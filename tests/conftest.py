@@ -55,6 +55,16 @@ def eventually() -> Callable[..., bool]:
 
 
 @pytest.fixture(scope="session")
+def wrk() -> str:
+    """Path of the wrk load generator (fails under CI when missing: bootstrap installs it)."""
+    path = shutil.which("wrk")
+    if path is None:
+        _unavailable("wrk is not installed")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a private redis-server on 127.0.0.1 for this test session."""
     try:

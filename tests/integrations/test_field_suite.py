@@ -4,7 +4,6 @@ two workers and wrk, judged against ground truth replayed under full tracing (be
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +28,7 @@ def load_suite() -> ModuleType:
     return module
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
+@pytest.mark.usefixtures("wrk")  # fails under CI when missing
 def test_flask_shop_reports_a_replayed_leak_line_and_nothing_of_ours() -> None:
     """Asserted: the replay's ground truth, a verdict in every worker that served requests, a replayed
     leak line among each such worker's suspects, nothing sited in kotoba-memory. Issue 10's stronger

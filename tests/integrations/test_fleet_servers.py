@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import example_servers  # tests/integrations/example_servers.py
 import pytest
 import servers  # tools/servers.py (tests/conftest.py puts tools/ on sys.path)
 
 pytest.importorskip("gunicorn")
 httpx = pytest.importorskip("httpx")
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("wrk")]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -27,44 +28,14 @@ BIN = Path(sys.executable).parent
 TOKEN = "fleet-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BOOTS = 3
-WRK_SCRIPT = """
-local paths = {PATHS}
-function init(args) math.randomseed(os.time()) end
-request = function() return wrk.format("GET", paths[math.random(#paths)]) end
-"""
 
 
-def needs_wrk() -> None:
-    import shutil
-
-    if shutil.which("wrk") is None:
-        if os.environ.get("CI"):
-            pytest.fail("wrk is not installed; CI must provide it (scripts/bootstrap.sh installs it)")
-        pytest.skip("wrk is not installed")
+def example_env(data_dir: Path, port: int) -> dict[str, str]:
+    return example_servers.example_env(data_dir, port, token=TOKEN, workers=3)
 
 
-def example_env(data_dir: Path, port: int, workers: int = 3) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(
-        KOTOBA_EXAMPLE_BIND=f"127.0.0.1:{port}",
-        KOTOBA_EXAMPLE_WORKERS=str(workers),
-        KOTOBA_EXAMPLE_DATA_DIR=str(data_dir),
-        KOTOBA_EXAMPLE_REPORT_DIR=str(data_dir / "reports"),
-        KOTOBA_EXAMPLE_REPORT_TOKEN=TOKEN,
-        KOTOBA_EXAMPLE_METRICS="0",
-        KOTOBA_MEMORY_FLEET_DIR=str(data_dir / "fleet"),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def load(base: str, paths: list[str], tmp: Path, seconds: float = 3) -> None:
-    """wrk on several routes; every response must be a 2xx and no socket may fail."""
-    script = tmp / "routes.lua"
-    script.write_text(WRK_SCRIPT.replace("{PATHS}", "{" + ", ".join(f'"{p}"' for p in paths) + "}"))
-    out = servers.wrk(base + "/", seconds=seconds, connections=6, threads=2, script=script)
-    assert "Non-2xx" not in out and "Socket errors" not in out, out
+def load(base: str, paths: list[str], tmp: Path) -> None:
+    example_servers.load_routes(base, paths, tmp)
 
 
 def report(base: str) -> dict[str, Any]:
@@ -111,7 +82,6 @@ def assert_sane_rows(data: dict[str, Any], count: int = 3) -> None:
 
 
 def test_flask_example_boots_and_serves_with_3_workers_every_time(tmp_path: Path) -> None:
-    needs_wrk()
     for boot in range(BOOTS):  # a fresh, empty database each time: the case where workers used to race
         data_dir = tmp_path / f"boot{boot}"
         data_dir.mkdir()
@@ -163,7 +133,6 @@ def migrate(data_dir: Path) -> None:
 
 
 def test_django_example_boots_with_3_workers_every_time_and_the_command_sees_them(tmp_path: Path) -> None:
-    needs_wrk()
     for boot in range(BOOTS):
         data_dir = tmp_path / f"boot{boot}"
         data_dir.mkdir()
@@ -208,7 +177,6 @@ def on_starting(server):
 def test_flask_example_under_preload_runs_an_optimizer_in_every_worker_without_hooks(tmp_path: Path) -> None:
     """``--preload`` without kotoba-memory's server hooks: the workers resume at their first request
     and from then on each worker's own background thread keeps its snapshot fresh."""
-    needs_wrk()
     conf = tmp_path / "preload.conf.py"
     conf.write_text(PRELOAD_CONF.format(example=str(EXAMPLES / "flask_app"), hooks=""))
     port = servers.free_port()

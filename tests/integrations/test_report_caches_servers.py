@@ -4,20 +4,20 @@ and no idle cache of the optimizer's own when the app never asks for one."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import example_servers  # tests/integrations/example_servers.py
 import pytest
 import servers  # tools/servers.py (tests/conftest.py puts tools/ on sys.path)
 
 pytest.importorskip("gunicorn")
 httpx = pytest.importorskip("httpx")
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("wrk")]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -27,30 +27,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(
-        KOTOBA_EXAMPLE_BIND=f"127.0.0.1:{port}",
-        KOTOBA_EXAMPLE_WORKERS="2",
-        KOTOBA_EXAMPLE_DATA_DIR=str(data_dir),
-        KOTOBA_EXAMPLE_REPORT_DIR=str(data_dir / "reports"),
-        KOTOBA_EXAMPLE_REPORT_TOKEN=TOKEN,
-        KOTOBA_EXAMPLE_METRICS="0",
-        KOTOBA_MEMORY_FLEET_DIR=str(data_dir / "fleet"),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return example_servers.example_env(data_dir, port, token=TOKEN, workers=2)
 
 
 def _load(base: str, paths: list[str], tmp: Path) -> None:
-    import shutil
-
-    if shutil.which("wrk") is None:
-        if os.environ.get("CI"):
-            pytest.fail("wrk is not installed; CI must provide it (scripts/bootstrap.sh installs it)")
-        pytest.skip("wrk is not installed")
-    out = servers.wrk_routes(base, paths, seconds=3, work_dir=tmp, connections=8, threads=2)
-    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    example_servers.load_routes(base, paths, tmp, connections=8)
 
 
 def _poll(server: servers.Server, check: Any, *, as_json: bool, timeout: float = 40.0) -> Any:

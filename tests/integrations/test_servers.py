@@ -188,7 +188,7 @@ def test_django_example_under_uvicorn_asgi(django_db: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+@pytest.mark.usefixtures("wrk")  # fails under CI when missing
 def test_flask_example_report_names_the_leaking_route_and_site(tmp_path: Path) -> None:
     """The main job's goal: under load, the report's top leak suspect is /leak at its allocation line."""
     app_py = EXAMPLES / "flask_app" / "app.py"
