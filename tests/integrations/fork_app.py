@@ -6,10 +6,10 @@ how many threads of ours exist and how many samples its profiler has taken.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import threading
+import weakref
 from typing import Any
 
 from kotoba_memory.config import MemoryConfig
@@ -17,6 +17,19 @@ from kotoba_memory.optimizer import MemoryOptimizer
 from kotoba_memory.process import registry, scheduler
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
+
+# Every optimizer ever built here, to count the running ones. Not gc.get_objects(): the GC optimizer
+# freezes the long-lived heap after warm-up, and frozen objects are not listed.
+_BUILT: weakref.WeakSet[MemoryOptimizer] = weakref.WeakSet()
+_init = MemoryOptimizer.__init__
+
+
+def _recording_init(self: MemoryOptimizer, *args: Any, **kwargs: Any) -> None:
+    _BUILT.add(self)
+    _init(self, *args, **kwargs)
+
+
+MemoryOptimizer.__init__ = _recording_init  # type: ignore[method-assign]
 
 runtime.start_optimizer(
     MemoryConfig(
@@ -28,7 +41,7 @@ LOADED_IN = os.getpid()
 
 def _state() -> dict[str, Any]:
     optimizer = registry.active("optimizer")  # not get_active_optimizer(): that would resume the work itself
-    alive = [o for o in gc.get_objects() if isinstance(o, MemoryOptimizer) and o.running]
+    alive = [o for o in list(_BUILT) if o.running]
     return {
         "pid": os.getpid(),
         "loaded_in": LOADED_IN,
