@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "plain": "plain",
     "middleware": "plain",
-    "middleware+rss-every-8": "plain",
+    "middleware+rss-every-1": "plain",
     "middleware+otel-noop": "plain",
     "middleware+otel-sdk": "plain",
     "middleware+optimizer": "plain",
@@ -104,8 +104,8 @@ def build_variant(variant: str) -> Callable[..., Iterable[bytes]]:
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
         otel.instrument(MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    elif variant == "middleware+rss-every-8":
-        return MemoryMiddleware(trivial_app, rss_sample_every=8)
+    elif variant == "middleware+rss-every-1":  # RSS on every request (the default samples 1 in 8)
+        return MemoryMiddleware(trivial_app, rss_sample_every=1)
     elif variant == "middleware+optimizer":
         from kotoba_memory.config import MemoryConfig
         from kotoba_memory_integrations.runtime import start_optimizer
@@ -144,6 +144,9 @@ def start_server(variant: str, data_dir: str) -> tuple[subprocess.Popen[bytes], 
         "--worker-class", "sync", "--log-level", "warning",
         "middleware_overhead:create_app()",
     ]
+    if variant.startswith("example"):
+        # The example seeds its database once before the workers start (its gunicorn on_starting hook).
+        subprocess.run([sys.executable, "-c", "import app; app.init_db()"], env=env, check=True)
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT / "benchmarks", start_new_session=True)
     try:
         # Output goes to our stdout (nothing to log here): any HTTP answer means it is up.
@@ -280,12 +283,16 @@ def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
         return (time.thread_time() - t0) / calls * 1e6
 
     wrapped = MemoryMiddleware(trivial_app, recorder=RequestRecorder())
-    plain_times, wrapped_times = [], []
+    every = MemoryMiddleware(trivial_app, recorder=RequestRecorder(rss_sample_every=1))
+    plain_times, wrapped_times, every_times = [], [], []
     for _ in range(repeats):
         plain_times.append(drive(trivial_app))
         wrapped_times.append(drive(wrapped))
+        every_times.append(drive(every))
     plain, mw = statistics.median(plain_times), statistics.median(wrapped_times)
-    return {"plain_us": plain, "middleware_us": mw, "added_us": mw - plain}
+    every_us = statistics.median(every_times)
+    return {"plain_us": plain, "middleware_us": mw, "added_us": mw - plain,
+            "every_request_us": every_us, "every_request_added_us": every_us - plain}
 
 
 def otel_record_cost_us(repeats: int, calls: int) -> dict[str, float]:
@@ -339,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = in_process_cost_us(repeats=5 if args.quick else 11, calls=5000 if args.quick else 20000)
     print(
         f"in-process: plain {cost['plain_us']:.2f} us/request, with middleware {cost['middleware_us']:.2f}"
-        f" us/request -> middleware adds {cost['added_us']:.2f} us (median of repeats)"
+        f" us/request -> middleware adds {cost['added_us']:.2f} us (median of repeats; RSS on every"
+        f" request: adds {cost['every_request_added_us']:.2f} us)"
     )
     otel_cost = otel_record_cost_us(repeats=5 if args.quick else 11, calls=2000 if args.quick else 10000)
     print(
@@ -356,17 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     pairs = server_benchmark(variants, rounds, seconds, args.connections)
     print(
         f"\n{'variant':22} {'baseline':>9} {'req/s':>7} {'base req/s':>10} {'req/s ratio':>11}"
-        f" {'CPU us/req':>10} {'base CPU us':>11} {'CPU ratio':>9} {'overhead':>8}"
+        f" {'CPU us/req':>10} {'base CPU us':>11} {'CPU ratio':>9} {'overhead':>8} {'CPU ratios min-max':>18}"
     )
     for variant, runs in pairs.items():
         med = statistics.median
         rps_ratio = med(p["rps"] / p["base_rps"] for p in runs)
-        cpu_ratio = med(p["cpu_us"] / p["base_cpu_us"] for p in runs)
+        ratios = [p["cpu_us"] / p["base_cpu_us"] for p in runs]
+        cpu_ratio = med(ratios)
         print(
             f"{variant:22} {VARIANTS[variant]:>9} {med(p['rps'] for p in runs):7.0f}"
             f" {med(p['base_rps'] for p in runs):10.0f} {rps_ratio:11.3f}"
             f" {med(p['cpu_us'] for p in runs):10.1f} {med(p['base_cpu_us'] for p in runs):11.1f}"
-            f" {cpu_ratio:9.3f} {100 * (1 - 1 / cpu_ratio):7.1f}%"
+            f" {cpu_ratio:9.3f} {100 * (1 - 1 / cpu_ratio):7.1f}% {min(ratios):8.3f}-{max(ratios):.3f}"
         )
     print("overhead = req/s a saturated worker loses from the extra CPU per request: 1 - 1/(CPU ratio)")
     if "middleware" in pairs:

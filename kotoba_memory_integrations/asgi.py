@@ -18,6 +18,7 @@ from typing import Any
 
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     RequestListener,
     RequestMeasurement,
@@ -53,7 +54,7 @@ class MemoryMiddleware:
         *,
         recorder: RequestRecorder | None = None,
         on_request: RequestListener | None = None,
-        rss_sample_every: int = 1,
+        rss_sample_every: int = DEFAULT_RSS_SAMPLE_EVERY,
     ) -> None:
         self.app = app
         self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)

@@ -309,22 +309,26 @@ class _Instruments:
 
     def on_request(self, result: RequestMetrics) -> None:
         """Record one finished request (the middleware's listener)."""
-        if not self.active or not result.sampled:
+        if not self.active:
             return
-        # Every attribute has a bounded set of values: route templates (never the raw path), the known
-        # methods plus "_OTHER" (clients choose the method), and status codes within 100..599.
-        attributes: dict[str, str | int] = {"http.route": result.route,
-                                            "http.request.method": normalize_method(result.method)}
-        status = result.status
-        if status is not None and 100 <= status <= 599:
-            attributes["http.response.status_code"] = status
-        self.request_rss.record(max(0, result.rss_delta), attributes)
-        if result.traced_delta is not None:
-            self.request_traced.record(max(0, result.traced_delta), attributes)
-        if result.gc_pause_ns:
-            # Most requests see no collection; recording their zeros would cost ~10 us each with the
-            # SDK and drown the distribution that matters.
-            self.request_gc_pause.record(result.gc_pause_ns / 1e9, attributes)
+        traced, pause = result.traced_delta, result.gc_pause_ns
+        # An unmeasured request (RSS is sampled) adds nothing unless it was traced or a collection hit it.
+        if result.sampled or traced is not None or pause:
+            # Every attribute has a bounded set of values: route templates (never the raw path), the
+            # known methods plus "_OTHER" (clients choose the method), and status codes within 100..599.
+            attributes: dict[str, str | int] = {"http.route": result.route,
+                                                "http.request.method": normalize_method(result.method)}
+            status = result.status
+            if status is not None and 100 <= status <= 599:
+                attributes["http.response.status_code"] = status
+            if result.sampled:
+                self.request_rss.record(max(0, result.rss_delta), attributes)
+            if traced is not None:
+                self.request_traced.record(max(0, traced), attributes)
+            if pause:
+                # Most requests see no collection; recording their zeros would cost ~10 us each with
+                # the SDK and drown the distribution that matters.
+                self.request_gc_pause.record(pause / 1e9, attributes)
         self.drain_gc_events()
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import itertools
+import math
+import os
+import random
 import threading
 import time
 import tracemalloc
@@ -23,6 +25,7 @@ from kotoba_memory.process.memory import RssReader, shared_reader
 from kotoba_memory.validation import check_positive_int
 
 __all__ = [
+    "DEFAULT_RSS_SAMPLE_EVERY",
     "ENVIRON_KEY",
     "UNMATCHED_ROUTE",
     "RequestMeasurement",
@@ -43,6 +46,13 @@ __all__ = [
 ENVIRON_KEY = "kotoba_memory.request"
 #: A request starts from the process's last RSS reading when it is at most this old (see RssReader.recent).
 _RSS_REUSE_S = 0.010
+#: RSS is measured on one request in this many on average (a random gap: see RequestRecorder). The
+#: ``/proc`` read is the largest per-request cost inside a worker; per-route means stay unbiased.
+DEFAULT_RSS_SAMPLE_EVERY = 8
+# Our own generator: drawing gaps from ``random``'s shared one would shift a seeded app's sequence.
+_rng = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rng.seed)  # forked workers must not draw the same gaps
 #: Route label used when no framework told us the route; the raw path is never used (cardinality).
 UNMATCHED_ROUTE = "unmatched"
 #: The HTTP methods recorded as sent (OpenTelemetry HTTP semantic conventions, case-sensitive); any
@@ -68,8 +78,9 @@ class RequestMetrics(NamedTuple):
     allocations, given only when tracemalloc traced the whole request *and* no other request of this
     process started or finished meanwhile (both counters are process-wide, so an overlapped request's
     figure would include its neighbours'); ``overlapped`` says whether another request ran alongside.
-    ``sampled`` is False for the requests a ``rss_sample_every`` > 1 recorder did not measure: their
-    ``rss_delta`` is 0 and ``traced_delta`` None, and the profiler and OpenTelemetry skip them.
+    ``sampled`` is False for the requests whose RSS was not measured (``rss_sample_every`` > 1, the
+    default): their ``rss_delta`` is 0, and the profiler and OpenTelemetry leave it out of their RSS
+    figures (they still count the request, its traced delta and its GC pause).
     """
 
     route: str
@@ -171,12 +182,23 @@ class RequestMeasurement:
             except Exception:
                 _count_error()
                 self._gc = None
-        self._sampled = sampled = recorder.every == 1 or next(recorder.counter) % recorder.every == 0
-        if sampled:
-            self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+        if recorder.every == 1:
+            self._sampled = True
             self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
         else:
-            self._traced0, self._rss0 = None, 0
+            # Racing threads may lose a decrement or both sample: harmless for a random sample.
+            left = recorder.countdown - 1
+            if left > 0:
+                recorder.countdown = left
+                self._sampled, self._rss0 = False, 0
+            else:
+                recorder.countdown = recorder.next_gap()
+                self._sampled = True
+                # A fresh reading: the last one may predate unmeasured requests, whose growth it would
+                # add to this one's.
+                self._rss0 = recorder.rss_reader.rss()
+        # Only inside the profiler's tracing windows; every request, so route means use them all.
+        self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
         self._t0 = time.perf_counter()
 
     @property
@@ -246,9 +268,11 @@ class RequestRecorder:
     ``gc_optimizer`` / ``profiler`` default to the process's active ones (looked up per request, so an
     optimizer started after the middleware was built is still seen); pass ``None``-returning callables
     to disable either. ``on_request`` is called with every :class:`RequestMetrics` besides the global
-    listeners. ``rss_sample_every=N`` measures memory on one request in N (the others still reach the
-    GC hooks and the listeners, marked ``sampled=False``): the ``/proc`` read is the largest per-request
-    cost on a busy machine, and per-route averages stay unbiased.
+    listeners. ``rss_sample_every=N`` measures RSS on one request in N on average, at random gaps
+    (geometric: each request has the same 1/N chance, so periodic traffic cannot alias with it); the
+    others still reach the GC hooks, the profiler's request counts and the listeners, marked
+    ``sampled=False``. ``1`` measures every request. The ``/proc`` read is the largest per-request cost
+    inside a worker, and per-route means stay unbiased.
     """
 
     def __init__(
@@ -258,16 +282,21 @@ class RequestRecorder:
         profiler: Callable[[], Any] | None = None,
         on_request: RequestListener | None = None,
         rss_reader: RssReader | None = None,
-        rss_sample_every: int = 1,
+        rss_sample_every: int = DEFAULT_RSS_SAMPLE_EVERY,
     ) -> None:
         self.every = check_positive_int(rss_sample_every, "rss_sample_every", high=1_000_000)
-        self.counter = itertools.count()
+        self._log_q = math.log1p(-1.0 / self.every) if self.every > 1 else -math.inf
+        self.countdown = self.next_gap()  # requests left until the next measured one
         # The getters look up the optimizer/profiler active at call time (the process registry); the
         # defaults are get_active_gc_optimizer / get_active_profiler as C-level calls (per request).
         self.gc_optimizer = gc_optimizer or registry.getter("gc_optimizer")
         self.profiler = profiler or registry.getter("profiler")
         self.on_request = on_request
         self.rss_reader = rss_reader or shared_reader()
+
+    def next_gap(self) -> int:
+        """Requests from one RSS measurement to the next: geometric with mean ``rss_sample_every``."""
+        return 1 + int(math.log(1.0 - _rng.random()) / self._log_q)
 
     def begin(self, method: str = "GET") -> RequestMeasurement:
         """Start measuring a request."""
@@ -276,10 +305,13 @@ class RequestRecorder:
     def deliver(self, metrics: RequestMetrics) -> None:
         """Hand finished metrics to the profiler, ``on_request`` and the listeners; never raises."""
         try:
-            profiler = self.profiler() if metrics.sampled else None
+            # Every request, measured or not: the leak profiler's route attribution regresses a site's
+            # growth on per-route request counts, which thinning would blur.
+            profiler = self.profiler()
             if profiler is not None:
                 profiler.record_request(
-                    metrics.route, metrics.rss_delta, metrics.traced_delta, metrics.duration_s
+                    metrics.route, metrics.rss_delta if metrics.sampled else None, metrics.traced_delta,
+                    metrics.duration_s,
                 )
         except Exception:
             _count_error()

@@ -20,6 +20,7 @@ from typing import Any
 
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     RequestListener,
     RequestMeasurement,
@@ -81,7 +82,7 @@ class MemoryMiddleware:
         *,
         recorder: RequestRecorder | None = None,
         on_request: RequestListener | None = None,
-        rss_sample_every: int = 1,
+        rss_sample_every: int = DEFAULT_RSS_SAMPLE_EVERY,
         route_of: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> None:
         self.app = app

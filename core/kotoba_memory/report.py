@@ -273,7 +273,7 @@ class MemoryReport:
                     [
                         r.get("route"),
                         r.get("requests"),
-                        _bytes(_mean(r.get("rss_delta_bytes"), r.get("requests"))),
+                        _bytes(_mean(r.get("rss_delta_bytes"), _rss_requests(r))),
                         _bytes(_mean(r.get("traced_delta_bytes"), r.get("traced_requests"))),
                         fmt.seconds_text(float(r.get("total_duration_s") or 0.0)),
                     ]
@@ -704,6 +704,12 @@ def _pairs(mapping: Mapping[str, Any]) -> list[list[object]]:
 def _human_pairs(mapping: Mapping[str, Any]) -> list[list[object]]:
     """Raw figures as (label, value in units) rows; the raw numbers stay in the JSON report."""
     return [[k.replace("_", " "), fmt.human_value(k, v)] for k, v in mapping.items()]
+
+
+def _rss_requests(route: Mapping[str, Any]) -> object:
+    """How many of a route's requests had their RSS measured (older reports: all of them)."""
+    n = route.get("rss_requests")
+    return route.get("requests") if n is None else n
 
 
 def _mean(total: object, count: object) -> float | None:

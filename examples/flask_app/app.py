@@ -144,6 +144,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         # Leak detection opens a short tracemalloc window every this many seconds (the demo shortens it).
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=float(env("KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S", "60")),
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=int(env("KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS", "1000")),
+        # RSS measured on one request in N on average (default 8; 1: every request).
+        KOTOBA_MEMORY_RSS_SAMPLE_EVERY=int(env("KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY", "8")),
         EXAMPLE_LEAK=os.environ.get("KOTOBA_EXAMPLE_LEAK") == "1",
         EXAMPLE_METRICS=os.environ.get("KOTOBA_EXAMPLE_METRICS", "1") == "1",
     )

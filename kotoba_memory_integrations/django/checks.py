@@ -45,7 +45,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         messages.append(
             Error(
                 f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}.",
-                hint="1 measures memory on every request; N on one request in N.",
+                hint="1 measures memory on every request; N (default 8) on one request in N on average.",
                 obj="KOTOBA_MEMORY_RSS_SAMPLE_EVERY",
                 id="kotoba_memory.E004",
             )

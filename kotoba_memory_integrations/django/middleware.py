@@ -20,6 +20,7 @@ from django.http import FileResponse, HttpRequest, HttpResponseBase, StreamingHt
 
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     RequestMeasurement,
     RequestRecorder,
@@ -35,9 +36,9 @@ def _recorder_for_settings() -> RequestRecorder:
     """One recorder per ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` value (the setting is read at startup)."""
     from django.conf import settings
 
-    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
+    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", DEFAULT_RSS_SAMPLE_EVERY)
     if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
-        every = 1  # invalid: measure every request; the system check kotoba_memory.E004 says why
+        every = DEFAULT_RSS_SAMPLE_EVERY  # invalid: the system check kotoba_memory.E004 says why
     if every not in _recorders:
         _recorders[every] = RequestRecorder(rss_sample_every=every)
     return _recorders[every]

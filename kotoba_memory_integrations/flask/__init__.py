@@ -36,7 +36,7 @@ from flask import Flask, Response, abort, current_app, got_request_exception, re
 
 from kotoba_memory.errors import ConfigError
 from kotoba_memory.validation import check_bool, check_positive_int
-from kotoba_memory_integrations.request import ENVIRON_KEY, RequestMeasurement
+from kotoba_memory_integrations.request import DEFAULT_RSS_SAMPLE_EVERY, ENVIRON_KEY, RequestMeasurement
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ _OWN_KEYS: dict[str, Any] = {
     "report_endpoint": None,
     "report_token": None,
     "report_auth": None,
-    "rss_sample_every": 1,
+    "rss_sample_every": DEFAULT_RSS_SAMPLE_EVERY,
     "fleet": True,
 }
 _BOOL_KEYS = ("enabled", "autostart", "otel")

@@ -104,10 +104,18 @@ def test_propagated_exception_is_reraised_and_recorded(seen: list[RequestMetrics
 def test_rss_sample_every_reaches_the_middleware(seen: list[RequestMetrics]) -> None:
     app = make_app(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=2)
     KotobaMemory(app)
+    assert app.wsgi_app.recorder.every == 2  # type: ignore[attr-defined]
     client = app.test_client()
-    for user_id in range(4):
+    for user_id in range(400):
         client.get(f"/users/{user_id}")
-    assert [m.sampled for m in seen] == [True, False, True, False]
+    assert len(seen) == 400
+    assert 200 - 60 <= sum(m.sampled for m in seen) <= 200 + 60  # a 1/2 chance each: six sigma
+    seen.clear()
+    app = make_app(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=1)
+    KotobaMemory(app)
+    for user_id in range(20):
+        app.test_client().get(f"/users/{user_id}")
+    assert len(seen) == 20 and all(m.sampled for m in seen)
 
 
 def test_init_app_factory_pattern_and_overrides() -> None:

@@ -76,7 +76,9 @@ def test_example_variants_serve_the_example_app(
 
 def test_in_process_part_reports_numbers() -> None:
     cost = load_benchmark().in_process_cost_us(repeats=1, calls=20)
-    assert set(cost) == {"plain_us", "middleware_us", "added_us"}
+    assert set(cost) == {
+        "plain_us", "middleware_us", "added_us", "every_request_us", "every_request_added_us"
+    }
     assert cost["plain_us"] > 0 and cost["middleware_us"] > 0
 
 

@@ -81,7 +81,7 @@ def test_request_histograms_carry_route_method_status(reader: InMemoryMetricRead
         start_response("200 OK", [])
         return [b""]
 
-    recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None)
+    recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None, rss_sample_every=1)
     middleware = MemoryMiddleware(app, recorder=recorder)
     for _ in range(2):
         result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/reports/2024"}, lambda *a: None)
@@ -231,7 +231,7 @@ def test_client_chosen_methods_make_a_bounded_set_of_series(reader: InMemoryMetr
         start_response("200 OK", [])
         return [b""]
 
-    recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None)
+    recorder = RequestRecorder(gc_optimizer=lambda: None, profiler=lambda: None, rss_sample_every=1)
     middleware = MemoryMiddleware(app, recorder=recorder)
     methods = ["".join(rng.choices(string.ascii_letters, k=12)) for _ in range(300)]
     requests = [(method, "/items/<id>") for method in [*methods, "GET", "POST", "get"]]
@@ -244,6 +244,23 @@ def test_client_chosen_methods_make_a_bounded_set_of_series(reader: InMemoryMetr
     seen = {(dict(s)["http.route"], dict(s)["http.request.method"]) for s in series}
     assert seen == {("/items/<id>", "_OTHER"), ("/items/<id>", "GET"), ("/items/<id>", "POST"),
                     ("/new/<id>", "DELETE")}
+
+
+def test_unmeasured_requests_record_no_rss_but_their_traced_delta_and_gc_pause(
+    reader: InMemoryMetricReader,
+) -> None:
+    listener = otel.MemoryInstrumentor()._instruments.on_request  # type: ignore[union-attr]
+    listener(RequestMetrics("/r", "GET", 200, 0.0, 0, None, 0, None, sampled=False))  # nothing to say
+    assert "kotoba_memory.http.server.request.rss_growth" not in collect(reader)
+    listener(RequestMetrics("/r", "GET", 200, 0.0, 0, 2048, 5_000_000, None, sampled=False))
+    listener(RequestMetrics("/r", "GET", 200, 0.0, 4096, None, 0, None, sampled=True))
+    found = collect(reader)
+    [rss] = points(found["kotoba_memory.http.server.request.rss_growth"])
+    assert (rss.count, rss.sum) == (1, 4096)  # the measured request only
+    [traced] = points(found["kotoba_memory.http.server.request.traced_allocations"])
+    assert (traced.count, traced.sum) == (1, 2048)
+    [pause] = points(found["kotoba_memory.http.server.request.gc_pause"])
+    assert pause.count == 1 and pause.sum == pytest.approx(0.005)
 
 
 def test_every_recorded_request_attribute_is_bounded(reader: InMemoryMetricReader) -> None:

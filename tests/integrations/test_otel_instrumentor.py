@@ -46,7 +46,8 @@ def app(environ, start_response):
     start_response("200 OK", [])
     return [b"ok"]
 
-body = MemoryMiddleware(app)({"REQUEST_METHOD": "GET", "PATH_INFO": "/books/1"}, lambda *a: None)
+measured = MemoryMiddleware(app, rss_sample_every=1)  # this one request must be measured
+body = measured({"REQUEST_METHOD": "GET", "PATH_INFO": "/books/1"}, lambda *a: None)
 list(body); body.close()
 if len(sys.argv) > 1:  # keep serving /metrics until the test is done scraping
     Path(sys.argv[1]).write_text("ready")

@@ -55,6 +55,7 @@ def example_env(tmp_path: Path, port: int) -> dict[str, str]:
         KOTOBA_EXAMPLE_REPORT_TOKEN=TOKEN,
         KOTOBA_EXAMPLE_METRICS="1",
         KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS="200",
+        KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY="1",  # the histogram counts below are per request
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import threading
 import tracemalloc
 from collections.abc import Iterator
@@ -12,6 +15,7 @@ import pytest
 from kotoba_memory.process import activity
 from kotoba_memory_integrations import request as _request
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     UNMATCHED_ROUTE,
     RequestMetrics,
@@ -54,10 +58,12 @@ class RecordingGc:
 
 class RecordingProfiler:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, int, int | None, float]] = []
+        self.calls: list[tuple[str, int | None, int | None, float]] = []
         self.lock = threading.Lock()
 
-    def record_request(self, route: str, rss_delta: int, traced_delta: int | None, duration_s: float) -> None:
+    def record_request(
+        self, route: str, rss_delta: int | None, traced_delta: int | None, duration_s: float
+    ) -> None:
         with self.lock:
             self.calls.append((route, rss_delta, traced_delta, duration_s))
 
@@ -79,7 +85,13 @@ def call(app: Any, path: str = "/", method: str = "GET") -> tuple[str | None, by
     return (status[0] if status else None), body, environ
 
 
+def _ok_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
 def make_recorder(collected: Collected, **kwargs: Any) -> RequestRecorder:
+    kwargs.setdefault("rss_sample_every", 1)  # these tests check each request's own RSS figure
     kwargs.setdefault("gc_optimizer", lambda: None)
     kwargs.setdefault("profiler", lambda: None)
     return RequestRecorder(on_request=collected, **kwargs)
@@ -393,7 +405,7 @@ def test_rss_reader_reuses_a_recent_reading_only_within_its_age() -> None:
     del block
 
 
-def test_rss_sampling_measures_one_request_in_n_and_keeps_gc_hooks_on_all() -> None:
+def test_rss_sampling_draws_random_gaps_so_periodic_traffic_cannot_alias() -> None:
     gc_opt = RecordingGc()
     profiler = RecordingProfiler()
     collected = Collected()
@@ -402,17 +414,100 @@ def test_rss_sampling_measures_one_request_in_n_and_keeps_gc_hooks_on_all() -> N
     )
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        set_current_route("/s")
+        set_current_route(environ["PATH_INFO"])
         start_response("200 OK", [])
         return [b""]
 
     middleware = MemoryMiddleware(app, recorder=recorder)
-    for _ in range(12):
+    n = 4000
+    for i in range(n):
+        call(middleware, "/a" if i % 2 else "/b")  # period 2: a counter sampling 1 in 4 sees only /b
+    sampled = [m for m in collected.items if m.sampled]
+    # Each request has a 1/4 chance: 1000 +- 27 measured; six standard deviations either way.
+    assert 1000 - 165 <= len(sampled) <= 1000 + 165
+    for route in ("/a", "/b"):
+        assert 500 - 120 <= sum(m.route == route for m in sampled) <= 500 + 120
+    gaps = [b - a for a, b in itertools.pairwise(i for i, m in enumerate(collected.items) if m.sampled)]
+    assert min(gaps) == 1 and max(gaps) > 12  # geometric, not periodic
+    assert all(m.rss_delta == 0 for m in collected.items if not m.sampled)
+    assert gc_opt.ends == n and activity.in_flight() == 0  # the GC hook sees every request
+    # The profiler counts every request (route attribution regresses on the counts), RSS only if measured.
+    assert len(profiler.calls) == n
+    assert [c[1] is not None for c in profiler.calls] == [m.sampled for m in collected.items]
+
+
+def test_rss_sample_every_1_measures_every_request_and_is_not_the_default() -> None:
+    profiler = RecordingProfiler()
+    collected = Collected()
+    recorder = RequestRecorder(on_request=collected, profiler=lambda: profiler, rss_sample_every=1)
+    middleware = MemoryMiddleware(_ok_app, recorder=recorder)
+    for _ in range(50):
         call(middleware)
-    assert [m.sampled for m in collected.items] == [True, False, False, False] * 3
-    assert all(m.rss_delta == 0 and m.traced_delta is None for m in collected.items if not m.sampled)
-    assert gc_opt.ends == 12 and activity.in_flight() == 0  # the GC hook sees every request
-    assert len(profiler.calls) == 3  # the profiler only gets measured requests
+    assert all(m.sampled for m in collected.items) and len(collected.items) == 50
+    assert all(isinstance(c[1], int) for c in profiler.calls) and len(profiler.calls) == 50
+    assert RequestRecorder().every == DEFAULT_RSS_SAMPLE_EVERY == 8
+    assert MemoryMiddleware(_ok_app).recorder.every == DEFAULT_RSS_SAMPLE_EVERY
+
+
+def test_unmeasured_requests_still_get_their_traced_delta_while_tracing() -> None:
+    collected = Collected()
+    recorder = RequestRecorder(on_request=collected, profiler=lambda: None, rss_sample_every=1_000_000)
+    recorder.countdown = 10**9  # no RSS measurement during this test
+    keep: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        keep.append(bytes(100_000))
+        start_response("200 OK", [])
+        return [b""]
+
+    tracemalloc.start()
+    try:
+        call(MemoryMiddleware(app, recorder=recorder))
+    finally:
+        tracemalloc.stop()
+    [m] = collected.items
+    assert not m.sampled and m.rss_delta == 0
+    assert m.traced_delta is not None and m.traced_delta >= 100_000
+
+
+def test_rss_sampling_from_many_threads_keeps_every_request() -> None:
+    collected = Collected()
+    recorder = RequestRecorder(on_request=collected, gc_optimizer=lambda: None, profiler=lambda: None,
+                               rss_sample_every=4)
+    middleware = MemoryMiddleware(_ok_app, recorder=recorder)
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(500):
+            call(middleware)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(collected.items) == 4000 and activity.in_flight() == 0
+    # Racing threads may lose a countdown step or both sample; the rate stays near 1 in 4.
+    assert 700 <= sum(m.sampled for m in collected.items) <= 1300
+    assert recorder.countdown >= 1
+
+
+def test_forked_children_draw_other_gaps_than_the_parent() -> None:
+    recorder = RequestRecorder(rss_sample_every=1000)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send its next gaps and leave without running pytest's teardown
+        try:
+            os.write(write, json.dumps([recorder.next_gap() for _ in range(20)]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    parent = [recorder.next_gap() for _ in range(20)]
+    assert len(child) == 20 and child != parent  # same by chance: about (1/1000) ** 20
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2_000_000, 1.5, True, "4"])

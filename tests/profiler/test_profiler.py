@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
-from kotoba_memory.memory_profiler import MemoryProfiler, ProfilerError, get_active_profiler
+from kotoba_memory.memory_profiler import MemoryProfiler, ProfilerError, RouteStats, get_active_profiler
 
 THIS_FILE = str(Path(__file__).resolve())
 
@@ -141,6 +141,17 @@ def test_record_request_from_many_threads_is_exact() -> None:
     assert routes["/r0"].rss_delta_bytes == 40_000
     assert routes["/r0"].mean_traced_delta is None
     assert routes["/r1"].traced_delta_bytes == 16_000 and routes["/r1"].mean_traced_delta == 4
+
+
+def test_unmeasured_requests_count_but_leave_the_rss_mean_alone() -> None:
+    profiler = MemoryProfiler(leak_detection=False)
+    for i in range(40):  # RSS measured on one request in 4 (the middleware samples it)
+        profiler.record_request("/s", 4096 if i % 4 == 0 else None, None, 0.001)
+    [route] = profiler.routes()
+    assert (route.requests, route.rss_requests, route.rss_delta_bytes) == (40, 10, 40_960)
+    assert route.mean_rss_delta == 4096  # per measured request, not diluted by the unmeasured
+    assert profiler._routes.take_window_counts() == {"/s": 40}  # attribution counts every request
+    assert RouteStats("/t", 8, 800, 0, 0, 0.0).mean_rss_delta == 100  # rss_requests unset: all requests
 
 
 def test_routes_are_bounded() -> None:

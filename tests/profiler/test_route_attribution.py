@@ -15,9 +15,10 @@ runtime = pytest.importorskip("kotoba_memory_integrations.runtime")
 LEAKED: list[bytes] = []
 
 
-def make_app() -> object:
+def make_app(rss_sample_every: int) -> object:
     app = flask.Flask("route_attribution")
     app.config.update(
+        KOTOBA_MEMORY_RSS_SAMPLE_EVERY=rss_sample_every,
         KOTOBA_MEMORY_ENABLE_CACHING=False,
         KOTOBA_MEMORY_ENABLE_GC_OPTIMIZATION=False,
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=50,
@@ -38,12 +39,15 @@ def make_app() -> object:
     return app
 
 
-def test_leaking_route_is_the_top_suspect_with_its_site() -> None:
-    app = make_app()
+# 8: the default, RSS measured on a random eighth of the requests; 1: every request.
+@pytest.mark.parametrize("rss_sample_every", [8, 1])
+def test_leaking_route_is_the_top_suspect_with_its_site(rss_sample_every: int) -> None:
+    app = make_app(rss_sample_every)
     client = app.test_client()  # type: ignore[attr-defined]
     optimizer = runtime.get_optimizer()
     assert optimizer is not None and optimizer.profiler is not None
     rng = random.Random(7)
+    sent = 0
     try:
         deadline = time.monotonic() + 20
         while optimizer.profiler.stats().windows < 8 and time.monotonic() < deadline:
@@ -51,11 +55,16 @@ def test_leaking_route_is_the_top_suspect_with_its_site() -> None:
                 client.get("/leak", buffered=True)  # buffered: the body is consumed and closed
             else:
                 client.get(f"/items/{rng.randrange(100)}", buffered=True)
+            sent += 1
             time.sleep(0.001)
         analysis = optimizer.profiler.analyze()
     finally:
         report = runtime.stop_optimizer()
         LEAKED.clear()
+    # Every request is counted per route (attribution regresses on the counts); RSS only on the sample.
+    assert sum(r.requests for r in analysis.routes) == sent
+    measured = sum(r.rss_requests or 0 for r in analysis.routes)
+    assert measured == sent if rss_sample_every == 1 else 0 < measured < sent / 2
     assert analysis.memory_leaks, analysis.stats
     top = analysis.memory_leaks[0]
     lines = Path(__file__).read_text().splitlines()

@@ -108,11 +108,14 @@ class RouteStats:
     traced_delta_bytes: int
     traced_requests: int
     total_duration_s: float
+    #: Requests whose RSS was measured (the middleware samples them); None: all ``requests``.
+    rss_requests: int | None = None
 
     @property
     def mean_rss_delta(self) -> float:
-        """Average RSS change per request, in bytes."""
-        return self.rss_delta_bytes / self.requests if self.requests else 0.0
+        """Average RSS change per measured request, in bytes."""
+        n = self.requests if self.rss_requests is None else self.rss_requests
+        return self.rss_delta_bytes / n if n else 0.0
 
     @property
     def mean_traced_delta(self) -> float | None:

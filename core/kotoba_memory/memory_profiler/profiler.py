@@ -93,11 +93,11 @@ class _RouteTable:
     def __init__(self, max_routes: int) -> None:
         self.max_routes = max_routes
         self._lock = threading.Lock()
-        # route -> [requests, rss_delta, traced_delta, traced_requests, duration]
+        # route -> [requests, rss_delta, traced_delta, traced_requests, duration, rss_requests]
         self._totals: dict[str, list[float]] = {}
         self._window_counts: dict[str, int] = {}
 
-    def record(self, route: str, rss_delta: int, traced_delta: int | None, duration_s: float) -> None:
+    def record(self, route: str, rss_delta: int | None, traced_delta: int | None, duration_s: float) -> None:
         with self._lock:
             row = self._totals.get(route)
             if row is None:
@@ -105,9 +105,11 @@ class _RouteTable:
                     route = "<other>"
                     row = self._totals.get(route)
                 if row is None:
-                    row = self._totals[route] = [0, 0, 0, 0, 0.0]
+                    row = self._totals[route] = [0, 0, 0, 0, 0.0, 0]
             row[0] += 1
-            row[1] += rss_delta
+            if rss_delta is not None:
+                row[1] += rss_delta
+                row[5] += 1
             if traced_delta is not None:
                 row[2] += traced_delta
                 row[3] += 1
@@ -123,7 +125,7 @@ class _RouteTable:
         with self._lock:
             rows = [(k, list(v)) for k, v in self._totals.items()]
         return [
-            RouteStats(k, int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]))
+            RouteStats(k, int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]), int(v[5]))
             for k, v in sorted(rows, key=lambda kv: kv[1][0], reverse=True)
         ]
 
@@ -295,11 +297,16 @@ class MemoryProfiler:
         self.stop()
 
     # ------------------------------------------------------------------ inputs
-    def record_request(self, route: str, rss_delta: int, traced_delta: int | None, duration_s: float) -> None:
-        """Add one finished request to ``route``'s aggregates (cheap, thread-safe, bounded)."""
+    def record_request(
+        self, route: str, rss_delta: int | None, traced_delta: int | None, duration_s: float
+    ) -> None:
+        """Add one finished request to ``route``'s aggregates (cheap, thread-safe, bounded).
+
+        ``rss_delta`` is None for a request whose RSS was not measured (the middleware samples it)."""
         if not isinstance(route, str):
             raise TypeError(f"route must be a str, got {type(route).__name__}")
-        self._routes.record(route, int(rss_delta), None if traced_delta is None else int(traced_delta),
+        self._routes.record(route, None if rss_delta is None else int(rss_delta),
+                            None if traced_delta is None else int(traced_delta),
                             float(duration_s))
 
     def add_gauge(self, name: str, read: Callable[[], float]) -> None:

@@ -62,6 +62,8 @@ KOTOBA_MEMORY = {
     "report_dir": os.environ.get("KOTOBA_EXAMPLE_REPORT_DIR") or str(DATA_DIR / "kotoba-reports"),
 }
 KOTOBA_MEMORY_OTEL = os.environ.get("KOTOBA_EXAMPLE_METRICS", "1") == "1"
+# RSS measured on one request in N on average (default 8; 1: every request).
+KOTOBA_MEMORY_RSS_SAMPLE_EVERY = int(os.environ.get("KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY", "8"))
 
 EXAMPLE_LEAK = os.environ.get("KOTOBA_EXAMPLE_LEAK") == "1"
 # Who may read kotoba-memory's report view (/_kotoba/report): this bearer token (unset: nobody).
