@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
-import os
 import random
 import threading
 import time
@@ -20,7 +19,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from kotoba_memory.process import activity, registry, scheduler
+from kotoba_memory.process import activity, forks, registry, scheduler
 from kotoba_memory.process.memory import RssReader, shared_reader
 from kotoba_memory.validation import check_positive_int
 
@@ -51,8 +50,7 @@ _RSS_REUSE_S = 0.010
 DEFAULT_RSS_SAMPLE_EVERY = 8
 # Our own generator: drawing gaps from ``random``'s shared one would shift a seeded app's sequence.
 _rng = random.Random()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_rng.seed)  # forked workers must not draw the same gaps
+forks.register(_rng.seed, name="request RSS sample gaps")  # forked workers must not draw the same gaps
 #: Route label used when no framework told us the route; the raw path is never used (cardinality).
 UNMATCHED_ROUTE = "unmatched"
 #: The HTTP methods recorded as sent (OpenTelemetry HTTP semantic conventions, case-sensitive); any
