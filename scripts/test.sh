@@ -69,6 +69,7 @@ done
 # fuzz tests skip themselves in the pure-Python run. The real-server tests (gunicorn/uvicorn + wrk)
 # drive the same code and need the machine to themselves.
 logs=$(mktemp -d "${TMPDIR:-/tmp}/kotoba-ci.XXXXXX")
+chmod 0755 "$logs"  # the test tooling's PostgreSQL runs as the postgres user inside these directories
 names=() pids=()
 VENV=$VENV bash scripts/check_dist.sh >"$logs/0.log" 2>&1 &
 names+=("release check") pids+=($!)
