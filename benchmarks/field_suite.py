@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,10 @@ def _grouped() -> dict[str, int]:
     return sizes
 
 
-def replay(app: App) -> dict[str, list[str]]:
-    """Ground truth, in this process: per route, the app lines retaining >= 64 B per request in both of
-    two batches of REPLAY_BATCH requests after a warm-up (each snapshot after a pause past expiry and a
-    full collection)."""
+def replay(app: App, only: str | None = None) -> dict[str, list[str]]:
+    """Ground truth, in this process: per route (``only``: that route template alone), the app lines
+    retaining >= 64 B per request in both of two batches of REPLAY_BATCH requests after a warm-up (each
+    snapshot after a pause past expiry and a full collection)."""
     os.environ["FIELD_PROFILE"] = "0"
     os.environ["FIELD_LEAKS"] = "1" if app.leaks_on else "0"
     sys.path.insert(0, str(REPO))
@@ -169,6 +170,9 @@ def replay(app: App) -> dict[str, list[str]]:
     tracemalloc.start(8)
     truth: dict[str, list[str]] = {}
     for route in app.routes:
+        if only is not None and route.template != only:
+            continue
+
         def batch(size: int = REPLAY_BATCH, route: Route = route) -> None:
             for _ in range(size):
                 path = route.prefix + (str(rng.randrange(10**9)) if route.arg else "")
@@ -403,11 +407,20 @@ def judge(result: Result) -> None:
 
 
 def _ground_truth(app: App) -> dict[str, list[str]]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--replay", app.name], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
-    )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    """Each route replayed alone in a fresh process, as many at once as there are cores."""
+
+    def one(route: Route) -> dict[str, list[str]]:
+        out = subprocess.run(
+            [sys.executable, __file__, "--replay", app.name, "--route", route.template], cwd=REPO,
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
+        )
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(app.routes), os.cpu_count() or 1))) as pool:
+        truth: dict[str, list[str]] = {}
+        for part in pool.map(one, app.routes):
+            truth.update(part)
+    return truth
 
 
 def _short(site: str) -> str:
@@ -423,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=sorted(APPS), help="run only these apps")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--replay", help=argparse.SUPPRESS)
+    parser.add_argument("--route", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.replay:
-        print(json.dumps(replay(APPS[args.replay])))
+        print(json.dumps(replay(APPS[args.replay], args.route)))
         return 0
     results = []
     for name in args.only or [name for name, app in APPS.items() if app.default]:
