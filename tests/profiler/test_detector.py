@@ -243,3 +243,28 @@ def test_no_window_since_the_last_growth_is_no_sign_the_leak_stopped() -> None:
     stopped = make()
     end = feed(stopped, 8, lambda w, j: 1000 * j if w < 4 else 4000)
     assert all(s.confidence < 0.8 for s in stopped.suspects(now=end, window_interval_s=10.0))
+
+
+def test_growth_made_inside_a_library_that_no_census_finds_alive_is_not_a_confident_suspect() -> None:
+    """A bounded OrderedDict cache in a library, fed from an application line: each window allocates
+    nodes and table for new entries (the older ones are freed outside the windows) and no census finds
+    a live object allocated there. The same growth at an application line (an extension's C memory)
+    stays confident; so does the library's once a census finds its objects."""
+    from kotoba_memory.memory_profiler._survival import Retention
+
+    inside, at_app, found = make(), make(), make()
+    now = feed(inside, 12, lambda w, j: 1000 * j, key=LIB)
+    feed(at_app, 12, lambda w, j: 1000 * j, key=APP)
+    feed(found, 12, lambda w, j: 1000 * j, key=LIB)
+    for detector, key in ((inside, LIB), (at_app, APP)):
+        for census in range(3):
+            detector.survival.add([], [key], now - 10.0 * census)  # censuses that found nothing alive
+    found.survival.retention = lambda key, min_age, since=None: Retention(4, 4, 20.0)  # type: ignore[method-assign]
+    assert CHOOSER.made_in_library(LIB) and not CHOOSER.made_in_library(APP)
+    assert inside.suspects(now=now, window_interval_s=10.0, min_confidence=0.8) == []
+    [doubted] = inside.suspects(now=now, window_interval_s=10.0, min_confidence=0.0)
+    assert doubted.confidence <= 0.5 and "made inside a library" in doubted.evidence
+    [c_memory] = at_app.suspects(now=now, window_interval_s=10.0, min_confidence=0.8)
+    assert c_memory.allocation_site == "/srv/app/cache.py:42"
+    [kept] = found.suspects(now=now, window_interval_s=10.0, min_confidence=0.8)
+    assert kept.allocation_site == "/srv/app/views.py:20"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -255,3 +255,35 @@ def test_a_slow_churn_stays_churn_after_many_censuses(
     assert key is not None
     churn = sampler.retention(key, 5.0, since=0.0)
     assert churn is not None and churn.fraction < 0.5, churn
+
+
+def store(cache: OrderedDict[int, bytes], n: int) -> None:
+    cache[n] = make_leak_bytes(n)  # the OrderedDict's own nodes and table are allocated at this line
+
+
+def test_a_structures_own_memory_is_never_found_alive_but_what_it_holds_is(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """A bounded OrderedDict cache: its nodes and table grow at the line that inserts, yet no census finds
+    a live object allocated there (they are not objects), while the values it holds are found."""
+    cache: OrderedDict[int, bytes] = OrderedDict()
+    sampler = SurvivalSampler()
+    now, node_key, value_key = 0.0, None, None
+    for window in range(4):
+        for i in range(100):
+            store(cache, window * 1000 + i)
+            while len(cache) > 50:
+                cache.popitem(last=False)
+        value_key = key_of(next(reversed(cache.values())))
+        line = store.__code__.co_firstlineno + 1
+        node_key = next(
+            key for key in (tuple((f.filename, f.lineno) for f in reversed(stat.traceback))
+                            for stat in tracemalloc.take_snapshot().statistics("traceback"))
+            if key[0] == (__file__, line)
+        )
+        sampler.census([node_key, value_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert node_key is not None and value_key is not None
+    assert sampler.misses(node_key) >= 3
+    assert sampler.misses(value_key) == 0 and sampler.retention(value_key, 5.0) is not None

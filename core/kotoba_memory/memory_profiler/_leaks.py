@@ -292,9 +292,11 @@ class LeakDetector:
         if global_growth is not None and age > 0 and not retained:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now, explained)
-        survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
+        misses = self.survival.misses(track.key)
+        survival = _survival_factor(retention, evidence, misses)
         proven = retained or self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
-        unproven = 1.0 if proven else _unproven_factor(track, self.survival.misses(track.key), evidence)
+        in_library = self.site_chooser.made_in_library(track.key)
+        unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, in_library)
         confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
             return None  # the route is worth finding for suspects only (it is the costly part)
@@ -463,7 +465,7 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
     return best
 
 
-def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
+def _unproven_factor(track: _Track, misses: int, evidence: list[str], in_library: bool = False) -> float:
     """0.5 for growth that survival has not shown retained (nor a sample alive for two window intervals
     with none dead) and that looks like a by-product of churn.
 
@@ -473,12 +475,20 @@ def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
       object of it. Memory a dict's table resize or a freelist keeps (tracemalloc still counts freed
       objects CPython parks there) grows like that; a leak's objects are found alive, a steady one grows
       in nearly every window.
+    - Made inside a library and never found: the innermost frame is library code working for the
+      application line, and no census found a live object allocated there. That is a structure's own
+      memory (a dict's table, an ``OrderedDict``'s nodes), which a bounded cache keeps allocating as
+      it replaces entries while the frees of older ones fall outside the windows; what the application
+      keeps is found alive at the line that allocated it.
     """
     if track.positive_growth < _MIN_UNPROVEN_BYTES:
         evidence.append(f"only {track.positive_growth} bytes grew, not shown retained")
         return 0.5
     if misses >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
         evidence.append("intermittent growth of nothing any census found alive")
+        return 0.5
+    if in_library and misses >= _MISSES_AGAINST:
+        evidence.append("made inside a library, and no census found a live object of it")
         return 0.5
     return 1.0
 
@@ -546,6 +556,10 @@ class SiteChooser:
 
     def _is_library(self, filename: str) -> bool:
         return filename.startswith(self._library) or filename.startswith("<")
+
+    def made_in_library(self, key: Key) -> bool:
+        """Allocated by library code (its innermost frame) on behalf of an application frame further out."""
+        return bool(key) and self._is_library(key[0][0]) and self.owner(key) == "user"
 
     def owner(self, key: Key) -> str:
         """``"user"``, ``"own"`` (made by kotoba-memory, directly or through a library it called) or
