@@ -243,3 +243,37 @@ def test_no_window_since_the_last_growth_is_no_sign_the_leak_stopped() -> None:
     stopped = make()
     end = feed(stopped, 8, lambda w, j: 1000 * j if w < 4 else 4000)
     assert all(s.confidence < 0.8 for s in stopped.suspects(now=end, window_interval_s=10.0))
+
+
+def test_a_librarys_own_memory_for_a_line_whose_entries_churn_is_not_a_confident_suspect() -> None:
+    """A bounded OrderedDict cache in a library, fed from an application line: each window allocates
+    nodes and table for new entries (the older ones are freed outside the windows) and no census finds
+    a live object allocated there, while the values the line stores (another traceback through it) are
+    shown to die. Without that churn shown (a C extension's buffers, also never found) it stays
+    confident, and so does the library's memory once its objects are found alive."""
+    from kotoba_memory.memory_profiler._survival import Retention
+
+    values: Key = (("/usr/lib/python3.11/pickle.py", 7), ("/srv/app/views.py", 20))
+    alive = {LIB: None, values: Retention(0, 8, 20.0)}
+    cache, c_buffers, found = make(), make(), make()
+    now = 1000.0
+    for _ in range(12):
+        shots = [(now + j * 0.1, {LIB: (1000 * j, 30 * j), values: (500 * j, 5 * j)}) for j in range(6)]
+        cache.add_window(shots)
+        now += 10.0
+    feed(c_buffers, 12, lambda w, j: 1000 * j, key=LIB)
+    feed(found, 12, lambda w, j: 1000 * j, key=LIB)
+    for detector in (cache, c_buffers):
+        for census in range(3):
+            detector.survival.add([], [LIB], now - 10.0 * census)  # censuses that found nothing alive
+    cache.survival.retention = lambda key, min_age, since=None: alive[key]  # type: ignore[method-assign]
+    found.survival.retention = lambda key, min_age, since=None: Retention(4, 4, 20.0)  # type: ignore[method-assign]
+    assert CHOOSER.made_in_library(LIB) and not CHOOSER.made_in_library(APP)
+    assert cache.suspects(now=now, window_interval_s=10.0, min_confidence=0.8) == []
+    suspects = cache.suspects(now=now, window_interval_s=10.0, min_confidence=0.0)
+    [recycled] = [leak for leak in suspects if leak.traceback[0] == "/usr/lib/python3.11/json/encoder.py:200"]
+    assert recycled.confidence <= 0.5 and "shown to be freed" in recycled.evidence
+    [c_memory] = c_buffers.suspects(now=now, window_interval_s=10.0, min_confidence=0.8)
+    assert c_memory.allocation_site == "/srv/app/views.py:20"
+    [kept] = found.suspects(now=now, window_interval_s=10.0, min_confidence=0.8)
+    assert kept.allocation_site == "/srv/app/views.py:20"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -254,4 +254,69 @@ def test_a_slow_churn_stays_churn_after_many_censuses(
         tracing(sampler, now)
     assert key is not None
     churn = sampler.retention(key, 5.0, since=0.0)
+    assert churn is not None and churn.fraction < 0.5, churn
+
+
+def store(cache: OrderedDict[int, bytes], n: int) -> None:
+    cache[n] = make_leak_bytes(n)  # the OrderedDict's own nodes and table are allocated at this line
+
+
+def test_a_structures_own_memory_is_never_found_alive_but_what_it_holds_is(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """A bounded OrderedDict cache: its nodes and table grow at the line that inserts, yet no census finds
+    a live object allocated there (they are not objects), while the values it holds are found."""
+    cache: OrderedDict[int, bytes] = OrderedDict()
+    sampler = SurvivalSampler()
+    now, node_key, value_key = 0.0, None, None
+    for window in range(4):
+        for i in range(100):
+            store(cache, window * 1000 + i)
+            while len(cache) > 50:
+                cache.popitem(last=False)
+        value_key = key_of(next(reversed(cache.values())))
+        line = store.__code__.co_firstlineno + 1
+        node_key = next(
+            key for key in (tuple((f.filename, f.lineno) for f in reversed(stat.traceback))
+                            for stat in tracemalloc.take_snapshot().statistics("traceback"))
+            if key[0] == (__file__, line)
+        )
+        sampler.census([node_key, value_key], now)
+        now += 10.0
+        tracing(sampler, now)
+    assert node_key is not None and value_key is not None
+    assert sampler.misses(node_key) >= 3
+    assert sampler.misses(value_key) == 0 and sampler.retention(value_key, 5.0) is not None
+
+
+def make_session(n: int) -> tuple[float, dict[str, str]]:
+    return (float(n), {"user": f"user {n}" * 4})  # the session's data (an untracked dict of strs) and name
+
+
+def test_what_tuples_hold_is_found_though_tuples_are_left_out_of_the_first_level(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """A session store's values are (expiry, data) tuples and the data an untracked dict: the census
+    opens the tuples it finds as referents, so a session that expired is seen dead, one kept alive."""
+    sessions: dict[int, tuple[float, dict[str, str]]] = {}
+    nested: dict[int, tuple[tuple[float, dict[str, str]], int]] = {}
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    now: float = 0.0
+    key: Key | None = None
+    for window in range(6):
+        for i in range(40):
+            n = window * 100 + i
+            sessions[n] = make_session(n)
+            nested[n] = (make_session(n), n)
+        for old in [n for n in sessions if n < (window - 1) * 100]:
+            del sessions[old]
+            del nested[old]
+        key = key or key_of(sessions[0][1]["user"])
+        found = sampler.scan([key])
+        assert found, "nothing allocated at the session line was found inside the tuples"
+        sampler.add(found, [key], now, {key: -100.0})  # the site is older than its entries live
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None
+    churn = sampler.retention(key, 5.0, since=-100.0)
     assert churn is not None and churn.fraction < 0.5, churn

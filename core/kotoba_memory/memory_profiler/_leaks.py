@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +25,7 @@ _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
 _MIN_WINDOWS_FOR_SHARES = 20  # shares of ~10 routes correlate by chance over fewer windows
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
+_CHURNED = 0.5  # share of sampled objects still alive under which a site counts as "shown to churn"
 _MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
 _MIN_UNPROVEN_BYTES = 8 * 1024  # growth under this must be shown retained to be reported
 
@@ -221,8 +222,11 @@ class LeakDetector:
         # A snapshot: the scheduler thread may add a window meanwhile (analyze() does not wait for it).
         tracks = list(self._tracks.values())
         explained_bytes = explained_blocks = 0.0  # per second, at sites shown retained
+        churned: set[str] = set()  # application lines with a traceback whose objects were shown to die
         for track in tracks:
             retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
+            if retention is not None and retention.fraction < _CHURNED:
+                churned.add(self.site_chooser.site(track.key))
             if retention is not None and retention.fraction >= _RETAINED and track.net_growth > 0:
                 span = max(track.traced_time, 1e-9)
                 explained_bytes += track.net_growth / span
@@ -232,7 +236,7 @@ class LeakDetector:
         for track in tracks:
             leak = self._judge(
                 track, now, window_interval_s, global_growth, routes, min_confidence,
-                (explained_bytes, explained_blocks), observed_until,
+                (explained_bytes, explained_blocks), observed_until, churned,
             )
             if leak is not None:
                 found.append(leak)
@@ -250,6 +254,7 @@ class LeakDetector:
         min_confidence: float = 0.0,
         explained: tuple[float, float] = (0.0, 0.0),
         observed_until: float | None = None,
+        churned: Collection[str] = (),
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
@@ -292,9 +297,16 @@ class LeakDetector:
         if global_growth is not None and age > 0 and not retained:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now, explained)
-        survival = _survival_factor(retention, evidence, self.survival.misses(track.key))
+        misses = self.survival.misses(track.key)
+        survival = _survival_factor(retention, evidence, misses)
         proven = retained or self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
-        unproven = 1.0 if proven else _unproven_factor(track, self.survival.misses(track.key), evidence)
+        # Memory a library allocated for this line, never found as a live object (a structure's own:
+        # dict tables, OrderedDict nodes), while what the line put into it was shown to die: it churns.
+        recycled = (
+            not proven and misses >= _MISSES_AGAINST and self.site_chooser.made_in_library(track.key)
+            and self.site_chooser.site(track.key) in churned
+        )
+        unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, recycled)
         confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
             return None  # the route is worth finding for suspects only (it is the costly part)
@@ -463,7 +475,7 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
     return best
 
 
-def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
+def _unproven_factor(track: _Track, misses: int, evidence: list[str], recycled: bool = False) -> float:
     """0.5 for growth that survival has not shown retained (nor a sample alive for two window intervals
     with none dead) and that looks like a by-product of churn.
 
@@ -473,12 +485,22 @@ def _unproven_factor(track: _Track, misses: int, evidence: list[str]) -> float:
       object of it. Memory a dict's table resize or a freelist keeps (tracemalloc still counts freed
       objects CPython parks there) grows like that; a leak's objects are found alive, a steady one grows
       in nearly every window.
+    - Recycled (``recycled``, judged by the caller): a library allocated it for an application line
+      (the innermost frame is the library's), no census found a live object of it, and another
+      traceback through the same line was shown to churn. That is a structure's own memory (a dict's
+      table, an ``OrderedDict``'s nodes) in a bounded cache: it allocates for each new entry, while the
+      frees of the evicted ones fall outside the windows. (A C extension's buffers are never found
+      alive either, but nothing at their line is shown to die.)
     """
     if track.positive_growth < _MIN_UNPROVEN_BYTES:
         evidence.append(f"only {track.positive_growth} bytes grew, not shown retained")
         return 0.5
     if misses >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
         evidence.append("intermittent growth of nothing any census found alive")
+        return 0.5
+    if recycled:
+        evidence.append("a library's own memory for this line, never found alive, while what the line "
+                        "puts there was shown to be freed")
         return 0.5
     return 1.0
 
@@ -546,6 +568,10 @@ class SiteChooser:
 
     def _is_library(self, filename: str) -> bool:
         return filename.startswith(self._library) or filename.startswith("<")
+
+    def made_in_library(self, key: Key) -> bool:
+        """Allocated by library code (its innermost frame) on behalf of an application frame further out."""
+        return bool(key) and self._is_library(key[0][0]) and self.owner(key) == "user"
 
     def owner(self, key: Key) -> str:
         """``"user"``, ``"own"`` (made by kotoba-memory, directly or through a library it called) or

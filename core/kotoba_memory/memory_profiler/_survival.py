@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, filterfalse, islice, repeat
-from operator import indexOf, is_not
+from operator import indexOf, is_, is_not
 from types import ModuleType
 from typing import Any
 
@@ -37,6 +37,7 @@ Key = tuple[Frame, ...]
 
 _HASHABLE_BY_CONTENT = (bytes, str, int, float, complex, frozenset, tuple)
 _MAX_HELD_OBJECT = 4096  # bytes (with its referents) of one object held for its reference count
+_TUPLE_DEPTH = 4  # levels of referents opened below the collector's list (tuples within tuples)
 
 
 class _Slot:
@@ -159,17 +160,33 @@ def _listed_objects() -> list[Any]:
 
 
 def _heap() -> Iterator[Sequence[Any]]:
-    """What the collector lists, their referents, and what untracked containers among those hold.
+    """What the collector lists, their referents, and what untracked containers and tuples among those hold.
 
     Untracked containers (a dict or tuple of atoms: a cache's inner dict of ints to bytes) are not
-    listed themselves, so their contents are one level further down. Built in C, a level at a time.
+    listed themselves, so their contents are one level further down. Tuples are left out of the first
+    level (see ``_listed_objects``): found as referents, they are opened a level further down too, or
+    what they hold (a session store's ``(expiry, data)`` values) would never be seen; tuples within
+    tuples a level further each, up to ``_TUPLE_DEPTH``. Built in C, a level at a time.
     """
     objects = _listed_objects()
     yield objects
-    referents = _referents(objects)
+    level = _referents(objects)
     del objects
-    yield referents
-    yield gc.get_referents(*filterfalse(gc.is_tracked, referents))
+    for _ in range(_TUPLE_DEPTH):
+        yield level
+        opened = list(chain(filterfalse(gc.is_tracked, level), _tuples(level)))
+        del level
+        if not opened:
+            return
+        level = gc.get_referents(*opened)
+        del opened
+    yield level
+
+
+def _tuples(objects: Sequence[Any]) -> Iterator[Any]:
+    """The tracked exact tuples among ``objects`` (untracked ones are opened as untracked containers)."""
+    tuples = compress(objects, map(is_, map(type, objects), repeat(tuple)))
+    return filter(gc.is_tracked, tuples)
 
 
 def _holdable(obj: Any) -> int:
