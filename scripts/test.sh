@@ -43,23 +43,38 @@ if [[ -z ${EXTRA_PYTHONS+set} ]]; then
         EXTRA_PYTHONS+=" $py"
     done
 fi
-# The other CPythons' venvs are made now, one after the other: their editable installs build in this
-# tree, which must not happen while the release check builds here too.
-versions=()
+# The other CPythons' venvs are made in the background while the main suite starts, one after the
+# other: their editable installs build in this tree, which must not happen while the release check
+# builds here too (it starts only after they are done).
+versions=() pythons=()
 for py in $EXTRA_PYTHONS; do
     if ! command -v "$py" >/dev/null 2>&1; then
         echo "test.sh: interpreter $py not found" >&2
         exit 1
     fi
-    version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    PYTHON=$py VENV=.venv-$version bash scripts/bootstrap.sh
-    versions+=("$version")
+    versions+=("$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')")
+    pythons+=("$py")
 done
+boot_log=$(mktemp "${TMPDIR:-/tmp}/kotoba-boot.XXXXXX")
+(
+    for i in "${!pythons[@]}"; do
+        PYTHON=${pythons[$i]} VENV=.venv-${versions[$i]} bash scripts/bootstrap.sh || exit 1
+    done
+) >"$boot_log" 2>&1 &
+boot_pid=$!
+trap 'kill "$boot_pid" 2>/dev/null || true; rm -f "$boot_log"' EXIT
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
-# The whole suite, real servers included, alone on the machine: its server tests time real load.
+# The whole suite, real servers included, on this interpreter: its server tests (in tests/integrations,
+# well after the venvs above are done) time real load, so nothing else runs beside them.
 "$VENV/bin/python" -m pytest --durations=15 "$@"
+if ! wait "$boot_pid"; then
+    echo "test.sh: making the venvs of ${versions[*]} failed:" >&2
+    cat "$boot_log" >&2
+    exit 1
+fi
+echo "test.sh: venvs ${versions[*]/#/.venv-} ready"
 
 # Then side by side (two cores; the CI budget is 15 minutes): the release check (issue 15: sdist +
 # wheel built, twine check, each extra installed from the wheel in a fresh venv) and the suite minus
