@@ -318,7 +318,7 @@ def snapshot_from_report(report: Any | None, *, name: str = "") -> dict[str, Any
         cache = report.cache
         data["cache"] = {key: cache.get(key) for key in _CACHE_KEYS}
     data["caches"] = [
-        {key: row.get(key) for key in (*_CACHE_KEYS, "type", "evictions", "uses")}
+        {key: row.get(key) for key in (*_CACHE_KEYS, "type", "evictions", "uses", "shared")}
         for row in (getattr(report, "caches", None) or [])[:_TOP_CACHES]
     ]
     return data
@@ -338,18 +338,30 @@ def _row_caches(row: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _caches_across(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each cache name's counters summed over the processes that have it, busiest first."""
+    """Each cache name's counters summed over the processes that have it, busiest first.
+
+    A store the processes share (Redis, a cache file) is counted once: its ``entries``/``bytes`` are
+    the largest reading of it, not the sum of every process's reading of the same keys.
+    """
     merged: dict[str, dict[str, Any]] = {}
     for row in rows:
         for cache in _row_caches(row):
             name = str(cache.get("name") or "?")
             into = merged.setdefault(
                 name, {"name": name, "type": cache.get("type"), "processes": 0, "hits": 0, "misses": 0,
-                       "entries": 0, "bytes": 0, "evictions": 0, "uses": cache.get("uses") or []},
+                       "entries": 0, "bytes": 0, "evictions": 0, "uses": cache.get("uses") or [],
+                       "shared": False},
             )
             into["processes"] += 1
-            for key in ("hits", "misses", "entries", "bytes", "evictions"):
+            for key in ("hits", "misses", "evictions"):
                 into[key] += int(cache.get(key) or 0)
+            if cache.get("shared"):
+                into["shared"] = True
+                for key in ("entries", "bytes"):
+                    into[key] = max(into[key], int(cache.get(key) or 0))
+            else:
+                for key in ("entries", "bytes"):
+                    into[key] += int(cache.get(key) or 0)
     for into in merged.values():
         lookups = into["hits"] + into["misses"]
         into["hit_rate"] = into["hits"] / lookups if lookups else None

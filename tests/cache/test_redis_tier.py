@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
+from kotoba_memory.cache_manager.inventory import cache_inventory
 from kotoba_memory.cache_manager.redis_tier import RedisCache, RedisCacheStats
 
 pytestmark = pytest.mark.redis
@@ -203,3 +207,91 @@ def test_module_import_does_not_load_redis() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _scan_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_processes_sharing_a_prefix_share_one_scan_per_interval(restartable_redis: Any) -> None:
+    # Four caches on their own connections stand for four workers; the private server counts SCANs.
+    url = restartable_redis.url
+    raw = redis.Redis.from_url(url)
+    workers = [RedisCache(url, prefix="shared:", scan_interval=3600) for _ in range(4)]
+    try:
+        workers[0].put_many({f"k{i}": 1234567890 for i in range(1200)})
+        raw.config_resetstat()
+        first = workers[0].stats()
+        one_scan = _scan_calls(raw)
+        assert one_scan >= 3 and (first.entries, first.bytes) == (1200, 12000)
+        for worker in workers[1:]:
+            seen = worker.stats()
+            assert (seen.entries, seen.bytes, seen.occupancy_complete) == (1200, 12000, True)
+            assert seen.occupancy_age_s >= 0
+        assert _scan_calls(raw) == one_scan  # the other three read the shared figures
+        assert len(workers[1]) == 1200  # the bookkeeping key is not an entry
+        rows = {row["name"]: row for row in cache_inventory(limit=1000)[0]}
+        assert rows[workers[1].name]["shared"] is True  # a fleet view counts its entries once
+        assert workers[1].stats(refresh=True).entries == 1200
+        workers[0].clear()
+        assert raw.keys("shared:*") == []  # clear() takes the bookkeeping keys with it
+    finally:
+        for worker in workers:
+            worker.close()
+        raw.close()
+
+
+def test_an_occupancy_scan_stops_at_scan_max_keys(cache: RedisCache, redis_url: str, prefix: str) -> None:
+    cache.put_many({f"k{i}": 1234567890 for i in range(1000)})
+    cache.put("\x00\xffoccupancy", 1)  # a user key that looks like ours is still an entry
+    capped = RedisCache(redis_url, prefix=prefix, scan_max_keys=100, scan_interval=0)
+    try:
+        stats = capped.stats()
+        assert (stats.entries, stats.occupancy_complete) == (100, False)
+        assert 100 * 10 - 10 <= stats.bytes <= 100 * 10
+        full = cache.stats(refresh=True)
+        assert (full.entries, full.occupancy_complete) == (1001, True)
+    finally:
+        capped.close()
+    with pytest.raises(ValueError, match="scan_max_keys"):
+        RedisCache(redis_url, prefix=prefix, scan_max_keys=0)
+
+
+def test_stats_keep_the_last_occupancy_while_redis_is_paused(restartable_redis: Any) -> None:
+    server = restartable_redis
+    client = redis.Redis.from_url(server.url, socket_timeout=0.2)
+    cache = RedisCache(client, prefix="paused:", scan_interval=0.3)
+    commands = 0
+    real_execute = client.execute_command
+
+    def counted_execute(*args: Any, **kwargs: Any) -> Any:
+        nonlocal commands
+        commands += 1
+        return real_execute(*args, **kwargs)
+
+    client.execute_command = counted_execute  # type: ignore[method-assign]
+    try:
+        cache.put_many({f"k{i}": b"v" for i in range(50)})
+        cache.get("k1")
+        assert cache.stats(refresh=True).entries == 50
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.35)
+            before = commands
+            stats = cache.stats()  # a rescan is due: it times out, and the last figures stay
+            assert stats.entries == 50 and stats.hits == 1
+            assert stats.occupancy_error is not None and "Timeout" in stats.occupancy_error
+            again = cache.stats()
+            assert again.occupancy_error == stats.occupancy_error
+            assert commands == before + 1  # the failed rescan is not retried before scan_interval
+            with pytest.raises(redis.TimeoutError):
+                cache.stats(refresh=True)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.35)
+        cache.put("k50", b"v")
+        recovered = cache.stats()
+        assert (recovered.entries, recovered.occupancy_error) == (51, None)
+    finally:
+        cache.clear()
+        cache.close()

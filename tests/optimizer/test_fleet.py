@@ -139,6 +139,22 @@ def test_fleet_view_lists_one_server_from_inside_and_every_server_from_outside()
     assert totals["servers"] == [100, 200] and totals["workers"] == 3
 
 
+def test_a_shared_stores_entries_are_counted_once_across_workers() -> None:
+    def cache(name: str, hits: int, entries: int, shared: bool) -> dict[str, object]:
+        return {"name": name, "hits": hits, "misses": 1, "entries": entries, "bytes": entries * 10,
+                "evictions": 0, "shared": shared}
+
+    rows = [  # two workers read the same Redis prefix at slightly different times; each has its own LRU
+        row(101, 100, 70, caches=[cache("redis:app:", 5, 1000, True), cache("local", 2, 40, False)]),
+        row(102, 100, 80, caches=[cache("redis:app:", 7, 1003, True), cache("local", 3, 60, False)]),
+    ]
+    _, totals = fleet.fleet_view(rows, viewer_pid=101, now=101.0)
+    by_name = {c["name"]: c for c in totals["caches"]}
+    assert (by_name["redis:app:"]["entries"], by_name["redis:app:"]["bytes"]) == (1003, 10030)
+    assert by_name["redis:app:"]["hits"] == 12 and by_name["redis:app:"]["shared"] is True
+    assert (by_name["local"]["entries"], by_name["local"]["shared"]) == (100, False)
+
+
 def test_report_shows_the_workers_rows_and_totals() -> None:
     stats = MemoryStats(1.0, 1.0, 1.0, "rss/peak", 1 << 20, 1 << 20)
     rows, totals = fleet.fleet_view(

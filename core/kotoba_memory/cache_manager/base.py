@@ -109,6 +109,9 @@ class BaseCache(ABC):
     name: str
     #: Seconds a put that gives no ttl lives (None: no expiry); set by each cache's constructor.
     default_ttl: float | None = None
+    #: True when ``stats()``'s ``entries``/``bytes`` describe a store other processes share (Redis, a
+    #: cache file), so a fleet view counts them once instead of summing them per process.
+    shared_storage: bool = False
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:

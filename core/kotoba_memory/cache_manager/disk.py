@@ -265,6 +265,8 @@ class DiskCache(BaseCache):
     the user.
     """
 
+    shared_storage = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],

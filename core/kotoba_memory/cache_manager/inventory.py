@@ -124,6 +124,7 @@ def _row(cache: BaseCache, parts: list[BaseCache]) -> dict[str, Any]:
         except Exception as exc:
             row["views"].append({"label": label, "error": f"{type(exc).__name__}: {exc}"})
     row["parts"] = [part.name for part in parts]
+    row["shared"] = cache.shared_storage
     return row
 
 

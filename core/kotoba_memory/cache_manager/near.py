@@ -31,7 +31,7 @@ from typing import Any
 
 from kotoba_memory.cache_manager.base import BaseCache, _call_async, _call_sync
 from kotoba_memory.cache_manager.memory import CacheManager
-from kotoba_memory.cache_manager.redis_tier import prefix_occupancy, redis_key, scan_prefix, unlink_prefix
+from kotoba_memory.cache_manager.redis_tier import PrefixOccupancy, redis_key, unlink_prefix, user_keys
 from kotoba_memory.cache_manager.signing import Signer
 from kotoba_memory.cache_manager.tiers import TieredCache
 from kotoba_memory.cache_manager.types import CachedValue, CacheError, CachePolicy, CacheStats, check_ttl
@@ -143,6 +143,8 @@ class NearCache(BaseCache):
     when no answer comes within ``health_timeout``; ``socket_timeout`` bounds every request's call.
     """
 
+    shared_storage = True
+
     def __init__(
         self,
         redis: Any,
@@ -161,6 +163,7 @@ class NearCache(BaseCache):
         outage_ttl: float = 1.0,
         lock_timeout: float = 5.0,
         scan_interval: float = 10.0,
+        scan_max_keys: int = 100_000,
         name: str | None = None,
     ) -> None:
         try:
@@ -177,6 +180,7 @@ class NearCache(BaseCache):
         self.outage_ttl = float(check_non_negative(outage_ttl, "outage_ttl"))
         self.lock_timeout = float(check_positive(lock_timeout, "lock_timeout"))
         self.scan_interval = float(check_non_negative(scan_interval, "scan_interval", allow_inf=True))
+        self.scan_max_keys = check_positive_int(scan_max_keys, "scan_max_keys")
         self.default_ttl = check_ttl(default_ttl, "default_ttl")
         self.ignore_exceptions = bool(ignore_exceptions)
         if isinstance(redis, str):
@@ -254,7 +258,10 @@ class NearCache(BaseCache):
         self._redis_hits = self._puts = self._deletes = 0
         self._errors = self._refused = self._trips = self._messages = self._forged = 0
         self._flushes = self._subscriptions = self._lock_waits = self._lock_wins = 0
-        self._last_scan: tuple[float, int, int] | None = None
+        self._occupancy_reader = PrefixOccupancy(
+            self.client, self._prefix_str, interval=self.scan_interval, max_keys=self.scan_max_keys,
+            redis_error=self._redis_error,
+        )
 
     def _reinit_near_after_fork(self) -> None:
         # The parent's listener does not exist here and its invalidations stop reaching this process:
@@ -739,7 +746,7 @@ class NearCache(BaseCache):
         if not self._usable():
             return len(self.l1)
         try:
-            return sum(1 for _ in scan_prefix(self.client, self._prefix_str))
+            return sum(1 for _ in user_keys(self.client, self._prefix_str))
         except self._redis_error as exc:
             self._failed(exc)
             return len(self.l1)
@@ -956,7 +963,7 @@ class NearCache(BaseCache):
     def _clear_redis(self) -> None:
         unlink_prefix(self.client, self._prefix_str)
         self.client.publish(self.channel, self._message(None, self._new_wid()))
-        self._last_scan = None
+        self._occupancy_reader.forget()
 
     # -- get_or_set across processes --------------------------------------------------------------------
 
@@ -1102,16 +1109,12 @@ class NearCache(BaseCache):
         """(entries, bytes) under the namespace in Redis; L1's while Redis is unavailable (as ``len``)."""
         if self._open_since is not None:
             return l1.entries, l1.bytes
-        cached = self._last_scan
-        if not refresh and cached is not None and time.monotonic() - cached[0] < self.scan_interval:
-            return cached[1], cached[2]
         try:
-            entries, stored = prefix_occupancy(self.client, self._prefix_str)
+            occ = self._occupancy_reader.read(refresh, raise_errors=True)
         except self._redis_error as exc:
             self._failed(exc, quiet=True)
             return l1.entries, l1.bytes
-        self._last_scan = (time.monotonic(), entries, stored)
-        return entries, stored
+        return occ.entries, occ.bytes
 
     def __repr__(self) -> str:
         return f"NearCache(namespace={self.namespace!r}, name={self.name!r})"

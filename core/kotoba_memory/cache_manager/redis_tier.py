@@ -20,13 +20,16 @@ from typing import Any, Protocol
 from kotoba_memory.cache_manager.base import BaseCache
 from kotoba_memory.cache_manager.latency import LatencyWindow
 from kotoba_memory.cache_manager.types import CachedValue, CacheStats, UnhashableKeyError, check_ttl
-from kotoba_memory.validation import check_non_negative, check_str
+from kotoba_memory.validation import check_non_negative, check_positive_int, check_str
 
-__all__ = ["RedisCache", "RedisCacheStats", "Serializer"]
+__all__ = ["Occupancy", "PrefixOccupancy", "RedisCache", "RedisCacheStats", "Serializer"]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 500  # keys per MGET / UNLINK / pipeline round trip
+#: Appended to the prefix for our own bookkeeping keys. 0xFF never occurs in UTF-8 and pickled keys
+#: start with NUL + 0x80, so no user key can take this name.
+_META = b"\x00\xff"
 
 
 class Serializer(Protocol):
@@ -47,6 +50,12 @@ class RedisCacheStats(CacheStats):
 
     corrupt: int = 0
     prefix: str = ""
+    #: False when ``entries``/``bytes`` are lower bounds: the scan stopped at ``scan_max_keys``.
+    occupancy_complete: bool = True
+    #: Seconds since the occupancy was scanned (by this process or another one sharing the prefix).
+    occupancy_age_s: float = 0.0
+    #: Why the last rescan failed (the figures are then the last good ones), else None.
+    occupancy_error: str | None = None
 
 
 def _milliseconds(ttl: float) -> int:
@@ -72,9 +81,15 @@ def _escape_glob(text: str) -> str:
 
 
 def scan_prefix(client: Any, prefix: str) -> Iterator[bytes]:
-    """Every key under ``prefix`` (SCAN with an escaped MATCH pattern)."""
+    """Every key under ``prefix`` (SCAN with an escaped MATCH pattern), our bookkeeping keys included."""
     pattern = _escape_glob(prefix).encode("utf-8") + b"*"
     yield from client.scan_iter(match=pattern, count=_CHUNK)
+
+
+def user_keys(client: Any, prefix: str) -> Iterator[bytes]:
+    """Every key under ``prefix`` but our own bookkeeping keys."""
+    meta = prefix.encode("utf-8") + _META
+    return (key for key in scan_prefix(client, prefix) if not key.startswith(meta))
 
 
 def unlink_prefix(client: Any, prefix: str) -> None:
@@ -89,18 +104,23 @@ def unlink_prefix(client: Any, prefix: str) -> None:
         client.unlink(*batch)
 
 
-def prefix_occupancy(client: Any, prefix: str) -> tuple[int, int]:
-    """(keys, summed value bytes) under ``prefix``: one SCAN plus pipelined STRLENs."""
+def prefix_occupancy(client: Any, prefix: str, max_keys: int | None = None) -> tuple[int, int, bool]:
+    """(keys, summed value bytes, complete) under ``prefix``: one SCAN plus pipelined STRLENs.
+
+    The scan stops after ``max_keys`` keys; ``complete`` is then False and the figures are lower bounds.
+    """
     entries = stored = 0
     keys: list[bytes] = []
-    for key in scan_prefix(client, prefix):
+    for key in user_keys(client, prefix):
+        if max_keys is not None and entries + len(keys) >= max_keys:
+            return entries + len(keys), stored + (_value_bytes(client, keys) if keys else 0), False
         keys.append(key)
         if len(keys) >= _CHUNK:
             entries, stored = entries + len(keys), stored + _value_bytes(client, keys)
             keys = []
     if keys:
         entries, stored = entries + len(keys), stored + _value_bytes(client, keys)
-    return entries, stored
+    return entries, stored, True
 
 
 def _value_bytes(client: Any, keys: list[bytes]) -> int:
@@ -108,6 +128,106 @@ def _value_bytes(client: Any, keys: list[bytes]) -> int:
         for key in keys:
             pipe.strlen(key)
         return sum(int(n) for n in pipe.execute())
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """What a prefix held at its last scan: ``complete`` False when the scan stopped at its key limit."""
+
+    entries: int
+    bytes: int
+    complete: bool
+    age_s: float
+    error: str | None = None
+
+
+class PrefixOccupancy:
+    """The key count and value bytes under one Redis prefix, scanned at most once per ``interval``.
+
+    Every process sharing the prefix shares the last scan through one bookkeeping key that expires
+    after ``interval``, and a short lock lets only one of them rescan: a fleet of N workers sweeps the
+    keyspace once per interval, not N times. A scan stops after ``max_keys`` keys. A failed rescan
+    keeps the last good figures, with the error, and is not retried before ``interval`` has passed.
+    """
+
+    def __init__(
+        self, client: Any, prefix: str, *, interval: float, max_keys: int, redis_error: type[Exception]
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.interval = interval
+        self.max_keys = max_keys
+        self._redis_error = redis_error
+        self._key = prefix.encode("utf-8") + _META + b"occupancy"
+        self._lock_key = prefix.encode("utf-8") + _META + b"occupancy-lock"
+        self._lock = threading.Lock()
+        # (monotonic time to rescan after, figures, unix time of the scan)
+        self._last: tuple[float, Occupancy, float] | None = None
+
+    def forget(self) -> None:
+        """Drop the figures (after the prefix was cleared: the shared key went with it)."""
+        with self._lock:
+            self._last = None
+
+    def read(self, refresh: bool = False, *, raise_errors: bool = False) -> Occupancy:
+        """The occupancy, rescanned when older than ``interval`` or when ``refresh``.
+
+        With ``refresh`` or ``raise_errors`` a Redis error propagates; else it is noted in ``error``.
+        """
+        with self._lock:
+            now = time.monotonic()
+            last = self._last
+            if not refresh and last is not None and now < last[0]:
+                return self._aged(last)
+            try:
+                if not refresh and (shared := self._shared()) is not None:
+                    self._last = (now + self.interval, shared[0], shared[1])
+                    return self._aged(self._last)
+                if not refresh and last is not None and not self._may_scan():
+                    return self._aged(last)  # another process is scanning: its figures come next time
+                entries, stored, complete = prefix_occupancy(self.client, self.prefix, self.max_keys)
+            except self._redis_error as exc:
+                if refresh or raise_errors:
+                    raise
+                kept = last[1] if last is not None else Occupancy(0, 0, False, 0.0)
+                error = f"{type(exc).__name__}: {exc}"
+                failed = Occupancy(kept.entries, kept.bytes, kept.complete, 0.0, error)
+                self._last = (now + self.interval, failed, last[2] if last is not None else time.time())
+                return self._aged(self._last)
+            scanned_at = time.time()
+            self._last = (now + self.interval, Occupancy(entries, stored, complete, 0.0), scanned_at)
+            self._publish(entries, stored, complete, scanned_at)
+            return self._last[1]
+
+    @staticmethod
+    def _aged(last: tuple[float, Occupancy, float]) -> Occupancy:
+        occ = last[1]
+        return Occupancy(occ.entries, occ.bytes, occ.complete, max(0.0, time.time() - last[2]), occ.error)
+
+    def _ttl_ms(self) -> int | None:
+        return _milliseconds(self.interval) if 0 < self.interval < math.inf else None
+
+    def _shared(self) -> tuple[Occupancy, float] | None:
+        if self._ttl_ms() is None:
+            return None
+        raw = self.client.get(self._key)
+        try:
+            entries, stored, complete, at = raw.split()
+            return Occupancy(int(entries), int(stored), complete == b"1", 0.0), float(at)
+        except (AttributeError, ValueError):
+            return None  # absent, or not ours to read: rescan and overwrite
+
+    def _may_scan(self) -> bool:
+        ttl = self._ttl_ms()
+        return ttl is None or bool(self.client.set(self._lock_key, b"1", nx=True, px=ttl))
+
+    def _publish(self, entries: int, stored: int, complete: bool, at: float) -> None:
+        ttl = self._ttl_ms()
+        if ttl is not None:
+            try:
+                self.client.set(self._key, b"%d %d %d %.3f" % (entries, stored, complete, at), px=ttl)
+            except self._redis_error:
+                pass  # the figures are ours already; the others rescan
 
 
 class RedisCache(BaseCache):
@@ -119,6 +239,8 @@ class RedisCache(BaseCache):
     ``scan_interval`` seconds).
     """
 
+    shared_storage = True
+
     def __init__(
         self,
         url_or_client: Any,
@@ -128,6 +250,7 @@ class RedisCache(BaseCache):
         serializer: Serializer = pickle,
         name: str | None = None,
         scan_interval: float = 10.0,
+        scan_max_keys: int = 100_000,
     ) -> None:
         try:
             import redis
@@ -154,8 +277,10 @@ class RedisCache(BaseCache):
         self._redis_error: type[Exception] = redis.RedisError
         # inf: stats() never rescans by itself (stats(refresh=True) still does); nan is rejected.
         self.scan_interval = float(check_non_negative(scan_interval, "scan_interval", allow_inf=True))
-        self._scan_lock = threading.Lock()
-        self._last_scan: tuple[float, int, int] | None = None
+        self._occupancy = PrefixOccupancy(
+            client, prefix, interval=self.scan_interval, redis_error=redis.RedisError,
+            max_keys=check_positive_int(scan_max_keys, "scan_max_keys"),
+        )
         self._lock = threading.Lock()
         self._hits = self._misses = self._puts = self._deletes = self._corrupt = 0
         self._hit_ns, self._miss_ns = LatencyWindow(), LatencyWindow()
@@ -330,21 +455,22 @@ class RedisCache(BaseCache):
         return bool(self.client.exists(self.make_key(key)))
 
     def __len__(self) -> int:
-        return sum(1 for _ in scan_prefix(self.client, self.prefix))
+        return sum(1 for _ in user_keys(self.client, self.prefix))
 
     def clear(self) -> None:
         """UNLINK every key under the prefix (and nothing else)."""
         unlink_prefix(self.client, self.prefix)
-        with self._scan_lock:
-            self._last_scan = None
+        self._occupancy.forget()
 
     def stats(self, *, refresh: bool = False) -> RedisCacheStats:
         """This process's counters plus the prefix's key count and value bytes.
 
-        The occupancy comes from one SCAN of the prefix, redone at most every ``scan_interval`` seconds
-        (metrics exporters call this on every scrape) or when ``refresh`` is true.
+        The occupancy comes from one SCAN of the prefix (of at most ``scan_max_keys`` keys), redone at
+        most every ``scan_interval`` seconds by one of the processes sharing the prefix (metrics
+        exporters call this on every scrape), or when ``refresh`` is true. Without ``refresh`` a Redis
+        error leaves the last figures in place and is reported in ``occupancy_error``.
         """
-        entries, stored = self._occupancy(refresh)
+        occ = self._occupancy.read(refresh)
         with self._lock:
             hits, misses = self._hits, self._misses
             lookups = hits + misses
@@ -357,8 +483,8 @@ class RedisCache(BaseCache):
                 rejections=0,
                 puts=self._puts,
                 deletes=self._deletes,
-                bytes=stored,
-                entries=entries,
+                bytes=occ.bytes,
+                entries=occ.entries,
                 max_bytes=None,
                 max_entries=None,
                 metadata_bytes=0,
@@ -367,16 +493,10 @@ class RedisCache(BaseCache):
                 corrupt=self._corrupt,
                 prefix=self.prefix,
                 name=self.name,
+                occupancy_complete=occ.complete,
+                occupancy_age_s=occ.age_s,
+                occupancy_error=occ.error,
             )
-
-    def _occupancy(self, refresh: bool) -> tuple[int, int]:
-        with self._scan_lock:
-            cached = self._last_scan
-            if not refresh and cached is not None and time.monotonic() - cached[0] < self.scan_interval:
-                return cached[1], cached[2]
-            entries, stored = prefix_occupancy(self.client, self.prefix)
-            self._last_scan = (time.monotonic(), entries, stored)
-            return entries, stored
 
     def close(self) -> None:
         """Release the client's connections."""
