@@ -116,3 +116,39 @@ def test_django_example_report_lists_its_caches_backend_and_no_idle_cache(tmp_pa
     assert data["stats"]["efficiency_basis"] == "rss/peak"
     assert _line_of(text, line).endswith("used by Django CACHES 'default'")
     assert "kotoba-memory (CacheManager)" not in text
+
+
+@pytest.mark.redis
+def test_django_example_over_redis_counts_the_shared_store_once_across_workers(
+    tmp_path: Path, restartable_redis: Any
+) -> None:
+    """Three workers share one near-cache namespace in Redis: the fleet view counts its keys once (not
+    three times), and the workers share one occupancy scan per interval."""
+    import redis
+
+    port = servers.free_port()
+    env = example_servers.example_env(tmp_path, port, token=TOKEN, workers=3)
+    env.update(KOTOBA_EXAMPLE_REDIS_URL=restartable_redis.url)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=EXAMPLES / "django_app", env=env,
+                   check=True, timeout=120)
+    cmd = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "exampleproject.wsgi"]
+    raw = redis.Redis.from_url(restartable_redis.url)
+    try:
+        with servers.serve(cmd, cwd=EXAMPLES / "django_app", env=env, port=port) as server:
+            _load(server.base, [f"/books/{i}/" for i in range(1, 30)] + ["/books/", "/stats/"], tmp_path)
+            for i in range(60):  # a new connection each: wrk's may all have landed on one worker
+                answer = httpx.get(f"{server.base}/books/{1 + i % 29}/", headers={"Connection": "close"})
+                assert answer.status_code == 200
+
+            def everyone(data: dict[str, Any]) -> bool:
+                rows = [r for r in (data.get("fleet") or {}).get("caches") or [] if r.get("shared")]
+                return bool(rows) and rows[0]["processes"] == 3 and rows[0]["entries"] > 0
+
+            data = _poll(server, everyone, as_json=True, timeout=60)
+            [shared] = [r for r in data["fleet"]["caches"] if r.get("shared")]
+            namespace_keys = [k for k in raw.scan_iter(match=b"kotoba:*") if b"\x00\xff" not in k]
+            # Each worker read the same keys; the sum would be about three times as many.
+            assert 0 < shared["entries"] <= len(namespace_keys) + 5, (shared, len(namespace_keys))
+            assert shared["type"] == "NearCache" and shared["hits"] > 0
+    finally:
+        raw.close()
