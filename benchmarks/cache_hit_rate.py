@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _generated_traces import generated_traces
 from _traces import (
     REFERENCE_ROWS,
     add_traces_argument,
@@ -198,6 +199,23 @@ def contenders() -> dict[str, Callable[[Sequence[int], int], int]]:
 # -- runs -------------------------------------------------------------------------------------------
 
 
+def _row(table: dict[str, Callable[[Sequence[int], int], int]], trace: str, keys: Sequence[int],
+         capacity: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"trace": trace, "capacity": capacity, "requests": len(keys)}
+    started = time.perf_counter()
+    for name, fn in table.items():
+        row[name] = round(100.0 * fn(keys, capacity) / len(keys), 2)
+    lru = row["cachetools LRU"]
+    best = max(lru, row["ARC"], row["theine W-TinyLFU"])
+    opt = row["OPT"]
+    ours = row["ours adaptive"]
+    row["adaptive - best(LRU,ARC,W-TinyLFU)"] = round(ours - best, 2)
+    row["gap closed (LRU->OPT)"] = round((ours - lru) / (opt - lru), 3) if opt > lru else None
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"  {trace} @ {capacity}: done in {row['seconds']} s", file=sys.stderr, flush=True)
+    return row
+
+
 def run_rows(traces_dir: Path, rows: list[tuple[str, int]], limit: int | None) -> list[dict[str, Any]]:
     """Hit rate (%) of every contender on every row."""
     names = {t.name: t for t in find_traces(traces_dir) if not t.sized}
@@ -209,20 +227,18 @@ def run_rows(traces_dir: Path, rows: list[tuple[str, int]], limit: int | None) -
             print(f"  (trace {trace} not found, row skipped)", file=sys.stderr)
             continue
         keys = cache.get(trace) or cache.setdefault(trace, load_keys(names[trace].path, limit))
-        row: dict[str, Any] = {"trace": trace, "capacity": capacity, "requests": len(keys)}
-        started = time.perf_counter()
-        for name, fn in table.items():
-            row[name] = round(100.0 * fn(keys, capacity) / len(keys), 2)
-        lru = row["cachetools LRU"]
-        best = max(lru, row["ARC"], row["theine W-TinyLFU"])
-        opt = row["OPT"]
-        ours = row["ours adaptive"]
-        row["adaptive - best(LRU,ARC,W-TinyLFU)"] = round(ours - best, 2)
-        row["gap closed (LRU->OPT)"] = round((ours - lru) / (opt - lru), 3) if opt > lru else None
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        results.append(row)
-        print(f"  {trace} @ {capacity}: done in {row['seconds']} s", file=sys.stderr, flush=True)
+        results.append(_row(table, trace, keys, capacity))
     return results
+
+
+def generated_rows(limit: int | None, capacities: Sequence[int] = (100, 200, 400)) -> list[dict[str, Any]]:
+    """The same contenders on generated traces with strong short-term recency, at small sizes."""
+    table = contenders()
+    return [
+        _row(table, name, keys, capacity)
+        for name, keys in generated_traces(limit).items()
+        for capacity in capacities
+    ]
 
 
 def mrc_check(traces_dir: Path, rows: list[tuple[str, int]], limit: int | None) -> list[dict[str, Any]]:
@@ -323,16 +339,24 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
 
 
+def _print_generated(generated: list[dict[str, Any]], names: list[str]) -> None:
+    print("\n### Generated traces with strong short-term recency, small caches: hit rate (%)\n")
+    _print_table(generated, ["trace", "capacity", *names, "adaptive - best(LRU,ARC,W-TinyLFU)"])
+    worst = min(r["adaptive - best(LRU,ARC,W-TinyLFU)"] for r in generated)
+    print(f"\nADAPTIVE vs best of LRU/ARC/W-TinyLFU on generated traces, worst row: {worst:+.2f} points")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_traces_argument(parser)
     parser.add_argument("--quick", action="store_true", help="first 30k requests of a few rows")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    traces_dir = require_traces_dir(args.traces)
-    if traces_dir is None:
-        return 0
     limit = 30_000 if args.quick else None
+    traces_dir = require_traces_dir(args.traces)
+    if traces_dir is None:  # the generated traces need no files
+        _print_generated(generated_rows(limit), list(contenders()))
+        return 0
     rows = QUICK_ROWS if args.quick else REFERENCE_ROWS + EXTRA_ROWS
     results = run_rows(traces_dir, rows, limit)
     names = list(contenders())
@@ -349,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nADAPTIVE vs best of LRU/ARC/W-TinyLFU, worst row: {worst:+.2f} points (goal >= -1); "
         f"mean LRU->OPT gap closed: {mean_closed} (goal >= 60%)"
     )
+    generated = generated_rows(limit)
+    _print_generated(generated, names)
     mrc = mrc_check(traces_dir, rows, limit)
     print("\n### Miss-ratio-curve estimate: hit rate at 2x the size, estimated online vs measured\n")
     _print_table(mrc, ["trace", "capacity", "policy", "hit rate", "estimated at 2x", "actual at 2x"])
@@ -383,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n(the compiled core is not in use: implementation check skipped)")
     if args.json:
         args.json.write_text(
-            json.dumps({"rows": results, "mrc": mrc, "sized": sized, "implementations": check}, indent=1)
+            json.dumps({"rows": results, "generated": generated, "mrc": mrc, "sized": sized,
+                        "implementations": check}, indent=1)
         )
     return 0
 
