@@ -31,7 +31,7 @@ def make_entry(n: int) -> Entry:
 
 
 @pytest.fixture
-def tracing() -> Iterator[Callable[[SurvivalSampler, float], None]]:
+def tracing(small_heap: None) -> Iterator[Callable[[SurvivalSampler, float], None]]:
     """Start tracing; the fixture value ends a window (survival check with tracing off) and opens the next."""
     def restart(sampler: SurvivalSampler, now: float) -> None:
         tracemalloc.stop()
