@@ -351,11 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_traces_argument(parser)
     parser.add_argument("--quick", action="store_true", help="first 30k requests of a few rows")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--generated-only", action="store_true",
+                        help="only the generated recency traces (no trace files needed)")
     args = parser.parse_args(argv)
     limit = 30_000 if args.quick else None
-    traces_dir = require_traces_dir(args.traces)
-    if traces_dir is None:  # the generated traces need no files
+    if args.generated_only:  # the generated traces need no files
         _print_generated(generated_rows(limit), list(contenders()))
+        return 0
+    traces_dir = require_traces_dir(args.traces)
+    if traces_dir is None:
         return 0
     rows = QUICK_ROWS if args.quick else REFERENCE_ROWS + EXTRA_ROWS
     results = run_rows(traces_dir, rows, limit)

@@ -70,6 +70,17 @@ def test_hit_rate_benchmark_says_when_traces_are_missing(
     assert "No traces found" in capsys.readouterr().err
 
 
+def test_generated_traces_have_the_short_term_recency_they_are_for() -> None:
+    gen = load("_generated_traces")
+    traces = gen.generated_traces(limit=4000)
+    assert set(traces) == {"gen-recency", "gen-recency-deep", "gen-phased"}
+    assert all(len(keys) == 4000 for keys in traces.values())
+    assert gen.generated_traces(limit=4000) == traces  # fixed seeds: the same trace every run
+    keys = traces["gen-recency"]
+    recent = sum(1 for i, k in enumerate(keys) if k in keys[max(0, i - 50):i])
+    assert recent > 0.4 * len(keys)  # most repeats come back within the last 50 requests
+
+
 def test_latency_benchmark_code_runs() -> None:
     lat = load("cache_latency")
     result = lat.measure(rounds=1, entries=50, loops=1)
