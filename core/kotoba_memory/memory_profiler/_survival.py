@@ -25,7 +25,7 @@ import gc
 import sys
 import tracemalloc
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, filterfalse, islice, repeat
 from operator import indexOf, is_, is_not
@@ -159,7 +159,7 @@ def _listed_objects() -> list[Any]:
     return listed
 
 
-def _heap() -> Iterator[Sequence[Any]]:
+def _heap() -> Generator[Sequence[Any], None, None]:
     """What the collector lists, their referents, and what untracked containers and tuples among those hold.
 
     Untracked containers (a dict or tuple of atoms: a cache's inner dict of ints to bytes) are not
@@ -266,7 +266,7 @@ class SurvivalSampler:
         found: Found = []
         # Per site, enough objects for choose() to find new_per_census not sampled yet (at most per_site
         # of its samples are alive); a burst's tens of thousands of live objects are not all kept.
-        room = dict.fromkeys(wanted, self.per_site + self.new_per_census)
+        room: dict[Key | None, int] = dict.fromkeys(wanted, self.per_site + self.new_per_census)
         heap = _heap()
         try:
             for seq in heap:
