@@ -441,8 +441,9 @@ class MemoryProfiler:
         Samples a census just took are checked again after the next window even when the budget puts
         the next census further off: a burst's leftovers (alive at the census, freed a moment later)
         would otherwise stay "survival unknown" for as long as the site keeps growing in windows that
-        catch a burst, and reach a confident verdict first. A check alone costs a fraction of a census
-        (no trace lookups, nothing sampled); its cost is charged to the budget all the same.
+        catch a burst, and reach a confident verdict first. A check looks nothing up in tracemalloc and
+        samples nothing, but samples known by id still need a walk of the heap, so on a large heap it
+        costs about what a census does; it is charged to the budget (fewer censuses, same share).
         """
         if not self._census_due:
             if self._recheck_due:
