@@ -320,3 +320,19 @@ def test_what_tuples_hold_is_found_though_tuples_are_left_out_of_the_first_level
     assert key is not None
     churn = sampler.retention(key, 5.0, since=-100.0)
     assert churn is not None and churn.fraction < 0.5, churn
+
+
+def test_a_census_keeps_only_enough_objects_per_site_to_sample(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    burst = [make_entry(n) for n in range(2000)]  # a burst's thousands of live objects at one site
+    kept = [make_bytes(n) for n in range(3)]
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    found = sampler.scan([key_of(burst[0]), key_of(kept[0])])
+    assert found is not None
+    per_key: dict[Key | None, int] = {}
+    for key, _obj in found:
+        per_key[key] = per_key.get(key, 0) + 1
+    assert per_key == {key_of(burst[0]): 16 + 4, key_of(kept[0]): 3}
+    sampler.add(found, [key_of(burst[0]), key_of(kept[0])], 0.0)
+    assert sampler.sampled == 4 + 3

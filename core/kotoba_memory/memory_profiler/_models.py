@@ -143,6 +143,7 @@ class ProfilerStats:
     last_census_ms: float = 0.0
     max_census_ms: float = 0.0
     heap_thaws: int = 0
+    survival_rechecks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

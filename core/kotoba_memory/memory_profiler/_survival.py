@@ -25,7 +25,7 @@ import gc
 import sys
 import tracemalloc
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, filterfalse, islice, repeat
 from operator import indexOf, is_, is_not
@@ -159,7 +159,7 @@ def _listed_objects() -> list[Any]:
     return listed
 
 
-def _heap() -> Iterator[Sequence[Any]]:
+def _heap() -> Generator[Sequence[Any], None, None]:
     """What the collector lists, their referents, and what untracked containers and tuples among those hold.
 
     Untracked containers (a dict or tuple of atoms: a cache's inner dict of ints to bytes) are not
@@ -261,13 +261,32 @@ class SurvivalSampler:
         is traced, and slow)."""
         if not tracemalloc.is_tracing() or not interest:
             return None
-        wanted = frozenset(interest)
+        wanted = set(interest)  # a site leaves it once it has enough objects: later levels skip them
         read = self._read
         found: Found = []
-        for seq in _heap():
-            # All in C (list() does not let the GIL go between items): the objects allocated there.
-            hits = list(compress(seq, map(wanted.__contains__, map(read, seq))))
-            found.extend((read(obj), obj) for obj in hits)
+        # Per site, enough objects for choose() to find new_per_census not sampled yet (at most per_site
+        # of its samples are alive); a burst's tens of thousands of live objects are not all kept.
+        room: dict[Key | None, int] = dict.fromkeys(wanted, self.per_site + self.new_per_census)
+        heap = _heap()
+        try:
+            for seq in heap:
+                # All in C (list() does not let the GIL go between items): the objects allocated there.
+                hits = list(compress(seq, map(wanted.__contains__, map(read, seq))))
+                for obj in hits:
+                    key = read(obj)
+                    left = room.get(key, 0)
+                    if left:
+                        room[key] = left - 1
+                        found.append((key, obj))
+                    elif key in wanted:
+                        wanted.discard(key)
+                del hits
+                if not wanted:
+                    break
+        finally:
+            # Left early, the generator would keep its level of the heap alive: the collector's list
+            # holds the generator itself, a cycle only a collection would free (samples read "alive").
+            heap.close()
         return found
 
     def choose(self, found: Found) -> Found:

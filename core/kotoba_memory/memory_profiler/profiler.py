@@ -229,11 +229,15 @@ class MemoryProfiler:
         )
         self._next_census = 0.0
         self._census_due = False
+        # The last census took new samples that no check has seen since: the next window checks them
+        # whatever the budget says (see _survival_check).
+        self._recheck_due = False
         self._census_cost = 0.0
         self._last_census_ms = 0.0
         self._max_census_ms = 0.0
         self._skipped_windows = 0
         self._thaws = 0
+        self._rechecks = 0
         self._census_keys: list[Key] = []
         self._census_found: Found | None = None
         self._own_heap = 0
@@ -424,13 +428,26 @@ class MemoryProfiler:
         started = time.thread_time()  # this thread's CPU time: the GIL time the census takes
         with self._lock:
             self._census_keys = self._detector.tracked_keys()
+        if not self._census_keys and not self._detector.survival.sampled:
+            self._census_due = False  # nothing to look for nor to check: no cost, no budget used
+            return
         self._thaw_heap()
         self._census_found = self._detector.survival.scan(self._census_keys)
         self._census_cost = time.thread_time() - started
 
     def _survival_check(self) -> None:
-        """After tracing stopped: which sampled objects are still alive, then new samples from the census."""
+        """After tracing stopped: which sampled objects are still alive, then new samples from the census.
+
+        Samples a census just took are checked again after the next window even when the budget puts
+        the next census further off: a burst's leftovers (alive at the census, freed a moment later)
+        would otherwise stay "survival unknown" for as long as the site keeps growing in windows that
+        catch a burst, and reach a confident verdict first. A check looks nothing up in tracemalloc and
+        samples nothing, but samples known by id still need a walk of the heap, so on a large heap it
+        costs about what a census does; it is charged to the budget (fewer censuses, same share).
+        """
         if not self._census_due:
+            if self._recheck_due:
+                self._recheck()
             return
         self._census_due = False
         found, keys, self._census_found, self._census_keys = self._census_found, self._census_keys, None, []
@@ -444,11 +461,21 @@ class MemoryProfiler:
             with self._lock:
                 if sampler is self._detector.survival:  # not replaced by a fork meanwhile
                     sampler.add(chosen, keys, time.time(), self._detector.first_seen())
+            self._recheck_due = bool(chosen)
         del found
         cost = self._census_cost + time.thread_time() - started
         self._last_census_ms = cost * 1000.0
         self._max_census_ms = max(self._max_census_ms, self._last_census_ms)
         self._next_census = now + cost / self.census_budget
+
+    def _recheck(self) -> None:
+        """Check the samples the last census took (sampling nothing new); its cost defers the next census."""
+        self._recheck_due = False
+        started = time.thread_time()
+        self._thaw_heap()
+        self._detector.survival.check(time.time())
+        self._rechecks += 1
+        self._next_census += (time.thread_time() - started) / self.census_budget
 
     def _thaw_heap(self) -> None:
         """Let the census see the whole heap when the GC optimizer keeps it frozen.
@@ -517,6 +544,7 @@ class MemoryProfiler:
         self._own_heap = 0
         self._next_census = 0.0
         self._census_due, self._census_found, self._census_keys = False, None, []
+        self._recheck_due = False
         self._started_at = time.monotonic()
 
     def _read_traces(self) -> list[Any]:
@@ -602,6 +630,7 @@ class MemoryProfiler:
                 last_census_ms=self._last_census_ms,
                 max_census_ms=self._max_census_ms,
                 heap_thaws=self._thaws,
+                survival_rechecks=self._rechecks,
             )
 
     def _own_memory(self) -> int:
