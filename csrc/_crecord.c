@@ -38,7 +38,8 @@ static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age
 
 static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
     *str_recent, *str_record_request, *str_listeners, *str_qualname, *str_route, *str_rss_delta,
-    *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method;
+    *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
+    *str_finish, *str_close;
 static PyObject *int_zero, *int_500;
 
 #define METRICS_FIELDS 10
@@ -84,6 +85,47 @@ swallow(void)
     return 0;
 }
 
+/* The pending exception as one object (NULL if none), cleared; restore_error() sets it again. */
+static PyObject *
+take_error(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Steals `exc`. */
+static void
+restore_error(PyObject *exc)
+{
+    if (exc == NULL) return;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* The pending error replaces `earlier` (stolen), which becomes its __context__, as in a Python
+ * `finally:` or `except:` block that raises. */
+static void
+chain_error(PyObject *earlier)
+{
+    PyObject *later = take_error();
+    if (later != NULL && earlier != NULL && later != earlier) PyException_SetContext(later, earlier);
+    else Py_XDECREF(earlier);
+    restore_error(later);
+}
+
 /* activity.mark_end(): one request out of the shared list (unbalanced calls ignored). */
 static int
 flight_pop(void)
@@ -97,16 +139,9 @@ flight_pop(void)
 static void
 flight_pop_keeping_error(void)
 {
-#if PY_VERSION_HEX >= 0x030C0000
-    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *exc = take_error();
     if (flight_pop() < 0) PyErr_Clear();
-    PyErr_SetRaisedException(exc);
-#else
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (flight_pop() < 0) PyErr_Clear();
-    PyErr_Restore(type, value, tb);
-#endif
+    restore_error(exc);
 }
 
 static PyObject *
@@ -757,6 +792,369 @@ static PyType_Spec Measurement_spec = {
 };
 
 /* ------------------------------------------------------------------------------------------------ */
+/* WSGI: the start_response wrapper and the response body (wsgi.py's closure and _MeasuredBody, which  */
+/* stay the reference). Any measurement works; the C one is reached without a method lookup.         */
+
+static int
+set_field(PyObject *m, PyObject *name, PyObject **field, PyObject *value)
+{
+    if (Py_TYPE(m) == Measurement_Type) {
+        Py_XSETREF(*field, Py_NewRef(value));
+        return 0;
+    }
+    return PyObject_SetAttr(m, name, value);
+}
+
+static PyObject *
+call_fail(PyObject *m, PyObject *exc)
+{
+    if (Py_TYPE(m) == Measurement_Type) return Measurement_fail((MeasurementObject *)m, exc);
+    return PyObject_CallMethodOneArg(m, str_fail, exc);
+}
+
+static PyObject *
+call_finish(PyObject *m)
+{
+    if (Py_TYPE(m) == Measurement_Type) return Measurement_finish((MeasurementObject *)m, NULL);
+    return PyObject_CallMethodNoArgs(m, str_finish);
+}
+
+/* The pending exception is handed to measurement.fail() and stays pending (fail's own error, if any,
+ * replaces it with the original as its context, as a Python `except: fail(exc); raise` would). */
+static void
+fail_keeping_error(PyObject *m)
+{
+    PyObject *exc = take_error();
+    PyObject *r = call_fail(m, exc != NULL ? exc : Py_None);
+    if (r != NULL) {
+        Py_DECREF(r);
+        restore_error(exc);
+    }
+    else {
+        chain_error(exc);
+    }
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *measurement, *start_response, *route_of, *environ;
+    vectorcallfunc vectorcall;
+} StartResponseObject;
+
+static PyObject *
+StartResponse_vectorcall(StartResponseObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *status = NULL, *headers = NULL, *exc_info = Py_None;
+    static const char *const names[] = {"status", "headers", "exc_info"};
+    PyObject *slots[3] = {NULL, NULL, NULL};
+    if (nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "start_response() takes from 2 to 3 positional arguments but %zd were given",
+                     nargs);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) slots[i] = args[i];
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int found = 0;
+        for (int j = 0; j < 3; j++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0) {
+                if (slots[j] != NULL) {
+                    PyErr_Format(PyExc_TypeError, "start_response() got multiple values for argument '%s'",
+                                 names[j]);
+                    return NULL;
+                }
+                slots[j] = args[nargs + k];
+                found = 1;
+                break;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "start_response() got an unexpected keyword argument %R", key);
+            return NULL;
+        }
+    }
+    if (slots[0] == NULL || slots[1] == NULL) {
+        PyErr_SetString(PyExc_TypeError, "start_response() missing required arguments 'status' and 'headers'");
+        return NULL;
+    }
+    status = slots[0];
+    headers = slots[1];
+    if (slots[2] != NULL) exc_info = slots[2];
+    PyObject *m = self->measurement;
+
+    PyObject *code = PySequence_GetSlice(status, 0, 3);  /* status[:3]: a TypeError propagates */
+    if (code == NULL) return NULL;
+    PyObject *number = PyNumber_Long(code);
+    Py_DECREF(code);
+    if (number == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+        PyErr_Clear();
+    }
+    else {
+        MeasurementObject *cm = (MeasurementObject *)m;
+        int rc = set_field(m, str_status, Py_TYPE(m) == Measurement_Type ? &cm->status : NULL, number);
+        Py_DECREF(number);
+        if (rc < 0) return NULL;
+    }
+
+    if (self->route_of != Py_None) {
+        PyObject *route;
+        if (Py_TYPE(m) == Measurement_Type) {
+            route = Py_NewRef(or_none(((MeasurementObject *)m)->route));
+        }
+        else if ((route = PyObject_GetAttr(m, str_route)) == NULL) {
+            return NULL;
+        }
+        int unset = route == Py_None;
+        Py_DECREF(route);
+        if (unset) {
+            PyObject *label = PyObject_CallOneArg(self->route_of, self->environ);
+            if (label == NULL) {  /* a route label is never worth failing the response */
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+                PyErr_Clear();
+            }
+            else {
+                MeasurementObject *cm = (MeasurementObject *)m;
+                int rc = set_field(m, str_route, Py_TYPE(m) == Measurement_Type ? &cm->route : NULL, label);
+                Py_DECREF(label);
+                if (rc < 0) {
+                    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+                    PyErr_Clear();
+                }
+            }
+        }
+    }
+    PyObject *callargs[3] = {status, headers, exc_info};
+    return PyObject_Vectorcall(self->start_response, callargs, exc_info == Py_None ? 2 : 3, NULL);
+}
+
+static PyObject *
+StartResponse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *m, *sr, *route_of, *environ;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "StartResponse() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "StartResponse", 4, 4, &m, &sr, &route_of, &environ)) return NULL;
+    if (!PyCallable_Check(sr)) {
+        PyErr_Format(PyExc_TypeError, "start_response must be callable, not %.100s", Py_TYPE(sr)->tp_name);
+        return NULL;
+    }
+    if (route_of != Py_None && !PyCallable_Check(route_of)) {
+        PyErr_Format(PyExc_TypeError, "route_of must be callable or None, not %.100s", Py_TYPE(route_of)->tp_name);
+        return NULL;
+    }
+    StartResponseObject *self = (StartResponseObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->measurement = Py_NewRef(m);
+    self->start_response = Py_NewRef(sr);
+    self->route_of = Py_NewRef(route_of);
+    self->environ = Py_NewRef(environ);
+    self->vectorcall = (vectorcallfunc)StartResponse_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+StartResponse_traverse(StartResponseObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->measurement);
+    Py_VISIT(self->start_response);
+    Py_VISIT(self->route_of);
+    Py_VISIT(self->environ);
+    return 0;
+}
+
+static int
+StartResponse_clear(StartResponseObject *self)
+{
+    Py_CLEAR(self->measurement);
+    Py_CLEAR(self->start_response);
+    Py_CLEAR(self->route_of);
+    Py_CLEAR(self->environ);
+    return 0;
+}
+
+static void
+StartResponse_dealloc(StartResponseObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    StartResponse_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+StartResponse_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    if (((StartResponseObject *)self)->measurement == NULL) {
+        PyErr_SetString(PyExc_TypeError, "uninitialised StartResponse");
+        return NULL;
+    }
+    return PyVectorcall_Call(self, args, kwargs);
+}
+
+static PyTypeObject StartResponse_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.StartResponse",
+    .tp_basicsize = sizeof(StartResponseObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "StartResponse(measurement, start_response, route_of, environ): the app's start_response, "
+              "noting the status (and the route, from route_of(environ), if none is set yet).",
+    .tp_new = StartResponse_new,
+    .tp_dealloc = (destructor)StartResponse_dealloc,
+    .tp_traverse = (traverseproc)StartResponse_traverse,
+    .tp_clear = (inquiry)StartResponse_clear,
+    .tp_vectorcall_offset = offsetof(StartResponseObject, vectorcall),
+    .tp_call = StartResponse_call,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *result, *measurement, *iterator;
+} BodyObject;
+
+static PyObject *
+Body_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *result, *m;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Body() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Body", 2, 2, &result, &m)) return NULL;
+    BodyObject *self = (BodyObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->result = Py_NewRef(result);
+    self->measurement = Py_NewRef(m);
+    return (PyObject *)self;
+}
+
+static int
+Body_check(BodyObject *self)
+{
+    if (self->result == NULL) {
+        PyErr_SetString(PyExc_TypeError, "uninitialised Body");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Body_iter(BodyObject *self)
+{
+    if (Body_check(self) < 0) return NULL;
+    if (PyList_CheckExact(self->result) || PyTuple_CheckExact(self->result))
+        return PyObject_GetIter(self->result);  /* iterating a list cannot fail: no wrapper per chunk */
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyObject *
+Body_iternext(BodyObject *self)
+{
+    if (Body_check(self) < 0) return NULL;
+    if (self->iterator == NULL) {
+        self->iterator = PyObject_GetIter(self->result);
+        if (self->iterator == NULL) return NULL;
+    }
+    PyObject *it = Py_NewRef(self->iterator);
+    PyObject *item = Py_TYPE(it)->tp_iternext(it);
+    Py_DECREF(it);
+    if (item != NULL || !PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_StopIteration)) return item;
+    fail_keeping_error(self->measurement);
+    return NULL;
+}
+
+static PyObject *
+Body_close(BodyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (Body_check(self) < 0) return NULL;
+    PyObject *m = Py_NewRef(self->measurement);
+    int failed = 0;
+    PyObject *close = NULL;
+    if (!PyList_CheckExact(self->result) && !PyTuple_CheckExact(self->result)) {  /* those have none */
+        /* getattr(result, "close", None), without an AttributeError raised and dropped */
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyObject_GetOptionalAttr(self->result, str_close, &close) < 0) failed = 1;
+#else
+        if (_PyObject_LookupAttr(self->result, str_close, &close) < 0) failed = 1;
+#endif
+    }
+    if (close != NULL && close != Py_None) {
+        PyObject *r = PyObject_CallNoArgs(close);
+        if (r == NULL) failed = 1;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(close);
+    PyObject *pending = NULL;
+    if (failed) {
+        fail_keeping_error(m);
+        pending = take_error();
+    }
+    PyObject *r = call_finish(m);  /* the reference's `finally:` */
+    Py_DECREF(m);
+    if (r == NULL) {
+        chain_error(pending);  /* finish's error wins, the close error as its context */
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (failed) {
+        restore_error(pending);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+Body_traverse(BodyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->result);
+    Py_VISIT(self->measurement);
+    Py_VISIT(self->iterator);
+    return 0;
+}
+
+static int
+Body_clear(BodyObject *self)
+{
+    Py_CLEAR(self->result);
+    Py_CLEAR(self->measurement);
+    Py_CLEAR(self->iterator);
+    return 0;
+}
+
+static void
+Body_dealloc(BodyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Body_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Body_methods[] = {
+    {"close", (PyCFunction)Body_close, METH_NOARGS,
+     "Close the app's iterable and finish the measurement (also when closing fails)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject Body_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.Body",
+    .tp_basicsize = sizeof(BodyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Body(result, measurement): the app's response iterable, finishing the measurement when "
+              "closed and noting an exception raised while iterating.",
+    .tp_new = Body_new,
+    .tp_dealloc = (destructor)Body_dealloc,
+    .tp_traverse = (traverseproc)Body_traverse,
+    .tp_clear = (inquiry)Body_clear,
+    .tp_iter = (getiterfunc)Body_iter,
+    .tp_iternext = (iternextfunc)Body_iternext,
+    .tp_methods = Body_methods,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Module                                                                                             */
 
 static int
@@ -836,7 +1234,9 @@ static struct PyModuleDef crecord_module = {
 PyMODINIT_FUNC
 PyInit__crecord(void)
 {
-    if (PyType_Ready(&Recorder_Type) < 0) return NULL;
+    if (PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
+        PyType_Ready(&Body_Type) < 0)
+        return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(str_paused_by_fork, "paused_by_fork");
     INTERN(str_resume, "resume");
@@ -854,11 +1254,17 @@ PyInit__crecord(void)
     INTERN(str_duration_s, "duration_s");
     INTERN(str_GET, "GET");
     INTERN(str_method, "method");
+    INTERN(str_status, "status");
+    INTERN(str_fail, "fail");
+    INTERN(str_finish, "finish");
+    INTERN(str_close, "close");
 #undef INTERN
     if ((int_zero = PyLong_FromLong(0)) == NULL || (int_500 = PyLong_FromLong(500)) == NULL) return NULL;
     PyObject *m = PyModule_Create(&crecord_module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0) {
+    if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0 ||
+        PyModule_AddObjectRef(m, "StartResponse", (PyObject *)&StartResponse_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }
