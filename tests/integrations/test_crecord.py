@@ -444,3 +444,159 @@ def test_the_recorder_registers_its_fork_work_through_the_fork_registry_only() -
     source = Path(_request.__file__).read_text() + c_source.read_text()
     assert "register_at_fork" not in source and "PyOS_AfterFork" not in source
     assert "forks.register(_rng.seed" in source
+
+
+# --- the WSGI wrappers: kotoba_memory._crecord.StartResponse/Body against wsgi.py's closure/_MeasuredBody
+
+
+class Closing:
+    """A response iterable with a close() that may raise, like a file wrapper or a streaming body."""
+
+    def __init__(self, chunks: list[bytes], raise_at: int | None, close_raises: bool, log: list[Any]) -> None:
+        self.chunks, self.raise_at, self.close_raises, self.log = chunks, raise_at, close_raises, log
+
+    def __iter__(self) -> Any:
+        for i, chunk in enumerate(self.chunks):
+            if i == self.raise_at:
+                raise ConnectionResetError("client went away")
+            yield chunk
+
+    def close(self) -> None:
+        self.log.append("app close")
+        if self.close_raises:
+            raise OSError("close failed")
+
+
+APPS = st.fixed_dictionaries({
+    "status": st.sampled_from(["200 OK", "404 Not Found", "abc", "20", "", 200, b"500 X"]),
+    "exc_info_kw": st.booleans(),
+    "body": st.sampled_from(["list", "tuple", "closing", "generator"]),
+    "chunks": st.integers(0, 3),
+    "raise_at": st.one_of(st.none(), st.integers(0, 3)),
+    "close_raises": st.booleans(),
+    "app_raises": st.sampled_from([None, "before", "after"]),
+    "route_of": st.sampled_from([None, "label", "raises", "interrupt", "empty"]),
+    "preset_route": st.sampled_from([None, "/preset"]),
+    "server": st.sampled_from(["iterate+close", "close", "partial+close", "iterate"]),
+})
+
+
+def run_wsgi(monkeypatch: Any, use_c: bool, recorder_cls: Any, spec: dict[str, Any]) -> list[Any]:
+    from kotoba_memory_integrations import wsgi
+
+    if not use_c:
+        monkeypatch.setattr(wsgi, "_CStartResponse", None)
+        monkeypatch.setattr(wsgi, "_Body", wsgi._MeasuredBody)
+    log: list[Any] = []
+
+    def route_of(environ: dict[str, Any]) -> str | None:
+        log.append("route_of")
+        kind = spec["route_of"]
+        if kind == "raises":
+            raise ValueError("no route")
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        return "" if kind == "empty" else "/labelled"
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if spec["preset_route"]:
+            environ["kotoba_memory.request"].route = spec["preset_route"]
+        if spec["app_raises"] == "before":
+            raise LookupError("app failed")
+        if spec["exc_info_kw"]:
+            start_response(spec["status"], [("a", "b")], exc_info=None)
+        else:
+            start_response(spec["status"], [("a", "b")])
+        if spec["app_raises"] == "after":
+            raise LookupError("app failed late")
+        chunks = [b"x%d" % i for i in range(spec["chunks"])]
+        body = spec["body"]
+        if body == "list":
+            return chunks
+        if body == "tuple":
+            return tuple(chunks)
+        closing = Closing(chunks, spec["raise_at"], spec["close_raises"], log)
+        return closing if body == "closing" else iter(closing)
+
+    def start_response(status: Any, headers: Any, exc_info: Any = None) -> Any:
+        log.append(("start_response", status, headers, exc_info))
+        return log.append
+
+    metrics: list[Any] = []
+    rss = FakeRss(Script([4096, 8192], [], "rss"), [])
+    recorder = recorder_cls(on_request=lambda m: metrics.append(normalized(m)), profiler=lambda: None,
+                            gc_optimizer=lambda: None, rss_reader=rss, rss_sample_every=1)
+    middleware = wsgi.MemoryMiddleware(
+        app, recorder=recorder, route_of=None if spec["route_of"] is None else route_of
+    )
+    flight0 = activity.in_flight()
+    environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
+    try:
+        result = middleware(environ, start_response)
+    except BaseException as exc:
+        log.append(("call raised", type(exc).__name__))
+        return log + [("metrics", metrics), ("in flight", activity.in_flight() - flight0)]
+    server = spec["server"]
+    try:
+        if server != "close":
+            for i, chunk in enumerate(result):
+                log.append(("chunk", chunk))
+                if server == "partial+close" and i == 0:
+                    break
+    except BaseException as exc:
+        log.append(("iteration raised", type(exc).__name__))
+    if server != "iterate":
+        try:
+            result.close()
+        except BaseException as exc:
+            log.append(("close raised", type(exc).__name__, type(exc.__context__).__name__))
+    log.append(("in flight", activity.in_flight() - flight0))
+    log.append(("metrics", list(metrics)))
+    if server == "iterate":  # a server that never closes: nothing recorded; end it for the next run
+        environ["kotoba_memory.request"].finish()
+    return log
+
+
+@needs_c
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=APPS, recorder_kind=st.sampled_from(["py", "c"]))
+def test_c_wsgi_wrappers_behave_like_the_reference(monkeypatch: Any, spec: dict[str, Any],
+                                                   recorder_kind: str) -> None:
+    recorder_cls = PyRequestRecorder if recorder_kind == "py" else _request.CRequestRecorder
+    with monkeypatch.context() as mp:
+        reference = run_wsgi(mp, False, recorder_cls, spec)
+    compiled = run_wsgi(monkeypatch, True, recorder_cls, spec)
+    assert compiled == reference
+
+
+@needs_c
+def test_c_wsgi_wrappers_refuse_bad_construction() -> None:
+    import kotoba_memory._crecord as crecord
+
+    m = _request.CRequestRecorder().begin()
+    with pytest.raises(TypeError):
+        crecord.StartResponse(m, "not callable", None, {})
+    with pytest.raises(TypeError):
+        crecord.StartResponse(m, print, 5, {})
+    with pytest.raises(TypeError):
+        crecord.StartResponse(m, print)
+    with pytest.raises(TypeError):
+        crecord.Body([b""])
+    with pytest.raises(TypeError):
+        crecord.Body([b""], m, extra=1)
+    sr = crecord.StartResponse(m, lambda *a: a, None, {})
+    with pytest.raises(TypeError):
+        sr()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        sr("200 OK", [], nope=1)
+    with pytest.raises(TypeError, match="multiple values"):
+        sr("200 OK", [], status="x")
+    with pytest.raises(TypeError):
+        sr(200, [])  # status[:3] on an int, as the reference raises
+    assert sr("201 Created", [("a", "b")]) == ("201 Created", [("a", "b")]) and m.status == 201
+    body = crecord.Body(5, m)  # not iterable: the error comes from iter(), no measurement change
+    with pytest.raises(TypeError):
+        next(body)
+    assert m.error is None
+    body.close()
+    assert m.finished and body.close() is None  # closing twice records once
