@@ -535,7 +535,7 @@ def run_wsgi(monkeypatch: Any, use_c: bool, recorder_cls: Any, spec: dict[str, A
         result = middleware(environ, start_response)
     except BaseException as exc:
         log.append(("call raised", type(exc).__name__))
-        return log + [("metrics", metrics), ("in flight", activity.in_flight() - flight0)]
+        return [*log, ("metrics", metrics), ("in flight", activity.in_flight() - flight0)]
     server = spec["server"]
     try:
         if server != "close":
