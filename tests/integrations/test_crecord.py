@@ -7,6 +7,7 @@ in-flight count must be identical. Then threads, bad input and fork on both.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import threading
@@ -204,10 +205,11 @@ def run_sequence(
 )
 def test_both_recorders_record_and_deliver_the_same(**kw: Any) -> None:
     assert _request.CRequestRecorder is not None
-    reference = run_sequence(PyRequestRecorder, **kw)
-    compiled = run_sequence(_request.CRequestRecorder, **kw)
+    # each in a context of its own: activations left unbalanced must not leak into other tests
+    reference = contextvars.copy_context().run(run_sequence, PyRequestRecorder, **kw)
+    compiled = contextvars.copy_context().run(run_sequence, _request.CRequestRecorder, **kw)
     assert compiled == reference
-    assert activity.in_flight() == 0
+    assert activity.in_flight() == 0 and current_measurement() is None
 
 
 def test_the_extension_is_in_use_unless_pure_python_is_forced() -> None:
@@ -564,8 +566,9 @@ def test_c_wsgi_wrappers_behave_like_the_reference(monkeypatch: Any, spec: dict[
                                                    recorder_kind: str) -> None:
     recorder_cls = PyRequestRecorder if recorder_kind == "py" else _request.CRequestRecorder
     with monkeypatch.context() as mp:
-        reference = run_wsgi(mp, False, recorder_cls, spec)
-    compiled = run_wsgi(monkeypatch, True, recorder_cls, spec)
+        reference = contextvars.copy_context().run(run_wsgi, mp, False, recorder_cls, spec)
+    compiled = contextvars.copy_context().run(run_wsgi, monkeypatch, True, recorder_cls, spec)
+    assert current_measurement() is None
     assert compiled == reference
 
 
