@@ -36,8 +36,14 @@ def configure(
 ) -> type: ...
 
 class StartResponse:
-    def __init__(self, measurement: Any, start_response: Callable[..., Any],
-                 route_of: Callable[[dict[str, Any]], str | None] | None, environ: dict[str, Any], /) -> None: ...
+    def __init__(
+        self,
+        measurement: Any,
+        start_response: Callable[..., Any],
+        route_of: Callable[[dict[str, Any]], str | None] | None,
+        environ: dict[str, Any],
+        /,
+    ) -> None: ...
     def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any: ...
 
 class Body:
