@@ -41,6 +41,26 @@ static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_requ
     *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
     *str_finish, *str_close;
 static PyObject *int_zero, *int_500;
+static PyObject *str_deliver, *str_next_gap;
+static PyObject *c_deliver, *c_next_gap;  /* Recorder's own method descriptors */
+
+/* Whether `name` on the recorder's class is still Recorder's C method `ours`, or a subclass overrides it
+ * (then it is called, as the reference calls self.deliver() and self.next_gap()). */
+static int
+overridden(PyObject *rec, PyObject *name, PyObject *ours)
+{
+#if PY_VERSION_HEX < 0x030E0000
+    return _PyType_Lookup(Py_TYPE(rec), name) != ours;  /* borrowed; through the type's method cache */
+#else
+    PyObject *found = PyObject_GetAttr((PyObject *)Py_TYPE(rec), name);
+    if (found == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
+    Py_DECREF(found);
+    return found != ours;
+#endif
+}
 
 #define METRICS_FIELDS 10
 
@@ -298,7 +318,16 @@ begin(RecorderObject *self, PyObject *method)
     }
     else {
         Py_ssize_t gap;
-        if (draw_gap(self, &gap) < 0) goto fail_counted;
+        if (overridden((PyObject *)self, str_next_gap, c_next_gap)) {
+            PyObject *g = PyObject_CallMethodNoArgs((PyObject *)self, str_next_gap);
+            if (g == NULL) goto fail_counted;
+            gap = PyLong_AsSsize_t(g);
+            Py_DECREF(g);
+            if (gap == -1 && PyErr_Occurred()) goto fail_counted;
+        }
+        else if (draw_gap(self, &gap) < 0) {
+            goto fail_counted;
+        }
         self->countdown = gap;
         m->sampled = 1;
         /* A fresh reading: the last one may predate unmeasured requests, whose growth it would add. */
@@ -652,7 +681,16 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
         };
         metrics = new_metrics(items);
     }
-    if (metrics != NULL && deliver(rec, metrics) < 0) Py_CLEAR(metrics);
+    if (metrics != NULL) {
+        if (!overridden((PyObject *)rec, str_deliver, c_deliver)) {
+            if (deliver(rec, metrics) < 0) Py_CLEAR(metrics);
+        }
+        else {
+            PyObject *r = PyObject_CallMethodOneArg((PyObject *)rec, str_deliver, metrics);
+            if (r == NULL) Py_CLEAR(metrics);
+            Py_XDECREF(r);
+        }
+    }
 
 done:
     Py_XDECREF(rss_delta);
@@ -1258,6 +1296,14 @@ PyInit__crecord(void)
     INTERN(str_fail, "fail");
     INTERN(str_finish, "finish");
     INTERN(str_close, "close");
+    INTERN(str_deliver, "deliver");
+    INTERN(str_next_gap, "next_gap");
+    c_deliver = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_deliver);  /* borrowed: lives with the type */
+    c_next_gap = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_next_gap);
+    if (c_deliver == NULL || c_next_gap == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Recorder has no deliver/next_gap");
+        return NULL;
+    }
 #undef INTERN
     if ((int_zero = PyLong_FromLong(0)) == NULL || (int_500 = PyLong_FromLong(500)) == NULL) return NULL;
     PyObject *m = PyModule_Create(&crecord_module);

@@ -603,3 +603,27 @@ def test_c_wsgi_wrappers_refuse_bad_construction() -> None:
     assert m.error is None
     body.close()
     assert m.finished and body.close() is None  # closing twice records once
+
+
+@impl
+def test_a_subclass_overriding_deliver_and_next_gap_is_honoured(recorder_cls: Any) -> None:
+    delivered: list[Any] = []
+
+    class Mine(recorder_cls):  # type: ignore[misc,valid-type]
+        def deliver(self, metrics: RequestMetrics) -> None:
+            delivered.append(metrics.route)
+
+        def next_gap(self) -> int:
+            return 2  # every other request measured
+
+    recorder = Mine(rss_sample_every=5, profiler=lambda: None, gc_optimizer=lambda: None)
+    recorder.countdown = 1
+    sampled = []
+    for i in range(6):
+        m = recorder.begin()
+        m.route = f"/{i}"
+        metrics = m.finish()
+        assert metrics is not None
+        sampled.append(metrics.sampled)
+    assert delivered == [f"/{i}" for i in range(6)]
+    assert sampled == [True, False, True, False, True, False]
