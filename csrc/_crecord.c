@@ -243,6 +243,7 @@ Recorder_next_gap(RecorderObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromSsize_t(gap);
 }
 
+/* Calls a field of the recorder; held for the call, since the call may replace the field. */
 static PyObject *
 call_getter(PyObject *getter, const char *name)
 {
@@ -250,7 +251,26 @@ call_getter(PyObject *getter, const char *name)
         PyErr_Format(PyExc_AttributeError, "the recorder has no %s", name);
         return NULL;
     }
-    return PyObject_CallNoArgs(getter);
+    Py_INCREF(getter);
+    PyObject *r = PyObject_CallNoArgs(getter);
+    Py_DECREF(getter);
+    return r;
+}
+
+/* reader.rss() or reader.recent(reuse_s), the reader held for the call (it may replace itself). */
+static PyObject *
+read_rss(RecorderObject *rec, int recent)
+{
+    PyObject *reader = rec->rss_reader;
+    if (reader == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the recorder has no rss_reader");
+        return NULL;
+    }
+    Py_INCREF(reader);
+    PyObject *r = recent ? PyObject_CallMethodOneArg(reader, str_recent, reuse_s)
+                         : PyObject_CallMethodNoArgs(reader, str_rss);
+    Py_DECREF(reader);
+    return r;
 }
 
 static PyObject *
@@ -307,8 +327,7 @@ begin(RecorderObject *self, PyObject *method)
 
     if (self->every == 1) {
         m->sampled = 1;
-        if (self->rss_reader == NULL) goto no_reader;
-        m->rss0 = PyObject_CallMethodOneArg(self->rss_reader, str_recent, reuse_s);
+        m->rss0 = read_rss(self, 1);
         if (m->rss0 == NULL) goto fail_counted;
     }
     else if (self->countdown > 1) {
@@ -331,8 +350,7 @@ begin(RecorderObject *self, PyObject *method)
         self->countdown = gap;
         m->sampled = 1;
         /* A fresh reading: the last one may predate unmeasured requests, whose growth it would add. */
-        if (self->rss_reader == NULL) goto no_reader;
-        m->rss0 = PyObject_CallMethodNoArgs(self->rss_reader, str_rss);
+        m->rss0 = read_rss(self, 0);
         if (m->rss0 == NULL) goto fail_counted;
     }
 
@@ -351,8 +369,6 @@ begin(RecorderObject *self, PyObject *method)
     m->t0 = now_ns();
     return (PyObject *)m;
 
-no_reader:
-    PyErr_SetString(PyExc_AttributeError, "the recorder has no rss_reader");
 fail_counted:
     flight_pop_keeping_error();
 fail:
@@ -589,6 +605,7 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
     double duration = (double)(now_ns() - self->t0) / 1e9;
     RecorderObject *rec = (RecorderObject *)self->recorder;
     PyObject *rss_delta = NULL, *traced = NULL, *gc_pause = NULL, *dur = NULL, *metrics = NULL;
+    PyObject *route = NULL;
 
     /* activity.end(alone, epoch) */
     if (flight_pop() < 0) return NULL;
@@ -603,11 +620,7 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
     }
 
     if (self->sampled && self->rss0 != NULL) {
-        if (rec->rss_reader == NULL) {
-            PyErr_SetString(PyExc_AttributeError, "the recorder has no rss_reader");
-            return NULL;
-        }
-        PyObject *now = PyObject_CallMethodNoArgs(rec->rss_reader, str_rss);
+        PyObject *now = read_rss(rec, 0);
         if (now == NULL) return NULL;
         rss_delta = PyNumber_Subtract(now, self->rss0);
         Py_DECREF(now);
@@ -662,13 +675,14 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
         if (!ok && swallow() < 0) goto done;
     }
 
-    int has_route = self->route == NULL ? 0 : PyObject_IsTrue(self->route);
+    route = Py_NewRef(or_none(self->route));  /* held: its __bool__ may replace the field */
+    int has_route = PyObject_IsTrue(route);
     if (has_route < 0) goto done;
     dur = PyFloat_FromDouble(duration);
     if (dur == NULL) goto done;
     {
         PyObject *items[METRICS_FIELDS] = {
-            has_route ? self->route : unmatched,
+            has_route ? route : unmatched,
             or_none(self->method),
             or_none(self->status),
             dur,
@@ -693,6 +707,7 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
     }
 
 done:
+    Py_XDECREF(route);
     Py_XDECREF(rss_delta);
     Py_XDECREF(traced);
     Py_XDECREF(gc_pause);

@@ -627,3 +627,24 @@ def test_a_subclass_overriding_deliver_and_next_gap_is_honoured(recorder_cls: An
         sampled.append(metrics.sampled)
     assert delivered == [f"/{i}" for i in range(6)]
     assert sampled == [True, False, True, False, True, False]
+
+
+@impl
+def test_fields_replaced_while_they_run_are_held(recorder_cls: Any) -> None:
+    recorder: Any = None
+
+    class Sneaky:
+        def __bool__(self) -> bool:
+            m.route = "/replaced"  # drops the field's own reference while it is being tested
+            return True
+
+    def getter() -> None:
+        recorder.profiler = lambda: None  # replaces itself while called
+        return None
+
+    recorder = recorder_cls(gc_optimizer=lambda: None, rss_sample_every=1)
+    recorder.profiler = getter
+    m = recorder.begin()
+    m.route = Sneaky()
+    metrics = m.finish()
+    assert metrics is not None and isinstance(metrics.route, Sneaky)
