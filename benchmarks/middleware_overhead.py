@@ -23,6 +23,7 @@ by ``KOTOBA_BENCH_VARIANT``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -261,9 +262,29 @@ def server_benchmark(
             server.stop()
 
 
-def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
-    """Median CPU microseconds per request added by the middleware, measured in this process."""
-    from kotoba_memory_integrations.request import RequestRecorder
+@contextlib.contextmanager
+def _pure_python_wrappers() -> Iterator[None]:
+    """wsgi.py's pure-Python start_response closure and body for the time of the block (the reference)."""
+    from kotoba_memory_integrations import wsgi
+
+    saved = wsgi._CStartResponse, wsgi._Body
+    wsgi._CStartResponse, wsgi._Body = None, wsgi._MeasuredBody
+    try:
+        yield
+    finally:
+        wsgi._CStartResponse, wsgi._Body = saved
+
+
+def in_process_cost_us(repeats: int, calls: int) -> dict[str, Any]:
+    """Median CPU microseconds per request added by the middleware, measured in this process.
+
+    The default middleware (the C recorder and wrappers where built) and the pure-Python one
+    (``PyRequestRecorder`` and wsgi.py's Python wrappers) run interleaved in every repeat, each at the
+    default RSS sampling (1 request in 8) and with RSS on every request; ``c_over_pure`` is the median of
+    the per-repeat ratios of their added costs.
+    """
+    from kotoba_memory.__about__ import implementations
+    from kotoba_memory_integrations.request import PyRequestRecorder, RequestRecorder
     from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
@@ -282,17 +303,41 @@ def in_process_cost_us(repeats: int, calls: int) -> dict[str, float]:
                 close()
         return (time.thread_time() - t0) / calls * 1e6
 
-    wrapped = MemoryMiddleware(trivial_app, recorder=RequestRecorder())
-    every = MemoryMiddleware(trivial_app, recorder=RequestRecorder(rss_sample_every=1))
-    plain_times, wrapped_times, every_times = [], [], []
-    for _ in range(repeats):
-        plain_times.append(drive(trivial_app))
-        wrapped_times.append(drive(wrapped))
-        every_times.append(drive(every))
-    plain, mw = statistics.median(plain_times), statistics.median(wrapped_times)
-    every_us = statistics.median(every_times)
-    return {"plain_us": plain, "middleware_us": mw, "added_us": mw - plain,
-            "every_request_us": every_us, "every_request_added_us": every_us - plain}
+    def drive_pure(app: Callable[..., Iterable[bytes]]) -> float:
+        with _pure_python_wrappers():
+            return drive(app)
+
+    contenders: dict[str, Callable[[], float]] = {
+        "plain": lambda: drive(trivial_app),
+        "default": lambda: drive(MemoryMiddleware(trivial_app, recorder=RequestRecorder())),
+        "default_every": lambda: drive(
+            MemoryMiddleware(trivial_app, recorder=RequestRecorder(rss_sample_every=1))
+        ),
+        "pure": lambda: drive_pure(MemoryMiddleware(trivial_app, recorder=PyRequestRecorder())),
+        "pure_every": lambda: drive_pure(
+            MemoryMiddleware(trivial_app, recorder=PyRequestRecorder(rss_sample_every=1))
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    ratios: list[float] = []
+    for r in range(repeats):
+        names = list(contenders)
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no contender always first
+        this_round = {name: contenders[name]() for name in order}
+        for name, value in this_round.items():
+            times[name].append(value)
+        pure_added = this_round["pure"] - this_round["plain"]
+        if pure_added > 0:
+            ratios.append((this_round["default"] - this_round["plain"]) / pure_added)
+    med = {name: statistics.median(values) for name, values in times.items()}
+    plain = med["plain"]
+    return {
+        "plain_us": plain, "middleware_us": med["default"], "added_us": med["default"] - plain,
+        "every_request_us": med["default_every"], "every_request_added_us": med["default_every"] - plain,
+        "pure_added_us": med["pure"] - plain, "pure_every_request_added_us": med["pure_every"] - plain,
+        "c_over_pure": statistics.median(ratios) if ratios else float("nan"),
+        "recorder": implementations()["_crecord"],
+    }
 
 
 def otel_record_cost_us(repeats: int, calls: int) -> dict[str, float]:
@@ -346,8 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     cost = in_process_cost_us(repeats=5 if args.quick else 11, calls=5000 if args.quick else 20000)
     print(
         f"in-process: plain {cost['plain_us']:.2f} us/request, with middleware {cost['middleware_us']:.2f}"
-        f" us/request -> middleware adds {cost['added_us']:.2f} us (median of repeats; RSS on every"
-        f" request: adds {cost['every_request_added_us']:.2f} us)"
+        f" us/request -> middleware adds {cost['added_us']:.2f} us (recorder: {cost['recorder']}; median"
+        f" of interleaved repeats; RSS on every request: adds {cost['every_request_added_us']:.2f} us)"
+    )
+    print(
+        f"in-process: pure-Python recorder and wrappers, same repeats: adds {cost['pure_added_us']:.2f} us"
+        f" (RSS on every request: {cost['pure_every_request_added_us']:.2f} us); default/pure added cost:"
+        f" x{cost['c_over_pure']:.2f} (median of per-repeat ratios)"
     )
     otel_cost = otel_record_cost_us(repeats=5 if args.quick else 11, calls=2000 if args.quick else 10000)
     print(

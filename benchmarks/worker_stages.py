@@ -6,7 +6,9 @@ gunicorn worker (one sync worker, a bare Flask view, wrk on 127.0.0.1), and so a
 call and the response's close, with the same wrappers around the bare app for the baseline. The
 worker writes its totals when it exits; the table gives microseconds of the worker thread's CPU time
 per request (``time.thread_time_ns``: preemption by other processes is not counted; each timed call
-adds the cost of two clock reads, printed as "timer cost per timed call" and not subtracted).
+adds the cost of two clock reads, printed as "timer cost per timed call" and not subtracted). With the
+C recorder (the default where built) its finish and delivery run inside the response's close and are
+not timed apart; ``KOTOBA_MEMORY_PURE_PYTHON=1`` in the environment times the pure-Python stages.
 
     .venv/bin/python benchmarks/worker_stages.py            # ~1 minute
     .venv/bin/python benchmarks/worker_stages.py --seconds 5 --rounds 3
@@ -81,11 +83,17 @@ def _install_stage_timers() -> None:
     from kotoba_memory.process.memory import RssReader
     from kotoba_memory_integrations import request
 
+    if request.RequestRecorder is request.PyRequestRecorder:  # KOTOBA_MEMORY_PURE_PYTHON=1 or not built
+        stages = [
+            (request.PyRequestMeasurement, "__init__", "recorder begin"),
+            (request.PyRequestMeasurement, "finish", "recorder finish"),
+            (request.PyRequestRecorder, "deliver", "  of which deliver"),
+        ]
+    else:  # the C recorder: its finish and delivery run inside the C body's close, untimed apart
+        stages = [(request.RequestRecorder, "begin", "recorder begin (C)")]
     for owner, name, label in (
-        (request.RequestMeasurement, "__init__", "recorder begin"),
-        (request.RequestMeasurement, "finish", "recorder finish"),
+        *stages,
         (RssReader, "rss", "  of which /proc RSS read"),
-        (request.RequestRecorder, "deliver", "  of which deliver"),
         (MemoryProfiler, "record_request", "    of which profiler.record_request"),
         (GcOptimizer, "request_ended", "  of which GC request_ended"),
     ):

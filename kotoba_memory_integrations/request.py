@@ -17,13 +17,15 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from kotoba_memory import _native
 from kotoba_memory.process import activity, forks, registry, scheduler
 from kotoba_memory.process.memory import RssReader, shared_reader
 from kotoba_memory.validation import check_positive_int
 
 __all__ = [
+    "CRequestRecorder",
     "DEFAULT_RSS_SAMPLE_EVERY",
     "ENVIRON_KEY",
     "UNMATCHED_ROUTE",
@@ -35,6 +37,8 @@ __all__ = [
     "current_measurement",
     "KNOWN_METHODS",
     "OTHER_METHOD",
+    "PyRequestMeasurement",
+    "PyRequestRecorder",
     "listener_errors",
     "normalize_method",
     "remove_request_listener",
@@ -140,7 +144,43 @@ def set_current_route(route: str | None) -> None:
 
 
 class RequestMeasurement:
-    """The in-flight measurement of one request; ``finish()`` records it exactly once."""
+    """The in-flight measurement of one request; ``finish()`` records it exactly once.
+
+    The type both implementations derive from (``isinstance`` sees either): :class:`PyRequestMeasurement`,
+    the pure-Python reference, and ``kotoba_memory._crecord.Measurement``, which the C recorder makes.
+    """
+
+    if not TYPE_CHECKING:  # no instance layout of its own (the C type extends it); mypy sees the fields
+        __slots__ = ()
+    route: str | None
+    method: str
+    status: int | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``finish()`` already ran."""
+        raise NotImplementedError
+
+    def activate(self) -> None:
+        """Make this the current measurement of the running context (see :func:`current_measurement`)."""
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        """Undo :meth:`activate` in the context that activated it."""
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException) -> None:
+        """Note that the app raised ``exc`` while serving this request."""
+        raise NotImplementedError
+
+    def finish(self) -> RequestMetrics | None:
+        """Record the request (idempotent: later calls return None)."""
+        raise NotImplementedError
+
+
+class PyRequestMeasurement(RequestMeasurement):
+    """The pure-Python measurement (the reference the C one follows step by step)."""
 
     __slots__ = (
         "_alone",
@@ -160,7 +200,7 @@ class RequestMeasurement:
         "status",
     )
 
-    def __init__(self, recorder: RequestRecorder, method: str) -> None:
+    def __init__(self, recorder: PyRequestRecorder, method: str) -> None:
         self._recorder = recorder
         self.method = method if method in KNOWN_METHODS else OTHER_METHOD
         self.route: str | None = None
@@ -171,32 +211,36 @@ class RequestMeasurement:
         if scheduler.paused_by_fork:  # the first request of a forked worker: resume our background work
             scheduler.resume()
         self._alone, self._epoch = activity.begin()
-        gc_opt = recorder.gc_optimizer()
-        self._gc = gc_opt
-        self._gc_pause0 = 0
-        if gc_opt is not None:
-            try:
-                self._gc_pause0 = int(gc_opt.pause_total_ns())
-            except Exception:
-                _count_error()
-                self._gc = None
-        if recorder.every == 1:
-            self._sampled = True
-            self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
-        else:
-            # Racing threads may lose a decrement or both sample: harmless for a random sample.
-            left = recorder.countdown - 1
-            if left > 0:
-                recorder.countdown = left
-                self._sampled, self._rss0 = False, 0
-            else:
-                recorder.countdown = recorder.next_gap()
+        try:
+            gc_opt = recorder.gc_optimizer()
+            self._gc = gc_opt
+            self._gc_pause0 = 0
+            if gc_opt is not None:
+                try:
+                    self._gc_pause0 = int(gc_opt.pause_total_ns())
+                except Exception:
+                    _count_error()
+                    self._gc = None
+            if recorder.every == 1:
                 self._sampled = True
-                # A fresh reading: the last one may predate unmeasured requests, whose growth it would
-                # add to this one's.
-                self._rss0 = recorder.rss_reader.rss()
-        # Only inside the profiler's tracing windows; every request, so route means use them all.
-        self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+                self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
+            else:
+                # Racing threads may lose a decrement or both sample: harmless for a random sample.
+                left = recorder.countdown - 1
+                if left > 0:
+                    recorder.countdown = left
+                    self._sampled, self._rss0 = False, 0
+                else:
+                    recorder.countdown = recorder.next_gap()
+                    self._sampled = True
+                    # A fresh reading: the last one may predate unmeasured requests, whose growth it
+                    # would add to this one's.
+                    self._rss0 = recorder.rss_reader.rss()
+            # Only inside the profiler's tracing windows; every request, so route means use them all.
+            self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
+        except BaseException:
+            activity.mark_end()  # a request that failed to begin must not stay counted in flight
+            raise
         self._t0 = time.perf_counter()
 
     @property
@@ -260,8 +304,8 @@ class RequestMeasurement:
         return metrics
 
 
-class RequestRecorder:
-    """Starts per-request measurements and delivers their results.
+class PyRequestRecorder:
+    """Starts per-request measurements and delivers their results (pure Python: the reference).
 
     ``gc_optimizer`` / ``profiler`` default to the process's active ones (looked up per request, so an
     optimizer started after the middleware was built is still seen); pass ``None``-returning callables
@@ -298,7 +342,7 @@ class RequestRecorder:
 
     def begin(self, method: str = "GET") -> RequestMeasurement:
         """Start measuring a request."""
-        return RequestMeasurement(self, method)
+        return PyRequestMeasurement(self, method)
 
     def deliver(self, metrics: RequestMetrics) -> None:
         """Hand finished metrics to the profiler, ``on_request`` and the listeners; never raises."""
@@ -323,3 +367,29 @@ class RequestRecorder:
                 listener(metrics)
             except Exception:
                 _count_error()
+
+
+_crecord = _native.load("_crecord")
+if _crecord is not None:
+    # The C measurement derives from RequestMeasurement; it shares activity's in-flight list and event
+    # counter, this module's listeners, error count and RNG: one truth for each, whichever side runs.
+    _flight, _events = activity.shared_state()
+    _CMeasurement: Any = _crecord.configure(
+        RequestMeasurement, RequestMetrics, _current, _flight, _events, scheduler, globals(), _count_error,
+        _rng.random, UNMATCHED_ROUTE, KNOWN_METHODS, OTHER_METHOD, tracemalloc.is_tracing,
+        tracemalloc.get_traced_memory, _RSS_REUSE_S,
+    )
+    _RecorderCore: Any = _crecord.Recorder
+
+    class CRequestRecorder(_RecorderCore, PyRequestRecorder):
+        __doc__ = (PyRequestRecorder.__doc__ or "").replace("pure Python: the reference", "C begin/finish")
+
+else:
+    CRequestRecorder = None  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:  # both implementations have this interface
+    RequestRecorder = PyRequestRecorder
+elif _crecord is not None:
+    RequestRecorder = CRequestRecorder
+else:
+    RequestRecorder = PyRequestRecorder

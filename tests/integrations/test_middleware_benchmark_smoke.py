@@ -77,9 +77,11 @@ def test_example_variants_serve_the_example_app(
 def test_in_process_part_reports_numbers() -> None:
     cost = load_benchmark().in_process_cost_us(repeats=1, calls=20)
     assert set(cost) == {
-        "plain_us", "middleware_us", "added_us", "every_request_us", "every_request_added_us"
+        "plain_us", "middleware_us", "added_us", "every_request_us", "every_request_added_us",
+        "pure_added_us", "pure_every_request_added_us", "c_over_pure", "recorder",
     }
     assert cost["plain_us"] > 0 and cost["middleware_us"] > 0
+    assert cost["recorder"] in ("c", "python")
 
 
 @pytest.mark.server

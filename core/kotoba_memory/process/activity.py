@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Iterator
 
 from kotoba_memory.process import forks
 
-__all__ = ["begin", "end", "in_flight", "mark_end", "mark_start"]
+__all__ = ["begin", "end", "in_flight", "mark_end", "mark_start", "shared_state"]
 
 _flight: list[None] = []
 _events = itertools.count(1)
@@ -49,6 +50,12 @@ def end(alone: bool, epoch: int) -> bool:
 def in_flight() -> int:
     """Requests begun and not yet ended."""
     return len(_flight)
+
+
+def shared_state() -> tuple[list[None], Iterator[int]]:
+    """The in-flight list and the event counter themselves, for the C request recorder: it appends,
+    pops and ticks them exactly as :func:`begin` and :func:`end` do, so there is still one count."""
+    return _flight, _events
 
 
 def _reinit_after_fork() -> None:

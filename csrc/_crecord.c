@@ -1,0 +1,1333 @@
+/* kotoba_memory._crecord: the request recorder's begin/finish in C.
+ *
+ * Recorder is the base of CRequestRecorder (kotoba_memory_integrations/request.py): it holds the
+ * recorder's settings as C fields and serves begin(), next_gap() and deliver() without a Python frame.
+ * Measurement is the in-flight measurement begin() returns; finish() records it. Both follow the
+ * pure-Python PyRequestRecorder / PyRequestMeasurement step by step (that code is the reference; the
+ * differential tests drive both with the same sequences). What stays Python is called back: the
+ * in-flight count is activity's own list and event counter (shared, not copied), the GC optimizer and
+ * profiler come from their getters, RSS from the recorder's reader, gaps from request._rng, errors are
+ * counted by request._count_error and listeners read from request._listeners at every delivery.
+ *
+ * configure() hands this module those objects once; the Measurement type is created there because its
+ * base is the Python class RequestMeasurement (so isinstance checks see both implementations).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <math.h>
+#include <stdint.h>
+#include <time.h>
+#ifdef _WIN32
+#include <windows.h>
+#endif
+
+/* Set by configure(); NULL before it. */
+static PyTypeObject *Measurement_Type = NULL;
+static PyTypeObject *metrics_type = NULL;   /* RequestMetrics (a tuple subclass) */
+static PyObject *current_var = NULL;        /* the ContextVar of the running measurement */
+static PyObject *flight = NULL;             /* activity's list of requests in flight */
+static PyObject *events = NULL;             /* activity's event counter (itertools.count) */
+static PyObject *sched = NULL;              /* the process scheduler (paused_by_fork, resume) */
+static PyObject *req_globals = NULL;        /* request.py's globals: _listeners */
+static PyObject *count_error_fn = NULL;     /* request._count_error */
+static PyObject *rng_random = NULL;         /* request._rng.random */
+static PyObject *unmatched = NULL, *known_methods = NULL, *other_method = NULL;
+static PyObject *is_tracing_fn = NULL, *get_traced_fn = NULL;
+static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age */
+
+static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
+    *str_recent, *str_record_request, *str_listeners, *str_qualname, *str_route, *str_rss_delta,
+    *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
+    *str_finish, *str_close;
+static PyObject *int_zero, *int_500;
+static PyObject *str_deliver, *str_next_gap;
+static PyObject *c_deliver, *c_next_gap;  /* Recorder's own method descriptors */
+
+/* Whether `name` on the recorder's class is still Recorder's C method `ours`, or a subclass overrides it
+ * (then it is called, as the reference calls self.deliver() and self.next_gap()). */
+static int
+overridden(PyObject *rec, PyObject *name, PyObject *ours)
+{
+#if PY_VERSION_HEX < 0x030E0000
+    return _PyType_Lookup(Py_TYPE(rec), name) != ours;  /* borrowed; through the type's method cache */
+#else
+    PyObject *found = PyObject_GetAttr((PyObject *)Py_TYPE(rec), name);
+    if (found == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
+    Py_DECREF(found);
+    return found != ours;
+#endif
+}
+
+#define METRICS_FIELDS 10
+
+static int64_t
+now_ns(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    if (PyTime_PerfCounterRaw(&t) < 0) return 0;  /* never fails on supported platforms */
+    return (int64_t)t;
+#elif defined(_WIN32)
+    static LARGE_INTEGER freq;
+    LARGE_INTEGER c;
+    if (!freq.QuadPart) QueryPerformanceFrequency(&freq);
+    QueryPerformanceCounter(&c);
+    return (int64_t)((double)c.QuadPart * 1e9 / (double)freq.QuadPart);
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* time.perf_counter's clock on Linux and macOS */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+#endif
+}
+
+static int
+not_configured(void)
+{
+    PyErr_SetString(PyExc_RuntimeError,
+                    "kotoba_memory._crecord is not configured (import kotoba_memory_integrations.request)");
+    return -1;
+}
+
+/* An exception is set: count and clear it when it is an Exception (the reference's `except
+ * Exception`), else leave it set and return -1 so that it propagates (KeyboardInterrupt, SystemExit). */
+static int
+swallow(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyErr_Clear();
+    PyObject *r = PyObject_CallNoArgs(count_error_fn);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The pending exception as one object (NULL if none), cleared; restore_error() sets it again. */
+static PyObject *
+take_error(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Steals `exc`. */
+static void
+restore_error(PyObject *exc)
+{
+    if (exc == NULL) return;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* The pending error replaces `earlier` (stolen), which becomes its __context__, as in a Python
+ * `finally:` or `except:` block that raises. */
+static void
+chain_error(PyObject *earlier)
+{
+    PyObject *later = take_error();
+    if (later != NULL && earlier != NULL && later != earlier) PyException_SetContext(later, earlier);
+    else Py_XDECREF(earlier);
+    restore_error(later);
+}
+
+/* activity.mark_end(): one request out of the shared list (unbalanced calls ignored). */
+static int
+flight_pop(void)
+{
+    Py_ssize_t n = PyList_GET_SIZE(flight);
+    if (n > 0) return PyList_SetSlice(flight, n - 1, n, NULL);
+    return 0;
+}
+
+/* Undo begin's count when begin fails after it, keeping the exception that made it fail. */
+static void
+flight_pop_keeping_error(void)
+{
+    PyObject *exc = take_error();
+    if (flight_pop() < 0) PyErr_Clear();
+    restore_error(exc);
+}
+
+static PyObject *
+next_event(void)
+{
+    PyObject *ev = Py_TYPE(events)->tp_iternext(events);
+    if (ev == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "activity event counter ended");
+    return ev;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Recorder                                                                                           */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t every;      /* rss_sample_every */
+    Py_ssize_t countdown;  /* requests left until the next measured one */
+    double log_q;          /* log1p(-1/every), -inf when every == 1 */
+    PyObject *gc_optimizer, *profiler, *on_request, *rss_reader;
+} RecorderObject;
+
+static PyTypeObject Recorder_Type;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *recorder;
+    PyObject *route, *method, *status, *error;
+    PyObject *gc;         /* the GC optimizer seen at begin, NULL when none (or its getter failed) */
+    PyObject *gc_pause0;  /* int */
+    PyObject *rss0;       /* NULL when this request's RSS is not measured */
+    PyObject *traced0;    /* NULL when tracemalloc was not tracing at begin */
+    PyObject *token;      /* from activate() */
+    long long epoch;
+    int64_t t0;
+    char alone, done, sampled;
+} MeasurementObject;
+
+/* 1 + int(log(1 - random()) / log_q), with the errors int() and math.log raise. */
+static int
+draw_gap(RecorderObject *self, Py_ssize_t *out)
+{
+    PyObject *r = PyObject_CallNoArgs(rng_random);
+    if (r == NULL) return -1;
+    double x = PyFloat_AsDouble(r);
+    Py_DECREF(r);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    double arg = 1.0 - x;
+    if (!(arg > 0.0) && !isnan(arg)) {
+        PyErr_SetString(PyExc_ValueError, "math domain error");
+        return -1;
+    }
+    if (self->log_q == 0.0) {
+        PyErr_SetString(PyExc_ZeroDivisionError, "float division by zero");
+        return -1;
+    }
+    double q = log(arg) / self->log_q;
+    if (isnan(q)) {
+        PyErr_SetString(PyExc_ValueError, "cannot convert float NaN to integer");
+        return -1;
+    }
+    if (isinf(q)) {
+        PyErr_SetString(PyExc_OverflowError, "cannot convert float infinity to integer");
+        return -1;
+    }
+    q = trunc(q);
+    /* Beyond the field's range a gap is "never" either way. */
+    if (q >= (double)(PY_SSIZE_T_MAX / 2)) q = (double)(PY_SSIZE_T_MAX / 2);
+    if (q <= (double)(PY_SSIZE_T_MIN / 2)) q = (double)(PY_SSIZE_T_MIN / 2);
+    *out = 1 + (Py_ssize_t)q;
+    return 0;
+}
+
+static PyObject *
+Recorder_next_gap(RecorderObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (rng_random == NULL && not_configured() < 0) return NULL;
+    Py_ssize_t gap;
+    if (draw_gap(self, &gap) < 0) return NULL;
+    return PyLong_FromSsize_t(gap);
+}
+
+/* Calls a field of the recorder; held for the call, since the call may replace the field. */
+static PyObject *
+call_getter(PyObject *getter, const char *name)
+{
+    if (getter == NULL) {
+        PyErr_Format(PyExc_AttributeError, "the recorder has no %s", name);
+        return NULL;
+    }
+    Py_INCREF(getter);
+    PyObject *r = PyObject_CallNoArgs(getter);
+    Py_DECREF(getter);
+    return r;
+}
+
+/* reader.rss() or reader.recent(reuse_s), the reader held for the call (it may replace itself). */
+static PyObject *
+read_rss(RecorderObject *rec, int recent)
+{
+    PyObject *reader = rec->rss_reader;
+    if (reader == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the recorder has no rss_reader");
+        return NULL;
+    }
+    Py_INCREF(reader);
+    PyObject *r = recent ? PyObject_CallMethodOneArg(reader, str_recent, reuse_s)
+                         : PyObject_CallMethodNoArgs(reader, str_rss);
+    Py_DECREF(reader);
+    return r;
+}
+
+static PyObject *
+begin(RecorderObject *self, PyObject *method)
+{
+    int known = PySet_Contains(known_methods, method);  /* unhashable: TypeError, as `in` raises */
+    if (known < 0) return NULL;
+    MeasurementObject *m = (MeasurementObject *)Measurement_Type->tp_alloc(Measurement_Type, 0);
+    if (m == NULL) return NULL;
+    m->recorder = Py_NewRef((PyObject *)self);
+    m->method = Py_NewRef(known ? method : other_method);
+    m->route = Py_NewRef(Py_None);
+    m->status = Py_NewRef(Py_None);
+    m->error = Py_NewRef(Py_None);
+
+    PyObject *paused = PyObject_GetAttr(sched, str_paused_by_fork);
+    if (paused == NULL) goto fail;
+    int p = PyObject_IsTrue(paused);
+    Py_DECREF(paused);
+    if (p < 0) goto fail;
+    if (p) {  /* the first request of a forked worker: resume our background work */
+        PyObject *r = PyObject_CallMethodNoArgs(sched, str_resume);
+        if (r == NULL) goto fail;
+        Py_DECREF(r);
+    }
+
+    /* activity.begin() on activity's own list and counter */
+    if (PyList_Append(flight, Py_None) < 0) goto fail;
+    m->alone = PyList_GET_SIZE(flight) == 1;
+    PyObject *ev = next_event();
+    if (ev == NULL) goto fail_counted;
+    m->epoch = PyLong_AsLongLong(ev);
+    Py_DECREF(ev);
+    if (m->epoch == -1 && PyErr_Occurred()) goto fail_counted;
+
+    PyObject *gc = call_getter(self->gc_optimizer, "gc_optimizer");
+    if (gc == NULL) goto fail_counted;
+    if (gc != Py_None) {
+        PyObject *v = PyObject_CallMethodNoArgs(gc, str_pause_total_ns);
+        PyObject *iv = v != NULL ? PyNumber_Long(v) : NULL;
+        Py_XDECREF(v);
+        if (iv == NULL) {
+            Py_DECREF(gc);
+            if (swallow() < 0) goto fail_counted;
+        }
+        else {
+            m->gc = gc;
+            m->gc_pause0 = iv;
+        }
+    }
+    else {
+        Py_DECREF(gc);
+    }
+
+    if (self->every == 1) {
+        m->sampled = 1;
+        m->rss0 = read_rss(self, 1);
+        if (m->rss0 == NULL) goto fail_counted;
+    }
+    else if (self->countdown > 1) {
+        /* Under the GIL this countdown is exact; the reference may lose a step to a racing thread. */
+        self->countdown -= 1;
+        m->sampled = 0;
+    }
+    else {
+        Py_ssize_t gap;
+        if (overridden((PyObject *)self, str_next_gap, c_next_gap)) {
+            PyObject *g = PyObject_CallMethodNoArgs((PyObject *)self, str_next_gap);
+            if (g == NULL) goto fail_counted;
+            gap = PyLong_AsSsize_t(g);
+            Py_DECREF(g);
+            if (gap == -1 && PyErr_Occurred()) goto fail_counted;
+        }
+        else if (draw_gap(self, &gap) < 0) {
+            goto fail_counted;
+        }
+        self->countdown = gap;
+        m->sampled = 1;
+        /* A fresh reading: the last one may predate unmeasured requests, whose growth it would add. */
+        m->rss0 = read_rss(self, 0);
+        if (m->rss0 == NULL) goto fail_counted;
+    }
+
+    PyObject *tracing = PyObject_CallNoArgs(is_tracing_fn);
+    if (tracing == NULL) goto fail_counted;
+    int t = PyObject_IsTrue(tracing);
+    Py_DECREF(tracing);
+    if (t < 0) goto fail_counted;
+    if (t) {
+        PyObject *mem = PyObject_CallNoArgs(get_traced_fn);
+        if (mem == NULL) goto fail_counted;
+        m->traced0 = PySequence_GetItem(mem, 0);
+        Py_DECREF(mem);
+        if (m->traced0 == NULL) goto fail_counted;
+    }
+    m->t0 = now_ns();
+    return (PyObject *)m;
+
+fail_counted:
+    flight_pop_keeping_error();
+fail:
+    Py_DECREF(m);
+    return NULL;
+}
+
+static PyObject *
+Recorder_begin(RecorderObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (Measurement_Type == NULL && not_configured() < 0) return NULL;
+    PyObject *method = str_GET;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs > 1 || nargs + nkw > 1) {
+        PyErr_Format(PyExc_TypeError, "begin() takes at most 1 argument (%zd given)", nargs + nkw);
+        return NULL;
+    }
+    if (nargs == 1) {
+        method = args[0];
+    }
+    else if (nkw == 1) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, 0);
+        int eq = PyUnicode_Check(name) ? PyUnicode_Compare(name, str_method) == 0 : 0;
+        if (!eq) {
+            PyErr_Format(PyExc_TypeError, "begin() got an unexpected keyword argument %R", name);
+            return NULL;
+        }
+        method = args[0];
+    }
+    return begin(self, method);
+}
+
+/* Hand `metrics` to the profiler, on_request and the listeners; Exceptions are counted, never raised. */
+static int
+deliver(RecorderObject *self, PyObject *metrics)
+{
+    /* Every request, measured or not: the leak profiler's route attribution regresses a site's growth
+     * on per-route request counts, which thinning would blur. */
+    PyObject *profiler = call_getter(self->profiler, "profiler");
+    if (profiler == NULL) {
+        if (swallow() < 0) return -1;
+    }
+    else if (profiler != Py_None) {
+        PyObject *route = NULL, *rss = NULL, *traced = NULL, *duration = NULL, *r = NULL;
+        if (Py_TYPE(metrics) == metrics_type && PyTuple_GET_SIZE(metrics) >= METRICS_FIELDS) {
+            route = Py_NewRef(PyTuple_GET_ITEM(metrics, 0));
+            int sampled = PyObject_IsTrue(PyTuple_GET_ITEM(metrics, 9));
+            if (sampled < 0) goto profiler_done;
+            rss = Py_NewRef(sampled ? PyTuple_GET_ITEM(metrics, 4) : Py_None);
+            traced = Py_NewRef(PyTuple_GET_ITEM(metrics, 5));
+            duration = Py_NewRef(PyTuple_GET_ITEM(metrics, 3));
+        }
+        else {  /* anything else, as the reference reads it: by attribute */
+            if ((route = PyObject_GetAttr(metrics, str_route)) == NULL) goto profiler_done;
+            PyObject *s = PyObject_GetAttr(metrics, str_sampled);
+            if (s == NULL) goto profiler_done;
+            int sampled = PyObject_IsTrue(s);
+            Py_DECREF(s);
+            if (sampled < 0) goto profiler_done;
+            rss = sampled ? PyObject_GetAttr(metrics, str_rss_delta) : Py_NewRef(Py_None);
+            if (rss == NULL) goto profiler_done;
+            if ((traced = PyObject_GetAttr(metrics, str_traced_delta)) == NULL) goto profiler_done;
+            if ((duration = PyObject_GetAttr(metrics, str_duration_s)) == NULL) goto profiler_done;
+        }
+        {
+            PyObject *callargs[5] = {profiler, route, rss, traced, duration};
+            r = PyObject_VectorcallMethod(str_record_request, callargs,
+                                          5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        }
+    profiler_done:
+        Py_XDECREF(route);
+        Py_XDECREF(rss);
+        Py_XDECREF(traced);
+        Py_XDECREF(duration);
+        Py_DECREF(profiler);
+        if (r == NULL) {
+            if (swallow() < 0) return -1;
+        }
+        else {
+            Py_DECREF(r);
+        }
+    }
+    else {
+        Py_DECREF(profiler);
+    }
+
+    if (self->on_request != NULL && self->on_request != Py_None) {
+        PyObject *on_request = Py_NewRef(self->on_request);  /* it may replace itself */
+        PyObject *r = PyObject_CallOneArg(on_request, metrics);
+        Py_DECREF(on_request);
+        if (r == NULL) {
+            if (swallow() < 0) return -1;
+        }
+        else {
+            Py_DECREF(r);
+        }
+    }
+
+    PyObject *listeners = PyDict_GetItemWithError(req_globals, str_listeners);  /* borrowed */
+    if (listeners == NULL) return PyErr_Occurred() ? -1 : 0;
+    /* A snapshot, like the reference's loop over the module's tuple: listeners may add or remove. */
+    PyObject *seq = PySequence_Fast(listeners, "request._listeners must be a sequence");
+    if (seq == NULL) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *listener = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+        PyObject *r = PyObject_CallOneArg(listener, metrics);
+        Py_DECREF(listener);
+        if (r == NULL) {
+            if (swallow() < 0) {
+                Py_DECREF(seq);
+                return -1;
+            }
+        }
+        else {
+            Py_DECREF(r);
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *
+Recorder_deliver(RecorderObject *self, PyObject *metrics)
+{
+    if (req_globals == NULL && not_configured() < 0) return NULL;
+    if (deliver(self, metrics) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+Recorder_traverse(RecorderObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->gc_optimizer);
+    Py_VISIT(self->profiler);
+    Py_VISIT(self->on_request);
+    Py_VISIT(self->rss_reader);
+    return 0;
+}
+
+static int
+Recorder_clear(RecorderObject *self)
+{
+    Py_CLEAR(self->gc_optimizer);
+    Py_CLEAR(self->profiler);
+    Py_CLEAR(self->on_request);
+    Py_CLEAR(self->rss_reader);
+    return 0;
+}
+
+static void
+Recorder_dealloc(RecorderObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Recorder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Recorder_methods[] = {
+    {"begin", (PyCFunction)(void (*)(void))Recorder_begin, METH_FASTCALL | METH_KEYWORDS,
+     "begin(method='GET'): start measuring a request."},
+    {"next_gap", (PyCFunction)Recorder_next_gap, METH_NOARGS,
+     "Requests from one RSS measurement to the next: geometric with mean rss_sample_every."},
+    {"deliver", (PyCFunction)Recorder_deliver, METH_O,
+     "Hand finished metrics to the profiler, on_request and the listeners; never raises an Exception."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Recorder_members[] = {
+    {"every", T_PYSSIZET, offsetof(RecorderObject, every), 0, "rss_sample_every"},
+    {"countdown", T_PYSSIZET, offsetof(RecorderObject, countdown), 0, "requests left until the next measured one"},
+    {"_log_q", T_DOUBLE, offsetof(RecorderObject, log_q), 0, NULL},
+    {"gc_optimizer", T_OBJECT, offsetof(RecorderObject, gc_optimizer), 0, "getter of the GC optimizer"},
+    {"profiler", T_OBJECT, offsetof(RecorderObject, profiler), 0, "getter of the memory profiler"},
+    {"on_request", T_OBJECT, offsetof(RecorderObject, on_request), 0, "called with every RequestMetrics"},
+    {"rss_reader", T_OBJECT, offsetof(RecorderObject, rss_reader), 0, "the RssReader"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Recorder_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.Recorder",
+    .tp_basicsize = sizeof(RecorderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of CRequestRecorder: its settings, begin(), next_gap() and deliver().",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Recorder_dealloc,
+    .tp_traverse = (traverseproc)Recorder_traverse,
+    .tp_clear = (inquiry)Recorder_clear,
+    .tp_methods = Recorder_methods,
+    .tp_members = Recorder_members,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Measurement                                                                                        */
+
+static PyObject *
+or_none(PyObject *o)
+{
+    return o != NULL ? o : Py_None;
+}
+
+static PyObject *
+new_metrics(PyObject **items)
+{
+#if PY_VERSION_HEX < 0x030E0000
+    /* What tuple.__new__(RequestMetrics, items) does, without the temporary tuple. */
+    PyObject *t = metrics_type->tp_alloc(metrics_type, METRICS_FIELDS);
+    if (t == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < METRICS_FIELDS; i++) PyTuple_SET_ITEM(t, i, Py_NewRef(items[i]));
+    return t;
+#else
+    PyObject *tmp = PyTuple_New(METRICS_FIELDS);
+    if (tmp == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < METRICS_FIELDS; i++) PyTuple_SET_ITEM(tmp, i, Py_NewRef(items[i]));
+    PyObject *args = PyTuple_Pack(1, tmp);
+    Py_DECREF(tmp);
+    if (args == NULL) return NULL;
+    PyObject *t = PyTuple_Type.tp_new(metrics_type, args, NULL);
+    Py_DECREF(args);
+    return t;
+#endif
+}
+
+static PyObject *
+Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->done) Py_RETURN_NONE;
+    if (self->recorder == NULL || flight == NULL) {
+        PyErr_SetString(PyExc_TypeError, "measurement was not made by RequestRecorder.begin()");
+        return NULL;
+    }
+    self->done = 1;
+    double duration = (double)(now_ns() - self->t0) / 1e9;
+    RecorderObject *rec = (RecorderObject *)self->recorder;
+    PyObject *rss_delta = NULL, *traced = NULL, *gc_pause = NULL, *dur = NULL, *metrics = NULL;
+    PyObject *route = NULL;
+
+    /* activity.end(alone, epoch) */
+    if (flight_pop() < 0) return NULL;
+    int overlapped = 1;
+    if (self->alone) {
+        PyObject *ev = next_event();
+        if (ev == NULL) return NULL;
+        long long e = PyLong_AsLongLong(ev);
+        Py_DECREF(ev);
+        if (e == -1 && PyErr_Occurred()) return NULL;
+        overlapped = e != self->epoch + 1;
+    }
+
+    if (self->sampled && self->rss0 != NULL) {
+        PyObject *now = read_rss(rec, 0);
+        if (now == NULL) return NULL;
+        rss_delta = PyNumber_Subtract(now, self->rss0);
+        Py_DECREF(now);
+        if (rss_delta == NULL) return NULL;
+    }
+    else {
+        rss_delta = Py_NewRef(int_zero);
+    }
+
+    traced = Py_NewRef(Py_None);
+    if (self->traced0 != NULL && !overlapped) {
+        PyObject *tracing = PyObject_CallNoArgs(is_tracing_fn);
+        if (tracing == NULL) goto done;
+        int t = PyObject_IsTrue(tracing);
+        Py_DECREF(tracing);
+        if (t < 0) goto done;
+        if (t) {
+            PyObject *mem = PyObject_CallNoArgs(get_traced_fn);
+            if (mem == NULL) goto done;
+            PyObject *now = PySequence_GetItem(mem, 0);
+            Py_DECREF(mem);
+            if (now == NULL) goto done;
+            Py_SETREF(traced, PyNumber_Subtract(now, self->traced0));
+            Py_DECREF(now);
+            if (traced == NULL) goto done;
+        }
+    }
+
+    gc_pause = Py_NewRef(int_zero);
+    if (self->gc != NULL) {
+        PyObject *v = PyObject_CallMethodNoArgs(self->gc, str_pause_total_ns);
+        PyObject *iv = v != NULL ? PyNumber_Long(v) : NULL;
+        Py_XDECREF(v);
+        PyObject *d = iv != NULL ? PyNumber_Subtract(iv, self->gc_pause0) : NULL;
+        Py_XDECREF(iv);
+        int ok = d != NULL;
+        if (ok) {
+            int negative = PyObject_RichCompareBool(d, int_zero, Py_LT);
+            if (negative < 0) {
+                ok = 0;
+            }
+            else if (!negative) {  /* max(0, d) */
+                Py_SETREF(gc_pause, Py_NewRef(d));
+            }
+            Py_DECREF(d);
+        }
+        if (ok) {
+            PyObject *r = PyObject_CallMethodNoArgs(self->gc, str_request_ended);
+            ok = r != NULL;
+            Py_XDECREF(r);
+        }
+        if (!ok && swallow() < 0) goto done;
+    }
+
+    route = Py_NewRef(or_none(self->route));  /* held: its __bool__ may replace the field */
+    int has_route = PyObject_IsTrue(route);
+    if (has_route < 0) goto done;
+    dur = PyFloat_FromDouble(duration);
+    if (dur == NULL) goto done;
+    {
+        PyObject *items[METRICS_FIELDS] = {
+            has_route ? route : unmatched,
+            or_none(self->method),
+            or_none(self->status),
+            dur,
+            rss_delta,
+            traced,
+            gc_pause,
+            or_none(self->error),
+            overlapped ? Py_True : Py_False,
+            self->sampled ? Py_True : Py_False,
+        };
+        metrics = new_metrics(items);
+    }
+    if (metrics != NULL) {
+        if (!overridden((PyObject *)rec, str_deliver, c_deliver)) {
+            if (deliver(rec, metrics) < 0) Py_CLEAR(metrics);
+        }
+        else {
+            PyObject *r = PyObject_CallMethodOneArg((PyObject *)rec, str_deliver, metrics);
+            if (r == NULL) Py_CLEAR(metrics);
+            Py_XDECREF(r);
+        }
+    }
+
+done:
+    Py_XDECREF(route);
+    Py_XDECREF(rss_delta);
+    Py_XDECREF(traced);
+    Py_XDECREF(gc_pause);
+    Py_XDECREF(dur);
+    return metrics;
+}
+
+static PyObject *
+Measurement_fail(MeasurementObject *self, PyObject *exc)
+{
+    if (self->error == NULL || self->error == Py_None) {
+        PyObject *name = PyObject_GetAttr((PyObject *)Py_TYPE(exc), str_qualname);
+        if (name == NULL) return NULL;
+        Py_XSETREF(self->error, name);
+    }
+    if (self->status == NULL || self->status == Py_None) Py_XSETREF(self->status, Py_NewRef(int_500));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Measurement_activate(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (current_var == NULL && not_configured() < 0) return NULL;
+    PyObject *token = PyContextVar_Set(current_var, (PyObject *)self);
+    if (token == NULL) return NULL;
+    Py_XSETREF(self->token, token);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Measurement_deactivate(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->token == NULL || self->token == Py_None) Py_RETURN_NONE;
+    if (PyContextVar_Reset(current_var, self->token) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+        PyErr_Clear();  /* reset from another context: just clear ours */
+        PyObject *t = PyContextVar_Set(current_var, Py_None);
+        if (t == NULL) return NULL;
+        Py_DECREF(t);
+    }
+    Py_CLEAR(self->token);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Measurement_get_finished(MeasurementObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->done);
+}
+
+static int
+Measurement_traverse(MeasurementObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->recorder);
+    Py_VISIT(self->route);
+    Py_VISIT(self->method);
+    Py_VISIT(self->status);
+    Py_VISIT(self->error);
+    Py_VISIT(self->gc);
+    Py_VISIT(self->gc_pause0);
+    Py_VISIT(self->rss0);
+    Py_VISIT(self->traced0);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+Measurement_clear(MeasurementObject *self)
+{
+    Py_CLEAR(self->recorder);
+    Py_CLEAR(self->route);
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->error);
+    Py_CLEAR(self->gc);
+    Py_CLEAR(self->gc_pause0);
+    Py_CLEAR(self->rss0);
+    Py_CLEAR(self->traced0);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+Measurement_dealloc(MeasurementObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Measurement_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef Measurement_methods[] = {
+    {"finish", (PyCFunction)Measurement_finish, METH_NOARGS,
+     "Record the request (idempotent: later calls return None)."},
+    {"fail", (PyCFunction)Measurement_fail, METH_O, "Note that the app raised exc while serving this request."},
+    {"activate", (PyCFunction)Measurement_activate, METH_NOARGS,
+     "Make this the current measurement of the running context."},
+    {"deactivate", (PyCFunction)Measurement_deactivate, METH_NOARGS,
+     "Undo activate() in the context that activated it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Measurement_members[] = {
+    {"route", T_OBJECT, offsetof(MeasurementObject, route), 0, "the route template, once known"},
+    {"method", T_OBJECT, offsetof(MeasurementObject, method), 0, "the HTTP method (normalized)"},
+    {"status", T_OBJECT, offsetof(MeasurementObject, status), 0, "the response status, once known"},
+    {"error", T_OBJECT, offsetof(MeasurementObject, error), 0, "the name of the exception the app raised"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Measurement_getset[] = {
+    {"finished", (getter)Measurement_get_finished, NULL, "Whether finish() already ran.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Measurement_slots[] = {
+    {Py_tp_doc, "The in-flight measurement of one request (C); finish() records it exactly once."},
+    {Py_tp_dealloc, Measurement_dealloc},
+    {Py_tp_traverse, Measurement_traverse},
+    {Py_tp_clear, Measurement_clear},
+    {Py_tp_methods, Measurement_methods},
+    {Py_tp_members, Measurement_members},
+    {Py_tp_getset, Measurement_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Measurement_spec = {
+    "kotoba_memory._crecord.Measurement",
+    sizeof(MeasurementObject),
+    0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    Measurement_slots,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
+/* WSGI: the start_response wrapper and the response body (wsgi.py's closure and _MeasuredBody, which  */
+/* stay the reference). Any measurement works; the C one is reached without a method lookup.         */
+
+static int
+set_field(PyObject *m, PyObject *name, PyObject **field, PyObject *value)
+{
+    if (Py_TYPE(m) == Measurement_Type) {
+        Py_XSETREF(*field, Py_NewRef(value));
+        return 0;
+    }
+    return PyObject_SetAttr(m, name, value);
+}
+
+static PyObject *
+call_fail(PyObject *m, PyObject *exc)
+{
+    if (Py_TYPE(m) == Measurement_Type) return Measurement_fail((MeasurementObject *)m, exc);
+    return PyObject_CallMethodOneArg(m, str_fail, exc);
+}
+
+static PyObject *
+call_finish(PyObject *m)
+{
+    if (Py_TYPE(m) == Measurement_Type) return Measurement_finish((MeasurementObject *)m, NULL);
+    return PyObject_CallMethodNoArgs(m, str_finish);
+}
+
+/* The pending exception is handed to measurement.fail() and stays pending (fail's own error, if any,
+ * replaces it with the original as its context, as a Python `except: fail(exc); raise` would). */
+static void
+fail_keeping_error(PyObject *m)
+{
+    PyObject *exc = take_error();
+    PyObject *r = call_fail(m, exc != NULL ? exc : Py_None);
+    if (r != NULL) {
+        Py_DECREF(r);
+        restore_error(exc);
+    }
+    else {
+        chain_error(exc);
+    }
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *measurement, *start_response, *route_of, *environ;
+    vectorcallfunc vectorcall;
+} StartResponseObject;
+
+static PyObject *
+StartResponse_vectorcall(StartResponseObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *status = NULL, *headers = NULL, *exc_info = Py_None;
+    static const char *const names[] = {"status", "headers", "exc_info"};
+    PyObject *slots[3] = {NULL, NULL, NULL};
+    if (nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "start_response() takes from 2 to 3 positional arguments but %zd were given",
+                     nargs);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) slots[i] = args[i];
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int found = 0;
+        for (int j = 0; j < 3; j++) {
+            if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0) {
+                if (slots[j] != NULL) {
+                    PyErr_Format(PyExc_TypeError, "start_response() got multiple values for argument '%s'",
+                                 names[j]);
+                    return NULL;
+                }
+                slots[j] = args[nargs + k];
+                found = 1;
+                break;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "start_response() got an unexpected keyword argument %R", key);
+            return NULL;
+        }
+    }
+    if (slots[0] == NULL || slots[1] == NULL) {
+        PyErr_SetString(PyExc_TypeError, "start_response() missing required arguments 'status' and 'headers'");
+        return NULL;
+    }
+    status = slots[0];
+    headers = slots[1];
+    if (slots[2] != NULL) exc_info = slots[2];
+    PyObject *m = self->measurement;
+
+    PyObject *code = PySequence_GetSlice(status, 0, 3);  /* status[:3]: a TypeError propagates */
+    if (code == NULL) return NULL;
+    PyObject *number = PyNumber_Long(code);
+    Py_DECREF(code);
+    if (number == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+        PyErr_Clear();
+    }
+    else {
+        MeasurementObject *cm = (MeasurementObject *)m;
+        int rc = set_field(m, str_status, Py_TYPE(m) == Measurement_Type ? &cm->status : NULL, number);
+        Py_DECREF(number);
+        if (rc < 0) return NULL;
+    }
+
+    if (self->route_of != Py_None) {
+        PyObject *route;
+        if (Py_TYPE(m) == Measurement_Type) {
+            route = Py_NewRef(or_none(((MeasurementObject *)m)->route));
+        }
+        else if ((route = PyObject_GetAttr(m, str_route)) == NULL) {
+            return NULL;
+        }
+        int unset = route == Py_None;
+        Py_DECREF(route);
+        if (unset) {
+            PyObject *label = PyObject_CallOneArg(self->route_of, self->environ);
+            if (label == NULL) {  /* a route label is never worth failing the response */
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+                PyErr_Clear();
+            }
+            else {
+                MeasurementObject *cm = (MeasurementObject *)m;
+                int rc = set_field(m, str_route, Py_TYPE(m) == Measurement_Type ? &cm->route : NULL, label);
+                Py_DECREF(label);
+                if (rc < 0) {
+                    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+                    PyErr_Clear();
+                }
+            }
+        }
+    }
+    PyObject *callargs[3] = {status, headers, exc_info};
+    return PyObject_Vectorcall(self->start_response, callargs, exc_info == Py_None ? 2 : 3, NULL);
+}
+
+static PyObject *
+StartResponse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *m, *sr, *route_of, *environ;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "StartResponse() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "StartResponse", 4, 4, &m, &sr, &route_of, &environ)) return NULL;
+    if (!PyCallable_Check(sr)) {
+        PyErr_Format(PyExc_TypeError, "start_response must be callable, not %.100s", Py_TYPE(sr)->tp_name);
+        return NULL;
+    }
+    if (route_of != Py_None && !PyCallable_Check(route_of)) {
+        PyErr_Format(PyExc_TypeError, "route_of must be callable or None, not %.100s", Py_TYPE(route_of)->tp_name);
+        return NULL;
+    }
+    StartResponseObject *self = (StartResponseObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->measurement = Py_NewRef(m);
+    self->start_response = Py_NewRef(sr);
+    self->route_of = Py_NewRef(route_of);
+    self->environ = Py_NewRef(environ);
+    self->vectorcall = (vectorcallfunc)StartResponse_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+StartResponse_traverse(StartResponseObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->measurement);
+    Py_VISIT(self->start_response);
+    Py_VISIT(self->route_of);
+    Py_VISIT(self->environ);
+    return 0;
+}
+
+static int
+StartResponse_clear(StartResponseObject *self)
+{
+    Py_CLEAR(self->measurement);
+    Py_CLEAR(self->start_response);
+    Py_CLEAR(self->route_of);
+    Py_CLEAR(self->environ);
+    return 0;
+}
+
+static void
+StartResponse_dealloc(StartResponseObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    StartResponse_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+StartResponse_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    if (((StartResponseObject *)self)->measurement == NULL) {
+        PyErr_SetString(PyExc_TypeError, "uninitialised StartResponse");
+        return NULL;
+    }
+    return PyVectorcall_Call(self, args, kwargs);
+}
+
+static PyTypeObject StartResponse_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.StartResponse",
+    .tp_basicsize = sizeof(StartResponseObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "StartResponse(measurement, start_response, route_of, environ): the app's start_response, "
+              "noting the status (and the route, from route_of(environ), if none is set yet).",
+    .tp_new = StartResponse_new,
+    .tp_dealloc = (destructor)StartResponse_dealloc,
+    .tp_traverse = (traverseproc)StartResponse_traverse,
+    .tp_clear = (inquiry)StartResponse_clear,
+    .tp_vectorcall_offset = offsetof(StartResponseObject, vectorcall),
+    .tp_call = StartResponse_call,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *result, *measurement, *iterator;
+} BodyObject;
+
+static PyObject *
+Body_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *result, *m;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Body() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Body", 2, 2, &result, &m)) return NULL;
+    BodyObject *self = (BodyObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->result = Py_NewRef(result);
+    self->measurement = Py_NewRef(m);
+    return (PyObject *)self;
+}
+
+static int
+Body_check(BodyObject *self)
+{
+    if (self->result == NULL) {
+        PyErr_SetString(PyExc_TypeError, "uninitialised Body");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+Body_iter(BodyObject *self)
+{
+    if (Body_check(self) < 0) return NULL;
+    if (PyList_CheckExact(self->result) || PyTuple_CheckExact(self->result))
+        return PyObject_GetIter(self->result);  /* iterating a list cannot fail: no wrapper per chunk */
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyObject *
+Body_iternext(BodyObject *self)
+{
+    if (Body_check(self) < 0) return NULL;
+    if (self->iterator == NULL) {
+        self->iterator = PyObject_GetIter(self->result);
+        if (self->iterator == NULL) return NULL;
+    }
+    PyObject *it = Py_NewRef(self->iterator);
+    PyObject *item = Py_TYPE(it)->tp_iternext(it);
+    Py_DECREF(it);
+    if (item != NULL || !PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_StopIteration)) return item;
+    fail_keeping_error(self->measurement);
+    return NULL;
+}
+
+static PyObject *
+Body_close(BodyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (Body_check(self) < 0) return NULL;
+    PyObject *m = Py_NewRef(self->measurement);
+    int failed = 0;
+    PyObject *close = NULL;
+    if (!PyList_CheckExact(self->result) && !PyTuple_CheckExact(self->result)) {  /* those have none */
+        /* getattr(result, "close", None), without an AttributeError raised and dropped */
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyObject_GetOptionalAttr(self->result, str_close, &close) < 0) failed = 1;
+#else
+        if (_PyObject_LookupAttr(self->result, str_close, &close) < 0) failed = 1;
+#endif
+    }
+    if (close != NULL && close != Py_None) {
+        PyObject *r = PyObject_CallNoArgs(close);
+        if (r == NULL) failed = 1;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(close);
+    PyObject *pending = NULL;
+    if (failed) {
+        fail_keeping_error(m);
+        pending = take_error();
+    }
+    PyObject *r = call_finish(m);  /* the reference's `finally:` */
+    Py_DECREF(m);
+    if (r == NULL) {
+        chain_error(pending);  /* finish's error wins, the close error as its context */
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (failed) {
+        restore_error(pending);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+Body_traverse(BodyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->result);
+    Py_VISIT(self->measurement);
+    Py_VISIT(self->iterator);
+    return 0;
+}
+
+static int
+Body_clear(BodyObject *self)
+{
+    Py_CLEAR(self->result);
+    Py_CLEAR(self->measurement);
+    Py_CLEAR(self->iterator);
+    return 0;
+}
+
+static void
+Body_dealloc(BodyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Body_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Body_methods[] = {
+    {"close", (PyCFunction)Body_close, METH_NOARGS,
+     "Close the app's iterable and finish the measurement (also when closing fails)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject Body_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.Body",
+    .tp_basicsize = sizeof(BodyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Body(result, measurement): the app's response iterable, finishing the measurement when "
+              "closed and noting an exception raised while iterating.",
+    .tp_new = Body_new,
+    .tp_dealloc = (destructor)Body_dealloc,
+    .tp_traverse = (traverseproc)Body_traverse,
+    .tp_clear = (inquiry)Body_clear,
+    .tp_iter = (getiterfunc)Body_iter,
+    .tp_iternext = (iternextfunc)Body_iternext,
+    .tp_methods = Body_methods,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Module                                                                                             */
+
+static int
+check_type(PyObject *o, int ok, const char *name, const char *expected)
+{
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "configure(): %s must be %s, not %.100s", name, expected,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+configure(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *base, *mtype, *cvar, *fl, *ev, *sch, *glob, *cerr, *rnd, *unm, *known, *other, *ist, *gtm,
+        *reuse;
+    if (!PyArg_UnpackTuple(args, "configure", 15, 15, &base, &mtype, &cvar, &fl, &ev, &sch, &glob, &cerr,
+                           &rnd, &unm, &known, &other, &ist, &gtm, &reuse))
+        return NULL;
+    if (check_type(base, PyType_Check(base), "measurement_base", "a class") < 0 ||
+        check_type(mtype, PyType_Check(mtype) && PyType_IsSubtype((PyTypeObject *)mtype, &PyTuple_Type),
+                   "metrics_type", "a tuple subclass") < 0 ||
+        check_type(cvar, PyContextVar_CheckExact(cvar), "current", "a ContextVar") < 0 ||
+        check_type(fl, PyList_CheckExact(fl), "flight", "a list") < 0 ||
+        check_type(ev, PyIter_Check(ev), "events", "an iterator") < 0 ||
+        check_type(glob, PyDict_CheckExact(glob), "globals", "a dict") < 0 ||
+        check_type(cerr, PyCallable_Check(cerr), "count_error", "callable") < 0 ||
+        check_type(rnd, PyCallable_Check(rnd), "random", "callable") < 0 ||
+        check_type(unm, PyUnicode_Check(unm), "unmatched", "a str") < 0 ||
+        check_type(known, PyAnySet_Check(known), "known_methods", "a set") < 0 ||
+        check_type(other, PyUnicode_Check(other), "other_method", "a str") < 0 ||
+        check_type(ist, PyCallable_Check(ist), "is_tracing", "callable") < 0 ||
+        check_type(gtm, PyCallable_Check(gtm), "get_traced_memory", "callable") < 0 ||
+        check_type(reuse, PyFloat_Check(reuse), "rss_reuse_s", "a float") < 0)
+        return NULL;
+    PyObject *bases = PyTuple_Pack(1, base);
+    if (bases == NULL) return NULL;
+    PyObject *mt = PyType_FromSpecWithBases(&Measurement_spec, bases);
+    Py_DECREF(bases);
+    if (mt == NULL) return NULL;
+    Py_XSETREF(Measurement_Type, (PyTypeObject *)mt);
+    Py_XSETREF(metrics_type, (PyTypeObject *)Py_NewRef(mtype));
+    Py_XSETREF(current_var, Py_NewRef(cvar));
+    Py_XSETREF(flight, Py_NewRef(fl));
+    Py_XSETREF(events, Py_NewRef(ev));
+    Py_XSETREF(sched, Py_NewRef(sch));
+    Py_XSETREF(req_globals, Py_NewRef(glob));
+    Py_XSETREF(count_error_fn, Py_NewRef(cerr));
+    Py_XSETREF(rng_random, Py_NewRef(rnd));
+    Py_XSETREF(unmatched, Py_NewRef(unm));
+    Py_XSETREF(known_methods, Py_NewRef(known));
+    Py_XSETREF(other_method, Py_NewRef(other));
+    Py_XSETREF(is_tracing_fn, Py_NewRef(ist));
+    Py_XSETREF(get_traced_fn, Py_NewRef(gtm));
+    Py_XSETREF(reuse_s, Py_NewRef(reuse));
+    return Py_NewRef(mt);
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(measurement_base, metrics_type, current, flight, events, scheduler, globals, count_error, "
+     "random, unmatched, known_methods, other_method, is_tracing, get_traced_memory, rss_reuse_s) -> "
+     "the Measurement type (a subclass of measurement_base)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef crecord_module = {
+    PyModuleDef_HEAD_INIT,
+    "kotoba_memory._crecord",
+    "The request recorder's begin/finish in C (see kotoba_memory_integrations/request.py).",
+    -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__crecord(void)
+{
+    if (PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
+        PyType_Ready(&Body_Type) < 0)
+        return NULL;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+    INTERN(str_paused_by_fork, "paused_by_fork");
+    INTERN(str_resume, "resume");
+    INTERN(str_pause_total_ns, "pause_total_ns");
+    INTERN(str_request_ended, "request_ended");
+    INTERN(str_rss, "rss");
+    INTERN(str_recent, "recent");
+    INTERN(str_record_request, "record_request");
+    INTERN(str_listeners, "_listeners");
+    INTERN(str_qualname, "__qualname__");
+    INTERN(str_route, "route");
+    INTERN(str_rss_delta, "rss_delta");
+    INTERN(str_sampled, "sampled");
+    INTERN(str_traced_delta, "traced_delta");
+    INTERN(str_duration_s, "duration_s");
+    INTERN(str_GET, "GET");
+    INTERN(str_method, "method");
+    INTERN(str_status, "status");
+    INTERN(str_fail, "fail");
+    INTERN(str_finish, "finish");
+    INTERN(str_close, "close");
+    INTERN(str_deliver, "deliver");
+    INTERN(str_next_gap, "next_gap");
+    c_deliver = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_deliver);  /* borrowed: lives with the type */
+    c_next_gap = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_next_gap);
+    if (c_deliver == NULL || c_next_gap == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Recorder has no deliver/next_gap");
+        return NULL;
+    }
+#undef INTERN
+    if ((int_zero = PyLong_FromLong(0)) == NULL || (int_500 = PyLong_FromLong(500)) == NULL) return NULL;
+    PyObject *m = PyModule_Create(&crecord_module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0 ||
+        PyModule_AddObjectRef(m, "StartResponse", (PyObject *)&StartResponse_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
