@@ -46,7 +46,7 @@ _REQUESTS = re.compile(r"(\d+) requests in")
 class Server:
     """gunicorn with one gthread worker serving the catalogue, bare or with kotoba-memory."""
 
-    def __init__(self, kotoba: bool, profiler: bool = True) -> None:
+    def __init__(self, kotoba: bool, profiler: bool = True, out: Path | None = None) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
@@ -56,6 +56,8 @@ class Server:
             FIELD_PROFILE="1" if profiler else "0",
         )
         env.pop("FIELD_OUT", None)
+        if out is not None:  # the worker dumps its profiler's analysis there on exit
+            env["FIELD_OUT"] = str(out)
         conf = REPO / "benchmarks" / "field_apps" / "gunicorn_conf.py"
         cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", str(conf), APPS["wsgi_catalog"].target]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
@@ -82,6 +84,14 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def _profiler_own_measure(dumps: Path) -> dict[str, Any] | None:
+    """The on worker's profiler stats from its exit dump: windows, their spacing and measured cost."""
+    for path in sorted(dumps.glob("worker-*.json")):
+        stats = json.loads(path.read_text(encoding="utf-8"))["stats"]
+        return {k: stats.get(k) for k in ("windows", "window_interval_s", "window_cost_share", "censuses")}
+    return None
 
 
 def wrk(port: int, seconds: float, script: Path, connections: int) -> int:
@@ -133,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         _wrk_script(APPS["wsgi_catalog"], script)
         try:
             servers["off"] = Server(False)
-            servers["on"] = Server(True)
+            dumps = Path(tmp) / "on"
+            dumps.mkdir()
+            servers["on"] = Server(True, out=dumps)
             if args.without_profiler:
                 servers["noprof"] = Server(True, profiler=False)
             print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
@@ -153,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    summary: dict[str, Any] = {"rounds": rounds, "args": vars(args)}
+        own = _profiler_own_measure(dumps)
+    summary: dict[str, Any] = {"rounds": rounds, "args": vars(args), "profiler_own_measure": own}
     for name in servers:
         if name == "off":
             continue
@@ -162,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         per_round = ", ".join(f"{r[f'{name}_ratio']:.3f}" for r in rounds)
         print(f"{name}: median CPU per request vs off {ratio:.3f} -> {100 * (1 - 1 / ratio):.1f}% fewer "
               f"requests per CPU-second (goal <= 2%); per round: {per_round}")
+    if "noprof" in servers:
+        alone = [r["on_cpu_us"] / r["noprof_cpu_us"] for r in rounds]
+        summary["median_on_over_noprof"] = statistics.median(alone)
+        print(f"the profiler alone (on/noprof): median {statistics.median(alone):.3f}; per round: "
+              + ", ".join(f"{a:.3f}" for a in alone))
+    if own:
+        print(f"the profiler's own measure in the on worker: {own['windows']} windows, next window "
+              f"{own['window_interval_s']:.0f} s after the last, the last window's extra CPU "
+              f"{100 * (own['window_cost_share'] or 0):.2f}% of the process's since the one before")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0

@@ -104,6 +104,7 @@ def kotoba_config(phase: float) -> MemoryConfig:
         monitoring_interval_ms=1000,
         leak_window_s=window,
         leak_window_interval_s=phase,
+        leak_trace_budget=None,  # the production duty cycle squeezed into a phase, not spaced out
     )
 
 

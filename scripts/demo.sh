@@ -56,7 +56,8 @@ echo "demo: starting the Flask example under gunicorn on $BASE (leaking route on
     cd examples/flask_app
     export KOTOBA_EXAMPLE_BIND=127.0.0.1:$PORT KOTOBA_EXAMPLE_LEAK=1 KOTOBA_EXAMPLE_REPORT_TOKEN=$TOKEN \
         KOTOBA_EXAMPLE_DATA_DIR=$WORK KOTOBA_EXAMPLE_REPORT_DIR=$REPORTS \
-        KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S=3 KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS=250
+        KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S=3 KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET=none \
+        KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS=250
     exec "$ROOT/.venv/bin/gunicorn" -c gunicorn.conf.py 'app:create_app()'
 ) >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!

@@ -30,6 +30,7 @@ def config() -> MemoryConfig:
         monitoring_interval_ms=int(os.environ.get("FIELD_SAMPLE_MS", "250")),
         leak_window_s=float(os.environ.get("FIELD_WINDOW_S", "0.5")),
         leak_window_interval_s=float(os.environ.get("FIELD_WINDOW_INTERVAL_S", "2")),
+        leak_trace_budget=None,
     )
 
 

@@ -41,6 +41,7 @@ def _configure() -> None:
             "monitoring_interval_ms": cfg.monitoring_interval_ms,
             "leak_window_s": cfg.leak_window_s,
             "leak_window_interval_s": cfg.leak_window_interval_s,
+            "leak_trace_budget": cfg.leak_trace_budget,
         },
         CACHES={
             "default": {

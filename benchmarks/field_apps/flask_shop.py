@@ -29,6 +29,7 @@ def create_app() -> Flask:
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=cfg.monitoring_interval_ms,
         KOTOBA_MEMORY_LEAK_WINDOW_S=cfg.leak_window_s,
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=cfg.leak_window_interval_s,
+        KOTOBA_MEMORY_LEAK_TRACE_BUDGET=cfg.leak_trace_budget,
     )
 
     @app.get("/")

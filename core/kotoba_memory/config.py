@@ -56,7 +56,8 @@ class MemoryConfig:
 
     Field names follow the reference design. Sizes are MiB; ``monitoring_interval_ms`` is how often
     memory is sampled; ``leak_window_s`` out of every ``leak_window_interval_s`` seconds is traced for
-    leak detection (the default 0.5 s per minute keeps the overhead near 1%). ``gc_adaptive=False``
+    leak detection, and further apart while a window's measured cost exceeds ``leak_trace_budget`` of the
+    process's CPU (0.5%; ``None`` keeps the fixed schedule, for a diagnosis duty cycle). ``gc_adaptive=False``
     keeps the GC optimizer to observing (pauses, counts) without tuning the collector.
     """
 
@@ -76,6 +77,7 @@ class MemoryConfig:
     report_dir: Path | None = None
     leak_window_s: float = 0.5
     leak_window_interval_s: float = 60.0
+    leak_trace_budget: float | None = 0.005
     memory_limit_mb: int | None = None
 
     def __post_init__(self) -> None:
@@ -100,6 +102,8 @@ class MemoryConfig:
                 "leak_window_interval_s",
                 f"must be >= leak_window_s ({self.leak_window_s}), got {self.leak_window_interval_s}",
             )
+        if self.leak_trace_budget is not None:
+            check_positive(self.leak_trace_budget, "leak_trace_budget", high=1.0)
         if self.memory_limit_mb is not None:
             check_positive_int(self.memory_limit_mb, "memory_limit_mb", high=1 << 30)
         policy = _coerce_choice(

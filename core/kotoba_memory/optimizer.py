@@ -124,6 +124,7 @@ class MemoryOptimizer:
                     leak_detection=cfg.enable_leak_detection,
                     window_s=cfg.leak_window_s,
                     window_interval_s=cfg.leak_window_interval_s,
+                    trace_budget=cfg.leak_trace_budget,
                     memory_limit_bytes=cfg.memory_limit_mb * _MIB if cfg.memory_limit_mb else None,
                 )
                 self._register_gauges(self.profiler)

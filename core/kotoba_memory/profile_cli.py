@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "monitoring_interval_ms": args.interval_ms,
         "leak_window_s": args.window,
         "leak_window_interval_s": args.window_interval,
+        "leak_trace_budget": None,  # a diagnosis duty cycle: every window, whatever it costs
     }
     try:
         MemoryConfig.from_mapping(settings)

@@ -143,6 +143,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         KOTOBA_MEMORY_REPORT_DIR=report_dir,
         # Leak detection opens a short tracemalloc window every this many seconds (the demo shortens it).
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=float(env("KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S", "60")),
+        # Windows go further apart while they cost more than this share of CPU ("none": a fixed schedule,
+        # as the demo's diagnosis duty cycle needs).
+        KOTOBA_MEMORY_LEAK_TRACE_BUDGET=(
+            None if (budget := env("KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET", "0.005")).lower() == "none"
+            else float(budget)
+        ),
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=int(env("KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS", "1000")),
         # RSS measured on one request in N on average (default 8; 1: every request).
         KOTOBA_MEMORY_RSS_SAMPLE_EVERY=int(env("KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY", "8")),

@@ -33,7 +33,8 @@ MemoryOptimizer.__init__ = _recording_init  # type: ignore[method-assign]
 
 runtime.start_optimizer(
     MemoryConfig(
-        enable_caching=False, monitoring_interval_ms=50, leak_window_s=0.2, leak_window_interval_s=1.0
+        enable_caching=False, monitoring_interval_ms=50, leak_window_s=0.2, leak_window_interval_s=1.0,
+        leak_trace_budget=None,
     )
 )
 LOADED_IN = os.getpid()

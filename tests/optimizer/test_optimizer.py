@@ -25,6 +25,7 @@ def fast_config(**kwargs: object) -> MemoryConfig:
         "monitoring_interval_ms": 20,
         "leak_window_s": 0.2,
         "leak_window_interval_s": 0.25,
+        "leak_trace_budget": None,
         "enable_pooling": False,
         "cache_size_mb": 8,
     }
@@ -213,7 +214,7 @@ def test_preloaded_jemalloc_is_detected_and_satisfies_the_request() -> None:
         "from kotoba_memory.optimizer import MemoryOptimizer\n"
         "cfg = MemoryConfig(enable_custom_allocators=True, allocator_type='jemalloc',"
         " enable_caching=False, enable_gc_optimization=False, monitoring_interval_ms=20,"
-        " leak_window_s=0.1, leak_window_interval_s=0.2)\n"
+        " leak_window_s=0.1, leak_window_interval_s=0.2, leak_trace_budget=None)\n"
         "with MemoryOptimizer(cfg) as opt:\n"
         "    import time; time.sleep(0.5)\n"
         "    print(opt.allocator['active'], 'note' in opt.allocator, opt.profiler.samples()[-1].heap_bytes)\n"

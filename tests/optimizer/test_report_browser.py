@@ -86,7 +86,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_the_html_report_renders_in_headless_chromium_with_charts_that_have_data(tmp_path: Path) -> None:
     cache = CacheManager(max_bytes=1 << 20, name="browser-test")
     note_use(cache, "@cached tests.lookup")
-    config = MemoryConfig(monitoring_interval_ms=20, leak_window_s=0.2, leak_window_interval_s=0.25)
+    config = MemoryConfig(monitoring_interval_ms=20, leak_window_s=0.2, leak_window_interval_s=0.25,
+                          leak_trace_budget=None)
     optimizer = MemoryOptimizer(config)
     optimizer.start()
     try:

@@ -24,6 +24,7 @@ def make_app(rss_sample_every: int) -> object:
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=50,
         KOTOBA_MEMORY_LEAK_WINDOW_S=0.25,
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=0.3,
+        KOTOBA_MEMORY_LEAK_TRACE_BUDGET=None,
     )
 
     @app.get("/items/<int:n>")

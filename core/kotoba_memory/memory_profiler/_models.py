@@ -144,6 +144,10 @@ class ProfilerStats:
     max_census_ms: float = 0.0
     heap_thaws: int = 0
     survival_rechecks: int = 0
+    # Seconds between window starts now (more than configured when a trace budget spaces them out),
+    # and the last window's measured share of the process's CPU (None without a trace budget).
+    window_interval_s: float = 0.0
+    window_cost_share: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

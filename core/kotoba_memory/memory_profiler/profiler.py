@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
+from kotoba_memory.memory_profiler._budget import TraceBudget
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
@@ -138,7 +139,9 @@ class MemoryProfiler:
 
     Tracing costs several times the work of untraced code, so it runs only ``window_s`` out of every
     ``window_interval_s`` seconds (about 1% by default); in each window a few snapshots of what was
-    allocated since the window opened show which allocation sites keep growing.
+    allocated since the window opened show which allocation sites keep growing. With ``trace_budget``
+    the windows are spaced further apart (up to 16 intervals) while each one's measured cost exceeds
+    that share of the process's CPU.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class MemoryProfiler:
         top_hotspots: int = 10,
         max_trace_memory_bytes: int = 8 * 1024 * 1024,
         census_budget: float | None = None,
+        trace_budget: float | None = None,
     ) -> None:
         check_positive(sample_interval_s, "sample_interval_s")
         check_positive(window_s, "window_s")
@@ -181,6 +185,8 @@ class MemoryProfiler:
         check_number(min_confidence, "min_confidence", low=0.0, high=1.0)
         if census_budget is not None:
             check_number(census_budget, "census_budget", low=0.0, high=1.0)
+        if trace_budget is not None:
+            check_positive(trace_budget, "trace_budget", high=1.0)
         if memory_limit_bytes is not None:
             check_positive_int(memory_limit_bytes, "memory_limit_bytes")
         self.sample_interval_s = float(sample_interval_s)
@@ -228,6 +234,11 @@ class MemoryProfiler:
             else float(census_budget)
         )
         self._next_census = 0.0
+        # None: windows on the fixed schedule (a diagnosis duty cycle); else spaced by their measured cost.
+        self.trace_budget = None if trace_budget is None else float(trace_budget)
+        self._budget = (
+            None if trace_budget is None else TraceBudget(float(trace_budget), self.window_interval_s)
+        )
         self._census_due = False
         # The last census took new samples that no check has seen since: the next window checks them
         # whatever the budget says (see _survival_check).
@@ -263,6 +274,8 @@ class MemoryProfiler:
             if self._tasks:
                 return
             self._started_at = time.monotonic()
+            if self._budget is not None:
+                self._budget.restart(self._started_at, time.process_time())
             self._sample()
             tasks = [
                 scheduler.every(self.sample_interval_s, self._sample_task, name="memory_profiler.sample")
@@ -368,7 +381,8 @@ class MemoryProfiler:
         """Open a tracemalloc window, take its next snapshot, or close it; returns when to step next.
 
         Snapshot times are fixed from the window's start, so slow read-backs do not stretch the time
-        the app spends traced; the next window opens ``window_interval_s - window_s`` after one closes.
+        the app spends traced; the next window opens ``window_interval_s - window_s`` after one closes
+        (more under a trace budget).
         """
         try:
             return self._window_step_unguarded()
@@ -377,7 +391,7 @@ class MemoryProfiler:
             logger.debug("kotoba-memory profiler window failed", exc_info=True)
             with self._lock:
                 self._abandon_window()
-            return self.window_interval_s - self.window_s
+            return self._interval_s() - self.window_s
 
     def _window_step_unguarded(self) -> float:
         window = self._window
@@ -390,7 +404,9 @@ class MemoryProfiler:
             if owned:
                 tracemalloc.start(self.trace_frames)
             self._in_window = True
-            self._routes.take_window_counts()
+            gap_counts = self._routes.take_window_counts()
+            if self._budget is not None:
+                self._budget.opened(time.monotonic(), time.process_time(), sum(gap_counts.values()))
             window = self._window = _Window(
                 owned, time.monotonic(), self.window_s / (self.snapshots_per_window - 1), os.getpid()
             )
@@ -399,7 +415,7 @@ class MemoryProfiler:
             # window is worth. Give this window up.
             self._skipped_windows += 1
             self._abandon_window()
-            return self.window_interval_s - self.window_s
+            return self._interval_s() - self.window_s
         started = time.perf_counter()
         window.raws.append((time.time(), self._read_traces()))
         window.step_routes.append(self._routes.take_window_counts())
@@ -410,7 +426,7 @@ class MemoryProfiler:
             return max(0.0, window.opened + taken * window.gap - time.monotonic())
         self._census()
         self._close_window(window)
-        return self.window_interval_s - self.window_s
+        return self._interval_s() - self.window_s
 
     def _census(self) -> None:
         """While tracing is still on: find live objects allocated at tracked sites in this window.
@@ -493,7 +509,13 @@ class MemoryProfiler:
             gc.unfreeze()
             self._thaws += 1
 
+    def _interval_s(self) -> float:
+        """Seconds from one window's start to the next: the configured interval, or more under a budget."""
+        return self.window_interval_s if self._budget is None else self._budget.next_interval_s
+
     def _abandon_window(self) -> None:
+        if self._budget is not None:
+            self._budget.abandoned(time.monotonic(), time.process_time())
         window, self._window = self._window, None
         self._in_window = False
         self._census_due, self._census_found, self._census_keys = False, None, []
@@ -522,6 +544,8 @@ class MemoryProfiler:
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._note_window_cost(time.perf_counter() - started)
+        if self._budget is not None:
+            self._budget.closed(time.monotonic(), time.process_time(), sum(routes.values()))
 
     def reinit_after_fork(self) -> None:
         """In a forked child: new locks and no history of the parent's (a worker reports on itself).
@@ -546,6 +570,8 @@ class MemoryProfiler:
         self._census_due, self._census_found, self._census_keys = False, None, []
         self._recheck_due = False
         self._started_at = time.monotonic()
+        if self._budget is not None:
+            self._budget.restart(self._started_at, time.process_time())
 
     def _read_traces(self) -> list[Any]:
         """tracemalloc's raw traces now (one C call); its leftover heap is counted as ours."""
@@ -631,6 +657,10 @@ class MemoryProfiler:
                 max_census_ms=self._max_census_ms,
                 heap_thaws=self._thaws,
                 survival_rechecks=self._rechecks,
+                window_interval_s=self._interval_s(),
+                window_cost_share=(
+                    None if self._budget is None or self._budget.last is None else self._budget.last.share
+                ),
             )
 
     def _own_memory(self) -> int:
@@ -686,9 +716,9 @@ class MemoryProfiler:
             eta = None
         elif windows == 0:
             first = self._started_at + self.first_window_after_s + self.window_s
-            eta = max(0.0, first - time.monotonic()) + (needed - 1) * self.window_interval_s
+            eta = max(0.0, first - time.monotonic()) + (needed - 1) * self._interval_s()
         else:
-            eta = (needed - windows) * self.window_interval_s
+            eta = (needed - windows) * self._interval_s()
         when = f"; the first verdict can come in ~{eta:.0f} s" if eta is not None else ""
         return LeakVerdictStatus(
             False, windows, needed, eta,
