@@ -3,6 +3,7 @@
 Environment: ``KOTOBA_EXAMPLE_DATA_DIR`` (where the SQLite file lives, default the temp dir),
 ``KOTOBA_EXAMPLE_LEAK=1`` (turns on the leaking view), ``KOTOBA_EXAMPLE_REPORT_TOKEN`` (enables the
 token-protected report view), ``KOTOBA_EXAMPLE_REPORT_DIR``, ``KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S``,
+``KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET`` (``none``: every window of a diagnosis duty cycle runs),
 ``KOTOBA_EXAMPLE_REDIS_URL`` (the cache becomes the near-cache over that Redis, shared by every worker).
 """
 
