@@ -177,3 +177,21 @@ def test_without_a_budget_windows_keep_their_schedule() -> None:
     stats = profiler.stats()
     assert stats.windows >= 3
     assert stats.window_interval_s == 0.2 and stats.window_cost_share is None
+
+
+def test_the_no_verdict_message_says_when_the_budget_spaced_windows_out() -> None:
+    profiler = MemoryProfiler(window_interval_s=60.0, trace_budget=0.005)
+    profiler.start()  # its first window is 10 s away
+    try:
+        # a window's measured cost, fed as the profiler would, without a minute's wait
+        budget = profiler._budget
+        assert budget is not None
+        budget.restart(0.0, 0.0)
+        run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=30.0, gap_requests=6000,
+                  window_s=0.5, window_cpu=0.5, window_requests=50)
+        status = profiler.analyze().leak_status
+    finally:
+        profiler.stop()
+    assert status is not None and not status.ready
+    assert "windows 100 s apart" in status.message and "trace budget of 0.5% of CPU" in status.message
+    assert status.first_verdict_in_s is not None and status.first_verdict_in_s >= 2 * 100.0

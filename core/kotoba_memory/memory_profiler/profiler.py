@@ -720,6 +720,11 @@ class MemoryProfiler:
         else:
             eta = (needed - windows) * self._interval_s()
         when = f"; the first verdict can come in ~{eta:.0f} s" if eta is not None else ""
+        if eta is not None and self._budget is not None and self._interval_s() > self.window_interval_s:
+            when += (
+                f" (windows {self._interval_s():.0f} s apart: each costs more than the trace budget of "
+                f"{100 * self._budget.share:g}% of CPU at {self.window_interval_s:g} s)"
+            )
         return LeakVerdictStatus(
             False, windows, needed, eta,
             f"not enough evidence for a leak verdict yet: {windows} of {needed} tracing windows{when}",
