@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{a:.3f}" for a in alone))
     if own:
         print(f"the profiler's own measure in the on worker: {own['windows']} windows, next window "
-              f"{own['window_interval_s']:.0f} s after the last, the last window's extra CPU "
-              f"{100 * (own['window_cost_share'] or 0):.2f}% of the process's since the one before")
+              f"{own['window_interval_s']:.0f} s after the last, the windows' extra CPU "
+              f"{100 * (own['window_cost_share'] or 0):.2f}% of the process's CPU since it started")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0

@@ -167,7 +167,7 @@ def test_a_real_profiler_spaces_costly_windows_and_reports_their_cost() -> None:
     profiler = _run_profiler(0.01, lambda p: p.stats().windows >= 2)
     stats = profiler.stats()
     assert stats.windows >= 2
-    assert stats.window_cost_share is not None and stats.window_cost_share > 0.01
+    assert stats.window_cost_share is not None and stats.window_cost_share > 0.01  # all windows so far
     assert stats.window_interval_s > 0.2
     assert stats.window_interval_s <= 16 * 0.2
 
@@ -195,3 +195,15 @@ def test_the_no_verdict_message_says_when_the_budget_spaced_windows_out() -> Non
     assert status is not None and not status.ready
     assert "windows 100 s apart" in status.message and "trace budget of 0.5% of CPU" in status.message
     assert status.first_verdict_in_s is not None and status.first_verdict_in_s >= 2 * 100.0
+
+
+def test_the_share_so_far_adds_up_every_measured_window() -> None:
+    budget = TraceBudget(0.005, 60.0)
+    budget.restart(0.0, 0.0)
+    assert budget.share_so_far is None
+    _, wall, cpu = run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=30.0, gap_requests=6000,
+                             window_s=0.5, window_cpu=0.5, window_requests=50)
+    run_cycle(budget, wall, gap_s=100.0, gap_cpu=50.0, gap_requests=10000, cpu0=cpu,
+              window_s=0.5, window_cpu=0.25, window_requests=50)
+    # 0.25 s extra, then none, over 30.5 s and 50.25 s of CPU
+    assert budget.share_so_far == pytest.approx(0.25 / 80.75)

@@ -38,6 +38,8 @@ class TraceBudget:
         self.max_interval_s = interval_s * max_stretch
         self.next_interval_s = interval_s
         self.last: WindowCost | None = None
+        self._extra_total = 0.0  # over every measured window and the gap before it
+        self._cpu_total = 0.0
         self._smoothed: float | None = None
         self._closed_at: tuple[float, float] | None = None
         self._opened: tuple[float, float, float, float, int] | None = None
@@ -48,7 +50,13 @@ class TraceBudget:
         self._opened = None
         self._smoothed = None
         self.last = None
+        self._extra_total = self._cpu_total = 0.0
         self.next_interval_s = self.interval_s
+
+    @property
+    def share_so_far(self) -> float | None:
+        """Extra CPU of every measured window over all the CPU of those windows and the gaps before them."""
+        return self._extra_total / self._cpu_total if self._cpu_total > 0 else None
 
     def opened(self, wall: float, cpu: float, gap_requests: int) -> None:
         """A window opened; ``gap_requests`` finished since the previous one closed (or since start)."""
@@ -81,6 +89,8 @@ class TraceBudget:
         extra = max(0.0, window_cpu - untraced)
         total = max(0.0, gap_cpu) + window_cpu
         self.last = WindowCost(extra, rate, extra / total if total > 0 else 0.0)
+        self._extra_total += extra
+        self._cpu_total += total
         smoothed = extra if self._smoothed is None else _SMOOTHING * extra + (1 - _SMOOTHING) * self._smoothed
         self._smoothed = smoothed
         # The interval at which `smoothed` is `share` of the process's CPU (at least an idle rate's).

@@ -658,9 +658,7 @@ class MemoryProfiler:
                 heap_thaws=self._thaws,
                 survival_rechecks=self._rechecks,
                 window_interval_s=self._interval_s(),
-                window_cost_share=(
-                    None if self._budget is None or self._budget.last is None else self._budget.last.share
-                ),
+                window_cost_share=None if self._budget is None else self._budget.share_so_far,
             )
 
     def _own_memory(self) -> int:
