@@ -25,12 +25,20 @@ def run_cycle(
     return budget.closed(wall, cpu, window_requests), wall, cpu
 
 
-def test_a_window_that_costs_more_than_the_share_pushes_the_next_one_out() -> None:
+def first_window(window_cpu: float, **cycle: float) -> tuple[TraceBudget, float]:
+    """A 0.5% budget at 60 s after its first window; by default a minute at half a core, 5 ms a request,
+    and a 0.5 s window in which 50 requests finished."""
     budget = TraceBudget(0.005, 60.0)
     budget.restart(0.0, 0.0)
+    figures = {"gap_s": 60.0, "gap_cpu": 30.0, "gap_requests": 6000, "window_s": 0.5, "window_requests": 50}
+    figures.update(cycle)
+    interval, _, _ = run_cycle(budget, 0.0, window_cpu=window_cpu, **figures)  # type: ignore[arg-type]
+    return budget, interval
+
+
+def test_a_window_that_costs_more_than_the_share_pushes_the_next_one_out() -> None:
     # 5 ms of CPU per request untraced; the window's 50 requests took 0.5 s instead of 0.25 s
-    interval, _, _ = run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=30.0, gap_requests=6000,
-                               window_s=0.5, window_cpu=0.5, window_requests=50)
+    budget, interval = first_window(0.5)
     assert budget.last is not None
     assert budget.last.extra_cpu_s == pytest.approx(0.25)
     assert budget.last.cpu_rate == pytest.approx(0.5)
@@ -41,28 +49,18 @@ def test_a_window_that_costs_more_than_the_share_pushes_the_next_one_out() -> No
 
 
 def test_a_cheap_window_keeps_the_configured_interval() -> None:
-    budget = TraceBudget(0.005, 60.0)
-    budget.restart(0.0, 0.0)
-    interval, _, _ = run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=30.0, gap_requests=6000,
-                               window_s=0.5, window_cpu=0.26, window_requests=50)
+    budget, interval = first_window(0.26)
     assert budget.last is not None and budget.last.extra_cpu_s == pytest.approx(0.01)
     assert interval == 60.0
 
 
 def test_the_interval_is_capped_so_verdicts_still_come() -> None:
-    budget = TraceBudget(0.005, 60.0)
-    budget.restart(0.0, 0.0)
-    interval, _, _ = run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=30.0, gap_requests=6000,
-                               window_s=0.5, window_cpu=60.0, window_requests=50)
-    assert interval == 16 * 60.0
+    assert first_window(60.0)[1] == 16 * 60.0
 
 
 def test_an_idle_process_is_charged_at_least_the_idle_rate() -> None:
-    budget = TraceBudget(0.005, 60.0)
-    budget.restart(0.0, 0.0)
     # 6 ms of CPU in a minute, no requests: the window's 20 ms of bookkeeping against 5% of a core
-    interval, _, _ = run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=0.006, gap_requests=0,
-                               window_s=0.5, window_cpu=0.02, window_requests=0)
+    budget, interval = first_window(0.02, gap_cpu=0.006, gap_requests=0, window_requests=0)
     assert budget.last is not None and budget.last.cpu_rate == pytest.approx(0.0001)
     assert interval == pytest.approx((0.02 - 0.0001 * 0.5) / (0.005 * 0.05))
 
