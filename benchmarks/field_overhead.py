@@ -15,6 +15,7 @@ per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a 
     .venv/bin/python benchmarks/field_overhead.py --rounds 3 --round-s 20 --warmup-s 20   # a quick look
     .venv/bin/python benchmarks/field_overhead.py --without-profiler   # + the defaults minus profiling
     .venv/bin/python benchmarks/field_overhead.py --without-profiler --delay-ms 10   # one unsaturated pace
+    .venv/bin/python benchmarks/field_overhead.py --without-profiler --middleware-only --delay-ms 10
 
 Flat out, a server that gets less of the machine's two cores queues more requests per wake-up and so
 spends less CPU on each; with ``--delay-ms`` every server serves the same pace below saturation.
@@ -50,14 +51,16 @@ _REQUESTS = re.compile(r"(\d+) requests in")
 class Server:
     """gunicorn with one gthread worker serving the catalogue, bare or with kotoba-memory."""
 
-    def __init__(self, kotoba: bool, profiler: bool = True, out: Path | None = None) -> None:
+    def __init__(
+        self, kotoba: bool, profiler: bool = True, out: Path | None = None, middleware_only: bool = False
+    ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         env = dict(
             os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS="1", FIELD_LEAKS="0",
             FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1", PYTHONPATH=str(REPO),
-            FIELD_PROFILE="1" if profiler else "0",
+            FIELD_PROFILE="1" if profiler else "0", FIELD_MIDDLEWARE_ONLY="1" if middleware_only else "0",
         )
         env.pop("FIELD_OUT", None)
         if out is not None:  # the worker dumps its profiler's analysis there on exit
@@ -144,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         "--without-profiler", action="store_true",
         help="also serve the defaults without the profiler (a third server, loaded at the same time)",
     )
+    parser.add_argument(
+        "--middleware-only", action="store_true",
+        help="also serve the middleware alone (no profiler, GC optimizer nor cache): one more server",
+    )
     args = parser.parse_args(argv)
     servers: dict[str, Server] = {}
     rounds: list[dict[str, float]] = []
@@ -161,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             servers["on"] = Server(True, out=dumps)
             if args.without_profiler:
                 servers["noprof"] = Server(True, profiler=False)
+            if args.middleware_only:
+                servers["mwonly"] = Server(True, profiler=False, middleware_only=True)
             print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
             paired_round(servers, args.warmup_s, script, args.connections)
             for r in range(args.rounds):
@@ -188,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         per_round = ", ".join(f"{r[f'{name}_ratio']:.3f}" for r in rounds)
         print(f"{name}: median CPU per request vs off {ratio:.3f} -> {100 * (1 - 1 / ratio):.1f}% fewer "
               f"requests per CPU-second (goal <= 2%); per round: {per_round}")
-    if "noprof" in servers:
-        alone = [r["on_cpu_us"] / r["noprof_cpu_us"] for r in rounds]
-        summary["median_on_over_noprof"] = statistics.median(alone)
-        print(f"the profiler alone (on/noprof): median {statistics.median(alone):.3f}; per round: "
-              + ", ".join(f"{a:.3f}" for a in alone))
+    for top, under, what in (("on", "noprof", "the profiler alone"),
+                             ("noprof", "mwonly", "the GC optimizer and cache manager")):
+        if top in servers and under in servers:
+            pair = [r[f"{top}_cpu_us"] / r[f"{under}_cpu_us"] for r in rounds]
+            summary[f"median_{top}_over_{under}"] = statistics.median(pair)
+            print(f"{what} ({top}/{under}): median {statistics.median(pair):.3f}; per round: "
+                  + ", ".join(f"{a:.3f}" for a in pair))
     if own:
         print(f"the profiler's own measure in the on worker: {own['windows']} windows, next window "
               f"{own['window_interval_s']:.0f} s after the last, the windows' extra CPU "

@@ -19,6 +19,11 @@ def config() -> MemoryConfig:
     ``FIELD_PRODUCTION=1``: MemoryConfig's defaults, untouched (the overhead benchmark; with
     ``FIELD_PROFILE=0`` the same without the profiler)."""
     if os.environ.get("FIELD_PRODUCTION") == "1":
+        if os.environ.get("FIELD_MIDDLEWARE_ONLY") == "1":  # the middleware's per-request path alone
+            return MemoryConfig(
+                enable_profiling=False, enable_leak_detection=False, enable_gc_optimization=False,
+                enable_caching=False,
+            )
         if os.environ.get("FIELD_PROFILE", "1") == "0":  # the defaults without the profiler
             return MemoryConfig(enable_profiling=False, enable_leak_detection=False)
         return MemoryConfig()
