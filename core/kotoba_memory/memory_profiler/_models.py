@@ -10,7 +10,8 @@ from typing import Any
 class MemorySample:
     """One tick of the sampler: process RSS, traced bytes (when tracing), GC counts and extra gauges.
 
-    ``heap_bytes`` is what glibc malloc has handed out and not had back (``mallinfo2``), None elsewhere.
+    ``heap_bytes`` is what glibc malloc has handed out and not had back (``mallinfo2``): None elsewhere,
+    and on the samples between two readings when reading it is slow (see ``MemoryProfiler._read_heap``).
     """
 
     timestamp: float

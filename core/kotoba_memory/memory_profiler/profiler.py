@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
 _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
+_HEAP_READ_BUDGET = 0.001  # share of wall time the sampler may spend reading glibc's heap
+_HEAP_READ_MAX_GAP = 10  # samples between two heap readings at most
 
 
 class ProfilerError(KotobaMemoryError, RuntimeError):
@@ -252,6 +254,7 @@ class MemoryProfiler:
         self._census_keys: list[Key] = []
         self._census_found: Found | None = None
         self._own_heap = 0
+        self._next_heap_read = 0.0
         self._tasks: tuple[Task, ...] = ()
         self._window: _Window | None = None
         self._started_at = 0.0
@@ -361,7 +364,7 @@ class MemoryProfiler:
             # Tracing's own bookkeeping inflates RSS during our windows; leave it out of the trend.
             if self._tracing_mode == "window" and self._in_window:
                 rss -= tracemalloc.get_tracemalloc_memory()
-        heap = process_memory.heap_in_use_bytes()
+        heap = self._read_heap()
         if heap is not None:
             heap -= self._own_heap
             if self._in_window and self._tracing_mode == "window":
@@ -376,6 +379,24 @@ class MemoryProfiler:
         with self._lock:
             blocks = sys.getallocatedblocks() - self._detector.own_blocks
             self._ring.append(time.time(), rss, traced, blocks, heap, (count[0], count[1], count[2]), gauges)
+
+    def _read_heap(self) -> int | None:
+        """glibc's in-use heap, read only as often as its cost allows (None for the samples in between).
+
+        ``mallinfo2`` walks every free chunk of every malloc arena under that arena's lock: 3-20 ms in a
+        multi-threaded worker with a fragmented heap, which at one sample a second was ~2% of a core
+        (and stalled the app's mallocs meanwhile). Each reading waits ``cost / _HEAP_READ_BUDGET`` after
+        the last, but never more than ``_HEAP_READ_MAX_GAP`` samples, so trends keep enough points.
+        """
+        now = time.monotonic()
+        if now < self._next_heap_read:
+            return None
+        started = time.perf_counter()
+        heap = process_memory.heap_in_use_bytes()
+        cost = time.perf_counter() - started
+        gap = min(cost / _HEAP_READ_BUDGET, _HEAP_READ_MAX_GAP * self.sample_interval_s)
+        self._next_heap_read = now + gap
+        return heap
 
     def _window_step(self) -> float:
         """Open a tracemalloc window, take its next snapshot, or close it; returns when to step next.
@@ -566,6 +587,7 @@ class MemoryProfiler:
         self._hotspots = []
         self._hotspots_by_count = []
         self._own_heap = 0
+        self._next_heap_read = 0.0
         self._next_census = 0.0
         self._census_due, self._census_found, self._census_keys = False, None, []
         self._recheck_due = False
@@ -765,11 +787,13 @@ class _SampleGrowth:
         if len(window) < 4:
             return None
         xs = [s.timestamp for s in window]
-        if all(s.heap_bytes is not None for s in window):
-            memory = [float(s.heap_bytes or 0) for s in window]
+        # glibc's heap where it was read (not at every sample: see _read_heap) across most of the span;
+        # else RSS, which a free does not always lower.
+        heap = [(s.timestamp, float(s.heap_bytes)) for s in window if s.heap_bytes is not None]
+        if len(heap) >= 4 and heap[-1][0] - heap[0][0] >= 0.5 * (xs[-1] - xs[0]):
+            bytes_slope, bytes_err, _ = linear_fit([t for t, _ in heap], [h for _, h in heap])
         else:
-            memory = [float(s.rss_bytes) for s in window]
-        bytes_slope, bytes_err, _ = linear_fit(xs, memory)
+            bytes_slope, bytes_err, _ = linear_fit(xs, [float(s.rss_bytes) for s in window])
         block_slope, block_err, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
         return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
 

@@ -1,0 +1,73 @@
+"""glibc's heap is read only as often as its cost allows; trends use the readings there are."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kotoba_memory.memory_profiler import MemoryProfiler, MemorySample
+from kotoba_memory.memory_profiler import profiler as profiler_module
+from kotoba_memory.memory_profiler.profiler import _SampleGrowth
+from kotoba_memory.process import memory as process_memory
+
+
+def test_a_slow_heap_reading_is_spaced_out_by_its_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+
+    def slow_heap() -> int:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.002:  # mallinfo2 on a fragmented multi-arena heap
+            pass
+        reads.append(1)
+        return 100 << 20
+
+    monkeypatch.setattr(process_memory, "heap_in_use_bytes", slow_heap)
+    profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=False)
+    for _ in range(30):
+        profiler._sample()
+    # 2 ms of reading at a 0.1% budget: the next reading is due ~2 s later, not at the next sample
+    assert len(reads) == 1
+    heaps = [s.heap_bytes for s in profiler.samples()]
+    assert heaps[0] is not None and heaps[1:] == [None] * 29
+
+
+def test_a_heap_reading_is_never_further_apart_than_ten_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    def very_slow_heap() -> int:
+        time.sleep(0.02)  # at a 0.1% budget: 20 s to the next reading, more than ten samples
+        return 1 << 20
+
+    monkeypatch.setattr(process_memory, "heap_in_use_bytes", very_slow_heap)
+    profiler = MemoryProfiler(sample_interval_s=0.01, leak_detection=False)
+    deadline = time.monotonic() + 0.35
+    while time.monotonic() < deadline:
+        profiler._sample()
+        time.sleep(0.01)
+    heaps = [s.heap_bytes for s in profiler.samples()]
+    assert sum(h is not None for h in heaps) >= 2  # the first, then again within ten sample intervals
+
+
+def test_a_cheap_heap_reading_is_taken_at_every_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process_memory, "heap_in_use_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(profiler_module, "_HEAP_READ_BUDGET", 1.0)  # any cost is within it
+    profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=False)
+    for _ in range(5):
+        profiler._sample()
+    assert all(s.heap_bytes is not None for s in profiler.samples())
+
+
+def sample(t: float, rss: int, heap: int | None) -> MemorySample:
+    return MemorySample(t, rss, None, 1000, (0, 0, 0), heap_bytes=heap)
+
+
+def test_growth_fits_the_sparse_heap_readings_over_rss() -> None:
+    # the heap grows 1 KiB/s, read every 5th sample; RSS stays flat (freed memory is not returned)
+    samples = [sample(t, 50 << 20, (10 << 20) + 1024 * t if t % 5 == 0 else None) for t in range(60)]
+    growth = _SampleGrowth(samples).since(0.0)
+    assert growth is not None and growth.bytes_per_s == pytest.approx(1024.0)
+
+
+def test_growth_falls_back_to_rss_when_heap_readings_cover_too_little_of_the_span() -> None:
+    samples = [sample(t, (50 << 20) + 2048 * t, (10 << 20) if t < 20 else None) for t in range(60)]
+    growth = _SampleGrowth(samples).since(0.0)
+    assert growth is not None and growth.bytes_per_s == pytest.approx(2048.0)
