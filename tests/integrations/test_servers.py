@@ -198,7 +198,8 @@ def test_flask_example_report_names_the_leaking_route_and_site(tmp_path: Path) -
     port = free_port()
     env = example_env(tmp_path, port)
     env.update(
-        KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S="2", KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET="none", KOTOBA_EXAMPLE_METRICS="0"
+        KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S="2", KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET="none",
+        KOTOBA_EXAMPLE_METRICS="0",
     )
     del env["KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY"]  # the example's default sampling, as the demo runs it
     paths = ["/", "/books", "/books/7", "/stats", "/checksum/300", "/leak"]
