@@ -12,6 +12,7 @@ not timed apart; ``KOTOBA_MEMORY_PURE_PYTHON=1`` in the environment times the pu
 
     .venv/bin/python benchmarks/worker_stages.py            # ~1 minute
     .venv/bin/python benchmarks/worker_stages.py --seconds 5 --rounds 3
+    .venv/bin/python benchmarks/worker_stages.py --delay-ms 5   # a worker below saturation (cold caches)
 
 The module doubles as the gunicorn app and config (``KOTOBA_STAGES_MODE``: bare, metrics, defaults).
 """
@@ -129,7 +130,7 @@ def worker_exit(server: Any, worker: Any) -> None:
         json.dump(worker_stages.TOTALS, f)
 
 
-def run_mode(mode: str, seconds: int, connections: int) -> dict[str, list[int]]:
+def run_mode(mode: str, seconds: int, connections: int, delay_ms: float = 0.0) -> dict[str, list[int]]:
     sys.path.insert(0, str(HERE))
     from middleware_overhead import _servers, run_wrk, stop_server
 
@@ -137,6 +138,11 @@ def run_mode(mode: str, seconds: int, connections: int) -> dict[str, list[int]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "totals.json")
+        script = None
+        if delay_ms > 0:  # each connection waits between requests: a worker below saturation
+            script = os.path.join(tmp, "paced.lua")
+            with open(script, "w") as f:
+                f.write(f"function delay()\n  return {delay_ms:g}\nend\n")
         port = servers.free_port()
         env = dict(os.environ, KOTOBA_STAGES_MODE=mode, KOTOBA_STAGES_OUT=out, PYTHONPATH=str(HERE))
         cmd = [
@@ -147,8 +153,8 @@ def run_mode(mode: str, seconds: int, connections: int) -> dict[str, list[int]]:
         proc = subprocess.Popen(cmd, env=env, cwd=HERE, start_new_session=True)
         try:
             servers.wait_ready(servers.Server(proc, port, Path(os.devnull)), timeout=30.0, status=None)
-            run_wrk(port, 1, connections)  # warm-up (counted too; the table divides by all requests)
-            run_wrk(port, seconds, connections)
+            run_wrk(port, 1, connections, script)  # warm-up (counted too; the table divides by all requests)
+            run_wrk(port, seconds, connections, script)
         finally:
             stop_server(proc)
         with open(out) as f:
@@ -163,17 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three modes, interleaved")
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="each wrk connection waits this long between requests (a paced worker)")
     args = parser.parse_args(argv)
     per_mode: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     for _ in range(args.rounds):
         for mode in MODES:
-            totals = run_mode(mode, args.seconds, args.connections)
+            totals = run_mode(mode, args.seconds, args.connections, args.delay_ms)
             n = max(1, totals["middleware"][1])
             per_mode[mode].append({k: ns / n / 1000 for k, (ns, _calls) in totals.items()})
     labels = list(dict.fromkeys(k for runs in per_mode.values() for run in runs for k in run))
     print(
         f"worker CPU us per request, median of {args.rounds} rounds "
-        f"(one sync gunicorn worker, wrk -c{args.connections})"
+        f"(one sync gunicorn worker, wrk -c{args.connections}"
+        + (f", {args.delay_ms:g} ms between a connection's requests)" if args.delay_ms > 0 else ")")
     )
     print(f"{'stage':40} " + " ".join(f"{m:>9}" for m in MODES))
     for label in labels:
