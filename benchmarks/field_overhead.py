@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.field_suite import APPS, _wrk_script  # noqa: E402
+from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
 
 _REQUESTS = re.compile(r"(\d+) requests in")
 
@@ -158,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(tmp) / "routes.lua"
         _wrk_script(APPS["wsgi_catalog"], script)
         if args.delay_ms > 0:
-            # wrk calls delay() before each request of a connection: a fixed pace, whatever the latency
             with script.open("a", encoding="utf-8") as lua:
-                lua.write(f"function delay()\n  return {args.delay_ms:g}\nend\n")
+                lua.write(wrk_pacing(args.delay_ms))
         try:
             servers["off"] = Server(False)
             dumps = Path(tmp) / "on"

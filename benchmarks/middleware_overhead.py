@@ -194,6 +194,12 @@ class Server:
         self._data.cleanup()
 
 
+def wrk_pacing(delay_ms: float) -> str:
+    """Lua that makes each wrk connection wait ``delay_ms`` before every request: a fixed pace below
+    saturation, whatever the latency (wrk calls ``delay()`` before each request)."""
+    return f"function delay()\n  return {delay_ms:g}\nend\n"
+
+
 def run_wrk(port: int, seconds: int, connections: int, script: str | None = None) -> tuple[float, int]:
     """One wrk run; returns (req/s, requests completed)."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s"] + (["-s", script] if script else [])

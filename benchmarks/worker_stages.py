@@ -132,7 +132,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 def run_mode(mode: str, seconds: int, connections: int, delay_ms: float = 0.0) -> dict[str, list[int]]:
     sys.path.insert(0, str(HERE))
-    from middleware_overhead import _servers, run_wrk, stop_server
+    from middleware_overhead import _servers, run_wrk, stop_server, wrk_pacing
 
     servers = _servers()
 
@@ -142,7 +142,7 @@ def run_mode(mode: str, seconds: int, connections: int, delay_ms: float = 0.0) -
         if delay_ms > 0:  # each connection waits between requests: a worker below saturation
             script = os.path.join(tmp, "paced.lua")
             with open(script, "w") as f:
-                f.write(f"function delay()\n  return {delay_ms:g}\nend\n")
+                f.write(wrk_pacing(delay_ms))
         port = servers.free_port()
         env = dict(os.environ, KOTOBA_STAGES_MODE=mode, KOTOBA_STAGES_OUT=out, PYTHONPATH=str(HERE))
         cmd = [
