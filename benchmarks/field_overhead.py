@@ -205,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{what} ({top}/{under}): median {statistics.median(pair):.3f}; per round: "
                   + ", ".join(f"{a:.3f}" for a in pair))
     if own:
+        share = own["window_cost_share"]
+        cost = ("no window measured yet" if share is None else
+                f"the windows' extra CPU {100 * share:.2f}% of the process's CPU since it started")
         print(f"the profiler's own measure in the on worker: {own['windows']} windows, next window "
-              f"{own['window_interval_s']:.0f} s after the last, the windows' extra CPU "
-              f"{100 * (own['window_cost_share'] or 0):.2f}% of the process's CPU since it started")
+              f"{own['window_interval_s']:.0f} s after the last, {cost}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0
