@@ -237,7 +237,6 @@ class MemoryProfiler:
         )
         self._next_census = 0.0
         # None: windows on the fixed schedule (a diagnosis duty cycle); else spaced by their measured cost.
-        self.trace_budget = None if trace_budget is None else float(trace_budget)
         self._budget = (
             None if trace_budget is None else TraceBudget(float(trace_budget), self.window_interval_s)
         )
@@ -426,10 +425,11 @@ class MemoryProfiler:
                 tracemalloc.start(self.trace_frames)
             self._in_window = True
             gap_counts = self._routes.take_window_counts()
+            opened = time.monotonic()
             if self._budget is not None:
-                self._budget.opened(time.monotonic(), time.process_time(), sum(gap_counts.values()))
+                self._budget.opened(opened, time.process_time(), sum(gap_counts.values()))
             window = self._window = _Window(
-                owned, time.monotonic(), self.window_s / (self.snapshots_per_window - 1), os.getpid()
+                owned, opened, self.window_s / (self.snapshots_per_window - 1), os.getpid()
             )
         if window.owned and tracemalloc.get_tracemalloc_memory() > self.max_trace_memory_bytes:
             # A huge allocation burst inside the window: reading it back would cost more than the
@@ -728,6 +728,7 @@ class MemoryProfiler:
 
     def _leak_status(self, windows: int) -> LeakVerdictStatus:
         needed = self.windows_needed()
+        interval = self._interval_s()
         if not self.leak_detection:
             return LeakVerdictStatus(False, windows, needed, None, "leak detection is off")
         if windows >= needed:
@@ -736,13 +737,13 @@ class MemoryProfiler:
             eta = None
         elif windows == 0:
             first = self._started_at + self.first_window_after_s + self.window_s
-            eta = max(0.0, first - time.monotonic()) + (needed - 1) * self._interval_s()
+            eta = max(0.0, first - time.monotonic()) + (needed - 1) * interval
         else:
-            eta = (needed - windows) * self._interval_s()
+            eta = (needed - windows) * interval
         when = f"; the first verdict can come in ~{eta:.0f} s" if eta is not None else ""
-        if eta is not None and self._budget is not None and self._interval_s() > self.window_interval_s:
+        if eta is not None and self._budget is not None and interval > self.window_interval_s:
             when += (
-                f" (windows {self._interval_s():.0f} s apart: each costs more than the trace budget of "
+                f" (windows {interval:.0f} s apart: each costs more than the trace budget of "
                 f"{100 * self._budget.share:g}% of CPU at {self.window_interval_s:g} s)"
             )
         return LeakVerdictStatus(
