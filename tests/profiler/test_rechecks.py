@@ -4,6 +4,7 @@ the site grows its way to a verdict, and a leak's shown alive."""
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from collections.abc import Callable
 
@@ -31,8 +32,14 @@ def make_leaked_row(n: int) -> Row:
 
 
 def run_window(profiler: MemoryProfiler, between: Callable[[int], None]) -> None:
-    """Drive one tracing window by hand: ``between(i)`` runs before snapshot ``i``."""
+    """Drive one tracing window by hand: ``between(i)`` runs before snapshot ``i``.
+
+    Each window lasts over ``window_interval_s`` of real time, as scheduled windows do: a sample
+    counts as alive only once seen alive that long after it was taken (fast hand-driven windows made
+    the recheck after a census come too soon for the leak's samples to count).
+    """
     windows = profiler.stats().windows
+    time.sleep(2 * profiler.window_interval_s)
     step = 0
     while profiler.stats().windows == windows:
         between(step)
