@@ -1,4 +1,4 @@
-"""Overhead of kotoba-memory at production defaults on a realistic app, in steady state.
+r"""Overhead of kotoba-memory at production defaults on a realistic app, in steady state.
 
 The plain-WSGI field app (benchmarks/field_apps/wsgi_catalog.py, its leak switched off: seven routes
 of caches, sessions, templates, logging and JSON) runs twice under gunicorn, one gthread worker each:
@@ -16,6 +16,8 @@ per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a 
     .venv/bin/python benchmarks/field_overhead.py --without-profiler   # + the defaults minus profiling
     .venv/bin/python benchmarks/field_overhead.py --without-profiler --delay-ms 10   # one unsaturated pace
     .venv/bin/python benchmarks/field_overhead.py --without-profiler --middleware-only --delay-ms 10
+    .venv/bin/python benchmarks/field_overhead.py --delay-ms 10 \
+        --variant 'nowin={"enable_leak_detection": false}'   # + the defaults with fields changed
 
 Flat out, a server that gets less of the machine's two cores queues more requests per wake-up and so
 spends less CPU on each; with ``--delay-ms`` every server serves the same pace below saturation.
@@ -53,7 +55,8 @@ class Server:
     """gunicorn with one gthread worker serving the catalogue, bare or with kotoba-memory."""
 
     def __init__(
-        self, kotoba: bool, profiler: bool = True, out: Path | None = None, middleware_only: bool = False
+        self, kotoba: bool, profiler: bool = True, out: Path | None = None, middleware_only: bool = False,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -64,6 +67,9 @@ class Server:
             FIELD_PROFILE="1" if profiler else "0", FIELD_MIDDLEWARE_ONLY="1" if middleware_only else "0",
         )
         env.pop("FIELD_OUT", None)
+        env.pop("FIELD_CONFIG", None)
+        if overrides is not None:  # MemoryConfig(**overrides): the defaults with some fields changed
+            env["FIELD_CONFIG"] = json.dumps(overrides)
         if out is not None:  # the worker dumps its profiler's analysis there on exit
             env["FIELD_OUT"] = str(out)
         conf = REPO / "benchmarks" / "field_apps" / "gunicorn_conf.py"
@@ -152,7 +158,24 @@ def main(argv: list[str] | None = None) -> int:
         "--middleware-only", action="store_true",
         help="also serve the middleware alone (no profiler, GC optimizer nor cache): one more server",
     )
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=JSON",
+        help="one more server: MemoryConfig's defaults with the fields of a JSON object changed, e.g. "
+             "'nowin={\"enable_leak_detection\": false}' (repeatable; compared with off and with on)",
+    )
     args = parser.parse_args(argv)
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in args.variant:
+        name, sep, text = spec.partition("=")
+        if not sep or not name.isidentifier() or name in ("off", "on", "noprof", "mwonly"):
+            parser.error(f"--variant wants NAME=JSON with a new identifier for NAME, got {spec!r}")
+        try:
+            overrides = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--variant {name}: not JSON ({exc})")
+        if not isinstance(overrides, dict):
+            parser.error(f"--variant {name}: wants a JSON object of MemoryConfig fields, got {text!r}")
+        variants[name] = overrides
     servers: dict[str, Server] = {}
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="field-overhead-") as tmp:
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 servers["noprof"] = Server(True, profiler=False)
             if args.middleware_only:
                 servers["mwonly"] = Server(True, profiler=False, middleware_only=True)
+            for name, overrides in variants.items():
+                servers[name] = Server(True, overrides=overrides)
             print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
             paired_round(servers, args.warmup_s, script, args.connections)
             for r in range(args.rounds):
@@ -198,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: median CPU per request vs off {ratio:.3f} -> {100 * (1 - 1 / ratio):.1f}% fewer "
               f"requests per CPU-second (goal <= 2%); per round: {per_round}")
     for top, under, what in (("on", "noprof", "the profiler alone"),
-                             ("noprof", "mwonly", "the GC optimizer and cache manager")):
+                             ("noprof", "mwonly", "the GC optimizer and cache manager"),
+                             *((name, "on", f"variant {name} against the defaults") for name in variants)):
         if top in servers and under in servers:
             pair = [r[f"{top}_cpu_us"] / r[f"{under}_cpu_us"] for r in rounds]
             summary[f"median_{top}_over_{under}"] = statistics.median(pair)

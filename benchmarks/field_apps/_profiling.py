@@ -17,8 +17,11 @@ KOTOBA_ON = os.environ.get("FIELD_KOTOBA", "1") != "0"  # 0: the bare app (overh
 def config() -> MemoryConfig:
     """Production components with a diagnosis duty cycle (the field suite runs for minutes, not hours);
     ``FIELD_PRODUCTION=1``: MemoryConfig's defaults, untouched (the overhead benchmark; with
-    ``FIELD_PROFILE=0`` the same without the profiler)."""
+    ``FIELD_PROFILE=0`` the same without the profiler; ``FIELD_CONFIG``, a JSON object, overrides some
+    of the defaults: the overhead benchmark's variants)."""
     if os.environ.get("FIELD_PRODUCTION") == "1":
+        if os.environ.get("FIELD_CONFIG"):
+            return MemoryConfig(**json.loads(os.environ["FIELD_CONFIG"]))
         if os.environ.get("FIELD_MIDDLEWARE_ONLY") == "1":  # the middleware's per-request path alone
             return MemoryConfig(
                 enable_profiling=False, enable_leak_detection=False, enable_gc_optimization=False,
