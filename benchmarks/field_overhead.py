@@ -1,7 +1,7 @@
 r"""Overhead of kotoba-memory at production defaults on a realistic app, in steady state.
 
 The plain-WSGI field app (benchmarks/field_apps/wsgi_catalog.py, its leak switched off: seven routes
-of caches, sessions, templates, logging and JSON) runs twice under gunicorn, one gthread worker each:
+of caches, sessions, templates, logging and JSON) runs under gunicorn, ``--workers`` gthread workers each:
 ``off`` is the bare app, ``on`` the app in kotoba-memory's WSGI middleware with ``MemoryConfig()``'s
 defaults untouched (profiling with a 0.5 s tracing window every 60 s and survival censuses, the
 adaptive GC optimizer, the cache manager). After a warm-up (start-up, the first tracing window, the
@@ -52,17 +52,17 @@ _REQUESTS = re.compile(r"(\d+) requests in")
 
 
 class Server:
-    """gunicorn with one gthread worker serving the catalogue, bare or with kotoba-memory."""
+    """gunicorn with ``workers`` gthread workers serving the catalogue, bare or with kotoba-memory."""
 
     def __init__(
         self, kotoba: bool, profiler: bool = True, out: Path | None = None, middleware_only: bool = False,
-        overrides: dict[str, Any] | None = None,
+        overrides: dict[str, Any] | None = None, workers: int = 1,
     ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         env = dict(
-            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS="1", FIELD_LEAKS="0",
+            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS=str(workers), FIELD_LEAKS="0",
             FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1", PYTHONPATH=str(REPO),
             FIELD_PROFILE="1" if profiler else "0", FIELD_MIDDLEWARE_ONLY="1" if middleware_only else "0",
         )
@@ -79,16 +79,20 @@ class Server:
         while time.monotonic() < deadline:
             children = psutil.Process(self.proc.pid).children()
             with socket.socket() as sock:
-                if children and sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    self.worker = children[0]
+                if len(children) == workers and sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    self.workers = children
                     return
             time.sleep(0.2)
         self.stop()
         raise RuntimeError("gunicorn did not come up")
 
     def cpu_seconds(self) -> float:
-        times = self.worker.cpu_times()
-        return float(times.user + times.system)
+        """CPU seconds of every worker process (the arbiter does no request work)."""
+        total = 0.0
+        for worker in self.workers:
+            times = worker.cpu_times()
+            total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -105,6 +109,16 @@ def _profiler_own_measure(dumps: Path) -> dict[str, Any] | None:
     for path in sorted(dumps.glob("worker-*.json")):
         stats = json.loads(path.read_text(encoding="utf-8"))["stats"]
         return {k: stats.get(k) for k in ("windows", "window_interval_s", "window_cost_share", "censuses")}
+    return None
+
+
+def _what_ran(dumps: Path) -> dict[str, Any] | None:
+    """A worker's exit dump of what it ran: CPU per thread (busiest first) and the collector's state."""
+    for path in sorted(dumps.glob("process-*.json")):
+        process: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        process["threads_cpu_s"] = sorted(process["threads_cpu_s"].items(), key=lambda kv: -kv[1])
+        process["collections"] = [generation["collections"] for generation in process["gc_stats"]]
+        return process
     return None
 
 
@@ -144,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-s", type=float, default=60.0, help="one window interval at the defaults")
     parser.add_argument("--warmup-s", type=float, default=60.0)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="gunicorn workers per server: each is its own process with its own hash seed, address "
+             "layout and adaptive GC state, which shift one process's CPU per request by a few percent "
+             "for as long as it lives; several per server average that out",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--delay-ms", type=float, default=0.0,
@@ -185,16 +205,19 @@ def main(argv: list[str] | None = None) -> int:
             with script.open("a", encoding="utf-8") as lua:
                 lua.write(wrk_pacing(args.delay_ms))
         try:
-            servers["off"] = Server(False)
-            dumps = Path(tmp) / "on"
-            dumps.mkdir()
-            servers["on"] = Server(True, out=dumps)
+            dumps = {name: Path(tmp) / name for name in ("off", "on", "noprof", "mwonly", *variants)}
+            for folder in dumps.values():
+                folder.mkdir()
+            servers["off"] = Server(False, out=dumps["off"], workers=args.workers)
+            servers["on"] = Server(True, out=dumps["on"], workers=args.workers)
             if args.without_profiler:
-                servers["noprof"] = Server(True, profiler=False)
+                servers["noprof"] = Server(True, profiler=False, out=dumps["noprof"], workers=args.workers)
             if args.middleware_only:
-                servers["mwonly"] = Server(True, profiler=False, middleware_only=True)
+                servers["mwonly"] = Server(
+                    True, profiler=False, middleware_only=True, out=dumps["mwonly"], workers=args.workers
+                )
             for name, overrides in variants.items():
-                servers[name] = Server(True, overrides=overrides)
+                servers[name] = Server(True, overrides=overrides, out=dumps[name], workers=args.workers)
             print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
             paired_round(servers, args.warmup_s, script, args.connections)
             for r in range(args.rounds):
@@ -212,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-        own = _profiler_own_measure(dumps)
-    summary: dict[str, Any] = {"rounds": rounds, "args": vars(args), "profiler_own_measure": own}
+        own = _profiler_own_measure(dumps["on"])
+        ran = {name: _what_ran(dumps[name]) for name in servers}
+    summary: dict[str, Any] = {
+        "rounds": rounds, "args": vars(args), "profiler_own_measure": own, "what_ran": ran,
+    }
     for name in servers:
         if name == "off":
             continue
@@ -236,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"the windows' extra CPU {100 * share:.2f}% of the process's CPU since it started")
         print(f"the profiler's own measure in the on worker: {own['windows']} windows, next window "
               f"{own['window_interval_s']:.0f} s after the last, {cost}")
+    for name, process in ran.items():
+        if process is None:
+            continue
+        busiest = ", ".join(f"{thread} {cpu:.1f} s" for thread, cpu in process["threads_cpu_s"][:4])
+        gc_line = (f"gc threshold {process['gc_threshold']}, frozen {process['gc_freeze_count']}, "
+                   f"collections per generation {process['collections']}")
+        mode = process.get("gc_mode")
+        tuned = f"; GC optimizer {mode[0]} ({mode[1]}), {len(process['gc_changes'])} changes" if mode else ""
+        print(f"what {name}'s worker ran: {busiest}; {gc_line}{tuned}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0

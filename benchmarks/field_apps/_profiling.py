@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from kotoba_memory.config import MemoryConfig
 from kotoba_memory_integrations import runtime
@@ -43,9 +47,12 @@ def config() -> MemoryConfig:
 
 
 def dump_analysis() -> Path | None:
-    """Write this worker's profiler analysis to ``$FIELD_OUT/worker-<pid>.json`` (None when off)."""
+    """Write this worker's profiler analysis to ``$FIELD_OUT/worker-<pid>.json`` (None when off), and
+    what the process ran (CPU per thread, the collector's settings) to ``process-<pid>.json``."""
     out = os.environ.get("FIELD_OUT")
     optimizer = runtime.get_optimizer()
+    if out:
+        _dump_process(Path(out) / f"process-{os.getpid()}.json", optimizer)
     if not out or optimizer is None or optimizer.profiler is None:
         return None
     analysis = optimizer.profiler.analyze()
@@ -54,3 +61,28 @@ def dump_analysis() -> Path | None:
     path = Path(out) / f"worker-{os.getpid()}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def _dump_process(path: Path, optimizer: Any) -> None:
+    """CPU seconds per thread (by Python thread name), the collector's settings and counts, and the GC
+    optimizer's mode and changes: where a worker's CPU went besides the requests."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    threads = {
+        f"{names.get(t.id, 'native')}-{t.id}": round(t.user_time + t.system_time, 3)
+        for t in psutil.Process().threads()
+    }
+    data: dict[str, Any] = {
+        "pid": os.getpid(), "threads_cpu_s": threads, "gc_threshold": gc.get_threshold(),
+        "gc_freeze_count": gc.get_freeze_count(), "gc_stats": gc.get_stats(),
+    }
+    gc_optimizer = getattr(optimizer, "gc_optimizer", None)
+    if gc_optimizer is not None:
+        data["gc_mode"] = list(gc_optimizer.mode)
+        data["gc_changes"] = [
+            [round(c.timestamp, 1), c.action, str(c.before), str(c.after), c.reason]
+            for c in gc_optimizer.changes
+        ]
+        for counter in ("boundary_collections", "budget_collections", "long_request_steps"):
+            data[counter] = getattr(gc_optimizer, counter, None)
+        data["requests_seen"] = gc_optimizer.requests_seen
+    path.write_text(json.dumps(data, default=str), encoding="utf-8")
