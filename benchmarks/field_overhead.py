@@ -47,8 +47,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.field_suite import APPS, _wrk_script  # noqa: E402
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
+from kotoba_memory.config import MemoryConfig  # noqa: E402
 
 _REQUESTS = re.compile(r"(\d+) requests in")
+_BUILT_IN = ("off", "on", "noprof", "mwonly")  # the servers the flags add; a variant needs another name
 
 
 class Server:
@@ -113,9 +115,12 @@ def _profiler_own_measure(dumps: Path) -> dict[str, Any] | None:
 
 
 def _what_ran(dumps: Path) -> dict[str, Any] | None:
-    """A worker's exit dump of what it ran: CPU per thread (busiest first) and the collector's state."""
-    for path in sorted(dumps.glob("process-*.json")):
+    """One worker's exit dump of what it ran (the first by file name, with how many workers dumped): CPU per
+    thread (busiest first) and the collector's state."""
+    paths = sorted(dumps.glob("process-*.json"))
+    for path in paths:
         process: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        process["workers_dumped"] = len(paths)
         process["threads_cpu_s"] = sorted(process["threads_cpu_s"].items(), key=lambda kv: -kv[1])
         process["collections"] = [generation["collections"] for generation in process["gc_stats"]]
         return process
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, dict[str, Any]] = {}
     for spec in args.variant:
         name, sep, text = spec.partition("=")
-        if not sep or not name.isidentifier() or name in ("off", "on", "noprof", "mwonly"):
+        if not sep or not name.isidentifier() or name in _BUILT_IN:
             parser.error(f"--variant wants NAME=JSON with a new identifier for NAME, got {spec!r}")
         try:
             overrides = json.loads(text)
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--variant {name}: not JSON ({exc})")
         if not isinstance(overrides, dict):
             parser.error(f"--variant {name}: wants a JSON object of MemoryConfig fields, got {text!r}")
+        try:  # here, not in a worker that would fail to boot and leave only "did not come up"
+            MemoryConfig(**overrides)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--variant {name}: {exc}")
         variants[name] = overrides
     servers: dict[str, Server] = {}
     rounds: list[dict[str, float]] = []
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             with script.open("a", encoding="utf-8") as lua:
                 lua.write(wrk_pacing(args.delay_ms))
         try:
-            dumps = {name: Path(tmp) / name for name in ("off", "on", "noprof", "mwonly", *variants)}
+            dumps = {name: Path(tmp) / name for name in (*_BUILT_IN, *variants)}
             for folder in dumps.values():
                 folder.mkdir()
             servers["off"] = Server(False, out=dumps["off"], workers=args.workers)
@@ -270,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"collections per generation {process['collections']}")
         mode = process.get("gc_mode")
         tuned = f"; GC optimizer {mode[0]} ({mode[1]}), {len(process['gc_changes'])} changes" if mode else ""
-        print(f"what {name}'s worker ran: {busiest}; {gc_line}{tuned}")
+        which = "worker" if process["workers_dumped"] == 1 else f"worker (one of {process['workers_dumped']})"
+        print(f"what {name}'s {which} ran: {busiest}; {gc_line}{tuned}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0

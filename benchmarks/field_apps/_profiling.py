@@ -83,6 +83,6 @@ def _dump_process(path: Path, optimizer: Any) -> None:
             for c in gc_optimizer.changes
         ]
         for counter in ("boundary_collections", "budget_collections", "long_request_steps"):
-            data[counter] = getattr(gc_optimizer, counter, None)
+            data[counter] = getattr(gc_optimizer, counter)
         data["requests_seen"] = gc_optimizer.requests_seen
     path.write_text(json.dumps(data, default=str), encoding="utf-8")

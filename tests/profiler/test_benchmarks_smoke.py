@@ -64,3 +64,40 @@ def test_overhead_benchmark_measures_all_contenders(workload: str) -> None:
     assert set(result["median_req_per_s"]) == {"off", "kotoba", "tracemalloc"}
     assert all(v > 0 for v in result["median_req_per_s"].values())
     assert 0 < result["kotoba_duty"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("on={}", "new identifier"),
+        ("nowin", "NAME=JSON"),
+        ("x={not json", "not JSON"),
+        ("x=[1]", "JSON object"),
+        ('x={"no_such_field": 1}', "no_such_field"),
+        ('x={"leak_window_s": -1}', "leak_window_s"),
+    ],
+)
+def test_field_overhead_refuses_a_bad_variant_before_starting_servers(
+    spec: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load("field_overhead")
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--variant", spec])
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_field_app_dumps_what_its_process_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.field_apps import _profiling
+
+    monkeypatch.setenv("FIELD_OUT", str(tmp_path))
+    monkeypatch.setattr(_profiling.runtime, "get_optimizer", lambda: None)
+    _profiling.dump_analysis()  # no optimizer runs here: only what the process ran is written
+    process = json.loads(next(tmp_path.glob("process-*.json")).read_text(encoding="utf-8"))
+    assert process["threads_cpu_s"] and all(cpu >= 0 for cpu in process["threads_cpu_s"].values())
+    assert len(process["gc_threshold"]) == 3 and len(process["gc_stats"]) == 3
+    assert not list(tmp_path.glob("worker-*.json"))
+    summary = load("field_overhead")._what_ran(tmp_path)
+    assert summary is not None and summary["workers_dumped"] == 1
+    assert summary["collections"] == [g["collections"] for g in process["gc_stats"]]
