@@ -265,14 +265,27 @@ def _created_at() -> float | None:
     return _own_start[1]
 
 
+_host: tuple[int, str] = (0, "")
+
+
+def _hostname() -> str:
+    """This host's name, asked once per process (``gethostname`` costs a system call every snapshot)."""
+    global _host
+    pid = os.getpid()
+    if _host[0] != pid:
+        _host = (pid, socket.gethostname())
+    return _host[1]
+
+
 def snapshot_from_report(report: Any | None, *, name: str = "") -> dict[str, Any]:
-    """This process's compact fleet row, from its ``MemoryReport`` (None: no optimizer runs here)."""
+    """This process's compact fleet row, from its ``MemoryReport`` or ``MemoryBrief`` (None: no
+    optimizer runs here)."""
     data: dict[str, Any] = {
         "schema": SCHEMA,
         "name": name,
         "pid": os.getpid(),
         "ppid": os.getppid(),
-        "host": socket.gethostname(),
+        "host": _hostname(),
         "created_at": _created_at(),
         "written_at": time.time(),
         "forks": forks.fork_count(),
@@ -371,7 +384,8 @@ def _caches_across(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 class FleetPublisher:
     """Keeps this process's snapshot in a spool: a scheduler task every ``interval_s`` and on demand.
 
-    ``report`` returns the ``MemoryReport`` a snapshot is made from (default: the running optimizer's);
+    ``report`` returns the ``MemoryReport`` (or ``MemoryBrief``) a snapshot is made from (default: the
+    running optimizer's brief, its counters without a full report);
     ``keep`` is asked before each periodic write, and a False ends publishing (the file is removed).
 
     The task survives ``fork()`` like every scheduler task, and each process writes ``<its pid>.json``,
@@ -391,7 +405,7 @@ class FleetPublisher:
         self.spool = spool
         self.name = name
         self.interval_s = float(interval_s)
-        self._report = report or _active_report
+        self._report = report or _active_brief
         self._keep = keep
         self._task: Task | None = None
         self._written: set[int] = set()
@@ -444,11 +458,12 @@ class FleetPublisher:
         return max(self.interval_s, (time.perf_counter() - started) / MAX_SHARE)
 
 
-def _active_report() -> Any | None:
+def _active_brief() -> Any | None:
+    """The running optimizer's counters (a ``MemoryBrief``: no full report every few seconds), or None."""
     optimizer = registry.active("optimizer")
     if optimizer is None or not getattr(optimizer, "running", False):
         return None
-    return optimizer.report()
+    return optimizer.brief()
 
 
 # -- the fleet as one view -------------------------------------------------------------------------

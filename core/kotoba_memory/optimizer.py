@@ -20,7 +20,7 @@ from kotoba_memory.errors import ConfigError, KotobaMemoryError
 from kotoba_memory.memory_profiler import MemoryAnalysis, MemoryProfiler
 from kotoba_memory.process import forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
-from kotoba_memory.report import MemoryReport, MemoryStats, to_plain
+from kotoba_memory.report import MemoryBrief, MemoryReport, MemoryStats, to_plain
 
 if TYPE_CHECKING:
     from kotoba_memory.cache_manager import CacheManager
@@ -162,6 +162,35 @@ class MemoryOptimizer:
             if not self._running:
                 raise OptimizerError("report() needs a running MemoryOptimizer; stop() returns the final one")
             return self._build_report()
+
+    def brief(self) -> MemoryBrief:
+        """The run's counters without building a report: cheap enough for a task every few seconds."""
+        if not self._running:
+            raise OptimizerError("brief() needs a running MemoryOptimizer")
+        profiler, routes, leaks, status = self.profiler, [], [], None
+        if profiler is not None:
+            routes = [to_plain(r) for r in profiler.routes()]
+            found, verdict = profiler.leak_verdict()
+            leaks = [leak.to_dict() for leak in found]
+            status = to_plain(verdict)
+        gc_data: dict[str, Any] | None = None
+        if self.gc_optimizer is not None:
+            try:
+                gc_data = self.gc_optimizer.summary()
+            except Exception:
+                logger.debug("kotoba-memory: reading the GC counters failed", exc_info=True)
+        caches, _ = self._caches()
+        cache_data = to_plain(self._cache_stats())
+        return MemoryBrief(
+            stats=self.memory_stats(),
+            routes=routes,
+            gc=gc_data,
+            profiler=to_plain(profiler.stats()) if profiler is not None else None,
+            leaks=leaks,
+            leak_status=status,
+            cache=cache_data if isinstance(cache_data, dict) else None,
+            caches=to_plain(caches),
+        )
 
     async def astart(self) -> None:
         """Async twin of :meth:`start`."""
@@ -326,6 +355,16 @@ class MemoryOptimizer:
         except Exception:
             return None
 
+    def _caches(self) -> tuple[list[dict[str, Any]], int]:
+        """Every live cache (busiest first) and how many more were left unlisted; -1 when listing failed."""
+        from kotoba_memory.cache_manager.inventory import cache_inventory
+
+        try:
+            return cache_inventory()
+        except Exception:
+            logger.warning("kotoba-memory: listing the caches failed", exc_info=True)
+            return [], -1
+
     def _pool_stats(self) -> Any:
         if self.pool is None:
             return None
@@ -375,13 +414,7 @@ class MemoryOptimizer:
             except Exception:
                 pass
         pool_data = to_plain(self._pool_stats())
-        from kotoba_memory.cache_manager.inventory import cache_inventory
-
-        try:
-            caches, unlisted = cache_inventory()
-        except Exception:
-            logger.warning("kotoba-memory: listing the caches failed", exc_info=True)
-            caches, unlisted = [], -1
+        caches, unlisted = self._caches()
         notes = list(self._notes)
         if unlisted < 0:
             notes.append("listing the caches failed; see the log")

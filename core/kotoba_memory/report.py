@@ -85,6 +85,23 @@ def to_plain(value: Any, _depth: int = 0) -> Any:
 
 
 @dataclass(frozen=True)
+class MemoryBrief:
+    """The counters of a running optimizer, read cheaply enough for a task every few seconds (the fleet
+    snapshot): the fields a :class:`MemoryReport` has under the same names, without its series,
+    hotspots or GC analysis."""
+
+    stats: MemoryStats
+    routes: list[dict[str, Any]] = field(default_factory=list)
+    #: ``total_collections``, ``total_pause_s``, ``gc_time_share`` and ``mode`` (see ``GcOptimizer.summary``).
+    gc: dict[str, Any] | None = None
+    profiler: dict[str, Any] | None = None
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+    leak_status: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = None
+    caches: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class MemoryReport:
     """The outcome of one MemoryOptimizer run (or a snapshot of a running one)."""
 

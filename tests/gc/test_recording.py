@@ -153,3 +153,25 @@ def test_restart_analyzes_the_new_run_only_and_notes_a_wrapped_ring(make_optimiz
     assert optimizer.pause_total_ns() > total_ns  # monotonic for callers that diff it
     newer_cursor, newer = optimizer.events_since(cursor)
     assert newer and newer_cursor > cursor
+
+
+def test_summary_gives_the_analysis_headline_without_the_analysis(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False)
+    optimizer.start()
+    make_cycles(200)
+    gc.collect()
+    optimizer.record_collection(datetime.timedelta(milliseconds=30), 1_000, 1)
+    was_enabled = gc.isenabled()
+    gc.disable()  # no automatic collection between the two readings
+    try:
+        summary = optimizer.summary()
+        analysis = optimizer.analyze()
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert summary["total_collections"] == analysis.total_collections >= 2
+    assert summary["total_pause_s"] == pytest.approx(analysis.total_pause_s)
+    assert summary["total_pause_s"] >= 0.03  # the explicit record's 30 ms counts too
+    assert summary["mode"] == analysis.mode
+    # the share's wall time is read a moment apart in the two: the later reading is the smaller share
+    assert 0 < analysis.gc_time_share <= summary["gc_time_share"] <= 1.0

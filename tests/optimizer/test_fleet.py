@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from kotoba_memory import fleet
 from kotoba_memory.config import MemoryConfig
-from kotoba_memory.optimizer import MemoryOptimizer
+from kotoba_memory.optimizer import MemoryOptimizer, OptimizerError
 from kotoba_memory.report import MemoryReport, MemoryStats
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,3 +269,49 @@ def test_a_slow_snapshot_stretches_the_interval(tmp_path: Path) -> None:
     assert delay is not None and delay >= 0.02 / fleet.MAX_SHARE  # 4 s: at most 0.5% of the time
     quick = fleet.FleetPublisher(fleet.FleetSpool(tmp_path), interval_s=30.0, report=lambda: None)
     assert quick._tick() == 30.0
+
+
+def test_the_periodic_snapshot_reads_counters_and_says_what_a_report_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = MemoryConfig(
+        enable_caching=True, enable_pooling=False, monitoring_interval_ms=20, leak_window_s=0.2,
+        leak_window_interval_s=0.25, leak_trace_budget=None, cache_size_mb=8,
+    )
+    optimizer = MemoryOptimizer(config)
+    optimizer.start()
+    try:
+        assert optimizer.profiler is not None and optimizer.cache is not None
+        for i in range(30):
+            optimizer.profiler.record_request(f"/r{i % 3}", 4096, None, 0.001)
+            optimizer.cache.put(f"k{i % 5}", b"v" * 100)
+            optimizer.cache.get(f"k{i % 7}")
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()  # the same collections in both readings
+        try:
+            full = fleet.snapshot_from_report(optimizer.report(), name="app")
+            brief = fleet.snapshot_from_report(optimizer.brief(), name="app")
+        finally:
+            if was_enabled:
+                gc.enable()
+        assert brief.keys() == full.keys()
+        for key in ("optimizer", "requests", "leak_suspects", "leaks", "cache"):
+            assert brief[key] == full[key], key
+        assert brief["requests"] == 30 and brief["cache"]["hits"] == full["cache"]["hits"] > 0
+        assert brief["gc"]["collections"] == full["gc"]["collections"] > 0
+        assert brief["gc"]["mode"] == full["gc"]["mode"]
+        assert [c["name"] for c in brief["caches"]] == [c["name"] for c in full["caches"]]
+        # before enough windows both say so, the same way (the seconds-to-go are read a moment apart)
+        assert (brief["leak_verdict"] or "").split(";")[0] == (full["leak_verdict"] or "").split(";")[0]
+
+        def no_report() -> None:
+            raise AssertionError("the periodic snapshot built a full report")
+
+        monkeypatch.setattr(optimizer, "report", no_report)
+        written = fleet.FleetPublisher(fleet.FleetSpool(tmp_path), name="app").publish()
+        assert written is not None and written["requests"] == 30 and written["gc"]["collections"] > 0
+    finally:
+        optimizer.stop()
+    with pytest.raises(OptimizerError, match="running"):
+        optimizer.brief()

@@ -331,13 +331,18 @@ def _opportunities(
     return found
 
 
+def time_share_of(pause_s: float, elapsed_s: float) -> float:
+    """GC pause time as a share of wall time (0 before any time passed)."""
+    return min(1.0, pause_s / elapsed_s) if elapsed_s > 0 else 0.0
+
+
 def build_analysis(data: AnalysisInput) -> GcAnalysis:
     """Compute a :class:`GcAnalysis` from recorded collections."""
     minutes = data.elapsed_s / 60.0
     gens = _generation_stats(data, minutes)
     total_collections = sum(data.counts)
     total_pause_s = sum(data.pause_ns) / 1e9
-    time_share = min(1.0, total_pause_s / data.elapsed_s) if data.elapsed_s > 0 else 0.0
+    time_share = time_share_of(total_pause_s, data.elapsed_s)
     cpu_share = min(1.0, total_pause_s / data.cpu_s) if data.cpu_s > 0 else time_share
     total_collected = sum(data.collected)
     efficiency = total_collected / (total_pause_s * 1e3) if total_pause_s > 0 else 0.0

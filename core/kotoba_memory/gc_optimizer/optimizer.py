@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from kotoba_memory.errors import KotobaMemoryError
-from kotoba_memory.gc_optimizer.analysis import AnalysisInput, GcAnalysis, build_analysis
+from kotoba_memory.gc_optimizer.analysis import AnalysisInput, GcAnalysis, build_analysis, time_share_of
 from kotoba_memory.gc_optimizer.events import NUM_GENERATIONS, GcEvent, GcRecorder
 from kotoba_memory.gc_optimizer.memory import MemoryCeiling, malloc_trim
 from kotoba_memory.process import Task, activity, forks, registry, scheduler
@@ -768,8 +768,7 @@ class GcOptimizer:
         """Score the collector's cost since :meth:`start` and list bottlenecks and opportunities."""
         rec = self._recorder
         events = rec.snapshot()
-        counts = [rec.counts[g] + rec.manual_counts[g] for g in range(NUM_GENERATIONS)]
-        pause_ns = [rec.pause_ns[g] + rec.manual_pause_ns[g] for g in range(NUM_GENERATIONS)]
+        counts, pause_ns = self._per_generation()
         try:
             percent: float | None = self._ceiling.usage().percent
         except Exception:
@@ -807,6 +806,26 @@ class GcOptimizer:
             long_requests=self.long_request_steps,
         )
         return build_analysis(data)
+
+    def _per_generation(self) -> tuple[list[int], list[int]]:
+        """Collections and pause (ns) per generation, automatic and explicit together."""
+        rec = self._recorder
+        return (
+            [rec.counts[g] + rec.manual_counts[g] for g in range(NUM_GENERATIONS)],
+            [rec.pause_ns[g] + rec.manual_pause_ns[g] for g in range(NUM_GENERATIONS)],
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The headline counters of :meth:`analyze` (collections, pause, time share, mode), read cheaply
+        enough for a task that runs every few seconds."""
+        counts, pause_ns = self._per_generation()
+        pause_s = sum(pause_ns) / 1e9
+        return {
+            "total_collections": sum(counts),
+            "total_pause_s": pause_s,
+            "gc_time_share": time_share_of(pause_s, time.monotonic() - self._start_wall),
+            "mode": self._mode,
+        }
 
     async def aanalyze(self) -> GcAnalysis:
         """Async twin of :meth:`analyze`."""

@@ -25,6 +25,7 @@ from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
     LeakVerdictStatus,
     MemoryAnalysis,
+    MemoryLeak,
     MemorySample,
     ProfilerStats,
     RouteStats,
@@ -696,15 +697,7 @@ class MemoryProfiler:
             by_count = list(self._hotspots_by_count)
             detector = self._detector
         temporal = analyze_samples(samples, self.memory_limit_bytes)
-        # Outside the lock: only the scheduler thread changes the detector, and a window it adds
-        # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
-        leaks = detector.suspects(
-            now=time.time(),
-            window_interval_s=self.window_interval_s,
-            global_growth=_SampleGrowth(samples),
-            routes=routes,
-            min_confidence=self.min_confidence,
-        )
+        leaks = self._suspects(detector, samples, routes)
         stats = self.stats()
         status = self._leak_status(stats.windows)
         return MemoryAnalysis(
@@ -717,6 +710,28 @@ class MemoryProfiler:
             analysis_time_s=time.perf_counter() - started,
             samples=samples,
             leak_status=status,
+        )
+
+    def leak_verdict(self) -> tuple[list[MemoryLeak], LeakVerdictStatus]:
+        """The leak suspects of :meth:`analyze` and the evidence behind them, without its other parts."""
+        routes = self._routes.snapshot()
+        with self._lock:
+            samples = self._ring.samples()
+            detector = self._detector
+            windows = detector.windows
+        return self._suspects(detector, samples, routes), self._leak_status(windows)
+
+    def _suspects(
+        self, detector: LeakDetector, samples: list[MemorySample], routes: list[RouteStats]
+    ) -> list[MemoryLeak]:
+        # Outside the lock: only the scheduler thread changes the detector, and a window it adds
+        # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
+        return detector.suspects(
+            now=time.time(),
+            window_interval_s=self.window_interval_s,
+            global_growth=_SampleGrowth(samples),
+            routes=routes,
+            min_confidence=self.min_confidence,
         )
 
     def windows_needed(self) -> int:
