@@ -18,6 +18,7 @@ per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a 
     .venv/bin/python benchmarks/field_overhead.py --without-profiler --middleware-only --delay-ms 10
     .venv/bin/python benchmarks/field_overhead.py --delay-ms 10 \
         --variant 'nowin={"enable_leak_detection": false}'   # + the defaults with fields changed
+    .venv/bin/python benchmarks/field_overhead.py --delay-ms 10 --workers 3 --rounds 8 --restart-every 2
 
 Flat out, a server that gets less of the machine's two cores queues more requests per wake-up and so
 spends less CPU on each; with ``--delay-ms`` every server serves the same pace below saturation.
@@ -169,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
              "layout and adaptive GC state, which shift one process's CPU per request by a few percent "
              "for as long as it lives; several per server average that out",
     )
+    parser.add_argument(
+        "--restart-every", type=int, default=0, metavar="K",
+        help="stop every server after each K rounds and start new ones (with a new warm-up): a process's "
+             "offset then holds for K rounds only, and the median spans several processes per server",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--delay-ms", type=float, default=0.0,
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
              "'nowin={\"enable_leak_detection\": false}' (repeatable; compared with off and with on)",
     )
     args = parser.parse_args(argv)
+    if args.restart_every < 0:
+        parser.error(f"--restart-every wants a whole number of rounds >= 0, got {args.restart_every}")
     variants: dict[str, dict[str, Any]] = {}
     for spec in args.variant:
         name, sep, text = spec.partition("=")
@@ -217,19 +225,30 @@ def main(argv: list[str] | None = None) -> int:
             dumps = {name: Path(tmp) / name for name in (*_BUILT_IN, *variants)}
             for folder in dumps.values():
                 folder.mkdir()
-            servers["off"] = Server(False, out=dumps["off"], workers=args.workers)
-            servers["on"] = Server(True, out=dumps["on"], workers=args.workers)
-            if args.without_profiler:
-                servers["noprof"] = Server(True, profiler=False, out=dumps["noprof"], workers=args.workers)
-            if args.middleware_only:
-                servers["mwonly"] = Server(
-                    True, profiler=False, middleware_only=True, out=dumps["mwonly"], workers=args.workers
-                )
-            for name, overrides in variants.items():
-                servers[name] = Server(True, overrides=overrides, out=dumps[name], workers=args.workers)
-            print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
-            paired_round(servers, args.warmup_s, script, args.connections)
+
+            def start_servers() -> None:
+                servers["off"] = Server(False, out=dumps["off"], workers=args.workers)
+                servers["on"] = Server(True, out=dumps["on"], workers=args.workers)
+                if args.without_profiler:
+                    servers["noprof"] = Server(
+                        True, profiler=False, out=dumps["noprof"], workers=args.workers
+                    )
+                if args.middleware_only:
+                    servers["mwonly"] = Server(
+                        True, profiler=False, middleware_only=True, out=dumps["mwonly"], workers=args.workers
+                    )
+                for name, overrides in variants.items():
+                    servers[name] = Server(True, overrides=overrides, out=dumps[name], workers=args.workers)
+                print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
+                paired_round(servers, args.warmup_s, script, args.connections)
+
+            start_servers()
             for r in range(args.rounds):
+                if args.restart_every and r and r % args.restart_every == 0:
+                    for server in servers.values():
+                        server.stop()  # fresh processes: new hash seeds, address layouts and GC paths
+                    print(f"  restarting every server after round {r}", flush=True)
+                    start_servers()
                 result = paired_round(servers, args.round_s, script, args.connections)
                 for name in servers:
                     if name != "off":

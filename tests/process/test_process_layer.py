@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 from kotoba_memory.process import activity, forks, registry
 from kotoba_memory.process import memory as process_memory
-from kotoba_memory.process.scheduler import Scheduler
+from kotoba_memory.process.scheduler import Scheduler, _on_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,6 +124,38 @@ def test_error_path_uses_the_interval_and_success_path_the_returned_delay() -> N
     task.run_soon()
     assert wait_until(lambda: len(failures) == 2)
     task.cancel()
+
+
+def test_tasks_of_one_interval_share_wake_ups_and_keep_their_pace() -> None:
+    for now in (0.0, 12.34, 99.999, 1e6 + 0.5):
+        for interval in (0.05, 1.0, 5.0, 60.0):
+            step = min(interval, 1.0)
+            at = _on_grid(now, interval)
+            assert interval - step / 2 - 1e-9 <= at - now <= interval + step / 2 + 1e-9
+            assert abs(at / step - round(at / step)) < 1e-6  # on the grid
+    sched = Scheduler()
+    runs: dict[str, list[float]] = {"a": [], "b": []}
+    a = sched.every(0.2, lambda: runs["a"].append(time.monotonic()), name="a", delay_s=0.0)
+    b = sched.every(0.2, lambda: runs["b"].append(time.monotonic()), name="b", delay_s=0.07)
+    try:
+        assert wait_until(lambda: len(runs["a"]) >= 6 and len(runs["b"]) >= 6, timeout=10)
+    finally:
+        a.cancel()
+        b.cancel()
+    # started 70 ms apart, both run at the same grid points from their second run on
+    assert all(min(abs(t - u) for u in runs["a"]) < 0.03 for t in runs["b"][1:])
+    gaps = [later - earlier for earlier, later in zip(runs["a"][1:], runs["a"][2:], strict=False)]
+    assert 0.1 <= statistics.median(gaps) <= 0.3
+
+
+def test_system_memory_reads_the_same_figures_as_psutil() -> None:
+    import psutil
+
+    total, used = process_memory.system_memory()
+    vm = psutil.virtual_memory()
+    assert total == vm.total
+    assert abs(used - (vm.total - vm.available)) < 64 << 20  # read a moment apart on a busy machine
+    assert process_memory._meminfo() is not None  # Linux: from /proc/meminfo, not psutil
 
 
 def test_cancel_waits_for_a_run_in_progress() -> None:

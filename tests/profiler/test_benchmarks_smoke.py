@@ -87,6 +87,12 @@ def test_field_overhead_refuses_a_bad_variant_before_starting_servers(
     assert named in capsys.readouterr().err
 
 
+def test_field_overhead_refuses_a_negative_restart_period(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load("field_overhead").main(["--restart-every", "-1"])
+    assert exited.value.code == 2 and "--restart-every" in capsys.readouterr().err
+
+
 def test_field_app_dumps_what_its_process_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(REPO))
     from benchmarks.field_apps import _profiling
