@@ -204,6 +204,10 @@ class MemoryOptimizer:
         """Async twin of :meth:`report`."""
         return await asyncio.to_thread(self.report)
 
+    async def abrief(self) -> MemoryBrief:
+        """Async twin of :meth:`brief` (it reads /proc and takes the components' locks)."""
+        return await asyncio.to_thread(self.brief)
+
     def __enter__(self) -> MemoryOptimizer:
         self.start()
         return self

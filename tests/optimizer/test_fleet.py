@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -304,6 +305,9 @@ def test_the_periodic_snapshot_reads_counters_and_says_what_a_report_would(
         assert [c["name"] for c in brief["caches"]] == [c["name"] for c in full["caches"]]
         # before enough windows both say so, the same way (the seconds-to-go are read a moment apart)
         assert (brief["leak_verdict"] or "").split(";")[0] == (full["leak_verdict"] or "").split(";")[0]
+
+        awaited = asyncio.run(optimizer.abrief())
+        assert sum(r["requests"] for r in awaited.routes) == 30 and awaited.gc is not None
 
         def no_report() -> None:
             raise AssertionError("the periodic snapshot built a full report")
