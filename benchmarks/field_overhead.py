@@ -37,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--restart-every", type=int, default=0, metavar="K",
         help="stop every server after each K rounds and start new ones (with a new warm-up): a process's "
-             "offset then holds for K rounds only, and the median spans several processes per server",
+             "offset then holds for K rounds only, and the median spans several processes per server; "
+             "each start also rotates the order servers boot and are loaded in (the second server "
+             "started read ~2%% dearer than identical ones started later), so run as many starts as "
+             "servers",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -226,20 +231,36 @@ def main(argv: list[str] | None = None) -> int:
             for folder in dumps.values():
                 folder.mkdir()
 
+            factories: dict[str, Callable[[], Server]] = {
+                "off": lambda: Server(False, out=dumps["off"], workers=args.workers),
+                "on": lambda: Server(True, out=dumps["on"], workers=args.workers),
+            }
+            if args.without_profiler:
+                factories["noprof"] = lambda: Server(
+                    True, profiler=False, out=dumps["noprof"], workers=args.workers
+                )
+            if args.middleware_only:
+                factories["mwonly"] = lambda: Server(
+                    True, profiler=False, middleware_only=True, out=dumps["mwonly"], workers=args.workers
+                )
+            for name, overrides in variants.items():
+                factories[name] = partial(
+                    Server, True, overrides=overrides, out=dumps[name], workers=args.workers
+                )
+            starts = 0
+
             def start_servers() -> None:
-                servers["off"] = Server(False, out=dumps["off"], workers=args.workers)
-                servers["on"] = Server(True, out=dumps["on"], workers=args.workers)
-                if args.without_profiler:
-                    servers["noprof"] = Server(
-                        True, profiler=False, out=dumps["noprof"], workers=args.workers
-                    )
-                if args.middleware_only:
-                    servers["mwonly"] = Server(
-                        True, profiler=False, middleware_only=True, out=dumps["mwonly"], workers=args.workers
-                    )
-                for name, overrides in variants.items():
-                    servers[name] = Server(True, overrides=overrides, out=dumps[name], workers=args.workers)
-                print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze)")
+                # Each start rotates the order servers boot and their wrk is launched in: an A/A run
+                # without it showed the second server started ~2% dearer than identical later ones.
+                nonlocal starts
+                names = list(factories)
+                shift = starts % len(names)
+                starts += 1
+                servers.clear()
+                for name in names[shift:] + names[:shift]:
+                    servers[name] = factories[name]()
+                print(f"warm-up {args.warmup_s:.0f} s (start-up, first tracing window, GC warm-up freeze); "
+                      f"start order {', '.join(servers)}")
                 paired_round(servers, args.warmup_s, script, args.connections)
 
             start_servers()

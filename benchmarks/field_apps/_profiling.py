@@ -16,6 +16,10 @@ from kotoba_memory_integrations import runtime
 
 LEAKS_ON = os.environ.get("FIELD_LEAKS", "1") != "0"
 KOTOBA_ON = os.environ.get("FIELD_KOTOBA", "1") != "0"  # 0: the bare app (overhead baseline)
+# The defaults without the profiler (FIELD_PROFILE=0), and the middleware's per-request path alone
+# (FIELD_MIDDLEWARE_ONLY=1), as MemoryConfig fields.
+NO_PROFILER: dict[str, Any] = {"enable_profiling": False, "enable_leak_detection": False}
+MIDDLEWARE_ONLY: dict[str, Any] = {**NO_PROFILER, "enable_gc_optimization": False, "enable_caching": False}
 
 
 def config() -> MemoryConfig:
@@ -26,13 +30,10 @@ def config() -> MemoryConfig:
     if os.environ.get("FIELD_PRODUCTION") == "1":
         if os.environ.get("FIELD_CONFIG"):
             return MemoryConfig(**json.loads(os.environ["FIELD_CONFIG"]))
-        if os.environ.get("FIELD_MIDDLEWARE_ONLY") == "1":  # the middleware's per-request path alone
-            return MemoryConfig(
-                enable_profiling=False, enable_leak_detection=False, enable_gc_optimization=False,
-                enable_caching=False,
-            )
-        if os.environ.get("FIELD_PROFILE", "1") == "0":  # the defaults without the profiler
-            return MemoryConfig(enable_profiling=False, enable_leak_detection=False)
+        if os.environ.get("FIELD_MIDDLEWARE_ONLY") == "1":
+            return MemoryConfig(**MIDDLEWARE_ONLY)
+        if os.environ.get("FIELD_PROFILE", "1") == "0":
+            return MemoryConfig(**NO_PROFILER)
         return MemoryConfig()
     profiling = os.environ.get("FIELD_PROFILE", "1") != "0"  # off while ground truth is replayed
     return MemoryConfig(
@@ -45,6 +46,17 @@ def config() -> MemoryConfig:
         leak_trace_budget=None,
     )
 
+
+def delay_first_window(optimizer: Any) -> None:
+    """With ``FIELD_FIRST_WINDOW_S``, move the profiler's first tracing window that many seconds after
+    start (a diagnostic for the overhead benchmark: past its rounds, the leak detector runs no window)."""
+    delay = os.environ.get("FIELD_FIRST_WINDOW_S")
+    profiler = getattr(optimizer, "profiler", None)
+    if not delay or profiler is None or not profiler.leak_detection:
+        return
+    profiler.stop()
+    profiler.first_window_after_s = float(delay)
+    profiler.start()
 
 def dump_analysis() -> Path | None:
     """Write this worker's profiler analysis to ``$FIELD_OUT/worker-<pid>.json`` (None when off), and

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from benchmarks.field_apps import churn
-from benchmarks.field_apps._profiling import KOTOBA_ON, LEAKS_ON, config
+from benchmarks.field_apps._profiling import KOTOBA_ON, LEAKS_ON, config, delay_first_window
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import set_current_route
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
@@ -67,5 +67,5 @@ def create_app() -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
     app with ``FIELD_KOTOBA=0``)."""
     if not KOTOBA_ON:
         return app
-    runtime.start_optimizer(config())
+    delay_first_window(runtime.start_optimizer(config()))
     return MemoryMiddleware(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -107,3 +108,68 @@ def test_field_app_dumps_what_its_process_ran(tmp_path: Path, monkeypatch: pytes
     summary = load("field_overhead")._what_ran(tmp_path)
     assert summary is not None and summary["workers_dumped"] == 1
     assert summary["collections"] == [g["collections"] for g in process["gc_stats"]]
+
+
+def test_field_overhead_rotates_which_server_starts_first_at_each_restart(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load("field_overhead")
+    started: list[str] = []
+
+    class FakeServer:
+        """Stands in for gunicorn: records the order servers are started in."""
+
+        def __init__(self, kotoba: bool, profiler: bool = True, **kwargs: object) -> None:
+            if not kotoba:
+                started.append("off")
+            elif kwargs.get("overrides") is not None:
+                started.append("aa")
+            else:
+                started.append("on" if profiler else "noprof")
+
+        def stop(self) -> None:
+            pass
+
+    def fake_round(servers: dict[str, object], *args: object) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name in servers:
+            out[f"{name}_requests"], out[f"{name}_cpu_us"] = 100.0, 500.0
+        return out
+
+    monkeypatch.setattr(bench, "Server", FakeServer)
+    monkeypatch.setattr(bench, "paired_round", fake_round)
+    argv = ["--rounds", "6", "--restart-every", "2", "--without-profiler", "--variant", "aa={}"]
+    assert bench.main(argv) == 0
+    # three starts of four servers, each start shifted by one: every server boots (and its wrk is
+    # launched) in a different position, so a position's offset is spread over all of them
+    first, second, third = (
+        ["off", "on", "noprof", "aa"], ["on", "noprof", "aa", "off"], ["noprof", "aa", "off", "on"]
+    )
+    assert started == first + second + third
+    printed = capsys.readouterr().out
+    orders = [line.split("start order ", 1)[1] for line in printed.splitlines() if "start order" in line]
+    assert orders == [", ".join(first), ", ".join(second), ", ".join(third)]
+    assert sum(line.startswith("  round ") for line in printed.splitlines()) == 6
+    assert "aa/on" in printed
+
+
+def test_field_app_can_move_the_first_tracing_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from types import SimpleNamespace
+
+    from benchmarks.field_apps import _profiling
+    from kotoba_memory.memory_profiler import MemoryProfiler
+
+    profiler = MemoryProfiler(sample_interval_s=0.5)
+    profiler.start()
+    try:
+        assert profiler.first_window_after_s == 10.0
+        _profiling.delay_first_window(SimpleNamespace(profiler=profiler))  # no FIELD_FIRST_WINDOW_S: as is
+        assert profiler.first_window_after_s == 10.0
+        monkeypatch.setenv("FIELD_FIRST_WINDOW_S", "5000")
+        _profiling.delay_first_window(SimpleNamespace(profiler=profiler))
+        assert profiler.first_window_after_s == 5000.0 and profiler.running
+        window = next(t for t in profiler._tasks if t.name == "memory_profiler.window")
+        assert window.next_at - time.monotonic() > 4000  # the scheduler's clock
+    finally:
+        profiler.stop()
