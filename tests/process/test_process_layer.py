@@ -16,7 +16,7 @@ import pytest
 
 from kotoba_memory.process import activity, forks, registry
 from kotoba_memory.process import memory as process_memory
-from kotoba_memory.process.scheduler import Scheduler, _on_grid
+from kotoba_memory.process.scheduler import Scheduler, Task, _on_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,16 +134,26 @@ def test_tasks_of_one_interval_share_wake_ups_and_keep_their_pace() -> None:
             assert interval - step / 2 - 1e-9 <= at - now <= interval + step / 2 + 1e-9
             assert abs(at / step - round(at / step)) < 1e-6  # on the grid
     sched = Scheduler()
+    # Each run records the time it was planned for (the task's ``next_at`` while it runs), not when the
+    # thread got there: on a loaded machine the two callbacks of one wake-up can be 30+ ms apart.
     runs: dict[str, list[float]] = {"a": [], "b": []}
-    a = sched.every(0.2, lambda: runs["a"].append(time.monotonic()), name="a", delay_s=0.0)
-    b = sched.every(0.2, lambda: runs["b"].append(time.monotonic()), name="b", delay_s=0.07)
+    tasks: dict[str, Task] = {}
+
+    def record(name: str) -> None:
+        if name in tasks:
+            runs[name].append(tasks[name].next_at)
+
+    tasks["a"] = sched.every(0.2, lambda: record("a"), name="a", delay_s=0.0)
+    tasks["b"] = sched.every(0.2, lambda: record("b"), name="b", delay_s=0.07)
     try:
         assert wait_until(lambda: len(runs["a"]) >= 6 and len(runs["b"]) >= 6, timeout=10)
     finally:
-        a.cancel()
-        b.cancel()
-    # started 70 ms apart, both run at the same grid points from their second run on
-    assert all(min(abs(t - u) for u in runs["a"]) < 0.03 for t in runs["b"][1:])
+        tasks["a"].cancel()
+        tasks["b"].cancel()
+    # started 70 ms apart, both are planned for the same grid points from b's second run on (one
+    # wake-up late by ~step/2 may round b to the next point; without the grid none would match)
+    shared = [t for t in runs["b"][1:] if min(abs(t - u) for u in runs["a"]) < 1e-6]
+    assert len(shared) >= len(runs["b"]) - 2
     gaps = [later - earlier for earlier, later in zip(runs["a"][1:], runs["a"][2:], strict=False)]
     assert 0.1 <= statistics.median(gaps) <= 0.3
 
