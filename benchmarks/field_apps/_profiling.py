@@ -50,13 +50,20 @@ def config() -> MemoryConfig:
 def delay_first_window(optimizer: Any) -> None:
     """With ``FIELD_FIRST_WINDOW_S``, move the profiler's first tracing window that many seconds after
     start (a diagnostic for the overhead benchmark: past its rounds, the leak detector runs no window)."""
-    delay = os.environ.get("FIELD_FIRST_WINDOW_S")
+    text = os.environ.get("FIELD_FIRST_WINDOW_S")
     profiler = getattr(optimizer, "profiler", None)
-    if not delay or profiler is None or not profiler.leak_detection:
+    if not text or profiler is None or not profiler.leak_detection:
         return
+    try:  # read before the profiler stops, so a bad value leaves it running as it was
+        delay = float(text)
+    except ValueError:
+        delay = -1.0
+    if not delay >= 0:  # also refuses nan
+        raise ValueError(f"FIELD_FIRST_WINDOW_S must be a number of seconds >= 0, got {text!r}")
     profiler.stop()
-    profiler.first_window_after_s = float(delay)
+    profiler.first_window_after_s = delay
     profiler.start()
+
 
 def dump_analysis() -> Path | None:
     """Write this worker's profiler analysis to ``$FIELD_OUT/worker-<pid>.json`` (None when off), and

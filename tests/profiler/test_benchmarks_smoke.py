@@ -166,6 +166,11 @@ def test_field_app_can_move_the_first_tracing_window(monkeypatch: pytest.MonkeyP
         assert profiler.first_window_after_s == 10.0
         _profiling.delay_first_window(SimpleNamespace(profiler=profiler))  # no FIELD_FIRST_WINDOW_S: as is
         assert profiler.first_window_after_s == 10.0
+        for bad in ("soon", "-5", "nan"):
+            monkeypatch.setenv("FIELD_FIRST_WINDOW_S", bad)
+            with pytest.raises(ValueError, match="FIELD_FIRST_WINDOW_S"):
+                _profiling.delay_first_window(SimpleNamespace(profiler=profiler))
+            assert profiler.first_window_after_s == 10.0 and profiler.running  # left as it was
         monkeypatch.setenv("FIELD_FIRST_WINDOW_S", "5000")
         _profiling.delay_first_window(SimpleNamespace(profiler=profiler))
         assert profiler.first_window_after_s == 5000.0 and profiler.running
