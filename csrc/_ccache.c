@@ -947,16 +947,16 @@ sketch_add(Core *c, Py_hash_t hash, int64_t count)
 {
     if (count <= 0)
         return;
+    c->sk_additions += count;
     SkIdx x = sketch_indexes(c, hash);
     if (!sketch_in_door(c, x.h, 1))
-        count -= 1;
+        count -= 1; /* the first request of a key only sets its doorkeeper bit */
     if (count) {
         for (int k = 0; k < 4; k++) {
             int64_t v = c->sk_table[x.i[k]] + count;
             c->sk_table[x.i[k]] = (uint8_t)(v < 15 ? v : 15);
         }
     }
-    c->sk_additions += count + 1;
     if (c->sk_additions >= c->sk_sample)
         sketch_age(c);
 }

@@ -85,6 +85,21 @@ def test_sketch_counts_saturate_and_age() -> None:
     assert sketch.frequency(hot) <= 3
 
 
+def test_sketch_ages_after_sample_size_requests_and_not_sooner() -> None:
+    hot = 1_000_003
+    sketch = FrequencySketch(64)
+    sketch.add(hot, 3)
+    assert sketch.additions == 3
+    for _ in range(sketch.sample_size - 4):
+        sketch.add(hot)
+    # every request counts once, whether it reached the counters or only the doorkeeper
+    assert sketch.additions == sketch.sample_size - 1
+    assert sketch.frequency(hot) == 16
+    sketch.add(hot)
+    assert sketch.additions == sketch.sample_size // 2
+    assert sketch.frequency(hot) == 7
+
+
 def test_byte_bounded_adaptive_respects_the_bound() -> None:
     rng = random.Random(4)
     cache = CacheManager(50_000, CachePolicy.ADAPTIVE, weigher=len)

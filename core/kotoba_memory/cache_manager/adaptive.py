@@ -103,15 +103,15 @@ class FrequencySketch:
         """Record ``count`` requests of ``key``."""
         if count <= 0:
             return
+        self.additions += count
         h, a, b, c, d = self._indexes(key)
         if not self._in_door(h, True):
-            count -= 1
+            count -= 1  # the first request of a key only sets its doorkeeper bit
         if count:
             t = self._table
             for i in (a, b, c, d):
                 v = t[i] + count
                 t[i] = v if v < _MAX_COUNT else _MAX_COUNT
-        self.additions += count + 1
         if self.additions >= self.sample_size:
             self.age()
 
