@@ -37,7 +37,8 @@ static PyObject *is_tracing_fn = NULL, *get_traced_fn = NULL;
 static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age */
 
 static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
-    *str_recent, *str_record_request, *str_listeners, *str_qualname, *str_route, *str_rss_delta,
+    *str_recent, *str_record_request, *str_request_sink, *str_listeners, *str_qualname, *str_route,
+    *str_rss_delta,
     *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
     *str_finish, *str_close;
 static PyObject *int_zero, *int_500;
@@ -173,6 +174,259 @@ next_event(void)
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* RouteTable: the memory profiler's per-route aggregates (memory_profiler.profiler._RouteTable)      */
+
+typedef struct {
+    int64_t requests, rss, traced, traced_requests, rss_requests, window;
+    double duration;
+} RouteRow;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t max_routes;
+    PyObject *index;  /* dict: route (exact str) -> int row */
+    PyObject *names;  /* list: route by row */
+    RouteRow *rows;
+    Py_ssize_t n, cap;
+} RouteTableObject;
+
+static PyTypeObject RouteTable_Type;
+static PyObject *str_other;  /* "<other>": every route past max_routes */
+
+static PyObject *
+RouteTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"max_routes", NULL};
+    Py_ssize_t max_routes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:RouteTable", kwlist, &max_routes)) return NULL;
+    if (max_routes < 1) {
+        PyErr_Format(PyExc_ValueError, "max_routes must be >= 1, got %zd", max_routes);
+        return NULL;
+    }
+    RouteTableObject *self = (RouteTableObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->max_routes = max_routes;
+    self->index = PyDict_New();
+    self->names = PyList_New(0);
+    if (self->index == NULL || self->names == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+RouteTable_dealloc(RouteTableObject *self)
+{
+    Py_CLEAR(self->index);
+    Py_CLEAR(self->names);
+    PyMem_Free(self->rows);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* An optional int (None stays absent), as int(x) converts it. */
+static int
+optional_int64(PyObject *o, int64_t *out, int *present)
+{
+    *present = 0;
+    if (o == Py_None) return 0;
+    PyObject *i = PyNumber_Long(o);
+    if (i == NULL) return -1;
+    long long v = PyLong_AsLongLong(i);
+    Py_DECREF(i);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = (int64_t)v;
+    *present = 1;
+    return 0;
+}
+
+/* Add one request to `route`'s row. Every conversion (which may run Python code) happens before the
+ * table changes; the change itself allocates no tracked object, so no other thread interleaves. */
+static int
+route_table_record(RouteTableObject *self, PyObject *route, PyObject *rss, PyObject *traced, PyObject *duration)
+{
+    if (!PyUnicode_Check(route)) {
+        PyErr_Format(PyExc_TypeError, "route must be a str, got %.100s", Py_TYPE(route)->tp_name);
+        return -1;
+    }
+    int64_t rss_v = 0, traced_v = 0;
+    int has_rss, has_traced;
+    if (optional_int64(rss, &rss_v, &has_rss) < 0 || optional_int64(traced, &traced_v, &has_traced) < 0)
+        return -1;
+    double dur;
+    if (PyFloat_CheckExact(duration)) {
+        dur = PyFloat_AS_DOUBLE(duration);
+    }
+    else {
+        PyObject *f = PyNumber_Float(duration);
+        if (f == NULL) return -1;
+        dur = PyFloat_AS_DOUBLE(f);
+        Py_DECREF(f);
+    }
+    /* A str subclass could hash and compare in Python: key the table by an exact copy. */
+    PyObject *key = PyUnicode_CheckExact(route) ? Py_NewRef(route) : PyUnicode_FromObject(route);
+    if (key == NULL) return -1;
+    if (PyUnicode_READY(key) < 0 || PyObject_Hash(key) == -1) {
+        Py_DECREF(key);
+        return -1;
+    }
+    PyObject *at = PyDict_GetItemWithError(self->index, key);  /* borrowed */
+    if (at == NULL && !PyErr_Occurred() && self->n >= self->max_routes) {
+        Py_SETREF(key, Py_NewRef(str_other));
+        at = PyDict_GetItemWithError(self->index, key);
+    }
+    Py_ssize_t row;
+    if (at != NULL) {
+        row = PyLong_AsSsize_t(at);
+    }
+    else {
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return -1;
+        }
+        if (self->n == self->cap) {
+            Py_ssize_t cap = self->cap ? 2 * self->cap : 16;
+            RouteRow *rows = PyMem_Realloc(self->rows, (size_t)cap * sizeof(RouteRow));
+            if (rows == NULL) {
+                Py_DECREF(key);
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->rows = rows;
+            self->cap = cap;
+        }
+        PyObject *i = PyLong_FromSsize_t(self->n);
+        if (i == NULL || PyList_Append(self->names, key) < 0) {
+            Py_XDECREF(i);
+            Py_DECREF(key);
+            return -1;
+        }
+        if (PyDict_SetItem(self->index, key, i) < 0) {
+            Py_DECREF(i);
+            Py_DECREF(key);
+            (void)PyList_SetSlice(self->names, self->n, self->n + 1, NULL);
+            return -1;
+        }
+        Py_DECREF(i);
+        row = self->n++;
+        memset(&self->rows[row], 0, sizeof(RouteRow));
+    }
+    Py_DECREF(key);
+    RouteRow *r = &self->rows[row];
+    r->requests += 1;
+    if (has_rss) {
+        r->rss += rss_v;
+        r->rss_requests += 1;
+    }
+    if (has_traced) {
+        r->traced += traced_v;
+        r->traced_requests += 1;
+    }
+    r->duration += dur;
+    r->window += 1;
+    return 0;
+}
+
+static PyObject *
+RouteTable_record(RouteTableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "record() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (route_table_record(self, args[0], args[1], args[2], args[3]) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RouteTable_take_window_counts(RouteTableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *counts = PyDict_New();
+    if (counts == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        if (self->rows[i].window == 0) continue;
+        PyObject *v = PyLong_FromLongLong(self->rows[i].window);
+        if (v == NULL || PyDict_SetItem(counts, PyList_GET_ITEM(self->names, i), v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(counts);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    for (Py_ssize_t i = 0; i < self->n; i++) self->rows[i].window = 0;
+    return counts;
+}
+
+static PyObject *
+RouteTable_rows(RouteTableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New(self->n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        RouteRow *r = &self->rows[i];
+        PyObject *t = Py_BuildValue("(OLLLLdL)", PyList_GET_ITEM(self->names, i), (long long)r->requests,
+                                    (long long)r->rss, (long long)r->traced, (long long)r->traced_requests,
+                                    r->duration, (long long)r->rss_requests);
+        if (t == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+static PyObject *
+RouteTable_clear_rows(RouteTableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyDict_Clear(self->index);
+    if (PyList_SetSlice(self->names, 0, PY_SSIZE_T_MAX, NULL) < 0) return NULL;
+    self->n = 0;
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+RouteTable_len(RouteTableObject *self)
+{
+    return self->n;
+}
+
+static PyMethodDef RouteTable_methods[] = {
+    {"record", (PyCFunction)(void (*)(void))RouteTable_record, METH_FASTCALL,
+     "record(route, rss_delta, traced_delta, duration_s): add one finished request to route's row."},
+    {"take_window_counts", (PyCFunction)RouteTable_take_window_counts, METH_NOARGS,
+     "Requests per route since the last call (routes without any left out), and start counting anew."},
+    {"rows", (PyCFunction)RouteTable_rows, METH_NOARGS,
+     "[(route, requests, rss_delta, traced_delta, traced_requests, duration_s, rss_requests)], first seen first."},
+    {"clear", (PyCFunction)RouteTable_clear_rows, METH_NOARGS, "Forget every route."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef RouteTable_members[] = {
+    {"max_routes", T_PYSSIZET, offsetof(RouteTableObject, max_routes), READONLY,
+     "routes kept apart; later ones count as \"<other>\""},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods RouteTable_as_sequence = {
+    .sq_length = (lenfunc)RouteTable_len,
+};
+
+static PyTypeObject RouteTable_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.RouteTable",
+    .tp_basicsize = sizeof(RouteTableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "RouteTable(max_routes): bounded per-route request aggregates, fed by the recorder without a "
+              "Python frame (the reference is memory_profiler.profiler._RouteTable).",
+    .tp_new = RouteTable_new,
+    .tp_dealloc = (destructor)RouteTable_dealloc,
+    .tp_methods = RouteTable_methods,
+    .tp_members = RouteTable_members,
+    .tp_as_sequence = &RouteTable_as_sequence,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Recorder                                                                                           */
 
 typedef struct {
@@ -181,6 +435,9 @@ typedef struct {
     Py_ssize_t countdown;  /* requests left until the next measured one */
     double log_q;          /* log1p(-1/every), -inf when every == 1 */
     PyObject *gc_optimizer, *profiler, *on_request, *rss_reader;
+    /* The last profiler seen and its route table (NULL: it has none), so that a request reaches the
+     * table without a Python frame; looked up again whenever the getter returns another profiler. */
+    PyObject *sink_owner, *sink;
 } RecorderObject;
 
 static PyTypeObject Recorder_Type;
@@ -401,6 +658,26 @@ Recorder_begin(RecorderObject *self, PyObject *const *args, Py_ssize_t nargs, Py
     return begin(self, method);
 }
 
+/* The route table `profiler` records requests into (borrowed), or NULL: then record_request() is called.
+ * A profiler offers its table as `_request_sink` only while record_request is its class's own and does
+ * nothing but add to that table, so writing to the table is the same as calling it. */
+static PyObject *
+profiler_sink(RecorderObject *self, PyObject *profiler)
+{
+    if (profiler == self->sink_owner) return self->sink;
+    PyObject *sink = PyObject_GetAttr(profiler, str_request_sink);
+    if (sink == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return NULL;
+        PyErr_Clear();
+    }
+    else if (!PyObject_TypeCheck(sink, &RouteTable_Type)) {
+        Py_CLEAR(sink);
+    }
+    Py_XSETREF(self->sink_owner, Py_NewRef(profiler));
+    Py_XSETREF(self->sink, sink);
+    return sink;
+}
+
 /* Hand `metrics` to the profiler, on_request and the listeners; Exceptions are counted, never raised. */
 static int
 deliver(RecorderObject *self, PyObject *metrics)
@@ -434,9 +711,17 @@ deliver(RecorderObject *self, PyObject *metrics)
             if ((duration = PyObject_GetAttr(metrics, str_duration_s)) == NULL) goto profiler_done;
         }
         {
-            PyObject *callargs[5] = {profiler, route, rss, traced, duration};
-            r = PyObject_VectorcallMethod(str_record_request, callargs,
-                                          5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            PyObject *sink = profiler_sink(self, profiler);
+            if (sink == NULL && PyErr_Occurred()) goto profiler_done;
+            if (sink != NULL) {
+                if (route_table_record((RouteTableObject *)sink, route, rss, traced, duration) == 0)
+                    r = Py_NewRef(Py_None);
+            }
+            else {
+                PyObject *callargs[5] = {profiler, route, rss, traced, duration};
+                r = PyObject_VectorcallMethod(str_record_request, callargs,
+                                              5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
         }
     profiler_done:
         Py_XDECREF(route);
@@ -453,6 +738,9 @@ deliver(RecorderObject *self, PyObject *metrics)
     }
     else {
         Py_DECREF(profiler);
+        /* No profiler running: do not keep the last one (and its buffers) alive. */
+        Py_CLEAR(self->sink_owner);
+        Py_CLEAR(self->sink);
     }
 
     if (self->on_request != NULL && self->on_request != Py_None) {
@@ -506,6 +794,7 @@ Recorder_traverse(RecorderObject *self, visitproc visit, void *arg)
     Py_VISIT(self->profiler);
     Py_VISIT(self->on_request);
     Py_VISIT(self->rss_reader);
+    Py_VISIT(self->sink_owner);
     return 0;
 }
 
@@ -516,6 +805,8 @@ Recorder_clear(RecorderObject *self)
     Py_CLEAR(self->profiler);
     Py_CLEAR(self->on_request);
     Py_CLEAR(self->rss_reader);
+    Py_CLEAR(self->sink_owner);
+    Py_CLEAR(self->sink);
     return 0;
 }
 
@@ -1288,7 +1579,7 @@ PyMODINIT_FUNC
 PyInit__crecord(void)
 {
     if (PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
-        PyType_Ready(&Body_Type) < 0)
+        PyType_Ready(&Body_Type) < 0 || PyType_Ready(&RouteTable_Type) < 0)
         return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(str_paused_by_fork, "paused_by_fork");
@@ -1298,6 +1589,8 @@ PyInit__crecord(void)
     INTERN(str_rss, "rss");
     INTERN(str_recent, "recent");
     INTERN(str_record_request, "record_request");
+    INTERN(str_request_sink, "_request_sink");
+    INTERN(str_other, "<other>");
     INTERN(str_listeners, "_listeners");
     INTERN(str_qualname, "__qualname__");
     INTERN(str_route, "route");
@@ -1325,7 +1618,8 @@ PyInit__crecord(void)
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0 ||
         PyModule_AddObjectRef(m, "StartResponse", (PyObject *)&StartResponse_Type) < 0 ||
-        PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0) {
+        PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0 ||
+        PyModule_AddObjectRef(m, "RouteTable", (PyObject *)&RouteTable_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

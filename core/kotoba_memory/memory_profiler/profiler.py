@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kotoba_memory import _native
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
 from kotoba_memory.memory_profiler._budget import TraceBudget
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
@@ -92,16 +93,27 @@ def _library_prefixes() -> list[str]:
 
 
 class _RouteTable:
-    """Bounded per-route aggregates; the middleware feeds it from many threads."""
+    """Bounded per-route aggregates; the middleware feeds it from many threads (the pure-Python reference
+    of ``kotoba_memory._crecord.RouteTable``, which the C request recorder writes to without a frame)."""
 
     def __init__(self, max_routes: int) -> None:
         self.max_routes = max_routes
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every route (also in a forked child: a new lock, which no parent's thread can hold)."""
         self._lock = threading.Lock()
         # route -> [requests, rss_delta, traced_delta, traced_requests, duration, rss_requests]
         self._totals: dict[str, list[float]] = {}
         self._window_counts: dict[str, int] = {}
 
     def record(self, route: str, rss_delta: int | None, traced_delta: int | None, duration_s: float) -> None:
+        """Add one finished request to ``route``'s row (past ``max_routes`` routes, to ``"<other>"``'s)."""
+        if not isinstance(route, str):
+            raise TypeError(f"route must be a str, got {type(route).__name__}")
+        rss = None if rss_delta is None else int(rss_delta)
+        traced = None if traced_delta is None else int(traced_delta)
+        duration = float(duration_s)
         with self._lock:
             row = self._totals.get(route)
             if row is None:
@@ -111,30 +123,40 @@ class _RouteTable:
                 if row is None:
                     row = self._totals[route] = [0, 0, 0, 0, 0.0, 0]
             row[0] += 1
-            if rss_delta is not None:
-                row[1] += rss_delta
+            if rss is not None:
+                row[1] += rss
                 row[5] += 1
-            if traced_delta is not None:
-                row[2] += traced_delta
+            if traced is not None:
+                row[2] += traced
                 row[3] += 1
-            row[4] += duration_s
+            row[4] += duration
             self._window_counts[route] = self._window_counts.get(route, 0) + 1
 
     def take_window_counts(self) -> dict[str, int]:
+        """Requests per route since the last call, and start counting anew."""
         with self._lock:
             counts, self._window_counts = self._window_counts, {}
             return counts
 
-    def snapshot(self) -> list[RouteStats]:
+    def rows(self) -> list[tuple[str, int, int, int, int, float, int]]:
+        """Per route: ``(route, requests, rss_delta, traced_delta, traced_requests, duration_s,
+        rss_requests)``."""
         with self._lock:
-            rows = [(k, list(v)) for k, v in self._totals.items()]
-        return [
-            RouteStats(k, int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]), int(v[5]))
-            for k, v in sorted(rows, key=lambda kv: kv[1][0], reverse=True)
-        ]
+            return [(k, int(v[0]), int(v[1]), int(v[2]), int(v[3]), float(v[4]), int(v[5]))
+                    for k, v in self._totals.items()]
 
     def __len__(self) -> int:
         return len(self._totals)
+
+
+# The C table where built: the C request recorder then adds each request to it directly.
+_crecord = _native.load("_crecord")
+_new_route_table: Callable[[int], Any] = _crecord.RouteTable if _crecord is not None else _RouteTable
+
+
+def _route_stats(table: Any) -> list[RouteStats]:
+    """A route table's rows as :class:`RouteStats`, busiest route first."""
+    return [RouteStats(*row) for row in sorted(table.rows(), key=lambda row: row[1], reverse=True)]
 
 
 class MemoryProfiler:
@@ -210,7 +232,12 @@ class MemoryProfiler:
         self._lock = threading.RLock()
         self._ring = SampleRing(history_size, _MAX_GAUGES)
         self._gauges: dict[str, tuple[int, Callable[[], float]]] = {}
-        self._routes = _RouteTable(max_routes)
+        self._routes = _new_route_table(max_routes)
+        # The C request recorder adds requests to this table itself, skipping record_request, unless a
+        # subclass changed what record_request does. The table is never replaced (a fork clears it).
+        self._request_sink = (
+            self._routes if type(self).record_request is MemoryProfiler.record_request else None
+        )
         own = _own_prefixes()
         self._detector = LeakDetector(
             max_sites=max_sites,
@@ -323,11 +350,7 @@ class MemoryProfiler:
         """Add one finished request to ``route``'s aggregates (cheap, thread-safe, bounded).
 
         ``rss_delta`` is None for a request whose RSS was not measured (the middleware samples it)."""
-        if not isinstance(route, str):
-            raise TypeError(f"route must be a str, got {type(route).__name__}")
-        self._routes.record(route, None if rss_delta is None else int(rss_delta),
-                            None if traced_delta is None else int(traced_delta),
-                            float(duration_s))
+        self._routes.record(route, rss_delta, traced_delta, duration_s)
 
     def add_gauge(self, name: str, read: Callable[[], float]) -> None:
         """Record ``read()`` with every sample under ``name`` (e.g. pool or cache bytes)."""
@@ -579,7 +602,7 @@ class MemoryProfiler:
         self._ring = SampleRing(self._ring.capacity, _MAX_GAUGES)
         for name, (_, read) in list(self._gauges.items()):
             self._gauges[name] = (self._ring.gauge_column(name), read)
-        self._routes = _RouteTable(self._routes.max_routes)
+        self._routes.clear()
         old = self._detector
         self._detector = LeakDetector(
             max_sites=old.max_sites, max_windows=old.max_windows, site_chooser=old.site_chooser,
@@ -657,7 +680,7 @@ class MemoryProfiler:
 
     def routes(self) -> list[RouteStats]:
         """Per-route aggregates recorded so far, busiest first."""
-        return self._routes.snapshot()
+        return _route_stats(self._routes)
 
     def stats(self) -> ProfilerStats:
         """The profiler's own footprint and health."""
@@ -690,7 +713,7 @@ class MemoryProfiler:
     def analyze(self) -> MemoryAnalysis:
         """Leak suspects, hotspots, the RSS trend and route aggregates as of now."""
         started = time.perf_counter()
-        routes = self._routes.snapshot()
+        routes = _route_stats(self._routes)
         with self._lock:
             samples = self._ring.samples()
             hotspots = list(self._hotspots)
@@ -714,7 +737,7 @@ class MemoryProfiler:
 
     def leak_verdict(self) -> tuple[list[MemoryLeak], LeakVerdictStatus]:
         """The leak suspects of :meth:`analyze` and the evidence behind them, without its other parts."""
-        routes = self._routes.snapshot()
+        routes = _route_stats(self._routes)
         with self._lock:
             samples = self._ring.samples()
             detector = self._detector
