@@ -96,3 +96,44 @@ def test_otel_gc_pause_histogram_from_the_optimizers_events(live: tuple[Any, Any
     by_generation = {p.attributes["cpython.gc.generation"]: p for p in pause.data.data_points}
     assert by_generation[2].count >= 4
     assert by_generation[2].sum > 0
+
+
+def test_a_gc_optimizer_subclass_overriding_pause_total_ns_is_asked() -> None:
+    class Shifted(gc_optimizer.GcOptimizer):  # type: ignore[name-defined,misc]
+        calls = 0
+
+        def pause_total_ns(self) -> int:
+            Shifted.calls += 1
+            return super().pause_total_ns() + 7 * Shifted.calls
+
+    optimizer = Shifted(adaptive=False)
+    assert optimizer._pause_source is None  # the C recorder must call the override, not read around it
+    seen: list[RequestMetrics] = []
+    recorder = RequestRecorder(on_request=seen.append, gc_optimizer=lambda: optimizer, profiler=lambda: None)
+    for _ in range(2):
+        measurement = recorder.begin("GET")
+        measurement.finish()
+    assert Shifted.calls == 4
+    assert [m.gc_pause_ns for m in seen] == [7, 7]  # no collection ran: only the override's shift
+
+
+def test_the_recorder_reads_the_pause_total_and_lets_go_of_a_stopped_optimizer() -> None:
+    import weakref
+
+    optimizer = gc_optimizer.GcOptimizer(adaptive=False)
+    optimizer.start()
+    seen: list[RequestMetrics] = []
+    recorder = RequestRecorder(on_request=seen.append, profiler=lambda: None)
+    try:
+        measurement = recorder.begin("GET")
+        cyclic_garbage(5_000)
+        gc.collect()
+        measurement.finish()
+    finally:
+        optimizer.stop()
+    assert seen[0].gc_pause_ns > 0 and seen[0].gc_pause_ns <= optimizer.pause_total_ns()
+    recorder.begin("GET").finish()  # no optimizer running now
+    ref = weakref.ref(optimizer)
+    del optimizer, measurement  # a measurement holds the optimizer it began with
+    gc.collect()
+    assert ref() is None
