@@ -37,7 +37,7 @@ static PyObject *is_tracing_fn = NULL, *get_traced_fn = NULL;
 static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age */
 
 static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
-    *str_recent, *str_record_request, *str_request_sink, *str_pause_source, *str_listeners, *str_qualname, *str_route,
+    *str_recent, *str_record_request, *str_request_sink, *str_listeners, *str_qualname, *str_route,
     *str_rss_delta,
     *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
     *str_finish, *str_close;
@@ -438,9 +438,6 @@ typedef struct {
     /* The last profiler seen and its route table (NULL: it has none), so that a request reaches the
      * table without a Python frame; looked up again whenever the getter returns another profiler. */
     PyObject *sink_owner, *sink;
-    /* Likewise the last GC optimizer seen and the object whose pause_total_ns attribute its
-     * pause_total_ns() returns (NULL: call the method). */
-    PyObject *pause_owner, *pause_source;
 } RecorderObject;
 
 static PyTypeObject Recorder_Type;
@@ -533,32 +530,6 @@ read_rss(RecorderObject *rec, int recent)
     return r;
 }
 
-/* gc.pause_total_ns(): read from the object the optimizer offers as `_pause_source` (its GC recorder,
- * offered only while pause_total_ns is its class's own and returns that attribute), else called. */
-static PyObject *
-gc_pause_total(RecorderObject *rec, PyObject *gc)
-{
-    if (gc != rec->pause_owner) {
-        PyObject *source = PyObject_GetAttr(gc, str_pause_source);
-        if (source == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return NULL;
-            PyErr_Clear();
-        }
-        else if (source == Py_None) {
-            Py_CLEAR(source);
-        }
-        Py_XSETREF(rec->pause_owner, Py_NewRef(gc));
-        Py_XSETREF(rec->pause_source, source);
-    }
-    if (rec->pause_source != NULL) {
-        PyObject *source = Py_NewRef(rec->pause_source);  /* held: the getattr may run Python code */
-        PyObject *v = PyObject_GetAttr(source, str_pause_total_ns);
-        Py_DECREF(source);
-        return v;
-    }
-    return PyObject_CallMethodNoArgs(gc, str_pause_total_ns);
-}
-
 static PyObject *
 begin(RecorderObject *self, PyObject *method)
 {
@@ -595,7 +566,7 @@ begin(RecorderObject *self, PyObject *method)
     PyObject *gc = call_getter(self->gc_optimizer, "gc_optimizer");
     if (gc == NULL) goto fail_counted;
     if (gc != Py_None) {
-        PyObject *v = gc_pause_total(self, gc);
+        PyObject *v = PyObject_CallMethodNoArgs(gc, str_pause_total_ns);
         PyObject *iv = v != NULL ? PyNumber_Long(v) : NULL;
         Py_XDECREF(v);
         if (iv == NULL) {
@@ -609,9 +580,6 @@ begin(RecorderObject *self, PyObject *method)
     }
     else {
         Py_DECREF(gc);
-        /* No GC optimizer running: do not keep the last one alive. */
-        Py_CLEAR(self->pause_owner);
-        Py_CLEAR(self->pause_source);
     }
 
     if (self->every == 1) {
@@ -827,8 +795,6 @@ Recorder_traverse(RecorderObject *self, visitproc visit, void *arg)
     Py_VISIT(self->on_request);
     Py_VISIT(self->rss_reader);
     Py_VISIT(self->sink_owner);
-    Py_VISIT(self->pause_owner);
-    Py_VISIT(self->pause_source);
     return 0;
 }
 
@@ -841,8 +807,6 @@ Recorder_clear(RecorderObject *self)
     Py_CLEAR(self->rss_reader);
     Py_CLEAR(self->sink_owner);
     Py_CLEAR(self->sink);
-    Py_CLEAR(self->pause_owner);
-    Py_CLEAR(self->pause_source);
     return 0;
 }
 
@@ -978,7 +942,7 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
 
     gc_pause = Py_NewRef(int_zero);
     if (self->gc != NULL) {
-        PyObject *v = gc_pause_total(rec, self->gc);
+        PyObject *v = PyObject_CallMethodNoArgs(self->gc, str_pause_total_ns);
         PyObject *iv = v != NULL ? PyNumber_Long(v) : NULL;
         Py_XDECREF(v);
         PyObject *d = iv != NULL ? PyNumber_Subtract(iv, self->gc_pause0) : NULL;
@@ -1626,7 +1590,6 @@ PyInit__crecord(void)
     INTERN(str_recent, "recent");
     INTERN(str_record_request, "record_request");
     INTERN(str_request_sink, "_request_sink");
-    INTERN(str_pause_source, "_pause_source");
     INTERN(str_other, "<other>");
     INTERN(str_listeners, "_listeners");
     INTERN(str_qualname, "__qualname__");

@@ -161,11 +161,6 @@ class GcOptimizer:
         self.memory_limit_bytes = memory_limit_bytes
 
         self._recorder = GcRecorder(event_capacity)
-        # The C request recorder reads the pause total from here, skipping pause_total_ns() (twice per
-        # request), unless a subclass changed what pause_total_ns returns. The recorder is never replaced.
-        self._pause_source = (
-            self._recorder if type(self).pause_total_ns is GcOptimizer.pause_total_ns else None
-        )
         self._ceiling = MemoryCeiling(self.target_memory_usage_percent, memory_limit_bytes)
         self._lock = threading.RLock()
         self._changes: deque[GcChange] = deque(maxlen=256)
