@@ -92,3 +92,24 @@ def test_server_part_runs_one_tiny_round(capsys: pytest.CaptureFixture[str]) -> 
     assert bench.main(["--quick", "--rounds", "1", "--seconds", "1", "--variants", "plain,middleware"]) == 0
     out = capsys.readouterr().out
     assert "in-process:" in out and "middleware " in out and "ratio" in out
+
+
+def test_cold_path_benchmark_runs_each_contender_in_its_own_process(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    out = tmp_path / "cold.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cold_path.py"), "--app", "catalog", "--sleep-ms", "0",
+         "--rounds", "2", "--requests", "30", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert set(results) == {"middleware", "middleware-no-rss", "profiler", "gc"}
+    for name, result in results.items():
+        assert len(result["rounds_us"]) == 2, name
+        assert name in done.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cold_path.py"), "--contenders", "nope"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "choose from" in bad.stderr

@@ -1,0 +1,161 @@
+"""What kotoba-memory's per-request path costs in a worker that waits between requests (cold caches).
+
+A warm loop of calls measures the middleware at ~2 µs per request; a gunicorn worker serving a paced
+load spends several times that, because between two requests the CPU runs other processes and the
+request path finds its code and data out of the caches. This benchmark reproduces that in one
+process: requests to the plain-WSGI field app (``benchmarks/field_apps/wsgi_catalog.py``, or a null app
+with ``--app null``) alternate between the bare app and the same app in ``MemoryMiddleware``, each call
+after a ``--sleep-ms`` pause, and each call's CPU time is read from ``time.thread_time_ns``. The figure
+is the CPU added per request (wrapped minus bare, the two interleaved request by request, so the
+machine's load and the app's drift cancel), the median of ``--rounds`` per-round means.
+
+Each contender runs in its own process (what is registered as running is process-wide):
+
+- ``middleware``: the recorder alone, no optimizer (RSS read on one request in 8, the default);
+- ``middleware-no-rss``: the same without RSS reads (``rss_sample_every`` huge);
+- ``profiler``: no RSS reads, a registered ``MemoryProfiler`` (its per-route table gets every request);
+- ``gc``: no RSS reads, a running non-adaptive ``GcOptimizer`` (its pause total is read twice per
+  request; adaptive tuning is left out because its between-request collections would charge the bare
+  calls' garbage to the wrapped ones).
+
+    .venv/bin/python benchmarks/cold_path.py                 # ~2 minutes
+    .venv/bin/python benchmarks/cold_path.py --sleep-ms 0    # the warm loop, for comparison
+    .venv/bin/python benchmarks/cold_path.py --app null --contenders middleware,profiler
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CONTENDERS = ("middleware", "middleware-no-rss", "profiler", "gc")
+_PATHS = ("/products/%d", "/recent", "/session/s%d", "/render/%d", "/audit/%d", "/report/%d", "/lookup/k%d")
+_NO_RSS = 1_000_000  # the most rss_sample_every allows: no read in a run of this length
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _null_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    return [b"{}"]
+
+
+def _environ(path: str) -> dict[str, Any]:
+    return {"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO(), "SERVER_NAME": "bench",
+            "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+
+
+def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    return None
+
+
+def _one(app: WSGIApp, path: str) -> int:
+    """CPU nanoseconds of this thread for one request, body iterated and closed as a server does."""
+    started = time.thread_time_ns()
+    result = app(_environ(path), _start_response)
+    for _ in result:
+        pass
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+    return time.thread_time_ns() - started
+
+
+def measure(contender: str, app_name: str, sleep_s: float, rounds: int, requests: int) -> list[float]:
+    """Per round: the mean CPU microseconds the contender adds to a request (this process only)."""
+    os.environ.setdefault("FIELD_LEAKS", "0")
+    os.environ["FIELD_KOTOBA"] = "0"
+    from kotoba_memory_integrations.wsgi import MemoryMiddleware
+
+    bare: WSGIApp
+    if app_name == "null":
+        bare = _null_app
+    else:
+        from benchmarks.field_apps import wsgi_catalog
+
+        bare = wsgi_catalog.app
+    if contender == "profiler":
+        from kotoba_memory.memory_profiler import MemoryProfiler
+        from kotoba_memory.process import registry
+
+        registry.claim("profiler", MemoryProfiler(leak_detection=False))
+    elif contender == "gc":
+        from kotoba_memory.gc_optimizer import GcOptimizer
+
+        GcOptimizer(adaptive=False).start()
+    wrapped = MemoryMiddleware(bare, rss_sample_every=8 if contender == "middleware" else _NO_RSS)
+    rng = random.Random(1)
+    added: list[float] = []
+    for _ in range(rounds):
+        totals = {False: 0, True: 0}
+        for i in range(requests):
+            path = rng.choice(_PATHS)
+            if "%d" in path:
+                path %= rng.randrange(1000)
+            for is_wrapped in ((False, True) if i % 2 else (True, False)):
+                if sleep_s:
+                    time.sleep(sleep_s)
+                totals[is_wrapped] += _one(wrapped if is_wrapped else bare, path)
+        added.append((totals[True] - totals[False]) / requests / 1000.0)
+    return added
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--app", choices=("catalog", "null"), default="catalog")
+    parser.add_argument("--sleep-ms", type=float, default=2.0, help="pause before every call (0: warm loop)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=1000, help="requests per round to each side")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sleep_ms < 0 or args.rounds < 1 or args.requests < 1:
+        parser.error("--sleep-ms must be >= 0, --rounds and --requests >= 1")
+    if args.child:
+        added = measure(args.child, args.app, args.sleep_ms / 1000.0, args.rounds, args.requests)
+        print(json.dumps(added))
+        return 0
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown or not contenders:
+        parser.error(f"--contenders: choose from {', '.join(CONTENDERS)} (got {args.contenders!r})")
+    print(f"app {args.app}, {args.sleep_ms:g} ms before every call, {args.rounds} rounds of "
+          f"{args.requests} requests to each side; CPU µs added per request (wrapped - bare)")
+    results: dict[str, dict[str, Any]] = {}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    for contender in contenders:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", contender, "--app", args.app,
+             "--sleep-ms", str(args.sleep_ms), "--rounds", str(args.rounds),
+             "--requests", str(args.requests)],
+            cwd=REPO, env=env, capture_output=True, text=True, check=False,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"{contender} failed:\n{out.stderr}")
+        added = json.loads(out.stdout.strip().splitlines()[-1])
+        results[contender] = {"median_us": statistics.median(added), "rounds_us": added}
+        print(f"  {contender:18s} median {statistics.median(added):6.2f} µs; per round: "
+              + ", ".join(f"{a:.2f}" for a in added), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},
+                                        indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
