@@ -43,7 +43,7 @@ static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_requ
     *str_finish, *str_close;
 static PyObject *int_zero, *int_500;
 static PyObject *str_deliver, *str_next_gap;
-static PyObject *c_deliver, *c_next_gap;  /* Recorder's own method descriptors */
+static PyObject *c_deliver, *c_next_gap, *c_begin;  /* Recorder's own method descriptors */
 
 /* Whether `name` on the recorder's class is still Recorder's C method `ours`, or a subclass overrides it
  * (then it is called, as the reference calls self.deliver() and self.next_gap()). */
@@ -1499,6 +1499,249 @@ static PyTypeObject Body_Type = {
 };
 
 /* ------------------------------------------------------------------------------------------------ */
+/* WSGICall: MemoryMiddleware.__call__ (kotoba_memory_integrations/wsgi.py; PyMemoryMiddleware is the   */
+/* reference). In a worker that waits between requests, the Python frame of __call__ was a few        */
+/* microseconds of cold caches on every request.                                                      */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app, *recorder, *route_of;
+} WSGICallObject;
+
+static PyObject *str_environ_key, *str_request_method, *str_begin, *str_activate, *str_deactivate,
+    *str_finished, *str_get;
+
+/* environ.get(key) (a new reference, NULL with an error set, or Py_None when absent). */
+static PyObject *
+environ_get(PyObject *environ, PyObject *key)
+{
+    if (PyDict_Check(environ)) {
+        PyObject *v = PyDict_GetItemWithError(environ, key);
+        if (v != NULL) return Py_NewRef(v);
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    }
+    return PyObject_CallMethodOneArg(environ, str_get, key);
+}
+
+/* measurement.<name>() for a C measurement without a lookup, else by method call (0, or -1 on error). */
+static int
+measurement_call(PyObject *m, PyObject *name, PyObject *(*direct)(MeasurementObject *, PyObject *), PyObject *arg)
+{
+    PyObject *r;
+    if (Py_TYPE(m) == Measurement_Type) r = direct((MeasurementObject *)m, arg);
+    else r = arg != NULL ? PyObject_CallMethodOneArg(m, name, arg) : PyObject_CallMethodNoArgs(m, name);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static PyObject *
+fail_method(MeasurementObject *m, PyObject *exc)
+{
+    return Measurement_fail(m, exc);
+}
+
+static PyObject *
+finish_method(MeasurementObject *m, PyObject *Py_UNUSED(arg))
+{
+    return Measurement_finish(m, NULL);
+}
+
+static PyObject *
+activate_method(MeasurementObject *m, PyObject *Py_UNUSED(arg))
+{
+    return Measurement_activate(m, NULL);
+}
+
+static PyObject *
+deactivate_method(MeasurementObject *m, PyObject *Py_UNUSED(arg))
+{
+    return Measurement_deactivate(m, NULL);
+}
+
+static PyObject *
+wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *environ, PyObject *start_response)
+{
+    /* Already measured by an outer MemoryMiddleware: measuring twice would double-count. */
+    PyObject *outer = environ_get(environ, str_environ_key);
+    if (outer == NULL) return NULL;
+    int nested = 0;
+    if (outer != Py_None) {
+        int is_m = PyObject_IsInstance(outer, (PyObject *)Measurement_Type->tp_base);
+        if (is_m > 0) {
+            int finished;
+            if (Py_TYPE(outer) == Measurement_Type) {
+                finished = ((MeasurementObject *)outer)->done;
+            }
+            else {
+                PyObject *f = PyObject_GetAttr(outer, str_finished);
+                finished = f == NULL ? -1 : PyObject_IsTrue(f);
+                Py_XDECREF(f);
+            }
+            if (finished < 0) is_m = -1;
+            else nested = !finished;
+        }
+        if (is_m < 0) {
+            Py_DECREF(outer);
+            return NULL;
+        }
+    }
+    Py_DECREF(outer);
+    if (nested) return PyObject_CallFunctionObjArgs(app, environ, start_response, NULL);
+
+    PyObject *method;
+    if (PyDict_Check(environ)) {
+        method = PyDict_GetItemWithError(environ, str_request_method);
+        if (method == NULL && PyErr_Occurred()) return NULL;
+        method = Py_NewRef(method != NULL ? method : str_GET);
+    }
+    else {
+        method = PyObject_CallMethodObjArgs(environ, str_get, str_request_method, str_GET, NULL);
+        if (method == NULL) return NULL;
+    }
+    PyObject *m;
+    if (PyObject_TypeCheck(recorder, &Recorder_Type) && !overridden(recorder, str_begin, c_begin)) {
+        m = begin((RecorderObject *)recorder, method);
+    }
+    else {
+        m = PyObject_CallMethodOneArg(recorder, str_begin, method);
+    }
+    Py_DECREF(method);
+    if (m == NULL) return NULL;
+
+    PyObject *result = NULL, *sr = NULL;
+    if (PyObject_SetItem(environ, str_environ_key, m) < 0) goto done;
+    /* The checks StartResponse() makes, at the point the reference makes them. */
+    if (!PyCallable_Check(start_response)) {
+        PyErr_Format(PyExc_TypeError, "start_response must be callable, not %.100s",
+                     Py_TYPE(start_response)->tp_name);
+        goto done;
+    }
+    if (route_of != Py_None && !PyCallable_Check(route_of)) {
+        PyErr_Format(PyExc_TypeError, "route_of must be callable or None, not %.100s", Py_TYPE(route_of)->tp_name);
+        goto done;
+    }
+    StartResponseObject *w = (StartResponseObject *)StartResponse_Type.tp_alloc(&StartResponse_Type, 0);
+    if (w == NULL) goto done;
+    w->measurement = Py_NewRef(m);
+    w->start_response = Py_NewRef(start_response);
+    w->route_of = Py_NewRef(route_of);
+    w->environ = Py_NewRef(environ);
+    w->vectorcall = (vectorcallfunc)StartResponse_vectorcall;
+    sr = (PyObject *)w;
+    if (measurement_call(m, str_activate, activate_method, NULL) < 0) goto done;
+
+    PyObject *app_result = PyObject_CallFunctionObjArgs(app, environ, sr, NULL);
+    if (app_result == NULL) {
+        /* except BaseException as exc: measurement.fail(exc); measurement.finish(); raise */
+        PyObject *exc = take_error();
+        if (measurement_call(m, str_fail, fail_method, exc) < 0 ||
+            measurement_call(m, str_finish, finish_method, NULL) < 0) {
+            chain_error(exc);
+        }
+        else {
+            restore_error(exc);
+        }
+    }
+    /* finally: measurement.deactivate() */
+    {
+        PyObject *pending = take_error();
+        if (measurement_call(m, str_deactivate, deactivate_method, NULL) < 0) {
+            Py_XDECREF(app_result);
+            app_result = NULL;
+            chain_error(pending);
+        }
+        else {
+            restore_error(pending);
+        }
+    }
+    if (app_result == NULL) goto done;
+    BodyObject *b = (BodyObject *)Body_Type.tp_alloc(&Body_Type, 0);
+    if (b == NULL) {
+        Py_DECREF(app_result);
+        goto done;
+    }
+    b->result = app_result;  /* stolen */
+    b->measurement = Py_NewRef(m);
+    result = (PyObject *)b;
+done:
+    Py_XDECREF(sr);
+    Py_DECREF(m);
+    return result;
+}
+
+static PyObject *
+WSGICall_call(WSGICallObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *environ, *start_response;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "a WSGI app takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "__call__", 2, 2, &environ, &start_response)) return NULL;
+    if (Measurement_Type == NULL && not_configured() < 0) return NULL;
+    if (self->app == NULL || self->recorder == NULL) {
+        PyErr_SetString(PyExc_TypeError, "MemoryMiddleware.__init__() was not called");
+        return NULL;
+    }
+    /* Held for the call: the app may replace the middleware's fields while it runs. */
+    PyObject *app = Py_NewRef(self->app), *recorder = Py_NewRef(self->recorder);
+    PyObject *route_of = Py_NewRef(self->route_of != NULL ? self->route_of : Py_None);
+    PyObject *r = wsgi_call(app, recorder, route_of, environ, start_response);
+    Py_DECREF(app);
+    Py_DECREF(recorder);
+    Py_DECREF(route_of);
+    return r;
+}
+
+static int
+WSGICall_traverse(WSGICallObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->recorder);
+    Py_VISIT(self->route_of);
+    return 0;
+}
+
+static int
+WSGICall_clear(WSGICallObject *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->recorder);
+    Py_CLEAR(self->route_of);
+    return 0;
+}
+
+static void
+WSGICall_dealloc(WSGICallObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    WSGICall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef WSGICall_members[] = {
+    {"app", T_OBJECT, offsetof(WSGICallObject, app), 0, "the wrapped WSGI app"},
+    {"recorder", T_OBJECT, offsetof(WSGICallObject, recorder), 0, "the RequestRecorder"},
+    {"route_of", T_OBJECT, offsetof(WSGICallObject, route_of), 0, "route_of(environ) or None"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject WSGICall_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.WSGICall",
+    .tp_basicsize = sizeof(WSGICallObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of MemoryMiddleware: its app, recorder and route_of, and "
+              "__call__(environ, start_response).",
+    .tp_new = PyType_GenericNew,
+    .tp_call = (ternaryfunc)WSGICall_call,
+    .tp_dealloc = (destructor)WSGICall_dealloc,
+    .tp_traverse = (traverseproc)WSGICall_traverse,
+    .tp_clear = (inquiry)WSGICall_clear,
+    .tp_members = WSGICall_members,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Module                                                                                             */
 
 static int
@@ -1579,7 +1822,7 @@ PyMODINIT_FUNC
 PyInit__crecord(void)
 {
     if (PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
-        PyType_Ready(&Body_Type) < 0 || PyType_Ready(&RouteTable_Type) < 0)
+        PyType_Ready(&Body_Type) < 0 || PyType_Ready(&RouteTable_Type) < 0 || PyType_Ready(&WSGICall_Type) < 0)
         return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(str_paused_by_fork, "paused_by_fork");
@@ -1606,9 +1849,17 @@ PyInit__crecord(void)
     INTERN(str_close, "close");
     INTERN(str_deliver, "deliver");
     INTERN(str_next_gap, "next_gap");
+    INTERN(str_environ_key, "kotoba_memory.request");
+    INTERN(str_request_method, "REQUEST_METHOD");
+    INTERN(str_begin, "begin");
+    INTERN(str_activate, "activate");
+    INTERN(str_deactivate, "deactivate");
+    INTERN(str_finished, "finished");
+    INTERN(str_get, "get");
     c_deliver = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_deliver);  /* borrowed: lives with the type */
     c_next_gap = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_next_gap);
-    if (c_deliver == NULL || c_next_gap == NULL) {
+    c_begin = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_begin);
+    if (c_deliver == NULL || c_next_gap == NULL || c_begin == NULL) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Recorder has no deliver/next_gap");
         return NULL;
     }
@@ -1619,7 +1870,8 @@ PyInit__crecord(void)
     if (PyModule_AddObjectRef(m, "Recorder", (PyObject *)&Recorder_Type) < 0 ||
         PyModule_AddObjectRef(m, "StartResponse", (PyObject *)&StartResponse_Type) < 0 ||
         PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0 ||
-        PyModule_AddObjectRef(m, "RouteTable", (PyObject *)&RouteTable_Type) < 0) {
+        PyModule_AddObjectRef(m, "RouteTable", (PyObject *)&RouteTable_Type) < 0 ||
+        PyModule_AddObjectRef(m, "WSGICall", (PyObject *)&WSGICall_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -480,6 +480,8 @@ APPS = st.fixed_dictionaries({
     "route_of": st.sampled_from([None, "label", "raises", "interrupt", "empty"]),
     "preset_route": st.sampled_from([None, "/preset"]),
     "server": st.sampled_from(["iterate+close", "close", "partial+close", "iterate"]),
+    "nested": st.booleans(),
+    "method": st.sampled_from([None, "GET", "POST", "BREW"]),
 })
 
 
@@ -528,11 +530,14 @@ def run_wsgi(monkeypatch: Any, use_c: bool, recorder_cls: Any, spec: dict[str, A
     rss = FakeRss(Script([4096, 8192], [], "rss"), [])
     recorder = recorder_cls(on_request=lambda m: metrics.append(normalized(m)), profiler=lambda: None,
                             gc_optimizer=lambda: None, rss_reader=rss, rss_sample_every=1)
-    middleware = wsgi.MemoryMiddleware(
+    middleware_cls = wsgi.MemoryMiddleware if use_c else wsgi.PyMemoryMiddleware
+    middleware = middleware_cls(
         app, recorder=recorder, route_of=None if spec["route_of"] is None else route_of
     )
+    if spec["nested"]:  # an outer middleware of the same kind measures; the inner one must not
+        middleware = middleware_cls(middleware, recorder=recorder)
     flight0 = activity.in_flight()
-    environ: dict[str, Any] = {"REQUEST_METHOD": "GET"}
+    environ: dict[str, Any] = {} if spec["method"] is None else {"REQUEST_METHOD": spec["method"]}
     try:
         result = middleware(environ, start_response)
     except BaseException as exc:
@@ -603,6 +608,23 @@ def test_c_wsgi_wrappers_refuse_bad_construction() -> None:
     assert m.error is None
     body.close()
     assert m.finished and body.close() is None  # closing twice records once
+    with pytest.raises(TypeError, match="__init__"):
+        crecord.WSGICall()({}, print)
+    from kotoba_memory_integrations.wsgi import MemoryMiddleware
+
+    middleware = MemoryMiddleware(lambda environ, start_response: [b""])
+    assert isinstance(middleware, crecord.WSGICall)
+    with pytest.raises(TypeError):
+        middleware({})
+    with pytest.raises(TypeError, match="keyword"):
+        middleware(environ={}, start_response=print)
+    flight = activity.in_flight()
+    environ: dict[str, Any] = {}
+    with pytest.raises(TypeError, match="start_response must be callable"):
+        middleware(environ, "not callable")  # as the reference: the measurement had begun
+    assert activity.in_flight() == flight + 1
+    environ["kotoba_memory.request"].finish()
+    assert activity.in_flight() == flight
 
 
 @impl
