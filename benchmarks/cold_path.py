@@ -21,6 +21,16 @@ Each contender runs in its own process (what is registered as running is process
     .venv/bin/python benchmarks/cold_path.py                 # ~2 minutes
     .venv/bin/python benchmarks/cold_path.py --sleep-ms 0    # the warm loop, for comparison
     .venv/bin/python benchmarks/cold_path.py --app null --contenders middleware,profiler
+
+``--pairs`` instead compares two implementations of one step in one process, the null app called
+bare, through one and through the other in turn (so the difference between the two is not blurred by
+the spread between processes): ``route-table`` is the C recorder adding a request to the profiler's C
+route table directly against the pure-Python path it replaced (``record_request`` into the Python
+table); ``rss-reader`` is the RSS read of a request measured through ``RssReader`` (its reads in C)
+against ``PyRssReader`` (RSS on every request: one fresh read at the end, the start reusing the last
+reading); ``call`` is ``MemoryMiddleware.__call__`` in C against ``PyMemoryMiddleware``.
+
+    .venv/bin/python benchmarks/cold_path.py --pairs --rounds 9
 """
 
 from __future__ import annotations
@@ -111,6 +121,53 @@ def measure(contender: str, app_name: str, sleep_s: float, rounds: int, requests
     return added
 
 
+def _pairs(sleep_s: float, rounds: int, requests: int) -> dict[str, dict[str, list[float]]]:
+    """Per pair and side: the mean CPU microseconds per request over the bare null app, per round."""
+    from kotoba_memory.memory_profiler import MemoryProfiler
+    from kotoba_memory.memory_profiler.profiler import _RouteTable
+    from kotoba_memory.process.memory import PyRssReader, RssReader
+    from kotoba_memory_integrations.request import RequestRecorder
+    from kotoba_memory_integrations.wsgi import MemoryMiddleware, PyMemoryMiddleware
+
+    def no_gc() -> None:
+        return None
+
+    with_table = MemoryProfiler(leak_detection=False)
+    python_path = MemoryProfiler(leak_detection=False)
+    python_path._routes = _RouteTable(python_path._routes.max_routes)  # what record_request used to feed
+    python_path._request_sink = None
+    pairs: dict[str, dict[str, WSGIApp]] = {
+        "route-table": {
+            side: MemoryMiddleware(_null_app, recorder=RequestRecorder(
+                profiler=lambda p=profiler: p, gc_optimizer=no_gc, rss_sample_every=_NO_RSS))
+            for side, profiler in (("c table", with_table), ("python record_request", python_path))
+        },
+    }
+    pairs["rss-reader"] = {
+        side: MemoryMiddleware(_null_app, recorder=RequestRecorder(
+            profiler=no_gc, gc_optimizer=no_gc, rss_reader=reader, rss_sample_every=1))
+        for side, reader in (("c reader", RssReader()), ("python reader", PyRssReader()))
+    }
+    recorder = RequestRecorder(profiler=no_gc, gc_optimizer=no_gc, rss_sample_every=_NO_RSS)
+    pairs["call"] = {"c __call__": MemoryMiddleware(_null_app, recorder=recorder),
+                     "python __call__": PyMemoryMiddleware(_null_app, recorder=recorder)}
+    out: dict[str, dict[str, list[float]]] = {}
+    for pair, sides in pairs.items():
+        contenders = [("bare", _null_app), *sides.items()]
+        out[pair] = {side: [] for side in sides}
+        for _ in range(rounds):
+            totals = dict.fromkeys([name for name, _ in contenders], 0)
+            for i in range(requests):
+                turn = contenders[i % 3:] + contenders[:i % 3]
+                for name, app in turn:
+                    if sleep_s:
+                        time.sleep(sleep_s)
+                    totals[name] += _one(app, "/")
+            for side in sides:
+                out[pair][side].append((totals[side] - totals["bare"]) / requests / 1000.0)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,10 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=1000, help="requests per round to each side")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--pairs", action="store_true", help="compare implementations in one process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sleep_ms < 0 or args.rounds < 1 or args.requests < 1:
         parser.error("--sleep-ms must be >= 0, --rounds and --requests >= 1")
+    if args.pairs:
+        print(f"null app, {args.sleep_ms:g} ms before every call, {args.rounds} rounds of {args.requests} "
+              "requests to each; CPU µs per request over the bare app")
+        pairs = _pairs(args.sleep_ms / 1000.0, args.rounds, args.requests)
+        for pair, sides in pairs.items():
+            for side, added in sides.items():
+                print(f"  {pair:12s} {side:22s} median {statistics.median(added):6.2f} µs; per round: "
+                      + ", ".join(f"{a:.2f}" for a in added))
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "pairs": pairs},
+                                            indent=2), encoding="utf-8")
+        return 0
     if args.child:
         added = measure(args.child, args.app, args.sleep_ms / 1000.0, args.rounds, args.requests)
         print(json.dumps(added))

@@ -18,6 +18,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <time.h>
+#include <limits.h>
+#include <string.h>
+#ifndef _WIN32
+#include <unistd.h>
+#endif
 #ifdef _WIN32
 #include <windows.h>
 #endif
@@ -43,7 +48,7 @@ static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_requ
     *str_finish, *str_close;
 static PyObject *int_zero, *int_500;
 static PyObject *str_deliver, *str_next_gap;
-static PyObject *c_deliver, *c_next_gap, *c_begin;  /* Recorder's own method descriptors */
+static PyObject *c_deliver, *c_next_gap, *c_begin, *c_rss, *c_recent;  /* Recorder's own method descriptors */
 
 /* Whether `name` on the recorder's class is still Recorder's C method `ours`, or a subclass overrides it
  * (then it is called, as the reference calls self.deliver() and self.next_gap()). */
@@ -427,6 +432,223 @@ static PyTypeObject RouteTable_Type = {
 };
 
 /* ------------------------------------------------------------------------------------------------ */
+/* RssCore: the state and fast path of process.memory.RssReader (PyRssReader is the reference).       */
+/* The RSS read itself is one pread of a kept /proc/self/statm descriptor; in a worker that waits     */
+/* between requests the Python method around it cost more than the read.                              */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;                 /* the kept descriptor, -1 when none */
+    long page_size;
+    long long last_value;   /* the last reading and when (CLOCK_MONOTONIC, time.monotonic()'s clock) */
+    double last_at;
+    long long peak;
+} RssCoreObject;
+
+static PyTypeObject RssCore_Type;
+static PyObject *str_rss_uncached;
+
+static double
+monotonic_s(void)
+{
+#ifdef _WIN32
+    return (double)GetTickCount64() / 1e3;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+#endif
+}
+
+static PyObject *
+RssCore_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    RssCoreObject *self = (RssCoreObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->fd = -1;
+    self->page_size = 4096;
+    self->last_at = -1e18;
+    return (PyObject *)self;
+}
+
+static void
+RssCore_dealloc(RssCoreObject *self)
+{
+    /* A Python subclass's dealloc has already cleared its __dict__ and weak references. */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The resident pages from statm ("size resident shared ..."), or -1 when the read or parse fails. */
+static long long
+statm_resident(int fd)
+{
+#ifdef _WIN32
+    return -1;
+#else
+    char buf[64];
+    ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
+    if (n <= 0) return -1;
+    buf[n] = '\0';
+    char *p = strchr(buf, ' ');
+    if (p == NULL || p[1] < '0' || p[1] > '9') return -1;
+    long long pages = 0;
+    for (p++; *p >= '0' && *p <= '9'; p++) {
+        if (pages > (LLONG_MAX - 9) / 10) return -1;
+        pages = pages * 10 + (*p - '0');
+    }
+    if (*p != ' ' && *p != '\0' && *p != '\n') return -1;
+    return pages;
+#endif
+}
+
+/* reader.rss(): read in C when the descriptor is open and reads, else the reference's Python path. */
+static PyObject *
+rss_core_read(RssCoreObject *self)
+{
+    if (self->fd >= 0) {
+        long long pages = statm_resident(self->fd);
+        if (pages >= 0 && pages <= LLONG_MAX / (self->page_size > 0 ? self->page_size : 1)) {
+            long long value = pages * self->page_size;
+            self->last_value = value;
+            self->last_at = monotonic_s();
+            if (value > self->peak) self->peak = value;
+            return PyLong_FromLongLong(value);
+        }
+    }
+    return PyObject_CallMethodNoArgs((PyObject *)self, str_rss_uncached);
+}
+
+static PyObject *
+rss_core_recent(RssCoreObject *self, double max_age_s)
+{
+    if (monotonic_s() - self->last_at <= max_age_s) return PyLong_FromLongLong(self->last_value);
+    return rss_core_read(self);
+}
+
+static PyObject *
+RssCore_rss(RssCoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return rss_core_read(self);
+}
+
+static PyObject *
+RssCore_recent(RssCoreObject *self, PyObject *arg)
+{
+    double max_age = PyFloat_AsDouble(arg);
+    if (max_age == -1.0 && PyErr_Occurred()) return NULL;
+    return rss_core_recent(self, max_age);
+}
+
+static PyObject *
+RssCore_get_fd(RssCoreObject *self, void *Py_UNUSED(closure))
+{
+    if (self->fd < 0) Py_RETURN_NONE;
+    return PyLong_FromLong(self->fd);
+}
+
+static int
+RssCore_set_fd(RssCoreObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || value == Py_None) {
+        self->fd = -1;
+        return 0;
+    }
+    long fd = PyLong_AsLong(value);
+    if (fd == -1 && PyErr_Occurred()) return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "_fd must be None or a descriptor >= 0, got %ld", fd);
+        return -1;
+    }
+    self->fd = (int)fd;
+    return 0;
+}
+
+static PyObject *
+RssCore_get_last(RssCoreObject *self, void *Py_UNUSED(closure))
+{
+    return Py_BuildValue("(Ld)", self->last_value, self->last_at);
+}
+
+static int
+RssCore_set_last(RssCoreObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    long long v;
+    double at;
+    if (value == NULL || !PyTuple_Check(value) || !PyArg_ParseTuple(value, "Ld", &v, &at)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "_last must be a (value, monotonic time) tuple");
+        return -1;
+    }
+    self->last_value = v;
+    self->last_at = at;
+    return 0;
+}
+
+static PyObject *
+RssCore_get_peak(RssCoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->peak);
+}
+
+static int
+RssCore_set_peak(RssCoreObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "_peak cannot be deleted");
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    self->peak = v;
+    return 0;
+}
+
+static PyObject *
+RssCore_get_page_size(RssCoreObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->page_size);
+}
+
+static int
+RssCore_set_page_size(RssCoreObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    long v = value == NULL ? -1 : PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v <= 0) {
+        PyErr_SetString(PyExc_ValueError, "_page_size must be a positive int");
+        return -1;
+    }
+    self->page_size = v;
+    return 0;
+}
+
+static PyMethodDef RssCore_methods[] = {
+    {"rss", (PyCFunction)RssCore_rss, METH_NOARGS, "Resident set size in bytes (0 if it cannot be read)."},
+    {"recent", (PyCFunction)RssCore_recent, METH_O,
+     "recent(max_age_s): the last reading if it is at most max_age_s old, else a fresh one."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef RssCore_getset[] = {
+    {"_fd", (getter)RssCore_get_fd, (setter)RssCore_set_fd, "the kept statm descriptor, or None", NULL},
+    {"_last", (getter)RssCore_get_last, (setter)RssCore_set_last, "(last reading, its monotonic time)", NULL},
+    {"_peak", (getter)RssCore_get_peak, (setter)RssCore_set_peak, "the highest reading", NULL},
+    {"_page_size", (getter)RssCore_get_page_size, (setter)RssCore_set_page_size, "bytes per page", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RssCore_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.RssCore",
+    .tp_basicsize = sizeof(RssCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The C base of RssReader: its descriptor, last reading and peak, and rss()/recent().",
+    .tp_new = RssCore_new,
+    .tp_dealloc = (destructor)RssCore_dealloc,
+    .tp_methods = RssCore_methods,
+    .tp_getset = RssCore_getset,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Recorder                                                                                           */
 
 typedef struct {
@@ -524,8 +746,16 @@ read_rss(RecorderObject *rec, int recent)
         return NULL;
     }
     Py_INCREF(reader);
-    PyObject *r = recent ? PyObject_CallMethodOneArg(reader, str_recent, reuse_s)
-                         : PyObject_CallMethodNoArgs(reader, str_rss);
+    PyObject *r;
+    if (PyObject_TypeCheck(reader, &RssCore_Type) && !overridden(reader, str_rss, c_rss) &&
+        !overridden(reader, str_recent, c_recent)) {
+        r = recent ? rss_core_recent((RssCoreObject *)reader, PyFloat_AS_DOUBLE(reuse_s))
+                   : rss_core_read((RssCoreObject *)reader);
+    }
+    else {
+        r = recent ? PyObject_CallMethodOneArg(reader, str_recent, reuse_s)
+                   : PyObject_CallMethodNoArgs(reader, str_rss);
+    }
     Py_DECREF(reader);
     return r;
 }
@@ -1822,7 +2052,8 @@ PyMODINIT_FUNC
 PyInit__crecord(void)
 {
     if (PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
-        PyType_Ready(&Body_Type) < 0 || PyType_Ready(&RouteTable_Type) < 0 || PyType_Ready(&WSGICall_Type) < 0)
+        PyType_Ready(&Body_Type) < 0 || PyType_Ready(&RouteTable_Type) < 0 || PyType_Ready(&WSGICall_Type) < 0 ||
+        PyType_Ready(&RssCore_Type) < 0)
         return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(str_paused_by_fork, "paused_by_fork");
@@ -1856,10 +2087,13 @@ PyInit__crecord(void)
     INTERN(str_deactivate, "deactivate");
     INTERN(str_finished, "finished");
     INTERN(str_get, "get");
+    INTERN(str_rss_uncached, "_rss_uncached");
     c_deliver = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_deliver);  /* borrowed: lives with the type */
     c_next_gap = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_next_gap);
     c_begin = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_begin);
-    if (c_deliver == NULL || c_next_gap == NULL || c_begin == NULL) {
+    c_rss = PyDict_GetItemWithError(RssCore_Type.tp_dict, str_rss);
+    c_recent = PyDict_GetItemWithError(RssCore_Type.tp_dict, str_recent);
+    if (c_deliver == NULL || c_next_gap == NULL || c_begin == NULL || c_rss == NULL || c_recent == NULL) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Recorder has no deliver/next_gap");
         return NULL;
     }
@@ -1871,7 +2105,8 @@ PyInit__crecord(void)
         PyModule_AddObjectRef(m, "StartResponse", (PyObject *)&StartResponse_Type) < 0 ||
         PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0 ||
         PyModule_AddObjectRef(m, "RouteTable", (PyObject *)&RouteTable_Type) < 0 ||
-        PyModule_AddObjectRef(m, "WSGICall", (PyObject *)&WSGICall_Type) < 0) {
+        PyModule_AddObjectRef(m, "WSGICall", (PyObject *)&WSGICall_Type) < 0 ||
+        PyModule_AddObjectRef(m, "RssCore", (PyObject *)&RssCore_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

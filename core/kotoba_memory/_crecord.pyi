@@ -66,3 +66,11 @@ class WSGICall:
     recorder: Any
     route_of: Any
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any], /) -> Any: ...
+
+class RssCore:
+    _fd: int | None
+    _last: tuple[int, float]
+    _peak: int
+    _page_size: int
+    def rss(self) -> int: ...
+    def recent(self, max_age_s: float, /) -> int: ...

@@ -113,3 +113,21 @@ def test_cold_path_benchmark_runs_each_contender_in_its_own_process(tmp_path: Pa
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cold_path.py"), "--contenders", "nope"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "choose from" in bad.stderr
+
+
+def test_cold_path_pairs_compare_both_implementations_in_one_process(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    out = tmp_path / "pairs.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cold_path.py"), "--pairs", "--sleep-ms", "0",
+         "--rounds", "2", "--requests", "30", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    pairs = json.loads(out.read_text(encoding="utf-8"))["pairs"]
+    assert {pair: sorted(sides) for pair, sides in pairs.items()} == {
+        "route-table": ["c table", "python record_request"], "rss-reader": ["c reader", "python reader"],
+        "call": ["c __call__", "python __call__"]}
+    assert all(len(rounds) == 2 for sides in pairs.values() for rounds in sides.values())

@@ -13,13 +13,15 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kotoba_memory import _native
 from kotoba_memory.process import forks
 
 __all__ = [
     "CgroupMemory",
     "MemoryUsage",
+    "PyRssReader",
     "RssReader",
     "cgroup_memory",
     "heap_in_use_bytes",
@@ -37,8 +39,8 @@ _CGROUP_V1_UNLIMITED = 1 << 60
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-class RssReader:
-    """Reads this process's resident set size cheaply.
+class PyRssReader:
+    """Reads this process's resident set size cheaply (the pure-Python reference of :class:`RssReader`).
 
     On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread``; a forked child reopens
     it (the inherited descriptor still reads the parent), so a pre-forking server measures each worker.
@@ -81,6 +83,9 @@ class RssReader:
         if value > self._peak:
             self._peak = value
         return value
+
+    #: What the C reader falls back to while its descriptor is not open or does not read.
+    _rss_uncached = rss
 
     def vms(self) -> int:
         """Virtual memory size in bytes, from the same kept descriptor (0 if it cannot be read)."""
@@ -147,7 +152,22 @@ class RssReader:
         self.close()
 
 
-_readers: weakref.WeakSet[RssReader] = weakref.WeakSet()
+# Where built, RssReader keeps its descriptor, last reading and peak in C (_crecord.RssCore), which
+# reads and answers rss()/recent() without a Python frame: the request recorder calls them per request.
+_crecord = _native.load("_crecord")
+if TYPE_CHECKING:  # both have this interface
+    RssReader = PyRssReader
+elif _crecord is not None:
+
+    class RssReader(_crecord.RssCore, PyRssReader):
+        __doc__ = (PyRssReader.__doc__ or "").replace(
+            "(the pure-Python reference of :class:`RssReader`)", "(its state and reads in C)"
+        )
+
+else:
+    RssReader = PyRssReader
+
+_readers: weakref.WeakSet[PyRssReader] = weakref.WeakSet()
 
 
 def _reinit_readers_after_fork() -> None:
