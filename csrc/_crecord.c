@@ -944,8 +944,10 @@ deliver(RecorderObject *self, PyObject *metrics)
             PyObject *sink = profiler_sink(self, profiler);
             if (sink == NULL && PyErr_Occurred()) goto profiler_done;
             if (sink != NULL) {
+                Py_INCREF(sink);  /* held: converting the values may run code that replaces the cache */
                 if (route_table_record((RouteTableObject *)sink, route, rss, traced, duration) == 0)
                     r = Py_NewRef(Py_None);
+                Py_DECREF(sink);
             }
             else {
                 PyObject *callargs[5] = {profiler, route, rss, traced, duration};
