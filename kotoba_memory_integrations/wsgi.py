@@ -81,32 +81,6 @@ _CStartResponse: Any = _crecord.StartResponse if _crecord is not None else None
 _Body: Any = _crecord.Body if _crecord is not None else _MeasuredBody
 
 
-def _measured_start_response(
-    measurement: RequestMeasurement, start_response: StartResponse,
-    route_of: Callable[[dict[str, Any]], str | None] | None, environ: dict[str, Any],
-) -> StartResponse:
-    """The app's ``start_response``, noting the status and route first (the reference of
-    ``_crecord.StartResponse``)."""
-
-    def measured_start_response(
-        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
-    ) -> Any:
-        try:
-            measurement.status = int(status[:3])
-        except ValueError:
-            pass
-        if route_of is not None and measurement.route is None:
-            try:
-                measurement.route = route_of(environ)
-            except Exception:  # a route label is never worth failing the response
-                pass
-        if exc_info is None:
-            return start_response(status, headers)
-        return start_response(status, headers, exc_info)
-
-    return measured_start_response
-
-
 class PyMemoryMiddleware:
     """Measures every request of the wrapped WSGI app (see the module docstring): the pure-Python
     reference of :class:`MemoryMiddleware`, whose ``__call__`` runs in C where the extension was built."""
@@ -132,11 +106,28 @@ class PyMemoryMiddleware:
             return self.app(environ, start_response)
         measurement = self.recorder.begin(environ.get("REQUEST_METHOD", "GET"))
         environ[ENVIRON_KEY] = measurement
+        route_of = self.route_of
+        measured_start_response: StartResponse
         if _CStartResponse is not None:
-            measured_start_response = _CStartResponse(measurement, start_response, self.route_of, environ)
+            measured_start_response = _CStartResponse(measurement, start_response, route_of, environ)
         else:
-            measured_start_response = _measured_start_response(measurement, start_response, self.route_of,
-                                                               environ)
+
+            def measured_start_response(
+                status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+            ) -> Any:
+                try:
+                    measurement.status = int(status[:3])
+                except ValueError:
+                    pass
+                if route_of is not None and measurement.route is None:
+                    try:
+                        measurement.route = route_of(environ)
+                    except Exception:  # a route label is never worth failing the response
+                        pass
+                if exc_info is None:
+                    return start_response(status, headers)
+                return start_response(status, headers, exc_info)
+
         measurement.activate()
         try:
             result = self.app(environ, measured_start_response)
