@@ -448,16 +448,17 @@ typedef struct {
 static PyTypeObject RssCore_Type;
 static PyObject *str_rss_uncached;
 
+/* time.monotonic(): the clock the reference (and the Python fallback) stamps _last with. */
 static double
 monotonic_s(void)
 {
-#ifdef _WIN32
-    return (double)GetTickCount64() / 1e3;
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    if (PyTime_MonotonicRaw(&t) < 0) return 0.0;  /* never fails on supported platforms */
 #else
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    _PyTime_t t = _PyTime_GetMonotonicClock();
 #endif
+    return (double)t / 1e9;
 }
 
 static PyObject *
@@ -1506,15 +1507,10 @@ StartResponse_vectorcall(StartResponseObject *self, PyObject *const *args, size_
     return PyObject_Vectorcall(self->start_response, callargs, exc_info == Py_None ? 2 : 3, NULL);
 }
 
+/* A wrapper of `sr` for measurement `m`, with the checks StartResponse() makes (also for WSGICall). */
 static PyObject *
-StartResponse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+start_response_make(PyTypeObject *type, PyObject *m, PyObject *sr, PyObject *route_of, PyObject *environ)
 {
-    PyObject *m, *sr, *route_of, *environ;
-    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
-        PyErr_SetString(PyExc_TypeError, "StartResponse() takes no keyword arguments");
-        return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, "StartResponse", 4, 4, &m, &sr, &route_of, &environ)) return NULL;
     if (!PyCallable_Check(sr)) {
         PyErr_Format(PyExc_TypeError, "start_response must be callable, not %.100s", Py_TYPE(sr)->tp_name);
         return NULL;
@@ -1531,6 +1527,18 @@ StartResponse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->environ = Py_NewRef(environ);
     self->vectorcall = (vectorcallfunc)StartResponse_vectorcall;
     return (PyObject *)self;
+}
+
+static PyObject *
+StartResponse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *m, *sr, *route_of, *environ;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "StartResponse() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "StartResponse", 4, 4, &m, &sr, &route_of, &environ)) return NULL;
+    return start_response_make(type, m, sr, route_of, environ);
 }
 
 static int
@@ -1591,6 +1599,17 @@ typedef struct {
     PyObject *result, *measurement, *iterator;
 } BodyObject;
 
+/* The app's response iterable `result`, finishing measurement `m` when closed (also for WSGICall). */
+static PyObject *
+body_make(PyTypeObject *type, PyObject *result, PyObject *m)
+{
+    BodyObject *self = (BodyObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->result = Py_NewRef(result);
+    self->measurement = Py_NewRef(m);
+    return (PyObject *)self;
+}
+
 static PyObject *
 Body_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -1600,11 +1619,7 @@ Body_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     if (!PyArg_UnpackTuple(args, "Body", 2, 2, &result, &m)) return NULL;
-    BodyObject *self = (BodyObject *)type->tp_alloc(type, 0);
-    if (self == NULL) return NULL;
-    self->result = Py_NewRef(result);
-    self->measurement = Py_NewRef(m);
-    return (PyObject *)self;
+    return body_make(type, result, m);
 }
 
 static int
@@ -1743,16 +1758,16 @@ typedef struct {
 static PyObject *str_environ_key, *str_request_method, *str_begin, *str_activate, *str_deactivate,
     *str_finished, *str_get;
 
-/* environ.get(key) (a new reference, NULL with an error set, or Py_None when absent). */
+/* environ.get(key, default) (a new reference, NULL with an error set). */
 static PyObject *
-environ_get(PyObject *environ, PyObject *key)
+environ_get(PyObject *environ, PyObject *key, PyObject *default_value)
 {
     if (PyDict_Check(environ)) {
         PyObject *v = PyDict_GetItemWithError(environ, key);
         if (v != NULL) return Py_NewRef(v);
-        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+        return PyErr_Occurred() ? NULL : Py_NewRef(default_value);
     }
-    return PyObject_CallMethodOneArg(environ, str_get, key);
+    return PyObject_CallMethodObjArgs(environ, str_get, key, default_value, NULL);
 }
 
 /* measurement.<name>() for a C measurement without a lookup, else by method call (0, or -1 on error). */
@@ -1767,34 +1782,10 @@ measurement_call(PyObject *m, PyObject *name, PyObject *(*direct)(MeasurementObj
 }
 
 static PyObject *
-fail_method(MeasurementObject *m, PyObject *exc)
-{
-    return Measurement_fail(m, exc);
-}
-
-static PyObject *
-finish_method(MeasurementObject *m, PyObject *Py_UNUSED(arg))
-{
-    return Measurement_finish(m, NULL);
-}
-
-static PyObject *
-activate_method(MeasurementObject *m, PyObject *Py_UNUSED(arg))
-{
-    return Measurement_activate(m, NULL);
-}
-
-static PyObject *
-deactivate_method(MeasurementObject *m, PyObject *Py_UNUSED(arg))
-{
-    return Measurement_deactivate(m, NULL);
-}
-
-static PyObject *
 wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *environ, PyObject *start_response)
 {
     /* Already measured by an outer MemoryMiddleware: measuring twice would double-count. */
-    PyObject *outer = environ_get(environ, str_environ_key);
+    PyObject *outer = environ_get(environ, str_environ_key, Py_None);
     if (outer == NULL) return NULL;
     int nested = 0;
     if (outer != Py_None) {
@@ -1820,16 +1811,8 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
     Py_DECREF(outer);
     if (nested) return PyObject_CallFunctionObjArgs(app, environ, start_response, NULL);
 
-    PyObject *method;
-    if (PyDict_Check(environ)) {
-        method = PyDict_GetItemWithError(environ, str_request_method);
-        if (method == NULL && PyErr_Occurred()) return NULL;
-        method = Py_NewRef(method != NULL ? method : str_GET);
-    }
-    else {
-        method = PyObject_CallMethodObjArgs(environ, str_get, str_request_method, str_GET, NULL);
-        if (method == NULL) return NULL;
-    }
+    PyObject *method = environ_get(environ, str_request_method, str_GET);
+    if (method == NULL) return NULL;
     PyObject *m;
     if (PyObject_TypeCheck(recorder, &Recorder_Type) && !overridden(recorder, str_begin, c_begin)) {
         m = begin((RecorderObject *)recorder, method);
@@ -1842,32 +1825,17 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
 
     PyObject *result = NULL, *sr = NULL;
     if (PyObject_SetItem(environ, str_environ_key, m) < 0) goto done;
-    /* The checks StartResponse() makes, at the point the reference makes them. */
-    if (!PyCallable_Check(start_response)) {
-        PyErr_Format(PyExc_TypeError, "start_response must be callable, not %.100s",
-                     Py_TYPE(start_response)->tp_name);
-        goto done;
-    }
-    if (route_of != Py_None && !PyCallable_Check(route_of)) {
-        PyErr_Format(PyExc_TypeError, "route_of must be callable or None, not %.100s", Py_TYPE(route_of)->tp_name);
-        goto done;
-    }
-    StartResponseObject *w = (StartResponseObject *)StartResponse_Type.tp_alloc(&StartResponse_Type, 0);
-    if (w == NULL) goto done;
-    w->measurement = Py_NewRef(m);
-    w->start_response = Py_NewRef(start_response);
-    w->route_of = Py_NewRef(route_of);
-    w->environ = Py_NewRef(environ);
-    w->vectorcall = (vectorcallfunc)StartResponse_vectorcall;
-    sr = (PyObject *)w;
-    if (measurement_call(m, str_activate, activate_method, NULL) < 0) goto done;
+    /* Made (and checked) where the reference makes its StartResponse. */
+    sr = start_response_make(&StartResponse_Type, m, start_response, route_of, environ);
+    if (sr == NULL) goto done;
+    if (measurement_call(m, str_activate, Measurement_activate, NULL) < 0) goto done;
 
     PyObject *app_result = PyObject_CallFunctionObjArgs(app, environ, sr, NULL);
     if (app_result == NULL) {
         /* except BaseException as exc: measurement.fail(exc); measurement.finish(); raise */
         PyObject *exc = take_error();
-        if (measurement_call(m, str_fail, fail_method, exc) < 0 ||
-            measurement_call(m, str_finish, finish_method, NULL) < 0) {
+        if (measurement_call(m, str_fail, Measurement_fail, exc) < 0 ||
+            measurement_call(m, str_finish, Measurement_finish, NULL) < 0) {
             chain_error(exc);
         }
         else {
@@ -1877,7 +1845,7 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
     /* finally: measurement.deactivate() */
     {
         PyObject *pending = take_error();
-        if (measurement_call(m, str_deactivate, deactivate_method, NULL) < 0) {
+        if (measurement_call(m, str_deactivate, Measurement_deactivate, NULL) < 0) {
             Py_XDECREF(app_result);
             app_result = NULL;
             chain_error(pending);
@@ -1887,14 +1855,8 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
         }
     }
     if (app_result == NULL) goto done;
-    BodyObject *b = (BodyObject *)Body_Type.tp_alloc(&Body_Type, 0);
-    if (b == NULL) {
-        Py_DECREF(app_result);
-        goto done;
-    }
-    b->result = app_result;  /* stolen */
-    b->measurement = Py_NewRef(m);
-    result = (PyObject *)b;
+    result = body_make(&Body_Type, app_result, m);
+    Py_DECREF(app_result);
 done:
     Py_XDECREF(sr);
     Py_DECREF(m);

@@ -51,6 +51,20 @@ def test_a_line_neither_can_parse_falls_back_to_psutil(tmp_path: Path, content: 
         assert reader._last[0] == value
 
 
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_readings_are_stamped_with_time_monotonic(cls: type[PyRssReader]) -> None:
+    import time
+
+    reader = cls()
+    reader.rss()  # the C reader's first read opens the descriptor through the reference's path
+    before = time.monotonic()
+    value = reader.rss()  # ...and this one is its own
+    after = time.monotonic()
+    assert reader._last[0] == value and before <= reader._last[1] <= after
+    assert reader.recent(after - reader._last[1] + 3600) == value  # recent() compares on that clock
+    reader.close()
+
+
 @needs_c
 def test_the_c_reader_keeps_its_state_where_the_reference_code_sets_it() -> None:
     reader = RssReader()
