@@ -46,7 +46,8 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# The code beside this file, also when the environment has another checkout installed (editable).
+sys.path[:0] = [str(REPO), str(REPO / "core")]
 
 from benchmarks.field_suite import APPS, _wrk_script  # noqa: E402
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
@@ -68,7 +69,8 @@ class Server:
             self.port = int(sock.getsockname()[1])
         env = dict(
             os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS=str(workers), FIELD_LEAKS="0",
-            FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1", PYTHONPATH=str(REPO),
+            FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1",
+            PYTHONPATH=os.pathsep.join((str(REPO), str(REPO / "core"))),
             FIELD_PROFILE="1" if profiler else "0", FIELD_MIDDLEWARE_ONLY="1" if middleware_only else "0",
         )
         env.pop("FIELD_OUT", None)
@@ -126,8 +128,21 @@ def _what_ran(dumps: Path) -> dict[str, Any] | None:
         process["workers_dumped"] = len(paths)
         process["threads_cpu_s"] = sorted(process["threads_cpu_s"].items(), key=lambda kv: -kv[1])
         process["collections"] = [generation["collections"] for generation in process["gc_stats"]]
+        process["tasks_share"] = _tasks_share(paths)
         return process
     return None
+
+
+def _tasks_share(paths: list[Path]) -> dict[str, float]:
+    """Each scheduler task's CPU over all the dumped workers' CPU (their threads' user + system time)."""
+    total = 0.0
+    tasks: dict[str, float] = {}
+    for path in paths:
+        process = json.loads(path.read_text(encoding="utf-8"))
+        total += sum(process["threads_cpu_s"].values())
+        for name, cpu in process.get("tasks_cpu_s", {}).items():
+            tasks[name] = tasks.get(name, 0.0) + cpu
+    return {name: cpu / total for name, cpu in sorted(tasks.items(), key=lambda kv: -kv[1])} if total else {}
 
 
 def wrk(port: int, seconds: float, script: Path, connections: int) -> int:
@@ -318,9 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         gc_line = (f"gc threshold {process['gc_threshold']}, frozen {process['gc_freeze_count']}, "
                    f"collections per generation {process['collections']}")
         mode = process.get("gc_mode")
-        tuned = f"; GC optimizer {mode[0]} ({mode[1]}), {len(process['gc_changes'])} changes" if mode else ""
+        tuned = (f"; GC optimizer {mode[0]} ({mode[1]}), {len(process['gc_changes'])} changes, "
+                 f"{process.get('budget_collections')} budget collections" if mode else "")
         which = "worker" if process["workers_dumped"] == 1 else f"worker (one of {process['workers_dumped']})"
         print(f"what {name}'s {which} ran: {busiest}; {gc_line}{tuned}")
+        if process["tasks_share"]:
+            shares = ", ".join(f"{task} {100 * share:.2f}%" for task, share in process["tasks_share"].items())
+            print(f"  {name}'s scheduler tasks, share of its workers' CPU: {shares}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return 0

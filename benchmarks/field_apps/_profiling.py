@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 
 from kotoba_memory.config import MemoryConfig
+from kotoba_memory.process.scheduler import scheduler
 from kotoba_memory_integrations import runtime
 
 LEAKS_ON = os.environ.get("FIELD_LEAKS", "1") != "0"
@@ -93,6 +94,7 @@ def _dump_process(path: Path, optimizer: Any) -> None:
     data: dict[str, Any] = {
         "pid": os.getpid(), "threads_cpu_s": threads, "gc_threshold": gc.get_threshold(),
         "gc_freeze_count": gc.get_freeze_count(), "gc_stats": gc.get_stats(),
+        "tasks_cpu_s": {task.name: round(task.cpu_s, 6) for task in scheduler.tasks()},
     }
     gc_optimizer = getattr(optimizer, "gc_optimizer", None)
     if gc_optimizer is not None:

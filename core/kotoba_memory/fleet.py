@@ -28,6 +28,7 @@ from typing import Any
 
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.process import Task, forks, memory, registry, scheduler
+from kotoba_memory.process.cpu import CpuShare
 from kotoba_memory.report import replace_private
 from kotoba_memory.validation import check_positive, check_str
 
@@ -48,8 +49,10 @@ SCHEMA = 1
 DEFAULT_INTERVAL_S = 5.0
 MAX_FILES = 256
 MAX_FILE_BYTES = 64 * 1024
-#: The largest share of wall time the periodic snapshot may take (its interval stretches beyond that).
-MAX_SHARE = 0.005
+#: The largest share of the process's CPU the periodic snapshot may take (its interval stretches beyond
+#: that, up to MAX_STRETCH intervals): a worker busy 5% of the time would pay a wall-time share 20 times.
+MAX_SHARE = 0.001
+MAX_STRETCH = 12
 _TOP_LEAKS = 3
 _STALE_TMP_S = 60.0
 _ENV_DIR = "KOTOBA_MEMORY_FLEET_DIR"
@@ -408,6 +411,9 @@ class FleetPublisher:
         self._report = report or _active_brief
         self._keep = keep
         self._task: Task | None = None
+        self._spacing = CpuShare(
+            MAX_SHARE, min_gap_s=self.interval_s, max_gap_s=MAX_STRETCH * self.interval_s
+        )
         self._written: set[int] = set()
         self.errors = 0
         self.last_error: str | None = None
@@ -448,14 +454,14 @@ class FleetPublisher:
         return snapshot
 
     def _tick(self) -> float | None:
-        """One periodic write; returns the delay to the next, stretched so that writing never takes
-        more than :data:`MAX_SHARE` of the time (a report is slow when tracemalloc traces everything)."""
+        """One periodic write; returns the delay to the next, stretched so that writing takes at most
+        :data:`MAX_SHARE` of the process's CPU (a report is slow when tracemalloc traces everything)."""
         if self._keep is not None and not self._keep():
             self.stop()  # e.g. the optimizer stopped: this process leaves the fleet
             return None
-        started = time.perf_counter()
+        started = time.thread_time()
         self.publish()
-        return max(self.interval_s, (time.perf_counter() - started) / MAX_SHARE)
+        return self._spacing.next_gap(time.thread_time() - started)
 
 
 def _active_brief() -> Any | None:

@@ -26,25 +26,25 @@ def test_a_slow_heap_reading_is_spaced_out_by_its_cost(monkeypatch: pytest.Monke
     profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=False)
     for _ in range(30):
         profiler._sample()
-    # 2 ms of reading at a 0.1% budget: the next reading is due ~2 s later, not at the next sample
+    # 2 ms of reading at 0.1% of the CPU of a process at most idle: the next reading is due ~40 s later
     assert len(reads) == 1
     heaps = [s.heap_bytes for s in profiler.samples()]
     assert heaps[0] is not None and heaps[1:] == [None] * 29
 
 
-def test_a_heap_reading_is_never_further_apart_than_ten_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_heap_reading_is_never_further_apart_than_sixty_samples(monkeypatch: pytest.MonkeyPatch) -> None:
     def very_slow_heap() -> int:
-        time.sleep(0.02)  # at a 0.1% budget: 20 s to the next reading, more than ten samples
+        time.sleep(0.02)  # at a 0.1% budget: 400 s to the next reading, more than sixty samples
         return 1 << 20
 
     monkeypatch.setattr(process_memory, "heap_in_use_bytes", very_slow_heap)
     profiler = MemoryProfiler(sample_interval_s=0.01, leak_detection=False)
-    deadline = time.monotonic() + 0.35
+    deadline = time.monotonic() + 0.9
     while time.monotonic() < deadline:
         profiler._sample()
         time.sleep(0.01)
     heaps = [s.heap_bytes for s in profiler.samples()]
-    assert sum(h is not None for h in heaps) >= 2  # the first, then again within ten sample intervals
+    assert sum(h is not None for h in heaps) >= 2  # the first, then again within sixty sample intervals
 
 
 def test_a_cheap_heap_reading_is_taken_at_every_sample(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Below this CPU rate (cores) a process is idle: a share of its CPU would push windows out for hours
-# over a few milliseconds of bookkeeping, so the budget is taken of at least this much.
-_IDLE_CPU_RATE = 0.05
+from kotoba_memory.process.cpu import IDLE_CPU_RATE as _IDLE_CPU_RATE
+
 # Requests finished in the gap before a window below which their mean CPU is too rough a baseline.
 _MIN_GAP_REQUESTS = 20
 # Weight of the newest window in the running cost: windows with a census cost several times others.

@@ -36,6 +36,7 @@ from kotoba_memory.memory_profiler._survival import Found
 from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
 from kotoba_memory.process import Task, forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
+from kotoba_memory.process.cpu import CpuShare
 from kotoba_memory.validation import (
     check_int,
     check_non_negative,
@@ -49,8 +50,8 @@ logger = logging.getLogger(__name__)
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
 _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
-_HEAP_READ_BUDGET = 0.001  # share of wall time the sampler may spend reading glibc's heap
-_HEAP_READ_MAX_GAP = 10  # samples between two heap readings at most
+_HEAP_READ_BUDGET = 0.001  # share of the process's CPU the sampler may spend reading glibc's heap
+_HEAP_READ_MAX_GAP = 60  # samples between two heap readings at most
 
 
 class ProfilerError(KotobaMemoryError, RuntimeError):
@@ -282,6 +283,9 @@ class MemoryProfiler:
         self._census_found: Found | None = None
         self._own_heap = 0
         self._next_heap_read = 0.0
+        self._heap_reads = CpuShare(
+            _HEAP_READ_BUDGET, min_gap_s=0.0, max_gap_s=_HEAP_READ_MAX_GAP * self.sample_interval_s
+        )
         self._tasks: tuple[Task, ...] = ()
         self._window: _Window | None = None
         self._started_at = 0.0
@@ -406,19 +410,18 @@ class MemoryProfiler:
     def _read_heap(self) -> int | None:
         """glibc's in-use heap, read only as often as its cost allows (None for the samples in between).
 
-        ``mallinfo2`` walks every free chunk of every malloc arena under that arena's lock: 3-20 ms in a
+        ``mallinfo2`` walks every free chunk of every malloc arena under that arena's lock: 0.3-20 ms in a
         multi-threaded worker with a fragmented heap, which at one sample a second was ~2% of a core
-        (and stalled the app's mallocs meanwhile). Each reading waits ``cost / _HEAP_READ_BUDGET`` after
-        the last, but never more than ``_HEAP_READ_MAX_GAP`` samples, so trends keep enough points.
+        (and stalled the app's mallocs meanwhile). Readings are spaced to cost ``_HEAP_READ_BUDGET`` of the
+        process's CPU (a worker busy 5% of the time pays a wall-time budget twenty times over), but
+        never more than ``_HEAP_READ_MAX_GAP`` samples apart, so trends over minutes keep their points.
         """
         now = time.monotonic()
         if now < self._next_heap_read:
             return None
         started = time.perf_counter()
         heap = process_memory.heap_in_use_bytes()
-        cost = time.perf_counter() - started
-        gap = min(cost / _HEAP_READ_BUDGET, _HEAP_READ_MAX_GAP * self.sample_interval_s)
-        self._next_heap_read = now + gap
+        self._next_heap_read = now + self._heap_reads.next_gap(time.perf_counter() - started)
         return heap
 
     def _window_step(self) -> float:

@@ -5,6 +5,7 @@
 - :mod:`~kotoba_memory.process.scheduler`: the one background thread for periodic work.
 - :mod:`~kotoba_memory.process.registry`: which optimizer, GC optimizer and profiler are running.
 - :mod:`~kotoba_memory.process.activity`: requests in flight.
+- :mod:`~kotoba_memory.process.cpu`: what periodic work may cost, as a share of the process's CPU.
 
 It imports no component: components import it.
 """

@@ -31,7 +31,9 @@ _GRID_S = 1.0
 class Task:
     """A periodic job on the scheduler; :meth:`cancel` removes it."""
 
-    __slots__ = ("_scheduler", "cancelled", "errors", "fn", "interval_s", "name", "next_at", "runs", "seq")
+    __slots__ = (
+        "_scheduler", "cancelled", "cpu_s", "errors", "fn", "interval_s", "name", "next_at", "runs", "seq",
+    )
 
     def __init__(self, scheduler: Scheduler, name: str, fn: TaskFunction, interval_s: float) -> None:
         self._scheduler = scheduler
@@ -43,6 +45,8 @@ class Task:
         self.cancelled = False
         self.runs = 0
         self.errors = 0
+        #: CPU seconds the task's runs have taken on the scheduler's thread (what our background work costs).
+        self.cpu_s = 0.0
 
     def cancel(self, *, wait: bool = True) -> None:
         """Remove the task; with ``wait``, also wait for a run in progress (not from the task itself)."""
@@ -53,7 +57,8 @@ class Task:
         self._scheduler.reschedule(self, delay_s)
 
     def __repr__(self) -> str:
-        return f"<Task {self.name!r} every {self.interval_s:g}s runs={self.runs} errors={self.errors}>"
+        return (f"<Task {self.name!r} every {self.interval_s:g}s runs={self.runs} errors={self.errors} "
+                f"cpu={self.cpu_s:.3f}s>")
 
 
 class Scheduler:
@@ -185,6 +190,7 @@ class Scheduler:
             if task is None:
                 return
             delay: float | None = None
+            started = time.thread_time()
             try:
                 result = task.fn()
                 if isinstance(result, int | float) and not isinstance(result, bool):
@@ -194,6 +200,7 @@ class Scheduler:
                 task.errors += 1
                 self.errors += 1
                 logger.debug("kotoba-memory: task %s failed", task.name, exc_info=True)
+            task.cpu_s += time.thread_time() - started
             with self._cond:
                 self._current = None
                 if not task.cancelled and task in self._tasks:
