@@ -4,10 +4,11 @@
  * recorder's settings as C fields and serves begin(), next_gap() and deliver() without a Python frame.
  * Measurement is the in-flight measurement begin() returns; finish() records it. Both follow the
  * pure-Python PyRequestRecorder / PyRequestMeasurement step by step (that code is the reference; the
- * differential tests drive both with the same sequences). What stays Python is called back: the
- * in-flight count is activity's own list and event counter (shared, not copied), the GC optimizer and
- * profiler come from their getters, RSS from the recorder's reader, gaps from request._rng, errors are
- * counted by request._count_error and listeners read from request._listeners at every delivery.
+ * differential tests drive both with the same sequences). The requests in flight and the activity event
+ * counter live here (process.activity serves them from here when this module is built, so there is still
+ * one count); request.py hands over each new tuple of listeners. What stays Python is called back: the
+ * GC optimizer and profiler come from their getters, RSS from the recorder's reader, gaps from
+ * request._rng, errors are counted by request._count_error.
  *
  * configure() hands this module those objects once; the Measurement type is created there because its
  * base is the Python class RequestMeasurement (so isinstance checks see both implementations).
@@ -31,10 +32,8 @@
 static PyTypeObject *Measurement_Type = NULL;
 static PyTypeObject *metrics_type = NULL;   /* RequestMetrics (a tuple subclass) */
 static PyObject *current_var = NULL;        /* the ContextVar of the running measurement */
-static PyObject *flight = NULL;             /* activity's list of requests in flight */
-static PyObject *events = NULL;             /* activity's event counter (itertools.count) */
 static PyObject *sched = NULL;              /* the process scheduler (paused_by_fork, resume) */
-static PyObject *req_globals = NULL;        /* request.py's globals: _listeners */
+static PyObject *listeners = NULL;          /* request._listeners (a tuple), handed over at each change */
 static PyObject *count_error_fn = NULL;     /* request._count_error */
 static PyObject *rng_random = NULL;         /* request._rng.random */
 static PyObject *unmatched = NULL, *known_methods = NULL, *other_method = NULL;
@@ -42,7 +41,7 @@ static PyObject *is_tracing_fn = NULL, *get_traced_fn = NULL;
 static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age */
 
 static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
-    *str_recent, *str_record_request, *str_request_sink, *str_listeners, *str_qualname, *str_route,
+    *str_recent, *str_record_request, *str_request_sink, *str_qualname, *str_route,
     *str_rss_delta,
     *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
     *str_finish, *str_close;
@@ -152,30 +151,102 @@ chain_error(PyObject *earlier)
     restore_error(later);
 }
 
-/* activity.mark_end(): one request out of the shared list (unbalanced calls ignored). */
-static int
-flight_pop(void)
+/* process.activity's state (its pure-Python twin is a list and an itertools.count): requests in flight
+ * and the event counter that tells whether another request began or ended while one ran. Changed only
+ * with the GIL held, by code that does not release it. */
+static Py_ssize_t in_flight_n = 0;
+static long long events_n = 0;
+/* Set at configure and after every fork: the next begin() asks the scheduler whether fork paused it. */
+static int fork_pending = 1;
+
+/* activity.begin(): one request in; whether it is alone, and the event number it began at. */
+static void
+activity_begin(char *alone, long long *epoch)
 {
-    Py_ssize_t n = PyList_GET_SIZE(flight);
-    if (n > 0) return PyList_SetSlice(flight, n - 1, n, NULL);
-    return 0;
+    in_flight_n += 1;
+    *alone = in_flight_n == 1;
+    *epoch = ++events_n;
 }
 
-/* Undo begin's count when begin fails after it, keeping the exception that made it fail. */
+/* activity.mark_end(): one request out (unbalanced calls ignored). */
 static void
-flight_pop_keeping_error(void)
+activity_mark_end(void)
 {
-    PyObject *exc = take_error();
-    if (flight_pop() < 0) PyErr_Clear();
-    restore_error(exc);
+    if (in_flight_n > 0) in_flight_n -= 1;
+}
+
+/* activity.end(alone, epoch): one request out; whether another began or ended while it ran. */
+static int
+activity_end(int alone, long long epoch)
+{
+    activity_mark_end();
+    return !alone || ++events_n != epoch + 1;
 }
 
 static PyObject *
-next_event(void)
+mod_activity_begin(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 {
-    PyObject *ev = Py_TYPE(events)->tp_iternext(events);
-    if (ev == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "activity event counter ended");
-    return ev;
+    char alone;
+    long long epoch;
+    activity_begin(&alone, &epoch);
+    return Py_BuildValue("(OL)", alone ? Py_True : Py_False, epoch);
+}
+
+static PyObject *
+mod_activity_end(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "end() takes exactly 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int alone = PyObject_IsTrue(args[0]);
+    if (alone < 0) return NULL;
+    long long epoch = 0;
+    if (alone) {  /* the reference reads the epoch only then */
+        epoch = PyLong_AsLongLong(args[1]);
+        if (epoch == -1 && PyErr_Occurred()) return NULL;
+    }
+    return PyBool_FromLong(activity_end(alone, epoch));
+}
+
+static PyObject *
+mod_mark_start(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    in_flight_n += 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_mark_end(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    activity_mark_end();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_in_flight(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSsize_t(in_flight_n);
+}
+
+/* After fork(): the child serves none of the parent's requests, and its scheduler may be paused. */
+static PyObject *
+mod_after_fork(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    in_flight_n = 0;
+    fork_pending = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_set_listeners(PyObject *Py_UNUSED(module), PyObject *value)
+{
+    if (!PyTuple_CheckExact(value)) {
+        PyErr_Format(PyExc_TypeError, "set_listeners() wants a tuple, not %.100s", Py_TYPE(value)->tp_name);
+        return NULL;
+    }
+    Py_XSETREF(listeners, Py_NewRef(value));
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -774,25 +845,22 @@ begin(RecorderObject *self, PyObject *method)
     m->status = Py_NewRef(Py_None);
     m->error = Py_NewRef(Py_None);
 
-    PyObject *paused = PyObject_GetAttr(sched, str_paused_by_fork);
-    if (paused == NULL) goto fail;
-    int p = PyObject_IsTrue(paused);
-    Py_DECREF(paused);
-    if (p < 0) goto fail;
-    if (p) {  /* the first request of a forked worker: resume our background work */
-        PyObject *r = PyObject_CallMethodNoArgs(sched, str_resume);
-        if (r == NULL) goto fail;
-        Py_DECREF(r);
+    /* Only fork() pauses the scheduler (paused_by_fork), so only the first request after one asks. */
+    if (fork_pending) {
+        PyObject *paused = PyObject_GetAttr(sched, str_paused_by_fork);
+        if (paused == NULL) goto fail;
+        int p = PyObject_IsTrue(paused);
+        Py_DECREF(paused);
+        if (p < 0) goto fail;
+        if (p) {  /* the first request of a forked worker: resume our background work */
+            PyObject *r = PyObject_CallMethodNoArgs(sched, str_resume);
+            if (r == NULL) goto fail;
+            Py_DECREF(r);
+        }
+        fork_pending = 0;
     }
 
-    /* activity.begin() on activity's own list and counter */
-    if (PyList_Append(flight, Py_None) < 0) goto fail;
-    m->alone = PyList_GET_SIZE(flight) == 1;
-    PyObject *ev = next_event();
-    if (ev == NULL) goto fail_counted;
-    m->epoch = PyLong_AsLongLong(ev);
-    Py_DECREF(ev);
-    if (m->epoch == -1 && PyErr_Occurred()) goto fail_counted;
+    activity_begin(&m->alone, &m->epoch);
 
     PyObject *gc = call_getter(self->gc_optimizer, "gc_optimizer");
     if (gc == NULL) goto fail_counted;
@@ -858,7 +926,7 @@ begin(RecorderObject *self, PyObject *method)
     return (PyObject *)m;
 
 fail_counted:
-    flight_pop_keeping_error();
+    activity_mark_end();  /* a request that failed to begin must not stay counted in flight */
 fail:
     Py_DECREF(m);
     return NULL;
@@ -988,14 +1056,13 @@ deliver(RecorderObject *self, PyObject *metrics)
         }
     }
 
-    PyObject *listeners = PyDict_GetItemWithError(req_globals, str_listeners);  /* borrowed */
-    if (listeners == NULL) return PyErr_Occurred() ? -1 : 0;
-    /* A snapshot, like the reference's loop over the module's tuple: listeners may add or remove. */
-    PyObject *seq = PySequence_Fast(listeners, "request._listeners must be a sequence");
-    if (seq == NULL) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    for (Py_ssize_t i = 0; i < n && i < PySequence_Fast_GET_SIZE(seq); i++) {
-        PyObject *listener = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+    if (listeners == NULL || PyTuple_GET_SIZE(listeners) == 0) return 0;
+    /* The tuple of this moment, like the reference's loop over the module's tuple: listeners may add or
+     * remove (which hands over a new tuple). */
+    PyObject *seq = Py_NewRef(listeners);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *listener = Py_NewRef(PyTuple_GET_ITEM(seq, i));
         PyObject *r = PyObject_CallOneArg(listener, metrics);
         Py_DECREF(listener);
         if (r == NULL) {
@@ -1015,7 +1082,7 @@ deliver(RecorderObject *self, PyObject *metrics)
 static PyObject *
 Recorder_deliver(RecorderObject *self, PyObject *metrics)
 {
-    if (req_globals == NULL && not_configured() < 0) return NULL;
+    if (sched == NULL && not_configured() < 0) return NULL;
     if (deliver(self, metrics) < 0) return NULL;
     Py_RETURN_NONE;
 }
@@ -1121,7 +1188,7 @@ static PyObject *
 Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->done) Py_RETURN_NONE;
-    if (self->recorder == NULL || flight == NULL) {
+    if (self->recorder == NULL || sched == NULL) {
         PyErr_SetString(PyExc_TypeError, "measurement was not made by RequestRecorder.begin()");
         return NULL;
     }
@@ -1131,17 +1198,7 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *rss_delta = NULL, *traced = NULL, *gc_pause = NULL, *dur = NULL, *metrics = NULL;
     PyObject *route = NULL;
 
-    /* activity.end(alone, epoch) */
-    if (flight_pop() < 0) return NULL;
-    int overlapped = 1;
-    if (self->alone) {
-        PyObject *ev = next_event();
-        if (ev == NULL) return NULL;
-        long long e = PyLong_AsLongLong(ev);
-        Py_DECREF(ev);
-        if (e == -1 && PyErr_Occurred()) return NULL;
-        overlapped = e != self->epoch + 1;
-    }
+    int overlapped = activity_end(self->alone, self->epoch);
 
     if (self->sampled && self->rss0 != NULL) {
         PyObject *now = read_rss(rec, 0);
@@ -1952,18 +2009,14 @@ check_type(PyObject *o, int ok, const char *name, const char *expected)
 static PyObject *
 configure(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *base, *mtype, *cvar, *fl, *ev, *sch, *glob, *cerr, *rnd, *unm, *known, *other, *ist, *gtm,
-        *reuse;
-    if (!PyArg_UnpackTuple(args, "configure", 15, 15, &base, &mtype, &cvar, &fl, &ev, &sch, &glob, &cerr,
-                           &rnd, &unm, &known, &other, &ist, &gtm, &reuse))
+    PyObject *base, *mtype, *cvar, *sch, *cerr, *rnd, *unm, *known, *other, *ist, *gtm, *reuse;
+    if (!PyArg_UnpackTuple(args, "configure", 12, 12, &base, &mtype, &cvar, &sch, &cerr, &rnd, &unm, &known,
+                           &other, &ist, &gtm, &reuse))
         return NULL;
     if (check_type(base, PyType_Check(base), "measurement_base", "a class") < 0 ||
         check_type(mtype, PyType_Check(mtype) && PyType_IsSubtype((PyTypeObject *)mtype, &PyTuple_Type),
                    "metrics_type", "a tuple subclass") < 0 ||
         check_type(cvar, PyContextVar_CheckExact(cvar), "current", "a ContextVar") < 0 ||
-        check_type(fl, PyList_CheckExact(fl), "flight", "a list") < 0 ||
-        check_type(ev, PyIter_Check(ev), "events", "an iterator") < 0 ||
-        check_type(glob, PyDict_CheckExact(glob), "globals", "a dict") < 0 ||
         check_type(cerr, PyCallable_Check(cerr), "count_error", "callable") < 0 ||
         check_type(rnd, PyCallable_Check(rnd), "random", "callable") < 0 ||
         check_type(unm, PyUnicode_Check(unm), "unmatched", "a str") < 0 ||
@@ -1981,10 +2034,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
     Py_XSETREF(Measurement_Type, (PyTypeObject *)mt);
     Py_XSETREF(metrics_type, (PyTypeObject *)Py_NewRef(mtype));
     Py_XSETREF(current_var, Py_NewRef(cvar));
-    Py_XSETREF(flight, Py_NewRef(fl));
-    Py_XSETREF(events, Py_NewRef(ev));
     Py_XSETREF(sched, Py_NewRef(sch));
-    Py_XSETREF(req_globals, Py_NewRef(glob));
+    fork_pending = 1;
     Py_XSETREF(count_error_fn, Py_NewRef(cerr));
     Py_XSETREF(rng_random, Py_NewRef(rnd));
     Py_XSETREF(unmatched, Py_NewRef(unm));
@@ -1998,9 +2049,19 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(measurement_base, metrics_type, current, flight, events, scheduler, globals, count_error, "
-     "random, unmatched, known_methods, other_method, is_tracing, get_traced_memory, rss_reuse_s) -> "
+     "configure(measurement_base, metrics_type, current, scheduler, count_error, random, unmatched, "
+     "known_methods, other_method, is_tracing, get_traced_memory, rss_reuse_s) -> "
      "the Measurement type (a subclass of measurement_base)."},
+    {"activity_begin", mod_activity_begin, METH_NOARGS,
+     "Count a request in; returns (alone, epoch) to hand back to activity_end()."},
+    {"activity_end", (PyCFunction)(void (*)(void))mod_activity_end, METH_FASTCALL,
+     "activity_end(alone, epoch): count a request out; True if another began or ended while it ran."},
+    {"mark_start", mod_mark_start, METH_NOARGS, "Count one request in, with no overlap bookkeeping."},
+    {"mark_end", mod_mark_end, METH_NOARGS, "Count one request out (unbalanced calls are ignored)."},
+    {"in_flight", mod_in_flight, METH_NOARGS, "Requests begun and not yet ended."},
+    {"after_fork", mod_after_fork, METH_NOARGS,
+     "In a forked child: no request in flight; the next begin() checks whether the scheduler is paused."},
+    {"set_listeners", mod_set_listeners, METH_O, "Hand over request._listeners (a tuple) after a change."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2029,7 +2090,6 @@ PyInit__crecord(void)
     INTERN(str_record_request, "record_request");
     INTERN(str_request_sink, "_request_sink");
     INTERN(str_other, "<other>");
-    INTERN(str_listeners, "_listeners");
     INTERN(str_qualname, "__qualname__");
     INTERN(str_route, "route");
     INTERN(str_rss_delta, "rss_delta");

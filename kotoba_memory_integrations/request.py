@@ -103,6 +103,10 @@ _new_metrics = functools.partial(tuple.__new__, RequestMetrics)
 
 _listeners: tuple[RequestListener, ...] = ()
 _listeners_lock = threading.Lock()
+
+
+def _hand_over_listeners(listeners: tuple[RequestListener, ...]) -> None:
+    """Give the C recorder the new tuple (replaced below when it is built; pure Python reads the global)."""
 _listener_errors = 0
 
 
@@ -112,6 +116,7 @@ def add_request_listener(listener: RequestListener) -> None:
     with _listeners_lock:
         if listener not in _listeners:
             _listeners = (*_listeners, listener)
+            _hand_over_listeners(_listeners)
 
 
 def remove_request_listener(listener: RequestListener) -> None:
@@ -119,6 +124,7 @@ def remove_request_listener(listener: RequestListener) -> None:
     global _listeners
     with _listeners_lock:
         _listeners = tuple(fn for fn in _listeners if fn != listener)
+        _hand_over_listeners(_listeners)
 
 
 def listener_errors() -> int:
@@ -371,14 +377,15 @@ class PyRequestRecorder:
 
 _crecord = _native.load("_crecord")
 if _crecord is not None:
-    # The C measurement derives from RequestMeasurement; it shares activity's in-flight list and event
-    # counter, this module's listeners, error count and RNG: one truth for each, whichever side runs.
-    _flight, _events = activity.shared_state()
+    # The C measurement derives from RequestMeasurement; it counts requests in flight where activity
+    # keeps them (in the C module), and uses this module's error count and RNG; each new tuple of
+    # listeners is handed over: one truth for each, whichever side runs.
     _CMeasurement: Any = _crecord.configure(
-        RequestMeasurement, RequestMetrics, _current, _flight, _events, scheduler, globals(), _count_error,
-        _rng.random, UNMATCHED_ROUTE, KNOWN_METHODS, OTHER_METHOD, tracemalloc.is_tracing,
-        tracemalloc.get_traced_memory, _RSS_REUSE_S,
+        RequestMeasurement, RequestMetrics, _current, scheduler, _count_error, _rng.random, UNMATCHED_ROUTE,
+        KNOWN_METHODS, OTHER_METHOD, tracemalloc.is_tracing, tracemalloc.get_traced_memory, _RSS_REUSE_S,
     )
+    _hand_over_listeners = _crecord.set_listeners
+    _hand_over_listeners(_listeners)
     _RecorderCore: Any = _crecord.Recorder
 
     class CRequestRecorder(_RecorderCore, PyRequestRecorder):

@@ -137,7 +137,7 @@ def _no_component_left_running(request: pytest.FixtureRequest) -> Iterator[None]
         # overlapped. Clear it so one failure stays one failure.
         count = activity.in_flight()
         print(f"\nLEAKED by {request.node.nodeid}: {count} request(s) in flight", file=sys.stderr)
-        activity._flight.clear()
+        activity._reinit_after_fork()  # what a fork does: nothing in flight
     leaked = {kind: obj for kind, obj in registry.snapshot().items() if before.get(kind) is not obj}
     for obj in leaked.values():
         try:

@@ -316,8 +316,12 @@ def test_c_entry_points_refuse_bad_input_clearly() -> None:
     with pytest.raises(TypeError):
         recorder.countdown = "soon"
     with pytest.raises(TypeError, match="must be a ContextVar"):
-        crecord.configure(RequestMeasurement, RequestMetrics, None, [], iter([]), None, {}, print, print,
-                          "u", frozenset(), "o", print, print, 0.01)
+        crecord.configure(RequestMeasurement, RequestMetrics, None, None, print, print, "u", frozenset(), "o",
+                          print, print, 0.01)
+    with pytest.raises(TypeError, match="tuple"):
+        crecord.set_listeners([print])
+    with pytest.raises(TypeError, match="exactly 2 arguments"):
+        crecord.activity_end(True)
     with pytest.raises(TypeError):
         crecord.configure()
     bare = crecord.Recorder()  # the C base alone, never initialised: errors, no crash
