@@ -1,4 +1,4 @@
-"""What kotoba-memory's per-request path costs in a worker that waits between requests (cold caches).
+r"""What kotoba-memory's per-request path costs in a worker that waits between requests (cold caches).
 
 A warm loop of calls measures the middleware at ~2 µs per request; a gunicorn worker serving a paced
 load spends several times that, because between two requests the CPU runs other processes and the
@@ -31,6 +31,16 @@ against ``PyRssReader`` (RSS on every request: one fresh read at the end, the st
 reading); ``call`` is ``MemoryMiddleware.__call__`` in C against ``PyMemoryMiddleware``.
 
     .venv/bin/python benchmarks/cold_path.py --pairs --rounds 9
+
+``--against CHECKOUT`` compares this tree's C middleware with the one built in another checkout (its
+``_crecord`` loaded under another name, same process, calls interleaved), e.g. before and after a change:
+
+    git worktree add /tmp/before f5c3a2d
+    inc=$(.venv/bin/python -c 'import sysconfig as s; print(s.get_paths()["include"])')
+    ext=$(.venv/bin/python -c 'import sysconfig as s; print(s.get_config_var("EXT_SUFFIX"))')
+    cc -O2 -shared -fPIC -I"$inc" /tmp/before/csrc/_crecord.c -lm \
+        -o /tmp/before/core/kotoba_memory/_crecord$ext
+    .venv/bin/python benchmarks/cold_path.py --against /tmp/before --rounds 7
 """
 
 from __future__ import annotations
@@ -151,21 +161,78 @@ def _pairs(sleep_s: float, rounds: int, requests: int) -> dict[str, dict[str, li
     recorder = RequestRecorder(profiler=no_gc, gc_optimizer=no_gc, rss_sample_every=_NO_RSS)
     pairs["call"] = {"c __call__": MemoryMiddleware(_null_app, recorder=recorder),
                      "python __call__": PyMemoryMiddleware(_null_app, recorder=recorder)}
-    out: dict[str, dict[str, list[float]]] = {}
-    for pair, sides in pairs.items():
-        contenders = [("bare", _null_app), *sides.items()]
-        out[pair] = {side: [] for side in sides}
-        for _ in range(rounds):
-            totals = dict.fromkeys([name for name, _ in contenders], 0)
-            for i in range(requests):
-                turn = contenders[i % 3:] + contenders[:i % 3]
-                for name, app in turn:
-                    if sleep_s:
-                        time.sleep(sleep_s)
-                    totals[name] += _one(app, "/")
-            for side in sides:
-                out[pair][side].append((totals[side] - totals["bare"]) / requests / 1000.0)
+    return {pair: _interleaved(sides, sleep_s, rounds, requests) for pair, sides in pairs.items()}
+
+
+def _interleaved(
+    sides: dict[str, WSGIApp], sleep_s: float, rounds: int, requests: int
+) -> dict[str, list[float]]:
+    """Per side and round: the mean CPU microseconds per request over the bare null app, the bare app and
+    every side called in turn (the order rotating), each call after ``sleep_s``."""
+    contenders = [("bare", _null_app), *sides.items()]
+    out: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        totals = dict.fromkeys([name for name, _ in contenders], 0)
+        for i in range(requests):
+            k = i % len(contenders)
+            for name, app in contenders[k:] + contenders[:k]:
+                if sleep_s:
+                    time.sleep(sleep_s)
+                totals[name] += _one(app, "/")
+        for side in sides:
+            out[side].append((totals[side] - totals["bare"]) / requests / 1000.0)
     return out
+
+
+def _against(other: Path, sleep_s: float, rounds: int, requests: int) -> dict[str, list[float]]:
+    """This tree's C middleware against the one built in checkout ``other``, in one process: its
+    ``_crecord`` is loaded under another name and configured by the layout it has (the one before
+    3145e94 took activity's list and counter and request.py's globals). Neither reads RSS, and no
+    profiler or GC optimizer runs; the other build counts requests in flight in its own list."""
+    import importlib.machinery
+    import importlib.util
+    import itertools
+    import tracemalloc
+
+    from kotoba_memory.process import scheduler
+    from kotoba_memory_integrations import request as rq
+    from kotoba_memory_integrations.wsgi import MemoryMiddleware, PyMemoryMiddleware
+
+    found = [other / "core" / "kotoba_memory" / f"_crecord{suffix}"
+             for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    built = next((path for path in found if path.is_file()), None)
+    if built is None:
+        raise SystemExit(f"--against: no _crecord built for this Python in {other}/core/kotoba_memory "
+                         "(build it there first, e.g. pip install -e . or setup.py build_ext --inplace)")
+    spec = importlib.util.spec_from_file_location("kotoba_memory_against._crecord", built)
+    assert spec is not None and spec.loader is not None
+    theirs: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(theirs)
+    tail = (rq._count_error, rq._rng.random, rq.UNMATCHED_ROUTE, rq.KNOWN_METHODS, rq.OTHER_METHOD,
+            tracemalloc.is_tracing, tracemalloc.get_traced_memory, rq._RSS_REUSE_S)
+    if hasattr(theirs, "set_listeners"):
+        theirs.configure(rq.RequestMeasurement, rq.RequestMetrics, rq._current, scheduler, *tail)
+        theirs.set_listeners(())
+    else:
+        theirs.configure(rq.RequestMeasurement, rq.RequestMetrics, rq._current, [], itertools.count(1),
+                         scheduler, {"_listeners": ()}, *tail)
+
+    class TheirRecorder(theirs.Recorder, rq.PyRequestRecorder):  # type: ignore[misc,name-defined]
+        pass
+
+    class TheirMiddleware(theirs.WSGICall, PyMemoryMiddleware):  # type: ignore[misc,name-defined]
+        pass
+
+    def none() -> None:
+        return None
+
+    sides: dict[str, WSGIApp] = {
+        "this tree": MemoryMiddleware(_null_app, recorder=rq.RequestRecorder(
+            profiler=none, gc_optimizer=none, rss_sample_every=_NO_RSS)),
+        f"{other}": TheirMiddleware(_null_app, recorder=TheirRecorder(
+            profiler=none, gc_optimizer=none, rss_sample_every=_NO_RSS)),
+    }
+    return _interleaved(sides, sleep_s, rounds, requests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="requests per round to each side")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--pairs", action="store_true", help="compare implementations in one process")
+    parser.add_argument(
+        "--against", type=Path, metavar="CHECKOUT",
+        help="compare this tree's C middleware with the one built in another checkout, in one process",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sleep_ms < 0 or args.rounds < 1 or args.requests < 1:
@@ -194,6 +265,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "pairs": pairs},
                                             indent=2), encoding="utf-8")
+        return 0
+    if args.against is not None:
+        print(f"null app, {args.sleep_ms:g} ms before every call, {args.rounds} rounds of {args.requests} "
+              "requests to each; CPU µs per request over the bare app")
+        sides = _against(args.against.resolve(), args.sleep_ms / 1000.0, args.rounds, args.requests)
+        for side, added in sides.items():
+            print(f"  {side:40s} median {statistics.median(added):6.2f} µs; per round: "
+                  + ", ".join(f"{a:.2f}" for a in added))
+        mine, theirs = sides.values()
+        print(f"  this tree lower in {sum(a < b for a, b in zip(mine, theirs))} of {len(mine)} rounds")
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json),
+                                                                   "against": str(args.against)},
+                                             "against": sides}, indent=2), encoding="utf-8")
         return 0
     if args.child:
         added = measure(args.child, args.app, args.sleep_ms / 1000.0, args.rounds, args.requests)

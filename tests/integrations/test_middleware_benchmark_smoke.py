@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from kotoba_memory import _native
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -131,3 +133,25 @@ def test_cold_path_pairs_compare_both_implementations_in_one_process(tmp_path: P
         "route-table": ["c table", "python record_request"], "rss-reader": ["c reader", "python reader"],
         "call": ["c __call__", "python __call__"]}
     assert all(len(rounds) == 2 for sides in pairs.values() for rounds in sides.values())
+
+
+@pytest.mark.skipif(_native.load("_crecord") is None, reason="compares C builds: needs _crecord built")
+def test_cold_path_against_loads_another_build_under_its_own_name(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    out = tmp_path / "against.json"
+    done = subprocess.run(  # this checkout against itself: the same build, loaded a second time
+        [sys.executable, str(ROOT / "benchmarks" / "cold_path.py"), "--against", str(ROOT), "--sleep-ms", "0",
+         "--rounds", "2", "--requests", "30", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    sides = json.loads(out.read_text(encoding="utf-8"))["against"]
+    assert len(sides) == 2 and all(len(rounds) == 2 for rounds in sides.values())
+    assert "lower in" in done.stdout
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cold_path.py"), "--against", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert missing.returncode != 0 and "no _crecord built" in missing.stderr
