@@ -186,15 +186,16 @@ def _interleaved(
 
 def _against(other: Path, sleep_s: float, rounds: int, requests: int) -> dict[str, list[float]]:
     """This tree's C middleware against the one built in checkout ``other``, in one process: its
-    ``_crecord`` is loaded under another name and configured by the layout it has (the one before
-    3145e94 took activity's list and counter and request.py's globals). Neither reads RSS, and no
-    profiler or GC optimizer runs; the other build counts requests in flight in its own list."""
+    ``_crecord`` is loaded under another name and configured by the layout it has (before 3145e94 it
+    took activity's list and counter and request.py's globals; before the registry's getters were
+    read directly, no registry). Neither reads RSS, and no profiler or GC optimizer runs (both ask the
+    registry, as at the defaults); the other build counts requests in flight apart from this one."""
     import importlib.machinery
     import importlib.util
     import itertools
     import tracemalloc
 
-    from kotoba_memory.process import scheduler
+    from kotoba_memory.process import registry, scheduler
     from kotoba_memory_integrations import request as rq
     from kotoba_memory_integrations.wsgi import MemoryMiddleware, PyMemoryMiddleware
 
@@ -210,7 +211,11 @@ def _against(other: Path, sleep_s: float, rounds: int, requests: int) -> dict[st
     spec.loader.exec_module(theirs)
     tail = (rq._count_error, rq._rng.random, rq.UNMATCHED_ROUTE, rq.KNOWN_METHODS, rq.OTHER_METHOD,
             tracemalloc.is_tracing, tracemalloc.get_traced_memory, rq._RSS_REUSE_S)
-    if hasattr(theirs, "set_listeners"):
+    if "profiler_getter" in (theirs.configure.__doc__ or ""):
+        theirs.configure(rq.RequestMeasurement, rq.RequestMetrics, rq._current, scheduler, *tail,
+                         registry._active, registry.getter("gc_optimizer"), registry.getter("profiler"))
+        theirs.set_listeners(())
+    elif hasattr(theirs, "set_listeners"):  # b98ca46
         theirs.configure(rq.RequestMeasurement, rq.RequestMetrics, rq._current, scheduler, *tail)
         theirs.set_listeners(())
     else:
@@ -223,14 +228,9 @@ def _against(other: Path, sleep_s: float, rounds: int, requests: int) -> dict[st
     class TheirMiddleware(theirs.WSGICall, PyMemoryMiddleware):  # type: ignore[misc,name-defined]
         pass
 
-    def none() -> None:
-        return None
-
     sides: dict[str, WSGIApp] = {
-        "this tree": MemoryMiddleware(_null_app, recorder=rq.RequestRecorder(
-            profiler=none, gc_optimizer=none, rss_sample_every=_NO_RSS)),
-        f"{other}": TheirMiddleware(_null_app, recorder=TheirRecorder(
-            profiler=none, gc_optimizer=none, rss_sample_every=_NO_RSS)),
+        "this tree": MemoryMiddleware(_null_app, recorder=rq.RequestRecorder(rss_sample_every=_NO_RSS)),
+        f"{other}": TheirMiddleware(_null_app, recorder=TheirRecorder(rss_sample_every=_NO_RSS)),
     }
     return _interleaved(sides, sleep_s, rounds, requests)
 

@@ -39,6 +39,8 @@ static PyObject *rng_random = NULL;         /* request._rng.random */
 static PyObject *unmatched = NULL, *known_methods = NULL, *other_method = NULL;
 static PyObject *is_tracing_fn = NULL, *get_traced_fn = NULL;
 static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age */
+static PyObject *registry_active = NULL;    /* process.registry's dict: kind -> running component */
+static PyObject *gc_getter = NULL, *profiler_getter = NULL;  /* registry.getter("gc_optimizer"), ("profiler") */
 
 static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
     *str_recent, *str_record_request, *str_request_sink, *str_qualname, *str_route,
@@ -46,7 +48,7 @@ static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_requ
     *str_sampled, *str_traced_delta, *str_duration_s, *str_GET, *str_method, *str_status, *str_fail,
     *str_finish, *str_close;
 static PyObject *int_zero, *int_500;
-static PyObject *str_deliver, *str_next_gap;
+static PyObject *str_deliver, *str_next_gap, *str_gc_optimizer, *str_profiler;
 static PyObject *c_deliver, *c_next_gap, *c_begin, *c_rss, *c_recent;  /* Recorder's own method descriptors */
 
 /* Whether `name` on the recorder's class is still Recorder's C method `ours`, or a subclass overrides it
@@ -794,13 +796,20 @@ Recorder_next_gap(RecorderObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromSsize_t(gap);
 }
 
-/* Calls a field of the recorder; held for the call, since the call may replace the field. */
+/* Calls a field of the recorder; held for the call, since the call may replace the field. The registry's
+ * own getter (`_active.get` bound to `kind`) is not called: the registry is read here, as it would. */
 static PyObject *
 call_getter(PyObject *getter, const char *name)
 {
     if (getter == NULL) {
         PyErr_Format(PyExc_AttributeError, "the recorder has no %s", name);
         return NULL;
+    }
+    PyObject *kind = getter == gc_getter ? str_gc_optimizer : getter == profiler_getter ? str_profiler : NULL;
+    if (kind != NULL && registry_active != NULL) {
+        PyObject *found = PyDict_GetItemWithError(registry_active, kind);  /* borrowed */
+        if (found == NULL && PyErr_Occurred()) return NULL;
+        return Py_NewRef(found != NULL ? found : Py_None);
     }
     Py_INCREF(getter);
     PyObject *r = PyObject_CallNoArgs(getter);
@@ -2009,9 +2018,10 @@ check_type(PyObject *o, int ok, const char *name, const char *expected)
 static PyObject *
 configure(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *base, *mtype, *cvar, *sch, *cerr, *rnd, *unm, *known, *other, *ist, *gtm, *reuse;
-    if (!PyArg_UnpackTuple(args, "configure", 12, 12, &base, &mtype, &cvar, &sch, &cerr, &rnd, &unm, &known,
-                           &other, &ist, &gtm, &reuse))
+    PyObject *base, *mtype, *cvar, *sch, *cerr, *rnd, *unm, *known, *other, *ist, *gtm, *reuse, *act, *gcg,
+        *prg;
+    if (!PyArg_UnpackTuple(args, "configure", 15, 15, &base, &mtype, &cvar, &sch, &cerr, &rnd, &unm, &known,
+                           &other, &ist, &gtm, &reuse, &act, &gcg, &prg))
         return NULL;
     if (check_type(base, PyType_Check(base), "measurement_base", "a class") < 0 ||
         check_type(mtype, PyType_Check(mtype) && PyType_IsSubtype((PyTypeObject *)mtype, &PyTuple_Type),
@@ -2024,7 +2034,10 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
         check_type(other, PyUnicode_Check(other), "other_method", "a str") < 0 ||
         check_type(ist, PyCallable_Check(ist), "is_tracing", "callable") < 0 ||
         check_type(gtm, PyCallable_Check(gtm), "get_traced_memory", "callable") < 0 ||
-        check_type(reuse, PyFloat_Check(reuse), "rss_reuse_s", "a float") < 0)
+        check_type(reuse, PyFloat_Check(reuse), "rss_reuse_s", "a float") < 0 ||
+        check_type(act, PyDict_CheckExact(act), "registry", "a dict") < 0 ||
+        check_type(gcg, PyCallable_Check(gcg), "gc_optimizer_getter", "callable") < 0 ||
+        check_type(prg, PyCallable_Check(prg), "profiler_getter", "callable") < 0)
         return NULL;
     PyObject *bases = PyTuple_Pack(1, base);
     if (bases == NULL) return NULL;
@@ -2044,13 +2057,17 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
     Py_XSETREF(is_tracing_fn, Py_NewRef(ist));
     Py_XSETREF(get_traced_fn, Py_NewRef(gtm));
     Py_XSETREF(reuse_s, Py_NewRef(reuse));
+    Py_XSETREF(registry_active, Py_NewRef(act));
+    Py_XSETREF(gc_getter, Py_NewRef(gcg));
+    Py_XSETREF(profiler_getter, Py_NewRef(prg));
     return Py_NewRef(mt);
 }
 
 static PyMethodDef module_methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(measurement_base, metrics_type, current, scheduler, count_error, random, unmatched, "
-     "known_methods, other_method, is_tracing, get_traced_memory, rss_reuse_s) -> "
+     "known_methods, other_method, is_tracing, get_traced_memory, rss_reuse_s, registry, gc_optimizer_getter, "
+     "profiler_getter) -> "
      "the Measurement type (a subclass of measurement_base)."},
     {"activity_begin", mod_activity_begin, METH_NOARGS,
      "Count a request in; returns (alone, epoch) to hand back to activity_end()."},
@@ -2104,6 +2121,8 @@ PyInit__crecord(void)
     INTERN(str_close, "close");
     INTERN(str_deliver, "deliver");
     INTERN(str_next_gap, "next_gap");
+    INTERN(str_gc_optimizer, "gc_optimizer");
+    INTERN(str_profiler, "profiler");
     INTERN(str_environ_key, "kotoba_memory.request");
     INTERN(str_request_method, "REQUEST_METHOD");
     INTERN(str_begin, "begin");

@@ -379,10 +379,12 @@ _crecord = _native.load("_crecord")
 if _crecord is not None:
     # The C measurement derives from RequestMeasurement; it counts requests in flight where activity
     # keeps them (in the C module), and uses this module's error count and RNG; each new tuple of
-    # listeners is handed over: one truth for each, whichever side runs.
+    # listeners is handed over; the registry's own getters are not called but the registry read
+    # directly (the same lookup): one truth for each, whichever side runs.
     _CMeasurement: Any = _crecord.configure(
         RequestMeasurement, RequestMetrics, _current, scheduler, _count_error, _rng.random, UNMATCHED_ROUTE,
         KNOWN_METHODS, OTHER_METHOD, tracemalloc.is_tracing, tracemalloc.get_traced_memory, _RSS_REUSE_S,
+        registry._active, registry.getter("gc_optimizer"), registry.getter("profiler"),
     )
     _hand_over_listeners = _crecord.set_listeners
     _hand_over_listeners(_listeners)

@@ -251,6 +251,45 @@ def test_a_begin_that_raises_leaves_nothing_in_flight(recorder_cls: Any) -> None
 
 
 @impl
+def test_the_registry_getters_find_what_is_registered_whichever_field_holds_them(recorder_cls: Any) -> None:
+    from kotoba_memory.process import registry
+
+    class Component:
+        def __init__(self) -> None:
+            self.pauses = 0
+            self.records: list[Any] = []
+
+        def pause_total_ns(self) -> int:
+            self.pauses += 1
+            return 0
+
+        def request_ended(self) -> None:
+            pass
+
+        def record_request(self, *args: Any) -> None:
+            self.records.append(args)
+
+    gc_like, profiler_like = Component(), Component()
+    registry.claim("gc_optimizer", gc_like)
+    registry.claim("profiler", profiler_like)
+    try:
+        recorder_cls(rss_sample_every=1_000_000).begin().finish()  # the defaults: each finds its own
+        assert gc_like.pauses == 2 and len(profiler_like.records) == 1
+        # swapped: each field asks what its getter returns, as a call of the getter would
+        swapped = recorder_cls(
+            gc_optimizer=registry.getter("profiler"), profiler=registry.getter("gc_optimizer"),
+            rss_sample_every=1_000_000,
+        )
+        swapped.begin().finish()
+        assert profiler_like.pauses == 2 and len(gc_like.records) == 1
+    finally:
+        registry.release("gc_optimizer", gc_like)
+        registry.release("profiler", profiler_like)
+    assert recorder_cls(rss_sample_every=1_000_000).begin().finish() is not None  # nothing registered
+    assert registry.getter("profiler") is registry.getter("profiler")
+
+
+@impl
 def test_getters_returning_junk_are_counted_never_raised(recorder_cls: Any) -> None:
     class Junk:
         def pause_total_ns(self) -> str:
@@ -317,7 +356,7 @@ def test_c_entry_points_refuse_bad_input_clearly() -> None:
         recorder.countdown = "soon"
     with pytest.raises(TypeError, match="must be a ContextVar"):
         crecord.configure(RequestMeasurement, RequestMetrics, None, None, print, print, "u", frozenset(), "o",
-                          print, print, 0.01)
+                          print, print, 0.01, {}, print, print)
     with pytest.raises(TypeError, match="tuple"):
         crecord.set_listeners([print])
     with pytest.raises(TypeError, match="exactly 2 arguments"):

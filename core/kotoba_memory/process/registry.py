@@ -35,9 +35,13 @@ def active(kind: str) -> Any:
 
 def getter(kind: str) -> Callable[[], Any]:
     """A callable returning the running component of ``kind`` (or None): ``active(kind)`` as one C-level
-    call, for per-request lookups."""
+    call, for per-request lookups. The same object for a kind every time (the C request recorder knows
+    it, and reads the registry itself instead of calling it)."""
     _check(kind)
-    return functools.partial(_active.get, kind)
+    return _getters[kind]
+
+
+_getters = {kind: functools.partial(_active.get, kind) for kind in KINDS}
 
 
 def claim(kind: str, component: Any, *, replace: bool = True) -> Any:
