@@ -40,6 +40,13 @@ static PyObject *unmatched = NULL, *known_methods = NULL, *other_method = NULL;
 static PyObject *is_tracing_fn = NULL, *get_traced_fn = NULL;
 static PyObject *reuse_s = NULL;            /* float: RssReader.recent's max age */
 static PyObject *registry_active = NULL;    /* process.registry's dict: kind -> running component */
+/* known_methods' members, copied into one small buffer at configure when they are all short ASCII str: a
+ * lookup then touches this buffer and the method's characters, not the set's table and its strings. */
+#define KNOWN_MAX 16
+#define KNOWN_LEN 8
+static char known_text[KNOWN_MAX][KNOWN_LEN];
+static unsigned char known_size[KNOWN_MAX];
+static int known_count = -1;  /* -1: ask the set */
 static PyObject *gc_getter = NULL, *profiler_getter = NULL;  /* registry.getter("gc_optimizer"), ("profiler") */
 
 static PyObject *str_paused_by_fork, *str_resume, *str_pause_total_ns, *str_request_ended, *str_rss,
@@ -841,10 +848,54 @@ read_rss(RecorderObject *rec, int recent)
     return r;
 }
 
+/* `method in known_methods`, with the set's exact semantics (an exact str is equal to a member only if
+ * both have the same characters; anything else asks the set, which may call __hash__/__eq__). */
+static int
+is_known_method(PyObject *method)
+{
+    if (known_count >= 0 && PyUnicode_CheckExact(method)) {
+        if (!PyUnicode_IS_ASCII(method)) return 0;  /* every member is ASCII */
+        Py_ssize_t n = PyUnicode_GET_LENGTH(method);
+        if (n >= KNOWN_LEN) return 0;
+        const char *text = (const char *)PyUnicode_DATA(method);
+        for (int i = 0; i < known_count; i++) {
+            if (known_size[i] == n && memcmp(known_text[i], text, (size_t)n) == 0) return 1;
+        }
+        return 0;
+    }
+    return PySet_Contains(known_methods, method);  /* unhashable: TypeError, as `in` raises */
+}
+
+/* Copy the members of `known` into known_text when they all fit, else leave lookups to the set. */
+static int
+copy_known_methods(PyObject *known)
+{
+    known_count = -1;
+    if (PySet_GET_SIZE(known) > KNOWN_MAX) return 0;
+    PyObject *it = PyObject_GetIter(known);
+    if (it == NULL) return -1;
+    PyObject *key;
+    int n = 0, fits = 1;
+    while (fits && (key = PyIter_Next(it)) != NULL) {
+        fits = n < KNOWN_MAX && PyUnicode_CheckExact(key) && PyUnicode_IS_ASCII(key) &&
+               PyUnicode_GET_LENGTH(key) < KNOWN_LEN;
+        if (fits) {
+            known_size[n] = (unsigned char)PyUnicode_GET_LENGTH(key);
+            memcpy(known_text[n], PyUnicode_DATA(key), known_size[n]);
+            n++;
+        }
+        Py_DECREF(key);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return -1;
+    if (fits) known_count = n;
+    return 0;
+}
+
 static PyObject *
 begin(RecorderObject *self, PyObject *method)
 {
-    int known = PySet_Contains(known_methods, method);  /* unhashable: TypeError, as `in` raises */
+    int known = is_known_method(method);
     if (known < 0) return NULL;
     MeasurementObject *m = (MeasurementObject *)Measurement_Type->tp_alloc(Measurement_Type, 0);
     if (m == NULL) return NULL;
@@ -2039,6 +2090,7 @@ configure(PyObject *Py_UNUSED(module), PyObject *args)
         check_type(gcg, PyCallable_Check(gcg), "gc_optimizer_getter", "callable") < 0 ||
         check_type(prg, PyCallable_Check(prg), "profiler_getter", "callable") < 0)
         return NULL;
+    if (copy_known_methods(known) < 0) return NULL;
     PyObject *bases = PyTuple_Pack(1, base);
     if (bases == NULL) return NULL;
     PyObject *mt = PyType_FromSpecWithBases(&Measurement_spec, bases);

@@ -22,6 +22,8 @@ from kotoba_memory import _native
 from kotoba_memory.process import activity
 from kotoba_memory_integrations import request as _request
 from kotoba_memory_integrations.request import (
+    KNOWN_METHODS,
+    OTHER_METHOD,
     PyRequestRecorder,
     RequestMeasurement,
     RequestMetrics,
@@ -371,10 +373,31 @@ def test_c_entry_points_refuse_bad_input_clearly() -> None:
         bare.next_gap()
 
 
+class _Verb(str):
+    """A str subclass: the set decides its membership (the C copy of the members only takes exact str)."""
+
+
+@needs_c
+@pytest.mark.parametrize("method", [
+    *sorted(KNOWN_METHODS), *(m.lower() for m in KNOWN_METHODS), "GE", "GETS", "GET\x00", "OPTIONSX",
+    "PÖST", "ГЕТ", "", _Verb("GET"), _Verb("BREW"), b"GET", "CONNECT", "\U0001f600",
+])
+def test_known_methods_are_told_as_the_set_tells_them(method: Any) -> None:
+    assert _request.CRequestRecorder is not None
+    seen = [cls(gc_optimizer=lambda: None, profiler=lambda: None).begin(method) for cls in
+            (PyRequestRecorder, _request.CRequestRecorder)]
+    py, c = (m.method for m in seen)
+    for m in seen:
+        m.finish()
+    assert py == c == (method if method in KNOWN_METHODS else OTHER_METHOD)
+    assert type(c) is type(py)
+
+
 @needs_c
 @settings(max_examples=200, deadline=None)
 @given(
-    method=st.one_of(st.text(max_size=8), st.integers(), st.none(), st.binary(max_size=4),
+    method=st.one_of(st.text(max_size=8), st.sampled_from(sorted(KNOWN_METHODS)), st.integers(), st.none(),
+                     st.binary(max_size=4),
                      st.lists(st.integers(), max_size=2), st.floats()),
     route=st.one_of(st.text(max_size=8), st.none(), st.integers(), st.lists(st.integers(), max_size=2)),
     status=st.one_of(st.integers(), st.none(), st.text(max_size=3)),
