@@ -73,8 +73,8 @@ def _null_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> li
 
 def _environ(path: str) -> dict[str, Any]:
     # A server decodes the method from the request line: a new str each request, its hash not yet known.
-    return {"REQUEST_METHOD": b"GET".decode("latin-1"), "PATH_INFO": path, "wsgi.input": io.BytesIO(), "SERVER_NAME": "bench",
-            "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    return {"REQUEST_METHOD": b"GET".decode("latin-1"), "PATH_INFO": path, "wsgi.input": io.BytesIO(),
+            "SERVER_NAME": "bench", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
 
 
 def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:

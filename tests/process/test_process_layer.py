@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kotoba_memory.process import activity, forks, registry
 from kotoba_memory.process import memory as process_memory
@@ -223,6 +225,43 @@ def test_activity_counts_in_flight_and_tells_overlap() -> None:
     assert activity.end(*b) is True and activity.end(*a) is True
     activity.mark_end()  # unbalanced: ignored
     assert activity.in_flight() == 0
+
+
+@pytest.mark.skipif(activity._c is None, reason="pure Python in use: nothing to compare against")
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["begin", "end", "start", "mark_end", "fork"]),
+                              st.integers(0, 7)), max_size=40))
+def test_the_c_count_follows_the_python_reference(ops: list[tuple[str, int]]) -> None:
+    c = activity._c
+    assert c is not None and c.in_flight() == 0
+    tokens: dict[str, list[tuple[bool, int]]] = {"py": [], "c": []}
+    sides = {
+        "py": (activity.py_begin, activity.py_end, activity._flight.append, activity.py_mark_end,
+               activity._py_reinit_after_fork, activity.py_in_flight),
+        "c": (c.activity_begin, c.activity_end, lambda _: c.mark_start(), c.mark_end, c.after_fork,
+              c.in_flight),
+    }
+    try:
+        for op, pick in ops:
+            seen = {}
+            for side, (begin, end, start, mark_end, fork, in_flight) in sides.items():
+                if op == "begin":
+                    alone, epoch = begin()
+                    tokens[side].append((alone, epoch))
+                    seen[side] = alone
+                elif op == "end" and tokens[side]:
+                    seen[side] = end(*tokens[side].pop(pick % len(tokens[side])))
+                elif op == "start":
+                    start(None)
+                elif op == "mark_end":
+                    mark_end()
+                elif op == "fork":
+                    fork()
+                seen[side] = (seen.get(side), in_flight())
+            assert seen["py"] == seen["c"], (op, seen)
+    finally:
+        c.after_fork()
+        activity._py_reinit_after_fork()
 
 
 # -- forks ---------------------------------------------------------------------------------------
