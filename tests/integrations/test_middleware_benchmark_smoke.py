@@ -135,7 +135,7 @@ def test_cold_path_pairs_compare_both_implementations_in_one_process(tmp_path: P
     assert all(len(rounds) == 2 for sides in pairs.values() for rounds in sides.values())
 
 
-@pytest.mark.skipif(_native.load("_crecord") is None, reason="compares C builds: needs _crecord built")
+@pytest.mark.skipif(_native.load("_crecord") is None, reason="pure Python in use: C builds only")
 def test_cold_path_against_loads_another_build_under_its_own_name(tmp_path: Path) -> None:
     import json
     import subprocess
