@@ -168,11 +168,18 @@ static long long events_n = 0;
 /* Set at configure and after every fork: the next begin() asks the scheduler whether fork paused it. */
 static int fork_pending = 1;
 
+/* activity.mark_start(): one request in, with no overlap bookkeeping. */
+static void
+activity_mark_start(void)
+{
+    in_flight_n += 1;
+}
+
 /* activity.begin(): one request in; whether it is alone, and the event number it began at. */
 static void
 activity_begin(char *alone, long long *epoch)
 {
-    in_flight_n += 1;
+    activity_mark_start();
     *alone = in_flight_n == 1;
     *epoch = ++events_n;
 }
@@ -221,7 +228,7 @@ mod_activity_end(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
 static PyObject *
 mod_mark_start(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 {
-    in_flight_n += 1;
+    activity_mark_start();
     Py_RETURN_NONE;
 }
 
@@ -854,6 +861,9 @@ static int
 is_known_method(PyObject *method)
 {
     if (known_count >= 0 && PyUnicode_CheckExact(method)) {
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(method) < 0) return -1;  /* a legacy string: its characters are not laid out yet */
+#endif
         if (!PyUnicode_IS_ASCII(method)) return 0;  /* every member is ASCII */
         Py_ssize_t n = PyUnicode_GET_LENGTH(method);
         if (n >= KNOWN_LEN) return 0;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kotoba_memory.process.cpu import IDLE_CPU_RATE as _IDLE_CPU_RATE
+from kotoba_memory.process.cpu import gap_for
 
 # Requests finished in the gap before a window below which their mean CPU is too rough a baseline.
 _MIN_GAP_REQUESTS = 20
@@ -93,6 +93,5 @@ class TraceBudget:
         smoothed = extra if self._smoothed is None else _SMOOTHING * extra + (1 - _SMOOTHING) * self._smoothed
         self._smoothed = smoothed
         # The interval at which `smoothed` is `share` of the process's CPU (at least an idle rate's).
-        needed = smoothed / (self.share * max(rate, _IDLE_CPU_RATE))
-        self.next_interval_s = min(self.max_interval_s, max(self.interval_s, needed))
+        self.next_interval_s = gap_for(smoothed, self.share, rate, self.interval_s, self.max_interval_s)
         return self.next_interval_s

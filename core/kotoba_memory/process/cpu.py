@@ -12,12 +12,19 @@ import time
 
 from kotoba_memory.validation import check_positive
 
-__all__ = ["IDLE_CPU_RATE", "CpuShare"]
+__all__ = ["IDLE_CPU_RATE", "CpuShare", "gap_for"]
 
 #: Below this CPU rate (cores) a process counts as idle: a share of its CPU would push periodic work
 #: out for hours over a few milliseconds, so budgets are taken of at least this rate.
 IDLE_CPU_RATE = 0.05
 _MIN_SPAN_S = 0.05
+
+
+def gap_for(cost_s: float, share: float, cpu_rate: float, min_gap_s: float, max_gap_s: float) -> float:
+    """Seconds between runs that cost ``cost_s`` each so they take ``share`` of a process using
+    ``cpu_rate`` cores (at least :data:`IDLE_CPU_RATE`), kept within ``[min_gap_s, max_gap_s]``."""
+    needed = max(0.0, cost_s) / (share * max(cpu_rate, IDLE_CPU_RATE))
+    return min(max_gap_s, max(min_gap_s, needed))
 
 
 class CpuShare:
@@ -49,6 +56,4 @@ class CpuShare:
 
     def next_gap(self, cost_s: float) -> float:
         """Seconds until the next run after one that cost ``cost_s`` seconds of CPU (or wall time)."""
-        rate = max(self.cpu_rate(), IDLE_CPU_RATE)
-        needed = max(0.0, cost_s) / (self.share * rate)
-        return min(self.max_gap_s, max(self.min_gap_s, needed))
+        return gap_for(cost_s, self.share, self.cpu_rate(), self.min_gap_s, self.max_gap_s)
