@@ -737,6 +737,229 @@ static PyTypeObject RssCore_Type = {
 };
 
 /* ------------------------------------------------------------------------------------------------ */
+/* GcTally and GcHooks: the GC optimizer's per-request state as C fields (the bases of GcRecorder and  */
+/* GcOptimizer; PyGcTally / PyGcHooks in kotoba_memory.gc_optimizer are the reference). The recorder    */
+/* reads the pause total and counts a request's end here without calling a Python method: in a worker  */
+/* that waits between requests, touching the optimizer's Python objects cost ~2 µs a request.          */
+
+#define GC_NEVER (1LL << 62)
+
+typedef struct {
+    PyObject_HEAD
+    long long pause_total_ns;  /* GC pause observed through gc.callbacks, cumulative */
+} GcTallyObject;
+
+/* Set a long long field from an int (not a bool); nothing is stored when `value` is refused. (A
+ * T_LONGLONG member would store -1 before reporting an out-of-range value on 3.11.) */
+static int
+set_long_long(PyObject *value, long long *field, const char *name)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s cannot be deleted", name);
+        return -1;
+    }
+    if (!PyLong_Check(value) || PyBool_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.100s", name, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Format(PyExc_OverflowError, "%s must fit in 64 bits, got %R", name, value);
+        }
+        return -1;
+    }
+    *field = v;
+    return 0;
+}
+
+static PyObject *
+GcTally_get_pause_total_ns(GcTallyObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->pause_total_ns);
+}
+
+static int
+GcTally_set_pause_total_ns(GcTallyObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_long_long(value, &self->pause_total_ns, "pause_total_ns");
+}
+
+static PyGetSetDef GcTally_getset[] = {
+    {"pause_total_ns", (getter)GcTally_get_pause_total_ns, (setter)GcTally_set_pause_total_ns,
+     "cumulative GC pause observed through gc.callbacks, in nanoseconds", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GcTally_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.GcTally",
+    .tp_basicsize = sizeof(GcTallyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The C base of GcRecorder: its pause total, which the request recorder reads directly.",
+    .tp_new = PyType_GenericNew,
+    .tp_getset = GcTally_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *recorder;    /* _recorder: a GcTally (else its pause_total_ns attribute is asked) */
+    long long ended;       /* requests ended (requests_seen) */
+    long long next_check;  /* _next_check: the count at which request_ended() calls _check_at_boundary(n) */
+} GcHooksObject;
+
+static PyTypeObject GcHooks_Type;
+static PyObject *str_check_at_boundary;
+static PyObject *c_pause_total_ns, *c_request_ended;  /* GcHooks' own method descriptors */
+
+static PyObject *
+GcHooks_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    GcHooksObject *self = (GcHooksObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->next_check = GC_NEVER;
+    return (PyObject *)self;
+}
+
+static int
+GcHooks_traverse(GcHooksObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->recorder);
+    return 0;
+}
+
+static int
+GcHooks_clear(GcHooksObject *self)
+{
+    Py_CLEAR(self->recorder);
+    return 0;
+}
+
+static void
+GcHooks_dealloc(GcHooksObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    GcHooks_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The tally behind `hooks`, or NULL when its recorder is not a GcTally (then the attribute is asked). */
+static GcTallyObject *
+gc_tally(GcHooksObject *hooks)
+{
+    PyObject *rec = hooks->recorder;
+    return rec != NULL && PyObject_TypeCheck(rec, &GcTally_Type) ? (GcTallyObject *)rec : NULL;
+}
+
+/* Whether the request recorder may read `gc`'s fields: a GcHooks whose class keeps both C methods (a
+ * subclass overriding either is called, as the reference calls them) and whose recorder is a GcTally. */
+static int
+gc_fast(PyObject *gc)
+{
+    return PyObject_TypeCheck(gc, &GcHooks_Type) && gc_tally((GcHooksObject *)gc) != NULL &&
+           !overridden(gc, str_pause_total_ns, c_pause_total_ns) &&
+           !overridden(gc, str_request_ended, c_request_ended);
+}
+
+/* One request ended: count it, and run the optimizer's boundary check when it is due. */
+static int
+gc_hooks_ended(GcHooksObject *self, long long *n_out)
+{
+    long long n = ++self->ended;  /* under the GIL: no end is lost to a racing thread */
+    *n_out = n;
+    if (n < self->next_check) return 0;
+    PyObject *arg = PyLong_FromLongLong(n);
+    if (arg == NULL) return -1;
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, str_check_at_boundary, arg);
+    Py_DECREF(arg);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *
+GcHooks_request_ended(GcHooksObject *self, PyObject *Py_UNUSED(ignored))
+{
+    long long n;
+    if (gc_hooks_ended(self, &n) < 0) return NULL;
+    return PyLong_FromLongLong(n);
+}
+
+static PyObject *
+GcHooks_pause_total_ns(GcHooksObject *self, PyObject *Py_UNUSED(ignored))
+{
+    GcTallyObject *tally = gc_tally(self);
+    if (tally != NULL) return PyLong_FromLongLong(tally->pause_total_ns);
+    if (self->recorder == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the GC optimizer has no _recorder");
+        return NULL;
+    }
+    return PyObject_GetAttr(self->recorder, str_pause_total_ns);
+}
+
+static PyObject *
+GcHooks_reset_requests(GcHooksObject *self, PyObject *Py_UNUSED(ignored))
+{
+    self->ended = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+GcHooks_get_requests_seen(GcHooksObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->ended);
+}
+
+static PyMethodDef GcHooks_methods[] = {
+    {"pause_total_ns", (PyCFunction)GcHooks_pause_total_ns, METH_NOARGS,
+     "Cumulative GC pause observed through gc.callbacks since start(), in nanoseconds."},
+    {"request_ended", (PyCFunction)GcHooks_request_ended, METH_NOARGS,
+     "Count a request's end; runs _check_at_boundary(n) once n reaches _next_check. Returns n."},
+    {"_reset_requests", (PyCFunction)GcHooks_reset_requests, METH_NOARGS,
+     "Count requests from zero again (a forked child)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef GcHooks_members[] = {
+    {"_recorder", T_OBJECT_EX, offsetof(GcHooksObject, recorder), 0, "the GcRecorder"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *
+GcHooks_get_next_check(GcHooksObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->next_check);
+}
+
+static int
+GcHooks_set_next_check(GcHooksObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_long_long(value, &self->next_check, "_next_check");
+}
+
+static PyGetSetDef GcHooks_getset[] = {
+    {"_next_check", (getter)GcHooks_get_next_check, (setter)GcHooks_set_next_check,
+     "the requests_seen at which request_ended() runs the boundary check", NULL},
+    {"requests_seen", (getter)GcHooks_get_requests_seen, NULL, "Requests ended since the count began.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GcHooks_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kotoba_memory._crecord.GcHooks",
+    .tp_basicsize = sizeof(GcHooksObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of GcOptimizer: its per-request counters, pause_total_ns() and request_ended().",
+    .tp_new = GcHooks_new,
+    .tp_dealloc = (destructor)GcHooks_dealloc,
+    .tp_traverse = (traverseproc)GcHooks_traverse,
+    .tp_clear = (inquiry)GcHooks_clear,
+    .tp_methods = GcHooks_methods,
+    .tp_members = GcHooks_members,
+    .tp_getset = GcHooks_getset,
+};
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Recorder                                                                                           */
 
 typedef struct {
@@ -757,13 +980,14 @@ typedef struct {
     PyObject *recorder;
     PyObject *route, *method, *status, *error;
     PyObject *gc;         /* the GC optimizer seen at begin, NULL when none (or its getter failed) */
-    PyObject *gc_pause0;  /* int */
+    PyObject *gc_pause0;  /* int; NULL when gc_fast */
+    long long gc_pause0_ns;  /* when gc_fast: the tally read directly */
     PyObject *rss0;       /* NULL when this request's RSS is not measured */
     PyObject *traced0;    /* NULL when tracemalloc was not tracing at begin */
     PyObject *token;      /* from activate() */
     long long epoch;
     int64_t t0;
-    char alone, done, sampled;
+    char alone, done, sampled, gc_fast;
 } MeasurementObject;
 
 /* 1 + int(log(1 - random()) / log_q), with the errors int() and math.log raise. */
@@ -934,7 +1158,12 @@ begin(RecorderObject *self, PyObject *method)
 
     PyObject *gc = call_getter(self->gc_optimizer, "gc_optimizer");
     if (gc == NULL) goto fail_counted;
-    if (gc != Py_None) {
+    if (gc != Py_None && gc_fast(gc)) {
+        m->gc = gc;
+        m->gc_fast = 1;
+        m->gc_pause0_ns = gc_tally((GcHooksObject *)gc)->pause_total_ns;
+    }
+    else if (gc != Py_None) {
         PyObject *v = PyObject_CallMethodNoArgs(gc, str_pause_total_ns);
         PyObject *iv = v != NULL ? PyNumber_Long(v) : NULL;
         Py_XDECREF(v);
@@ -1301,7 +1530,21 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
     }
 
     gc_pause = Py_NewRef(int_zero);
-    if (self->gc != NULL) {
+    if (self->gc != NULL && self->gc_fast) {
+        /* The tally is read again in case _recorder was replaced meanwhile (then no pause is told). */
+        GcTallyObject *tally = gc_tally((GcHooksObject *)self->gc);
+        long long d = tally != NULL ? tally->pause_total_ns - self->gc_pause0_ns : 0;
+        long long n;
+        int ok = 1;
+        if (d > 0) {
+            PyObject *v = PyLong_FromLongLong(d);
+            if (v != NULL) Py_SETREF(gc_pause, v);
+            else ok = 0;
+        }
+        if (ok && gc_hooks_ended((GcHooksObject *)self->gc, &n) < 0) ok = 0;
+        if (!ok && swallow() < 0) goto done;
+    }
+    else if (self->gc != NULL) {
         PyObject *v = PyObject_CallMethodNoArgs(self->gc, str_pause_total_ns);
         PyObject *iv = v != NULL ? PyNumber_Long(v) : NULL;
         Py_XDECREF(v);
@@ -2155,7 +2398,7 @@ static struct PyModuleDef crecord_module = {
 PyMODINIT_FUNC
 PyInit__crecord(void)
 {
-    if (PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
+    if (PyType_Ready(&GcTally_Type) < 0 || PyType_Ready(&GcHooks_Type) < 0 || PyType_Ready(&Recorder_Type) < 0 || PyType_Ready(&StartResponse_Type) < 0 ||
         PyType_Ready(&Body_Type) < 0 || PyType_Ready(&RouteTable_Type) < 0 || PyType_Ready(&WSGICall_Type) < 0 ||
         PyType_Ready(&RssCore_Type) < 0)
         return NULL;
@@ -2193,6 +2436,13 @@ PyInit__crecord(void)
     INTERN(str_finished, "finished");
     INTERN(str_get, "get");
     INTERN(str_rss_uncached, "_rss_uncached");
+    INTERN(str_check_at_boundary, "_check_at_boundary");
+    c_pause_total_ns = PyDict_GetItemWithError(GcHooks_Type.tp_dict, str_pause_total_ns);
+    c_request_ended = PyDict_GetItemWithError(GcHooks_Type.tp_dict, str_request_ended);
+    if (c_pause_total_ns == NULL || c_request_ended == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "GcHooks has no pause_total_ns/request_ended");
+        return NULL;
+    }
     c_deliver = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_deliver);  /* borrowed: lives with the type */
     c_next_gap = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_next_gap);
     c_begin = PyDict_GetItemWithError(Recorder_Type.tp_dict, str_begin);
@@ -2211,7 +2461,9 @@ PyInit__crecord(void)
         PyModule_AddObjectRef(m, "Body", (PyObject *)&Body_Type) < 0 ||
         PyModule_AddObjectRef(m, "RouteTable", (PyObject *)&RouteTable_Type) < 0 ||
         PyModule_AddObjectRef(m, "WSGICall", (PyObject *)&WSGICall_Type) < 0 ||
-        PyModule_AddObjectRef(m, "RssCore", (PyObject *)&RssCore_Type) < 0) {
+        PyModule_AddObjectRef(m, "RssCore", (PyObject *)&RssCore_Type) < 0 ||
+        PyModule_AddObjectRef(m, "GcTally", (PyObject *)&GcTally_Type) < 0 ||
+        PyModule_AddObjectRef(m, "GcHooks", (PyObject *)&GcHooks_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

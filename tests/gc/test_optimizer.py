@@ -18,6 +18,7 @@ from kotoba_memory.gc_optimizer import (
     RiskLevel,
     get_active_gc_optimizer,
 )
+from kotoba_memory.gc_optimizer.optimizer import _NEVER
 from kotoba_memory.process import scheduler
 
 
@@ -429,7 +430,7 @@ def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
         {"status": "ok", "items": [1, 2, 3]}  # noqa: B018
         optimizer.on_request_end()
     assert optimizer._counting_only
-    assert "request_ended" in vars(optimizer)  # the C-level counter, no Python frame per request
+    assert optimizer._next_check == _NEVER  # request_ended only counts: no check per request
     assert optimizer.requests_seen == 400 and optimizer.in_flight == 0
     # Requests start leaving cyclic garbage: the monitor notices and boundary collections resume.
     done = optimizer.boundary_collections
@@ -447,8 +448,8 @@ def test_requests_that_leave_nothing_get_a_bare_counter_until_garbage_returns(
         if optimizer.boundary_collections > done:
             break
     assert optimizer.boundary_collections > done
+    assert optimizer._next_check < _NEVER
     optimizer.stop()
-    assert "request_ended" not in vars(optimizer)
 
 
 def test_memory_limit_is_shared_by_the_profiler_and_the_ceiling() -> None:

@@ -9,7 +9,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kotoba_memory import _native
 
 NUM_GENERATIONS = 3
 
@@ -33,7 +35,20 @@ class GcEvent(NamedTuple):
 CollectionListener = Callable[[int, int, int, bool], None]
 
 
-class GcRecorder:
+class PyGcTally:
+    """The cumulative pause total (pure Python: the reference of ``_crecord.GcTally``, which the request
+    recorder reads without a Python call)."""
+
+    pause_total_ns: int = 0
+
+
+_crecord = _native.load("_crecord")
+_Tally: Any = _crecord.GcTally if _crecord is not None else PyGcTally
+if TYPE_CHECKING:
+    _Tally = PyGcTally
+
+
+class GcRecorder(_Tally):
     """Keeps a bounded ring of :class:`GcEvent` plus cumulative per-generation totals.
 
     The gc callback takes no lock: CPython runs one collection at a time, so the callback is the only

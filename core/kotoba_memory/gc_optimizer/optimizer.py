@@ -13,8 +13,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kotoba_memory import _native
 from kotoba_memory.errors import KotobaMemoryError
 from kotoba_memory.gc_optimizer.analysis import AnalysisInput, GcAnalysis, build_analysis, time_share_of
 from kotoba_memory.gc_optimizer.events import NUM_GENERATIONS, GcEvent, GcRecorder
@@ -111,7 +112,48 @@ def _count_value(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
-class GcOptimizer:
+class PyGcHooks:
+    """The optimizer's per-request counters and hooks (pure Python: the reference of
+    ``_crecord.GcHooks``, whose fields the request recorder reads and counts without a Python frame)."""
+
+    _recorder: GcRecorder
+    #: ``requests_seen`` at which :meth:`request_ended` runs ``_check_at_boundary(n)``.
+    _next_check: int = _NEVER
+
+    def __init__(self) -> None:
+        self._ended = itertools.count(1)  # next() on it is atomic: no end is lost to a racing thread
+
+    def _check_at_boundary(self, n: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def requests_seen(self) -> int:
+        """Requests ended since the count began."""
+        return _count_value(self._ended) - 1
+
+    def _reset_requests(self) -> None:
+        self._ended = itertools.count(1)
+
+    def pause_total_ns(self) -> int:
+        """Cumulative GC pause observed through ``gc.callbacks`` since :meth:`start`, in nanoseconds."""
+        return self._recorder.pause_total_ns
+
+    def request_ended(self) -> object:
+        """The between-request hook alone, for a caller that counts requests in flight itself (the
+        middleware does, through the process layer); collects young garbage when enough has piled up."""
+        n = next(self._ended)
+        if n >= self._next_check:
+            self._check_at_boundary(n)
+        return n
+
+
+_crecord = _native.load("_crecord")
+_Hooks: Any = _crecord.GcHooks if _crecord is not None else PyGcHooks
+if TYPE_CHECKING:
+    _Hooks = PyGcHooks
+
+
+class GcOptimizer(_Hooks):
     """Records every collection via ``gc.callbacks`` and, when ``adaptive``, tunes the collector.
 
     Adaptive mode collects young garbage between requests (``on_request_end``) once enough objects
@@ -160,6 +202,7 @@ class GcOptimizer:
         self.heap_growth_ceiling = float(heap_growth_ceiling)
         self.memory_limit_bytes = memory_limit_bytes
 
+        super().__init__()
         self._recorder = GcRecorder(event_capacity)
         self._ceiling = MemoryCeiling(self.target_memory_usage_percent, memory_limit_bytes)
         self._lock = threading.RLock()
@@ -193,7 +236,6 @@ class GcOptimizer:
         self._no_end_since_poll = True
         self.long_request_steps = 0
         self.budget_collections = 0
-        self._ended = itertools.count(1)
         self._warmup_at = -1
         # on_request_end() reads gc.get_count() (~0.1 us) only every few requests, as far apart as the
         # measured young-object growth per request allows; _NEVER while not tuning.
@@ -329,10 +371,6 @@ class GcOptimizer:
             raise ValueError(f"generation must be 0, 1 or 2, got {generation}")
         return self._recorder.record_manual(round(pause_s * 1e9), bytes_reclaimed, generation)
 
-    def pause_total_ns(self) -> int:
-        """Cumulative GC pause observed through ``gc.callbacks`` since :meth:`start`, in nanoseconds."""
-        return self._recorder.pause_total_ns
-
     def events_since(self, cursor: int) -> tuple[int, list[GcEvent]]:
         """Events newer than ``cursor`` (start with 0) still in the ring, and the next cursor."""
         if not isinstance(cursor, int) or isinstance(cursor, bool):
@@ -349,11 +387,6 @@ class GcOptimizer:
         """Requests started and not yet ended in this process (the process layer's one count)."""
         return activity.in_flight()
 
-    @property
-    def requests_seen(self) -> int:
-        """Requests ended since this optimizer was created."""
-        return _count_value(self._ended) - 1
-
     # -- request hooks (hot path) ----------------------------------------------------------------
     #: Mark the start of a unit of work (a request) by hand. Cheap and thread-safe: a C-level call
     #: that counts the request in flight in the process layer. Middleware calls ``activity.begin``.
@@ -363,14 +396,6 @@ class GcOptimizer:
         """Mark its end by hand; collects young garbage here when enough has accumulated. Thread-safe."""
         activity.mark_end()
         self.request_ended()
-
-    def request_ended(self) -> object:
-        """The between-request hook alone, for a caller that counts requests in flight itself (the
-        middleware does, through the process layer); collects young garbage when enough has piled up."""
-        n = next(self._ended)
-        if n >= self._next_check:
-            self._check_at_boundary(n)
-        return n
 
     def _check_at_boundary(self, n: int) -> None:
         if not self._tuning:
@@ -400,14 +425,13 @@ class GcOptimizer:
             self._enter_counting_mode()
 
     def _enter_counting_mode(self) -> None:
-        # Requests leave nothing for the collector: even the check costs more than it can save, so the
-        # instance's request_ended becomes the counter's C-level __next__ until the monitor sees growth.
+        # Requests leave nothing for the collector: even the check costs more than it can save, so
+        # request_ended only counts until the monitor sees growth.
         self._young_collections_at_counting = self._recorder.counts[0]
         self._counting_only = True
-        self.__dict__["request_ended"] = self._ended.__next__
+        self._next_check = _NEVER
 
     def _leave_counting_mode(self) -> None:
-        self.__dict__.pop("request_ended", None)
         self._counting_only = False
         self._quiet_checks = 0
         self._check_gap = 1
@@ -1040,7 +1064,7 @@ class GcOptimizer:
         process scheduler (threads do not survive fork())."""
         self._lock = threading.RLock()
         self._recorder.reset_lock()
-        self._ended = itertools.count(1)
+        self._reset_requests()
         self._leave_counting_mode()
         self._long_request = False
         if self._running and self._tuning:
