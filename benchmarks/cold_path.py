@@ -28,7 +28,9 @@ the spread between processes): ``route-table`` is the C recorder adding a reques
 route table directly against the pure-Python path it replaced (``record_request`` into the Python
 table); ``rss-reader`` is the RSS read of a request measured through ``RssReader`` (its reads in C)
 against ``PyRssReader`` (RSS on every request: one fresh read at the end, the start reusing the last
-reading); ``call`` is ``MemoryMiddleware.__call__`` in C against ``PyMemoryMiddleware``.
+reading); ``call`` is ``MemoryMiddleware.__call__`` in C against ``PyMemoryMiddleware``; ``gc-hooks`` is
+the recorder with no GC optimizer against one with a running adaptive ``GcOptimizer`` (its pause total
+read and its request count advanced per request; in C, its fields read directly).
 
     .venv/bin/python benchmarks/cold_path.py --pairs --rounds 9
 
@@ -134,6 +136,7 @@ def measure(contender: str, app_name: str, sleep_s: float, rounds: int, requests
 
 def _pairs(sleep_s: float, rounds: int, requests: int) -> dict[str, dict[str, list[float]]]:
     """Per pair and side: the mean CPU microseconds per request over the bare null app, per round."""
+    from kotoba_memory.gc_optimizer import GcOptimizer
     from kotoba_memory.memory_profiler import MemoryProfiler
     from kotoba_memory.memory_profiler.profiler import _RouteTable
     from kotoba_memory.process.memory import PyRssReader, RssReader
@@ -162,7 +165,19 @@ def _pairs(sleep_s: float, rounds: int, requests: int) -> dict[str, dict[str, li
     recorder = RequestRecorder(profiler=no_gc, gc_optimizer=no_gc, rss_sample_every=_NO_RSS)
     pairs["call"] = {"c __call__": MemoryMiddleware(_null_app, recorder=recorder),
                      "python __call__": PyMemoryMiddleware(_null_app, recorder=recorder)}
-    return {pair: _interleaved(sides, sleep_s, rounds, requests) for pair, sides in pairs.items()}
+    results = {pair: _interleaved(sides, sleep_s, rounds, requests) for pair, sides in pairs.items()}
+    optimizer = GcOptimizer()  # adaptive, as MemoryConfig() runs it; running only for this pair
+    gc_sides = {
+        side: MemoryMiddleware(_null_app, recorder=RequestRecorder(
+            profiler=no_gc, gc_optimizer=getter, rss_sample_every=_NO_RSS))
+        for side, getter in (("no gc optimizer", no_gc), ("gc optimizer", lambda: optimizer))
+    }
+    optimizer.start()
+    try:
+        results["gc-hooks"] = _interleaved(gc_sides, sleep_s, rounds, requests)
+    finally:
+        optimizer.stop()
+    return results
 
 
 def _interleaved(

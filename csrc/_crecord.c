@@ -1276,18 +1276,62 @@ profiler_sink(RecorderObject *self, PyObject *profiler)
     return sink;
 }
 
+/* Hand a request's route, RSS delta (None when not sampled), traced delta and duration to the running
+ * profiler: its route table directly, else its record_request(). Exceptions are counted, never raised.
+ * Every request, measured or not: the leak profiler's route attribution regresses a site's growth on
+ * per-route request counts, which thinning would blur. */
+static int
+deliver_to_profiler(RecorderObject *self, PyObject *profiler, PyObject *route, PyObject *rss, PyObject *traced,
+                    PyObject *duration)
+{
+    PyObject *r = NULL;
+    PyObject *sink = profiler_sink(self, profiler);
+    if (sink == NULL && PyErr_Occurred()) goto done;
+    if (sink != NULL) {
+        Py_INCREF(sink);  /* held: converting the values may run code that replaces the cache */
+        if (route_table_record((RouteTableObject *)sink, route, rss, traced, duration) == 0)
+            r = Py_NewRef(Py_None);
+        Py_DECREF(sink);
+    }
+    else {
+        PyObject *callargs[5] = {profiler, route, rss, traced, duration};
+        r = PyObject_VectorcallMethod(str_record_request, callargs, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+done:
+    if (r == NULL) return swallow();
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The running profiler (a new reference, Py_None when none); NULL with the getter's error counted. A
+ * getter that fails returns NULL with no error set; one that raises what must propagate returns NULL with
+ * it set. With no profiler, the last one's route table is let go. */
+static PyObject *
+running_profiler(RecorderObject *self)
+{
+    PyObject *profiler = call_getter(self->profiler, "profiler");
+    if (profiler == NULL) {
+        swallow();
+        return NULL;
+    }
+    if (profiler == Py_None) {  /* do not keep the last one (and its buffers) alive */
+        Py_CLEAR(self->sink_owner);
+        Py_CLEAR(self->sink);
+    }
+    return profiler;
+}
+
 /* Hand `metrics` to the profiler, on_request and the listeners; Exceptions are counted, never raised. */
 static int
 deliver(RecorderObject *self, PyObject *metrics)
 {
-    /* Every request, measured or not: the leak profiler's route attribution regresses a site's growth
-     * on per-route request counts, which thinning would blur. */
-    PyObject *profiler = call_getter(self->profiler, "profiler");
+    PyObject *profiler = running_profiler(self);
     if (profiler == NULL) {
-        if (swallow() < 0) return -1;
+        if (PyErr_Occurred()) return -1;
     }
     else if (profiler != Py_None) {
-        PyObject *route = NULL, *rss = NULL, *traced = NULL, *duration = NULL, *r = NULL;
+        PyObject *route = NULL, *rss = NULL, *traced = NULL, *duration = NULL;
+        int ok = 0;
         if (Py_TYPE(metrics) == metrics_type && PyTuple_GET_SIZE(metrics) >= METRICS_FIELDS) {
             route = Py_NewRef(PyTuple_GET_ITEM(metrics, 0));
             int sampled = PyObject_IsTrue(PyTuple_GET_ITEM(metrics, 9));
@@ -1308,39 +1352,19 @@ deliver(RecorderObject *self, PyObject *metrics)
             if ((traced = PyObject_GetAttr(metrics, str_traced_delta)) == NULL) goto profiler_done;
             if ((duration = PyObject_GetAttr(metrics, str_duration_s)) == NULL) goto profiler_done;
         }
-        {
-            PyObject *sink = profiler_sink(self, profiler);
-            if (sink == NULL && PyErr_Occurred()) goto profiler_done;
-            if (sink != NULL) {
-                Py_INCREF(sink);  /* held: converting the values may run code that replaces the cache */
-                if (route_table_record((RouteTableObject *)sink, route, rss, traced, duration) == 0)
-                    r = Py_NewRef(Py_None);
-                Py_DECREF(sink);
-            }
-            else {
-                PyObject *callargs[5] = {profiler, route, rss, traced, duration};
-                r = PyObject_VectorcallMethod(str_record_request, callargs,
-                                              5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            }
-        }
+        ok = 1;
     profiler_done:
+        if (ok) ok = deliver_to_profiler(self, profiler, route, rss, traced, duration) == 0;
+        else ok = swallow() == 0;
         Py_XDECREF(route);
         Py_XDECREF(rss);
         Py_XDECREF(traced);
         Py_XDECREF(duration);
         Py_DECREF(profiler);
-        if (r == NULL) {
-            if (swallow() < 0) return -1;
-        }
-        else {
-            Py_DECREF(r);
-        }
+        if (!ok) return -1;
     }
     else {
         Py_DECREF(profiler);
-        /* No profiler running: do not keep the last one (and its buffers) alive. */
-        Py_CLEAR(self->sink_owner);
-        Py_CLEAR(self->sink);
     }
 
     if (self->on_request != NULL && self->on_request != Py_None) {
@@ -1483,8 +1507,11 @@ new_metrics(PyObject **items)
 #endif
 }
 
+/* Record the request once. `want`: the caller uses the RequestMetrics; without it (the WSGI wrappers
+ * finishing a request) no tuple is built when nothing but the profiler's route table reads one, and
+ * None is returned. */
 static PyObject *
-Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
+measurement_finish(MeasurementObject *self, int want)
 {
     if (self->done) Py_RETURN_NONE;
     if (self->recorder == NULL || sched == NULL) {
@@ -1574,6 +1601,26 @@ Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
     if (has_route < 0) goto done;
     dur = PyFloat_FromDouble(duration);
     if (dur == NULL) goto done;
+    if (!want && (rec->on_request == NULL || rec->on_request == Py_None) &&
+        (listeners == NULL || PyTuple_GET_SIZE(listeners) == 0) &&
+        !overridden((PyObject *)rec, str_deliver, c_deliver)) {
+        /* What deliver() would do with the tuple: hand the profiler its four values. */
+        PyObject *profiler = running_profiler(rec);
+        if (profiler == NULL) {
+            if (PyErr_Occurred()) goto done;
+        }
+        else {
+            int r = 0;
+            if (profiler != Py_None) {
+                r = deliver_to_profiler(rec, profiler, has_route ? route : unmatched,
+                                        self->sampled ? rss_delta : Py_None, traced, dur);
+            }
+            Py_DECREF(profiler);
+            if (r < 0) goto done;
+        }
+        metrics = Py_NewRef(Py_None);
+        goto done;
+    }
     {
         PyObject *items[METRICS_FIELDS] = {
             has_route ? route : unmatched,
@@ -1607,6 +1654,12 @@ done:
     Py_XDECREF(gc_pause);
     Py_XDECREF(dur);
     return metrics;
+}
+
+static PyObject *
+Measurement_finish(MeasurementObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return measurement_finish(self, 1);
 }
 
 static PyObject *
@@ -1762,7 +1815,7 @@ call_fail(PyObject *m, PyObject *exc)
 static PyObject *
 call_finish(PyObject *m)
 {
-    if (Py_TYPE(m) == Measurement_Type) return Measurement_finish((MeasurementObject *)m, NULL);
+    if (Py_TYPE(m) == Measurement_Type) return measurement_finish((MeasurementObject *)m, 0);
     return PyObject_CallMethodNoArgs(m, str_finish);
 }
 

@@ -736,3 +736,62 @@ def test_fields_replaced_while_they_run_are_held(recorder_cls: Any) -> None:
     m.route = Sneaky()
     metrics = m.finish()
     assert metrics is not None and isinstance(metrics.route, Sneaky)
+
+
+class RecordingProfiler:
+    """A profiler without a route table: the recorder calls its record_request()."""
+
+    def __init__(self, log: list[Any]) -> None:
+        self.log = log
+
+    def record_request(self, route: Any, rss: Any, traced: Any, duration: Any) -> None:
+        assert isinstance(duration, float) and duration >= 0
+        self.log.append((route, rss, traced))
+
+
+@needs_c
+@pytest.mark.parametrize("profiler_kind", ["record_request", "route table"])
+def test_a_wsgi_request_nobody_else_reads_reaches_the_profiler_as_through_the_reference(
+    profiler_kind: str,
+) -> None:
+    """With no on_request and no listener the C wrappers hand the profiler its values without building
+    a RequestMetrics: what it records must be what the reference delivers from the tuple."""
+    from kotoba_memory.memory_profiler import MemoryProfiler
+    from kotoba_memory_integrations import wsgi
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ["PATH_INFO"]
+        if path != "/none":
+            environ["kotoba_memory.request"].route = path
+        if path == "/raise":
+            raise LookupError(path)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    def run(c_side: bool) -> Any:
+        log: list[Any] = []
+        profiler: Any = RecordingProfiler(log) if profiler_kind == "record_request" else MemoryProfiler(
+            leak_detection=False)
+        rss = FakeRss(Script([4096, 12288, 8192, 8192], [], "rss"), [])
+        recorder_cls = _request.CRequestRecorder if c_side else PyRequestRecorder
+        recorder = recorder_cls(profiler=lambda: profiler, gc_optimizer=lambda: None, rss_reader=rss,
+                                rss_sample_every=1)
+        middleware = (wsgi.MemoryMiddleware if c_side else wsgi.PyMemoryMiddleware)(app, recorder=recorder)
+        for path in ("/a", "/b", "/none", "/a", "/raise"):
+            try:
+                body = middleware({"PATH_INFO": path}, lambda *a: None)
+            except LookupError:
+                continue
+            assert list(body) == [b"ok"]
+            body.close()
+        if profiler_kind == "route table":
+            return sorted((row[0], row[1]) for row in profiler._routes.rows())
+        return log
+
+    assert _request._listeners == ()  # else the tuple is built for them
+    reference, compiled = run(False), run(True)
+    assert compiled == reference
+    if profiler_kind == "record_request":
+        assert reference[0] == ("/a", 8192, None) and reference[2][0] == "unmatched"
+    else:
+        assert dict(reference) == {"/a": 2, "/b": 1, "/raise": 1, "unmatched": 1}

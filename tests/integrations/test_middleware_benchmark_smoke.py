@@ -131,7 +131,7 @@ def test_cold_path_pairs_compare_both_implementations_in_one_process(tmp_path: P
     pairs = json.loads(out.read_text(encoding="utf-8"))["pairs"]
     assert {pair: sorted(sides) for pair, sides in pairs.items()} == {
         "route-table": ["c table", "python record_request"], "rss-reader": ["c reader", "python reader"],
-        "call": ["c __call__", "python __call__"]}
+        "call": ["c __call__", "python __call__"], "gc-hooks": ["gc optimizer", "no gc optimizer"]}
     assert all(len(rounds) == 2 for sides in pairs.values() for rounds in sides.values())
 
 
