@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -178,3 +179,23 @@ def test_field_app_can_move_the_first_tracing_window(monkeypatch: pytest.MonkeyP
         assert window.next_at - time.monotonic() > 4000  # the scheduler's clock
     finally:
         profiler.stop()
+
+
+def test_field_overhead_cancels_the_start_positions_over_whole_rotations() -> None:
+    bench = load("field_overhead")
+    order = ["off", "on", "noprof", "mwonly"]
+    true_cost = {"off": 500.0, "on": 510.0, "noprof": 507.0, "mwonly": 505.0}
+    position = [1.03, 1.0, 0.99, 0.985]  # the first server booted reads 3% dearer, and so on
+    rounds: list[dict[str, float]] = []
+    for start in range(4):
+        names = order[start:] + order[:start]
+        for wobble in (1.0, 1.002):
+            rounds.append({"start": start, **{f"{n}_cpu_us": true_cost[n] * position[i] * wobble
+                                             for i, n in enumerate(names)}})
+    balanced = bench.position_balanced(rounds, "on", "off", 4)
+    assert balanced == pytest.approx(510.0 / 500.0, rel=1e-12)
+    assert bench.position_balanced(rounds, "mwonly", "noprof", 4) == pytest.approx(505.0 / 507.0, rel=1e-12)
+    median = statistics.median(r["on_cpu_us"] / r["off_cpu_us"] for r in rounds)
+    assert abs(median - 1.02) > 0.005  # what the median keeps of the positions' spread
+    assert bench.position_balanced(rounds[:6], "on", "off", 4) is None  # three starts: not whole rotations
+    assert bench.position_balanced(rounds[:7], "on", "off", 4) is None  # uneven rounds per start
