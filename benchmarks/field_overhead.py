@@ -9,7 +9,9 @@ GC optimizer's warm-up freeze) both are loaded at the same moment by two wrk pro
 round; the rounds are a whole window interval long, so each holds its share of tracing windows. The
 figure is the worker's CPU time per request (``/proc`` counters), which bounds a saturated worker's
 requests per CPU-second and hardly depends on the machine's other load; reported as the median of the
-per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a ratio <= 1.02).
+per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a ratio <= 1.02) and, when
+the starts make whole rotations of the start order, with each start position's offset cancelled (see
+``position_balanced``).
 
     .venv/bin/python benchmarks/field_overhead.py                      # 60 s warm-up + 6 x 60 s
     .venv/bin/python benchmarks/field_overhead.py --rounds 3 --round-s 20 --warmup-s 20   # a quick look
