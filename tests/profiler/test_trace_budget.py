@@ -195,13 +195,16 @@ def test_the_no_verdict_message_says_when_the_budget_spaced_windows_out() -> Non
     assert status.first_verdict_in_s is not None and status.first_verdict_in_s >= 2 * 100.0
 
 
-def test_the_share_so_far_adds_up_every_measured_window() -> None:
+def test_the_share_adds_up_every_measured_window_and_the_cpu_since_the_last() -> None:
     budget = TraceBudget(0.005, 60.0)
     budget.restart(0.0, 0.0)
-    assert budget.share_so_far is None
+    assert budget.share_until(10.0) is None
     _, wall, cpu = run_cycle(budget, 0.0, gap_s=60.0, gap_cpu=30.0, gap_requests=6000,
                              window_s=0.5, window_cpu=0.5, window_requests=50)
-    run_cycle(budget, wall, gap_s=100.0, gap_cpu=50.0, gap_requests=10000, cpu0=cpu,
-              window_s=0.5, window_cpu=0.25, window_requests=50)
+    _, wall, cpu = run_cycle(budget, wall, gap_s=100.0, gap_cpu=50.0, gap_requests=10000, cpu0=cpu,
+                             window_s=0.5, window_cpu=0.25, window_requests=50)
     # 0.25 s extra, then none, over 30.5 s and 50.25 s of CPU
-    assert budget.share_so_far == pytest.approx(0.25 / 80.75)
+    assert budget.share_until(cpu) == pytest.approx(0.25 / 80.75)
+    # The CPU since the last window counts too: one early window is not the share of its short gap.
+    assert budget.share_until(cpu + 80.75) == pytest.approx(0.25 / 161.5)
+    assert budget.share_until(cpu - 5.0) == pytest.approx(0.25 / 80.75)  # a clock read before the close

@@ -52,10 +52,14 @@ class TraceBudget:
         self._extra_total = self._cpu_total = 0.0
         self.next_interval_s = self.interval_s
 
-    @property
-    def share_so_far(self) -> float | None:
-        """Extra CPU of every measured window over all the CPU of those windows and the gaps before them."""
-        return self._extra_total / self._cpu_total if self._cpu_total > 0 else None
+    def share_until(self, cpu: float) -> float | None:
+        """Extra CPU of every measured window over all the process's CPU from the start until ``cpu`` (the
+        process CPU clock now); None before a window was measured. The CPU since the last window counts:
+        a window early in a process's life would otherwise read as the share of a short gap."""
+        if self._cpu_total <= 0:
+            return None
+        since = max(0.0, cpu - self._closed_at[1]) if self._closed_at is not None else 0.0
+        return self._extra_total / (self._cpu_total + since)
 
     def opened(self, wall: float, cpu: float, gap_requests: int) -> None:
         """A window opened; ``gap_requests`` finished since the previous one closed (or since start)."""

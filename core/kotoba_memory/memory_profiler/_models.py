@@ -146,8 +146,8 @@ class ProfilerStats:
     heap_thaws: int = 0
     survival_rechecks: int = 0
     # Seconds between window starts now (more than configured when a trace budget spaces them out),
-    # and the windows' measured extra CPU over all the process's CPU since the first (None without a
-    # trace budget, or before a window was measured).
+    # and the windows' measured extra CPU over all the process's CPU from the profiler's start until
+    # now (None without a trace budget, or before a window was measured).
     window_interval_s: float = 0.0
     window_cost_share: float | None = None
 

@@ -707,7 +707,9 @@ class MemoryProfiler:
                 heap_thaws=self._thaws,
                 survival_rechecks=self._rechecks,
                 window_interval_s=self._interval_s(),
-                window_cost_share=None if self._budget is None else self._budget.share_so_far,
+                window_cost_share=(
+                    None if self._budget is None else self._budget.share_until(time.process_time())
+                ),
             )
 
     def _own_memory(self) -> int:
