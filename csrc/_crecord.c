@@ -2233,6 +2233,12 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
     }
     Py_DECREF(outer);
     if (nested) return PyObject_CallFunctionObjArgs(app, environ, start_response, NULL);
+    /* Refused before the measurement begins: a request that is never served must not stay in flight. */
+    if (!PyCallable_Check(start_response)) {
+        PyErr_Format(PyExc_TypeError, "start_response must be callable, not %.100s",
+                     Py_TYPE(start_response)->tp_name);
+        return NULL;
+    }
 
     PyObject *method = environ_get(environ, str_request_method, str_GET);
     if (method == NULL) return NULL;

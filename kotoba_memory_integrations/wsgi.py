@@ -104,6 +104,8 @@ class PyMemoryMiddleware:
         if isinstance(outer, RequestMeasurement) and not outer.finished:
             # Already measured by an outer MemoryMiddleware: measuring twice would double-count.
             return self.app(environ, start_response)
+        if not callable(start_response):  # refused before measuring: it must not stay in flight
+            raise TypeError(f"start_response must be callable, not {type(start_response).__name__}")
         measurement = self.recorder.begin(environ.get("REQUEST_METHOD", "GET"))
         environ[ENVIRON_KEY] = measurement
         route_of = self.route_of

@@ -684,13 +684,23 @@ def test_c_wsgi_wrappers_refuse_bad_construction() -> None:
         middleware({})
     with pytest.raises(TypeError, match="keyword"):
         middleware(environ={}, start_response=print)
+
+
+@pytest.mark.parametrize("middleware_kind", ["c", "py"])
+def test_a_start_response_that_cannot_be_called_is_refused_before_the_request_is_measured(
+    middleware_kind: str,
+) -> None:
+    from kotoba_memory_integrations import wsgi
+
+    middleware_cls = wsgi.MemoryMiddleware if middleware_kind == "c" else wsgi.PyMemoryMiddleware
+    if middleware_kind == "c" and not C_BUILT:
+        pytest.skip("pure Python in use: C builds only")
+    middleware = middleware_cls(lambda environ, start_response: [b""])
     flight = activity.in_flight()
     environ: dict[str, Any] = {}
-    with pytest.raises(TypeError, match="start_response must be callable"):
-        middleware(environ, "not callable")  # as the reference: the measurement had begun
-    assert activity.in_flight() == flight + 1
-    environ["kotoba_memory.request"].finish()
-    assert activity.in_flight() == flight
+    with pytest.raises(TypeError, match="start_response must be callable, not str"):
+        middleware(environ, "not callable")
+    assert activity.in_flight() == flight and "kotoba_memory.request" not in environ
 
 
 @impl
