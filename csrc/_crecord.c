@@ -749,45 +749,48 @@ typedef struct {
     long long pause_total_ns;  /* GC pause observed through gc.callbacks, cumulative */
 } GcTallyObject;
 
-/* Set a long long field from an int (not a bool); nothing is stored when `value` is refused. (A
- * T_LONGLONG member would store -1 before reporting an out-of-range value on 3.11.) */
-static int
-set_long_long(PyObject *value, long long *field, const char *name)
+/* A long long field of a C object, as a getset's closure: where it lies and the name errors give. */
+typedef struct {
+    Py_ssize_t offset;
+    const char *name;
+} LongLongField;
+
+static PyObject *
+long_long_get(PyObject *self, void *closure)
 {
+    return PyLong_FromLongLong(*(long long *)((char *)self + ((LongLongField *)closure)->offset));
+}
+
+/* Set from an int (not a bool); nothing is stored when `value` is refused. (A T_LONGLONG member would
+ * store -1 before reporting an out-of-range value on 3.11.) */
+static int
+long_long_set(PyObject *self, PyObject *value, void *closure)
+{
+    const LongLongField *field = closure;
     if (value == NULL) {
-        PyErr_Format(PyExc_TypeError, "%s cannot be deleted", name);
+        PyErr_Format(PyExc_TypeError, "%s cannot be deleted", field->name);
         return -1;
     }
     if (!PyLong_Check(value) || PyBool_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.100s", name, Py_TYPE(value)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.100s", field->name, Py_TYPE(value)->tp_name);
         return -1;
     }
     long long v = PyLong_AsLongLong(value);
     if (v == -1 && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
-            PyErr_Format(PyExc_OverflowError, "%s must fit in 64 bits, got %R", name, value);
+            PyErr_Format(PyExc_OverflowError, "%s must fit in 64 bits, got %R", field->name, value);
         }
         return -1;
     }
-    *field = v;
+    *(long long *)((char *)self + field->offset) = v;
     return 0;
 }
 
-static PyObject *
-GcTally_get_pause_total_ns(GcTallyObject *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->pause_total_ns);
-}
-
-static int
-GcTally_set_pause_total_ns(GcTallyObject *self, PyObject *value, void *Py_UNUSED(closure))
-{
-    return set_long_long(value, &self->pause_total_ns, "pause_total_ns");
-}
+static LongLongField pause_total_field = {offsetof(GcTallyObject, pause_total_ns), "pause_total_ns"};
 
 static PyGetSetDef GcTally_getset[] = {
-    {"pause_total_ns", (getter)GcTally_get_pause_total_ns, (setter)GcTally_set_pause_total_ns,
-     "cumulative GC pause observed through gc.callbacks, in nanoseconds", NULL},
+    {"pause_total_ns", long_long_get, long_long_set,
+     "cumulative GC pause observed through gc.callbacks, in nanoseconds", &pause_total_field},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -904,12 +907,6 @@ GcHooks_reset_requests(GcHooksObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
-GcHooks_get_requests_seen(GcHooksObject *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->ended);
-}
-
 static PyMethodDef GcHooks_methods[] = {
     {"pause_total_ns", (PyCFunction)GcHooks_pause_total_ns, METH_NOARGS,
      "Cumulative GC pause observed through gc.callbacks since start(), in nanoseconds."},
@@ -925,22 +922,13 @@ static PyMemberDef GcHooks_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyObject *
-GcHooks_get_next_check(GcHooksObject *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(self->next_check);
-}
-
-static int
-GcHooks_set_next_check(GcHooksObject *self, PyObject *value, void *Py_UNUSED(closure))
-{
-    return set_long_long(value, &self->next_check, "_next_check");
-}
+static LongLongField next_check_field = {offsetof(GcHooksObject, next_check), "_next_check"};
+static LongLongField ended_field = {offsetof(GcHooksObject, ended), "requests_seen"};
 
 static PyGetSetDef GcHooks_getset[] = {
-    {"_next_check", (getter)GcHooks_get_next_check, (setter)GcHooks_set_next_check,
-     "the requests_seen at which request_ended() runs the boundary check", NULL},
-    {"requests_seen", (getter)GcHooks_get_requests_seen, NULL, "Requests ended since the count began.", NULL},
+    {"_next_check", long_long_get, long_long_set,
+     "the requests_seen at which request_ended() runs the boundary check", &next_check_field},
+    {"requests_seen", long_long_get, NULL, "Requests ended since the count began.", &ended_field},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -103,11 +103,11 @@ _new_metrics = functools.partial(tuple.__new__, RequestMetrics)
 
 _listeners: tuple[RequestListener, ...] = ()
 _listeners_lock = threading.Lock()
+_listener_errors = 0
 
 
 def _hand_over_listeners(listeners: tuple[RequestListener, ...]) -> None:
     """Give the C recorder the new tuple (replaced below when it is built; pure Python reads the global)."""
-_listener_errors = 0
 
 
 def add_request_listener(listener: RequestListener) -> None:
