@@ -63,11 +63,45 @@ def sample(t: float, rss: int, heap: int | None) -> MemorySample:
 def test_growth_fits_the_sparse_heap_readings_over_rss() -> None:
     # the heap grows 1 KiB/s, read every 5th sample; RSS stays flat (freed memory is not returned)
     samples = [sample(t, 50 << 20, (10 << 20) + 1024 * t if t % 5 == 0 else None) for t in range(60)]
-    growth = _SampleGrowth(samples).since(0.0)
+    growth = _SampleGrowth.of_samples(samples).since(0.0)
     assert growth is not None and growth.bytes_per_s == pytest.approx(1024.0)
 
 
 def test_growth_falls_back_to_rss_when_heap_readings_cover_too_little_of_the_span() -> None:
     samples = [sample(t, (50 << 20) + 2048 * t, (10 << 20) if t < 20 else None) for t in range(60)]
-    growth = _SampleGrowth(samples).since(0.0)
+    growth = _SampleGrowth.of_samples(samples).since(0.0)
     assert growth is not None and growth.bytes_per_s == pytest.approx(2048.0)
+
+
+def test_the_ring_columns_give_the_growth_its_samples_give_also_once_the_ring_wrapped() -> None:
+    from kotoba_memory.memory_profiler._ring import SampleRing
+
+    ring = SampleRing(50, 2)
+    for t in range(130):  # wrapped twice: the oldest sample is no longer at index 0
+        heap = (10 << 20) + 512 * t if t % 3 == 0 else None
+        ring.append(float(t), (40 << 20) + 4096 * t, None, 1000 + 7 * t, heap, (0, 0, 0), {})
+    from_columns = _SampleGrowth(*ring.growth_columns())
+    from_samples = _SampleGrowth.of_samples(ring.samples())
+    for start in (0.0, 85.0, 120.0, 127.0):
+        assert from_columns.since(start) == from_samples.since(start)
+    growth = from_columns.since(0.0)
+    assert growth is not None and growth.bytes_per_s == pytest.approx(512.0)  # the heap readings
+    assert growth.blocks_per_s == pytest.approx(7.0) and growth.span_s == pytest.approx(49.0)
+    assert from_columns.since(127.0) is None  # three samples are too few for a fit
+
+
+def test_the_leak_verdict_makes_no_sample_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fleet publisher asks for the verdict every few seconds; with a full ring (an hour of samples)
+    # a MemorySample per sample made each ask cost ~10 ms.
+    from kotoba_memory.memory_profiler._ring import SampleRing
+
+    profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=True)
+    for _ in range(10):
+        profiler._sample()
+
+    def refuse(self: SampleRing) -> list[MemorySample]:
+        raise AssertionError("leak_verdict built the sample list")
+
+    monkeypatch.setattr(SampleRing, "samples", refuse)
+    leaks, status = profiler.leak_verdict()
+    assert leaks == [] and not status.ready

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from typing import Any
 
 from kotoba_memory.memory_profiler._models import MemorySample
 
@@ -81,6 +82,20 @@ class SampleRing:
         """One integer series (rss, traced, blocks, heap, gc0..2), oldest first; -1 means unknown."""
         data = self._ints[name]
         return [data[i] for i in self._order()]
+
+    def _ordered(self, data: array[Any]) -> array[Any]:
+        """A copy of one column, oldest first (slices: no Python object per sample)."""
+        if self._count < self.capacity:
+            return data[: self._count]
+        return data[self._next:] + data[: self._next]
+
+    def growth_columns(self) -> tuple[array[float], array[int], array[int], array[int]]:
+        """Copies of the timestamps, rss, heap and blocks columns, oldest first (-1: not read)."""
+        ints = self._ints
+        return (
+            self._ordered(self._timestamps), self._ordered(ints["rss"]), self._ordered(ints["heap"]),
+            self._ordered(ints["blocks"]),
+        )
 
     def samples(self) -> list[MemorySample]:
         out: list[MemorySample] = []

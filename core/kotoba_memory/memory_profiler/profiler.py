@@ -13,7 +13,7 @@ import sysconfig
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -725,7 +725,7 @@ class MemoryProfiler:
             by_count = list(self._hotspots_by_count)
             detector = self._detector
         temporal = analyze_samples(samples, self.memory_limit_bytes)
-        leaks = self._suspects(detector, samples, routes)
+        leaks = self._suspects(detector, _SampleGrowth.of_samples(samples), routes)
         stats = self.stats()
         status = self._leak_status(stats.windows)
         return MemoryAnalysis(
@@ -744,20 +744,23 @@ class MemoryProfiler:
         """The leak suspects of :meth:`analyze` and the evidence behind them, without its other parts."""
         routes = _route_stats(self._routes)
         with self._lock:
-            samples = self._ring.samples()
+            # The four columns the growth fit reads, not a MemorySample per sample: the fleet publisher
+            # asks every few seconds, and a full ring (an hour of samples) made that ~10 ms and ~15,000
+            # objects of garbage each time.
+            growth = _SampleGrowth(*self._ring.growth_columns())
             detector = self._detector
             windows = detector.windows
-        return self._suspects(detector, samples, routes), self._leak_status(windows)
+        return self._suspects(detector, growth, routes), self._leak_status(windows)
 
     def _suspects(
-        self, detector: LeakDetector, samples: list[MemorySample], routes: list[RouteStats]
+        self, detector: LeakDetector, growth: _SampleGrowth, routes: list[RouteStats]
     ) -> list[MemoryLeak]:
         # Outside the lock: only the scheduler thread changes the detector, and a window it adds
         # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
         return detector.suspects(
             now=time.time(),
             window_interval_s=self.window_interval_s,
-            global_growth=_SampleGrowth(samples),
+            global_growth=growth,
             routes=routes,
             min_confidence=self.min_confidence,
         )
@@ -815,11 +818,28 @@ def _raw_traces() -> list[Any]:
 
 
 class _SampleGrowth:
-    """Process growth read off the samples by least squares (memoised per start time)."""
+    """Process growth read off the sample columns by least squares (memoised per start time).
 
-    def __init__(self, samples: list[MemorySample]) -> None:
-        self._samples = samples
+    The columns are oldest first; ``heap`` holds -1 where glibc's heap was not read at that sample.
+    """
+
+    def __init__(
+        self, timestamps: Sequence[float], rss: Sequence[int], heap: Sequence[int], blocks: Sequence[int]
+    ) -> None:
+        self._timestamps = timestamps
+        self._rss = rss
+        self._heap = heap
+        self._blocks = blocks
         self._memo: dict[float, Growth | None] = {}
+
+    @classmethod
+    def of_samples(cls, samples: Sequence[MemorySample]) -> _SampleGrowth:
+        """The growth of samples already made (``analyze()`` has them for its report anyway)."""
+        return cls(
+            [s.timestamp for s in samples], [s.rss_bytes for s in samples],
+            [-1 if s.heap_bytes is None else s.heap_bytes for s in samples],
+            [s.allocated_blocks for s in samples],
+        )
 
     def since(self, start: float) -> Growth | None:
         if start not in self._memo:
@@ -827,18 +847,19 @@ class _SampleGrowth:
         return self._memo[start]
 
     def _fit(self, start: float) -> Growth | None:
-        window = [s for s in self._samples if s.timestamp >= start]
+        ts = self._timestamps
+        window = [i for i, t in enumerate(ts) if t >= start]
         if len(window) < 4:
             return None
-        xs = [s.timestamp for s in window]
+        xs = [ts[i] for i in window]
         # glibc's heap where it was read (not at every sample: see _read_heap) across most of the span;
         # else RSS, which a free does not always lower.
-        heap = [(s.timestamp, float(s.heap_bytes)) for s in window if s.heap_bytes is not None]
+        heap = [(ts[i], float(self._heap[i])) for i in window if self._heap[i] >= 0]
         if len(heap) >= 4 and heap[-1][0] - heap[0][0] >= 0.5 * (xs[-1] - xs[0]):
             bytes_slope, bytes_err, _ = linear_fit([t for t, _ in heap], [h for _, h in heap])
         else:
-            bytes_slope, bytes_err, _ = linear_fit(xs, [float(s.rss_bytes) for s in window])
-        block_slope, block_err, _ = linear_fit(xs, [float(s.allocated_blocks) for s in window])
+            bytes_slope, bytes_err, _ = linear_fit(xs, [float(self._rss[i]) for i in window])
+        block_slope, block_err, _ = linear_fit(xs, [float(self._blocks[i]) for i in window])
         return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
 
 
