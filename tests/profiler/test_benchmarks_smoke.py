@@ -199,3 +199,20 @@ def test_field_overhead_cancels_the_start_positions_over_whole_rotations() -> No
     assert abs(median - 1.02) > 0.005  # what the median keeps of the positions' spread
     assert bench.position_balanced(rounds[:6], "on", "off", 4) is None  # three starts: not whole rotations
     assert bench.position_balanced(rounds[:7], "on", "off", 4) is None  # uneven rounds per start
+
+
+def test_background_cost_times_each_periodic_job_fresh_and_an_hour_old() -> None:
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELD_")}
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'core'}"
+    script = str(REPO / "benchmarks" / "background_cost.py")
+    out = subprocess.run(
+        [sys.executable, script, "--requests", "80", "--repeat", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "µs" in line}
+    assert set(rows) == {"fleet.publish", "memory_profiler.sample", "gc_optimizer.monitor"}
+    assert "an hour old (3600 samples)" in out  # the ring was filled to its capacity
+    assert "together, an hour old:" in out
