@@ -1829,6 +1829,30 @@ typedef struct {
     vectorcallfunc vectorcall;
 } StartResponseObject;
 
+/* int(status[:3]), or NULL with its error (ValueError: not a number; TypeError: not sliceable). Three ASCII
+ * digits, what every server sends, are read in place: no slice, no int parser. */
+static PyObject *
+status_code(PyObject *status)
+{
+    if (PyUnicode_CheckExact(status)
+#if PY_VERSION_HEX < 0x030C0000
+        && PyUnicode_READY(status) == 0
+#endif
+        && PyUnicode_IS_ASCII(status) && PyUnicode_GET_LENGTH(status) >= 3) {
+        const unsigned char *s = PyUnicode_1BYTE_DATA(status);
+        if (s[0] >= '0' && s[0] <= '9' && s[1] >= '0' && s[1] <= '9' && s[2] >= '0' && s[2] <= '9') {
+            return PyLong_FromLong((s[0] - '0') * 100 + (s[1] - '0') * 10 + (s[2] - '0'));
+        }
+    }
+    if (PyErr_Occurred()) return NULL;  /* PyUnicode_READY failed */
+    PyObject *code = PySequence_GetSlice(status, 0, 3);  /* status[:3]: a TypeError propagates */
+    if (code == NULL) return NULL;
+    PyObject *number = PyNumber_Long(code);
+    Py_DECREF(code);
+    return number;
+}
+
+
 static PyObject *
 StartResponse_vectorcall(StartResponseObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1872,10 +1896,7 @@ StartResponse_vectorcall(StartResponseObject *self, PyObject *const *args, size_
     if (slots[2] != NULL) exc_info = slots[2];
     PyObject *m = self->measurement;
 
-    PyObject *code = PySequence_GetSlice(status, 0, 3);  /* status[:3]: a TypeError propagates */
-    if (code == NULL) return NULL;
-    PyObject *number = PyNumber_Long(code);
-    Py_DECREF(code);
+    PyObject *number = status_code(status);
     if (number == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
         PyErr_Clear();

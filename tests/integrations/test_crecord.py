@@ -536,7 +536,11 @@ class Closing:
 
 
 APPS = st.fixed_dictionaries({
-    "status": st.sampled_from(["200 OK", "404 Not Found", "abc", "20", "", 200, b"500 X"]),
+    # Three ASCII digits are read in place in C; everything else goes through int(status[:3]) there too.
+    "status": st.sampled_from([
+        "200 OK", "404 Not Found", "abc", "20", "", 200, b"500 X", "200", "099 Low", " 20 X", "2_0 X",
+        "+20 X", "20a OK", "\u0662\u0660\u0660 OK", "2\u00e90 X",
+    ]),
     "exc_info_kw": st.booleans(),
     "body": st.sampled_from(["list", "tuple", "closing", "generator"]),
     "chunks": st.integers(0, 3),
@@ -805,3 +809,29 @@ def test_a_wsgi_request_nobody_else_reads_reaches_the_profiler_as_through_the_re
         assert reference[0] == ("/a", 8192, None) and reference[2][0] == "unmatched"
     else:
         assert dict(reference) == {"/a": 2, "/b": 1, "/raise": 1, "unmatched": 1}
+
+
+@needs_c
+@pytest.mark.parametrize("status", [
+    "200 OK", "200", "099 Low", "999 Custom", " 20 X", "2_0 X", "+20 X", "20a OK", "20", "",
+    "\u0662\u0660\u0660 OK", "2\u00e90 X", b"500 X", 200,
+])
+def test_the_c_start_response_reads_the_status_code_as_int_of_its_first_three_characters(status: Any) -> None:
+    import kotoba_memory._crecord as crecord
+
+    measurement = PyRequestRecorder(profiler=lambda: None, gc_optimizer=lambda: None).begin("GET")
+    sent: list[Any] = []
+    wrapper = crecord.StartResponse(measurement, lambda *args: sent.append(args), None, {})
+    try:
+        expected: Any = int(status[:3])
+    except ValueError:
+        expected = None
+    except TypeError:
+        with pytest.raises(TypeError):  # not sliceable
+            wrapper(status, [])
+        assert sent == []
+        return
+    wrapper(status, [("a", "b")])
+    assert measurement.status == expected and type(measurement.status) in (int, type(None))
+    assert sent == [(status, [("a", "b")])]
+    measurement.finish()
