@@ -7,8 +7,10 @@ so a server benchmark that runs for minutes does not see an hour-old worker's co
 builds the plain-WSGI field app (``benchmarks/field_apps/wsgi_catalog.py``, its leak off) at
 ``MemoryConfig()``'s defaults in one process, serves ``--requests`` requests from four threads, then
 times each job's function with ``time.thread_time`` (median of ``--repeat`` calls) twice: as the
-process is (its sample ring holds the seconds it has run), and after filling the ring to its capacity
-with copies of its last sample spread over the hour before (what an hour of uptime leaves in it).
+process is (its sample ring holds the seconds it has run, no tracing window has run yet), and as an
+hour of uptime leaves it: the ring filled to its capacity with copies of its last sample spread over
+the hour before, and the leak detector fed synthetic windows up to its caps (every site slot taken,
+most of them churning, two of them growing with one route: suspects whose route is fitted).
 
     .venv/bin/python benchmarks/background_cost.py
     .venv/bin/python benchmarks/background_cost.py --requests 20000 --repeat 40
@@ -72,16 +74,53 @@ def serve(app: Callable[..., Any], requests: int, threads: int = 4) -> None:
 
 def age_ring(profiler: Any) -> int:
     """Fill the profiler's sample ring to capacity, its last sample copied at one-second steps over
-    the hour before (the RSS and block counts drifting a little, so fits see a real series)."""
+    the hour before, growing as the two leaking sites of :func:`age_detector` make it grow (with a
+    little jitter, so fits see a real series); glibc's heap read on one sample in 30."""
     ring = profiler._ring
     last = ring.samples()[-1]
     start = last.timestamp - ring.capacity
+    heap = last.heap_bytes or 64 << 20
     for k in range(ring.capacity):
+        grown = 60_000 * k
         ring.append(
-            start + k, last.rss_bytes + 4096 * (k % 7), last.traced_bytes, last.allocated_blocks + k % 11,
-            last.heap_bytes if k % 30 == 0 else None, last.gc_counts, {},
+            start + k, last.rss_bytes + grown + 4096 * (k % 7), last.traced_bytes,
+            last.allocated_blocks + 600 * k + k % 11, heap + grown if k % 30 == 0 else None,
+            last.gc_counts, {},
         )
     return len(ring)
+
+
+def age_detector(profiler: Any, seed: int = 1) -> int:
+    """Feed the leak detector an hour of windows at its caps (``max_windows`` windows, ``max_sites``
+    tracked sites admitted over the first windows, eight routes counted per growth step): sites that
+    churn inside every window, and two that grow steadily with one route's requests (suspects, whose
+    route is fitted). Synthetic snapshots: no tracing runs. Returns the sites tracked."""
+    detector = profiler._detector
+    rng = random.Random(seed)
+    routes = [f"/r{i}" for i in range(8)]
+    sites = detector.max_sites
+    keys = [((f"/srv/app/views_{i % 40}.py", 10 + i), ("/srv/app/h.py", 200 + i)) for i in range(sites)]
+    leaking = set(keys[:2])
+    windows = detector.max_windows
+    end = time.time()
+    leaked = 0
+    for w in range(windows):
+        t0 = end - (windows - w) * 3600.0 / windows
+        steps = [{route: rng.randint(0, 6) * rng.choice((1, 3)) for route in routes} for _ in range(6)]
+        shots = []
+        for j in range(6):
+            leaked += 512 * steps[j]["/r0"]
+            stats = {}
+            for i, key in enumerate(keys[: 32 * (w + 1)]):  # 32 admitted per window
+                if key in leaking:
+                    size = 100_000 + leaked
+                else:  # a cache refilling its slots, an in-flight buffer: up and down within the window
+                    size = 50_000 + (8192 * ((j + i + w) % 4) if (w + i) % 3 else 4096 * j)
+                stats[key] = (size, size // 100)
+            shots.append((t0 + 0.1 * j, stats))
+        totals = {route: sum(step[route] for step in steps) for route in routes}
+        detector.add_window(shots, totals, steps)
+    return detector.sites_tracked
 
 
 def cpu_us(fn: Callable[[], object], repeat: int) -> float:
@@ -140,13 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     fresh_fill = len(ring)
     fresh = {name: cpu_us(fn, args.repeat) for name, (_, fn) in found.items()}
     aged_fill = age_ring(optimizer.profiler)
+    sites = age_detector(optimizer.profiler)
+    suspects = len(optimizer.profiler.leak_verdict()[0])
     aged = {name: cpu_us(fn, args.repeat) for name, (_, fn) in found.items()}
     runtime.stop_optimizer()
 
     print(f"kotoba-memory's periodic jobs, MemoryConfig() defaults, {args.requests} requests served; "
           f"median CPU per run of {args.repeat} calls")
+    print(f"  an hour old: the sample ring full ({aged_fill} samples), the leak detector at its caps "
+          f"({sites} sites tracked over {optimizer.profiler._detector.windows} windows, {suspects} suspects)")
     print(f"  {'job':<24} {'every':>6} {f'fresh ({fresh_fill} samples)':>22} "
-          f"{f'an hour old ({aged_fill} samples)':>30} {'share of a core, old':>22}")
+          f"{'an hour old':>30} {'share of a core, old':>22}")
     for name, (interval, _) in found.items():
         share = aged[name] / 1e6 / interval
         print(f"  {name:<24} {interval:>5g}s {fresh[name]:>19.1f} µs {aged[name]:>27.1f} µs "

@@ -214,5 +214,7 @@ def test_background_cost_times_each_periodic_job_fresh_and_an_hour_old() -> None
     ).stdout
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "µs" in line}
     assert set(rows) == {"fleet.publish", "memory_profiler.sample", "gc_optimizer.monitor"}
-    assert "an hour old (3600 samples)" in out  # the ring was filled to its capacity
+    # the ring filled to its capacity, the detector to its caps, with the two leaking sites suspected
+    assert "the sample ring full (3600 samples)" in out
+    assert "256 sites tracked over 64 windows, 2 suspects" in out
     assert "together, an hour old:" in out

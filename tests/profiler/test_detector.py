@@ -277,3 +277,34 @@ def test_a_librarys_own_memory_for_a_line_whose_entries_churn_is_not_a_confident
     assert c_memory.allocation_site == "/srv/app/views.py:20"
     [kept] = found.suspects(now=now, window_interval_s=10.0, min_confidence=0.8)
     assert kept.allocation_site == "/srv/app/views.py:20"
+
+
+def test_a_suspects_route_is_fitted_once_per_window_and_again_after_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fleet publisher asks for the verdict every few seconds; the route fit over the windows' steps
+    # is its costly part and its inputs change only when a window is added.
+    detector = make()
+
+    def routes(w: int) -> dict[str, int]:
+        return {"/leak": w % 2 * 10, "/ok": 10}
+
+    fits: list[Key] = []
+    fit = LeakDetector._route_from_windows
+
+    def counted(self: LeakDetector, track: object) -> str | None:
+        fits.append(track.key)  # type: ignore[attr-defined]
+        return fit(self, track)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LeakDetector, "_route_from_windows", counted)
+    now = feed(detector, 10, lambda w, j: (w % 2) * j * 1000, routes=routes)
+    for _ in range(3):
+        [leak] = detector.suspects(now=now, window_interval_s=10.0)
+        assert leak.route == "/leak"
+    assert fits == [APP]
+    # One more window: the route is fitted again, not read back, and matches a fit from scratch.
+    shots = [(now + j * 0.1, {APP: (10_000 + j * 1000, 150)}) for j in range(6)]
+    detector.add_window(shots, {"/leak": 10, "/ok": 10})
+    [leak] = detector.suspects(now=now + 10.0, window_interval_s=10.0)
+    assert fits == [APP, APP]
+    assert leak.route == fit(detector, detector._tracks[APP])

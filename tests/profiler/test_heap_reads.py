@@ -105,3 +105,35 @@ def test_the_leak_verdict_makes_no_sample_objects(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(SampleRing, "samples", refuse)
     leaks, status = profiler.leak_verdict()
     assert leaks == [] and not status.ready
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_running_sums_fit_what_a_fit_of_each_window_finds(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    n = rng.choice([5, 60, 900, 3600])
+    t0 = 1.8e9 + rng.random() * 1e6  # wall-clock seconds: their squares would cancel without centring
+    ts = [t0 + i + rng.random() * 0.2 for i in range(n)]
+    rss = [int(3e8 + 7_000 * i * rng.choice([0, 1]) + rng.randrange(1 << 20)) for i in range(n)]
+    heap = [int(2e8 + 900 * i + rng.randrange(1 << 16)) if rng.random() < 0.1 else -1 for i in range(n)]
+    blocks = [400_000 + 3 * i + rng.randrange(50) for i in range(n)]
+    summed = _SampleGrowth(ts, rss, heap, blocks)
+    for start in [ts[0] - 5, *(rng.uniform(ts[0], ts[-1]) for _ in range(20)), ts[-3]]:
+        fast, slow = summed.since(start), summed._fit(start)
+        assert (fast is None) == (slow is None)
+        if fast is None or slow is None:
+            continue
+        assert fast.span_s == slow.span_s
+        for got, want in zip(
+            (fast.bytes_per_s, fast.bytes_stderr, fast.blocks_per_s, fast.blocks_stderr),
+            (slow.bytes_per_s, slow.bytes_stderr, slow.blocks_per_s, slow.blocks_stderr),
+        ):
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def test_a_clock_that_stepped_back_is_fitted_window_by_window() -> None:
+    ts = [100.0, 101.0, 102.0, 50.0, 103.0, 104.0, 105.0]  # the wall clock was set back once
+    growth = _SampleGrowth(ts, [1000 * i for i in range(7)], [-1] * 7, [10] * 7)
+    got = growth.since(101.0)
+    assert got is not None and got == growth._fit(101.0) and not growth._fits

@@ -91,6 +91,10 @@ class LeakDetector:
         self._window_routes: deque[tuple[int, dict[str, int]]] = deque(maxlen=max_windows)
         self.site_chooser = site_chooser
         self.survival = SurvivalSampler()
+        # A suspect's route from the windows' growth steps, per track: those change only when a window
+        # has been added, and the fit is the costly part of a verdict (the fleet asks every few seconds).
+        self._route_epoch = 0
+        self._route_memo: dict[Key, tuple[int, str | None]] = {}
 
     @property
     def windows(self) -> int:
@@ -182,6 +186,9 @@ class LeakDetector:
                     track.first_growth = t_last
             track.growth_ring[index % self._max_windows] = max(-(2**31), min(2**31 - 1, growth))
         self._trim()
+        # Last: a route computed while this window was being added is not reused.
+        self._route_epoch += 1
+        self._route_memo = {}
 
     def _admit(self, key: Key, now: float) -> None:
         self._tracks[key] = _Track(
@@ -369,6 +376,28 @@ class LeakDetector:
         return 1.0
 
     def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
+        epoch, memo = self._route_epoch, self._route_memo
+        hit = memo.get(track.key)
+        if hit is not None and hit[0] == epoch:
+            best = hit[1]
+        else:
+            best = self._route_from_windows(track)
+            memo[track.key] = (epoch, best)
+        if best is not None:
+            return best
+        # No contrast between windows (the leak grows in all of them): fall back to the route whose
+        # requests leave the most memory behind on average.
+        def per_request(r: RouteStats) -> float:
+            traced = r.mean_traced_delta
+            return traced if traced is not None else r.mean_rss_delta
+
+        candidates = [r for r in routes if r.requests and per_request(r) > 0]
+        if not candidates:
+            return None
+        return max(candidates, key=per_request).route
+
+    def _route_from_windows(self, track: _Track) -> str | None:
+        """The route whose requests follow the track's growth across the windows' steps, if one does."""
         oldest = max(track.first_window, self._windows - self._max_windows)
         live = range(oldest, self._windows)
         # Per growth step (several per window) when the steps' request counts are known: many more
@@ -382,19 +411,7 @@ class LeakDetector:
             growth = {i: track.growth_ring[i % self._max_windows] for i in live}
             points = [(float(growth[i]), counts) for i, counts in list(self._window_routes) if i in growth]
         points = [(y, counts) for y, counts in points if counts]
-        best = _regressed_route(points) or _best_correlated(points)
-        if best is not None:
-            return best
-        # No contrast between windows (the leak grows in all of them): fall back to the route whose
-        # requests leave the most memory behind on average.
-        def per_request(r: RouteStats) -> float:
-            traced = r.mean_traced_delta
-            return traced if traced is not None else r.mean_rss_delta
-
-        candidates = [r for r in routes if r.requests and per_request(r) > 0]
-        if not candidates:
-            return None
-        return max(candidates, key=per_request).route
+        return _regressed_route(points) or _best_correlated(points)
 
 
 def _regressed_route(points: Sequence[tuple[float, Mapping[str, int]]]) -> str | None:

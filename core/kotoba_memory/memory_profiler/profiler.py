@@ -4,9 +4,12 @@ layer's scheduler thread."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import importlib.util
 import logging
+import math
+import operator
 import os
 import sys
 import sysconfig
@@ -820,7 +823,10 @@ def _raw_traces() -> list[Any]:
 class _SampleGrowth:
     """Process growth read off the sample columns by least squares (memoised per start time).
 
-    The columns are oldest first; ``heap`` holds -1 where glibc's heap was not read at that sample.
+    The columns are oldest first; ``heap`` holds -1 where glibc's heap was not read at that sample. A
+    verdict asks for one fit per distinct start among the tracked sites (dozens, each over up to an
+    hour of samples), so when the timestamps are in order every fit is read off running sums in O(1)
+    after one pass; a wall clock that stepped back falls back to fitting each window afresh.
     """
 
     def __init__(
@@ -831,6 +837,8 @@ class _SampleGrowth:
         self._heap = heap
         self._blocks = blocks
         self._memo: dict[float, Growth | None] = {}
+        self._fits: dict[str, Any] = {}  # running sums per series, and the heap's readings
+        self._ordered: bool | None = None
 
     @classmethod
     def of_samples(cls, samples: Sequence[MemorySample]) -> _SampleGrowth:
@@ -843,7 +851,10 @@ class _SampleGrowth:
 
     def since(self, start: float) -> Growth | None:
         if start not in self._memo:
-            self._memo[start] = self._fit(start)
+            if self._ordered is None:
+                ts = self._timestamps
+                self._ordered = all(map(operator.le, ts, ts[1:]))
+            self._memo[start] = self._fit_sums(start) if self._ordered else self._fit(start)
         return self._memo[start]
 
     def _fit(self, start: float) -> Growth | None:
@@ -861,5 +872,79 @@ class _SampleGrowth:
             bytes_slope, bytes_err, _ = linear_fit(xs, [float(self._rss[i]) for i in window])
         block_slope, block_err, _ = linear_fit(xs, [float(self._blocks[i]) for i in window])
         return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
+
+    def _fit_sums(self, start: float) -> Growth | None:
+        """What :meth:`_fit` finds, from running sums (the timestamps are in order)."""
+        ts = self._timestamps
+        first = bisect.bisect_left(ts, start)
+        if len(ts) - first < 4:
+            return None
+        span = ts[-1] - ts[first]
+        fits = self._fits
+        if "heap_ts" not in fits:
+            heap_at = [i for i, h in enumerate(self._heap) if h >= 0]
+            fits["heap_ts"] = [ts[i] for i in heap_at]
+            fits["heap_values"] = [self._heap[i] for i in heap_at]
+        heap_ts = fits["heap_ts"]
+        heap_first = bisect.bisect_left(heap_ts, start)
+        if len(heap_ts) - heap_first >= 4 and heap_ts[-1] - heap_ts[heap_first] >= 0.5 * span:
+            bytes_slope, bytes_err = self._running("heap", heap_ts, fits["heap_values"]).fit(heap_first)
+        else:
+            bytes_slope, bytes_err = self._running("rss", ts, self._rss).fit(first)
+        block_slope, block_err = self._running("blocks", ts, self._blocks).fit(first)
+        return Growth(bytes_slope, bytes_err, block_slope, block_err, span)
+
+    def _running(self, name: str, xs: Sequence[float], ys: Sequence[float]) -> _RunningFit:
+        """The running sums of one series, made when a fit first needs them (one pass each)."""
+        made = self._fits.get(name)
+        if not isinstance(made, _RunningFit):
+            made = self._fits[name] = _RunningFit(xs, ys)
+        return made
+
+
+class _RunningFit:
+    """Least-squares fits of ``ys`` on ``xs`` over every suffix ``[i:]``, each in O(1) from running sums.
+
+    The values are centred on their first element first: the sums of squares of raw timestamps (~1e9 s)
+    or byte counts would cancel away the digits a slope needs.
+    """
+
+    def __init__(self, xs: Sequence[float], ys: Sequence[float]) -> None:
+        n = len(xs)
+        x0 = float(xs[0]) if n else 0.0
+        y0 = float(ys[0]) if n else 0.0
+        # Suffix sums: index i holds the sums over [i:], index n the empty suffix.
+        sx, sy, sxx, sxy, syy = ([0.0] * (n + 1) for _ in range(5))
+        ax = ay = axx = axy = ayy = 0.0
+        for i in range(n - 1, -1, -1):
+            x = xs[i] - x0
+            y = ys[i] - y0
+            ax += x
+            ay += y
+            axx += x * x
+            axy += x * y
+            ayy += y * y
+            sx[i] = ax
+            sy[i] = ay
+            sxx[i] = axx
+            sxy[i] = axy
+            syy[i] = ayy
+        self._n = n
+        self._xs = xs
+        self._sums = (sx, sy, sxx, sxy, syy)
+
+    def fit(self, first: int) -> tuple[float, float]:
+        """Slope and its standard error over ``[first:]``, as :func:`linear_fit` gives them."""
+        m = self._n - first
+        if m < 3 or self._xs[first] == self._xs[-1]:
+            return 0.0, math.inf
+        sx, sy, sxx, sxy, syy = (column[first] for column in self._sums)
+        dxx = sxx - sx * sx / m
+        if dxx <= 0.0:
+            return 0.0, math.inf
+        dxy = sxy - sx * sy / m
+        slope = dxy / dxx
+        residual = max(0.0, (syy - sy * sy / m) - dxy * slope)
+        return slope, math.sqrt(residual / (m - 2) / dxx)
 
 
