@@ -169,7 +169,7 @@ class MemoryOptimizer:
             raise OptimizerError("brief() needs a running MemoryOptimizer")
         profiler, routes, leaks, status = self.profiler, [], [], None
         if profiler is not None:
-            routes = [to_plain(r) for r in profiler.routes()]
+            routes = [r.to_dict() for r in profiler.routes()]
             found, verdict = profiler.leak_verdict()
             leaks = [leak.to_dict() for leak in found]
             status = to_plain(verdict)

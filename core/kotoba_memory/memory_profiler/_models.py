@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,6 +123,19 @@ class RouteStats:
     def mean_traced_delta(self) -> float | None:
         """Average traced-memory change per request that was traced, or None when none was."""
         return self.traced_delta_bytes / self.traced_requests if self.traced_requests else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready data, read directly: a brief every few seconds has one per route."""
+        duration = self.total_duration_s
+        return {
+            "route": self.route,
+            "requests": self.requests,
+            "rss_delta_bytes": self.rss_delta_bytes,
+            "traced_delta_bytes": self.traced_delta_bytes,
+            "traced_requests": self.traced_requests,
+            "total_duration_s": duration if math.isfinite(duration) else None,
+            "rss_requests": self.rss_requests,
+        }
 
 
 @dataclass(frozen=True, slots=True)
