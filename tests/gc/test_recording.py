@@ -175,3 +175,36 @@ def test_summary_gives_the_analysis_headline_without_the_analysis(make_optimizer
     assert summary["mode"] == analysis.mode
     # the share's wall time is read a moment apart in the two: the later reading is the smaller share
     assert 0 < analysis.gc_time_share <= summary["gc_time_share"] <= 1.0
+
+
+def test_events_since_walks_back_to_the_cursor_also_while_collections_land(make_optimizer) -> None:
+    optimizer = make_optimizer(adaptive=False, event_capacity=64)
+    for i in range(150):  # the ring wrapped: the oldest events are gone
+        optimizer._recorder.record_manual(1000 + i, 0, i % 3)
+    recorder = optimizer._recorder
+    everything = list(recorder.snapshot())
+    assert len(everything) == 64
+    for cursor in (0, everything[0].seq - 1, everything[0].seq, everything[30].seq, everything[-2].seq,
+                   everything[-1].seq, everything[-1].seq + 5):
+        expected = [e for e in everything if e.seq > cursor]
+        assert recorder.events_since(cursor) == ((expected[-1].seq if expected else cursor), expected)
+
+    # A collection that lands while the ring is walked: walked again, nothing lost or doubled.
+    events = recorder._events
+    cursor = everything[-3].seq
+
+    class Landing(type(events)):  # type: ignore[misc]
+        landed = False
+
+        def __reversed__(self):  # type: ignore[no-untyped-def]
+            for n, event in enumerate(super().__reversed__()):
+                if n == 1 and not Landing.landed:
+                    Landing.landed = True
+                    self.append(events[-1]._replace(seq=10_000))
+                    raise RuntimeError("deque mutated during iteration")
+                yield event
+
+    recorder._events = Landing(events, maxlen=events.maxlen)
+    got_cursor, got = recorder.events_since(cursor)
+    assert Landing.landed and [e.seq for e in got] == [everything[-2].seq, everything[-1].seq, 10_000]
+    assert got_cursor == 10_000
