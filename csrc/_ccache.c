@@ -2636,6 +2636,14 @@ Core_stats(Core *c, PyObject *Py_UNUSED(ignored))
                          c->len, (Py_ssize_t)metadata_bytes(c), hit, miss);
 }
 
+/* lookups() -> (gets, misses, bad_keys): stats()'s counters without its latency lists. */
+static PyObject *
+Core_lookups(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KKK)", (unsigned long long)c->gets, (unsigned long long)c->misses,
+                         (unsigned long long)c->bad_keys);
+}
+
 /* mrc() -> (histogram list, ghost_hits, ghosts held, capacity, span) */
 static PyObject *
 Core_mrc(Core *c, PyObject *Py_UNUSED(ignored))
@@ -2928,6 +2936,7 @@ static PyMethodDef Core_methods[] = {
     {"keys", (PyCFunction)Core_keys, METH_NOARGS, "The keys held, in policy order."},
     {"sweep", (PyCFunction)Core_sweep, METH_O, "sweep(limit) -> (events, deadline, stop)."},
     {"stats", (PyCFunction)Core_stats, METH_NOARGS, "The raw counters."},
+    {"lookups", (PyCFunction)Core_lookups, METH_NOARGS, "(gets, misses, bad_keys), without the latency lists."},
     {"mrc", (PyCFunction)Core_mrc, METH_NOARGS, "(histogram, ghost_hits, ghosts)."},
     {"describe", (PyCFunction)Core_describe, METH_NOARGS, "Policy internals."},
     {"check", (PyCFunction)Core_check, METH_NOARGS, "Verify internal invariants."},

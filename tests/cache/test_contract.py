@@ -401,6 +401,19 @@ def test_stats_count_hits_misses_puts_deletes_and_latency(cache: BaseCache, back
     assert stats.to_dict()["hits"] == 80
 
 
+def test_lookups_are_the_hits_and_misses_stats_counts(cache: BaseCache) -> None:
+    assert cache.lookups() == (0, 0)
+    for i in range(20):
+        cache.put(i, i)
+    for i in range(35):
+        cache.get(i)
+    with pytest.raises(TypeError):
+        cache.get(["unhashable"])  # a refused key is neither a hit nor a miss
+    cache.get(3)
+    stats = cache.stats()
+    assert cache.lookups() == (stats.hits, stats.misses) == (21, 15)
+
+
 def test_astats_matches_stats(cache: BaseCache) -> None:
     cache.put("a", 1)
     cache.get("a")

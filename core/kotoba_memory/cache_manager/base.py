@@ -162,6 +162,12 @@ class BaseCache(ABC):
     def stats(self) -> CacheStats:
         """A snapshot of the counters."""
 
+    def lookups(self) -> tuple[int, int]:
+        """Cumulative ``(hits, misses)``, as :meth:`stats` counts them: what a gauge read every second
+        needs (backends override it when their stats() does more work than counting)."""
+        stats = self.stats()
+        return int(stats.hits), int(stats.misses)
+
     @abstractmethod
     def ttl_remaining(self, key: Hashable) -> float | None:
         """Seconds the live entry under ``key`` has left; None if it never expires.

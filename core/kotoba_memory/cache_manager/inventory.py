@@ -161,10 +161,10 @@ def cache_lookups() -> tuple[int, int]:
         if id(cache) in inner:
             continue
         try:
-            stats = cache.stats()
+            cache_hits, cache_misses = cache.lookups()
         except Exception:
             continue
-        hits += int(stats.hits)
-        misses += int(stats.misses)
+        hits += cache_hits
+        misses += cache_misses
     _last_lookups = (now, (hits, misses))
     return hits, misses

@@ -751,6 +751,16 @@ class CacheManager(BaseCache):
         gets, misses, bad = _count(self._gets), _count(self._misses), _count(self._bad_keys)
         return gets - misses - bad, gets - bad
 
+    def lookups(self) -> tuple[int, int]:
+        """Cumulative ``(hits, misses)``, as :meth:`stats` counts them, without its sampled latencies
+        (two rings of 512 copied and their medians sorted, ~25 µs a cache)."""
+        if self._core is not None:
+            gets, misses, bad = self._core.lookups()
+        else:
+            with self._lock:
+                gets, misses, bad = _count(self._gets), _count(self._misses), _count(self._bad_keys)
+        return max(gets - misses - bad, 0), misses
+
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters, occupancy and sampled latencies."""
         if self._core is not None:

@@ -1060,14 +1060,23 @@ class NearCache(BaseCache):
 
     # -- introspection ----------------------------------------------------------------------------------
 
+    def _lookups_locked(self, l1_hits: int, l1_misses: int) -> tuple[int, int]:
+        # An L1 miss that Redis answered is a hit of the whole cache.
+        return l1_hits + self._redis_hits, max(l1_misses - self._redis_hits, 0)
+
+    def lookups(self) -> tuple[int, int]:
+        """Whole-cache ``(hits, misses)`` from L1's counters and ours (no Redis scan, no latencies)."""
+        l1_hits, l1_misses = self.l1.lookups()
+        with self._counter_lock:
+            return self._lookups_locked(l1_hits, l1_misses)
+
     def stats(self, *, refresh: bool = False) -> NearCacheStats:
         """Whole-cache counters, L1's stats, and the fault counters; Redis occupancy rescanned at most
         every ``scan_interval`` seconds (or when ``refresh``)."""
         l1 = self.l1.stats()
         entries, stored = self._occupancy(refresh, l1)
         with self._counter_lock:
-            hits = l1.hits + self._redis_hits
-            misses = max(l1.misses - self._redis_hits, 0)
+            hits, misses = self._lookups_locked(l1.hits, l1.misses)
             lookups = hits + misses
             return NearCacheStats(
                 hits=hits,

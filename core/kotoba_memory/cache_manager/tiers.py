@@ -547,14 +547,22 @@ class TieredCache(BaseCache):
 
     # -- introspection ----------------------------------------------------------------------------
 
+    def _memory_hits_locked(self) -> int:
+        # read the itertools.counts without advancing them
+        gets = int(repr(self._gets)[6:-1]) - int(repr(self._bad_keys)[6:-1])
+        return max(gets - self._slow_lookups, 0) + self._slow_memory_hits
+
+    def lookups(self) -> tuple[int, int]:
+        """Whole-cache ``(hits, misses)`` from this cache's own counters (no tier's stats)."""
+        with self._lock:
+            return self._memory_hits_locked() + self._disk_hits, self._misses
+
     def stats(self) -> TieredCacheStats:
         """Whole-cache counters plus ``memory`` and ``disk`` stats and the disk compression ratio."""
         memory = self.memory.stats()
         disk = self.disk.stats()
         with self._lock:
-            # read the itertools.counts without advancing them
-            gets = int(repr(self._gets)[6:-1]) - int(repr(self._bad_keys)[6:-1])
-            memory_hits = max(gets - self._slow_lookups, 0) + self._slow_memory_hits
+            memory_hits = self._memory_hits_locked()
             hits = memory_hits + self._disk_hits
             lookups = hits + self._misses
             bounds = [b for b in (memory.max_bytes, disk.max_bytes) if b is not None]
