@@ -81,11 +81,13 @@ def _write_progress(optimizer: Any, out: Path) -> None:
     }
     profiler = optimizer.profiler
     if profiler is not None:
-        analysis = profiler.analyze()
-        data["windows"] = analysis.stats.windows
-        data["suspects"] = len(analysis.memory_leaks)
-        if analysis.memory_leaks:
-            top = analysis.memory_leaks[0]
+        # The verdict alone, not analyze(): that also makes an object per sample of the ring (an hour
+        # of them) and its trend analysis, every two seconds, for three fields.
+        leaks, status = profiler.leak_verdict()
+        data["windows"] = status.windows
+        data["suspects"] = len(leaks)
+        if leaks:
+            top = leaks[0]
             data["top"] = f"{top.allocation_site} ({top.growth_rate_bytes_per_s / 1024:.1f} KiB/s)"
     write_private(out / "progress.json", json.dumps(data))
 

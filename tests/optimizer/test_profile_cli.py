@@ -48,6 +48,12 @@ def test_profile_reports_the_leak_of_a_script_that_exits(tmp_path: Path) -> None
     assert report["leaks"], report["profiler"]
     assert report["leaks"][0]["allocation_site"] == f"{script.resolve()}:4"
     assert len(report["memory_series"]) >= 10
+    # The last progress note (every 2 s, from the leak verdict): the windows so far and the top suspect.
+    [progress_file] = out.glob("proc-*/progress.json")
+    progress = json.loads(progress_file.read_text())
+    assert progress["windows"] >= 1 and progress["rss_mb"] > 0
+    if progress["suspects"]:
+        assert progress["top"].startswith(f"{script.resolve()}:4 (")
     parser = HTMLParser()
     parser.feed((out / "report.html").read_text())
     assert "Leak suspects" in (out / "report.html").read_text()
