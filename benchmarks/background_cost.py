@@ -18,12 +18,14 @@ most of them churning, two of them growing with one route: suspects whose route 
 The jobs are called directly, so the figures are the jobs' own CPU: not the scheduler's wake-ups, and
 not the tracing window (``memory_profiler.window``, whose cost the trace budget bounds; see
 ``field_overhead.py``). The share of a core assumes each job runs at its interval; the fleet publisher
-stretches its own (up to 12×) while a write costs more than 0.1% of the process's CPU, so a costly
-write shows in a worker as a longer GIL hold and a staler fleet row more than as CPU. Run it in another checkout to compare before and after a change
-(``PYTHONPATH`` decides which tree is measured):
+stretches its own (up to 12 times) while a write costs more than 0.1% of the process's CPU, so a
+costly write shows in a worker as a longer GIL hold and a staler fleet row more than as CPU.
+
+To compare before and after a change, point ``PYTHONPATH`` at another checkout (with its C extensions
+built): this script then measures that tree's code.
 
     git worktree add /tmp/before 0b8e0c6
-    PYTHONPATH=/tmp/before:/tmp/before/core .venv/bin/python /tmp/before/benchmarks/background_cost.py
+    PYTHONPATH=/tmp/before:/tmp/before/core .venv/bin/python benchmarks/background_cost.py
 """
 
 from __future__ import annotations
