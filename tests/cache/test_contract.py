@@ -412,6 +412,7 @@ def test_lookups_are_the_hits_and_misses_stats_counts(cache: BaseCache) -> None:
     cache.get(3)
     stats = cache.stats()
     assert cache.lookups() == (stats.hits, stats.misses) == (21, 15)
+    assert asyncio.run(cache.alookups()) == (21, 15)
 
 
 def test_astats_matches_stats(cache: BaseCache) -> None:

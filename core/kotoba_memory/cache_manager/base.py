@@ -319,6 +319,10 @@ class BaseCache(ABC):
         """Async :meth:`stats`."""
         return await asyncio.to_thread(self.stats)
 
+    async def alookups(self) -> tuple[int, int]:
+        """Async :meth:`lookups`."""
+        return await asyncio.to_thread(self.lookups)
+
     async def attl_remaining(self, key: Hashable) -> float | None:
         """Async :meth:`ttl_remaining`."""
         return await asyncio.to_thread(self.ttl_remaining, key)

@@ -889,6 +889,9 @@ class CacheManager(BaseCache):
     async def astats(self) -> CacheStats:
         return self.stats()
 
+    async def alookups(self) -> tuple[int, int]:
+        return self.lookups()
+
     async def attl_remaining(self, key: Hashable) -> float | None:
         return self.ttl_remaining(key)
 
