@@ -132,8 +132,22 @@ def test_the_running_sums_fit_what_a_fit_of_each_window_finds(seed: int) -> None
             assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
-def test_a_clock_that_stepped_back_is_fitted_window_by_window() -> None:
-    ts = [100.0, 101.0, 102.0, 50.0, 103.0, 104.0, 105.0]  # the wall clock was set back once
-    growth = _SampleGrowth(ts, [1000 * i for i in range(7)], [-1] * 7, [10] * 7)
-    got = growth.since(101.0)
-    assert got is not None and got == growth._fit(101.0) and not growth._fits
+def test_samples_out_of_time_order_are_fitted_in_time_order() -> None:
+    # The wall clock was set back twice: the ring holds the samples in the order they were taken.
+    ts = [100.0, 101.0, 102.0, 50.0, 51.0, 103.0, 104.0, 30.0, 105.0, 106.0]
+    rss = [1000 * int(t) for t in ts]
+    heap = [2000 * int(t) if i % 2 else -1 for i, t in enumerate(ts)]
+    blocks = [3 * int(t) for t in ts]
+    growth = _SampleGrowth(ts, rss, heap, blocks)
+    order = sorted(range(len(ts)), key=ts.__getitem__)
+    in_order = _SampleGrowth(*([column[i] for i in order] for column in (ts, rss, heap, blocks)))
+    for start in (0.0, 50.5, 101.0, 103.5, 104.5):
+        got, want = growth.since(start), in_order._fit(start)
+        assert (got is None) == (want is None), start
+        if got is not None and want is not None:
+            assert got.span_s == want.span_s
+            assert got.bytes_per_s == pytest.approx(want.bytes_per_s, rel=1e-9)
+            assert got.blocks_per_s == pytest.approx(want.blocks_per_s, rel=1e-9)
+    whole = growth.since(0.0)
+    assert whole is not None and whole.span_s == 76.0  # from 30 to 106, not from the first to the last taken
+    assert whole.blocks_per_s == pytest.approx(3.0)

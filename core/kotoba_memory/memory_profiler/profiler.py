@@ -851,8 +851,9 @@ class _SampleGrowth:
 
     The columns are oldest first; ``heap`` holds -1 where glibc's heap was not read at that sample. A
     verdict asks for one fit per distinct start among the tracked sites (dozens, each over up to an
-    hour of samples), so when the timestamps are in order every fit is read off running sums in O(1)
-    after one pass; a wall clock that stepped back falls back to fitting each window afresh.
+    hour of samples), so every fit is read off running sums in O(1) after one pass. A wall clock that
+    stepped back leaves the samples out of time order: they are put in time order first (a fit does
+    not depend on the order of its points, and the span is then from the earliest to the latest).
     """
 
     def __init__(
@@ -878,12 +879,22 @@ class _SampleGrowth:
     def since(self, start: float) -> Growth | None:
         if start not in self._memo:
             if self._ordered is None:
-                ts = self._timestamps
-                self._ordered = all(map(operator.le, ts, ts[1:]))
-            self._memo[start] = self._fit_sums(start) if self._ordered else self._fit(start)
+                self._put_in_time_order()
+            self._memo[start] = self._fit_sums(start)
         return self._memo[start]
 
+    def _put_in_time_order(self) -> None:
+        ts = self._timestamps
+        self._ordered = all(map(operator.le, ts, ts[1:]))
+        if not self._ordered:
+            order = sorted(range(len(ts)), key=ts.__getitem__)
+            self._timestamps = [ts[i] for i in order]
+            self._rss = [self._rss[i] for i in order]
+            self._heap = [self._heap[i] for i in order]
+            self._blocks = [self._blocks[i] for i in order]
+
     def _fit(self, start: float) -> Growth | None:
+        """The fit of one window from scratch (what the running sums must agree with)."""
         ts = self._timestamps
         window = [i for i, t in enumerate(ts) if t >= start]
         if len(window) < 4:
@@ -900,7 +911,7 @@ class _SampleGrowth:
         return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
 
     def _fit_sums(self, start: float) -> Growth | None:
-        """What :meth:`_fit` finds, from running sums (the timestamps are in order)."""
+        """What :meth:`_fit` finds, from running sums (the samples are in time order)."""
         ts = self._timestamps
         first = bisect.bisect_left(ts, start)
         if len(ts) - first < 4:
