@@ -756,10 +756,11 @@ class CacheManager(BaseCache):
         (two rings of 512 copied and their medians sorted, ~25 µs a cache)."""
         if self._core is not None:
             gets, misses, bad = self._core.lookups()
+            hits, requests = gets - misses - bad, gets - bad
         else:
             with self._lock:
-                gets, misses, bad = _count(self._gets), _count(self._misses), _count(self._bad_keys)
-        return max(gets - misses - bad, 0), misses
+                hits, requests = self._counts()
+        return max(hits, 0), requests - hits
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters, occupancy and sampled latencies."""

@@ -76,12 +76,11 @@ class SampleRing:
         return list(range(self._next, self.capacity)) + list(range(self._next))
 
     def timestamps(self) -> list[float]:
-        return [self._timestamps[i] for i in self._order()]
+        return self._ordered(self._timestamps).tolist()
 
     def column(self, name: str) -> list[int]:
         """One integer series (rss, traced, blocks, heap, gc0..2), oldest first; -1 means unknown."""
-        data = self._ints[name]
-        return [data[i] for i in self._order()]
+        return self._ordered(self._ints[name]).tolist()
 
     def _ordered(self, data: array[Any]) -> array[Any]:
         """A copy of one column, oldest first (slices: no Python object per sample)."""

@@ -36,7 +36,7 @@ from kotoba_memory.memory_profiler._models import (
 )
 from kotoba_memory.memory_profiler._ring import SampleRing
 from kotoba_memory.memory_profiler._survival import Found
-from kotoba_memory.memory_profiler._temporal import analyze_samples, linear_fit
+from kotoba_memory.memory_profiler._temporal import analyze_samples
 from kotoba_memory.process import Task, forks, registry, scheduler
 from kotoba_memory.process import memory as process_memory
 from kotoba_memory.process.cpu import CpuShare
@@ -864,8 +864,9 @@ class _SampleGrowth:
         self._heap = heap
         self._blocks = blocks
         self._memo: dict[float, Growth | None] = {}
-        self._fits: dict[str, Any] = {}  # running sums per series, and the heap's readings
-        self._ordered: bool | None = None
+        # Made by the first fit: the heap's readings alone (times, values), then running sums per series.
+        self._heap_series: tuple[list[float], list[int]] | None = None
+        self._sums: dict[str, _RunningFit] = {}
 
     @classmethod
     def of_samples(cls, samples: Sequence[MemorySample]) -> _SampleGrowth:
@@ -878,54 +879,35 @@ class _SampleGrowth:
 
     def since(self, start: float) -> Growth | None:
         if start not in self._memo:
-            if self._ordered is None:
-                self._put_in_time_order()
-            self._memo[start] = self._fit_sums(start)
+            self._memo[start] = self._fit(start)
         return self._memo[start]
 
-    def _put_in_time_order(self) -> None:
+    def _prepare(self) -> tuple[list[float], list[int]]:
+        """Put the samples in time order (once) and pick out the heap's readings."""
         ts = self._timestamps
-        self._ordered = all(map(operator.le, ts, ts[1:]))
-        if not self._ordered:
+        if not all(map(operator.le, ts, ts[1:])):
             order = sorted(range(len(ts)), key=ts.__getitem__)
-            self._timestamps = [ts[i] for i in order]
+            self._timestamps = ts = [ts[i] for i in order]
             self._rss = [self._rss[i] for i in order]
             self._heap = [self._heap[i] for i in order]
             self._blocks = [self._blocks[i] for i in order]
+        heap_at = [i for i, h in enumerate(self._heap) if h >= 0]
+        return [ts[i] for i in heap_at], [self._heap[i] for i in heap_at]
 
     def _fit(self, start: float) -> Growth | None:
-        """The fit of one window from scratch (what the running sums must agree with)."""
-        ts = self._timestamps
-        window = [i for i, t in enumerate(ts) if t >= start]
-        if len(window) < 4:
-            return None
-        xs = [ts[i] for i in window]
-        # glibc's heap where it was read (not at every sample: see _read_heap) across most of the span;
-        # else RSS, which a free does not always lower.
-        heap = [(ts[i], float(self._heap[i])) for i in window if self._heap[i] >= 0]
-        if len(heap) >= 4 and heap[-1][0] - heap[0][0] >= 0.5 * (xs[-1] - xs[0]):
-            bytes_slope, bytes_err, _ = linear_fit([t for t, _ in heap], [h for _, h in heap])
-        else:
-            bytes_slope, bytes_err, _ = linear_fit(xs, [float(self._rss[i]) for i in window])
-        block_slope, block_err, _ = linear_fit(xs, [float(self._blocks[i]) for i in window])
-        return Growth(bytes_slope, bytes_err, block_slope, block_err, xs[-1] - xs[0])
-
-    def _fit_sums(self, start: float) -> Growth | None:
-        """What :meth:`_fit` finds, from running sums (the samples are in time order)."""
+        if self._heap_series is None:
+            self._heap_series = self._prepare()
+        heap_ts, heap_values = self._heap_series
         ts = self._timestamps
         first = bisect.bisect_left(ts, start)
         if len(ts) - first < 4:
             return None
         span = ts[-1] - ts[first]
-        fits = self._fits
-        if "heap_ts" not in fits:
-            heap_at = [i for i, h in enumerate(self._heap) if h >= 0]
-            fits["heap_ts"] = [ts[i] for i in heap_at]
-            fits["heap_values"] = [self._heap[i] for i in heap_at]
-        heap_ts = fits["heap_ts"]
+        # glibc's heap where it was read (not at every sample: see _read_heap) across most of the span;
+        # else RSS, which a free does not always lower.
         heap_first = bisect.bisect_left(heap_ts, start)
         if len(heap_ts) - heap_first >= 4 and heap_ts[-1] - heap_ts[heap_first] >= 0.5 * span:
-            bytes_slope, bytes_err = self._running("heap", heap_ts, fits["heap_values"]).fit(heap_first)
+            bytes_slope, bytes_err = self._running("heap", heap_ts, heap_values).fit(heap_first)
         else:
             bytes_slope, bytes_err = self._running("rss", ts, self._rss).fit(first)
         block_slope, block_err = self._running("blocks", ts, self._blocks).fit(first)
@@ -933,9 +915,9 @@ class _SampleGrowth:
 
     def _running(self, name: str, xs: Sequence[float], ys: Sequence[float]) -> _RunningFit:
         """The running sums of one series, made when a fit first needs them (one pass each)."""
-        made = self._fits.get(name)
-        if not isinstance(made, _RunningFit):
-            made = self._fits[name] = _RunningFit(xs, ys)
+        made = self._sums.get(name)
+        if made is None:
+            made = self._sums[name] = _RunningFit(xs, ys)
         return made
 
 
