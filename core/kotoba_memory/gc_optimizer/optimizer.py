@@ -610,7 +610,9 @@ class GcOptimizer(_Hooks):
             or self._recorder.counts[0] != self._young_collections_at_counting
         ):
             self._leave_counting_mode()  # requests leave garbage again: check at boundaries
-        usage = self._ceiling.usage()
+        usage = self._ceiling.due_usage(now, self._ceiling.process_rss(), self.monitoring_interval_s)
+        if usage is None:  # far under the target (so no pressure): the last reading stands
+            return False
         self._last_usage_percent = usage.percent
         if self._ceiling.over_target(usage):
             self._relieve_pressure(usage.percent, now)

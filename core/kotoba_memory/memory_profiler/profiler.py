@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
 _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
-_HEAP_READ_BUDGET = 0.001  # share of the process's CPU the sampler may spend reading glibc's heap
+_HEAP_READ_BUDGET = 0.0002  # share of the process's CPU the sampler may spend reading glibc's heap
 _HEAP_READ_MAX_GAP = 60  # samples between two heap readings at most
 
 
