@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import sys
 import threading
 
 import pytest
@@ -208,3 +209,25 @@ def test_events_since_walks_back_to_the_cursor_also_while_collections_land(make_
     got_cursor, got = recorder.events_since(cursor)
     assert Landing.landed and [e.seq for e in got] == [everything[-2].seq, everything[-1].seq, 10_000]
     assert got_cursor == 10_000
+
+
+def test_memory_bytes_counts_a_full_ring_from_its_newest_events(make_optimizer) -> None:
+    from kotoba_memory.gc_optimizer.events import _SIZED_EVENTS, _event_bytes
+
+    optimizer = make_optimizer(adaptive=False, event_capacity=512)
+    recorder = optimizer._recorder
+    empty = recorder.memory_bytes()
+    for i in range(2000):  # wrapped, with sizes that vary: big and small ints, manual and observed
+        recorder.record_manual(1000 + 7 * i, (i % 5) * 100_000, i % 3)
+    make_cycles(5000)
+    gc.collect()
+    events = recorder.snapshot()
+    assert len(events) == 512
+    exact = sys.getsizeof(recorder._events) + sys.getsizeof(recorder) + sum(map(_event_bytes, events))
+    estimate = recorder.memory_bytes()
+    assert estimate > empty
+    assert abs(estimate - exact) <= 0.05 * exact
+    newest = events[-_SIZED_EVENTS:]
+    assert estimate == sys.getsizeof(recorder._events) + sys.getsizeof(recorder) + round(
+        sum(map(_event_bytes, newest)) * 512 / len(newest)
+    )

@@ -31,6 +31,19 @@ class GcEvent(NamedTuple):
     examined: int = 0  # young objects pending when the collection started (observed events only)
 
 
+# Events memory_bytes() sizes one by one; the rest of the ring is counted at their mean.
+_SIZED_EVENTS = 32
+
+
+def _event_bytes(event: GcEvent) -> int:
+    """One event's bytes: the tuple and the floats and ints it holds alone (not the shared small ones)."""
+    size = sys.getsizeof(event)
+    for value in event:
+        if isinstance(value, float) or (isinstance(value, int) and not -5 <= value <= 256):
+            size += sys.getsizeof(value)
+    return size
+
+
 # (generation, collected, examined, explicit) -> None; called inside the gc callback, must not lock.
 CollectionListener = Callable[[int, int, int, bool], None]
 
@@ -175,15 +188,22 @@ class GcRecorder(_Tally):
         return tuple(list(self._events))
 
     def memory_bytes(self) -> int:
-        """Bytes the ring and its events hold now (shared small ints and bools not counted)."""
-        events = self.snapshot()
-        size = sys.getsizeof(self._events) + sys.getsizeof(self)
-        for event in events:
-            size += sys.getsizeof(event)
-            for value in event:
-                if isinstance(value, float) or (isinstance(value, int) and not -5 <= value <= 256):
-                    size += sys.getsizeof(value)
-        return size
+        """Bytes the ring and its events hold now (shared small ints and bools not counted): the newest
+        events' mean size times the count. Events all have one shape, and sizing each of a full ring
+        (2048) cost ~2.3 ms at every OpenTelemetry collection."""
+        events = self._events
+        size = sys.getsizeof(events) + sys.getsizeof(self)
+        newest: list[GcEvent] = []
+        for _ in range(8):
+            try:
+                newest = list(itertools.islice(reversed(events), _SIZED_EVENTS))
+                break
+            except RuntimeError:  # the callback appended while we walked; try again
+                continue
+        if not newest:
+            return size
+        sized = sum(_event_bytes(event) for event in newest)
+        return size + round(sized * len(events) / len(newest))
 
     def events_since(self, cursor: int) -> tuple[int, list[GcEvent]]:
         """Events with ``seq > cursor`` still in the ring, and the cursor to pass next time."""
