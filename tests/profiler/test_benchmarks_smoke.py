@@ -218,3 +218,21 @@ def test_background_cost_times_each_periodic_job_fresh_and_an_hour_old() -> None
     assert "the sample ring full (3600 samples)" in out
     assert "256 sites tracked over 64 windows, 2 suspects" in out
     assert "together, an hour old:" in out
+
+
+def test_field_uptime_names_each_workers_suspects_against_the_ground_truth() -> None:
+    bench = load("field_uptime")
+    site = str(REPO / "benchmarks" / "field_apps" / "wsgi_catalog.py") + ":27"
+    other = str(REPO / "benchmarks" / "field_apps" / "churn.py") + ":40"
+    row = {
+        "pid": 41, "uptime_s": 1830.0, "requests": 90_000,
+        "leaks": [
+            {"allocation_site": site, "route": "/lookup/<key>", "confidence": 0.97},
+            {"allocation_site": other, "route": "/render/<n>", "confidence": 0.61},
+        ],
+    }
+    line = bench.describe_row(row, {site})
+    assert line.startswith("pid 41 up 30 min, 90000 requests: [REAL] benchmarks/field_apps/wsgi_catalog.py:27")
+    assert "/lookup/<key> conf 0.97; [not] benchmarks/field_apps/churn.py:40 /render/<n> conf 0.61" in line
+    waiting = {"pid": 42, "uptime_s": 120.0, "requests": 5, "leaks": [], "leak_verdict": "2 of 4 windows"}
+    assert bench.describe_row(waiting, {site}) == "pid 42 up 2 min, 5 requests: 2 of 4 windows"

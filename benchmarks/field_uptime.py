@@ -1,0 +1,235 @@
+r"""An hour of production defaults on a real server: do the verdicts and the cost hold as workers age?
+
+The overhead benchmark (field_overhead.py) restarts its servers every few minutes, so no worker there
+holds an hour of samples, windows and routes, and its rounds hold no tracing window in steady state.
+Here three gunicorn servers of the plain-WSGI catalogue (``--workers`` gthread workers each) run side
+by side for ``--minutes`` under the same paced wrk load, never restarted:
+
+- ``off``: the bare app, its leak switched off;
+- ``on``: the app in kotoba-memory's WSGI middleware with ``MemoryConfig()``'s defaults, leak off;
+- ``leak``: the same defaults with the app's leak on (``/lookup/<key>`` memoises per key, unbounded).
+
+Every ``--every`` minutes it prints each server's CPU per request over that stretch (workers' ``/proc``
+counters over the requests wrk completed) and on/off, and what every worker's fleet row says: its top
+suspects (checked against the ground truth, found by replaying each route alone under full tracing, as
+field_suite.py does) or why there is no verdict yet. At the end the workers dump their analysis and
+what they ran, and it prints the verdicts judged as the field suite judges them, the scheduler tasks'
+share of the workers' CPU over the whole run, and the profiler's own measure of its windows.
+
+    .venv/bin/python benchmarks/field_uptime.py                         # 60 min, a checkpoint every 10
+    .venv/bin/python benchmarks/field_uptime.py --minutes 6 --every 2    # a quick look
+
+One draw of processes per server and no rotation: a process's offset (a few percent, see
+field_overhead.py) stays in the on/off figure, which is why field_overhead.py is the overhead figure
+and this run is the check that nothing grows with uptime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "core")]
+
+from benchmarks.field_overhead import _tasks_share, wrk  # noqa: E402
+from benchmarks.field_suite import (  # noqa: E402
+    APPS,
+    CONFIDENT,
+    Result,
+    _free_port,
+    _ground_truth,
+    _server_command,
+    _short,
+    _wait_ready,
+    _wrk_script,
+    judge,
+    served,
+)
+from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
+from kotoba_memory.fleet import FleetSpool  # noqa: E402
+
+# name -> (kotoba-memory on, the app's leak on)
+SERVERS = {"off": (False, False), "on": (True, False), "leak": (True, True)}
+
+
+class Server:
+    """One gunicorn of the catalogue with its dump folder and its own fleet spool base."""
+
+    def __init__(self, name: str, kotoba: bool, leaks: bool, workers: int, work: Path) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.out = work / name
+        self.fleet = work / f"{name}-fleet"
+        self.out.mkdir()
+        self.fleet.mkdir(mode=0o700)
+        env = dict(
+            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS=str(workers),
+            FIELD_OUT=str(self.out), FIELD_LEAKS="1" if leaks else "0", FIELD_KOTOBA="1" if kotoba else "0",
+            FIELD_PRODUCTION="1", KOTOBA_MEMORY_FLEET_DIR=str(self.fleet),
+            PYTHONPATH=os.pathsep.join((str(REPO), str(REPO / "core"))),
+        )
+        for key in ("FIELD_PROFILE", "FIELD_CONFIG", "FIELD_MIDDLEWARE_ONLY", "FIELD_FIRST_WINDOW_S"):
+            env.pop(key, None)
+        self.proc = subprocess.Popen(
+            _server_command(APPS["wsgi_catalog"], self.port, workers), cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        _wait_ready(self.proc, self.port)
+        self.workers = psutil.Process(self.proc.pid).children()
+
+    def cpu_seconds(self) -> float:
+        return sum(w.cpu_times().user + w.cpu_times().system for w in self.workers if w.is_running())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every worker's latest fleet row (a spool per app name under this server's base)."""
+        found: list[dict[str, Any]] = []
+        for spool in sorted(p for p in self.fleet.iterdir() if p.is_dir()):
+            found.extend(FleetSpool(spool).read(prune=False))
+        return sorted(found, key=lambda row: row["pid"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def describe_row(row: dict[str, Any], leak_sites: set[str]) -> str:
+    """One worker's fleet row in a line: uptime, requests, top suspects (REAL or not) or its verdict note."""
+    uptime = float(row.get("uptime_s") or 0) / 60
+    head = f"pid {row['pid']} up {uptime:.0f} min, {row.get('requests')} requests"
+    leaks = row.get("leaks") or []
+    if not leaks:
+        return f"{head}: {row.get('leak_verdict') or 'no suspect'}"
+    shown = "; ".join(
+        f"[{'REAL' if leak['allocation_site'] in leak_sites else 'not'}] {_short(leak['allocation_site'])} "
+        f"{leak.get('route')} conf {leak['confidence']:.2f}"
+        for leak in leaks[:3]
+    )
+    return f"{head}: {shown}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--every", type=float, default=10.0, help="minutes between checkpoints")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--delay-ms", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not 0 < args.every <= args.minutes:
+        parser.error(f"--every must be in (0, --minutes], got {args.every}")
+    app = APPS["wsgi_catalog"]
+    truth = _ground_truth(app)
+    leak_sites = {site for sites in truth.values() for site in sites}
+    shown = {route: [_short(site) for site in sites] for route, sites in truth.items() if sites}
+    print(f"ground truth: {shown or 'no leak'}", flush=True)
+    checkpoints: list[dict[str, Any]] = []
+    servers: dict[str, Server] = {}
+    with tempfile.TemporaryDirectory(prefix="field-uptime-") as tmp:
+        work = Path(tmp)
+        script = work / "routes.lua"
+        _wrk_script(app, script)
+        script.write_text(script.read_text(encoding="utf-8") + wrk_pacing(args.delay_ms), encoding="utf-8")
+        try:
+            for name, (kotoba, leaks) in SERVERS.items():
+                servers[name] = Server(name, kotoba, leaks, args.workers, work)
+            started = time.monotonic()
+            stretch = args.every * 60
+            while time.monotonic() - started < args.minutes * 60 - 1:
+                seconds = min(stretch, args.minutes * 60 - (time.monotonic() - started))
+                cpu0 = {name: s.cpu_seconds() for name, s in servers.items()}
+                with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+                    runs = {
+                        name: pool.submit(wrk, server.port, seconds, script, args.connections)
+                        for name, server in servers.items()
+                    }
+                    done = {name: run.result() for name, run in runs.items()}
+                point: dict[str, Any] = {"minute": round((time.monotonic() - started) / 60, 1)}
+                for name, server in servers.items():
+                    point[f"{name}_cpu_us"] = (server.cpu_seconds() - cpu0[name]) / max(done[name], 1) * 1e6
+                    point[f"{name}_requests"] = done[name]
+                point["on_off"] = point["on_cpu_us"] / point["off_cpu_us"]
+                point["leak_off"] = point["leak_cpu_us"] / point["off_cpu_us"]
+                point["rows"] = {name: servers[name].rows() for name in ("on", "leak")}
+                checkpoints.append(point)
+                print(
+                    f"minute {point['minute']:.0f}: CPU per request off {point['off_cpu_us']:.0f} us, "
+                    f"on {point['on_cpu_us']:.0f} us (on/off {point['on_off']:.3f}), leak "
+                    f"{point['leak_cpu_us']:.0f} us (leak/off {point['leak_off']:.3f})", flush=True,
+                )
+                for name in ("on", "leak"):
+                    for row in point["rows"][name]:
+                        print(f"  {name}: {describe_row(row, leak_sites)}", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+        verdicts: dict[str, Any] = {}
+        for name, leaks in (("on", False), ("leak", True)):
+            result = Result(name, truth if leaks else {})
+            for dump in sorted(servers[name].out.glob("worker-*.json")):
+                result.workers.append(json.loads(dump.read_text(encoding="utf-8")))
+            judge(result)
+            shares = _tasks_share(sorted(servers[name].out.glob("process-*.json")))
+            own = [
+                {k: w.get("stats", {}).get(k) for k in ("windows", "window_interval_s", "window_cost_share")}
+                for w in result.workers
+            ]
+            verdicts[name] = {
+                "top_right": result.top_right, "confident_false": result.confident_false,
+                "own_sited": result.own_sited, "tasks_share": shares, "profiler": own,
+                "workers": [
+                    {
+                        "pid": w["pid"], "requests": served(w),
+                        "status": (w.get("leak_status") or {}).get("message"),
+                        "confident": [
+                            _short(x["allocation_site"]) for x in w.get("memory_leaks", [])
+                            if x["confidence"] >= CONFIDENT
+                        ],
+                    }
+                    for w in result.workers
+                ],
+            }
+            ready = sum(1 for w in result.workers if (w.get("leak_status") or {}).get("ready") and served(w))
+            verdicts[name]["workers_with_a_verdict"] = ready
+            print(f"{name} after {args.minutes:.0f} min: {ready} of {len(result.workers)} workers reached a "
+                  f"verdict; top suspect right in every one: {result.top_right if ready else '-'}; confident "
+                  f"false positives {result.confident_false}; sited in kotoba-memory {result.own_sited}")
+            print("  scheduler tasks, share of the workers' CPU: "
+                  + ", ".join(f"{task} {share:.2%}" for task, share in shares.items()))
+            for worker, measure in zip(result.workers, own, strict=True):
+                interval, share = measure["window_interval_s"], measure["window_cost_share"]
+                print(f"  worker {worker['pid']}: {served(worker)} requests; windows {measure['windows']}, "
+                      f"next after {interval or 0:.0f} s, their extra CPU {100 * (share or 0):.2f}% of the "
+                      f"worker's; {(worker.get('leak_status') or {}).get('message')}")
+    ratios = [point["on_off"] for point in checkpoints]
+    if ratios:
+        listed = ", ".join(f"{r:.3f}" for r in ratios)
+        print(f"on/off per checkpoint: {listed}; median {statistics.median(ratios):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoints": checkpoints, "verdicts": verdicts, "args": {
+            k: str(v) for k, v in vars(args).items()}}, indent=2, default=str), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
