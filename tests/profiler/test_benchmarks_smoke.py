@@ -232,7 +232,8 @@ def test_field_uptime_names_each_workers_suspects_against_the_ground_truth() -> 
         ],
     }
     line = bench.describe_row(row, {site})
-    assert line.startswith("pid 41 up 30 min, 90000 requests: [REAL] benchmarks/field_apps/wsgi_catalog.py:27")
+    head = "pid 41 up 30 min, 90000 requests: [REAL] benchmarks/field_apps/wsgi_catalog.py:27 "
+    assert line.startswith(head)
     assert "/lookup/<key> conf 0.97; [not] benchmarks/field_apps/churn.py:40 /render/<n> conf 0.61" in line
     waiting = {"pid": 42, "uptime_s": 120.0, "requests": 5, "leaks": [], "leak_verdict": "2 of 4 windows"}
     assert bench.describe_row(waiting, {site}) == "pid 42 up 2 min, 5 requests: 2 of 4 windows"

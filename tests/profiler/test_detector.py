@@ -308,3 +308,63 @@ def test_a_suspects_route_is_fitted_once_per_window_and_again_after_the_next(
     [leak] = detector.suspects(now=now + 10.0, window_interval_s=10.0)
     assert fits == [APP, APP]
     assert leak.route == fit(detector, detector._tracks[APP])
+
+
+def _windows_of_steps(
+    growth: Callable[[dict[str, int], random.Random], int], seed: int, windows: int = 3
+) -> tuple[LeakDetector, float]:
+    """Windows of eight routes at production defaults' spacing, growth per snapshot step from
+    ``growth(counts, rng)``; three windows are what a worker has twenty minutes in."""
+    rng = random.Random(seed)
+    names = ["/", "/products", "/recent", "/session", "/render", "/audit", "/report", "/lookup"]
+    detector = make()
+    t = 1000.0
+    for _w in range(windows):
+        size, shots, steps = 0, [], []
+        for j in range(6):
+            counts = {name: 0 for name in names}
+            for _ in range(rng.randint(10, 40)):
+                counts[rng.choice(names)] += 1
+            if j >= 1:
+                size += growth(counts, rng)
+            shots.append((t + j * 0.1, {APP: (size, size // 100)} if size else {}))
+            steps.append(counts)
+        totals = {name: sum(c[name] for c in steps) for name in names}
+        detector.add_window(shots, totals, steps)
+        t += 400.0
+    return detector, t
+
+
+@pytest.mark.parametrize("seed", [3, 7, 11])
+def test_no_route_is_named_from_chance_correlations_over_few_windows(seed: int, monkeypatch) -> None:
+    """The site grows steadily whatever the routes do. Three windows give three points (fewer growth
+    steps than shares need), over which one of eight routes' counts tops 0.3 by chance: that alone
+    must not name it."""
+    from kotoba_memory.memory_profiler import _leaks
+
+    detector, now = _windows_of_steps(lambda counts, rng: 4000 + int(rng.gauss(0, 3000)), seed)
+    [leak] = detector.suspects(now=now, window_interval_s=400.0, min_confidence=0.0)
+    assert leak.route is None
+    # what the old floor of 0.3 alone named here: a route the leak has nothing to do with
+    monkeypatch.setattr(_leaks, "_significant_r", lambda points, tries: 0.3)
+    detector._route_memo.clear()
+    [chance] = detector.suspects(now=now, window_interval_s=400.0, min_confidence=0.0)
+    assert chance.route is not None
+
+
+def test_a_route_that_drives_the_growth_is_named_over_five_windows() -> None:
+    """Five windows: twenty growth steps, each with the requests that finished in it."""
+    detector, now = _windows_of_steps(
+        lambda counts, rng: counts["/lookup"] * 1000 + int(rng.gauss(0, 500)), 5, windows=5
+    )
+    [leak] = detector.suspects(now=now, window_interval_s=400.0, min_confidence=0.0)
+    assert leak.route == "/lookup"
+
+
+def test_the_correlation_needed_falls_with_points_and_rises_with_routes() -> None:
+    from kotoba_memory.memory_profiler._leaks import _significant_r
+
+    assert _significant_r(3, 8) == 1.0
+    assert 0.65 < _significant_r(12, 8) < 0.72  # three windows of four steps, eight routes
+    assert _significant_r(12, 8) > _significant_r(48, 8) > _significant_r(400, 8) == 0.3
+    assert _significant_r(24, 16) > _significant_r(24, 8)

@@ -14,6 +14,7 @@ from array import array
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Protocol
 
 from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
@@ -24,6 +25,7 @@ _VETO_MIN_BLOCKS = 50  # below this many blocks a site is not checked against th
 _VETO_MIN_BYTES = 16 * 1024
 _MAX_ADMISSIONS_PER_WINDOW = 32
 _MIN_WINDOWS_FOR_SHARES = 20  # shares of ~10 routes correlate by chance over fewer windows
+_ROUTE_FALSE_NAMING = 0.05  # chance that growth no route drives still gets a route named by correlation
 _RETAINED = 0.9  # share of sampled objects still alive that counts as "shown to be retained"
 _CHURNED = 0.5  # share of sampled objects still alive under which a site counts as "shown to churn"
 _MISSES_AGAINST = 3  # censuses finding none of a growing site's objects alive before that counts
@@ -420,7 +422,8 @@ def _regressed_route(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
 
     Unlike one correlation per route, the fit separates routes whose counts rise and fall together
     (every route is busier when the server is). Needs three points per route, and the fit must explain
-    at least half of the growth's variation; else None.
+    at least half of the growth's variation once adjusted for the routes it had to fit (k free slopes
+    explain about k/n of pure noise); else None.
     """
     names = sorted({name for _, counts in points for name in counts})
     k = len(names)
@@ -440,7 +443,7 @@ def _regressed_route(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
     mean = sum(ys) / len(ys)
     total = sum((y - mean) ** 2 for y in ys)
     residual = sum((y - f) ** 2 for y, f in zip(ys, fitted))
-    if total <= 0 or 1.0 - residual / total < 0.5:
+    if total <= 0 or 1.0 - (residual / total) * (len(ys) - 1) / (len(ys) - k) < 0.5:
         return None
     contribution = [b * sum(r[i] for r in rows) for i, b in enumerate(coef)]
     i = max(range(k), key=contribution.__getitem__)
@@ -473,11 +476,12 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
 
     A route's count per point against the growth; with enough points also its share of the point's
     requests against the growth per request (a busy moment makes every route's count rise with the
-    growth, shares take that common factor out). The better of the two counts; at least 0.3.
+    growth, shares take that common factor out). The better of the two counts; at least 0.3, and more
+    than chance gives the best of that many routes over that few points (see _significant_r).
     """
     names = {name for _, counts in points for name in counts}
-    best, best_corr = None, 0.3
     shares = len(points) >= _MIN_WINDOWS_FOR_SHARES
+    best, best_corr = None, _significant_r(len(points), len(names) * (2 if shares else 1))
     ys = [y for y, _ in points]
     totals = [float(sum(counts.values())) for _, counts in points]
     for name in sorted(names):
@@ -490,6 +494,19 @@ def _best_correlated(points: Sequence[tuple[float, Mapping[str, int]]]) -> str |
         if corr is not None and corr > best_corr:
             best, best_corr = name, corr
     return best
+
+
+def _significant_r(points: int, tries: int) -> float:
+    """The correlation (at least 0.3) that the best of ``tries`` correlations of unrelated series over
+    ``points`` points reaches by chance in under 5% of cases (Fisher's z, one-sided, Bonferroni).
+
+    Eight routes over the twelve growth steps of three windows: the best of eight chance correlations
+    tops 0.3 in most cases, and naming it put the wrong route on a real leak at production defaults.
+    """
+    if points <= 3:
+        return 1.0
+    z = NormalDist().inv_cdf(1.0 - _ROUTE_FALSE_NAMING / max(1, tries)) / math.sqrt(points - 3)
+    return max(0.3, math.tanh(z))
 
 
 def _unproven_factor(track: _Track, misses: int, evidence: list[str], recycled: bool = False) -> float:
