@@ -33,18 +33,17 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -52,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The code beside this file, also when the environment has another checkout installed (editable).
 sys.path[:0] = [str(REPO), str(REPO / "core")]
 
-from benchmarks.field_suite import APPS, _wrk_script  # noqa: E402
+from benchmarks.field_suite import APPS, _wrk_script, stop_server  # noqa: E402
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
 from kotoba_memory.config import MemoryConfig  # noqa: E402
 
@@ -105,13 +104,7 @@ class Server:
         return total
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_server(self.proc, timeout=30)
 
 
 def _profiler_own_measure(dumps: Path) -> dict[str, Any] | None:
@@ -179,8 +172,16 @@ def position_balanced(rounds: list[dict[str, float]], top: str, under: str, serv
     return math.exp(statistics.fmean(statistics.fmean(v) for v in by_start.values()))
 
 
+class Loadable(Protocol):
+    """A server paired_round can load: where it listens and its workers' CPU seconds so far."""
+
+    port: int
+
+    def cpu_seconds(self) -> float: ...
+
+
 def paired_round(
-    servers: dict[str, Server], seconds: float, script: Path, connections: int
+    servers: Mapping[str, Loadable], seconds: float, script: Path, connections: int
 ) -> dict[str, float]:
     """Load every server at once; each worker's CPU microseconds per request and requests served."""
     cpu0 = {name: s.cpu_seconds() for name, s in servers.items()}

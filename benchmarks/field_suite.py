@@ -328,13 +328,7 @@ def run_app(app: App, duration: float, workers: int, truth: dict[str, list[str]]
                 if "requests in" in line:
                     result.requests = int(line.split()[0])
         finally:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGTERM)
-                try:
-                    server.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.pid, signal.SIGKILL)
-                    server.wait()
+            stop_server(server)
             log = server.stdout.read().decode(errors="replace") if server.stdout else ""
         dumps = sorted(work.glob("worker-*.json"))
         if not dumps:
@@ -357,6 +351,17 @@ def _server_command(app: App, port: int, workers: int) -> list[str]:
             "--lifespan", "on", "--timeout-graceful-shutdown", "20",
         ]
     return [str(bin_dir / "gunicorn"), "-c", str(APPS_DIR / "gunicorn_conf.py"), app.target]
+
+
+def stop_server(server: subprocess.Popen[bytes], timeout: float = 40.0) -> None:
+    """SIGTERM the server's process group (its workers dump on exit), SIGKILL it after ``timeout`` s."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def _wait_ready(server: subprocess.Popen[bytes], port: int) -> None:

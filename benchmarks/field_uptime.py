@@ -29,13 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "core")]
 
-from benchmarks.field_overhead import _tasks_share, wrk  # noqa: E402
+from benchmarks.field_overhead import _tasks_share, paired_round  # noqa: E402
 from benchmarks.field_suite import (  # noqa: E402
     APPS,
     CONFIDENT,
@@ -57,6 +55,7 @@ from benchmarks.field_suite import (  # noqa: E402
     _wrk_script,
     judge,
     served,
+    stop_server,
 )
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
 from kotoba_memory.fleet import FleetSpool  # noqa: E402
@@ -101,13 +100,7 @@ class Server:
         return sorted(found, key=lambda row: row["pid"])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_server(self.proc)
 
 
 def describe_row(row: dict[str, Any], leak_sites: set[str]) -> str:
@@ -157,17 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             stretch = args.every * 60
             while time.monotonic() - started < args.minutes * 60 - 1:
                 seconds = min(stretch, args.minutes * 60 - (time.monotonic() - started))
-                cpu0 = {name: s.cpu_seconds() for name, s in servers.items()}
-                with ThreadPoolExecutor(max_workers=len(servers)) as pool:
-                    runs = {
-                        name: pool.submit(wrk, server.port, seconds, script, args.connections)
-                        for name, server in servers.items()
-                    }
-                    done = {name: run.result() for name, run in runs.items()}
-                point: dict[str, Any] = {"minute": round((time.monotonic() - started) / 60, 1)}
-                for name, server in servers.items():
-                    point[f"{name}_cpu_us"] = (server.cpu_seconds() - cpu0[name]) / max(done[name], 1) * 1e6
-                    point[f"{name}_requests"] = done[name]
+                point: dict[str, Any] = dict(paired_round(servers, seconds, script, args.connections))
+                point["minute"] = round((time.monotonic() - started) / 60, 1)
                 point["on_off"] = point["on_cpu_us"] / point["off_cpu_us"]
                 point["leak_off"] = point["leak_cpu_us"] / point["off_cpu_us"]
                 point["rows"] = {name: servers[name].rows() for name in ("on", "leak")}
