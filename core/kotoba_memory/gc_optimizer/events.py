@@ -8,12 +8,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from kotoba_memory import _native
 
 NUM_GENERATIONS = 3
+_T = TypeVar("_T")
 
 
 class GcEvent(NamedTuple):
@@ -178,47 +179,43 @@ class GcRecorder(_Tally):
         self._lock = threading.Lock()
 
     # -- reading ----------------------------------------------------------------------------------
-    def snapshot(self) -> tuple[GcEvent, ...]:
-        """A consistent copy of the ring, oldest first."""
+    def _read(self, read: Callable[[Sequence[GcEvent]], _T]) -> _T:
+        """``read(ring)``, again when the gc callback appended while it walked (the deque raises
+        RuntimeError), up to eight times; then over a list copy of the ring."""
         for _ in range(8):
             try:
-                return tuple(self._events)
-            except RuntimeError:  # the callback appended while we copied; try again
+                return read(self._events)
+            except RuntimeError:
                 continue
-        return tuple(list(self._events))
+        return read(list(self._events))
+
+    def snapshot(self) -> tuple[GcEvent, ...]:
+        """A consistent copy of the ring, oldest first."""
+        return self._read(tuple)
 
     def memory_bytes(self) -> int:
         """Bytes the ring and its events hold now (shared small ints and bools not counted): the newest
         events' mean size times the count. Events all have one shape, and sizing each of a full ring
         (2048) cost ~2.3 ms at every OpenTelemetry collection."""
-        events = self._events
-        size = sys.getsizeof(events) + sys.getsizeof(self)
-        newest: list[GcEvent] = []
-        for _ in range(8):
-            try:
-                newest = list(itertools.islice(reversed(events), _SIZED_EVENTS))
-                break
-            except RuntimeError:  # the callback appended while we walked; try again
-                continue
+        size = sys.getsizeof(self._events) + sys.getsizeof(self)
+        newest = self._read(lambda ring: list(itertools.islice(reversed(ring), _SIZED_EVENTS)))
         if not newest:
             return size
         sized = sum(_event_bytes(event) for event in newest)
-        return size + round(sized * len(events) / len(newest))
+        return size + round(sized * len(self._events) / len(newest))
 
     def events_since(self, cursor: int) -> tuple[int, list[GcEvent]]:
         """Events with ``seq > cursor`` still in the ring, and the cursor to pass next time."""
         # From the newest back to the cursor: a request thread drains about once a second, and copying
         # the whole ring (2048 events) each time cost ~60 µs where the few new ones cost ~1 µs.
-        for _ in range(8):
+        def newer_than_cursor(ring: Sequence[GcEvent]) -> list[GcEvent]:
             newer: list[GcEvent] = []
-            try:
-                for event in reversed(self._events):
-                    if event.seq <= cursor:
-                        break
-                    newer.append(event)
-            except RuntimeError:  # the callback appended while we walked; try again
-                continue
+            for event in reversed(ring):
+                if event.seq <= cursor:
+                    break
+                newer.append(event)
             newer.reverse()
-            return (newer[-1].seq if newer else cursor), newer
-        events = [e for e in self.snapshot() if e.seq > cursor]
-        return (events[-1].seq if events else cursor), events
+            return newer
+
+        newer = self._read(newer_than_cursor)
+        return (newer[-1].seq if newer else cursor), newer

@@ -36,7 +36,7 @@ class MemoryCeiling:
         self.target_percent = target_percent
         self._explicit = limit_bytes
         self._cgroup = None if limit_bytes is not None else process_memory.cgroup_memory()
-        self._next_at = -math.inf  # monotonic time of the next due reading (see reading_due)
+        self._next_at = -math.inf  # monotonic time of the next due reading (see due_usage)
         self._early_rss = 0  # this process's RSS at which a reading is due early
 
     def process_rss(self) -> int:

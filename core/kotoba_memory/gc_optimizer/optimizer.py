@@ -597,20 +597,21 @@ class GcOptimizer(_Hooks):
         if not self._tuning:
             return None
         now = time.monotonic()
+        rss = self._ceiling.process_rss()  # one reading for the ceiling and the budget
         if now >= self._next_full_tick:
             self._next_full_tick = now + self.monitoring_interval_s * 0.95
-            if self._full_tick(now):
+            if self._full_tick(now, rss):
                 return None
-        return self._budget_tick(now)
+        return self._budget_tick(now, rss)
 
-    def _full_tick(self, now: float) -> bool:
+    def _full_tick(self, now: float, rss: int) -> bool:
         """Counting mode and the memory ceiling, every monitoring interval; True under pressure."""
         if self._counting_only and (
             gc.get_count()[0] >= self._boundary_threshold // 2
             or self._recorder.counts[0] != self._young_collections_at_counting
         ):
             self._leave_counting_mode()  # requests leave garbage again: check at boundaries
-        usage = self._ceiling.due_usage(now, self._ceiling.process_rss(), self.monitoring_interval_s)
+        usage = self._ceiling.due_usage(now, rss, self.monitoring_interval_s)
         if usage is None:  # far under the target (so no pressure): the last reading stands
             return False
         self._last_usage_percent = usage.percent
@@ -630,7 +631,7 @@ class GcOptimizer(_Hooks):
                 self._set_mode(*self._steady_mode())
         return False
 
-    def _budget_tick(self, now: float) -> float | None:
+    def _budget_tick(self, now: float, rss: int) -> float | None:
         """Long requests, the RSS budget and idle time: every interval, and every 0.1 s while a request
         may be a long one (one RSS pread and a few comparisons)."""
         ended = self.requests_seen
@@ -652,7 +653,6 @@ class GcOptimizer(_Hooks):
             and (collected_since or gc.get_count()[0] >= self._boundary_threshold)
         ):
             self._begin_long_request(now)
-        rss = self._ceiling.process_rss()
         if self._rss_at_full and (self._budget_due or rss > self._rss_budget(self._rss_at_full)):
             self._budget_collection(rss)
             return self._poll_delay()
