@@ -64,13 +64,15 @@ class Server:
 
     def __init__(
         self, kotoba: bool, profiler: bool = True, out: Path | None = None, middleware_only: bool = False,
-        overrides: dict[str, Any] | None = None, workers: int = 1,
+        overrides: dict[str, Any] | None = None, workers: int = 1, leaks: bool = False,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         env = dict(
-            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS=str(workers), FIELD_LEAKS="0",
+            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS=str(workers),
+            FIELD_LEAKS="1" if leaks else "0",
             FIELD_KOTOBA="1" if kotoba else "0", FIELD_PRODUCTION="1",
             PYTHONPATH=os.pathsep.join((str(REPO), str(REPO / "core"))),
             FIELD_PROFILE="1" if profiler else "0", FIELD_MIDDLEWARE_ONLY="1" if middleware_only else "0",
@@ -81,6 +83,7 @@ class Server:
             env["FIELD_CONFIG"] = json.dumps(overrides)
         if out is not None:  # the worker dumps its profiler's analysis there on exit
             env["FIELD_OUT"] = str(out)
+        env.update(extra_env or {})
         conf = REPO / "benchmarks" / "field_apps" / "gunicorn_conf.py"
         cmd = [str(Path(sys.executable).parent / "gunicorn"), "-c", str(conf), APPS["wsgi_catalog"].target]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
@@ -99,6 +102,8 @@ class Server:
         """CPU seconds of every worker process (the arbiter does no request work)."""
         total = 0.0
         for worker in self.workers:
+            if not worker.is_running():  # replaced by the arbiter (an hour-long run may see one)
+                continue
             times = worker.cpu_times()
             total += times.user + times.system
         return total

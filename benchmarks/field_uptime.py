@@ -28,34 +28,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "core")]
 
-from benchmarks.field_overhead import _tasks_share, paired_round  # noqa: E402
+from benchmarks.field_overhead import Server, _tasks_share, paired_round  # noqa: E402
 from benchmarks.field_suite import (  # noqa: E402
     APPS,
     CONFIDENT,
     Result,
-    _free_port,
     _ground_truth,
-    _server_command,
     _short,
-    _wait_ready,
     _wrk_script,
     judge,
     served,
-    stop_server,
 )
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
 from kotoba_memory.fleet import FleetSpool  # noqa: E402
@@ -64,33 +56,20 @@ from kotoba_memory.fleet import FleetSpool  # noqa: E402
 SERVERS = {"off": (False, False), "on": (True, False), "leak": (True, True)}
 
 
-class Server:
-    """One gunicorn of the catalogue with its dump folder and its own fleet spool base."""
+class UptimeServer(Server):
+    """field_overhead's server of the catalogue, its leak on or off, with its dump folder and its own
+    fleet spool base (whose rows say each worker's verdict)."""
 
     def __init__(self, name: str, kotoba: bool, leaks: bool, workers: int, work: Path) -> None:
         self.name = name
-        self.port = _free_port()
         self.out = work / name
         self.fleet = work / f"{name}-fleet"
         self.out.mkdir()
         self.fleet.mkdir(mode=0o700)
-        env = dict(
-            os.environ, FIELD_BIND=f"127.0.0.1:{self.port}", FIELD_WORKERS=str(workers),
-            FIELD_OUT=str(self.out), FIELD_LEAKS="1" if leaks else "0", FIELD_KOTOBA="1" if kotoba else "0",
-            FIELD_PRODUCTION="1", KOTOBA_MEMORY_FLEET_DIR=str(self.fleet),
-            PYTHONPATH=os.pathsep.join((str(REPO), str(REPO / "core"))),
+        super().__init__(
+            kotoba, out=self.out, workers=workers, leaks=leaks,
+            extra_env={"KOTOBA_MEMORY_FLEET_DIR": str(self.fleet)},
         )
-        for key in ("FIELD_PROFILE", "FIELD_CONFIG", "FIELD_MIDDLEWARE_ONLY", "FIELD_FIRST_WINDOW_S"):
-            env.pop(key, None)
-        self.proc = subprocess.Popen(
-            _server_command(APPS["wsgi_catalog"], self.port, workers), cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        _wait_ready(self.proc, self.port)
-        self.workers = psutil.Process(self.proc.pid).children()
-
-    def cpu_seconds(self) -> float:
-        return sum(w.cpu_times().user + w.cpu_times().system for w in self.workers if w.is_running())
 
     def rows(self) -> list[dict[str, Any]]:
         """Every worker's latest fleet row (a spool per app name under this server's base)."""
@@ -98,9 +77,6 @@ class Server:
         for spool in sorted(p for p in self.fleet.iterdir() if p.is_dir()):
             found.extend(FleetSpool(spool).read(prune=False))
         return sorted(found, key=lambda row: row["pid"])
-
-    def stop(self) -> None:
-        stop_server(self.proc)
 
 
 def describe_row(row: dict[str, Any], leak_sites: set[str]) -> str:
@@ -137,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = {route: [_short(site) for site in sites] for route, sites in truth.items() if sites}
     print(f"ground truth: {shown or 'no leak'}", flush=True)
     checkpoints: list[dict[str, Any]] = []
-    servers: dict[str, Server] = {}
+    servers: dict[str, UptimeServer] = {}
     with tempfile.TemporaryDirectory(prefix="field-uptime-") as tmp:
         work = Path(tmp)
         script = work / "routes.lua"
@@ -145,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         script.write_text(script.read_text(encoding="utf-8") + wrk_pacing(args.delay_ms), encoding="utf-8")
         try:
             for name, (kotoba, leaks) in SERVERS.items():
-                servers[name] = Server(name, kotoba, leaks, args.workers, work)
+                servers[name] = UptimeServer(name, kotoba, leaks, args.workers, work)
             started = time.monotonic()
             stretch = args.every * 60
             while time.monotonic() - started < args.minutes * 60 - 1:
