@@ -49,9 +49,25 @@ def test_a_heap_reading_is_never_further_apart_than_sixty_samples(monkeypatch: p
     assert sum(h is not None for h in heaps) >= 2  # the first, then again within sixty sample intervals
 
 
+class _SampledEverySecond:
+    """The ``time`` module as the profiler sees it when its samples run a second apart, as in a worker."""
+
+    def __init__(self) -> None:
+        self._now = time.monotonic()
+
+    def monotonic(self) -> float:
+        self._now += 1.0
+        return self._now
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
 def test_a_cheap_heap_reading_is_taken_at_every_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process_memory, "heap_in_use_bytes", lambda: 1 << 20)
     monkeypatch.setattr(profiler_module, "_HEAP_READ_BUDGET", 1.0)  # any cost is within it
+    # back-to-back calls would make the gap (20x the read's cost at an idle CPU rate) outlast a slow read
+    monkeypatch.setattr(profiler_module, "time", _SampledEverySecond())
     profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=False)
     for _ in range(5):
         profiler._sample()
