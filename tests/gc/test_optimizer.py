@@ -216,15 +216,19 @@ def test_heap_is_frozen_after_warmup_and_refrozen(make_optimizer) -> None:
     optimizer = make_optimizer(warmup_requests=5)
     optimizer.start()
     keep: list[Row] = []
-    for i in range(60):
+    for i in range(600):
         optimizer.on_request_start()
         keep.extend(Row(j) for j in range(100))  # a growing long-lived heap
         cyclic_request(500)
         optimizer.on_request_end()
         if i == 4:
             assert gc.get_freeze_count() > frozen
+        # A request stalled past the monitor's interval on a loaded machine counts as a long one, and
+        # nothing is refrozen until the monitor sees the next end: give it more requests, not fewer.
+        if i >= 59 and optimizer.refreezes:
+            break
     assert any(c.action == "freeze" and "warm-up" in c.reason for c in optimizer.changes)
-    assert optimizer.refreezes >= 1
+    assert optimizer.refreezes >= 1, (optimizer.boundary_collections, optimizer.changes)
     assert len(gc.get_objects(2)) < len(keep)  # the growing heap went to the permanent generation
     optimizer.stop()
     assert gc.get_freeze_count() == frozen
