@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Protocol
 
-from kotoba_memory.memory_profiler._models import MemoryLeak, RouteStats
+from kotoba_memory.memory_profiler._models import MemoryLeak
 from kotoba_memory.memory_profiler._survival import Retention, SurvivalSampler
 
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
@@ -96,7 +96,7 @@ class LeakDetector:
         # A suspect's route from the windows' growth steps, per track: those change only when a window
         # has been added, and the fit is the costly part of a verdict (the fleet asks every few seconds).
         self._route_epoch = 0
-        self._route_memo: dict[Key, tuple[int, str | None]] = {}
+        self._route_memo: dict[Key, tuple[int, tuple[str | None, int]]] = {}
 
     @property
     def windows(self) -> int:
@@ -223,7 +223,6 @@ class LeakDetector:
         now: float,
         window_interval_s: float,
         global_growth: GlobalGrowth | None = None,
-        routes: Sequence[RouteStats] = (),
         min_confidence: float = 0.6,
     ) -> list[MemoryLeak]:
         """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
@@ -244,7 +243,7 @@ class LeakDetector:
         found: list[MemoryLeak] = []
         for track in tracks:
             leak = self._judge(
-                track, now, window_interval_s, global_growth, routes, min_confidence,
+                track, now, window_interval_s, global_growth, min_confidence,
                 (explained_bytes, explained_blocks), observed_until, churned,
             )
             if leak is not None:
@@ -259,7 +258,6 @@ class LeakDetector:
         now: float,
         window_interval_s: float,
         global_growth: GlobalGrowth | None,
-        routes: Sequence[RouteStats],
         min_confidence: float = 0.0,
         explained: tuple[float, float] = (0.0, 0.0),
         observed_until: float | None = None,
@@ -320,6 +318,10 @@ class LeakDetector:
         if round(confidence, 3) < min_confidence:
             return None  # the route is worth finding for suspects only (it is the costly part)
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
+        route, points = self._route_for(track)
+        if route is None:
+            evidence.append(f"route not yet known: its growth over {points} points follows no route "
+                            "beyond chance")
         return MemoryLeak(
             size=int(max(rate * age, track.positive_growth)),
             allocation_site=self.site_chooser.site(track.key),
@@ -327,7 +329,7 @@ class LeakDetector:
             growth_rate_bytes_per_s=rate,
             age_seconds=age,
             confidence=round(confidence, 3),
-            route=self._route_for(track, routes),
+            route=route,
             observed_bytes=track.positive_growth,
             growth_windows=track.growth_windows,
             windows_observed=track.windows,
@@ -377,29 +379,25 @@ class LeakDetector:
             return 0.25
         return 1.0
 
-    def _route_for(self, track: _Track, routes: Sequence[RouteStats]) -> str | None:
+    def _route_for(self, track: _Track) -> tuple[str | None, int]:
+        """The route the track's growth follows (None when none does beyond chance), and over how many
+        points that was judged; computed once per track and window."""
         epoch, memo = self._route_epoch, self._route_memo
         hit = memo.get(track.key)
         if hit is not None and hit[0] == epoch:
-            best = hit[1]
-        else:
-            best = self._route_from_windows(track)
-            memo[track.key] = (epoch, best)
-        if best is not None:
-            return best
-        # No contrast between windows (the leak grows in all of them): fall back to the route whose
-        # requests leave the most memory behind on average.
-        def per_request(r: RouteStats) -> float:
-            traced = r.mean_traced_delta
-            return traced if traced is not None else r.mean_rss_delta
+            return hit[1]
+        found = self._route_from_windows(track)
+        memo[track.key] = (epoch, found)
+        return found
 
-        candidates = [r for r in routes if r.requests and per_request(r) > 0]
-        if not candidates:
-            return None
-        return max(candidates, key=per_request).route
+    def _route_from_windows(self, track: _Track) -> tuple[str | None, int]:
+        """The route whose requests follow the track's growth across the windows' steps, if one does,
+        and the number of points judged.
 
-    def _route_from_windows(self, track: _Track) -> str | None:
-        """The route whose requests follow the track's growth across the windows' steps, if one does."""
+        Only growth that moves with a route's requests names it. Memory left behind per request does
+        not: a request's traced delta also holds its cyclic garbage (collected after the request ends)
+        and an evicting cache's new entry, so the route making the most garbage would be named.
+        """
         oldest = max(track.first_window, self._windows - self._max_windows)
         live = range(oldest, self._windows)
         # Per growth step (several per window) when the steps' request counts are known: many more
@@ -413,7 +411,7 @@ class LeakDetector:
             growth = {i: track.growth_ring[i % self._max_windows] for i in live}
             points = [(float(growth[i]), counts) for i, counts in list(self._window_routes) if i in growth]
         points = [(y, counts) for y, counts in points if counts]
-        return _regressed_route(points) or _best_correlated(points)
+        return _regressed_route(points) or _best_correlated(points), len(points)
 
 
 def _regressed_route(points: Sequence[tuple[float, Mapping[str, int]]]) -> str | None:

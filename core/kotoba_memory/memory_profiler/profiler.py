@@ -16,10 +16,10 @@ import sysconfig
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from kotoba_memory import _native
 from kotoba_memory.errors import ConfigError, KotobaMemoryError
@@ -161,32 +161,6 @@ _new_route_table: Callable[[int], Any] = _crecord.RouteTable if _crecord is not 
 def _route_stats(table: Any) -> list[RouteStats]:
     """A route table's rows as :class:`RouteStats`, busiest route first."""
     return [RouteStats(*row) for row in sorted(table.rows(), key=lambda row: row[1], reverse=True)]
-
-
-class _LazyRoutes(Sequence[RouteStats]):
-    """:func:`_route_stats` of a table, made on first use (a verdict without suspects never reads them)."""
-
-    def __init__(self, table: Any) -> None:
-        self._table = table
-        self._rows: list[RouteStats] | None = None
-
-    def _made(self) -> list[RouteStats]:
-        if self._rows is None:
-            self._rows = _route_stats(self._table)
-        return self._rows
-
-    def __len__(self) -> int:
-        return len(self._made())
-
-    @overload
-    def __getitem__(self, index: int) -> RouteStats: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[RouteStats]: ...
-    def __getitem__(self, index: int | slice) -> RouteStats | Sequence[RouteStats]:
-        return self._made()[index]
-
-    def __iter__(self) -> Iterator[RouteStats]:
-        return iter(self._made())
 
 
 class MemoryProfiler:
@@ -754,7 +728,7 @@ class MemoryProfiler:
             by_count = list(self._hotspots_by_count)
             detector = self._detector
         temporal = analyze_samples(samples, self.memory_limit_bytes)
-        leaks = self._suspects(detector, _SampleGrowth.of_samples(samples), routes)
+        leaks = self._suspects(detector, _SampleGrowth.of_samples(samples))
         stats = self.stats()
         status = self._leak_status(stats.windows)
         return MemoryAnalysis(
@@ -771,7 +745,6 @@ class MemoryProfiler:
 
     def leak_verdict(self) -> tuple[list[MemoryLeak], LeakVerdictStatus]:
         """The leak suspects of :meth:`analyze` and the evidence behind them, without its other parts."""
-        routes = _LazyRoutes(self._routes)  # read only if a suspect's route needs the per-route means
         with self._lock:
             # The four columns the growth fit reads, not a MemorySample per sample: the fleet publisher
             # asks every few seconds, and a full ring (an hour of samples) made that ~10 ms and ~15,000
@@ -779,18 +752,15 @@ class MemoryProfiler:
             growth = _SampleGrowth(*self._ring.growth_columns())
             detector = self._detector
             windows = detector.windows
-        return self._suspects(detector, growth, routes), self._leak_status(windows)
+        return self._suspects(detector, growth), self._leak_status(windows)
 
-    def _suspects(
-        self, detector: LeakDetector, growth: _SampleGrowth, routes: Sequence[RouteStats]
-    ) -> list[MemoryLeak]:
+    def _suspects(self, detector: LeakDetector, growth: _SampleGrowth) -> list[MemoryLeak]:
         # Outside the lock: only the scheduler thread changes the detector, and a window it adds
         # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
         return detector.suspects(
             now=time.time(),
             window_interval_s=self.window_interval_s,
             global_growth=growth,
-            routes=routes,
             min_confidence=self.min_confidence,
         )
 
