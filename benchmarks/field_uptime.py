@@ -88,7 +88,7 @@ def describe_row(row: dict[str, Any], leak_sites: set[str]) -> str:
         return f"{head}: {row.get('leak_verdict') or 'no suspect'}"
     shown = "; ".join(
         f"[{'REAL' if leak['allocation_site'] in leak_sites else 'not'}] {_short(leak['allocation_site'])} "
-        f"{leak.get('route')} conf {leak['confidence']:.2f}"
+        f"{leak.get('route') or '(route not yet known)'} conf {leak['confidence']:.2f}"
         for leak in leaks[:3]
     )
     return f"{head}: {shown}"

@@ -229,11 +229,13 @@ def test_field_uptime_names_each_workers_suspects_against_the_ground_truth() -> 
         "leaks": [
             {"allocation_site": site, "route": "/lookup/<key>", "confidence": 0.97},
             {"allocation_site": other, "route": "/render/<n>", "confidence": 0.61},
+            {"allocation_site": other, "route": None, "confidence": 0.6},
         ],
     }
     line = bench.describe_row(row, {site})
     head = "pid 41 up 30 min, 90000 requests: [REAL] benchmarks/field_apps/wsgi_catalog.py:27 "
     assert line.startswith(head)
     assert "/lookup/<key> conf 0.97; [not] benchmarks/field_apps/churn.py:40 /render/<n> conf 0.61" in line
+    assert line.endswith("churn.py:40 (route not yet known) conf 0.60")
     waiting = {"pid": 42, "uptime_s": 120.0, "requests": 5, "leaks": [], "leak_verdict": "2 of 4 windows"}
     assert bench.describe_row(waiting, {site}) == "pid 42 up 2 min, 5 requests: 2 of 4 windows"

@@ -336,11 +336,11 @@ def _windows_of_steps(
     return detector, t
 
 
-@pytest.mark.parametrize("seed", [3, 7, 11])
+@pytest.mark.parametrize("seed", [0, 2, 5])
 def test_no_route_is_named_from_chance_correlations_over_few_windows(seed: int, monkeypatch) -> None:
-    """The site grows steadily whatever the routes do. Three windows give three points (fewer growth
-    steps than shares need), over which one of eight routes' counts tops 0.3 by chance: that alone
-    must not name it."""
+    """The site grows steadily whatever the routes do. Three windows give twelve growth steps, over
+    which one of eight routes' counts tops 0.3 by chance (in 43 of 60 seeds): that alone must not name
+    it."""
     from kotoba_memory.memory_profiler import _leaks
 
     detector, now = _windows_of_steps(lambda counts, rng: 4000 + int(rng.gauss(0, 3000)), seed)
@@ -353,13 +353,16 @@ def test_no_route_is_named_from_chance_correlations_over_few_windows(seed: int, 
     assert chance.route is not None
 
 
-def test_a_route_that_drives_the_growth_is_named_over_five_windows() -> None:
-    """Five windows: twenty growth steps, each with the requests that finished in it."""
+@pytest.mark.parametrize("windows", [3, 5])
+def test_a_route_that_drives_the_growth_is_named_from_its_windows_steps(windows: int) -> None:
+    """Three windows, what a worker has twenty minutes in at production defaults: twelve growth steps,
+    each with the requests that finished in it (not three whole-window points, too few to name any)."""
     detector, now = _windows_of_steps(
-        lambda counts, rng: counts["/lookup"] * 1000 + int(rng.gauss(0, 500)), 5, windows=5
+        lambda counts, rng: counts["/lookup"] * 1000 + int(rng.gauss(0, 500)), 5, windows=windows
     )
     [leak] = detector.suspects(now=now, window_interval_s=400.0, min_confidence=0.0)
     assert leak.route == "/lookup"
+    assert "route not yet known" not in leak.evidence
 
 
 def test_the_correlation_needed_falls_with_points_and_rises_with_routes() -> None:

@@ -395,8 +395,9 @@ class LeakDetector:
         and the number of points judged.
 
         Only growth that moves with a route's requests names it. Memory left behind per request does
-        not: a request's traced delta also holds its cyclic garbage (collected after the request ends)
-        and an evicting cache's new entry, so the route making the most garbage would be named.
+        not: a request's traced delta also holds what the collector or a later request frees (its cyclic
+        garbage, collected after it ends; a session that expires), so the route making the most garbage
+        would be named.
         """
         oldest = max(track.first_window, self._windows - self._max_windows)
         live = range(oldest, self._windows)
@@ -407,9 +408,12 @@ class LeakDetector:
             if i in live:
                 base = (i % self._max_windows) * self.steps_per_window
                 points.extend((float(track.step_ring[base + k]), counts) for k, counts in enumerate(steps))
-        if len(points) < _MIN_WINDOWS_FOR_SHARES:
-            growth = {i: track.growth_ring[i % self._max_windows] for i in live}
-            points = [(float(growth[i]), counts) for i, counts in list(self._window_routes) if i in growth]
+        # Whole windows only where they give more points (a feed without step counts): three windows
+        # are three points, too few to name any route, where their steps are twelve.
+        growth = {i: track.growth_ring[i % self._max_windows] for i in live}
+        windows = [(float(growth[i]), counts) for i, counts in list(self._window_routes) if i in growth]
+        if len(windows) > len(points):
+            points = windows
         points = [(y, counts) for y, counts in points if counts]
         return _regressed_route(points) or _best_correlated(points), len(points)
 
