@@ -18,6 +18,7 @@ share of the workers' CPU over the whole run, and the profiler's own measure of 
 
     .venv/bin/python benchmarks/field_uptime.py                         # 60 min, a checkpoint every 10
     .venv/bin/python benchmarks/field_uptime.py --minutes 6 --every 2    # a quick look
+    .venv/bin/python benchmarks/field_uptime.py --keep-dumps /tmp/uptime  # the workers' dumps kept
 
 One draw of processes per server and no rotation: a process's offset (a few percent, see
 field_overhead.py) stays in the on/off figure, which is why field_overhead.py is the overhead figure
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -94,6 +96,18 @@ def describe_row(row: dict[str, Any], leak_sites: set[str]) -> str:
     return f"{head}: {shown}"
 
 
+def keep_dumps(outs: dict[str, Path], dest: Path) -> list[Path]:
+    """Copy each server's worker dumps (``outs``: server name -> its dump folder) to ``dest/<name>/``,
+    so a verdict can be examined after the run; returns the files copied."""
+    copied: list[Path] = []
+    for name, out in outs.items():
+        target = dest / name
+        target.mkdir(parents=True, exist_ok=True)
+        for dump in sorted(out.glob("*.json")):
+            copied.append(Path(shutil.copy2(dump, target / dump.name)))
+    return copied
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--keep-dumps", type=Path, metavar="DIR",
+        help="copy every worker's exit dump (its analysis, what it ran) to DIR/<server>/",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.every <= args.minutes:
         parser.error(f"--every must be in (0, --minutes], got {args.every}")
@@ -143,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
+        if args.keep_dumps is not None:
+            kept = keep_dumps({name: server.out for name, server in servers.items()}, args.keep_dumps)
+            print(f"kept {len(kept)} worker dumps in {args.keep_dumps}", flush=True)
         verdicts: dict[str, Any] = {}
         for name, leaks in (("on", False), ("leak", True)):
             result = Result(name, truth if leaks else {})

@@ -239,3 +239,21 @@ def test_field_uptime_names_each_workers_suspects_against_the_ground_truth() -> 
     assert line.endswith("churn.py:40 (route not yet known) conf 0.60")
     waiting = {"pid": 42, "uptime_s": 120.0, "requests": 5, "leaks": [], "leak_verdict": "2 of 4 windows"}
     assert bench.describe_row(waiting, {site}) == "pid 42 up 2 min, 5 requests: 2 of 4 windows"
+
+
+def test_field_uptime_keeps_each_servers_worker_dumps(tmp_path: Path) -> None:
+    bench = load("field_uptime")
+    outs = {}
+    for name, pids in (("on", [11, 12]), ("leak", [13])):
+        outs[name] = tmp_path / "run" / name
+        outs[name].mkdir(parents=True)
+        for pid in pids:
+            (outs[name] / f"worker-{pid}.json").write_text(json.dumps({"pid": pid}), encoding="utf-8")
+        (outs[name] / "notes.txt").write_text("not a dump", encoding="utf-8")
+    kept = bench.keep_dumps(outs, tmp_path / "kept")
+    assert sorted(p.relative_to(tmp_path / "kept").as_posix() for p in kept) == [
+        "leak/worker-13.json", "on/worker-11.json", "on/worker-12.json",
+    ]
+    copy = tmp_path / "kept" / "on" / "worker-12.json"
+    assert json.loads(copy.read_text(encoding="utf-8")) == {"pid": 12}
+
