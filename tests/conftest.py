@@ -125,6 +125,19 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
+def _rss_descriptor_kept(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every request's RSS figure reads the shared reader's kept statm descriptor: a test whose code
+    closes a descriptor it does not own (so the number reads another file) fails here, by name."""
+    from kotoba_memory.process.memory import shared_reader
+
+    yield
+    reader = shared_reader()
+    fd = reader._fd
+    if not reader.descriptor_is_ours():  # also drops it, so one failure stays one failure
+        pytest.fail(f"{request.node.nodeid} left the shared RSS reader's descriptor {fd} naming another file")
+
+
+@pytest.fixture(autouse=True)
 def _no_component_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test that leaves an optimizer, GC optimizer or profiler running would tune the collector
     under the next tests: stop it and name the test that leaked it."""

@@ -16,6 +16,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from kotoba_memory._version import __version__
+from kotoba_memory.process.memory import shared_reader
 from kotoba_memory_integrations import otel
 from kotoba_memory_integrations.request import (
     RequestMetrics,
@@ -97,7 +98,11 @@ def test_request_histograms_carry_route_method_status(reader: InMemoryMetricRead
         "http.response.status_code": 200,
     }
     assert point.count == 2
-    assert point.sum >= 24 << 20
+    reader = shared_reader()
+    assert point.sum >= 24 << 20, (
+        f"the reader's descriptor {reader._fd} is ours: {reader.descriptor_is_ours()}, "
+        f"last reading {reader._last}"
+    )
     assert "kotoba_memory.http.server.request.traced_allocations" not in found  # tracemalloc is off
     # No GC optimizer is active here, so no request saw a pause and none is recorded.
     assert "kotoba_memory.http.server.request.gc_pause" not in found

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from kotoba_memory.process import activity
+from kotoba_memory.process.memory import shared_reader
 from kotoba_memory_integrations import request as _request
 from kotoba_memory_integrations.request import (
     DEFAULT_RSS_SAMPLE_EVERY,
@@ -140,9 +141,17 @@ def test_rss_growth_is_measured() -> None:
         start_response("200 OK", [])
         return [b""]
 
+    import psutil
+
     collected = Collected()
+    before = psutil.Process().memory_info().rss
     call(MemoryMiddleware(app, recorder=make_recorder(collected)))
-    assert collected.items[0].rss_delta >= 40 << 20
+    after = psutil.Process().memory_info().rss
+    reader = shared_reader()
+    assert collected.items[0].rss_delta >= 40 << 20, (
+        f"psutil saw {after - before} bytes of growth; the reader's descriptor {reader._fd} "
+        f"is ours: {reader.descriptor_is_ours()}, last reading {reader._last}"
+    )
     keep.clear()
 
 

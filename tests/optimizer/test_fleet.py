@@ -63,13 +63,19 @@ def test_untrusted_files_are_refused_and_never_followed(tmp_path: Path) -> None:
     spool = fleet.FleetSpool(tmp_path)
     spool.write(fleet.snapshot_from_report(None))
     pid = os.getpid()
-    ppid = os.getppid()  # alive: only the content can make these files invalid
-    (tmp_path / f"{ppid}.json").write_bytes(b"\x80\x04K\x01.")  # a pickle, not JSON
-    (tmp_path / "1.json").write_text(json.dumps({"schema": fleet.SCHEMA, "pid": pid}))  # names another pid
-    secret = tmp_path / "secret.txt"
-    secret.write_text(json.dumps({"schema": fleet.SCHEMA, "pid": 2}))
-    os.symlink(secret, tmp_path / "2.json")
-    rows = spool.read(prune=False)
+    # A live process of our own (not the parent: a runner started under nohup has pid 1 as its parent,
+    # and its file would then be the "1.json" below): only the content can make these files invalid.
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / f"{alive.pid}.json").write_bytes(b"\x80\x04K\x01.")  # a pickle, not JSON
+        (tmp_path / "1.json").write_text(json.dumps({"schema": fleet.SCHEMA, "pid": pid}))  # another pid
+        secret = tmp_path / "secret.txt"
+        secret.write_text(json.dumps({"schema": fleet.SCHEMA, "pid": 2}))
+        os.symlink(secret, tmp_path / "2.json")
+        rows = spool.read(prune=False)
+    finally:
+        alive.kill()
+        alive.wait()
     assert [row["pid"] for row in rows] == [pid]
     assert spool.rejected == 2  # the pickle and the misnamed one; the symlink is not even opened
     big = fleet.snapshot_from_report(None)

@@ -19,11 +19,15 @@ UNPARSEABLE = [b"abc def", b"", b"100 x 3", b"100  25 1", b"100"]
 
 def _read(cls: type[PyRssReader], path: Path) -> tuple[int, PyRssReader]:
     reader = cls()
-    reader._fd = os.open(path, os.O_RDONLY)
+    fd = reader._fd = os.open(path, os.O_RDONLY)
     try:
         return reader.rss(), reader
     finally:
-        reader.close()
+        if reader._fd == fd:
+            reader.close()
+        else:  # the reader dropped it, unclosed: a descriptor that is not its statm is not its to close
+            os.close(fd)
+            reader.close()
 
 
 @pytest.mark.parametrize("content", PARSEABLE)
@@ -98,3 +102,30 @@ def test_the_recorder_calls_a_reader_subclass_that_overrides_rss() -> None:
                                profiler=lambda: None)
     metrics = recorder.begin("GET").finish()
     assert metrics is not None and metrics.sampled and metrics.rss_delta == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("cls", IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def test_a_descriptor_number_taken_by_another_file_is_dropped_and_reopened(
+    tmp_path: Path, cls: type[PyRssReader]
+) -> None:
+    import psutil
+
+    reader = cls()
+    reader.rss()
+    number = reader._fd
+    assert number is not None and reader.descriptor_is_ours()
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)
+    os.write(other, b"not statm")
+    os.dup2(other, number)  # what a double close elsewhere and a reuse of the number do
+    try:
+        value = reader.rss()  # the read fails, the descriptor is checked, dropped and reopened
+        assert abs(value - psutil.Process().memory_info().rss) < 64 << 20
+        assert reader._fd not in (None, number) and reader.descriptor_is_ours()
+        os.pwrite(other, b"7 3 0 0 0 0 0", 0)  # a reused number that parses: the check catches it
+        reader._fd = number
+        assert not reader.descriptor_is_ours() and reader._fd is None
+    finally:
+        os.close(number)  # still open: the reader never closes a descriptor that is not its own
+        os.close(other)
+        reader.close()

@@ -44,7 +44,8 @@ class PyRssReader:
 
     On Linux it keeps ``/proc/self/statm`` open and reads it with one ``pread``; a forked child reopens
     it (the inherited descriptor still reads the parent), so a pre-forking server measures each worker.
-    Elsewhere it falls back to psutil.
+    A read that fails drops a descriptor that no longer names our statm and reopens. Elsewhere it falls
+    back to psutil.
     """
 
     def __init__(self) -> None:
@@ -71,14 +72,15 @@ class PyRssReader:
         fd = self._fd
         if fd is None:
             fd = self._open()
-        if fd is None:
+        value = -1
+        if fd is not None:
+            value = self._read_resident(fd)
+            if value < 0 and not self.descriptor_is_ours():
+                fd = self._open()
+                if fd is not None:
+                    value = self._read_resident(fd)
+        if value < 0:
             value = self._rss_psutil()
-        else:
-            try:
-                # "size resident shared ..." in pages; the first two fields fit in 64 bytes.
-                value = int(os.pread(fd, 64, 0).split(b" ", 2)[1]) * self._page_size
-            except (OSError, ValueError, IndexError):
-                value = self._rss_psutil()
         self._last = (value, time.monotonic())
         if value > self._peak:
             self._peak = value
@@ -86,6 +88,33 @@ class PyRssReader:
 
     #: What the C reader falls back to while its descriptor is not open or does not read.
     _rss_uncached = rss
+
+    def _read_resident(self, fd: int) -> int:
+        """Resident bytes read from ``fd``, or -1 if it does not read as a statm line."""
+        try:
+            # "size resident shared ..." in pages; the first two fields fit in 64 bytes.
+            return int(os.pread(fd, 64, 0).split(b" ", 2)[1]) * self._page_size
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def descriptor_is_ours(self) -> bool:
+        """Whether the kept descriptor (if any) still names this process's statm; if not, forget it.
+
+        A descriptor closed by code that did not own it (a double ``close``) reads EBADF, and once its
+        number is reused it reads someone else's file. It is then not ours to close: it is dropped,
+        and the next read opens a fresh one.
+        """
+        with self._lock:
+            fd = self._fd
+            if fd is None or not os.path.isdir("/proc/self/fd"):
+                return True
+            try:
+                ours = os.readlink(f"/proc/self/fd/{fd}") == f"/proc/{os.getpid()}/statm"
+            except OSError:
+                ours = False
+            if not ours:
+                self._fd = None
+            return ours
 
     def vms(self) -> int:
         """Virtual memory size in bytes, from the same kept descriptor (0 if it cannot be read)."""
