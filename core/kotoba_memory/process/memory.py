@@ -74,11 +74,11 @@ class PyRssReader:
             fd = self._open()
         value = -1
         if fd is not None:
-            value = self._read_resident(fd)
+            value = self._statm_bytes(fd, 1)
             if value < 0 and not self.descriptor_is_ours():
                 fd = self._open()
                 if fd is not None:
-                    value = self._read_resident(fd)
+                    value = self._statm_bytes(fd, 1)
         if value < 0:
             value = self._rss_psutil()
         self._last = (value, time.monotonic())
@@ -89,11 +89,12 @@ class PyRssReader:
     #: What the C reader falls back to while its descriptor is not open or does not read.
     _rss_uncached = rss
 
-    def _read_resident(self, fd: int) -> int:
-        """Resident bytes read from ``fd``, or -1 if it does not read as a statm line."""
+    def _statm_bytes(self, fd: int, field: int) -> int:
+        """Bytes of statm field ``field`` (0 size, 1 resident) read from ``fd``, or -1 if it does not
+        read as a statm line."""
         try:
             # "size resident shared ..." in pages; the first two fields fit in 64 bytes.
-            return int(os.pread(fd, 64, 0).split(b" ", 2)[1]) * self._page_size
+            return int(os.pread(fd, 64, 0).split(b" ", 2)[field]) * self._page_size
         except (OSError, ValueError, IndexError):
             return -1
 
@@ -119,12 +120,8 @@ class PyRssReader:
     def vms(self) -> int:
         """Virtual memory size in bytes, from the same kept descriptor (0 if it cannot be read)."""
         fd = self._fd if self._fd is not None else self._open()
-        if fd is not None:
-            try:
-                return int(os.pread(fd, 64, 0).split(b" ", 1)[0]) * self._page_size
-            except (OSError, ValueError, IndexError):
-                pass
-        return self._psutil_field("vms")
+        value = -1 if fd is None else self._statm_bytes(fd, 0)
+        return value if value >= 0 else self._psutil_field("vms")
 
     def recent(self, max_age_s: float) -> int:
         """The last reading if it is at most ``max_age_s`` old, else a fresh one.
