@@ -245,6 +245,29 @@ mod_in_flight(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     return PyLong_FromSsize_t(in_flight_n);
 }
 
+/* The WSGI request running on this thread, while its app runs (a strong reference; NULL between
+ * requests). A WSGI request runs on one thread from the app's call to its return, so until someone
+ * looks for a measurement where this slot cannot answer, MemoryMiddleware keeps it here instead of in
+ * the context variable: setting and resetting a ContextVar is ~3-4 µs of a request in a worker that
+ * waits between requests (measured: benchmarks/cold_path.py --against), this is two pointer writes. */
+static _Thread_local PyObject *thread_current = NULL;
+/* Set once current_measurement() was asked where the slot cannot answer (another thread, possibly
+ * with a copied context, while requests are in flight; or greenlets sharing one thread): from then
+ * on every request is also made current in the context variable, as activate() does. */
+static int context_wanted = 0;
+static PyObject *str_gevent = NULL, *str_eventlet = NULL;
+
+/* Whether a library that runs several requests on one OS thread (greenlets) is loaded. */
+static int
+greenlet_servers_loaded(void)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    if (PyDict_GetItemWithError(modules, str_gevent) != NULL) return 1;
+    if (PyErr_Occurred()) return -1;
+    if (PyDict_GetItemWithError(modules, str_eventlet) != NULL) return 1;
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 /* After fork(): the child serves none of the parent's requests, and its scheduler may be paused. */
 static PyObject *
 mod_after_fork(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
@@ -2214,6 +2237,41 @@ measurement_call(PyObject *m, PyObject *name, PyObject *(*direct)(MeasurementObj
 }
 
 static PyObject *
+mod_thread_measurement(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    PyObject *m = thread_current;
+    int greenlets = greenlet_servers_loaded();
+    if (greenlets < 0) return NULL;
+    if (m != NULL && !greenlets && !((MeasurementObject *)m)->done) return Py_NewRef(m);
+    /* Asked outside every request (nothing in flight) is no sign of a copied context: no switch. */
+    if (in_flight_n > 0 || greenlets) context_wanted = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_greenlets_loaded(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    int loaded = greenlet_servers_loaded();
+    return loaded < 0 ? NULL : PyBool_FromLong(loaded);
+}
+
+static PyObject *
+mod_context_wanted(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "context_wanted() takes at most 1 argument (%zd given)", nargs);
+        return NULL;
+    }
+    int was = context_wanted;
+    if (nargs == 1) {
+        int v = PyObject_IsTrue(args[0]);
+        if (v < 0) return NULL;
+        context_wanted = v;
+    }
+    return PyBool_FromLong(was);
+}
+
+static PyObject *
 wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *environ, PyObject *start_response)
 {
     /* Already measured by an outer MemoryMiddleware: measuring twice would double-count. */
@@ -2266,7 +2324,15 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
     /* Made (and checked) where the reference makes its StartResponse. */
     sr = start_response_make(&StartResponse_Type, m, start_response, route_of, environ);
     if (sr == NULL) goto done;
-    if (measurement_call(m, str_activate, Measurement_activate, NULL) < 0) goto done;
+    /* A C measurement goes to this thread's slot until a context variable is wanted (see thread_current);
+     * the slot is restored when the app returns, so nested middlewares on one thread unwind in order. */
+    int slotted = Py_TYPE(m) == Measurement_Type && !context_wanted;
+    PyObject *slot_before = NULL;
+    if (slotted) {
+        slot_before = thread_current;
+        thread_current = Py_NewRef(m);
+    }
+    else if (measurement_call(m, str_activate, Measurement_activate, NULL) < 0) goto done;
 
     PyObject *app_result = PyObject_CallFunctionObjArgs(app, environ, sr, NULL);
     if (app_result == NULL) {
@@ -2281,7 +2347,12 @@ wsgi_call(PyObject *app, PyObject *recorder, PyObject *route_of, PyObject *envir
         }
     }
     /* finally: measurement.deactivate() */
-    {
+    if (slotted) {
+        PyObject *ours = thread_current;
+        thread_current = slot_before;
+        Py_XDECREF(ours);
+    }
+    else {
         PyObject *pending = take_error();
         if (measurement_call(m, str_deactivate, Measurement_deactivate, NULL) < 0) {
             Py_XDECREF(app_result);
@@ -2449,6 +2520,13 @@ static PyMethodDef module_methods[] = {
     {"mark_start", mod_mark_start, METH_NOARGS, "Count one request in, with no overlap bookkeeping."},
     {"mark_end", mod_mark_end, METH_NOARGS, "Count one request out (unbalanced calls are ignored)."},
     {"in_flight", mod_in_flight, METH_NOARGS, "Requests begun and not yet ended."},
+    {"thread_measurement", mod_thread_measurement, METH_NOARGS,
+     "The C MemoryMiddleware's request running on this thread, if it is kept there; else None, and a "
+     "context variable is wanted from then on if requests are in flight."},
+    {"greenlets_loaded", mod_greenlets_loaded, METH_NOARGS,
+     "Whether gevent or eventlet (several requests on one thread) is imported."},
+    {"context_wanted", (PyCFunction)(void (*)(void))mod_context_wanted, METH_FASTCALL,
+     "context_wanted([value]): whether MemoryMiddleware also sets the context variable (sets it if given)."},
     {"after_fork", mod_after_fork, METH_NOARGS,
      "In a forked child: no request in flight; the next begin() checks whether the scheduler is paused."},
     {"set_listeners", mod_set_listeners, METH_O, "Hand over request._listeners (a tuple) after a change."},
@@ -2500,6 +2578,8 @@ PyInit__crecord(void)
     INTERN(str_request_method, "REQUEST_METHOD");
     INTERN(str_begin, "begin");
     INTERN(str_activate, "activate");
+    INTERN(str_gevent, "gevent");
+    INTERN(str_eventlet, "eventlet");
     INTERN(str_deactivate, "deactivate");
     INTERN(str_finished, "finished");
     INTERN(str_get, "get");

@@ -138,13 +138,22 @@ def _count_error() -> None:
 
 
 def current_measurement() -> RequestMeasurement | None:
-    """The measurement of the request running in this context, if a middleware started one."""
-    return _current.get()
+    """The measurement of the request running in this context, if a middleware started one.
+
+    The C ``MemoryMiddleware`` keeps its request on the thread that runs it until this is asked where
+    the thread cannot answer (another thread while requests are in flight, e.g. a copied context, or
+    under gevent/eventlet); that call returns None and every later request is made current in the
+    context variable too, so copied contexts see it.
+    """
+    measurement = _current.get()
+    if measurement is None and _thread_measurement is not None:
+        return _thread_measurement()
+    return measurement
 
 
 def set_current_route(route: str | None) -> None:
     """Tell the running request's measurement its route template (a no-op outside a request)."""
-    measurement = _current.get()
+    measurement = current_measurement()
     if measurement is not None and route:
         measurement.route = route
 
@@ -387,6 +396,7 @@ if _crecord is not None:
         registry._active, registry.getter("gc_optimizer"), registry.getter("profiler"),
     )
     _hand_over_listeners = _crecord.set_listeners
+    _thread_measurement = _crecord.thread_measurement
     _hand_over_listeners(_listeners)
     _RecorderCore: Any = _crecord.Recorder
 
@@ -395,6 +405,7 @@ if _crecord is not None:
 
 else:
     CRequestRecorder = None  # type: ignore[assignment,misc]
+    _thread_measurement = None
 
 if TYPE_CHECKING:  # both implementations have this interface
     RequestRecorder = PyRequestRecorder

@@ -97,6 +97,8 @@ class PyMemoryMiddleware:
         self.app = app
         self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
         self.route_of = route_of
+        if _crecord is not None and not _crecord.context_wanted() and _crecord.greenlets_loaded():
+            _crecord.context_wanted(True)  # several requests share a thread: its slot cannot tell them apart
         runtime.serving()  # this process serves requests: it joins the fleet report
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
