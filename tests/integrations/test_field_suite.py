@@ -52,3 +52,23 @@ def test_flask_shop_reports_a_replayed_leak_line_and_nothing_of_ours() -> None:
         assert sites & leak_sites, (worker["pid"], sorted(sites))
     # Nothing of ours is ever a suspect, in any worker.
     assert result.own_sited == 0
+
+
+@pytest.mark.usefixtures("wrk")
+def test_plain_wsgi_routes_set_from_the_app_reach_every_workers_table() -> None:
+    """The catalogue labels each request with ``set_current_route`` from gunicorn's request threads (two
+    workers, four threads each). The C middleware keeps the running request on its thread rather than in
+    a context variable: every request must still carry its template, and none be left ``unmatched``."""
+    suite = load_suite()
+    app = suite.APPS["wsgi_catalog_no_leak"]
+    result = suite.run_app(app, duration=8, workers=2, truth={})
+    assert result.error is None, result.error
+    serving = [w for w in result.workers if suite.served(w)]
+    assert serving, "no worker served a request"
+    templates = {route.template for route in app.routes}
+    rows = [row for worker in serving for row in worker["routes"]]
+    assert {row["route"] for row in rows} == templates, rows
+    served = sum(int(row["requests"]) for row in rows)
+    # wrk counts what it got answered; the workers also count requests cut off when wrk stopped
+    assert result.requests > 1000, result.requests
+    assert result.requests <= served <= result.requests + 64, (result.requests, served)
