@@ -84,7 +84,7 @@ def build_variant(variant: str) -> Callable[..., Iterable[bytes]]:
         import app as example  # examples/flask_app/app.py (on PYTHONPATH for these servers)
 
         enabled = variant == "example+kotoba"
-        return example.create_app({"KOTOBA_MEMORY_ENABLED": enabled})  # type: ignore[no-any-return]
+        return example.create_app({"KOTOBA_MEMORY_ENABLED": enabled})
     if variant.startswith("flask"):
         from flask import Flask
 
