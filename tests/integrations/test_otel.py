@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import random
 import string
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ pytest.importorskip("opentelemetry.sdk")
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from resident import fresh_resident  # tests/integrations/resident.py
 
 from kotoba_memory._version import __version__
 from kotoba_memory.process.memory import shared_reader
@@ -72,13 +74,11 @@ def test_semantic_convention_process_and_gc_metrics(reader: InMemoryMetricReader
 
 
 def test_request_histograms_carry_route_method_status(reader: InMemoryMetricReader) -> None:
-    keep: list[bytearray] = []
+    keep: list[mmap.mmap] = []
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         set_current_route("/reports/<int:year>")
-        block = bytearray(16 << 20)
-        block[::4096] = b"y" * len(block[::4096])
-        keep.append(block)
+        keep.append(fresh_resident(16 << 20))
         start_response("200 OK", [])
         return [b""]
 
@@ -106,7 +106,8 @@ def test_request_histograms_carry_route_method_status(reader: InMemoryMetricRead
     assert "kotoba_memory.http.server.request.traced_allocations" not in found  # tracemalloc is off
     # No GC optimizer is active here, so no request saw a pause and none is recorded.
     assert "kotoba_memory.http.server.request.gc_pause" not in found
-    keep.clear()
+    for block in keep:
+        block.close()
 
 
 def test_cache_metrics_per_cache_name(reader: InMemoryMetricReader) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import threading
 import tracemalloc
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from resident import fresh_resident  # tests/integrations/resident.py
 
 from kotoba_memory.process import activity
 from kotoba_memory.process.memory import shared_reader
@@ -132,12 +134,10 @@ def test_route_from_the_framework_and_context_cleared() -> None:
 
 
 def test_rss_growth_is_measured() -> None:
-    keep: list[bytearray] = []
+    keep: list[mmap.mmap] = []
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        block = bytearray(48 << 20)
-        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
-        keep.append(block)
+        keep.append(fresh_resident(48 << 20))
         start_response("200 OK", [])
         return [b""]
 
@@ -152,7 +152,8 @@ def test_rss_growth_is_measured() -> None:
         f"psutil saw {after - before} bytes of growth; the reader's descriptor {reader._fd} "
         f"is ours: {reader.descriptor_is_ours()}, last reading {reader._last}"
     )
-    keep.clear()
+    for block in keep:
+        block.close()
 
 
 def test_traced_delta_only_while_tracing() -> None:
