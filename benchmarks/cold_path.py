@@ -11,7 +11,9 @@ machine's load and the app's drift cancel), the median of ``--rounds`` per-round
 
 Each contender runs in its own process (what is registered as running is process-wide):
 
-- ``middleware``: the recorder alone, no optimizer (RSS read on one request in 8, the default);
+- ``middleware``: the recorder alone, no optimizer, at its defaults (RSS read on one request in 8 at
+  most, fewer while the reads cost more than ``rss_sample_budget``, 0.1%, of request time);
+- ``middleware-every-8``: the same with RSS read on one request in 8 whatever it costs (no budget);
 - ``middleware-no-rss``: the same without RSS reads (``rss_sample_every`` huge);
 - ``profiler``: no RSS reads, a registered ``MemoryProfiler`` (its per-route table gets every request);
 - ``gc``: no RSS reads, a running non-adaptive ``GcOptimizer`` (its pause total is read twice per
@@ -61,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = ("middleware", "middleware-no-rss", "profiler", "gc")
+CONTENDERS = ("middleware", "middleware-every-8", "middleware-no-rss", "profiler", "gc")
 _PATHS = ("/products/%d", "/recent", "/session/s%d", "/render/%d", "/audit/%d", "/report/%d", "/lookup/k%d")
 _NO_RSS = 1_000_000  # the most rss_sample_every allows: no read in a run of this length
 
@@ -117,7 +119,12 @@ def measure(contender: str, app_name: str, sleep_s: float, rounds: int, requests
         from kotoba_memory.gc_optimizer import GcOptimizer
 
         GcOptimizer(adaptive=False).start()
-    wrapped = MemoryMiddleware(bare, rss_sample_every=8 if contender == "middleware" else _NO_RSS)
+    if contender == "middleware":
+        wrapped = MemoryMiddleware(bare)
+    elif contender == "middleware-every-8":
+        wrapped = MemoryMiddleware(bare, rss_sample_every=8, rss_sample_budget=None)
+    else:
+        wrapped = MemoryMiddleware(bare, rss_sample_every=_NO_RSS)
     rng = random.Random(1)
     added: list[float] = []
     for _ in range(rounds):

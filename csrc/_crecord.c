@@ -977,7 +977,9 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t every;      /* rss_sample_every */
     Py_ssize_t countdown;  /* requests left until the next measured one */
-    double log_q;          /* log1p(-1/every), -inf when every == 1 */
+    double log_q;          /* log1p(-1/mean gap), -inf when every == 1 */
+    double rss_budget;     /* share of request time the reads may cost; 0.0: none */
+    double rss_cost_s, rss_duration_s;  /* running means over measured requests; -1.0: none yet */
     PyObject *gc_optimizer, *profiler, *on_request, *rss_reader;
     /* The last profiler seen and its route table (NULL: it has none), so that a request reaches the
      * table without a Python frame; looked up again whenever the getter returns another profiler. */
@@ -998,8 +1000,48 @@ typedef struct {
     PyObject *token;      /* from activate() */
     long long epoch;
     int64_t t0;
+    int64_t read_ns;      /* what the RSS read at begin took */
     char alone, done, sampled, gc_fast;
 } MeasurementObject;
+
+#define MAX_RSS_GAP 1000000.0
+#define RSS_COST_WEIGHT (1.0 / 16)
+
+/* The reference's _note_rss_cost: running means of read cost and duration, and the mean gap at which the
+ * reads cost rss_budget of request time (never below every). */
+static void
+note_rss_cost(RecorderObject *self, double cost_s, double duration_s)
+{
+    if (self->rss_cost_s < 0.0) {
+        self->rss_cost_s = cost_s;
+        self->rss_duration_s = duration_s;
+    }
+    else {
+        self->rss_cost_s += RSS_COST_WEIGHT * (cost_s - self->rss_cost_s);
+        self->rss_duration_s += RSS_COST_WEIGHT * (duration_s - self->rss_duration_s);
+    }
+    double allowed = self->rss_budget * self->rss_duration_s;
+    double gap = allowed > 0.0 ? self->rss_cost_s / allowed : MAX_RSS_GAP;
+    double every = (double)self->every;
+    gap = gap > every ? gap : every;  /* as max(every, gap) in the reference: a NaN gap falls to every */
+    gap = gap < MAX_RSS_GAP ? gap : MAX_RSS_GAP;
+    self->log_q = log1p(-1.0 / gap);
+}
+
+static PyObject *
+Recorder_note_rss_cost(RecorderObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "_note_rss_cost() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    double cost = PyFloat_AsDouble(args[0]);
+    if (cost == -1.0 && PyErr_Occurred()) return NULL;
+    double duration = PyFloat_AsDouble(args[1]);
+    if (duration == -1.0 && PyErr_Occurred()) return NULL;
+    note_rss_cost(self, cost, duration);
+    Py_RETURN_NONE;
+}
 
 /* 1 + int(log(1 - random()) / log_q), with the errors int() and math.log raise. */
 static int
@@ -1216,8 +1258,10 @@ begin(RecorderObject *self, PyObject *method)
         self->countdown = gap;
         m->sampled = 1;
         /* A fresh reading: the last one may predate unmeasured requests, whose growth it would add. */
+        int64_t started = now_ns();
         m->rss0 = read_rss(self, 0);
         if (m->rss0 == NULL) goto fail_counted;
+        m->read_ns = now_ns() - started;
     }
 
     PyObject *tracing = PyObject_CallNoArgs(is_tracing_fn);
@@ -1457,6 +1501,8 @@ static PyMethodDef Recorder_methods[] = {
      "begin(method='GET'): start measuring a request."},
     {"next_gap", (PyCFunction)Recorder_next_gap, METH_NOARGS,
      "Requests from one RSS measurement to the next: geometric with mean rss_sample_every."},
+    {"_note_rss_cost", (PyCFunction)(void (*)(void))Recorder_note_rss_cost, METH_FASTCALL,
+     "A measured request's reads took cost_s over its duration_s: set the gap the budget allows."},
     {"deliver", (PyCFunction)Recorder_deliver, METH_O,
      "Hand finished metrics to the profiler, on_request and the listeners; never raises an Exception."},
     {NULL, NULL, 0, NULL},
@@ -1466,6 +1512,9 @@ static PyMemberDef Recorder_members[] = {
     {"every", T_PYSSIZET, offsetof(RecorderObject, every), 0, "rss_sample_every"},
     {"countdown", T_PYSSIZET, offsetof(RecorderObject, countdown), 0, "requests left until the next measured one"},
     {"_log_q", T_DOUBLE, offsetof(RecorderObject, log_q), 0, NULL},
+    {"_rss_budget", T_DOUBLE, offsetof(RecorderObject, rss_budget), 0, NULL},
+    {"_rss_cost_s", T_DOUBLE, offsetof(RecorderObject, rss_cost_s), 0, NULL},
+    {"_rss_duration_s", T_DOUBLE, offsetof(RecorderObject, rss_duration_s), 0, NULL},
     {"gc_optimizer", T_OBJECT, offsetof(RecorderObject, gc_optimizer), 0, "getter of the GC optimizer"},
     {"profiler", T_OBJECT, offsetof(RecorderObject, profiler), 0, "getter of the memory profiler"},
     {"on_request", T_OBJECT, offsetof(RecorderObject, on_request), 0, "called with every RequestMetrics"},
@@ -1530,7 +1579,8 @@ measurement_finish(MeasurementObject *self, int want)
         return NULL;
     }
     self->done = 1;
-    double duration = (double)(now_ns() - self->t0) / 1e9;
+    int64_t ended = now_ns();
+    double duration = (double)(ended - self->t0) / 1e9;
     RecorderObject *rec = (RecorderObject *)self->recorder;
     PyObject *rss_delta = NULL, *traced = NULL, *gc_pause = NULL, *dur = NULL, *metrics = NULL;
     PyObject *route = NULL;
@@ -1543,6 +1593,9 @@ measurement_finish(MeasurementObject *self, int want)
         rss_delta = PyNumber_Subtract(now, self->rss0);
         Py_DECREF(now);
         if (rss_delta == NULL) return NULL;
+        if (rec->rss_budget != 0.0) {
+            note_rss_cost(rec, (double)(self->read_ns + now_ns() - ended) / 1e9, duration);
+        }
     }
     else {
         rss_delta = Py_NewRef(int_zero);

@@ -18,6 +18,7 @@ from typing import Any
 
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_BUDGET,
     DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     RequestListener,
@@ -55,9 +56,12 @@ class MemoryMiddleware:
         recorder: RequestRecorder | None = None,
         on_request: RequestListener | None = None,
         rss_sample_every: int = DEFAULT_RSS_SAMPLE_EVERY,
+        rss_sample_budget: float | None = DEFAULT_RSS_SAMPLE_BUDGET,
     ) -> None:
         self.app = app
-        self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
+        self.recorder = recorder or RequestRecorder(
+            on_request=on_request, rss_sample_every=rss_sample_every, rss_sample_budget=rss_sample_budget
+        )
         runtime.serving()  # this process serves requests: it joins the fleet report
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

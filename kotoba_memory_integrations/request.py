@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from kotoba_memory import _native
 from kotoba_memory.process import activity, forks, registry, scheduler
 from kotoba_memory.process.memory import RssReader, shared_reader
-from kotoba_memory.validation import check_positive_int
+from kotoba_memory.validation import check_positive, check_positive_int
 
 __all__ = [
     "CRequestRecorder",
+    "DEFAULT_RSS_SAMPLE_BUDGET",
     "DEFAULT_RSS_SAMPLE_EVERY",
     "ENVIRON_KEY",
     "UNMATCHED_ROUTE",
@@ -49,9 +50,16 @@ __all__ = [
 ENVIRON_KEY = "kotoba_memory.request"
 #: A request starts from the process's last RSS reading when it is at most this old (see RssReader.recent).
 _RSS_REUSE_S = 0.010
-#: RSS is measured on one request in this many on average (a random gap: see RequestRecorder). The
-#: ``/proc`` read is the largest per-request cost inside a worker; per-route means stay unbiased.
+#: RSS is measured on one request in this many on average at most (a random gap: see RequestRecorder).
+#: The ``/proc`` read is the largest per-request cost inside a worker; per-route means stay unbiased.
 DEFAULT_RSS_SAMPLE_EVERY = 8
+#: Share of request time the RSS reads of sampled requests may cost: past it the gap between measured
+#: requests grows (see RequestRecorder). At ~650 us a request and ~20 us of reads, one in ~30.
+DEFAULT_RSS_SAMPLE_BUDGET = 0.001
+#: The widest mean gap the budget sets (also rss_sample_every's upper bound).
+_MAX_RSS_GAP = 1_000_000
+# Weight of the newest sampled request in the running means of read cost and request duration.
+_RSS_COST_WEIGHT = 1.0 / 16
 # Our own generator: drawing gaps from ``random``'s shared one would shift a seeded app's sequence.
 _rng = random.Random()
 forks.register(_rng.seed, name="request RSS sample gaps")  # forked workers must not draw the same gaps
@@ -203,6 +211,7 @@ class PyRequestMeasurement(RequestMeasurement):
         "_epoch",
         "_gc",
         "_gc_pause0",
+        "_read_s",
         "_recorder",
         "_rss0",
         "_sampled",
@@ -236,6 +245,7 @@ class PyRequestMeasurement(RequestMeasurement):
                 except Exception:
                     _count_error()
                     self._gc = None
+            self._read_s = 0.0
             if recorder.every == 1:
                 self._sampled = True
                 self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
@@ -250,7 +260,9 @@ class PyRequestMeasurement(RequestMeasurement):
                     self._sampled = True
                     # A fresh reading: the last one may predate unmeasured requests, whose growth it
                     # would add to this one's.
+                    started = time.perf_counter()
                     self._rss0 = recorder.rss_reader.rss()
+                    self._read_s = time.perf_counter() - started
             # Only inside the profiler's tracing windows; every request, so route means use them all.
             self._traced0 = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
         except BaseException:
@@ -288,10 +300,15 @@ class PyRequestMeasurement(RequestMeasurement):
         if self._done:
             return None
         self._done = True
-        duration = time.perf_counter() - self._t0
+        ended = time.perf_counter()
+        duration = ended - self._t0
         recorder = self._recorder
         overlapped = activity.end(self._alone, self._epoch)
-        rss_delta = recorder.rss_reader.rss() - self._rss0 if self._sampled else 0
+        rss_delta = 0
+        if self._sampled:
+            rss_delta = recorder.rss_reader.rss() - self._rss0
+            if recorder._rss_budget:
+                recorder._note_rss_cost(self._read_s + time.perf_counter() - ended, duration)
         traced_delta = None
         if self._traced0 is not None and not overlapped and tracemalloc.is_tracing():
             traced_delta = tracemalloc.get_traced_memory()[0] - self._traced0
@@ -326,10 +343,12 @@ class PyRequestRecorder:
     optimizer started after the middleware was built is still seen); pass ``None``-returning callables
     to disable either. ``on_request`` is called with every :class:`RequestMetrics` besides the global
     listeners. ``rss_sample_every=N`` measures RSS on one request in N on average, at random gaps
-    (geometric: each request has the same 1/N chance, so periodic traffic cannot alias with it); the
+    (geometric: each request has the same chance, so periodic traffic cannot alias with it); the
     others still reach the GC hooks, the profiler's request counts and the listeners, marked
-    ``sampled=False``. ``1`` measures every request. The ``/proc`` read is the largest per-request cost
-    inside a worker, and per-route means stay unbiased.
+    ``sampled=False``. ``1`` measures every request. The ``/proc`` reads are the largest per-request
+    cost inside a worker, and per-route means stay unbiased. ``rss_sample_budget`` (a share of request
+    time) widens the mean gap past N while the reads' measured cost, over the measured requests'
+    duration, would exceed it; ``None`` keeps one in N whatever the reads cost.
     """
 
     def __init__(
@@ -340,9 +359,16 @@ class PyRequestRecorder:
         on_request: RequestListener | None = None,
         rss_reader: RssReader | None = None,
         rss_sample_every: int = DEFAULT_RSS_SAMPLE_EVERY,
+        rss_sample_budget: float | None = DEFAULT_RSS_SAMPLE_BUDGET,
     ) -> None:
-        self.every = check_positive_int(rss_sample_every, "rss_sample_every", high=1_000_000)
+        self.every = check_positive_int(rss_sample_every, "rss_sample_every", high=_MAX_RSS_GAP)
+        budget = None if rss_sample_budget is None else check_positive(
+            rss_sample_budget, "rss_sample_budget", high=1.0
+        )
         self._log_q = math.log1p(-1.0 / self.every) if self.every > 1 else -math.inf
+        # 0.0: no budget. The running means start at the first measured request (-1.0: none yet).
+        self._rss_budget = 0.0 if budget is None or self.every == 1 else float(budget)
+        self._rss_cost_s = self._rss_duration_s = -1.0
         self.countdown = self.next_gap()  # requests left until the next measured one
         # The getters look up the optimizer/profiler active at call time (the process registry); the
         # defaults are get_active_gc_optimizer / get_active_profiler as C-level calls (per request).
@@ -351,9 +377,35 @@ class PyRequestRecorder:
         self.on_request = on_request
         self.rss_reader = rss_reader or shared_reader()
 
+    @property
+    def rss_sample_budget(self) -> float | None:
+        """The share of request time RSS reads may cost (None: one request in ``every``, always)."""
+        return self._rss_budget or None
+
+    @property
+    def mean_gap(self) -> float:
+        """Requests from one RSS measurement to the next, on average, as the budget has set it."""
+        return 1.0 / -math.expm1(self._log_q)
+
     def next_gap(self) -> int:
-        """Requests from one RSS measurement to the next: geometric with mean ``rss_sample_every``."""
+        """Requests from one RSS measurement to the next: geometric with mean :attr:`mean_gap`."""
         return 1 + int(math.log(1.0 - _rng.random()) / self._log_q)
+
+    def _note_rss_cost(self, cost_s: float, duration_s: float) -> None:
+        """A measured request's reads took ``cost_s`` over its ``duration_s``: set the gap the budget allows.
+
+        Running means of both over measured requests (a random sample of all); the mean gap is where
+        reads cost ``rss_sample_budget`` of request time, never below ``every``.
+        """
+        if self._rss_cost_s < 0.0:
+            cost, duration = cost_s, duration_s
+        else:
+            cost = self._rss_cost_s + _RSS_COST_WEIGHT * (cost_s - self._rss_cost_s)
+            duration = self._rss_duration_s + _RSS_COST_WEIGHT * (duration_s - self._rss_duration_s)
+        self._rss_cost_s, self._rss_duration_s = cost, duration
+        allowed = self._rss_budget * duration
+        gap = cost / allowed if allowed > 0.0 else float(_MAX_RSS_GAP)
+        self._log_q = math.log1p(-1.0 / min(float(_MAX_RSS_GAP), max(float(self.every), gap)))
 
     def begin(self, method: str = "GET") -> RequestMeasurement:
         """Start measuring a request."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from kotoba_memory import _native
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_BUDGET,
     DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     RequestListener,
@@ -92,10 +93,13 @@ class PyMemoryMiddleware:
         recorder: RequestRecorder | None = None,
         on_request: RequestListener | None = None,
         rss_sample_every: int = DEFAULT_RSS_SAMPLE_EVERY,
+        rss_sample_budget: float | None = DEFAULT_RSS_SAMPLE_BUDGET,
         route_of: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> None:
         self.app = app
-        self.recorder = recorder or RequestRecorder(on_request=on_request, rss_sample_every=rss_sample_every)
+        self.recorder = recorder or RequestRecorder(
+            on_request=on_request, rss_sample_every=rss_sample_every, rss_sample_budget=rss_sample_budget
+        )
         self.route_of = route_of
         if _crecord is not None and not _crecord.context_wanted() and _crecord.greenlets_loaded():
             _crecord.context_wanted(True)  # several requests share a thread: its slot cannot tell them apart

@@ -8,12 +8,16 @@ class Recorder:
     every: int
     countdown: int
     _log_q: float
+    _rss_budget: float
+    _rss_cost_s: float
+    _rss_duration_s: float
     gc_optimizer: Callable[[], Any]
     profiler: Callable[[], Any]
     on_request: Callable[[Any], None] | None
     rss_reader: Any
     def begin(self, method: Any = "GET") -> Any: ...
     def next_gap(self) -> int: ...
+    def _note_rss_cost(self, cost_s: float, duration_s: float, /) -> None: ...
     def deliver(self, metrics: Any) -> None: ...
 
 def configure(

@@ -33,14 +33,15 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 __all__ = ["SETTING_NAMES", "KotobaMemoryConfig", "config_from_settings", "fleet_name", "misspelt_settings",
-           "start_from_settings"]
+           "rss_sampling_from_settings", "start_from_settings"]
 
 _log = logging.getLogger("kotoba_memory_integrations")
 
 #: The Django settings kotoba-memory reads.
 SETTING_NAMES = (
     "KOTOBA_MEMORY", "KOTOBA_MEMORY_AUTOSTART", "KOTOBA_MEMORY_OTEL", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY",
-    "KOTOBA_MEMORY_FLEET", "KOTOBA_MEMORY_REPORT_TOKEN", "KOTOBA_MEMORY_REPORT_AUTH",
+    "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET", "KOTOBA_MEMORY_FLEET", "KOTOBA_MEMORY_REPORT_TOKEN",
+    "KOTOBA_MEMORY_REPORT_AUTH",
 )
 
 
@@ -54,6 +55,24 @@ def misspelt_settings() -> list[tuple[str, str]]:
         if close:
             found.append((name, close[0]))
     return found
+
+
+def rss_sampling_from_settings() -> tuple[int, float | None]:
+    """``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` and ``_BUDGET`` (or their defaults); a ``ConfigError`` naming the
+    setting when either is invalid."""
+    from kotoba_memory.errors import ConfigError
+    from kotoba_memory.validation import check_positive
+    from kotoba_memory_integrations.request import DEFAULT_RSS_SAMPLE_BUDGET, DEFAULT_RSS_SAMPLE_EVERY
+
+    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", DEFAULT_RSS_SAMPLE_EVERY)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
+        raise ConfigError(
+            "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", f"must be an int from 1 to 1000000, got {every!r}"
+        )
+    budget = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET", DEFAULT_RSS_SAMPLE_BUDGET)
+    if budget is not None:
+        budget = float(check_positive(budget, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET", high=1.0))
+    return every, budget
 
 
 def _improperly_configured(exc: Exception) -> ImproperlyConfigured:
@@ -113,11 +132,12 @@ def start_from_settings() -> Any:
         value = getattr(settings, name, default)
         if not isinstance(value, bool):
             raise ImproperlyConfigured(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
-        raise ImproperlyConfigured(
-            f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}"
-        )
+    from kotoba_memory.errors import ConfigError
+
+    try:
+        rss_sampling_from_settings()
+    except ConfigError as exc:
+        raise ImproperlyConfigured(f"{exc.field} {exc.reason}") from exc
     try:
         config = config_from_settings()
     except (TypeError, ValueError) as exc:

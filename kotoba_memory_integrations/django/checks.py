@@ -6,7 +6,8 @@ refuse to start too); these checks name them for ``manage.py check`` and tooling
 * ``kotoba_memory.E001`` ``KOTOBA_MEMORY`` is not a dict;
 * ``kotoba_memory.E002`` a field of ``KOTOBA_MEMORY`` is unknown or invalid (the message names it);
 * ``kotoba_memory.E003`` ``KOTOBA_MEMORY_AUTOSTART`` / ``KOTOBA_MEMORY_OTEL`` is not a bool;
-* ``kotoba_memory.E004`` ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` is not an int from 1 to 1000000;
+* ``kotoba_memory.E004`` ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` is not an int from 1 to 1000000, or
+  ``KOTOBA_MEMORY_RSS_SAMPLE_BUDGET`` is neither None nor a number in (0, 1];
 * ``kotoba_memory.E005`` ``KOTOBA_MEMORY_FLEET``, ``KOTOBA_MEMORY_REPORT_TOKEN`` or ``_AUTH`` is invalid;
 * ``kotoba_memory.E006`` the ``OPTIONS`` (or ``LOCATION``) of a ``CACHES`` entry using ``KotobaCache`` is
   invalid (the message names the alias and the option);
@@ -40,13 +41,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                     id="kotoba_memory.E003",
                 )
             )
-    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
+    from kotoba_memory.errors import ConfigError
+    from kotoba_memory_integrations.django.apps import rss_sampling_from_settings
+
+    try:
+        rss_sampling_from_settings()
+    except ConfigError as exc:
         messages.append(
             Error(
-                f"KOTOBA_MEMORY_RSS_SAMPLE_EVERY must be an int from 1 to 1000000, got {every!r}.",
-                hint="1 measures memory on every request; N (default 8) on one request in N on average.",
-                obj="KOTOBA_MEMORY_RSS_SAMPLE_EVERY",
+                f"{exc.field} {exc.reason}.",
+                hint="RSS_SAMPLE_EVERY: 1 measures memory on every request, N (default 8) on one request "
+                "in N at most; RSS_SAMPLE_BUDGET: the share of request time the reads may cost "
+                "(default 0.001), or None.",
+                obj=exc.field,
                 id="kotoba_memory.E004",
             )
         )

@@ -20,6 +20,7 @@ from django.http import FileResponse, HttpRequest, HttpResponseBase, StreamingHt
 
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_BUDGET,
     DEFAULT_RSS_SAMPLE_EVERY,
     ENVIRON_KEY,
     RequestMeasurement,
@@ -29,19 +30,21 @@ from kotoba_memory_integrations.request import (
 
 __all__ = ["MemoryMiddleware", "route_of", "wrap_asgi", "wrap_wsgi"]
 
-_recorders: dict[int, RequestRecorder] = {}
+_recorders: dict[tuple[int, float | None], RequestRecorder] = {}
 
 
 def _recorder_for_settings() -> RequestRecorder:
-    """One recorder per ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` value (the setting is read at startup)."""
-    from django.conf import settings
+    """One recorder per ``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` and ``_BUDGET`` (read at startup)."""
+    from kotoba_memory.errors import ConfigError
+    from kotoba_memory_integrations.django.apps import rss_sampling_from_settings
 
-    every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", DEFAULT_RSS_SAMPLE_EVERY)
-    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
-        every = DEFAULT_RSS_SAMPLE_EVERY  # invalid: the system check kotoba_memory.E004 says why
-    if every not in _recorders:
-        _recorders[every] = RequestRecorder(rss_sample_every=every)
-    return _recorders[every]
+    try:
+        key = rss_sampling_from_settings()
+    except ConfigError:  # invalid: the system check kotoba_memory.E004 says why
+        key = (DEFAULT_RSS_SAMPLE_EVERY, DEFAULT_RSS_SAMPLE_BUDGET)
+    if key not in _recorders:
+        _recorders[key] = RequestRecorder(rss_sample_every=key[0], rss_sample_budget=key[1])
+    return _recorders[key]
 
 
 def route_of(request: HttpRequest) -> str | None:

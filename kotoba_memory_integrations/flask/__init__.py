@@ -35,8 +35,13 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, abort, current_app, got_request_exception, request
 
 from kotoba_memory.errors import ConfigError
-from kotoba_memory.validation import check_bool, check_positive_int
-from kotoba_memory_integrations.request import DEFAULT_RSS_SAMPLE_EVERY, ENVIRON_KEY, RequestMeasurement
+from kotoba_memory.validation import check_bool, check_positive, check_positive_int
+from kotoba_memory_integrations.request import (
+    DEFAULT_RSS_SAMPLE_BUDGET,
+    DEFAULT_RSS_SAMPLE_EVERY,
+    ENVIRON_KEY,
+    RequestMeasurement,
+)
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 if TYPE_CHECKING:
@@ -54,6 +59,7 @@ _OWN_KEYS: dict[str, Any] = {
     "report_token": None,
     "report_auth": None,
     "rss_sample_every": DEFAULT_RSS_SAMPLE_EVERY,
+    "rss_sample_budget": DEFAULT_RSS_SAMPLE_BUDGET,
     "fleet": True,
 }
 _BOOL_KEYS = ("enabled", "autostart", "otel")
@@ -142,6 +148,8 @@ class KotobaMemory:
         for key in _BOOL_KEYS:
             check_bool(options[key], _PREFIX + key.upper())
         check_positive_int(options["rss_sample_every"], _PREFIX + "RSS_SAMPLE_EVERY", high=1_000_000)
+        if options["rss_sample_budget"] is not None:
+            check_positive(options["rss_sample_budget"], _PREFIX + "RSS_SAMPLE_BUDGET", high=1.0)
         fleet = options["fleet"]
         if not isinstance(fleet, bool | str) or (isinstance(fleet, str) and not fleet.strip()):
             raise ConfigError(_PREFIX + "FLEET", f"must be True, False or a non-empty str, got {fleet!r}")
@@ -191,7 +199,8 @@ class KotobaMemory:
             fleet = options["fleet"]
             configure_fleet(f"flask:{app.import_name}:{app.root_path}" if fleet is True else fleet)
             app.wsgi_app = MemoryMiddleware(  # type: ignore[method-assign]
-                app.wsgi_app, rss_sample_every=options["rss_sample_every"], route_of=_url_rule
+                app.wsgi_app, rss_sample_every=options["rss_sample_every"],
+                rss_sample_budget=options["rss_sample_budget"], route_of=_url_rule,
             )
             # An exception that propagates never starts a response: label the route while Flask's
             # request is still there (the signal fires on errors only, so it costs nothing otherwise).

@@ -135,6 +135,9 @@ CASES: list[tuple[str, Callable[[Path], Any], str]] = [
     ("cachelib policy", lambda t: _cachelib(policy="mru"), "policy"),
     ("Flask RSS_SAMPLE_EVERY", lambda t: _flask(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=NAN),
      "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
+    ("Flask RSS_SAMPLE_BUDGET", lambda t: _flask(KOTOBA_MEMORY_RSS_SAMPLE_BUDGET=NAN),
+     "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET"),
+    ("RequestRecorder budget", lambda t: RequestRecorder(rss_sample_budget=0), "rss_sample_budget"),
 ]
 
 

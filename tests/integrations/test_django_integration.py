@@ -209,6 +209,7 @@ def test_checks_accept_good_settings() -> None:
         ({"KOTOBA_MEMORY_AUTOSTART": "yes"}, "kotoba_memory.E003", "KOTOBA_MEMORY_AUTOSTART"),
         ({"KOTOBA_MEMORY_OTEL": 1}, "kotoba_memory.E003", "KOTOBA_MEMORY_OTEL"),
         ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "kotoba_memory.E004", "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_BUDGET": 2}, "kotoba_memory.E004", "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET"),
     ],
 )
 def test_checks_report_bad_settings_by_field(settings: dict[str, Any], expected_id: str, field: str) -> None:
@@ -276,6 +277,7 @@ def test_app_config_with_autostart_off_or_absent_settings_starts_nothing(no_opti
         ({"KOTOBA_MEMROY": {"cache_size_mb": 8}}, "KOTOBA_MEMROY"),  # a misspelt setting name
         ({"KOTOBA_MEMORY_AUTOSTART": "yes", "KOTOBA_MEMORY": {}}, "KOTOBA_MEMORY_AUTOSTART"),
         ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_BUDGET": -0.5}, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET"),
     ],
 )
 def test_bad_settings_fail_start_up_naming_the_setting(no_optimizer: None, settings: dict[str, Any],
@@ -329,3 +331,14 @@ def test_report_command_json_and_errors(no_optimizer: None) -> None:
         call_command(command(), stdout=io.StringIO())
     with pytest.raises(CommandError, match="duration"):
         call_command(command(), "--duration", "-1", stdout=io.StringIO())
+
+
+def test_rss_sampling_settings_reach_the_recorder() -> None:
+    with override_settings(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=3, KOTOBA_MEMORY_RSS_SAMPLE_BUDGET=0.02):
+        wrapped = wrap_wsgi(WSGIHandler())
+    assert (wrapped.recorder.every, wrapped.recorder.rss_sample_budget) == (3, 0.02)
+    with override_settings(KOTOBA_MEMORY_RSS_SAMPLE_BUDGET=None):
+        assert wrap_wsgi(WSGIHandler()).recorder.rss_sample_budget is None
+    with override_settings(KOTOBA_MEMORY_RSS_SAMPLE_BUDGET="cheap"):  # invalid: E004 says why
+        assert wrap_asgi(ASGIHandler()).recorder.rss_sample_budget == 0.001
+    assert wrap_wsgi(WSGIHandler()).recorder.rss_sample_budget == 0.001

@@ -102,9 +102,10 @@ def test_propagated_exception_is_reraised_and_recorded(seen: list[RequestMetrics
 
 
 def test_rss_sample_every_reaches_the_middleware(seen: list[RequestMetrics]) -> None:
-    app = make_app(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=2)
+    app = make_app(KOTOBA_MEMORY_RSS_SAMPLE_EVERY=2, KOTOBA_MEMORY_RSS_SAMPLE_BUDGET=None)
     KotobaMemory(app)
     assert app.wsgi_app.recorder.every == 2  # type: ignore[attr-defined]
+    assert app.wsgi_app.recorder.rss_sample_budget is None  # type: ignore[attr-defined]
     client = app.test_client()
     for user_id in range(400):
         client.get(f"/users/{user_id}")
@@ -116,6 +117,12 @@ def test_rss_sample_every_reaches_the_middleware(seen: list[RequestMetrics]) -> 
     for user_id in range(20):
         app.test_client().get(f"/users/{user_id}")
     assert len(seen) == 20 and all(m.sampled for m in seen)
+    app = make_app(KOTOBA_MEMORY_RSS_SAMPLE_BUDGET=0.02)
+    KotobaMemory(app)
+    assert app.wsgi_app.recorder.rss_sample_budget == 0.02  # type: ignore[attr-defined]
+    app = make_app()
+    KotobaMemory(app)
+    assert app.wsgi_app.recorder.rss_sample_budget == 0.001  # type: ignore[attr-defined]
 
 
 def test_init_app_factory_pattern_and_overrides() -> None:
@@ -139,6 +146,8 @@ def test_init_app_factory_pattern_and_overrides() -> None:
         ({ENDPOINT: "/r", "KOTOBA_MEMORY_REPORT_AUTH": "admin"}, "KOTOBA_MEMORY_REPORT_AUTH"),
         ({"KOTOBA_MEMORY_CACHE_SIZE_MB": -1}, "cache_size_mb"),
         ({"KOTOBA_MEMORY_RSS_SAMPLE_EVERY": 0}, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_BUDGET": 0}, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET"),
+        ({"KOTOBA_MEMORY_RSS_SAMPLE_BUDGET": "0.01"}, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET"),
         # issue 11, item 10: a misspelt prefix used to be ignored, an all-space token never matched
         ({"KOTOBA_MEMROY_CACHE_SIZE_MB": 3}, "KOTOBA_MEMROY_CACHE_SIZE_MB"),
         ({"kotoba_memory_cache_size_mb": 3}, "kotoba_memory_cache_size_mb"),

@@ -420,7 +420,8 @@ def test_rss_sampling_draws_random_gaps_so_periodic_traffic_cannot_alias() -> No
     profiler = RecordingProfiler()
     collected = Collected()
     recorder = RequestRecorder(
-        on_request=collected, gc_optimizer=lambda: gc_opt, profiler=lambda: profiler, rss_sample_every=4
+        on_request=collected, gc_optimizer=lambda: gc_opt, profiler=lambda: profiler, rss_sample_every=4,
+        rss_sample_budget=None,  # one in 4 throughout: the null app's requests are cheaper than a read
     )
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -483,7 +484,7 @@ def test_unmeasured_requests_still_get_their_traced_delta_while_tracing() -> Non
 def test_rss_sampling_from_many_threads_keeps_every_request() -> None:
     collected = Collected()
     recorder = RequestRecorder(on_request=collected, gc_optimizer=lambda: None, profiler=lambda: None,
-                               rss_sample_every=4)
+                               rss_sample_every=4, rss_sample_budget=None)
     middleware = MemoryMiddleware(_ok_app, recorder=recorder)
     barrier = threading.Barrier(8)
 
