@@ -186,6 +186,45 @@ def test_young_threshold_rises_while_requests_hold_live_objects(make_optimizer) 
     assert analysis.requests_seen == 20
 
 
+def test_collections_our_background_work_sets_off_tune_nothing(make_optimizer, wait_for) -> None:
+    """A profiler window reading traces back holds everything it makes: the young collections that sets
+    off on the scheduler's thread must neither raise the valve nor read as a long request."""
+    optimizer = make_optimizer(auto_freeze=False, max_young_threshold=40_000)
+    optimizer.start()
+    before = gc.get_threshold()[0]
+    done = threading.Event()
+    young0 = optimizer._recorder.counts[0]
+
+    def allocate() -> None:
+        if not done.is_set():
+            for _ in range(20):
+                live_request(5000)
+            done.set()
+
+    optimizer.on_request_start()  # a request in flight, none ending, while our thread allocates
+    task = scheduler.every(0.01, allocate, name="test.allocate", delay_s=0.0)
+    try:
+        assert wait_for(done.is_set)
+    finally:
+        task.cancel()
+    optimizer.on_request_end()
+    assert optimizer._recorder.counts[0] - young0 >= 3  # they ran, and were recorded
+    assert gc.get_threshold()[0] == before
+    assert not [c for c in optimizer.changes if c.action == "set_threshold"]
+    assert optimizer.long_request_steps == 0
+    # The same allocations on one of the app's threads, inside a request, do raise it.
+    def request() -> None:
+        optimizer.on_request_start()
+        for _ in range(20):
+            live_request(5000)
+        optimizer.on_request_end()
+
+    app_thread = threading.Thread(target=request)
+    app_thread.start()
+    app_thread.join()
+    assert gc.get_threshold()[0] > before
+
+
 def test_long_request_making_cyclic_garbage_keeps_collecting(make_optimizer) -> None:
     optimizer = make_optimizer(max_young_threshold=40_000)
     optimizer.start()

@@ -476,7 +476,10 @@ class GcOptimizer(_Hooks):
 
     # -- the gc callback listener (no locks) ------------------------------------------------------
     def _on_collection(self, generation: int, collected: int, examined: int, explicit: bool) -> None:
-        if explicit or not self._tuning:
+        # A collection on the scheduler's thread was set off by our own background work (a profiler
+        # window reading traces back holds every object it makes): it says nothing of the app's
+        # requests, so it neither tunes the valve nor counts towards a long request.
+        if explicit or not self._tuning or scheduler.on_own_thread():
             return
         if not self._long_request:
             self._watch_for_long_request()

@@ -129,6 +129,10 @@ class Scheduler:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
+    def on_own_thread(self) -> bool:
+        """Whether the caller runs on the scheduler's thread (our background work, never the app's)."""
+        return self._thread is threading.current_thread()
+
     def resume(self) -> None:
         """Start the thread again if tasks are waiting for one (in a forked child); cheap otherwise."""
         if not self.paused_by_fork:
