@@ -18,6 +18,7 @@ the starts make whole rotations of the start order, with each start position's o
     .venv/bin/python benchmarks/field_overhead.py --without-profiler   # + the defaults minus profiling
     .venv/bin/python benchmarks/field_overhead.py --without-profiler --delay-ms 10   # one unsaturated pace
     .venv/bin/python benchmarks/field_overhead.py --without-profiler --middleware-only --delay-ms 10
+    .venv/bin/python benchmarks/field_overhead.py --middleware-only --fixed-rss --delay-ms 10
     .venv/bin/python benchmarks/field_overhead.py --delay-ms 10 \
         --variant 'nowin={"enable_leak_detection": false}'   # + the defaults with fields changed
     .venv/bin/python benchmarks/field_overhead.py --delay-ms 10 --workers 3 --rounds 8 --restart-every 2
@@ -56,7 +57,8 @@ from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
 from kotoba_memory.config import MemoryConfig  # noqa: E402
 
 _REQUESTS = re.compile(r"(\d+) requests in")
-_BUILT_IN = ("off", "on", "noprof", "mwonly")  # the servers the flags add; a variant needs another name
+# The servers the flags add; a variant needs another name.
+_BUILT_IN = ("off", "on", "noprof", "mwonly", "mwfixed")
 
 
 class Server:
@@ -79,6 +81,7 @@ class Server:
         )
         env.pop("FIELD_OUT", None)
         env.pop("FIELD_CONFIG", None)
+        env.pop("FIELD_RSS_SAMPLE_BUDGET", None)
         if overrides is not None:  # MemoryConfig(**overrides): the defaults with some fields changed
             env["FIELD_CONFIG"] = json.dumps(overrides)
         if out is not None:  # the worker dumps its profiler's analysis there on exit
@@ -237,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also serve the middleware alone (no profiler, GC optimizer nor cache): one more server",
     )
     parser.add_argument(
+        "--fixed-rss", action="store_true",
+        help="also serve the middleware alone with RSS on one request in 8 whatever it costs (no "
+        "rss_sample_budget): one more server, mwfixed",
+    )
+    parser.add_argument(
         "--variant", action="append", default=[], metavar="NAME=JSON",
         help="one more server: MemoryConfig's defaults with the fields of a JSON object changed, e.g. "
              "'nowin={\"enable_leak_detection\": false}' (repeatable; compared with off and with on)",
@@ -284,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.middleware_only:
                 factories["mwonly"] = lambda: Server(
                     True, profiler=False, middleware_only=True, out=dumps["mwonly"], workers=args.workers
+                )
+            if args.fixed_rss:
+                factories["mwfixed"] = lambda: Server(
+                    True, profiler=False, middleware_only=True, out=dumps["mwfixed"], workers=args.workers,
+                    extra_env={"FIELD_RSS_SAMPLE_BUDGET": "none"},
                 )
             for name, overrides in variants.items():
                 factories[name] = partial(
@@ -350,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
               "number of rounds each, e.g. --rounds 8 --restart-every 2)")
     for top, under, what in (("on", "noprof", "the profiler alone"),
                              ("noprof", "mwonly", "the GC optimizer and cache manager"),
+                             ("mwfixed", "mwonly", "RSS on one in 8 against the budget"),
                              *((name, "on", f"variant {name} against the defaults") for name in variants)):
         if top in servers and under in servers:
             pair = [r[f"{top}_cpu_us"] / r[f"{under}_cpu_us"] for r in rounds]
@@ -375,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         tuned = (f"; GC optimizer {mode[0]} ({mode[1]}), {len(process['gc_changes'])} changes, "
                  f"{process.get('budget_collections')} budget collections" if mode else "")
         which = "worker" if process["workers_dumped"] == 1 else f"worker (one of {process['workers_dumped']})"
-        print(f"what {name}'s {which} ran: {busiest}; {gc_line}{tuned}")
+        gaps = process.get("rss_mean_gaps")
+        gap_line = f"; RSS measured on one request in {', '.join(map(str, gaps))} on average" if gaps else ""
+        print(f"what {name}'s {which} ran: {busiest}; {gc_line}{tuned}{gap_line}")
         if process["tasks_share"]:
             shares = ", ".join(f"{task} {100 * share:.2f}%" for task, share in process["tasks_share"].items())
             print(f"  {name}'s scheduler tasks, share of its workers' CPU: {shares}")

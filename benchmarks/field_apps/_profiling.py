@@ -66,6 +66,10 @@ def delay_first_window(optimizer: Any) -> None:
     profiler.start()
 
 
+#: The request recorders of this worker's middlewares (the apps add theirs): the dump tells their RSS gap.
+recorders: list[Any] = []
+
+
 def dump_analysis() -> Path | None:
     """Write this worker's profiler analysis to ``$FIELD_OUT/worker-<pid>.json`` (None when off), and
     what the process ran (CPU per thread, the collector's settings) to ``process-<pid>.json``."""
@@ -95,6 +99,7 @@ def _dump_process(path: Path, optimizer: Any) -> None:
         "pid": os.getpid(), "threads_cpu_s": threads, "gc_threshold": gc.get_threshold(),
         "gc_freeze_count": gc.get_freeze_count(), "gc_stats": gc.get_stats(),
         "tasks_cpu_s": {task.name: round(task.cpu_s, 6) for task in scheduler.tasks()},
+        "rss_mean_gaps": [round(recorder.mean_gap, 1) for recorder in recorders],
     }
     gc_optimizer = getattr(optimizer, "gc_optimizer", None)
     if gc_optimizer is not None:

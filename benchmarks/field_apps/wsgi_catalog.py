@@ -6,11 +6,12 @@ request asks for a new key.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from benchmarks.field_apps import churn
-from benchmarks.field_apps._profiling import KOTOBA_ON, LEAKS_ON, config, delay_first_window
+from benchmarks.field_apps._profiling import KOTOBA_ON, LEAKS_ON, config, delay_first_window, recorders
 from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.request import set_current_route
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
@@ -68,4 +69,8 @@ def create_app() -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
     if not KOTOBA_ON:
         return app
     delay_first_window(runtime.start_optimizer(config()))
-    return MemoryMiddleware(app)
+    # FIELD_RSS_SAMPLE_BUDGET=none: RSS on one request in 8 whatever it costs (field_overhead --fixed-rss).
+    fixed = os.environ.get("FIELD_RSS_SAMPLE_BUDGET") == "none"
+    wrapped = MemoryMiddleware(app, rss_sample_budget=None) if fixed else MemoryMiddleware(app)
+    recorders.append(wrapped.recorder)
+    return wrapped
