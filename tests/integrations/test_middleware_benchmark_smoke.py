@@ -108,7 +108,7 @@ def test_cold_path_benchmark_runs_each_contender_in_its_own_process(tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text(encoding="utf-8"))["results"]
-    assert set(results) == {"middleware", "middleware-no-rss", "profiler", "gc"}
+    assert set(results) == {"middleware", "middleware-every-8", "middleware-no-rss", "profiler", "gc"}
     for name, result in results.items():
         assert len(result["rounds_us"]) == 2, name
         assert name in done.stdout
