@@ -53,8 +53,8 @@ _RSS_REUSE_S = 0.010
 #: RSS is measured on one request in this many on average at most (a random gap: see RequestRecorder).
 #: The ``/proc`` read is the largest per-request cost inside a worker; per-route means stay unbiased.
 DEFAULT_RSS_SAMPLE_EVERY = 8
-#: Share of request time the RSS reads of sampled requests may cost: past it the gap between measured
-#: requests grows (see RequestRecorder). At ~650 us a request and ~20 us of reads, one in ~30.
+#: Share of request time (as the middleware measures it: the app's part) the RSS reads of measured
+#: requests may cost: past it the gap between measured requests grows (see RequestRecorder).
 DEFAULT_RSS_SAMPLE_BUDGET = 0.001
 #: The widest mean gap the budget sets (also rss_sample_every's upper bound).
 _MAX_RSS_GAP = 1_000_000

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -189,8 +190,11 @@ def test_young_threshold_rises_while_requests_hold_live_objects(make_optimizer) 
 def test_collections_our_background_work_sets_off_tune_nothing(make_optimizer, wait_for) -> None:
     """A profiler window reading traces back holds everything it makes: the young collections that sets
     off on the scheduler's thread must neither raise the valve nor read as a long request."""
-    optimizer = make_optimizer(auto_freeze=False, max_young_threshold=40_000)
+    # The monitor's own long-request check (a request in flight while young objects keep coming) is
+    # kept out of the way: its first tick comes 0.1 s after start, the next a minute later.
+    optimizer = make_optimizer(auto_freeze=False, max_young_threshold=40_000, monitoring_interval_s=60.0)
     optimizer.start()
+    time.sleep(0.3)
     before = gc.get_threshold()[0]
     done = threading.Event()
     young0 = optimizer._recorder.counts[0]
@@ -222,6 +226,44 @@ def test_collections_our_background_work_sets_off_tune_nothing(make_optimizer, w
     app_thread = threading.Thread(target=request)
     app_thread.start()
     app_thread.join()
+    assert gc.get_threshold()[0] > before
+
+
+def test_collections_while_a_profiler_window_holds_its_read_backs_tune_nothing(
+    make_optimizer, wait_for
+) -> None:
+    """Seen in field_overhead's workers: the first window's read-backs (tens of thousands of live tuples)
+    made the request threads' young collections find 0% garbage, and the valve went from 700 to 5600."""
+    from kotoba_memory.memory_profiler import MemoryProfiler
+
+    optimizer = make_optimizer(auto_freeze=False, max_young_threshold=40_000)
+    optimizer.start()
+    before = gc.get_threshold()[0]
+    profiler = MemoryProfiler(window_s=2.0, first_window_after_s=0.0, snapshots_per_window=4)
+
+    def request() -> None:
+        optimizer.on_request_start()
+        for _ in range(20):
+            live_request(5000)
+        optimizer.on_request_end()
+
+    def on_an_app_thread() -> None:
+        thread = threading.Thread(target=request)
+        thread.start()
+        thread.join()
+
+    profiler.start()
+    try:
+        assert wait_for(lambda: profiler.holding_objects)
+        on_an_app_thread()
+        still_open = profiler.holding_objects
+        assert wait_for(lambda: not profiler.holding_objects, timeout=30)
+    finally:
+        profiler.stop()
+    assert still_open  # the window outlasted the requests: the test saw what it means to
+    assert gc.get_threshold()[0] == before
+    assert not [c for c in optimizer.changes if c.action == "set_threshold"]
+    on_an_app_thread()  # the window is gone: the same requests raise it
     assert gc.get_threshold()[0] > before
 
 

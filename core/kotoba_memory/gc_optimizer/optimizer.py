@@ -101,6 +101,11 @@ class _FoundState:
     freeze_count: int
 
 
+def _profiler_holding_objects() -> bool:
+    profiler = registry.active("profiler")
+    return profiler is not None and getattr(profiler, "holding_objects", False) is True
+
+
 def get_active_gc_optimizer() -> GcOptimizer | None:
     """The started :class:`GcOptimizer` of this process, if any."""
     optimizer: GcOptimizer | None = registry.active("gc_optimizer")
@@ -476,10 +481,11 @@ class GcOptimizer(_Hooks):
 
     # -- the gc callback listener (no locks) ------------------------------------------------------
     def _on_collection(self, generation: int, collected: int, examined: int, explicit: bool) -> None:
-        # A collection on the scheduler's thread was set off by our own background work (a profiler
-        # window reading traces back holds every object it makes): it says nothing of the app's
-        # requests, so it neither tunes the valve nor counts towards a long request.
-        if explicit or not self._tuning or scheduler.on_own_thread():
+        # While our own background work holds many new objects (a profiler window's read-backs: tens of
+        # thousands of live tuples), a young collection, on whichever thread it runs, finds those: it
+        # says nothing of the app's requests, so it neither tunes the valve nor counts towards a long
+        # request. So does any collection on the scheduler's thread (only our work runs there).
+        if explicit or not self._tuning or scheduler.on_own_thread() or _profiler_holding_objects():
             return
         if not self._long_request:
             self._watch_for_long_request()

@@ -297,6 +297,7 @@ class MemoryProfiler:
         self._max_window_ms = 0.0
         self._tracing_mode = "off"
         self._in_window = False
+        self._holding = False  # from a window's opening until its read-backs are grouped and dropped
         forks.register(self.reinit_after_fork, name="memory_profiler")
 
     # ------------------------------------------------------------------ lifecycle
@@ -453,7 +454,7 @@ class MemoryProfiler:
             self._tracing_mode = "window" if owned else "shared"
             if owned:
                 tracemalloc.start(self.trace_frames)
-            self._in_window = True
+            self._in_window = self._holding = True
             gap_counts = self._routes.take_window_counts()
             opened = time.monotonic()
             if self._budget is not None:
@@ -560,6 +561,12 @@ class MemoryProfiler:
             gc.unfreeze()
             self._thaws += 1
 
+    @property
+    def holding_objects(self) -> bool:
+        """True while a tracing window's read-backs are alive (from its opening until they are grouped):
+        young collections meanwhile find our objects, not the app's garbage."""
+        return self._holding
+
     def _interval_s(self) -> float:
         """Seconds from one window's start to the next: the configured interval, or more under a budget."""
         return self.window_interval_s if self._budget is None else self._budget.next_interval_s
@@ -568,7 +575,7 @@ class MemoryProfiler:
         if self._budget is not None:
             self._budget.abandoned(time.monotonic(), time.process_time())
         window, self._window = self._window, None
-        self._in_window = False
+        self._in_window = self._holding = False
         self._census_due, self._census_found, self._census_keys = False, None, []
         if window is not None and window.owned and tracemalloc.is_tracing():
             tracemalloc.stop()
@@ -594,6 +601,8 @@ class MemoryProfiler:
         self._detector.add_window(snapshots, routes, steps)
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
+        del snapshots
+        self._holding = False
         self._note_window_cost(time.perf_counter() - started)
         if self._budget is not None:
             self._budget.closed(time.monotonic(), time.process_time(), sum(routes.values()))
