@@ -979,7 +979,8 @@ typedef struct {
     Py_ssize_t countdown;  /* requests left until the next measured one */
     double log_q;          /* log1p(-1/mean gap), -inf when every == 1 */
     double rss_budget;     /* share of request time the reads may cost; 0.0: none */
-    double rss_cost_s, rss_duration_s;  /* running means over measured requests; -1.0: none yet */
+    double rss_cost_s, rss_duration_s;  /* running means over measured requests */
+    int rss_samples;       /* measured requests in the means, counted up to RSS_MEAN_OVER */
     PyObject *gc_optimizer, *profiler, *on_request, *rss_reader;
     /* The last profiler seen and its route table (NULL: it has none), so that a request reaches the
      * table without a Python frame; looked up again whenever the getter returns another profiler. */
@@ -1005,21 +1006,22 @@ typedef struct {
 } MeasurementObject;
 
 #define MAX_RSS_GAP 1000000.0
-#define RSS_COST_WEIGHT (1.0 / 16)
+#define RSS_MEAN_OVER 16
+#define RSS_COST_CLAMP 4.0
 
-/* The reference's _note_rss_cost: running means of read cost and duration, and the mean gap at which the
- * reads cost rss_budget of request time (never below every). */
+/* The reference's _note_rss_cost: running means of read cost (each at most RSS_COST_CLAMP times the mean)
+ * and duration (the n-th weighs 1/n up to RSS_MEAN_OVER), and the mean gap at which the reads cost
+ * rss_budget of request time (never below every). */
 static void
 note_rss_cost(RecorderObject *self, double cost_s, double duration_s)
 {
-    if (self->rss_cost_s < 0.0) {
-        self->rss_cost_s = cost_s;
-        self->rss_duration_s = duration_s;
+    if (self->rss_samples) {
+        double most = RSS_COST_CLAMP * self->rss_cost_s;
+        cost_s = most < cost_s ? most : cost_s;  /* min(cost_s, most), NaN included, as in the reference */
     }
-    else {
-        self->rss_cost_s += RSS_COST_WEIGHT * (cost_s - self->rss_cost_s);
-        self->rss_duration_s += RSS_COST_WEIGHT * (duration_s - self->rss_duration_s);
-    }
+    int n = self->rss_samples = self->rss_samples < RSS_MEAN_OVER ? self->rss_samples + 1 : RSS_MEAN_OVER;
+    self->rss_cost_s += (cost_s - self->rss_cost_s) / n;
+    self->rss_duration_s += (duration_s - self->rss_duration_s) / n;
     double allowed = self->rss_budget * self->rss_duration_s;
     double gap = allowed > 0.0 ? self->rss_cost_s / allowed : MAX_RSS_GAP;
     double every = (double)self->every;
@@ -1515,6 +1517,7 @@ static PyMemberDef Recorder_members[] = {
     {"_rss_budget", T_DOUBLE, offsetof(RecorderObject, rss_budget), 0, NULL},
     {"_rss_cost_s", T_DOUBLE, offsetof(RecorderObject, rss_cost_s), 0, NULL},
     {"_rss_duration_s", T_DOUBLE, offsetof(RecorderObject, rss_duration_s), 0, NULL},
+    {"_rss_samples", T_INT, offsetof(RecorderObject, rss_samples), 0, NULL},
     {"gc_optimizer", T_OBJECT, offsetof(RecorderObject, gc_optimizer), 0, "getter of the GC optimizer"},
     {"profiler", T_OBJECT, offsetof(RecorderObject, profiler), 0, "getter of the memory profiler"},
     {"on_request", T_OBJECT, offsetof(RecorderObject, on_request), 0, "called with every RequestMetrics"},

@@ -58,8 +58,13 @@ DEFAULT_RSS_SAMPLE_EVERY = 8
 DEFAULT_RSS_SAMPLE_BUDGET = 0.001
 #: The widest mean gap the budget sets (also rss_sample_every's upper bound).
 _MAX_RSS_GAP = 1_000_000
-# Weight of the newest sampled request in the running means of read cost and request duration.
-_RSS_COST_WEIGHT = 1.0 / 16
+# The running means of read cost and request duration weigh the n-th measured request 1/n up to this
+# many (a plain mean while they start, so the first, cold reading fades fast), then 1/_RSS_MEAN_OVER.
+_RSS_MEAN_OVER = 16
+# A read's cost counts for at most this many times the running mean: the reads are timed on the wall
+# clock, and a thread descheduled mid-read (milliseconds on a busy machine) would otherwise widen the
+# gap a hundredfold, and keep it wide, since the wider the gap the rarer the readings that narrow it.
+_RSS_COST_CLAMP = 4.0
 # Our own generator: drawing gaps from ``random``'s shared one would shift a seeded app's sequence.
 _rng = random.Random()
 forks.register(_rng.seed, name="request RSS sample gaps")  # forked workers must not draw the same gaps
@@ -366,9 +371,10 @@ class PyRequestRecorder:
             rss_sample_budget, "rss_sample_budget", high=1.0
         )
         self._log_q = math.log1p(-1.0 / self.every) if self.every > 1 else -math.inf
-        # 0.0: no budget. The running means start at the first measured request (-1.0: none yet).
+        # 0.0: no budget. The running means start at the first measured request.
         self._rss_budget = 0.0 if budget is None or self.every == 1 else float(budget)
-        self._rss_cost_s = self._rss_duration_s = -1.0
+        self._rss_cost_s = self._rss_duration_s = 0.0
+        self._rss_samples = 0  # measured requests in the means, counted up to _RSS_MEAN_OVER
         self.countdown = self.next_gap()  # requests left until the next measured one
         # The getters look up the optimizer/profiler active at call time (the process registry); the
         # defaults are get_active_gc_optimizer / get_active_profiler as C-level calls (per request).
@@ -394,14 +400,15 @@ class PyRequestRecorder:
     def _note_rss_cost(self, cost_s: float, duration_s: float) -> None:
         """A measured request's reads took ``cost_s`` over its ``duration_s``: set the gap the budget allows.
 
-        Running means of both over measured requests (a random sample of all); the mean gap is where
-        reads cost ``rss_sample_budget`` of request time, never below ``every``.
+        Running means of both over measured requests (a random sample of all: a plain mean of the first
+        16, then each new one weighs 1/16; a cost counts for at most four times the mean); the mean gap
+        is where reads cost ``rss_sample_budget`` of request time, never below ``every``.
         """
-        if self._rss_cost_s < 0.0:
-            cost, duration = cost_s, duration_s
-        else:
-            cost = self._rss_cost_s + _RSS_COST_WEIGHT * (cost_s - self._rss_cost_s)
-            duration = self._rss_duration_s + _RSS_COST_WEIGHT * (duration_s - self._rss_duration_s)
+        if self._rss_samples:
+            cost_s = min(cost_s, _RSS_COST_CLAMP * self._rss_cost_s)
+        n = self._rss_samples = min(self._rss_samples + 1, _RSS_MEAN_OVER)
+        cost = self._rss_cost_s + (cost_s - self._rss_cost_s) / n
+        duration = self._rss_duration_s + (duration_s - self._rss_duration_s) / n
         self._rss_cost_s, self._rss_duration_s = cost, duration
         allowed = self._rss_budget * duration
         gap = cost / allowed if allowed > 0.0 else float(_MAX_RSS_GAP)

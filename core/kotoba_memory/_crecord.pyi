@@ -11,6 +11,7 @@ class Recorder:
     _rss_budget: float
     _rss_cost_s: float
     _rss_duration_s: float
+    _rss_samples: int
     gc_optimizer: Callable[[], Any]
     profiler: Callable[[], Any]
     on_request: Callable[[Any], None] | None

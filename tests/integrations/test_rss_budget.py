@@ -76,12 +76,19 @@ def test_the_gap_is_where_reads_cost_the_budget_never_below_every(recorder_cls: 
 def test_the_gap_follows_running_means_and_stays_within_bounds(recorder_cls: Any) -> None:
     recorder = _quiet(recorder_cls, rss_sample_budget=0.001)
     recorder._note_rss_cost(20e-6, 1e-3)
-    recorder._note_rss_cost(20e-6, 2e-3)  # one step of 1/16 towards the newer duration
-    duration = 1e-3 + (2e-3 - 1e-3) / 16
-    assert recorder.mean_gap == pytest.approx(20e-6 / (0.001 * duration))
-    recorder._note_rss_cost(1.0, 0.0)  # a clock that did not move: the widest gap, no division by zero
+    recorder._note_rss_cost(20e-6, 2e-3)  # a plain mean while the means start
+    assert recorder.mean_gap == pytest.approx(20e-6 / (0.001 * 1.5e-3))
+    # A read that took 5 ms (the thread descheduled mid-read) counts as four times the mean at most.
+    recorder._note_rss_cost(5e-3, 1.5e-3)
+    assert recorder.mean_gap == pytest.approx((20e-6 + 60e-6 / 3) / (0.001 * 1.5e-3))
+    steady = _quiet(recorder_cls, rss_sample_budget=0.001)
+    for _ in range(40):
+        steady._note_rss_cost(20e-6, 1e-3)
+    steady._note_rss_cost(40e-6, 1e-3)  # past the first 16, each new one weighs 1/16
+    assert steady._rss_samples == 16
+    assert steady.mean_gap == pytest.approx((20e-6 + 20e-6 / 16) / (0.001 * 1e-3))
     capped = _quiet(recorder_cls, rss_sample_budget=0.001)
-    capped._note_rss_cost(1.0, 0.0)
+    capped._note_rss_cost(1.0, 0.0)  # a clock that did not move: the widest gap, no division by zero
     assert capped.mean_gap == pytest.approx(1_000_000, rel=1e-6)
     huge = _quiet(recorder_cls, rss_sample_budget=1e-6)
     huge._note_rss_cost(1.0, 1e-6)
@@ -101,6 +108,7 @@ def test_c_and_the_reference_set_the_same_gaps_from_the_same_figures() -> None:
         for py, c in zip(both[0::2], both[1::2], strict=True):
             assert math.isclose(c._log_q, py._log_q, rel_tol=1e-12)
             assert (c._rss_cost_s, c._rss_duration_s) == pytest.approx((py._rss_cost_s, py._rss_duration_s))
+            assert c._rss_samples == py._rss_samples
 
 
 @impl
