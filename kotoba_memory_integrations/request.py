@@ -53,9 +53,11 @@ _RSS_REUSE_S = 0.010
 #: RSS is measured on one request in this many on average at most (a random gap: see RequestRecorder).
 #: The ``/proc`` read is the largest per-request cost inside a worker; per-route means stay unbiased.
 DEFAULT_RSS_SAMPLE_EVERY = 8
-#: Share of request time (as the middleware measures it: the app's part) the RSS reads of measured
-#: requests may cost: past it the gap between measured requests grows (see RequestRecorder).
-DEFAULT_RSS_SAMPLE_BUDGET = 0.001
+#: Share of request time (as the middleware measures it: the app's part, on the wall clock) the RSS reads
+#: of measured requests may cost: past it the gap between measured requests grows (see RequestRecorder).
+#: A threaded worker's requests wait for the GIL, so their wall time is 2-3x their CPU: 0.02% of wall
+#: time keeps the reads near 0.05% of the worker's CPU.
+DEFAULT_RSS_SAMPLE_BUDGET = 0.0002
 #: The widest mean gap the budget sets (also rss_sample_every's upper bound).
 _MAX_RSS_GAP = 1_000_000
 # The running means of read cost and request duration weigh the n-th measured request 1/n up to this

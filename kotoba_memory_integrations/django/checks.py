@@ -52,7 +52,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 f"{exc.field} {exc.reason}.",
                 hint="RSS_SAMPLE_EVERY: 1 measures memory on every request, N (default 8) on one request "
                 "in N at most; RSS_SAMPLE_BUDGET: the share of request time the reads may cost "
-                "(default 0.001), or None.",
+                "(default 0.0002), or None.",
                 obj=exc.field,
                 id="kotoba_memory.E004",
             )

@@ -28,7 +28,7 @@ from kotoba_memory_integrations import runtime
 from kotoba_memory_integrations.django import checks
 from kotoba_memory_integrations.django.apps import KotobaMemoryConfig, start_from_settings
 from kotoba_memory_integrations.django.middleware import route_of, wrap_asgi, wrap_wsgi
-from kotoba_memory_integrations.request import RequestMetrics
+from kotoba_memory_integrations.request import DEFAULT_RSS_SAMPLE_BUDGET, RequestMetrics
 
 MIDDLEWARE_PATH = "kotoba_memory_integrations.django.middleware.MemoryMiddleware"
 
@@ -340,5 +340,5 @@ def test_rss_sampling_settings_reach_the_recorder() -> None:
     with override_settings(KOTOBA_MEMORY_RSS_SAMPLE_BUDGET=None):
         assert wrap_wsgi(WSGIHandler()).recorder.rss_sample_budget is None
     with override_settings(KOTOBA_MEMORY_RSS_SAMPLE_BUDGET="cheap"):  # invalid: E004 says why
-        assert wrap_asgi(ASGIHandler()).recorder.rss_sample_budget == 0.001
-    assert wrap_wsgi(WSGIHandler()).recorder.rss_sample_budget == 0.001
+        assert wrap_asgi(ASGIHandler()).recorder.rss_sample_budget == DEFAULT_RSS_SAMPLE_BUDGET
+    assert wrap_wsgi(WSGIHandler()).recorder.rss_sample_budget == DEFAULT_RSS_SAMPLE_BUDGET

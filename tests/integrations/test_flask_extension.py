@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from kotoba_memory.errors import ConfigError
 from kotoba_memory_integrations import request as _request
 from kotoba_memory_integrations.flask import EXTENSION_KEY, KotobaMemory
-from kotoba_memory_integrations.request import RequestMetrics
+from kotoba_memory_integrations.request import DEFAULT_RSS_SAMPLE_BUDGET, RequestMetrics
 from kotoba_memory_integrations.wsgi import MemoryMiddleware
 
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -122,7 +122,7 @@ def test_rss_sample_every_reaches_the_middleware(seen: list[RequestMetrics]) -> 
     assert app.wsgi_app.recorder.rss_sample_budget == 0.02  # type: ignore[attr-defined]
     app = make_app()
     KotobaMemory(app)
-    assert app.wsgi_app.recorder.rss_sample_budget == 0.001  # type: ignore[attr-defined]
+    assert app.wsgi_app.recorder.rss_sample_budget == DEFAULT_RSS_SAMPLE_BUDGET  # type: ignore[attr-defined]
 
 
 def test_init_app_factory_pattern_and_overrides() -> None:

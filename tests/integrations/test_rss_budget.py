@@ -53,7 +53,7 @@ class SlowRss:
 def test_the_defaults_start_at_one_in_every_and_keep_a_budget(recorder_cls: Any) -> None:
     recorder = _quiet(recorder_cls)
     assert recorder.every == DEFAULT_RSS_SAMPLE_EVERY == 8
-    assert recorder.rss_sample_budget == DEFAULT_RSS_SAMPLE_BUDGET == 0.001
+    assert recorder.rss_sample_budget == DEFAULT_RSS_SAMPLE_BUDGET == 0.0002
     assert recorder.mean_gap == pytest.approx(8.0)
 
 
