@@ -1502,7 +1502,7 @@ static PyMethodDef Recorder_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))Recorder_begin, METH_FASTCALL | METH_KEYWORDS,
      "begin(method='GET'): start measuring a request."},
     {"next_gap", (PyCFunction)Recorder_next_gap, METH_NOARGS,
-     "Requests from one RSS measurement to the next: geometric with mean rss_sample_every."},
+     "Requests from one RSS measurement to the next: geometric with mean mean_gap."},
     {"_note_rss_cost", (PyCFunction)(void (*)(void))Recorder_note_rss_cost, METH_FASTCALL,
      "A measured request's reads took cost_s over its duration_s: set the gap the budget allows."},
     {"deliver", (PyCFunction)Recorder_deliver, METH_O,
