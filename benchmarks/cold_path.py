@@ -12,7 +12,7 @@ machine's load and the app's drift cancel), the median of ``--rounds`` per-round
 Each contender runs in its own process (what is registered as running is process-wide):
 
 - ``middleware``: the recorder alone, no optimizer, at its defaults (RSS read on one request in 8 at
-  most, fewer while the reads cost more than ``rss_sample_budget``, 0.1%, of request time);
+  most, fewer while the reads cost more than ``rss_sample_budget``, 0.02%, of request time);
 - ``middleware-every-8``: the same with RSS read on one request in 8 whatever it costs (no budget);
 - ``middleware-no-rss``: the same without RSS reads (``rss_sample_every`` huge);
 - ``profiler``: no RSS reads, a registered ``MemoryProfiler`` (its per-route table gets every request);

@@ -252,7 +252,6 @@ class PyRequestMeasurement(RequestMeasurement):
                 except Exception:
                     _count_error()
                     self._gc = None
-            self._read_s = 0.0
             if recorder.every == 1:
                 self._sampled = True
                 self._rss0 = recorder.rss_reader.recent(_RSS_REUSE_S)
@@ -266,7 +265,7 @@ class PyRequestMeasurement(RequestMeasurement):
                     recorder.countdown = recorder.next_gap()
                     self._sampled = True
                     # A fresh reading: the last one may predate unmeasured requests, whose growth it
-                    # would add to this one's.
+                    # would add to this one's. Timed for the budget (read back only on this path).
                     started = time.perf_counter()
                     self._rss0 = recorder.rss_reader.rss()
                     self._read_s = time.perf_counter() - started

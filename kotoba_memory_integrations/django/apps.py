@@ -60,15 +60,11 @@ def misspelt_settings() -> list[tuple[str, str]]:
 def rss_sampling_from_settings() -> tuple[int, float | None]:
     """``KOTOBA_MEMORY_RSS_SAMPLE_EVERY`` and ``_BUDGET`` (or their defaults); a ``ConfigError`` naming the
     setting when either is invalid."""
-    from kotoba_memory.errors import ConfigError
-    from kotoba_memory.validation import check_positive
+    from kotoba_memory.validation import check_positive, check_positive_int
     from kotoba_memory_integrations.request import DEFAULT_RSS_SAMPLE_BUDGET, DEFAULT_RSS_SAMPLE_EVERY
 
     every = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", DEFAULT_RSS_SAMPLE_EVERY)
-    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 1_000_000:
-        raise ConfigError(
-            "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", f"must be an int from 1 to 1000000, got {every!r}"
-        )
+    check_positive_int(every, "KOTOBA_MEMORY_RSS_SAMPLE_EVERY", high=1_000_000)
     budget = getattr(settings, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET", DEFAULT_RSS_SAMPLE_BUDGET)
     if budget is not None:
         budget = float(check_positive(budget, "KOTOBA_MEMORY_RSS_SAMPLE_BUDGET", high=1.0))

@@ -601,7 +601,6 @@ class MemoryProfiler:
         self._detector.add_window(snapshots, routes, steps)
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
-        del snapshots
         self._holding = False
         self._note_window_cost(time.perf_counter() - started)
         if self._budget is not None:
