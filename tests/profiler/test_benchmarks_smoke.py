@@ -257,3 +257,56 @@ def test_field_uptime_keeps_each_servers_worker_dumps(tmp_path: Path) -> None:
     copy = tmp_path / "kept" / "on" / "worker-12.json"
     assert json.loads(copy.read_text(encoding="utf-8")) == {"pid": 12}
 
+
+
+_PERF_REPORT = """\
+# To display the perf.data header info, please use --header/--header-only options.
+#
+# Samples: 2K of event 'cpu-clock:ppp'
+#
+# Samples  Shared Object         Symbol
+# .......  ....................  .................................
+#
+      1927  libpython3.11.so.1.0  [.] _PyObject_Malloc
+       412  [kernel.kallsyms]     [k] finish_task_switch.isra.0
+        31  libpython3.11.so.1.0  [.] gc_collect_main
+         3  _crecord.cpython-311-x86_64-linux-gnu.so  [.] RouteTable_record
+"""
+
+
+def test_field_perf_counts_samples_per_symbol_and_ranks_what_differs() -> None:
+    bench = load("field_perf")
+    counts = bench.parse_report(_PERF_REPORT)
+    assert counts[("libpython3.11.so.1.0", "_PyObject_Malloc")] == 1927
+    assert counts[("[kernel.kallsyms]", "finish_task_switch.isra.0")] == 412
+    assert sum(counts.values()) == 1927 + 412 + 31 + 3
+    on = bench.per_thousand(counts, 2000)
+    assert on[("libpython3.11.so.1.0", "_PyObject_Malloc")] == pytest.approx(963.5)
+    base = dict(on)
+    base[("libpython3.11.so.1.0", "_PyObject_Malloc")] = 900.0
+    base[("libpython3.11.so.1.0", "gc_collect_main")] = 10.0
+    ranked = bench.differences({"on": on, "base": base}, "base", 2)
+    assert [key[1] for key, _ in ranked] == ["_PyObject_Malloc", "gc_collect_main"]
+    assert ranked[0][1] == {"on": pytest.approx(963.5), "base": 900.0}
+    with pytest.raises(ValueError, match="requests"):
+        bench.per_thousand(counts, 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--server", "on={"], "not JSON"),
+        (["--server", "on=[]"], "JSON object"),
+        (["--server", 'on={"cache_size_mb": -1}'], "cache_size_mb"),
+        (["--server", "on={}", "--baseline", "off"], "--baseline"),
+        (["--server", "on={}", "--server-env", "off=A=1"], "--server-env"),
+        (["--server", "on={}", "--rounds", "0"], "--rounds"),
+    ],
+)
+def test_field_perf_refuses_bad_arguments_before_starting_servers(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load("field_perf").main(argv)
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
