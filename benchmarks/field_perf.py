@@ -25,6 +25,7 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,35 @@ def differences(
 
     ranked = sorted(keys, key=lambda key: (-spread(key), key))[:top]
     return [(key, {name: r.get(key, 0.0) for name, r in rates.items()}) for key in ranked]
+
+
+def worker_heaps(dumps: Path) -> list[dict[str, Any]]:
+    """The pymalloc figures each worker dumped at exit (``process-<pid>.json``; none when absent)."""
+    found = []
+    for path in sorted(dumps.glob("process-*.json")):
+        heap = json.loads(path.read_text(encoding="utf-8")).get("pymalloc")
+        if heap:
+            found.append(heap)
+    return found
+
+
+def class_free_blocks(heaps: list[dict[str, Any]]) -> dict[str, float]:
+    """Per size class (bytes), the mean over workers of the free blocks in its pools in use."""
+    totals: dict[str, float] = {}
+    for heap in heaps:
+        for size, (_pools, _used, free) in heap.get("classes", {}).items():
+            totals[size] = totals.get(size, 0.0) + free / len(heaps)
+    return totals
+
+
+def heap_summary(heaps: list[dict[str, Any]]) -> str:
+    """Mean arenas, pools in use, free blocks in them and fill over workers ('' when none dumped)."""
+    if not heaps:
+        return ""
+    mean = {k: statistics.fmean(h[k] or 0 for h in heaps)
+            for k in ("arenas", "pools", "blocks_free_in_used_pools", "fill")}
+    return (f"{mean['arenas']:.1f} arenas, {mean['pools']:.0f} pools, "
+            f"{mean['blocks_free_in_used_pools']:.0f} free blocks in them, fill {mean['fill']:.3f}")
 
 
 def _pairs(specs: list[str], flag: str) -> list[tuple[str, str]]:
@@ -152,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = {name: Counter[tuple[str, str]]() for name in configs}
     requests = dict.fromkeys(configs, 0)
     watched: dict[str, list[list[float]]] = {symbol: [] for symbol in args.watch}
+    heaps: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     names = list(configs)
     with tempfile.TemporaryDirectory(prefix="field-perf-") as tmp:
         work = Path(tmp)
@@ -165,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             servers: dict[str, Server] = {}
             try:
                 for name in order:
+                    (work / f"{name}-{r}").mkdir()
                     servers[name] = Server(
-                        True, workers=args.workers, overrides=configs[name] or None, extra_env=envs[name]
+                        True, workers=args.workers, overrides=configs[name] or None, extra_env=envs[name],
+                        out=work / f"{name}-{r}",
                     )
                 paired_round(servers, args.warmup_s, script, args.connections)
                 recorders = {
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 this_round[name] = _report(work / f"{name}-{r}.data")
                 samples[name] += this_round[name]
                 requests[name] += int(served[f"{name}_requests"])
+            for name in names:
+                heaps[name].extend(worker_heaps(work / f"{name}-{r}"))
             for symbol, rows in watched.items():
                 rows.append([
                     100.0 * sum(c for (_, s), c in this_round[n].items() if s == symbol)
@@ -202,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     for (obj, symbol), row in table:
         label = f"{symbol} ({Path(obj).name})"[:58]
         print(f"{label:58s} " + " ".join(f"{row[n]:10.2f}" for n in names))
+    print("\npymalloc at each worker's exit (mean over workers): " + "; ".join(
+        f"{n} {summary}" for n in names if (summary := heap_summary(heaps[n]))))
+    free = {n: class_free_blocks(heaps[n]) for n in names}
+    if free[baseline]:
+        sizes = sorted(set().union(*free.values()), key=lambda c: -max(
+            abs(free[n].get(c, 0.0) - free[baseline].get(c, 0.0)) for n in names))[:6]
+        print("free blocks in used pools by size class (mean over workers): " + "; ".join(
+            f"{c} B: " + ", ".join(f"{n} {free[n].get(c, 0.0):.0f}" for n in names) for c in sizes))
     for symbol, rows in watched.items():
         print(f"\n{symbol}, % of each server's samples per round: " + "; ".join(
             ", ".join(f"{n} {v:.2f}" for n, v in zip(names, row, strict=True)) for row in rows))
@@ -210,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "requests": requests, "samples_per_1000": totals,
             "top": [{"object": obj, "symbol": s, "rates": row} for (obj, s), row in table],
-            "watched": watched,
+            "watched": watched, "pymalloc": heaps,
         }, indent=1), encoding="utf-8")
     return 0
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,48 @@ def dump_analysis() -> Path | None:
     return path
 
 
+_POOL_ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$")
+_ARENAS = re.compile(r"^# arenas allocated current\s*=\s*([\d,]+)")
+
+
+def pymalloc_stats() -> dict[str, Any] | None:
+    """pymalloc's pools and blocks now (``sys._debugmallocstats``): how densely the in-use pools are
+    filled, per size class and in all; None where the interpreter does not print them."""
+    debug = getattr(sys, "_debugmallocstats", None)
+    if debug is None:
+        return None
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(capture.fileno(), 2)  # it writes to the C-level stderr
+            debug()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode("utf-8", "replace")
+    classes: dict[str, list[int]] = {}
+    arenas = None
+    for line in text.splitlines():
+        row = _POOL_ROW.match(line)
+        if row is not None:
+            _, size, pools, used, free = (int(x) for x in row.groups())
+            classes[str(size)] = [pools, used, free]
+        found = _ARENAS.match(line.strip())
+        if found is not None:
+            arenas = int(found.group(1).replace(",", ""))
+    if not classes:
+        return None
+    used = sum(c[1] for c in classes.values())
+    free = sum(c[2] for c in classes.values())
+    return {
+        "arenas": arenas, "pools": sum(c[0] for c in classes.values()), "blocks_in_use": used,
+        "blocks_free_in_used_pools": free, "fill": round(used / max(1, used + free), 4),
+        "classes": classes,  # size in bytes -> [pools, blocks in use, free blocks in those pools]
+    }
+
+
 def _dump_process(path: Path, optimizer: Any) -> None:
     """CPU seconds per thread (by Python thread name), the collector's settings and counts, and the GC
     optimizer's mode and changes: where a worker's CPU went besides the requests."""
@@ -100,6 +145,7 @@ def _dump_process(path: Path, optimizer: Any) -> None:
         "gc_freeze_count": gc.get_freeze_count(), "gc_stats": gc.get_stats(),
         "tasks_cpu_s": {task.name: round(task.cpu_s, 6) for task in scheduler.tasks()},
         "rss_mean_gaps": [round(recorder.mean_gap, 1) for recorder in recorders],
+        "pymalloc": pymalloc_stats(),
     }
     gc_optimizer = getattr(optimizer, "gc_optimizer", None)
     if gc_optimizer is not None:

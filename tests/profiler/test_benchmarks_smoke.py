@@ -310,3 +310,28 @@ def test_field_perf_refuses_bad_arguments_before_starting_servers(
         load("field_perf").main(argv)
     assert exited.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_field_workers_dump_how_densely_pymalloc_fills_its_pools(tmp_path: Path) -> None:
+    sys.path[:0] = [str(REPO)]
+    try:
+        from benchmarks.field_apps._profiling import pymalloc_stats
+    finally:
+        sys.path.remove(str(REPO))
+    before = pymalloc_stats()
+    assert before is not None
+    keep = [(i, str(i)) for i in range(50_000)]  # ~100k new blocks, most in two size classes
+    after = pymalloc_stats()
+    assert after is not None
+    assert after["blocks_in_use"] - before["blocks_in_use"] > 50_000
+    assert after["pools"] > before["pools"] and 0.0 < after["fill"] <= 1.0
+    assert after["arenas"] >= before["arenas"] >= 1
+    del keep
+    bench = load("field_perf")
+    (tmp_path / "process-1.json").write_text(json.dumps({"pymalloc": after}), encoding="utf-8")
+    (tmp_path / "process-2.json").write_text(json.dumps({"pymalloc": None}), encoding="utf-8")
+    [heap] = bench.worker_heaps(tmp_path)
+    assert heap["pools"] == after["pools"]
+    assert bench.class_free_blocks([heap])["32"] == after["classes"]["32"][2]
+    assert f"{after['pools']} pools" in bench.heap_summary([heap])
+    assert bench.heap_summary([]) == ""
