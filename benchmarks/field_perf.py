@@ -16,7 +16,9 @@ counts of a symbol that stays hot over every round are steadier than a whole pro
 
 ``--server-env NAME=KEY=VALUE`` sets an environment variable for one server (the field apps read
 ``FIELD_FIRST_WINDOW_S``, when the profiler's first tracing window opens). ``--watch SYMBOL`` prints
-that symbol's share of each server's samples round by round. Needs ``perf`` (``linux-perf``) and wrk.
+that symbol's share of each server's samples round by round. Needs ``perf`` (Debian's ``linux-perf``,
+not installed by ``scripts/bootstrap.sh``) and wrk. Each worker dumps pymalloc's pools at exit
+(``sys._debugmallocstats``); their fill per server is printed after the symbols.
 """
 
 from __future__ import annotations
@@ -175,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--baseline {baseline!r} is not a --server")
     if args.rounds < 1:
         parser.error(f"--rounds wants at least 1, got {args.rounds}")
-    for tool in ("perf", "wrk"):
+    for tool, how in (("perf", "apt-get install linux-perf"), ("wrk", "bash scripts/bootstrap.sh")):
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (bash scripts/bootstrap.sh installs it)")
+            raise SystemExit(f"{tool} is not installed ({how} installs it)")
 
     samples = {name: Counter[tuple[str, str]]() for name in configs}
     requests = dict.fromkeys(configs, 0)
