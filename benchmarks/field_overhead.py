@@ -203,6 +203,22 @@ def paired_round(
     return result
 
 
+def config_overrides(parser: argparse.ArgumentParser, flag: str, text: str) -> dict[str, Any]:
+    """The JSON object of MemoryConfig fields ``text`` holds, checked here (a bad one exits through
+    ``parser.error``), not in a worker that would fail to boot and leave only "did not come up"."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        parser.error(f"{flag}: not JSON ({exc})")
+    if not isinstance(overrides, dict):
+        parser.error(f"{flag}: wants a JSON object of MemoryConfig fields, got {text!r}")
+    try:
+        MemoryConfig(**overrides)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"{flag}: {exc}")
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -257,17 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, text = spec.partition("=")
         if not sep or not name.isidentifier() or name in _BUILT_IN:
             parser.error(f"--variant wants NAME=JSON with a new identifier for NAME, got {spec!r}")
-        try:
-            overrides = json.loads(text)
-        except json.JSONDecodeError as exc:
-            parser.error(f"--variant {name}: not JSON ({exc})")
-        if not isinstance(overrides, dict):
-            parser.error(f"--variant {name}: wants a JSON object of MemoryConfig fields, got {text!r}")
-        try:  # here, not in a worker that would fail to boot and leave only "did not come up"
-            MemoryConfig(**overrides)
-        except (TypeError, ValueError) as exc:
-            parser.error(f"--variant {name}: {exc}")
-        variants[name] = overrides
+        variants[name] = config_overrides(parser, f"--variant {name}", text)
     servers: dict[str, Server] = {}
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="field-overhead-") as tmp:

@@ -38,10 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "core")]
 
-from benchmarks.field_overhead import Server, paired_round  # noqa: E402
+from benchmarks.field_overhead import Server, config_overrides, paired_round  # noqa: E402
 from benchmarks.field_suite import APPS, _wrk_script  # noqa: E402
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
-from kotoba_memory.config import MemoryConfig  # noqa: E402
 
 # One row of `perf report --stdio --sort dso,sym -F sample,dso,sym`: samples, object, [k]/[.], symbol.
 _ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+\[(.)\]\s+(.*\S)\s*$")
@@ -155,17 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs: dict[str, dict[str, Any]] = {}
     for name, text in _pairs(args.server, "--server"):
-        try:
-            overrides = json.loads(text)
-        except json.JSONDecodeError as exc:
-            parser.error(f"--server {name}: not JSON ({exc})")
-        if not isinstance(overrides, dict):
-            parser.error(f"--server {name}: wants a JSON object of MemoryConfig fields, got {text!r}")
-        try:
-            MemoryConfig(**overrides)
-        except (TypeError, ValueError) as exc:
-            parser.error(f"--server {name}: {exc}")
-        configs[name] = overrides
+        configs[name] = config_overrides(parser, f"--server {name}", text)
     envs: dict[str, dict[str, str]] = {name: {} for name in configs}
     for name, text in _pairs(args.server_env, "--server-env"):
         key, sep, value = text.partition("=")
