@@ -108,12 +108,12 @@ def heap_summary(heaps: list[dict[str, Any]]) -> str:
             f"{mean['blocks_free_in_used_pools']:.0f} free blocks in them, fill {mean['fill']:.3f}")
 
 
-def _pairs(specs: list[str], flag: str) -> list[tuple[str, str]]:
+def _pairs(parser: argparse.ArgumentParser, specs: list[str], flag: str) -> list[tuple[str, str]]:
     found = []
     for spec in specs:
         name, sep, rest = spec.partition("=")
         if not sep or not name.isidentifier():
-            raise SystemExit(f"{flag} wants NAME=..., with NAME an identifier, got {spec!r}")
+            parser.error(f"{flag} wants NAME=..., with NAME an identifier, got {spec!r}")
         found.append((name, rest))
     return found
 
@@ -122,8 +122,17 @@ def _record(server: Server, seconds: float, out: Path) -> subprocess.Popen[bytes
     pids = ",".join(str(worker.pid) for worker in server.workers)
     return subprocess.Popen(
         ["perf", "record", "-q", "-F", "997", "-o", str(out), "-p", pids, "--", "sleep", f"{seconds:.0f}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+
+
+def wait_recorded(recorder: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    """Wait for one server's ``perf record``; a RuntimeError with perf's own words when it failed (e.g.
+    not allowed to attach: ``kernel.perf_event_paranoid``), instead of a report of a missing file."""
+    _, err = recorder.communicate(timeout=timeout)
+    if recorder.returncode != 0:
+        said = err.decode("utf-8", "replace").strip() or "no message"
+        raise RuntimeError(f"perf record for server {name} exited {recorder.returncode}: {said}")
 
 
 def _report(data: Path) -> Counter[tuple[str, str]]:
@@ -153,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     configs: dict[str, dict[str, Any]] = {}
-    for name, text in _pairs(args.server, "--server"):
+    for name, text in _pairs(parser, args.server, "--server"):
         configs[name] = config_overrides(parser, f"--server {name}", text)
     envs: dict[str, dict[str, str]] = {name: {} for name in configs}
-    for name, text in _pairs(args.server_env, "--server-env"):
+    for name, text in _pairs(parser, args.server_env, "--server-env"):
         key, sep, value = text.partition("=")
         if name not in configs or not sep or not key:
             parser.error(f"--server-env wants NAME=KEY=VALUE for a --server NAME, got {name}={text}")
@@ -197,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                     name: _record(s, args.record_s, work / f"{name}-{r}.data") for name, s in servers.items()
                 }
                 served = paired_round(servers, args.record_s, script, args.connections)
-                for recorder in recorders.values():
-                    recorder.wait(timeout=args.record_s + 120)
+                for name, recorder in recorders.items():
+                    wait_recorded(recorder, name, args.record_s + 120)
             finally:
                 for server in servers.values():
                     server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -301,6 +302,8 @@ def test_field_perf_counts_samples_per_symbol_and_ranks_what_differs() -> None:
         (["--server", "on={}", "--baseline", "off"], "--baseline"),
         (["--server", "on={}", "--server-env", "off=A=1"], "--server-env"),
         (["--server", "on={}", "--rounds", "0"], "--rounds"),
+        (["--server", "2on={}"], "NAME an identifier"),
+        (["--server", "on={}", "--server-env", "on"], "NAME an identifier"),
     ],
 )
 def test_field_perf_refuses_bad_arguments_before_starting_servers(
@@ -335,3 +338,15 @@ def test_field_workers_dump_how_densely_pymalloc_fills_its_pools(tmp_path: Path)
     assert bench.class_free_blocks([heap])["32"] == after["classes"]["32"][2]
     assert f"{after['pools']} pools" in bench.heap_summary([heap])
     assert bench.heap_summary([]) == ""
+
+
+def test_field_perf_says_why_perf_record_failed() -> None:
+    bench = load("field_perf")
+    failed = subprocess.Popen(
+        ["sh", "-c", "echo 'Access to performance monitoring is restricted' >&2; exit 255"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    with pytest.raises(RuntimeError, match=r"server on exited 255: Access to performance monitoring"):
+        bench.wait_recorded(failed, "on", 10)
+    fine = subprocess.Popen(["true"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    bench.wait_recorded(fine, "on", 10)
