@@ -16,7 +16,7 @@ from types import ModuleType
 PURE_PYTHON_ENV = "KOTOBA_MEMORY_PURE_PYTHON"
 
 # The compiled modules the package knows of (each built from csrc/<name>.c as kotoba_memory.<name>).
-EXTENSIONS: tuple[str, ...] = ("_ccache", "_cpool", "_crecord")
+EXTENSIONS: tuple[str, ...] = ("_ccache", "_cpool", "_crecord", "_cunpooled")
 
 _log = logging.getLogger("kotoba_memory")
 _lock = threading.Lock()

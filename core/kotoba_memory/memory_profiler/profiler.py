@@ -76,6 +76,7 @@ class _Window:
     gap: float
     pid: int
     raws: list[tuple[float, list[Any]]] = field(default_factory=list)
+    raw_heap: int = 0  # bytes the raws take in glibc's heap (their arrays, and objects made outside pymalloc)
     # requests per route finished since the previous snapshot, one dict per snapshot
     step_routes: list[dict[str, int]] = field(default_factory=list)
 
@@ -155,6 +156,8 @@ class _RouteTable:
 
 # The C table where built: the C request recorder then adds each request to it directly.
 _crecord = _native.load("_crecord")
+# Trace read-backs made outside pymalloc's pools where built (see _raw_traces).
+_cunpooled = _native.load("_cunpooled")
 _new_route_table: Callable[[int], Any] = _crecord.RouteTable if _crecord is not None else _RouteTable
 
 
@@ -398,6 +401,9 @@ class MemoryProfiler:
         heap = self._read_heap()
         if heap is not None:
             heap -= self._own_heap
+            window = self._window
+            if window is not None:
+                heap -= window.raw_heap
             if self._in_window and self._tracing_mode == "window":
                 heap -= tracemalloc.get_tracemalloc_memory()
         gauges: dict[int, float] = {}
@@ -469,7 +475,7 @@ class MemoryProfiler:
             self._abandon_window()
             return self._interval_s() - self.window_s
         started = time.perf_counter()
-        window.raws.append((time.time(), self._read_traces()))
+        window.raws.append((time.time(), self._read_traces(window)))
         window.step_routes.append(self._routes.take_window_counts())
         self._note_window_cost(time.perf_counter() - started)
         self._guarded(self._sample)
@@ -633,15 +639,17 @@ class MemoryProfiler:
         if self._budget is not None:
             self._budget.restart(self._started_at, time.process_time())
 
-    def _read_traces(self) -> list[Any]:
+    def _read_traces(self, window: _Window) -> list[Any]:
         """tracemalloc's raw traces now (one C call); its leftover heap is counted as ours."""
         before = process_memory.heap_in_use_bytes()
-        raw = _raw_traces()
+        raw, objects_heap = _raw_traces()
         after = process_memory.heap_in_use_bytes()
+        held = objects_heap + sys.getsizeof(raw)  # its objects (if made in glibc's heap) and its array
+        window.raw_heap += held  # ours until the window drops its raws
         if before is not None and after is not None:
             # CPython keeps a couple of hundred bytes of malloc memory per trace read-back; count it
             # as ours so it is not mistaken for growth of the process.
-            self._own_heap += max(0, after - before - sys.getsizeof(raw))
+            self._own_heap += max(0, after - before - held)
         return raw
 
     def _group(self, raw: list[Any]) -> dict[Key, tuple[int, int]]:
@@ -809,19 +817,26 @@ class MemoryProfiler:
         return await asyncio.to_thread(self.analyze)
 
 
-def _raw_traces() -> list[Any]:
-    """tracemalloc's raw traces ``(domain, size, frames innermost-first, ...)``.
+def _raw_traces() -> tuple[list[Any], int]:
+    """tracemalloc's raw traces ``(domain, size, frames innermost-first, ...)``, and the bytes they take
+    in glibc's heap (0 when they were made in pymalloc's pools).
 
     ``take_snapshot().statistics()`` builds Python objects per trace and costs several times more;
     the private reader is what ``take_snapshot`` itself uses, so fall back to it only if it vanishes.
+    Its tens of thousands of small objects are made outside pymalloc's pools where the C extension is
+    built: made there, they leave the pools sparse for good and cost the app's own allocations cache
+    misses ever after (docs/performance.md, rounds ten and eleven).
     """
     reader = getattr(tracemalloc, "_get_traces", None)
-    if reader is not None:
-        return list(reader())
-    return [
-        (trace.domain, trace.size, tuple((f.filename, f.lineno) for f in reversed(trace.traceback)))
-        for trace in tracemalloc.take_snapshot().traces
-    ]
+    if reader is None:
+        return [
+            (trace.domain, trace.size, tuple((f.filename, f.lineno) for f in reversed(trace.traceback)))
+            for trace in tracemalloc.take_snapshot().traces
+        ], 0
+    if _cunpooled is None:
+        return list(reader()), 0
+    raw, _blocks, heap = _cunpooled.call(reader)
+    return raw, heap
 
 
 class _SampleGrowth:
