@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-from kotoba_memory.allocators.process import malloc_trim as allocators_malloc_trim
 from kotoba_memory.process import memory as process_memory
 from kotoba_memory.process.memory import MemoryUsage, memory_limit_bytes
 
@@ -75,4 +74,4 @@ class MemoryCeiling:
 
 def malloc_trim() -> bool:
     """Return freed heap memory to the OS (glibc ``malloc_trim(0)``); False where it does not apply."""
-    return allocators_malloc_trim().supported
+    return process_memory.trim_heap()

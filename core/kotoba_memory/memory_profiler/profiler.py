@@ -55,6 +55,8 @@ _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
 _HEAP_READ_BUDGET = 0.0002  # share of the process's CPU the sampler may spend reading glibc's heap
 _HEAP_READ_MAX_GAP = 60  # samples between two heap readings at most
+# A window whose read-backs took this much of glibc's heap hands its free pages back when it closes.
+_TRIM_AFTER_READ_BACKS = 1 << 20
 
 
 class ProfilerError(KotobaMemoryError, RuntimeError):
@@ -608,6 +610,11 @@ class MemoryProfiler:
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._holding = False
+        if _cunpooled is not None and window.raw_heap >= _TRIM_AFTER_READ_BACKS:
+            # The read-backs' small blocks, freed, sit in glibc's fast bins, which it never returns to
+            # the OS by itself: the worker's RSS would keep a window's read-backs for good. The trim's
+            # cost is the window's, under its budget.
+            process_memory.trim_heap()
         self._note_window_cost(time.perf_counter() - started)
         if self._budget is not None:
             self._budget.closed(time.monotonic(), time.process_time(), sum(routes.values()))

@@ -371,3 +371,10 @@ def heap_in_use_bytes() -> int | None:
     from kotoba_memory.allocators.process import heap_in_use_bytes as read_heap
 
     return read_heap()
+
+
+def trim_heap() -> bool:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim(0)``); False where that does not apply."""
+    from kotoba_memory.allocators.process import malloc_trim
+
+    return malloc_trim().supported
