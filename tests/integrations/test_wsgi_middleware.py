@@ -408,11 +408,13 @@ def test_overlapped_requests_get_no_traced_delta() -> None:
 def test_rss_reader_reuses_a_recent_reading_only_within_its_age() -> None:
     reader = RssReader()
     first = reader.rss()
-    block = bytearray(64 << 20)
+    # Fresh pages from the kernel, touched: malloc could hand a bytearray pages already resident
+    # (freed, not trimmed, by an earlier test), and RSS would not move.
+    block = mmap.mmap(-1, 64 << 20)
     block[::4096] = b"r" * len(block[::4096])
     assert reader.recent(3600) == first  # young enough: no new read
     assert reader.recent(-1) >= first + (48 << 20)  # too old: read again, sees the growth
-    del block
+    block.close()
 
 
 def test_rss_sampling_draws_random_gaps_so_periodic_traffic_cannot_alias() -> None:
