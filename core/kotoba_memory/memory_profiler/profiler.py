@@ -580,13 +580,25 @@ class MemoryProfiler:
         return self.window_interval_s if self._budget is None else self._budget.next_interval_s
 
     def _abandon_window(self) -> None:
-        if self._budget is not None:
-            self._budget.abandoned(time.monotonic(), time.process_time())
         window, self._window = self._window, None
         self._in_window = self._holding = False
         self._census_due, self._census_found, self._census_keys = False, None, []
-        if window is not None and window.owned and tracemalloc.is_tracing():
-            tracemalloc.stop()
+        if window is not None:
+            if window.owned and tracemalloc.is_tracing():
+                tracemalloc.stop()
+            self._drop_read_backs(window)
+        if self._budget is not None:  # after the drop: the next gap's CPU rate leaves its trim out
+            self._budget.abandoned(time.monotonic(), time.process_time())
+
+    def _drop_read_backs(self, window: _Window) -> None:
+        """Free a window's trace read-backs; after big ones, hand glibc's free pages back to the OS."""
+        window.raws = []
+        if _cunpooled is not None and window.raw_heap >= _TRIM_AFTER_READ_BACKS:
+            # The read-backs' small blocks, freed, sit in glibc's fast bins, which it never returns to
+            # the OS by itself: the worker's RSS would keep a window's read-backs for good. The trim's
+            # cost is the window's, under its budget.
+            process_memory.trim_heap()
+        window.raw_heap = 0
 
     def _close_window(self, window: _Window) -> None:
         self._window = None
@@ -610,11 +622,7 @@ class MemoryProfiler:
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._holding = False
-        if _cunpooled is not None and window.raw_heap >= _TRIM_AFTER_READ_BACKS:
-            # The read-backs' small blocks, freed, sit in glibc's fast bins, which it never returns to
-            # the OS by itself: the worker's RSS would keep a window's read-backs for good. The trim's
-            # cost is the window's, under its budget.
-            process_memory.trim_heap()
+        self._drop_read_backs(window)
         self._note_window_cost(time.perf_counter() - started)
         if self._budget is not None:
             self._budget.closed(time.monotonic(), time.process_time(), sum(routes.values()))
