@@ -26,6 +26,8 @@ def create_app() -> Flask:
     cfg = config()
     app.config.update(
         KOTOBA_MEMORY_ENABLE_CACHING=cfg.enable_caching,
+        KOTOBA_MEMORY_ENABLE_PROFILING=cfg.enable_profiling,
+        KOTOBA_MEMORY_ENABLE_LEAK_DETECTION=cfg.enable_leak_detection,
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=cfg.monitoring_interval_ms,
         KOTOBA_MEMORY_LEAK_WINDOW_S=cfg.leak_window_s,
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=cfg.leak_window_interval_s,
