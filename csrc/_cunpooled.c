@@ -16,7 +16,7 @@
  * The function must not change the object allocator itself (tracemalloc.start/stop) nor release the
  * GIL; the collector is paused meanwhile (before 3.12 a collection runs inside an allocation, and its
  * finalizers could release the GIL). Free-threaded builds have no GIL to make the swap atomic and do
- * not build this.
+ * not build this; call() is refused while the process has another interpreter.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -96,6 +96,25 @@ unpooled_free(void *ctx, void *ptr)
 
 static PyMemAllocatorEx unpooled = {NULL, unpooled_malloc, unpooled_calloc, unpooled_realloc, unpooled_free};
 
+/* True when this is the process's only interpreter. The allocator is process-wide, and its swap is
+ * atomic only for the threads that hold this GIL: a subinterpreter with a GIL of its own (3.12+) could
+ * allocate while the struct is half copied. Interpreters that share the main GIL (mod_wsgi's) are refused
+ * too: they cannot be told apart here, and call()'s callers have a pooled fallback. */
+static int
+alone(void)
+{
+    PyInterpreterState *head = PyInterpreterState_Head();
+    return head != NULL && PyInterpreterState_Next(head) == NULL;
+}
+
+static PyObject *
+cunpooled_alone(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(alone());
+}
+
 static PyObject *
 cunpooled_call(PyObject *module, PyObject *func)
 {
@@ -106,6 +125,12 @@ cunpooled_call(PyObject *module, PyObject *func)
     }
     if (active) {
         PyErr_SetString(PyExc_RuntimeError, "kotoba_memory._cunpooled.call() is already running");
+        return NULL;
+    }
+    if (!alone()) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "kotoba_memory._cunpooled.call() swaps the process's object allocator: refused "
+                        "while another interpreter exists");
         return NULL;
     }
     active = 1;
@@ -143,6 +168,8 @@ static PyMethodDef cunpooled_methods[] = {
     {"call", (PyCFunction)cunpooled_call, METH_O,
      "call(func, /) -> (result, blocks, bytes): func() with the object blocks it makes kept out of\n"
      "pymalloc's pools; blocks and bytes: how many it made that way and the bytes they take in glibc's heap."},
+    {"alone", (PyCFunction)cunpooled_alone, METH_NOARGS,
+     "alone() -> bool: whether this is the process's only interpreter (call() is refused otherwise)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -240,3 +240,30 @@ def test_an_abandoned_windows_read_backs_do_not_stay_in_the_processs_rss() -> No
     # Given up over the trace table's cap after five snapshots: its read-backs are dropped and
     # trimmed as a closed window's are (without the trim: ~0.96 of the peak kept, as above).
     assert read_backs_kept_in_rss("trimmed", "abandoned") < 0.35
+
+
+def test_no_swap_while_another_interpreter_exists(no_tracing: None) -> None:
+    # The allocator is process-wide and its swap atomic only under one GIL: with a subinterpreter (its
+    # own GIL from 3.12), call() is refused and the profiler reads back in the pools instead.
+    try:
+        import _interpreters as interpreters  # type: ignore[import-not-found]  # 3.13+
+    except ImportError:
+        import _xxsubinterpreters as interpreters  # type: ignore[import-not-found,no-redef]
+    assert _cunpooled.alone()
+    interp = interpreters.create()
+    try:
+        assert not _cunpooled.alone()
+        with pytest.raises(RuntimeError, match="another interpreter"):
+            _cunpooled.call(list)
+        tracemalloc.start(1)
+        try:
+            kept = made_in_c()
+            raw, heap = profiler_module._raw_traces()
+        finally:
+            tracemalloc.stop()
+        assert heap == 0  # read back in the pools: nothing booked in glibc's heap
+        assert len(raw) >= len(kept)
+    finally:
+        interpreters.destroy(interp)
+    assert _cunpooled.alone()
+    assert _cunpooled.call(list)[0] == []  # usable again

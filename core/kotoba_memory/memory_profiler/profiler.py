@@ -840,7 +840,8 @@ def _raw_traces() -> tuple[list[Any], int]:
     the private reader is what ``take_snapshot`` itself uses, so fall back to it only if it vanishes.
     Its tens of thousands of small objects are made outside pymalloc's pools where the C extension is
     built: made there, they leave the pools sparse for good and cost the app's own allocations cache
-    misses ever after (docs/performance.md, rounds ten and eleven).
+    misses ever after (docs/performance.md, rounds ten and eleven). Not while another interpreter
+    exists: the swap of the process-wide allocator is atomic only under one GIL.
     """
     reader = getattr(tracemalloc, "_get_traces", None)
     if reader is None:
@@ -848,7 +849,7 @@ def _raw_traces() -> tuple[list[Any], int]:
             (trace.domain, trace.size, tuple((f.filename, f.lineno) for f in reversed(trace.traceback)))
             for trace in tracemalloc.take_snapshot().traces
         ], 0
-    if _cunpooled is None:
+    if _cunpooled is None or not _cunpooled.alone():
         return list(reader()), 0
     raw, _blocks, heap = _cunpooled.call(reader)
     return raw, heap
