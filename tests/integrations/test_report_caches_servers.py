@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,8 @@ def test_django_example_report_lists_its_caches_backend_and_no_idle_cache(tmp_pa
 def test_django_example_over_redis_counts_the_shared_store_once_across_workers(
     tmp_path: Path, restartable_redis: Any
 ) -> None:
-    """Three workers share one near-cache namespace in Redis: the fleet view counts its keys once (not
-    three times), and the workers share one occupancy scan per interval."""
+    """Three workers share one near-cache namespace in Redis: the fleet view counts its keys once, not
+    once per worker that uses it (at least two of the three, since the kernel picks who accepts)."""
     import redis
 
     port = servers.free_port()
@@ -140,21 +141,26 @@ def test_django_example_over_redis_counts_the_shared_store_once_across_workers(
                 answer = httpx.get(f"{server.base}/books/{1 + i % 29}/", headers={"Connection": "close"})
                 assert answer.status_code == 200
 
-            def everyone(data: dict[str, Any]) -> bool:
+            def book(i: int) -> int:
+                with httpx.Client(headers={"Connection": "close"}) as client:
+                    return client.get(f"{server.base}/books/{1 + i % 29}/").status_code
+
+            def shared_by_several(data: dict[str, Any]) -> bool:
                 rows = [r for r in (data.get("fleet") or {}).get("caches") or [] if r.get("shared")]
-                if rows and rows[0]["processes"] == 3 and rows[0]["entries"] > 0:
+                if rows and rows[0]["processes"] >= 2 and rows[0]["entries"] > 0:
                     return True
-                # Not yet: keep the books coming. Under CI's load one worker once won none of the 60
-                # accepts above (the kernel wakes the most recently active worker first), and the
-                # namespace's keys expire meanwhile.
-                for i in range(10):
-                    httpx.get(f"{server.base}/books/{1 + i % 29}/", headers={"Connection": "close"})
+                # Not yet: keep the books coming, twelve at once so that no one worker takes them all.
+                # Under CI's load one worker once won none of the 60 sequential accepts above, nor of
+                # those that followed (the kernel wakes the most recently active worker first), and
+                # the namespace's keys expire meanwhile.
+                with ThreadPoolExecutor(12) as pool:
+                    assert set(pool.map(book, range(12))) == {200}
                 return False
 
-            data = _poll(server, everyone, as_json=True, timeout=60)
+            data = _poll(server, shared_by_several, as_json=True, timeout=60)
             [shared] = [r for r in data["fleet"]["caches"] if r.get("shared")]
             namespace_keys = [k for k in raw.scan_iter(match=b"kotoba:*") if b"\x00\xff" not in k]
-            # Each worker read the same keys; the sum would be about three times as many.
+            # Each worker read the same keys; a sum would be at least twice as many.
             assert 0 < shared["entries"] <= len(namespace_keys) + 5, (shared, len(namespace_keys))
             assert shared["type"] == "NearCache" and shared["hits"] > 0
     finally:
