@@ -91,18 +91,20 @@ wait_boot() {  # wait_boot I: venv I made, or the script fails with its log
 #     classifiers name), in two halves side by side.
 # Each run side by side gets a temporary directory of its own (servers' data, example databases) and
 # a log, printed when the phase is over.
-names=() failed=()
+names=() failed=() selected=()
 phase_done=0  # jobs before this index were reported
-run_bg() {  # run_bg LABEL CMD...: CMD in the background, in a temporary directory of its own
+# Extra arguments select tests: a run given them may then exit 5 ("no tests ran"); every other run,
+# and every run without them, must run tests.
+nargs=$#
+status_ok() { (($1 == 0)) || (($1 == 5 && $2 && nargs > 0)); }  # status_ok STATUS GIVEN_THE_ARGUMENTS
+run_bg() {  # run_bg LABEL GIVEN_THE_ARGUMENTS CMD...: CMD in the background, with a TMPDIR of its own
     local n=${#pids[@]} label=$1
-    shift
+    selected+=("$2")
+    shift 2
     mkdir -p "$logs/tmp-$n"
     TMPDIR=$logs/tmp-$n "$@" >"$logs/$n.log" 2>&1 &
     names+=("$label") pids+=($!)
 }
-# Extra arguments select tests: a part they leave empty may then exit 5 ("no tests ran"); without
-# them every part must run tests.
-pytest_status_ok() { (($1 == 0)) || (($1 == 5 && nargs > 0)); }
 finish_phase() {  # wait for this phase's jobs, print their logs, remember the failures
     local i status
     for ((i = phase_done; i < ${#pids[@]}; i++)); do
@@ -110,32 +112,27 @@ finish_phase() {  # wait for this phase's jobs, print their logs, remember the f
         wait "${pids[$i]}" || status=$?
         echo "===== test.sh: ${names[$i]} (exit $status) ====="
         cat "$logs/$i.log"
-        pytest_status_ok "$status" || failed+=("$i")
+        status_ok "$status" "${selected[$i]}" || failed+=("$i")
     done
     phase_done=${#pids[@]}
 }
-nargs=$#
 main_version=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 # 1.
-run_bg "the suite except -m server on CPython $main_version" \
+run_bg "the suite except -m server on CPython $main_version" 1 \
     "$VENV/bin/python" -m pytest -p no:cacheprovider --durations=15 -m "not server" "$@"
-rest=(0)
-if ((${#pythons[@]} == 0)); then  # no other CPython: the pure-Python run on this venv
-    rest=()
-    run_bg "the suite except -m server on CPython $main_version, pure Python" \
-        env KOTOBA_MEMORY_PURE_PYTHON=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not server"
-else
+pure_venv=$VENV pure_version=$main_version rest=()  # no other CPython: the pure-Python run on this venv
+if ((${#pythons[@]})); then
     wait_boot 0
-    run_bg "the suite except -m server on CPython ${versions[0]}, pure Python" \
-        env KOTOBA_MEMORY_PURE_PYTHON=1 ".venv-${versions[0]}/bin/python" -m pytest -q -p no:cacheprovider \
-        -m "not server"
+    pure_venv=.venv-${versions[0]} pure_version=${versions[0]}
     rest=("${!pythons[@]}")
     rest=("${rest[@]:1}")
 fi
+run_bg "the suite except -m server on CPython $pure_version, pure Python" 0 \
+    env KOTOBA_MEMORY_PURE_PYTHON=1 "$pure_venv/bin/python" -m pytest -q -p no:cacheprovider -m "not server"
 for i in "${!pythons[@]}"; do wait_boot "$i"; done
 ((${#pythons[@]})) && echo "test.sh: venvs ${versions[*]/#/.venv-} ready"
-run_bg "release check" env VENV="$VENV" bash scripts/check_dist.sh
+run_bg "release check" 0 env VENV="$VENV" bash scripts/check_dist.sh
 finish_phase
 
 # 2.
@@ -143,7 +140,7 @@ echo "===== test.sh: the real-server tests (-m server) on CPython $main_version 
 status=0
 "$VENV/bin/python" -m pytest -p no:cacheprovider --durations=10 -m server "$@" || status=$?
 server_failed=0
-pytest_status_ok "$status" || server_failed=1
+status_ok "$status" 1 || server_failed=1
 
 # 3. The two halves of the suite: the directories below, and everything else. Their split keeps the
 # halves' times near each other (in CI: cache and profiler 151 s beside the rest's 182 s; with gc and
@@ -153,9 +150,9 @@ ignore_first=()
 for dir in "${first_half[@]}"; do ignore_first+=("--ignore=$dir"); done
 for i in "${rest[@]}"; do
     py=.venv-${versions[$i]}/bin/python
-    run_bg "the suite except -m server on CPython ${versions[$i]}: ${first_half[*]}" \
+    run_bg "the suite except -m server on CPython ${versions[$i]}: ${first_half[*]}" 0 \
         "$py" -m pytest -q -p no:cacheprovider -m "not server" "${first_half[@]}"
-    run_bg "the suite except -m server on CPython ${versions[$i]}: the rest" \
+    run_bg "the suite except -m server on CPython ${versions[$i]}: the rest" 0 \
         "$py" -m pytest -q -p no:cacheprovider -m "not server" "${ignore_first[@]}"
     finish_phase
 done
