@@ -238,7 +238,7 @@ def test_a_closed_windows_read_backs_do_not_stay_in_the_processs_rss() -> None:
 
 def test_an_abandoned_windows_read_backs_do_not_stay_in_the_processs_rss() -> None:
     # Given up over the trace table's cap after five snapshots: its read-backs are dropped and
-    # trimmed as a closed window's are (without the trim: ~0.96 of the peak kept, as above).
+    # trimmed as a closed window's are (without the trim, 0.91 of the peak was kept in a run by hand).
     assert read_backs_kept_in_rss("trimmed", "abandoned") < 0.35
 
 
