@@ -55,8 +55,9 @@ def test_objects_made_in_the_call_stay_out_of_pymallocs_pools(no_tracing: None) 
     blocks, pooled = sys.getallocatedblocks(), pool_blocks_in_use()
     made, new_blocks, heap = _cunpooled.call(made_in_c)
     assert len(made) == 100_000 and made[5] == (10**9 + 5, 5.0)
-    # counted as blocks like any raw-served object block, but none of the 300k sits in a pool
-    assert sys.getallocatedblocks() - blocks >= 300_000
+    # counted as blocks like any raw-served object block, but none of the 300k sits in a pool; the
+    # slack is for what a thread left running by an earlier test frees meanwhile (60 blocks seen on 3.13)
+    assert sys.getallocatedblocks() - blocks >= 300_000 - 1_000
     assert pool_blocks_in_use() - pooled < 1_000  # type: ignore[operator]
     assert new_blocks >= 300_000 and heap >= 32 * new_blocks
     # the same objects made outside the call do take pool blocks
@@ -65,7 +66,7 @@ def test_objects_made_in_the_call_stay_out_of_pymallocs_pools(no_tracing: None) 
     del made, again
     gc.collect()
     # each block freed where it was made: the process's block count comes back
-    assert abs(sys.getallocatedblocks() - blocks) < 100
+    assert abs(sys.getallocatedblocks() - blocks) < 1_000
 
 
 def test_the_allocator_and_the_collector_are_restored_after_the_call(no_tracing: None) -> None:
