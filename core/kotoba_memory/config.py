@@ -57,8 +57,8 @@ class MemoryConfig:
     Field names follow the reference design. Sizes are MiB; ``monitoring_interval_ms`` is how often
     memory is sampled; ``leak_window_s`` out of every ``leak_window_interval_s`` seconds is traced for
     leak detection, and further apart while a window's measured cost exceeds ``leak_trace_budget`` of the
-    process's CPU (0.5%; ``None`` keeps the fixed schedule, for a diagnosis duty cycle). ``gc_adaptive=False``
-    keeps the GC optimizer to observing (pauses, counts) without tuning the collector.
+    process's CPU (0.25%; ``None`` keeps the fixed schedule, for a diagnosis duty cycle).
+    ``gc_adaptive=False`` keeps the GC optimizer to observing (pauses, counts) without tuning the collector.
     """
 
     enable_pooling: bool = False
@@ -77,7 +77,7 @@ class MemoryConfig:
     report_dir: Path | None = None
     leak_window_s: float = 0.5
     leak_window_interval_s: float = 60.0
-    leak_trace_budget: float | None = 0.005
+    leak_trace_budget: float | None = 0.0025
     memory_limit_mb: int | None = None
 
     def __post_init__(self) -> None:

@@ -143,18 +143,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         KOTOBA_MEMORY_REPORT_DIR=report_dir,
         # Leak detection opens a short tracemalloc window every this many seconds (the demo shortens it).
         KOTOBA_MEMORY_LEAK_WINDOW_INTERVAL_S=float(env("KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S", "60")),
-        # Windows go further apart while they cost more than this share of CPU ("none": a fixed schedule,
-        # as the demo's diagnosis duty cycle needs).
-        KOTOBA_MEMORY_LEAK_TRACE_BUDGET=(
-            None if (budget := env("KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET", "0.005")).lower() == "none"
-            else float(budget)
-        ),
         KOTOBA_MEMORY_MONITORING_INTERVAL_MS=int(env("KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS", "1000")),
         # RSS measured on one request in N on average (default 8; 1: every request).
         KOTOBA_MEMORY_RSS_SAMPLE_EVERY=int(env("KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY", "8")),
         EXAMPLE_LEAK=os.environ.get("KOTOBA_EXAMPLE_LEAK") == "1",
         EXAMPLE_METRICS=os.environ.get("KOTOBA_EXAMPLE_METRICS", "1") == "1",
     )
+    budget = os.environ.get("KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET")
+    if budget:
+        # Windows go further apart while they cost more than this share of CPU (unset: the library's
+        # default; "none": a fixed schedule, as the demo's diagnosis duty cycle needs).
+        app.config["KOTOBA_MEMORY_LEAK_TRACE_BUDGET"] = None if budget.lower() == "none" else float(budget)
     token = os.environ.get("KOTOBA_EXAMPLE_REPORT_TOKEN")
     if token:
         app.config.update(KOTOBA_MEMORY_REPORT_ENDPOINT="/_kotoba/report", KOTOBA_MEMORY_REPORT_TOKEN=token)

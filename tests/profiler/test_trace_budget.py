@@ -125,8 +125,8 @@ def test_bad_budgets_are_refused_naming_the_field(value: object) -> None:
         MemoryProfiler(trace_budget=value)  # type: ignore[arg-type]
 
 
-def test_config_default_is_half_a_percent_and_none_turns_it_off() -> None:
-    assert MemoryConfig().leak_trace_budget == 0.005
+def test_config_default_is_a_quarter_percent_and_none_turns_it_off() -> None:
+    assert MemoryConfig().leak_trace_budget == 0.0025
     assert MemoryConfig(leak_trace_budget=None).leak_trace_budget is None
     assert MemoryConfig.from_mapping({"leak_trace_budget": 0.02}).leak_trace_budget == 0.02
 

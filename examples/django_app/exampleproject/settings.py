@@ -60,13 +60,12 @@ KOTOBA_MEMORY = {
     "enable_gc_optimization": os.environ.get("KOTOBA_EXAMPLE_GC", "1") == "1",  # 0: benchmarks/gc_servers.py
     "monitoring_interval_ms": int(os.environ.get("KOTOBA_EXAMPLE_MONITORING_INTERVAL_MS", "1000")),
     "leak_window_interval_s": float(os.environ.get("KOTOBA_EXAMPLE_LEAK_WINDOW_INTERVAL_S", "60")),
-    # "none": windows on the fixed schedule (a diagnosis duty cycle), not spaced out by their cost.
-    "leak_trace_budget": (
-        None if (budget := os.environ.get("KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET", "0.005")).lower() == "none"
-        else float(budget)
-    ),
     "report_dir": os.environ.get("KOTOBA_EXAMPLE_REPORT_DIR") or str(DATA_DIR / "kotoba-reports"),
 }
+if budget := os.environ.get("KOTOBA_EXAMPLE_LEAK_TRACE_BUDGET"):
+    # Unset: the library's default; "none": windows on the fixed schedule (a diagnosis duty cycle), not
+    # spaced out by their cost.
+    KOTOBA_MEMORY["leak_trace_budget"] = None if budget.lower() == "none" else float(budget)
 KOTOBA_MEMORY_OTEL = os.environ.get("KOTOBA_EXAMPLE_METRICS", "1") == "1"
 # RSS measured on one request in N on average (default 8; 1: every request).
 KOTOBA_MEMORY_RSS_SAMPLE_EVERY = int(os.environ.get("KOTOBA_EXAMPLE_RSS_SAMPLE_EVERY", "8"))
