@@ -3,10 +3,13 @@ r"""Overhead of kotoba-memory at production defaults on a realistic app, in stea
 The plain-WSGI field app (benchmarks/field_apps/wsgi_catalog.py, its leak switched off: seven routes
 of caches, sessions, templates, logging and JSON) runs under gunicorn, ``--workers`` gthread workers each:
 ``off`` is the bare app, ``on`` the app in kotoba-memory's WSGI middleware with ``MemoryConfig()``'s
-defaults untouched (profiling with a 0.5 s tracing window every 60 s and survival censuses, the
-adaptive GC optimizer, the cache manager). After a warm-up (start-up, the first tracing window, the
-GC optimizer's warm-up freeze) both are loaded at the same moment by two wrk processes, round after
-round; the rounds are a whole window interval long, so each holds its share of tracing windows. The
+defaults untouched (profiling with a 0.5 s tracing window every 60 s or further apart under the trace
+budget, and survival censuses, the adaptive GC optimizer, the cache manager). After a warm-up
+(start-up, the first tracing window, the GC optimizer's warm-up freeze) both are loaded at the same
+moment by two wrk processes, round after round. The trace budget spaces a process's later windows
+minutes apart, so they land in its rounds only now and then: the median of per-round ratios mostly
+leaves them out, the position-cancelled mean counts those that land (with restarts, more often than
+in steady state); field_uptime.py counts every window of servers that run for an hour. The
 figure is the worker's CPU time per request (``/proc`` counters), which bounds a saturated worker's
 requests per CPU-second and hardly depends on the machine's other load; reported as the median of the
 per-round ratios on/off (goal: at most 2% fewer requests per CPU-second, i.e. a ratio <= 1.02) and, when
