@@ -3,7 +3,10 @@ extrapolations are withheld or carry their range."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import pytest
 
 from kotoba_memory.memory_profiler import MemoryProfiler
 from kotoba_memory.report import MemoryReport, MemoryStats
@@ -25,6 +28,25 @@ def test_analyze_before_enough_windows_says_there_is_no_verdict_yet() -> None:
     assert 120.0 <= status.first_verdict_in_s <= 131.0
     assert "0 of 3 tracing windows" in status.message
     assert analysis.to_dict(include_samples=False)["leak_status"]["ready"] is False
+
+
+def test_the_time_to_the_first_verdict_counts_down_between_windows() -> None:
+    profiler = MemoryProfiler(window_s=0.1, window_interval_s=6.0, first_window_after_s=0.0)
+    profiler.start()
+    try:
+        deadline = time.monotonic() + 10.0
+        while profiler.stats().windows < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = profiler.analyze().leak_status
+        time.sleep(2.0)
+        later = profiler.analyze().leak_status
+    finally:
+        profiler.stop()
+    assert first is not None and later is not None and first.windows == later.windows == 1
+    assert first.first_verdict_in_s is not None and later.first_verdict_in_s is not None
+    # the next window ends ~6 s after the first opened, the third 6 s later: not two whole intervals
+    assert 6.0 < first.first_verdict_in_s <= 12.1
+    assert first.first_verdict_in_s - later.first_verdict_in_s == pytest.approx(2.0, abs=0.6)
 
 
 def test_windows_needed_follows_min_confidence() -> None:

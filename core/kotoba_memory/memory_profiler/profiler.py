@@ -297,6 +297,7 @@ class MemoryProfiler:
         self._tasks: tuple[Task, ...] = ()
         self._window: _Window | None = None
         self._started_at = 0.0
+        self._last_opened: float | None = None  # when the latest window opened (monotonic)
         self._tick_errors = 0
         self._last_window_ms = 0.0
         self._max_window_ms = 0.0
@@ -317,6 +318,7 @@ class MemoryProfiler:
             if self._tasks:
                 return
             self._started_at = time.monotonic()
+            self._last_opened = None
             if self._budget is not None:
                 self._budget.restart(self._started_at, time.process_time())
             self._sample()
@@ -464,7 +466,7 @@ class MemoryProfiler:
                 tracemalloc.start(self.trace_frames)
             self._in_window = self._holding = True
             gap_counts = self._routes.take_window_counts()
-            opened = time.monotonic()
+            opened = self._last_opened = time.monotonic()
             if self._budget is not None:
                 self._budget.opened(opened, time.process_time(), sum(gap_counts.values()))
             window = self._window = _Window(
@@ -651,6 +653,7 @@ class MemoryProfiler:
         self._census_due, self._census_found, self._census_keys = False, None, []
         self._recheck_due = False
         self._started_at = time.monotonic()
+        self._last_opened = None
         if self._budget is not None:
             self._budget.restart(self._started_at, time.process_time())
 
@@ -811,11 +814,16 @@ class MemoryProfiler:
             return LeakVerdictStatus(True, windows, needed, None, f"verdict from {windows} tracing windows")
         if not self.running:
             eta = None
-        elif windows == 0:
-            first = self._started_at + self.first_window_after_s + self.window_s
-            eta = max(0.0, first - time.monotonic()) + (needed - 1) * interval
         else:
-            eta = (needed - windows) * interval
+            # When the next window to count ends: the one under way, else the one after the latest.
+            window, last = self._window, self._last_opened
+            if window is not None:
+                soonest = window.opened + self.window_s
+            elif last is not None:
+                soonest = last + interval + self.window_s
+            else:
+                soonest = self._started_at + self.first_window_after_s + self.window_s
+            eta = max(0.0, soonest - time.monotonic()) + (needed - windows - 1) * interval
         when = f"; the first verdict can come in ~{eta:.0f} s" if eta is not None else ""
         if eta is not None and self._budget is not None and interval > self.window_interval_s:
             when += (
