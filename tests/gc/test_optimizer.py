@@ -318,6 +318,62 @@ def test_heap_is_frozen_after_warmup_and_refrozen(make_optimizer) -> None:
     assert gc.get_freeze_count() == frozen
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _request_with_cycles(optimizer: GcOptimizer, keep: list[object], n: int) -> None:
+    optimizer.on_request_start()
+    junk = [_Cycle() for _ in range(n)]
+    keep.append({"row": [len(keep)]})
+    del junk
+    optimizer.on_request_end()
+
+
+def test_a_census_thaw_is_frozen_again_at_the_next_request_end(make_optimizer) -> None:
+    # 400 cyclic objects a request: the automatic young collection inside the next request takes them,
+    # so the boundary never finds enough to collect (nor to refreeze) by itself, as in a busy worker.
+    optimizer = make_optimizer(warmup_requests=5)
+    optimizer.start()
+    keep: list[object] = []
+    for _ in range(50):
+        _request_with_cycles(optimizer, keep, 400)
+    warm = gc.get_freeze_count()
+    assert warm > 0 and optimizer.refreezes_heap
+    with optimizer.thawed() as thawed:
+        assert thawed and gc.get_freeze_count() == 0
+        # Requests ending meanwhile collect at the boundary but freeze nothing: the census must see all.
+        for _ in range(30):
+            _request_with_cycles(optimizer, keep, 3000)
+        assert gc.get_freeze_count() == 0
+        assert optimizer.boundary_collections > 0
+    refreezes = optimizer.refreezes
+    _request_with_cycles(optimizer, keep, 400)
+    assert optimizer.refreezes == refreezes + 1
+    assert gc.get_freeze_count() >= warm
+    assert len(gc.get_objects(2)) < 100  # the old generation went back to the permanent one
+    for _ in range(100):  # nothing more is due: refreezes come at the boundary's own pace, not per request
+        _request_with_cycles(optimizer, keep, 400)
+    assert optimizer.refreezes - refreezes <= 20
+
+
+def test_thawed_leaves_a_heap_it_did_not_freeze_alone(make_optimizer) -> None:
+    optimizer = make_optimizer(auto_freeze=False)
+    optimizer.start()
+    gc.freeze()  # the app's own freeze (e.g. before forking): not ours to thaw
+    try:
+        frozen = gc.get_freeze_count()
+        with optimizer.thawed() as thawed:
+            assert not thawed and gc.get_freeze_count() == frozen
+        for _ in range(20):
+            optimizer.on_request_start()
+            optimizer.on_request_end()
+        assert optimizer.refreezes == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_memory_ceiling_wins_over_speed(make_optimizer, wait_for) -> None:
     frozen = gc.get_freeze_count()
     optimizer = make_optimizer(warmup_requests=1, memory_limit_bytes=1 << 20)  # RSS is far above 1 MiB

@@ -1,5 +1,6 @@
 """The survival census under a GC optimizer that keeps the heap frozen (``gc.freeze()`` hides objects
-from ``gc.get_objects()``): a ring buffer's entries must still be seen to die, a leak's to survive."""
+from ``gc.get_objects()``): a ring buffer's entries must still be seen to die, a leak's to survive, and
+the heap the census thawed must be frozen again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 THIS_FILE = str(Path(__file__).resolve())
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a cycle: only the collector frees it
 
 
 def _frozen_heap_verdict() -> dict[str, Any]:
@@ -38,10 +44,19 @@ def _frozen_heap_verdict() -> dict[str, Any]:
             i = next(counter)
             ring.append({"path": "/recent", "note": str(i) * 8})  # churn: a bounded ring buffer
             kept[i] = {"lines": [str(i)] * 4}  # the leak: every request adds an entry
+            # Cyclic garbage: automatic collections inside requests then leave the boundary nothing to
+            # collect, as in a busy worker (which never refroze after a census thawed its heap).
+            junk = [_Node() for _ in range(400)]
+            del junk
             gc_optimizer.on_request_end()
             refroze = refroze or gc_optimizer.refreezes_heap
             time.sleep(0.001)
         analysis = profiler.analyze()
+        profiler.stop()  # no census thaws the heap from here on
+        frozen_before = gc.get_freeze_count()
+        for _ in range(3):
+            gc_optimizer.on_request_start()
+            gc_optimizer.on_request_end()
         frozen = gc.get_freeze_count()
     finally:
         profiler.stop()
@@ -52,6 +67,8 @@ def _frozen_heap_verdict() -> dict[str, Any]:
         "refroze": refroze,
         "thaws": analysis.stats.heap_thaws,
         "frozen_at_end": frozen,
+        "frozen_before": frozen_before,
+        "refreezes": gc_optimizer.refreezes,
     }
 
 
@@ -70,6 +87,8 @@ def test_ring_buffer_and_leak_behind_a_frozen_heap() -> None:
     ring_line = next(i for i, text in enumerate(lines, 1) if "# churn: a bounded ring" in text)
     assert verdict["refroze"], verdict  # the optimizer did freeze the heap
     assert verdict["thaws"] > 0, verdict  # and the census saw past it
+    # The heap is frozen again by the next request ends, whatever the last census left.
+    assert verdict["frozen_at_end"] > 1_000 and verdict["refreezes"] > 0, verdict
     sites = dict(verdict["sites"])
     assert sites.get(f"{THIS_FILE}:{leak_line}", 0) >= 0.8, verdict
     assert f"{THIS_FILE}:{ring_line}" not in sites, verdict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import itertools
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -235,6 +236,10 @@ class GcOptimizer(_Hooks):
         self._collections_without_end = 0
         self._freeze_refused = False
         self._frozen_were_immortal = False
+        # A census thaws the heap we froze (thawed()); none is refrozen meanwhile, and the next request's
+        # end after it collects the young generations and freezes again.
+        self._thaw_depth = 0
+        self._refreeze_due = False
         self._last_budget_was_step = False
         self._budget_due = False
         self._next_full_tick = 0.0
@@ -348,8 +353,35 @@ class GcOptimizer(_Hooks):
     @property
     def refreezes_heap(self) -> bool:
         """Whether it froze the heap itself and freezes it again after young collections between
-        requests: a brief ``gc.unfreeze()`` by someone else (the profiler's census) is then undone here."""
+        requests (so :meth:`thawed` can hand the whole heap to a census for a moment)."""
         return self._running and self._tuning and self._freeze_active and self._we_froze
+
+    @contextlib.contextmanager
+    def thawed(self) -> Iterator[bool]:
+        """Unfreeze the heap it froze for the length of the block (``gc.get_objects()`` must list every
+        object for a census); yields whether it did. Nothing is frozen during the block, and the first
+        request to end after it collects the young generations and freezes the heap again."""
+        with self._lock:
+            thaw = self.refreezes_heap and gc.get_freeze_count() > 0
+            if thaw:
+                gc.unfreeze()
+            self._thaw_depth += 1
+        try:
+            yield thaw
+        finally:
+            with self._lock:
+                self._thaw_depth = max(0, self._thaw_depth - 1)
+                if thaw:
+                    self._refreeze_due = True
+                self._check_refreeze_soon()
+
+    def _check_refreeze_soon(self) -> None:
+        """Make the next request's end run the boundary check while a refreeze is due (a request
+        ending in another thread may have set a later check, or none, meanwhile)."""
+        if self._refreeze_due and self._thaw_depth == 0 and self._tuning:
+            soon = self.requests_seen + 1
+            if self._next_check > soon:
+                self._next_check = soon
 
     # -- recording -------------------------------------------------------------------------------
     def record_collection(
@@ -407,8 +439,11 @@ class GcOptimizer(_Hooks):
             self._next_check = _NEVER
             return
         young = gc.get_count()[0]
-        if young >= self._boundary_threshold:
-            self._collect_at_boundary()
+        # After a census's thaw, freeze again at once: automatic collections inside requests can leave
+        # the boundary nothing to collect for good (a field worker ran 87k requests without one).
+        refreeze = self._refreeze_due and self._thaw_depth == 0 and not self._long_request
+        if refreeze or young >= self._boundary_threshold:
+            self._collect_at_boundary(1 if refreeze else None)
             after = gc.get_count()[0]
             self._check_gap = 1
         else:
@@ -428,6 +463,7 @@ class GcOptimizer(_Hooks):
             self._finish_warmup()
         elif self._quiet_checks >= _QUIET_CHECKS_FOR_COUNTING and self._warmed_up:
             self._enter_counting_mode()
+        self._check_refreeze_soon()
 
     def _enter_counting_mode(self) -> None:
         # Requests leave nothing for the collector: even the check costs more than it can save, so
@@ -444,8 +480,9 @@ class GcOptimizer(_Hooks):
         self._count_after_check = gc.get_count()[0]
         self._next_check = self._checked_at + 1 if self._tuning else _NEVER
 
-    def _collect_at_boundary(self) -> None:
-        generation = 1 if gc.get_count()[1] + 1 >= self._gen1_every else 0
+    def _collect_at_boundary(self, generation: int | None = None) -> None:
+        if generation is None:
+            generation = 1 if gc.get_count()[1] + 1 >= self._gen1_every else 0
         recorder = self._recorder
         recorder.explicit_thread = threading.get_ident()
         try:
@@ -453,11 +490,16 @@ class GcOptimizer(_Hooks):
         finally:
             recorder.explicit_thread = None
         self.boundary_collections += 1
-        if generation == 1 and self._freeze_active and not self._pressure and not self._long_request:
+        if generation != 1 or self._thaw_depth:
+            return
+        if self._freeze_active and not self._pressure and not self._long_request:
             # What survived a young-generation collection between requests is long-lived: move it to the
             # permanent generation too, so full collections keep scanning almost nothing.
             gc.freeze()
             self.refreezes += 1
+            self._refreeze_due = False
+        elif not self._freeze_active:
+            self._refreeze_due = False  # e.g. memory pressure thawed the heap for good
 
     def _finish_warmup(self) -> None:
         self._warmed_up = True
@@ -1077,6 +1119,9 @@ class GcOptimizer(_Hooks):
         self._recorder.reset_lock()
         self._reset_requests()
         self._leave_counting_mode()
+        if self._thaw_depth:  # forked mid-census: the thread that would end the thaw is not in the child
+            self._thaw_depth = 0
+            self._refreeze_due = True
         self._long_request = False
         if self._running and self._tuning:
             self._warmup_at = max(1, self.warmup_requests)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -16,7 +17,7 @@ import sysconfig
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,8 +510,8 @@ class MemoryProfiler:
         if not self._census_keys and not self._detector.survival.sampled:
             self._census_due = False  # nothing to look for nor to check: no cost, no budget used
             return
-        self._thaw_heap()
-        self._census_found = self._detector.survival.scan(self._census_keys)
+        with self._heap_thawed():
+            self._census_found = self._detector.survival.scan(self._census_keys)
         self._census_cost = time.thread_time() - started
 
     def _survival_check(self) -> None:
@@ -532,8 +533,8 @@ class MemoryProfiler:
         now = time.monotonic()
         started = time.thread_time()
         sampler = self._detector.survival
-        self._thaw_heap()
-        sampler.check(time.time())
+        with self._heap_thawed():
+            sampler.check(time.time())
         if found is not None:
             chosen = sampler.choose(found)  # the bulk of the work, outside the lock
             with self._lock:
@@ -550,26 +551,30 @@ class MemoryProfiler:
         """Check the samples the last census took (sampling nothing new); its cost defers the next census."""
         self._recheck_due = False
         started = time.thread_time()
-        self._thaw_heap()
-        self._detector.survival.check(time.time())
+        with self._heap_thawed():
+            self._detector.survival.check(time.time())
         self._rechecks += 1
         self._next_census += (time.thread_time() - started) / self.census_budget
 
-    def _thaw_heap(self) -> None:
-        """Let the census see the whole heap when the GC optimizer keeps it frozen.
+    @contextlib.contextmanager
+    def _heap_thawed(self) -> Iterator[None]:
+        """Let the census see the whole heap when the GC optimizer keeps it frozen, for the block.
 
         ``gc.get_objects()`` does not list frozen objects, and the GC optimizer freezes everything that
         outlives a young collection: a ring buffer's entries and a leak's dicts would be invisible (a
-        leak's samples would even look dead). Thawing is cheap (one list splice) and the optimizer
-        freezes the heap again at its next young collection between requests, after collecting young
-        garbage. A heap someone else froze (e.g. for copy-on-write) is left frozen.
+        leak's samples would even look dead). Thawing is cheap (one list splice); the optimizer freezes
+        nothing during the block and the heap again at the next request's end after it. A heap someone
+        else froze (e.g. for copy-on-write) is left frozen.
         """
-        if gc.get_freeze_count() == 0:
-            return
         gc_optimizer = registry.active("gc_optimizer")
-        if gc_optimizer is not None and getattr(gc_optimizer, "refreezes_heap", False):
-            gc.unfreeze()
-            self._thaws += 1
+        thawed = getattr(gc_optimizer, "thawed", None) if gc_optimizer is not None else None
+        if thawed is None:
+            yield
+            return
+        with thawed() as thawed_now:
+            if thawed_now:
+                self._thaws += 1
+            yield
 
     @property
     def holding_objects(self) -> bool:
