@@ -56,6 +56,7 @@ MAX_STRETCH = 12
 _TOP_LEAKS = 3
 _STALE_TMP_S = 60.0
 _ENV_DIR = "KOTOBA_MEMORY_FLEET_DIR"
+_SHM_DIR = "/dev/shm"
 
 
 class FleetError(KotobaMemoryError, OSError):
@@ -64,7 +65,7 @@ class FleetError(KotobaMemoryError, OSError):
 
 def default_base_dir() -> Path:
     """Where spools live: ``$KOTOBA_MEMORY_FLEET_DIR``, else ``$XDG_RUNTIME_DIR/kotoba-memory``, else
-    ``<tmp>/kotoba-memory-<uid>``."""
+    ``/dev/shm/kotoba-memory-<uid>`` where there is one, else ``<tmp>/kotoba-memory-<uid>``."""
     explicit = os.environ.get(_ENV_DIR)
     if explicit:
         return Path(explicit)
@@ -72,6 +73,10 @@ def default_base_dir() -> Path:
     if runtime and os.path.isdir(runtime):
         return Path(runtime) / "kotoba-memory"
     uid = os.geteuid() if hasattr(os, "geteuid") else os.getpid()
+    # Memory, not disk: every worker replaces its file every few seconds, and on ext4 a rename over a
+    # file flushes the new one's data (auto_da_alloc): ~0.6 ms and a disk write each time, 0.05 ms on tmpfs.
+    if os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK | os.X_OK):
+        return Path(_SHM_DIR) / f"kotoba-memory-{uid}"
     return Path(tempfile.gettempdir()) / f"kotoba-memory-{uid}"
 
 

@@ -6,8 +6,10 @@ import asyncio
 import gc
 import json
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,6 +124,43 @@ def test_spool_directory_is_named_after_the_app(tmp_path: Path, monkeypatch: pyt
     assert fleet.spool_dir("django:site.settings:/srv/a/site/settings.py") == first
     with pytest.raises((TypeError, ValueError)):
         fleet.spool_dir("")
+
+
+def test_default_spools_live_in_memory_where_the_machine_has_a_dev_shm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KOTOBA_MEMORY_FLEET_DIR")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    uid = os.geteuid()
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(fleet, "_SHM_DIR", str(shm))
+    assert fleet.default_base_dir() == shm / f"kotoba-memory-{uid}"
+    shm.chmod(0o500)  # there, but not ours to write into: the temporary directory instead
+    try:
+        if not os.access(shm, os.W_OK):  # root may write anyway
+            assert fleet.default_base_dir() == Path(tempfile.gettempdir()) / f"kotoba-memory-{uid}"
+    finally:
+        shm.chmod(0o700)
+    monkeypatch.setattr(fleet, "_SHM_DIR", str(tmp_path / "absent"))
+    assert fleet.default_base_dir() == Path(tempfile.gettempdir()) / f"kotoba-memory-{uid}"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert fleet.default_base_dir() == tmp_path / "kotoba-memory"
+
+
+def test_the_default_spool_works_end_to_end_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KOTOBA_MEMORY_FLEET_DIR")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    spool = fleet.FleetSpool.for_name(f"kotoba-test-{os.getpid()}")
+    if os.path.isdir("/dev/shm"):
+        assert str(spool.directory).startswith("/dev/shm/")
+    try:
+        spool.write(fleet.snapshot_from_report(None))
+        assert [r["pid"] for r in spool.read()] == [os.getpid()]
+        assert stat.S_IMODE(os.stat(spool.directory).st_mode) == 0o700
+    finally:
+        spool.remove()
+        spool.directory.rmdir()
 
 
 def row(pid: int, ppid: int, rss: int, **extra: object) -> dict[str, object]:
