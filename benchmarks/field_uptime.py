@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -52,10 +53,21 @@ from benchmarks.field_suite import (  # noqa: E402
     served,
 )
 from benchmarks.middleware_overhead import wrk_pacing  # noqa: E402
-from kotoba_memory.fleet import FleetSpool  # noqa: E402
+from kotoba_memory.fleet import FleetSpool, default_base_dir  # noqa: E402
 
 # name -> (kotoba-memory on, the app's leak on)
 SERVERS = {"off": (False, False), "on": (True, False), "leak": (True, True)}
+
+
+def fleet_base() -> Path | None:
+    """The directory the library's default spool base sits in (/dev/shm on Linux), None for tmp."""
+    saved = os.environ.pop("KOTOBA_MEMORY_FLEET_DIR", None)
+    try:
+        parent = default_base_dir().parent
+    finally:
+        if saved is not None:
+            os.environ["KOTOBA_MEMORY_FLEET_DIR"] = saved
+    return parent if parent.is_dir() else None
 
 
 class UptimeServer(Server):
@@ -65,9 +77,9 @@ class UptimeServer(Server):
     def __init__(self, name: str, kotoba: bool, leaks: bool, workers: int, work: Path) -> None:
         self.name = name
         self.out = work / name
-        self.fleet = work / f"{name}-fleet"
+        # The spools where the library puts them by default (tmpfs, fleet.default_base_dir), one per server.
+        self.fleet = Path(tempfile.mkdtemp(prefix=f"field-uptime-{name}-", dir=fleet_base()))
         self.out.mkdir()
-        self.fleet.mkdir(mode=0o700)
         super().__init__(
             kotoba, out=self.out, workers=workers, leaks=leaks,
             extra_env={"KOTOBA_MEMORY_FLEET_DIR": str(self.fleet)},
@@ -161,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
+                shutil.rmtree(server.fleet, ignore_errors=True)
         if args.keep_dumps is not None:
             kept = keep_dumps({name: server.out for name, server in servers.items()}, args.keep_dumps)
             print(f"kept {len(kept)} worker dumps in {args.keep_dumps}", flush=True)
