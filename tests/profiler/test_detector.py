@@ -372,3 +372,60 @@ def test_the_correlation_needed_falls_with_points_and_rises_with_routes() -> Non
     assert 0.65 < _significant_r(12, 8) < 0.72  # three windows of four steps, eight routes
     assert _significant_r(12, 8) > _significant_r(48, 8) > _significant_r(400, 8) == 0.3
     assert _significant_r(24, 16) > _significant_r(24, 8)
+
+
+def test_sites_held_back_name_the_factor_that_held_them() -> None:
+    from kotoba_memory.memory_profiler import HeldBackSite
+
+    vetoed = make()  # grows in every window while the process stays flat: the consistency check
+    now = feed(vetoed, 8, lambda w, j: 20_000 * j)
+    held: list[HeldBackSite] = []
+    assert vetoed.suspects(now=now, window_interval_s=10.0, global_growth=Flat(), held_back=held) == []
+    [site] = held
+    assert site.allocation_site == "/srv/app/cache.py:42"
+    assert site.limited_by == "consistency" and site.confidence < 0.6
+    factors = dict(site.factors)
+    assert factors["persistence"] > 0.9 and factors["consistency"] == min(factors.values())
+    product = 1.0
+    for value in factors.values():
+        product *= value
+    assert site.confidence == pytest.approx(product, abs=0.01)
+    assert "grew in 8/8 windows" in site.evidence
+
+    stopped = make()  # warm-up growth that stopped long ago: recency
+    now = feed(stopped, 12, lambda w, j: 1000 * j if w < 3 else 0)
+    held = []
+    assert stopped.suspects(now=now + 600.0, window_interval_s=10.0, held_back=held) == []
+    [site] = held
+    assert site.limited_by == "recency"
+
+    leaking = make()  # a suspect is not held back, and a site that never grew twice is not listed
+    now = feed(leaking, 8, lambda w, j: 1000 * j)
+    held = []
+    assert len(leaking.suspects(now=now, window_interval_s=10.0, held_back=held)) == 1
+    assert held == []
+    burst = make()
+    now = feed(burst, 10, lambda w, j: 10_000_000 * (j >= 3) if w == 8 else 0)
+    held = []
+    assert burst.suspects(now=now, window_interval_s=10.0, held_back=held) == [] and held == []
+
+
+def test_analyze_keeps_the_five_most_confident_sites_held_back() -> None:
+    import json
+
+    from kotoba_memory.memory_profiler import MemoryProfiler
+
+    profiler = MemoryProfiler(leak_detection=True)
+    detector = profiler._detector
+    for i in range(7):  # seven sites whose growth stopped long before the last of 40 windows
+        feed(detector, 40, lambda w, j, i=i: 1000 * j if w < 3 + i else 0, key=((f"/srv/app/m{i}.py", 1),))
+    analysis = profiler.analyze()
+    assert analysis.memory_leaks == []
+    assert len(analysis.held_back) == 5
+    confidences = [h.confidence for h in analysis.held_back]
+    assert confidences == sorted(confidences, reverse=True)
+    data = json.loads(json.dumps(analysis.to_dict(include_samples=False)))
+    assert len(data["held_back"]) == 5
+    assert set(data["held_back"][0]["factors"]) >= {"survival", "persistence", "consistency"}
+    assert {h["limited_by"] for h in data["held_back"]} == {"recency"}
+    assert data["held_back"][0]["allocation_site"] == "/srv/app/m6.py:1"  # the latest to stop

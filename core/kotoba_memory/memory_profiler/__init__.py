@@ -7,6 +7,7 @@ route), allocation hotspots and the memory trend.
 
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
+    HeldBackSite,
     LeakVerdictStatus,
     MemoryAnalysis,
     MemoryLeak,
@@ -20,6 +21,7 @@ from kotoba_memory.memory_profiler.profiler import MemoryProfiler, ProfilerError
 
 __all__ = [
     "AllocationHotspot",
+    "HeldBackSite",
     "LeakVerdictStatus",
     "MemoryAnalysis",
     "MemoryLeak",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Protocol
 
-from kotoba_memory.memory_profiler._models import MemoryLeak
+from kotoba_memory.memory_profiler._models import HeldBackSite, MemoryLeak
 from kotoba_memory.memory_profiler._survival import Retention, SurvivalSampler
 
 _SMALL_BLOCK = 512  # pymalloc serves (and sys.getallocatedblocks counts) blocks up to this size
@@ -224,8 +224,10 @@ class LeakDetector:
         window_interval_s: float,
         global_growth: GlobalGrowth | None = None,
         min_confidence: float = 0.6,
+        held_back: list[HeldBackSite] | None = None,
     ) -> list[MemoryLeak]:
-        """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first."""
+        """Leak suspects whose confidence reaches ``min_confidence``, most confident and fastest first;
+        sites that grew but fell short go to ``held_back`` when given (unsorted)."""
         # The process growth that sites shown retained account for: only the rest can hide another leak.
         # A snapshot: the scheduler thread may add a window meanwhile (analyze() does not wait for it).
         tracks = list(self._tracks.values())
@@ -244,7 +246,7 @@ class LeakDetector:
         for track in tracks:
             leak = self._judge(
                 track, now, window_interval_s, global_growth, min_confidence,
-                (explained_bytes, explained_blocks), observed_until, churned,
+                (explained_bytes, explained_blocks), observed_until, churned, held_back,
             )
             if leak is not None:
                 found.append(leak)
@@ -262,6 +264,7 @@ class LeakDetector:
         explained: tuple[float, float] = (0.0, 0.0),
         observed_until: float | None = None,
         churned: Collection[str] = (),
+        held_back: list[HeldBackSite] | None = None,
     ) -> MemoryLeak | None:
         if track.growth_windows < 2 or track.net_growth <= 0 or track.ups <= 0:
             return None
@@ -316,6 +319,19 @@ class LeakDetector:
         unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, recycled)
         confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
+            if held_back is not None:
+                factors = (
+                    ("monotonic", monotonic), ("persistence", persistence), ("recency", recency),
+                    ("linearity", linearity), ("consistency", consistency), ("survival", survival),
+                    ("unproven", unproven),
+                )
+                held_back.append(HeldBackSite(
+                    allocation_site=self.site_chooser.site(track.key),
+                    confidence=round(confidence, 3),
+                    limited_by=min(factors, key=lambda f: f[1])[0],
+                    factors=tuple((name, round(value, 3)) for name, value in factors),
+                    evidence="; ".join(evidence),
+                ))
             return None  # the route is worth finding for suspects only (it is the costly part)
         frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
         route, points = self._route_for(track)

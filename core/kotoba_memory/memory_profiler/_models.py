@@ -182,6 +182,19 @@ class LeakVerdictStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldBackSite:
+    """A site that grew in two or more tracing windows but stayed under ``min_confidence``: not a
+    suspect. ``limited_by`` names the weakest of ``factors`` (their product is ``confidence``), so a
+    leak that is not reported yet, or a site ruled out, can be explained."""
+
+    allocation_site: str
+    confidence: float
+    limited_by: str
+    factors: tuple[tuple[str, float], ...]
+    evidence: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryAnalysis:
     """Everything ``MemoryProfiler.analyze()`` found."""
 
@@ -194,6 +207,8 @@ class MemoryAnalysis:
     analysis_time_s: float
     samples: list[MemorySample] = field(default_factory=list)
     leak_status: LeakVerdictStatus | None = None
+    #: The most confident sites under the threshold (at most five), for explaining a silence.
+    held_back: list[HeldBackSite] = field(default_factory=list)
 
     @property
     def has_leaks(self) -> bool:
@@ -211,6 +226,9 @@ class MemoryAnalysis:
             "stats": asdict(self.stats),
             "analysis_time_s": self.analysis_time_s,
             "leak_status": asdict(self.leak_status) if self.leak_status is not None else None,
+            "held_back": [
+                {**asdict(h), "factors": dict(h.factors)} for h in self.held_back
+            ],
         }
         if include_samples:
             data["samples"] = [

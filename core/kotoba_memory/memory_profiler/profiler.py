@@ -28,6 +28,7 @@ from kotoba_memory.memory_profiler._budget import TraceBudget
 from kotoba_memory.memory_profiler._leaks import Growth, Key, LeakDetector, SiteChooser, WindowSnapshot
 from kotoba_memory.memory_profiler._models import (
     AllocationHotspot,
+    HeldBackSite,
     LeakVerdictStatus,
     MemoryAnalysis,
     MemoryLeak,
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
 _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
+_HELD_BACK_SHOWN = 5  # sites under the threshold kept in an analysis, most confident first
 _HEAP_READ_BUDGET = 0.0002  # share of the process's CPU the sampler may spend reading glibc's heap
 _HEAP_READ_MAX_GAP = 60  # samples between two heap readings at most
 # A window whose read-backs took this much of glibc's heap hands its free pages back when it closes.
@@ -767,7 +769,9 @@ class MemoryProfiler:
             by_count = list(self._hotspots_by_count)
             detector = self._detector
         temporal = analyze_samples(samples, self.memory_limit_bytes)
-        leaks = self._suspects(detector, _SampleGrowth.of_samples(samples))
+        held_back: list[HeldBackSite] = []
+        leaks = self._suspects(detector, _SampleGrowth.of_samples(samples), held_back)
+        held_back.sort(key=lambda h: h.confidence, reverse=True)
         stats = self.stats()
         status = self._leak_status(stats.windows)
         return MemoryAnalysis(
@@ -780,6 +784,7 @@ class MemoryProfiler:
             analysis_time_s=time.perf_counter() - started,
             samples=samples,
             leak_status=status,
+            held_back=held_back[:_HELD_BACK_SHOWN],
         )
 
     def leak_verdict(self) -> tuple[list[MemoryLeak], LeakVerdictStatus]:
@@ -793,7 +798,9 @@ class MemoryProfiler:
             windows = detector.windows
         return self._suspects(detector, growth), self._leak_status(windows)
 
-    def _suspects(self, detector: LeakDetector, growth: _SampleGrowth) -> list[MemoryLeak]:
+    def _suspects(
+        self, detector: LeakDetector, growth: _SampleGrowth, held_back: list[HeldBackSite] | None = None
+    ) -> list[MemoryLeak]:
         # Outside the lock: only the scheduler thread changes the detector, and a window it adds
         # meanwhile must not hold up the caller (suspects() reads snapshots of what it iterates).
         return detector.suspects(
@@ -801,6 +808,7 @@ class MemoryProfiler:
             window_interval_s=self.window_interval_s,
             global_growth=growth,
             min_confidence=self.min_confidence,
+            held_back=held_back,
         )
 
     def windows_needed(self) -> int:
