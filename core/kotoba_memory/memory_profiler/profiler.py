@@ -760,7 +760,8 @@ class MemoryProfiler:
         return self._ring.footprint_bytes() + self._detector.footprint_bytes() + 400 * len(self._routes)
 
     def analyze(self) -> MemoryAnalysis:
-        """Leak suspects, hotspots, the RSS trend and route aggregates as of now."""
+        """Leak suspects (and the sites held back under the threshold), hotspots, the RSS trend and route
+        aggregates as of now."""
         started = time.perf_counter()
         routes = _route_stats(self._routes)
         with self._lock:
