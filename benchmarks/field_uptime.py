@@ -108,6 +108,18 @@ def describe_row(row: dict[str, Any], leak_sites: set[str]) -> str:
     return f"{head}: {shown}"
 
 
+def _heap_at_exit(out: Path, worker: dict[str, Any]) -> str:
+    """What the worker's collector held frozen at exit, and the censuses that thawed it meanwhile."""
+    path = out / f"process-{worker['pid']}.json"
+    if not path.exists():
+        return "no process dump"
+    process = json.loads(path.read_text(encoding="utf-8"))
+    stats = worker.get("stats") or {}
+    return (f"heap frozen at exit: {process.get('gc_freeze_count')} objects; refreezes "
+            f"{process.get('refreezes')}, census thaws {stats.get('heap_thaws')}, "
+            f"censuses {stats.get('censuses')}")
+
+
 def keep_dumps(outs: dict[str, Path], dest: Path) -> list[Path]:
     """Copy each server's worker dumps (``outs``: server name -> its dump folder) to ``dest/<name>/``,
     so a verdict can be examined after the run; returns the files copied."""
@@ -215,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  worker {worker['pid']}: {served(worker)} requests; windows {measure['windows']}, "
                       f"next after {interval or 0:.0f} s, their extra CPU {100 * (share or 0):.2f}% of the "
                       f"worker's; {(worker.get('leak_status') or {}).get('message')}")
+                print(f"    {_heap_at_exit(servers[name].out, worker)}")
+                held = worker.get("held_back") or []
+                if held and not any(x["confidence"] >= CONFIDENT for x in worker.get("memory_leaks", [])):
+                    top = held[0]  # why the worker is silent: its most confident site under the threshold
+                    print(f"    held back: {_short(top['allocation_site'])} conf {top['confidence']:.2f}, "
+                          f"limited by {top['limited_by']} ({top['evidence']})")
     ratios = [point["on_off"] for point in checkpoints]
     if ratios:
         listed = ", ".join(f"{r:.3f}" for r in ratios)

@@ -154,7 +154,7 @@ def _dump_process(path: Path, optimizer: Any) -> None:
             [round(c.timestamp, 1), c.action, str(c.before), str(c.after), c.reason]
             for c in gc_optimizer.changes
         ]
-        for counter in ("boundary_collections", "budget_collections", "long_request_steps"):
+        for counter in ("boundary_collections", "budget_collections", "long_request_steps", "refreezes"):
             data[counter] = getattr(gc_optimizer, counter)
         data["requests_seen"] = gc_optimizer.requests_seen
     path.write_text(json.dumps(data, default=str), encoding="utf-8")
