@@ -288,6 +288,7 @@ class GcOptimizer(_Hooks):
             self._boundary_threshold = default_young_threshold(self._base[0])
             self._gen1_every = max(1, self._base[1])
             self._long_request = False
+            self._refreeze_due = False  # a thaw of an earlier run: that run's freeze was undone by stop()
             self._start_wall = time.monotonic()
             self._start_cpu = time.process_time()
             self._recorder.reset_totals()  # analyze() covers this run only
