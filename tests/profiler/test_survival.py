@@ -336,3 +336,48 @@ def test_a_census_keeps_only_enough_objects_per_site_to_sample(
     assert per_key == {key_of(burst[0]): 16 + 4, key_of(kept[0]): 3}
     sampler.add(found, [key_of(burst[0]), key_of(kept[0])], 0.0)
     assert sampler.sampled == 4 + 3
+
+
+@pytest.mark.parametrize("urls_first", [True, False])
+def test_a_held_tuple_does_not_keep_another_sites_held_sample_alive(urls_first: bool) -> None:
+    """A cache keyed by ``(url, str)`` (``functools.lru_cache(typed=True)``, as ``urllib.parse.urlsplit``
+    is): the key tuple is one site's sample, the url inside it another's. Once the cache lets both go,
+    both are dead at the next check; our own hold on the tuple must not keep the url "alive"."""
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    url_key: Key = (("/srv/gunicorn/util.py", 699),)
+    tuple_key: Key = (("/srv/functools.py", 1),)
+    cache: dict[tuple[str, type], str] = {}
+    urls = ["/products/" + str(1000 + i) for i in range(4)]
+    keys = [(url, str) for url in urls]
+    for key, url in zip(keys, urls, strict=True):
+        cache[key] = url
+    gc.collect()  # the collector untracks tuples of atoms: the census finds them through the cache
+    assert all(not gc.is_tracked(key) for key in keys)
+    # Checked in the order the census found them: the url before the tuple was the order that failed.
+    by_url, by_tuple = [(url_key, url) for url in urls], [(tuple_key, key) for key in keys]
+    sampler.add(by_url + by_tuple if urls_first else by_tuple + by_url, [url_key, tuple_key], 0.0)
+    assert all(s.held is not None for samples in sampler._samples.values() for s in samples)
+    sampler.check(10.0)  # still in the cache: alive
+    assert sampler.retention(url_key, 5.0) is None or sampler.retention(url_key, 5.0).alive == 4
+    assert all(s.alive for samples in sampler._samples.values() for s in samples)
+    cache.clear()
+    del keys, urls, key, url, by_url, by_tuple
+    sampler.check(20.0)
+    assert not any(s.alive for samples in sampler._samples.values() for s in samples)
+    assert sampler.held_bytes == 0
+
+
+def test_what_a_live_held_tuple_refers_to_is_alive_through_it() -> None:
+    sampler = SurvivalSampler(per_site=16, new_per_census=4)
+    url_key: Key = (("/srv/app/urls.py", 3),)
+    tuple_key: Key = (("/srv/app/keys.py", 4),)
+    url = "/kept/" + str(12345)
+    kept = [(url, str)]  # the tuple is kept; the url only through it
+    gc.collect()
+    sampler.add([(tuple_key, kept[0]), (url_key, url)], [url_key, tuple_key], 0.0)
+    del url
+    sampler.check(10.0)
+    assert all(s.alive for samples in sampler._samples.values() for s in samples)
+    kept.clear()
+    sampler.check(20.0)
+    assert not any(s.alive for samples in sampler._samples.values() for s in samples)

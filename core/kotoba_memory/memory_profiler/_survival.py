@@ -25,6 +25,7 @@ import gc
 import sys
 import tracemalloc
 import weakref
+from collections import Counter
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, filterfalse, islice, repeat
@@ -38,21 +39,6 @@ Key = tuple[Frame, ...]
 _HASHABLE_BY_CONTENT = (bytes, str, int, float, complex, frozenset, tuple)
 _MAX_HELD_OBJECT = 4096  # bytes (with its referents) of one object held for its reference count
 _TUPLE_DEPTH = 4  # levels of referents opened below the collector's list (tuples within tuples)
-
-
-class _Slot:
-    __slots__ = ("obj",)
-    obj: object
-
-
-def _dead_refcount() -> int:
-    """``sys.getrefcount`` of an object referred to by one attribute only (2 on CPython 3.11-3.13)."""
-    slot = _Slot()
-    slot.obj = object()
-    return sys.getrefcount(slot.obj)
-
-
-_DEAD_REFCOUNT = _dead_refcount()
 
 
 def _object_traceback_reader() -> Callable[[object], Key | None]:
@@ -191,17 +177,42 @@ def _tuples(objects: Sequence[Any]) -> Iterator[Any]:
 
 def _holdable(obj: Any) -> int:
     """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
-    exact atoms and tuples of them (never a container that could join a cycle), up to 4 KiB."""
+    exact atoms and flat tuples of them (never a container that could join a cycle), up to 4 KiB."""
     kind = type(obj)
     if kind is tuple:
-        if gc.is_tracked(obj):
-            return 0
+        if gc.is_tracked(obj) or any(type(item) is tuple for item in obj):
+            return 0  # flat only: check() discounts what our held tuples refer to one level down
         size = sys.getsizeof(obj) + sum(map(sys.getsizeof, obj))
     elif kind in (str, bytes, int, float, complex):
         size = sys.getsizeof(obj)
     else:
         return 0
     return size if size <= _MAX_HELD_OBJECT else 0
+
+
+def _held_alive(held: Sequence[_Sample]) -> set[int]:
+    """Ids of the held samples someone other than us still refers to, directly or through a held tuple
+    that is itself alive. A tuple we hold keeps its items alive: a cache's key ``(url, str)`` held as
+    one site's sample kept the url, another site's sample, "alive" until the next check (minutes at
+    production spacing), long after the cache had let both go."""
+    by_id = {id(s.held): s.held for s in held}
+    dead = object()  # referred to here as a sample's object is by its ``held``: the count of a dead one
+    by_id[id(dead)] = dead
+    counts = {ident: sys.getrefcount(obj) for ident, obj in by_id.items()}
+    baseline = counts.pop(id(dead))
+    del by_id[id(dead)], dead
+    ours = Counter(  # references from the held tuples to other held objects
+        id(item) for obj in by_id.values() if type(obj) is tuple for item in obj if id(item) in by_id
+    )
+    alive = {ident for ident, count in counts.items() if count - ours[ident] > baseline}
+    stack = [ident for ident in alive if type(by_id[ident]) is tuple]
+    while stack:  # what a live tuple refers to is alive through it
+        for ident in [id(item) for item in by_id[stack.pop()]]:
+            if ident in by_id and ident not in alive:
+                alive.add(ident)
+                if type(by_id[ident]) is tuple:
+                    stack.append(ident)
+    return alive
 
 
 class SurvivalSampler:
@@ -345,6 +356,7 @@ class SurvivalSampler:
     def check(self, now: float) -> None:
         """Which samples are still alive; after tracing stopped (matching by id allocates an int each)."""
         wanted: dict[int, _Sample] = {}
+        held: list[_Sample] = []
         for samples in list(self._samples.values()):
             for sample in samples:
                 if not sample.alive:
@@ -355,14 +367,16 @@ class SurvivalSampler:
                     else:
                         sample.last_seen = now
                 elif sample.held is not None:
-                    # Held by us alone: nobody else refers to it any more, so it would have been freed.
-                    if sys.getrefcount(sample.held) <= _DEAD_REFCOUNT:
-                        sample.alive, sample.died_at = False, now
-                        self._release(sample)
-                    else:
-                        sample.last_seen = now
+                    held.append(sample)
                 else:
                     wanted[sample.ident] = sample
+        alive = _held_alive(held)
+        for sample in held:
+            if id(sample.held) in alive:
+                sample.last_seen = now
+            else:  # held by us alone: nobody else refers to it any more, so it would have been freed
+                sample.alive, sample.died_at = False, now
+                self._release(sample)
         self._last_check = now
         if not wanted:
             return
