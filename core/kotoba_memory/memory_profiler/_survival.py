@@ -205,14 +205,9 @@ def _held_alive(held: Sequence[_Sample]) -> set[int]:
         id(item) for obj in by_id.values() if type(obj) is tuple for item in obj if id(item) in by_id
     )
     alive = {ident for ident, count in counts.items() if count - ours[ident] > baseline}
-    stack = [ident for ident in alive if type(by_id[ident]) is tuple]
-    while stack:  # what a live tuple refers to is alive through it
-        for ident in [id(item) for item in by_id[stack.pop()]]:
-            if ident in by_id and ident not in alive:
-                alive.add(ident)
-                if type(by_id[ident]) is tuple:
-                    stack.append(ident)
-    return alive
+    # What a live tuple refers to is alive through it (held tuples are flat: one level is all there is).
+    through = (by_id[ident] for ident in alive if type(by_id[ident]) is tuple)
+    return alive | {id(item) for obj in through for item in obj if id(item) in by_id}
 
 
 class SurvivalSampler:

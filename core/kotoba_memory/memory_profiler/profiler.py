@@ -568,8 +568,7 @@ class MemoryProfiler:
         nothing during the block and the heap again at the next request's end after it. A heap someone
         else froze (e.g. for copy-on-write) is left frozen.
         """
-        gc_optimizer = registry.active("gc_optimizer")
-        thawed = getattr(gc_optimizer, "thawed", None) if gc_optimizer is not None else None
+        thawed = getattr(registry.active("gc_optimizer"), "thawed", None)
         if thawed is None:
             yield
             return
