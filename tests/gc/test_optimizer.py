@@ -195,28 +195,42 @@ def test_collections_our_background_work_sets_off_tune_nothing(make_optimizer, w
     optimizer = make_optimizer(auto_freeze=False, max_young_threshold=40_000, monitoring_interval_s=60.0)
     optimizer.start()
     time.sleep(0.3)
-    before = gc.get_threshold()[0]
     done = threading.Event()
     young0 = optimizer._recorder.counts[0]
+    # Each young collection with its thread and the valve after the optimizer saw it (this callback runs
+    # after the optimizer's). Another thread of the test process (a cache library's maintenance loop)
+    # may set one off while our thread's objects are live; that one is the app's to tune, not ours.
+    seen: list[tuple[int, int]] = [(0, gc.get_threshold()[0])]
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 0:
+            seen.append((threading.get_ident(), gc.get_threshold()[0]))
+
+    ours_thread: list[int] = []
 
     def allocate() -> None:
         if not done.is_set():
+            ours_thread.append(threading.get_ident())
             for _ in range(20):
                 live_request(5000)
             done.set()
 
+    gc.callbacks.append(record)
     optimizer.on_request_start()  # a request in flight, none ending, while our thread allocates
     task = scheduler.every(0.01, allocate, name="test.allocate", delay_s=0.0)
     try:
-        assert wait_for(done.is_set)
+        assert done.wait(30.0)  # waiting allocates nothing, so no collection falls on this thread
     finally:
         task.cancel()
+        gc.callbacks.remove(record)
     optimizer.on_request_end()
-    assert optimizer._recorder.counts[0] - young0 >= 3  # they ran, and were recorded
-    assert gc.get_threshold()[0] == before
-    assert not [c for c in optimizer.changes if c.action == "set_threshold"]
+    ours = [i for i in range(1, len(seen)) if seen[i][0] == ours_thread[0]]
+    assert len(ours) >= 3 and optimizer._recorder.counts[0] - young0 >= 3  # they ran, and were recorded
+    assert [seen[i][1] for i in ours] == [seen[i - 1][1] for i in ours]  # none of ours moved the valve
     assert optimizer.long_request_steps == 0
     # The same allocations on one of the app's threads, inside a request, do raise it.
+    before = gc.get_threshold()[0]
+
     def request() -> None:
         optimizer.on_request_start()
         for _ in range(20):
