@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                 held = worker.get("held_back") or []
                 if held and not any(x["confidence"] >= CONFIDENT for x in worker.get("memory_leaks", [])):
                     top = held[0]  # why the worker is silent: its most confident site under the threshold
+                    frames = [_short(frame) for frame in top.get("traceback", [])]
                     print(f"    held back: {_short(top['allocation_site'])} conf {top['confidence']:.2f}, "
-                          f"limited by {top['limited_by']} ({top['evidence']})")
+                          f"limited by {top['limited_by']} ({top['evidence']}); bytes grown per window "
+                          f"{top.get('window_growth')}; traceback {frames}")
     ratios = [point["on_off"] for point in checkpoints]
     if ratios:
         listed = ", ".join(f"{r:.3f}" for r in ratios)

@@ -391,6 +391,9 @@ def test_sites_held_back_name_the_factor_that_held_them() -> None:
         product *= value
     assert site.confidence == pytest.approx(product, abs=0.01)
     assert "grew in 8/8 windows" in site.evidence
+    # What to compare when a leak is held back: its call path and the windows it did not grow in.
+    assert site.traceback == ("/srv/app/cache.py:42", "/srv/app/views.py:10")
+    assert site.window_growth == (80_000,) * 8
 
     stopped = make()  # warm-up growth that stopped long ago: recency
     now = feed(stopped, 12, lambda w, j: 1000 * j if w < 3 else 0)
@@ -398,6 +401,7 @@ def test_sites_held_back_name_the_factor_that_held_them() -> None:
     assert stopped.suspects(now=now + 600.0, window_interval_s=10.0, held_back=held) == []
     [site] = held
     assert site.limited_by == "recency"
+    assert site.window_growth == (4000,) * 3 + (0,) * 9  # the first step of each window is not growth
 
     leaking = make()  # a suspect is not held back, and a site that never grew twice is not listed
     now = feed(leaking, 8, lambda w, j: 1000 * j)
@@ -429,3 +433,5 @@ def test_analyze_keeps_the_five_most_confident_sites_held_back() -> None:
     assert set(data["held_back"][0]["factors"]) >= {"survival", "persistence", "consistency"}
     assert {h["limited_by"] for h in data["held_back"]} == {"recency"}
     assert data["held_back"][0]["allocation_site"] == "/srv/app/m6.py:1"  # the latest to stop
+    assert data["held_back"][0]["traceback"] == ["/srv/app/m6.py:1"]
+    assert data["held_back"][0]["window_growth"] == [4000] * 9 + [0] * 31

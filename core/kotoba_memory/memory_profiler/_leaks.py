@@ -66,6 +66,11 @@ def _blocks_per_track(key: Key) -> int:
     return 3 + 2 * len(key)
 
 
+def _frames(key: Key) -> tuple[str, ...]:
+    """A tracked traceback as ``file:line`` strings, innermost first."""
+    return tuple(f"{filename}:{lineno}" for filename, lineno in key)
+
+
 def _score(track: _Track) -> int:
     return track.positive_growth + track.ups
 
@@ -331,9 +336,11 @@ class LeakDetector:
                     limited_by=min(factors, key=lambda f: f[1])[0],
                     factors=tuple((name, round(value, 3)) for name, value in factors),
                     evidence="; ".join(evidence),
+                    traceback=_frames(track.key),
+                    window_growth=tuple(track.growth_ring[i % self._max_windows] for i in self._live(track)),
                 ))
             return None  # the route is worth finding for suspects only (it is the costly part)
-        frames = tuple(f"{filename}:{lineno}" for filename, lineno in track.key)
+        frames = _frames(track.key)
         route, points = self._route_for(track)
         if route is None:
             evidence.append(f"route not yet known: its growth over {points} points follows no route "
@@ -395,6 +402,10 @@ class LeakDetector:
             return 0.25
         return 1.0
 
+    def _live(self, track: _Track) -> range:
+        """The indices of the windows ``track`` was fed that the detector still keeps, oldest first."""
+        return range(max(track.first_window, self._windows - self._max_windows), self._windows)
+
     def _route_for(self, track: _Track) -> tuple[str | None, int]:
         """The route the track's growth follows (None when none does beyond chance), and over how many
         points that was judged; computed once per track and window."""
@@ -415,8 +426,7 @@ class LeakDetector:
         garbage, collected after it ends; a session that expires), so the route making the most garbage
         would be named.
         """
-        oldest = max(track.first_window, self._windows - self._max_windows)
-        live = range(oldest, self._windows)
+        live = self._live(track)
         # Per growth step (several per window) when the steps' request counts are known: many more
         # points than windows, and inside a window a leak grows exactly when its route's requests run.
         points: list[tuple[float, dict[str, int]]] = []

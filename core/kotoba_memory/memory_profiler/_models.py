@@ -192,6 +192,10 @@ class HeldBackSite:
     limited_by: str
     factors: tuple[tuple[str, float], ...]
     evidence: str = ""
+    #: The tracked traceback (innermost frame first): a line reached by two call paths is two sites.
+    traceback: tuple[str, ...] = ()
+    #: Bytes it grew in each window since it was first tracked, oldest first (a leak grows in every one).
+    window_growth: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +231,11 @@ class MemoryAnalysis:
             "analysis_time_s": self.analysis_time_s,
             "leak_status": asdict(self.leak_status) if self.leak_status is not None else None,
             "held_back": [
-                {**asdict(h), "factors": dict(h.factors)} for h in self.held_back
+                {
+                    **asdict(h), "factors": dict(h.factors), "traceback": list(h.traceback),
+                    "window_growth": list(h.window_growth),
+                }
+                for h in self.held_back
             ],
         }
         if include_samples:
