@@ -43,3 +43,42 @@ def test_a_verdict_without_suspects_reads_no_route_stats(monkeypatch: pytest.Mon
     leaks, _status = profiler.leak_verdict()
     assert leaks == [] and calls == []
     assert len(profiler.routes()) == 257 and calls == [1]  # the table is there to be read
+
+
+def test_a_verdict_is_reused_until_a_window_a_census_a_check_or_its_age_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.profiler.test_detector import APP, feed
+
+    profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=True)
+    detector = profiler._detector
+    feed(detector, 6, lambda w, j: 1000 * j, key=APP)
+    for _ in range(5):
+        profiler._sample()
+    judged: list[int] = []
+    suspects = profiler._suspects
+
+    def counted(*args: object, **kwargs: object) -> object:
+        judged.append(1)
+        return suspects(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(profiler, "_suspects", counted)
+    first, status = profiler.leak_verdict()
+    assert [leak.allocation_site for leak in first] == ["/srv/app/cache.py:42"] and len(judged) == 1
+    again, status_again = profiler.leak_verdict()
+    assert again == first and again is not first and len(judged) == 1  # nothing new: reused
+    assert status_again.windows == status.windows == 6
+    feed(detector, 1, lambda w, j: 1000 * j, key=APP)  # a window
+    assert profiler.leak_verdict()[1].windows == 7 and len(judged) == 2
+    detector.survival.check(0.0)  # a survival check
+    profiler.leak_verdict()
+    assert len(judged) == 3
+    detector.survival.add([], [APP], 0.0)  # a census (that found none of its objects: a miss)
+    profiler.leak_verdict()
+    assert len(judged) == 4
+    profiler.leak_verdict()
+    assert len(judged) == 4
+    clock = profiler_module.time.monotonic() + profiler_module.VERDICT_REUSE_S
+    monkeypatch.setattr(profiler_module.time, "monotonic", lambda: clock)  # old enough
+    profiler.leak_verdict()
+    assert len(judged) == 5

@@ -228,6 +228,8 @@ class SurvivalSampler:
         self._samples: dict[Key, list[_Sample]] = {}
         self._read = _object_traceback_reader()
         self.censuses = 0
+        #: Bumped whenever the evidence changes (a census, a check, a forget): readers can reuse a verdict.
+        self.changes = 0
         self._last_check = 0.0
         # per traceback: censuses that looked for its objects and found none alive (reset when found)
         self._misses: dict[Key, int] = {}
@@ -243,6 +245,7 @@ class SurvivalSampler:
 
     def forget(self, keep: Collection[Key]) -> None:
         """Drop the samples of tracebacks no longer tracked."""
+        self.changes += 1
         for key in [k for k in self._samples if k not in keep]:
             for sample in self._samples.pop(key):
                 self._release(sample)
@@ -315,6 +318,7 @@ class SurvivalSampler:
         """Take up to ``new_per_census`` new samples per site from a :meth:`scan` (or its :meth:`choose`);
         ``since``: when each site started growing (see :meth:`retention`)."""
         self.censuses += 1
+        self.changes += 1
         for wanted in interest:
             if wanted not in self._samples:
                 self._misses[wanted] = self._misses.get(wanted, 0) + 1
@@ -350,6 +354,7 @@ class SurvivalSampler:
 
     def check(self, now: float) -> None:
         """Which samples are still alive; after tracing stopped (matching by id allocates an int each)."""
+        self.changes += 1
         wanted: dict[int, _Sample] = {}
         held: list[_Sample] = []
         for samples in list(self._samples.values()):

@@ -56,6 +56,8 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # .../kotoba_memory
 _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
 _HELD_BACK_SHOWN = 5  # sites under the threshold kept in an analysis, most confident first
+#: How long leak_verdict() reuses its suspects while no window, census or survival check came since.
+VERDICT_REUSE_S = 30.0
 _HEAP_READ_BUDGET = 0.0002  # share of the process's CPU the sampler may spend reading glibc's heap
 _HEAP_READ_MAX_GAP = 60  # samples between two heap readings at most
 # A window whose read-backs took this much of glibc's heap hands its free pages back when it closes.
@@ -307,6 +309,7 @@ class MemoryProfiler:
         self._tracing_mode = "off"
         self._in_window = False
         self._holding = False  # from a window's opening until its read-backs are grouped and dropped
+        self._verdict_memo: tuple[tuple[int, int], float, tuple[MemoryLeak, ...]] | None = None
         forks.register(self.reinit_after_fork, name="memory_profiler")
 
     # ------------------------------------------------------------------ lifecycle
@@ -646,6 +649,7 @@ class MemoryProfiler:
         for name, (_, read) in list(self._gauges.items()):
             self._gauges[name] = (self._ring.gauge_column(name), read)
         self._routes.clear()
+        self._verdict_memo = None
         old = self._detector
         self._detector = LeakDetector(
             max_sites=old.max_sites, max_windows=old.max_windows, site_chooser=old.site_chooser,
@@ -788,15 +792,28 @@ class MemoryProfiler:
         )
 
     def leak_verdict(self) -> tuple[list[MemoryLeak], LeakVerdictStatus]:
-        """The leak suspects of :meth:`analyze` and the evidence behind them, without its other parts."""
+        """The leak suspects of :meth:`analyze` and the evidence behind them, without its other parts.
+
+        The fleet publisher asks every few seconds. Between two windows the evidence only moves at a
+        census or a survival check, so the suspects are reused for up to :data:`VERDICT_REUSE_S`
+        while neither came (their ``age_seconds`` and ``size`` are then that much older).
+        """
+        now = time.monotonic()
         with self._lock:
-            # The four columns the growth fit reads, not a MemorySample per sample: the fleet publisher
-            # asks every few seconds, and a full ring (an hour of samples) made that ~10 ms and ~15,000
-            # objects of garbage each time.
-            growth = _SampleGrowth(*self._ring.growth_columns())
             detector = self._detector
             windows = detector.windows
-        return self._suspects(detector, growth), self._leak_status(windows)
+            state = (windows, detector.survival.changes)
+            memo = self._verdict_memo
+            if memo is not None and memo[0] == state and 0.0 <= now - memo[1] < VERDICT_REUSE_S:
+                return list(memo[2]), self._leak_status(windows)
+            # The four columns the growth fit reads, not a MemorySample per sample: a full ring (an
+            # hour of samples) made that ~10 ms and ~15,000 objects of garbage each time.
+            growth = _SampleGrowth(*self._ring.growth_columns())
+        suspects = self._suspects(detector, growth)
+        with self._lock:
+            if detector is self._detector:
+                self._verdict_memo = (state, now, tuple(suspects))
+        return suspects, self._leak_status(windows)
 
     def _suspects(
         self, detector: LeakDetector, growth: _SampleGrowth, held_back: list[HeldBackSite] | None = None
