@@ -2,10 +2,10 @@
 
 In one process with the optimizer running (profiling, GC optimizer, cache): the time of one
 ``FleetPublisher.publish()`` (build the report, make the snapshot, write it atomically), which every
-worker does every 5 s; the time of ``FleetSpool.read()`` + ``fleet_view()`` for spools of 3, 32 and 256
-live processes (rows written for pids of processes running on this machine, so the liveness checks are
-real); and ``runtime.current_report()`` with the workers against without, interleaved (median of the
-per-round ratios).
+worker does every 5 s, also with the leak detector at its caps; the time of ``FleetSpool.read()`` +
+``fleet_view()`` for spools of 3, 32 and 256 live processes (rows written for pids of processes
+running on this machine, so the liveness checks are real); and ``runtime.current_report()`` with the
+workers against without, interleaved (median of the per-round ratios).
 
     .venv/bin/python benchmarks/fleet_spool.py [--rounds 15]
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ import psutil
 
 from kotoba_memory import fleet
 from kotoba_memory.config import MemoryConfig
+from kotoba_memory.memory_profiler import profiler as profiler_module
 from kotoba_memory_integrations import runtime
 
 
@@ -49,6 +51,37 @@ def fill(directory: Path, count: int, template: dict[str, object]) -> int:
     return written
 
 
+def at_caps(optimizer: object, publisher: fleet.FleetPublisher, rounds: int) -> tuple[float, float]:
+    """publish() with the leak detector at its caps (256 tracked sites over 8 windows, two of them
+    growing, the rest churning; an hour of samples): median ms with the verdict reused between windows,
+    and judged afresh every time, the two interleaved round by round."""
+    profiler = optimizer.profiler  # type: ignore[attr-defined]
+    detector = profiler._detector
+    rng = random.Random(7)
+    sizes = {((f"/srv/app/m{i}.py", i), ("/srv/app/views.py", 10)): 0 for i in range(300)}
+    t = time.time() - 3600.0
+    for _ in range(8):
+        shots = []
+        for j in range(6):
+            for n, key in enumerate(sizes):
+                sizes[key] = sizes[key] + 1000 if n < 2 else max(0, sizes[key] + rng.randint(-900, 1000))
+            shots.append((t + j * 0.1, {key: (size, size // 100) for key, size in sizes.items()}))
+        detector.add_window(shots, {"/a": 10, "/b": 5})
+        t += 400.0
+    for _ in range(3600):
+        profiler._sample()
+    reused, judged = [], []
+    for _ in range(rounds):
+        publisher.publish()  # the verdict judged once, then reused
+        reused.append(timed(publisher.publish, 10))
+        saved, profiler_module.VERDICT_REUSE_S = profiler_module.VERDICT_REUSE_S, 0.0
+        try:
+            judged.append(timed(publisher.publish, 10))
+        finally:
+            profiler_module.VERDICT_REUSE_S = saved
+    return statistics.median(reused), statistics.median(judged)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             publish_ms = timed(publisher.publish, 200)
             print(f"publish() (report + snapshot + atomic write): {publish_ms:.3f} ms median")
             snapshot = fleet.snapshot_from_report(optimizer.report())
+            reused_ms, judged_ms = at_caps(optimizer, publisher, args.rounds)
+            print(f"publish() with the leak detector at its caps: {reused_ms:.3f} ms median with the verdict "
+                  f"reused between windows, {judged_ms:.3f} ms judged afresh (every 30 s at most)")
             print(f"write() alone: {timed(lambda: spool.write(snapshot), 200):.3f} ms median")
             for count in (3, 32, 256):
                 directory = Path(tmp) / f"n{count}"
