@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             snapshot = fleet.snapshot_from_report(optimizer.report())
             reused_ms, judged_ms = at_caps(optimizer, publisher, args.rounds)
             print(f"publish() with the leak detector at its caps: {reused_ms:.3f} ms median with the verdict "
-                  f"reused between windows, {judged_ms:.3f} ms judged afresh (every 30 s at most)")
+                  f"reused between windows, {judged_ms:.3f} ms judged afresh (every 120 s at most)")
             print(f"write() alone: {timed(lambda: spool.write(snapshot), 200):.3f} ms median")
             for count in (3, 32, 256):
                 directory = Path(tmp) / f"n{count}"

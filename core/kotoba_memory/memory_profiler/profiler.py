@@ -57,7 +57,9 @@ _PROFILER_DIR = str(Path(__file__).resolve().parent)
 _MAX_GAUGES = 16
 _HELD_BACK_SHOWN = 5  # sites under the threshold kept in an analysis, most confident first
 #: How long leak_verdict() reuses its suspects while no window, census or survival check came since.
-VERDICT_REUSE_S = 30.0
+#: Longer than the fleet publisher's longest gap (60 s): in a worker whose judging costs more than the
+#: publisher's CPU share allows every few seconds, a shorter reuse would expire before each publish.
+VERDICT_REUSE_S = 120.0
 _HEAP_READ_BUDGET = 0.0002  # share of the process's CPU the sampler may spend reading glibc's heap
 _HEAP_READ_MAX_GAP = 60  # samples between two heap readings at most
 # A window whose read-backs took this much of glibc's heap hands its free pages back when it closes.
