@@ -55,6 +55,9 @@ class _Track:
     net_count_growth: int = 0
     late_steps: int = 0
     first_window: int = 0
+    # growth windows in a row whose census looked for this traceback's objects and found none made in
+    # that window: what grows there is not an object (a dict's table resized, a freelist, C memory)
+    dry: int = 0
     # growth per window, a ring indexed by window number (preallocated: tracking allocates nothing more)
     growth_ring: array[int] = field(default_factory=lambda: array("i"))
     # growth per snapshot step (steps_per_window per window), the same ring: route attribution
@@ -132,9 +135,12 @@ class LeakDetector:
         snapshots: Sequence[WindowSnapshot],
         routes: Mapping[str, int] | None = None,
         step_routes: Sequence[Mapping[str, int]] | None = None,
+        census: tuple[Collection[Key], Collection[Key]] | None = None,
     ) -> None:
         """Feed one window's snapshots (at least three, in time order) and the route request counts in it;
-        ``step_routes[j]``, when given, counts the requests that finished between snapshots j-1 and j."""
+        ``step_routes[j]``, when given, counts the requests that finished between snapshots j-1 and j;
+        ``census``, when one ran in this window: the tracebacks it looked for and those it found live
+        objects of (allocated in this window)."""
         if len(snapshots) < 3:
             return
         index = self._windows
@@ -186,6 +192,8 @@ class LeakDetector:
             track.downs += downs
             track.net_growth += growth
             if growth > 0:
+                if census is not None and key in census[0]:
+                    track.dry = 0 if key in census[1] else track.dry + 1
                 track.positive_growth += growth
                 track.growth_windows += 1
                 track.last_growth = t_last
@@ -314,14 +322,20 @@ class LeakDetector:
             consistency = self._consistency(track, rate, global_growth, evidence, now, explained)
         misses = self.survival.misses(track.key)
         survival = _survival_factor(retention, evidence, misses)
-        proven = retained or self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
+        # A sample still alive lifts the doubt on tiny or intermittent growth only while the censuses of
+        # its growth windows still find its new objects: a bounded cache's node is recycled in place and
+        # stays "alive", while what grows at that line is the cache's dict table, never an object.
+        proven = retained or (
+            track.dry < _MISSES_AGAINST
+            and self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
+        )
         # Memory a library allocated for this line, never found as a live object (a structure's own:
         # dict tables, OrderedDict nodes), while what the line put into it was shown to die: it churns.
         recycled = (
             not proven and misses >= _MISSES_AGAINST and self.site_chooser.made_in_library(track.key)
             and self.site_chooser.site(track.key) in churned
         )
-        unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, recycled)
+        unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, recycled, track.dry)
         confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
             if held_back is not None:
@@ -537,16 +551,18 @@ def _significant_r(points: int, tries: int) -> float:
     return max(0.3, math.tanh(z))
 
 
-def _unproven_factor(track: _Track, misses: int, evidence: list[str], recycled: bool = False) -> float:
+def _unproven_factor(
+    track: _Track, misses: int, evidence: list[str], recycled: bool = False, dry: int = 0
+) -> float:
     """0.5 for growth that survival has not shown retained (nor a sample alive for two window intervals
     with none dead) and that looks like a by-product of churn.
 
     - Tiny: under ``_MIN_UNPROVEN_BYTES`` in all windows; a one-off refill of a freelist or a buffer
       looks like that, and a leak this small is not worth a page until a census shows it retained.
     - Intermittent and never found: grew in under 80% of its windows, and no census found a live
-      object of it. Memory a dict's table resize or a freelist keeps (tracemalloc still counts freed
-      objects CPython parks there) grows like that; a leak's objects are found alive, a steady one grows
-      in nearly every window.
+      object of it, or none made in its last ``dry`` growth windows. Memory a dict's table resize or a
+      freelist keeps (tracemalloc still counts freed objects CPython parks there) grows like that; a
+      leak's objects are found alive, a steady one grows in nearly every window.
     - Recycled (``recycled``, judged by the caller): a library allocated it for an application line
       (the innermost frame is the library's), no census found a live object of it, and another
       traceback through the same line was shown to churn. That is a structure's own memory (a dict's
@@ -557,8 +573,12 @@ def _unproven_factor(track: _Track, misses: int, evidence: list[str], recycled: 
     if track.positive_growth < _MIN_UNPROVEN_BYTES:
         evidence.append(f"only {track.positive_growth} bytes grew, not shown retained")
         return 0.5
-    if misses >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
-        evidence.append("intermittent growth of nothing any census found alive")
+    if max(misses, dry) >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
+        evidence.append(
+            "intermittent growth of nothing any census found alive" if misses >= _MISSES_AGAINST
+            else f"intermittent growth: the censuses of its last {dry} growth windows found none of its "
+            "new objects"
+        )
         return 0.5
     if recycled:
         evidence.append("a library's own memory for this line, never found alive, while what the line "

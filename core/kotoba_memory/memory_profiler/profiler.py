@@ -521,7 +521,7 @@ class MemoryProfiler:
             self._census_found = self._detector.survival.scan(self._census_keys)
         self._census_cost = time.thread_time() - started
 
-    def _survival_check(self) -> None:
+    def _survival_check(self) -> tuple[list[Key], set[Key]] | None:
         """After tracing stopped: which sampled objects are still alive, then new samples from the census.
 
         Samples a census just took are checked again after the next window even when the budget puts
@@ -534,9 +534,10 @@ class MemoryProfiler:
         if not self._census_due:
             if self._recheck_due:
                 self._recheck()
-            return
+            return None
         self._census_due = False
         found, keys, self._census_found, self._census_keys = self._census_found, self._census_keys, None, []
+        census = None if found is None else (keys, {key for key, _ in found if key is not None})
         now = time.monotonic()
         started = time.thread_time()
         sampler = self._detector.survival
@@ -553,6 +554,7 @@ class MemoryProfiler:
         self._last_census_ms = cost * 1000.0
         self._max_census_ms = max(self._max_census_ms, self._last_census_ms)
         self._next_census = now + cost / self.census_budget
+        return census
 
     def _recheck(self) -> None:
         """Check the samples the last census took (sampling nothing new); its cost defers the next census."""
@@ -618,7 +620,7 @@ class MemoryProfiler:
         self._in_window = False
         if window.owned and tracemalloc.is_tracing():
             tracemalloc.stop()
-        self._survival_check()
+        census = self._survival_check()
         # Grouping is Python work: done once tracing has stopped, it does not prolong the window.
         started = time.perf_counter()
         raws, window.raws = window.raws, []
@@ -631,7 +633,7 @@ class MemoryProfiler:
                 routes[name] = routes.get(name, 0) + n
         # Not under the lock: analyze() reads the detector without it (see there); only this thread
         # changes it.
-        self._detector.add_window(snapshots, routes, steps)
+        self._detector.add_window(snapshots, routes, steps, census)
         if snapshots:
             self._update_hotspots(snapshots[-1][1])  # replaces two lists at once: no lock needed
         self._holding = False
