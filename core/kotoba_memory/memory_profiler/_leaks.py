@@ -247,7 +247,7 @@ class LeakDetector:
         explained_bytes = explained_blocks = 0.0  # per second, at sites shown retained
         churned: set[str] = set()  # application lines with a traceback whose objects were shown to die
         for track in tracks:
-            retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
+            retention = self._retention(track, window_interval_s)
             if retention is not None and retention.fraction < _CHURNED:
                 churned.add(self.site_chooser.site(track.key))
             if retention is not None and retention.fraction >= _RETAINED and track.net_growth > 0:
@@ -284,7 +284,7 @@ class LeakDetector:
         owner = self.site_chooser.owner(track.key)
         if owner == "own":
             return None  # kotoba-memory's own allocations are never a suspect
-        retention = self.survival.retention(track.key, window_interval_s, track.first_seen)
+        retention = self._retention(track, window_interval_s)
         retained = retention is not None and retention.fraction >= _RETAINED
         if owner == "library" and not retained:
             return None  # no application frame: reported only when shown to be retained
@@ -321,10 +321,7 @@ class LeakDetector:
             # Survival is direct evidence; the comparison with the whole process only stands in for it.
             consistency = self._consistency(track, rate, global_growth, evidence, now, explained)
         misses = self.survival.misses(track.key)
-        survival = _survival_factor(retention, evidence, misses)
-        # A sample still alive lifts the doubt on tiny or intermittent growth only while the censuses of
-        # its growth windows still find its new objects: a bounded cache's node is recycled in place and
-        # stays "alive", while what grows at that line is the cache's dict table, never an object.
+        survival = _survival_factor(retention, evidence, misses, track.dry)
         proven = retained or (
             track.dry < _MISSES_AGAINST
             and self.survival.unrefuted(track.key, 2.0 * window_interval_s, track.first_seen)
@@ -415,6 +412,15 @@ class LeakDetector:
             )
             return 0.25
         return 1.0
+
+    def _retention(self, track: _Track, window_interval_s: float) -> Retention | None:
+        """Survival of ``track``'s samples; None once the censuses of its last growth windows found none
+        of its new objects: then what grows there is not what was sampled (``lru_cache`` recycles its
+        link objects in place, so a link sampled while the cache filled stays "alive", while what grows
+        at the calling line is the cache's dict table, never an object)."""
+        if track.dry >= _MISSES_AGAINST:
+            return None
+        return self.survival.retention(track.key, window_interval_s, track.first_seen)
 
     def _live(self, track: _Track) -> range:
         """The indices of the windows ``track`` was fed that the detector still keeps, oldest first."""
@@ -587,7 +593,9 @@ def _unproven_factor(
     return 1.0
 
 
-def _survival_factor(retention: Retention | None, evidence: list[str], misses: int = 0) -> float:
+def _survival_factor(
+    retention: Retention | None, evidence: list[str], misses: int = 0, dry: int = 0
+) -> float:
     """1 when the sampled objects all survived (or nothing is known yet); falls with the share that died.
 
     Squared: a churning cache whose entries mostly died is far from a leak even if a few linger. That no
@@ -595,7 +603,9 @@ def _survival_factor(retention: Retention | None, evidence: list[str], misses: i
     allocates (zstd contexts) cannot be looked up either, and they do leak.
     """
     if retention is None:
-        if misses >= _MISSES_AGAINST:
+        if dry >= _MISSES_AGAINST and misses < _MISSES_AGAINST:
+            evidence.append("survival set aside: earlier samples only, none of its new objects found")
+        elif misses >= _MISSES_AGAINST:
             evidence.append(f"survival unknown: no live object of it found in {misses} censuses")
         else:
             evidence.append("survival not yet known")
