@@ -332,7 +332,7 @@ class LeakDetector:
             not proven and misses >= _MISSES_AGAINST and self.site_chooser.made_in_library(track.key)
             and self.site_chooser.site(track.key) in churned
         )
-        unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, recycled, track.dry)
+        unproven = 1.0 if proven else _unproven_factor(track, misses, evidence, recycled)
         confidence = monotonic * persistence * recency * linearity * consistency * survival * unproven
         if round(confidence, 3) < min_confidence:
             if held_back is not None:
@@ -557,16 +557,14 @@ def _significant_r(points: int, tries: int) -> float:
     return max(0.3, math.tanh(z))
 
 
-def _unproven_factor(
-    track: _Track, misses: int, evidence: list[str], recycled: bool = False, dry: int = 0
-) -> float:
+def _unproven_factor(track: _Track, misses: int, evidence: list[str], recycled: bool = False) -> float:
     """0.5 for growth that survival has not shown retained (nor a sample alive for two window intervals
     with none dead) and that looks like a by-product of churn.
 
     - Tiny: under ``_MIN_UNPROVEN_BYTES`` in all windows; a one-off refill of a freelist or a buffer
       looks like that, and a leak this small is not worth a page until a census shows it retained.
     - Intermittent and never found: grew in under 80% of its windows, and no census found a live
-      object of it, or none made in its last ``dry`` growth windows. Memory a dict's table resize or a
+      object of it, or none made in its last ``track.dry`` growth windows. Memory a dict's table resize or a
       freelist keeps (tracemalloc still counts freed objects CPython parks there) grows like that; a
       leak's objects are found alive, a steady one grows in nearly every window.
     - Recycled (``recycled``, judged by the caller): a library allocated it for an application line
@@ -579,11 +577,11 @@ def _unproven_factor(
     if track.positive_growth < _MIN_UNPROVEN_BYTES:
         evidence.append(f"only {track.positive_growth} bytes grew, not shown retained")
         return 0.5
-    if max(misses, dry) >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
+    if max(misses, track.dry) >= _MISSES_AGAINST and track.growth_windows < 0.8 * track.windows:
         evidence.append(
             "intermittent growth of nothing any census found alive" if misses >= _MISSES_AGAINST
-            else f"intermittent growth: the censuses of its last {dry} growth windows found none of its "
-            "new objects"
+            else f"intermittent growth: the censuses of its last {track.dry} growth windows found none "
+            "of its new objects"
         )
         return 0.5
     if recycled:
