@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pytest
+from detector_windows import APP, feed
 
 from kotoba_memory.memory_profiler import MemoryProfiler
 from kotoba_memory.memory_profiler import profiler as profiler_module
@@ -48,8 +49,6 @@ def test_a_verdict_without_suspects_reads_no_route_stats(monkeypatch: pytest.Mon
 def test_a_verdict_is_reused_until_a_window_a_census_a_check_or_its_age_says_otherwise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.profiler.test_detector import APP, feed
-
     profiler = MemoryProfiler(sample_interval_s=1.0, leak_detection=True)
     detector = profiler._detector
     feed(detector, 6, lambda w, j: 1000 * j, key=APP)
