@@ -3,6 +3,7 @@ extrapolations are withheld or carry their range."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -47,6 +48,32 @@ def test_the_time_to_the_first_verdict_counts_down_between_windows() -> None:
     # the next window ends ~6 s after the first opened, the third 6 s later: not two whole intervals
     assert 6.0 < first.first_verdict_in_s <= 12.1
     assert first.first_verdict_in_s - later.first_verdict_in_s == pytest.approx(2.0, abs=0.6)
+
+
+def test_a_closed_window_being_grouped_counts_toward_the_first_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    profiler = MemoryProfiler(window_s=0.1, window_interval_s=6.0, first_window_after_s=0.0)
+    grouping, release = threading.Event(), threading.Event()
+    add_window = profiler._detector.add_window
+
+    def slow_add_window(*args: Any, **kwargs: Any) -> None:
+        grouping.set()
+        release.wait(10.0)
+        add_window(*args, **kwargs)
+
+    monkeypatch.setattr(profiler._detector, "add_window", slow_add_window)
+    profiler.start()
+    try:
+        assert grouping.wait(10.0)
+        status = profiler.analyze().leak_status
+    finally:
+        release.set()
+        profiler.stop()
+    assert status is not None and status.windows == 0 and status.first_verdict_in_s is not None
+    # the first window counts in a moment; the second ends ~6 s after the first opened, the third 6 s
+    # later: not three intervals
+    assert 5.0 < status.first_verdict_in_s <= 12.1
 
 
 def test_windows_needed_follows_min_confidence() -> None:

@@ -311,6 +311,7 @@ class MemoryProfiler:
         self._tracing_mode = "off"
         self._in_window = False
         self._holding = False  # from a window's opening until its read-backs are grouped and dropped
+        self._grouping = False  # while a closed window is grouped, before the detector counts it
         self._verdict_memo: tuple[tuple[int, int], float, tuple[MemoryLeak, ...]] | None = None
         forks.register(self.reinit_after_fork, name="memory_profiler")
 
@@ -616,6 +617,13 @@ class MemoryProfiler:
         window.raw_heap = 0
 
     def _close_window(self, window: _Window) -> None:
+        self._grouping = True  # before the window goes: the status counts it as good as counted
+        try:
+            self._close_window_grouping(window)
+        finally:
+            self._grouping = False
+
+    def _close_window_grouping(self, window: _Window) -> None:
         self._window = None
         self._in_window = False
         if window.owned and tracemalloc.is_tracing():
@@ -850,14 +858,17 @@ class MemoryProfiler:
             eta = None
         else:
             # When the next window to count ends: the one under way, else the one after the latest.
-            window, last = self._window, self._last_opened
+            window, last, grouping = self._window, self._last_opened, self._grouping
+            to_come = needed - windows - 1
             if window is not None:
                 soonest = window.opened + self.window_s
             elif last is not None:
                 soonest = last + interval + self.window_s
+                if grouping:  # closed, not yet counted: it counts in a moment
+                    soonest, to_come = (soonest, to_come - 1) if to_come else (0.0, 0)
             else:
                 soonest = self._started_at + self.first_window_after_s + self.window_s
-            eta = max(0.0, soonest - time.monotonic()) + (needed - windows - 1) * interval
+            eta = max(0.0, soonest - time.monotonic()) + to_come * interval
         when = f"; the first verdict can come in ~{eta:.0f} s" if eta is not None else ""
         if eta is not None and self._budget is not None and interval > self.window_interval_s:
             when += (
