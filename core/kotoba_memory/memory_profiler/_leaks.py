@@ -56,7 +56,9 @@ class _Track:
     late_steps: int = 0
     first_window: int = 0
     # growth windows in a row whose census looked for this traceback's objects and found none made in
-    # that window: what grows there is not an object (a dict's table resized, a freelist, C memory)
+    # that window: what grows there is not an object (a dict's table resized, a freelist, C memory).
+    # Not SurvivalSampler.misses(), which counts every census, growth window or not, and only while
+    # the traceback has no sample.
     dry: int = 0
     # growth per window, a ring indexed by window number (preallocated: tracking allocates nothing more)
     growth_ring: array[int] = field(default_factory=lambda: array("i"))

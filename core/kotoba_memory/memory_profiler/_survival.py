@@ -231,7 +231,8 @@ class SurvivalSampler:
         #: Bumped whenever the evidence changes (a census, a check, a forget): readers can reuse a verdict.
         self.changes = 0
         self._last_check = 0.0
-        # per traceback: censuses that looked for its objects and found none alive (reset when found)
+        # per traceback: censuses that looked for its objects and found none alive (reset when found);
+        # every census counts, not only growth windows' (those are the detector's _Track.dry)
         self._misses: dict[Key, int] = {}
 
     @property
