@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import tracemalloc
 from collections import OrderedDict, deque
@@ -381,3 +382,41 @@ def test_what_a_live_held_tuple_refers_to_is_alive_through_it() -> None:
     kept.clear()
     sampler.check(20.0)
     assert not any(s.alive for samples in sampler._samples.values() for s in samples)
+
+
+def make_product(n: int) -> dict[str, object]:
+    return {"n": n, "name": f"product {n}" * 4}
+
+
+def lookup(cache: Callable[[int], dict[str, object]], n: int) -> dict[str, object]:
+    return cache(n)  # the cache's C code allocates its links at this line, then recycles them
+
+
+def test_a_cache_link_recycled_in_place_is_found_but_never_proves_retention(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """``lru_cache`` at capacity reuses its oldest link for each new key: the link lives on with new
+    contents and nothing to fingerprint, so it is not sampled; the census finding it still counts."""
+    catalogue = functools.lru_cache(maxsize=20)(make_product)  # made after the heap was frozen
+    sampler = SurvivalSampler(per_site=8, new_per_census=4)
+    for n in range(20):  # the cache fills in the first window: 20 links made at lookup's line
+        lookup(catalogue, n)
+    line = lookup.__code__.co_firstlineno + 1
+    link_key = next(
+        key for key in (tuple((f.filename, f.lineno) for f in reversed(stat.traceback))
+                        for stat in tracemalloc.take_snapshot().statistics("traceback"))
+        if key[0] == (__file__, line)
+    )
+    found = sampler.scan([link_key])
+    assert {type(obj).__name__ for _, obj in found} == {"_lru_list_elem"}
+    now = 0.0
+    sampler.add(found, [link_key], now)
+    assert sampler.misses(link_key) == 0 and sampler.retention(link_key, 5.0) is None
+    for window in range(1, 5):  # at capacity: every new key takes the oldest link over
+        now += 10.0
+        tracing(sampler, now)
+        for n in range(window * 100, window * 100 + 40):
+            lookup(catalogue, n)
+        sampler.add(sampler.scan([link_key]), [link_key], now)
+    assert sampler.retention(link_key, 5.0) is None
+    assert sampler.misses(link_key) >= 3

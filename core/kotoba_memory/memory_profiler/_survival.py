@@ -13,7 +13,8 @@ keeps a bounded sample of them. Later censuses check which samples are still ali
   and alive while anyone else still refers to it (its reference count): exact, and it cannot be part of
   a cycle we would keep alive; the bytes held this way are capped (``max_held_bytes``);
 - anything else by id, type and a content fingerprint, looked up in the heap again (a newcomer at a
-  reused address has other contents).
+  reused address has other contents); an object with nothing to fingerprint (no referents) is found
+  but not sampled.
 
 The heap scans only see what the collector lists: ``gc.freeze()`` hides the frozen objects, so the
 caller thaws the heap first when the one who froze it freezes it again (see the profiler).
@@ -175,6 +176,15 @@ def _tuples(objects: Sequence[Any]) -> Iterator[Any]:
     return filter(gc.is_tracked, tuples)
 
 
+def _recognisable(obj: Any) -> bool:
+    """Whether a later check can tell ``obj`` from whatever takes its place: it has a weak reference, a
+    content hash, or referents to fingerprint. An opaque C object (``functools.lru_cache``'s links, which
+    the cache recycles in place for each new key) would read "alive" for good by id and type alone."""
+    if type(obj).__weakrefoffset__ or isinstance(obj, _HASHABLE_BY_CONTENT):
+        return True
+    return bool(gc.get_referents(obj))
+
+
 def _holdable(obj: Any) -> int:
     """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
     exact atoms and flat tuples of them (never a container that could join a cycle), up to 4 KiB."""
@@ -325,7 +335,9 @@ class SurvivalSampler:
                 self._misses[wanted] = self._misses.get(wanted, 0) + 1
         for key, obj in self.choose(found):
             assert key is not None  # choose() drops objects without a traceback
-            self._misses.pop(key, None)
+            self._misses.pop(key, None)  # found alive, sampled or not
+            if not _recognisable(obj):
+                continue
             samples = self._samples.setdefault(key, [])
             samples.append(self._sample(obj, now))
             if len(samples) > self.per_site:
