@@ -396,7 +396,8 @@ def test_a_cache_link_recycled_in_place_is_found_but_never_proves_retention(
     tracing: Callable[[SurvivalSampler, float], None],
 ) -> None:
     """``lru_cache`` at capacity reuses its oldest link for each new key: the link lives on with new
-    contents and nothing to fingerprint, so it is not sampled; the census finding it still counts."""
+    contents and nothing to fingerprint, so its survival proves nothing, and the censuses that find no
+    new link count as misses."""
     catalogue = functools.lru_cache(maxsize=20)(make_product)  # made after the heap was frozen
     sampler = SurvivalSampler(per_site=8, new_per_census=4)
     for n in range(20):  # the cache fills in the first window: 20 links made at lookup's line
@@ -418,5 +419,30 @@ def test_a_cache_link_recycled_in_place_is_found_but_never_proves_retention(
         for n in range(window * 100, window * 100 + 40):
             lookup(catalogue, n)
         sampler.add(sampler.scan([link_key]), [link_key], now)
-    assert sampler.retention(link_key, 5.0) is None
-    assert sampler.misses(link_key) >= 3
+    assert sampler.sampled == 4 and sampler.retention(link_key, 5.0) is None
+    assert not sampler.unrefuted(link_key, 5.0) and sampler.misses(link_key) >= 3
+
+
+def make_buffer(n: int) -> bytearray:
+    return bytearray(n.to_bytes(4, "little") * 64)  # opaque: no weak reference, no hash, no referents
+
+
+def test_a_ring_of_opaque_objects_is_not_read_as_retained(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """A ring of bytearrays at capacity: each is known by id and type alone, and a newcomer that takes a
+    freed one's address looks just like it, so what is still there proves nothing."""
+    ring: deque[bytearray] = deque(maxlen=10)
+    sampler = SurvivalSampler(per_site=8, new_per_census=4)
+    now, key = 0.0, None
+    for window in range(6):
+        for n in range(window * 100, window * 100 + 30):
+            ring.append(make_buffer(n))
+        key = key or key_of(ring[-1])
+        sampler.add(sampler.scan([key]), [key], now, {key: -100.0})
+        now += 10.0
+        tracing(sampler, now)
+    assert key is not None and sampler.sampled > 0
+    churn = sampler.retention(key, 5.0, since=-100.0)
+    assert churn is None or churn.fraction < 0.5, churn
+    assert not sampler.unrefuted(key, 5.0, since=-100.0)

@@ -13,8 +13,9 @@ keeps a bounded sample of them. Later censuses check which samples are still ali
   and alive while anyone else still refers to it (its reference count): exact, and it cannot be part of
   a cycle we would keep alive; the bytes held this way are capped (``max_held_bytes``);
 - anything else by id, type and a content fingerprint, looked up in the heap again (a newcomer at a
-  reused address has other contents); an object with nothing to fingerprint (no referents) is found
-  but not sampled.
+  reused address has other contents). An object with nothing to fingerprint (no referents) is
+  *opaque*: its death counts, its survival does not (``lru_cache`` recycles its links in place, so a
+  link lives on while what it held is replaced).
 
 The heap scans only see what the collector lists: ``gc.freeze()`` hides the frozen objects, so the
 caller thaws the heap first when the one who froze it freezes it again (see the profiler).
@@ -91,6 +92,7 @@ class _Sample:
     held: Any = None  # the object itself, for small atoms checked by reference count
     held_bytes: int = 0
     died_at: float = 0.0  # when a check first found it gone
+    opaque: bool = False  # known by id and type alone: its death is evidence, its survival is not
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +178,13 @@ def _tuples(objects: Sequence[Any]) -> Iterator[Any]:
     return filter(gc.is_tracked, tuples)
 
 
-def _recognisable(obj: Any) -> bool:
-    """Whether a later check can tell ``obj`` from whatever takes its place: it has a weak reference, a
-    content hash, or referents to fingerprint. An opaque C object (``functools.lru_cache``'s links, which
-    the cache recycles in place for each new key) would read "alive" for good by id and type alone."""
+def _opaque(obj: Any) -> bool:
+    """Whether a later check would know ``obj`` by id and type alone: no weak reference, no content hash,
+    no referents to fingerprint. Such an object may be recycled in place with new contents
+    (``functools.lru_cache``'s links are), so that it is still there proves nothing."""
     if type(obj).__weakrefoffset__ or isinstance(obj, _HASHABLE_BY_CONTENT):
-        return True
-    return bool(gc.get_referents(obj))
+        return False
+    return not gc.get_referents(obj)
 
 
 def _holdable(obj: Any) -> int:
@@ -267,7 +269,11 @@ class SurvivalSampler:
         """Censuses in a row that found no live object allocated at ``key`` in their window (0 once any
         was found): memory tracemalloc still counts there belongs to no live object, e.g. objects
         parked on CPython's freelists after being freed."""
-        return 0 if key in self._samples else self._misses.get(key, 0)
+        return 0 if self._vouched(key) else self._misses.get(key, 0)
+
+    def _vouched(self, key: Key) -> bool:
+        """Whether ``key`` has a sample whose survival would count (one that is not opaque)."""
+        return any(not s.opaque for s in self._samples.get(key, ()))
 
     def census(self, interest: Collection[Key], now: float, since: Mapping[Key, float] | None = None) -> None:
         """:meth:`scan` then :meth:`add` (for a caller with no readers on other threads)."""
@@ -331,13 +337,11 @@ class SurvivalSampler:
         self.censuses += 1
         self.changes += 1
         for wanted in interest:
-            if wanted not in self._samples:
+            if not self._vouched(wanted):
                 self._misses[wanted] = self._misses.get(wanted, 0) + 1
         for key, obj in self.choose(found):
             assert key is not None  # choose() drops objects without a traceback
-            self._misses.pop(key, None)  # found alive, sampled or not
-            if not _recognisable(obj):
-                continue
+            self._misses.pop(key, None)
             samples = self._samples.setdefault(key, [])
             samples.append(self._sample(obj, now))
             if len(samples) > self.per_site:
@@ -358,7 +362,7 @@ class SurvivalSampler:
         if size and self.held_bytes + size <= self.max_held_bytes:
             self.held_bytes += size
             return _Sample(now, id(obj), kind, 0, None, now, held=obj, held_bytes=size)
-        return _Sample(now, id(obj), kind, _fingerprint(obj), None, now)
+        return _Sample(now, id(obj), kind, _fingerprint(obj), None, now, opaque=_opaque(obj))
 
     def _release(self, sample: _Sample) -> None:
         if sample.held is not None:
@@ -418,7 +422,7 @@ class SurvivalSampler:
         samples = self._samples.get(key) or []
         if any(_died_young(s, since) for s in samples):
             return False
-        return any(s.alive and s.last_seen - s.taken_at >= min_age_s for s in samples)
+        return any(s.alive and not s.opaque and s.last_seen - s.taken_at >= min_age_s for s in samples)
 
     def retention(self, key: Key, min_age_s: float, since: float | None = None) -> Retention | None:
         """Survival of ``key``'s samples: the dead ones, and the live ones seen alive for at least
@@ -429,7 +433,9 @@ class SurvivalSampler:
         while a queue that falls behind drops ever older ones and grows all the same.
         """
         # Deaths at an old age are left out altogether (also from the age the live ones must reach).
-        samples = [s for s in self._samples.get(key) or () if s.alive or _died_young(s, since)]
+        samples = [
+            s for s in self._samples.get(key) or () if (s.alive and not s.opaque) or _died_young(s, since)
+        ]
         if not samples:
             return None
         oldest = self._last_check - min(s.taken_at for s in samples)
