@@ -58,7 +58,7 @@ class _Track:
     # growth windows in a row whose census looked for this traceback's objects and found none made in
     # that window: what grows there is not an object (a dict's table resized, a freelist, C memory).
     # Not SurvivalSampler.misses(), which counts every census, growth window or not, and only while
-    # the traceback has no sample.
+    # the traceback has no sample whose survival counts (an opaque one's does not).
     dry: int = 0
     # growth per window, a ring indexed by window number (preallocated: tracking allocates nothing more)
     growth_ring: array[int] = field(default_factory=lambda: array("i"))
