@@ -424,14 +424,15 @@ def test_a_cache_link_recycled_in_place_is_found_but_never_proves_retention(
 
 
 def make_buffer(n: int) -> bytearray:
-    return bytearray(n.to_bytes(4, "little") * 64)  # opaque: no weak reference, no hash, no referents
+    # opaque: no weak reference, no hash, no referents, and over 4 KiB, too big to hold for its count
+    return bytearray(n.to_bytes(4, "little") * 2048)
 
 
 def test_a_ring_of_opaque_objects_is_not_read_as_retained(
     tracing: Callable[[SurvivalSampler, float], None],
 ) -> None:
-    """A ring of bytearrays at capacity: each is known by id and type alone, and a newcomer that takes a
-    freed one's address looks just like it, so what is still there proves nothing."""
+    """A ring of large bytearrays at capacity: each is known by id and type alone, and a newcomer that
+    takes a freed one's address looks just like it, so what is still there proves nothing."""
     ring: deque[bytearray] = deque(maxlen=10)
     sampler = SurvivalSampler(per_site=8, new_per_census=4)
     now, key = 0.0, None
@@ -446,3 +447,27 @@ def test_a_ring_of_opaque_objects_is_not_read_as_retained(
     churn = sampler.retention(key, 5.0, since=-100.0)
     assert churn is None or churn.fraction < 0.5, churn
     assert not sampler.unrefuted(key, 5.0, since=-100.0)
+
+
+def test_a_small_bytearray_is_held_for_its_count_so_a_leak_of_them_reads_retained(
+    tracing: Callable[[SurvivalSampler, float], None],
+) -> None:
+    """A bytearray refers to nothing, so holding a small one is exact: a leak of them reads retained,
+    though a ring of them would read dead (nobody but us refers to a dropped one)."""
+    kept: list[bytearray] = []
+    ring: deque[bytearray] = deque(maxlen=5)
+    sampler = SurvivalSampler(per_site=8, new_per_census=4)
+    now, leak, churn = 0.0, None, None
+    for _ in range(6):
+        for _ in range(20):
+            kept.append(bytearray(1000))  # a leak of zeroed buffers, all alike
+            ring.append(bytearray(1000))  # churn: the same buffers, dropped
+        leak, churn = leak or key_of(kept[-1]), churn or key_of(ring[-1])
+        sampler.add(sampler.scan([leak, churn]), [leak, churn], now, {leak: -100.0, churn: -100.0})
+        now += 10.0
+        tracing(sampler, now)
+    assert leak is not None and churn is not None
+    retained = sampler.retention(leak, 5.0, since=-100.0)
+    assert retained is not None and retained.fraction == 1.0, retained
+    dropped = sampler.retention(churn, 5.0, since=-100.0)
+    assert dropped is not None and dropped.fraction < 0.5, dropped

@@ -9,7 +9,7 @@ allocation traceback tracemalloc knows) and
 keeps a bounded sample of them. Later censuses check which samples are still alive:
 
 - a weak reference when the type allows one;
-- a small object that cannot refer to others (a str, bytes, number, or a tuple or dict of those) is held
+- a small object that cannot refer to others (a str, bytes, bytearray, number, or a tuple of those) is held
   and alive while anyone else still refers to it (its reference count): exact, and it cannot be part of
   a cycle we would keep alive; the bytes held this way are capped (``max_held_bytes``);
 - anything else by id, type and a content fingerprint, looked up in the heap again (a newcomer at a
@@ -189,13 +189,14 @@ def _opaque(obj: Any) -> bool:
 
 def _holdable(obj: Any) -> int:
     """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
-    exact atoms and flat tuples of them (never a container that could join a cycle), up to 4 KiB."""
+    exact atoms (a ``bytearray`` too: it refers to nothing, and its contents may change) and flat
+    tuples of them (never a container that could join a cycle), up to 4 KiB."""
     kind = type(obj)
     if kind is tuple:
         if gc.is_tracked(obj) or any(type(item) is tuple for item in obj):
             return 0  # flat only: check() discounts what our held tuples refer to one level down
         size = sys.getsizeof(obj) + sum(map(sys.getsizeof, obj))
-    elif kind in (str, bytes, int, float, complex):
+    elif kind in (str, bytes, bytearray, int, float, complex):
         size = sys.getsizeof(obj)
     else:
         return 0
