@@ -864,8 +864,10 @@ class MemoryProfiler:
                 soonest = window.opened + self.window_s
             elif last is not None:
                 soonest = last + interval + self.window_s
-                if grouping:  # closed, not yet counted: it counts in a moment
-                    soonest, to_come = (soonest, to_come - 1) if to_come else (0.0, 0)
+                if grouping and to_come:  # closed, not yet counted: it counts in a moment
+                    to_come -= 1
+                elif grouping:  # and it is the last one needed
+                    soonest = 0.0
             else:
                 soonest = self._started_at + self.first_window_after_s + self.window_s
             eta = max(0.0, soonest - time.monotonic()) + to_come * interval
