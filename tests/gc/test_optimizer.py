@@ -321,8 +321,7 @@ def test_heap_is_frozen_after_warmup_and_refrozen(make_optimizer) -> None:
         optimizer.on_request_end()
         if i == 4:
             assert gc.get_freeze_count() > frozen
-        # A request stalled past the monitor's interval on a loaded machine counts as a long one, and
-        # nothing is refrozen until the monitor sees the next end: give it more requests, not fewer.
+        # Refreezes come when a boundary collection reaches generation 1: give it requests until one did.
         if i >= 59 and optimizer.refreezes:
             break
     assert any(c.action == "freeze" and "warm-up" in c.reason for c in optimizer.changes)
@@ -369,6 +368,27 @@ def test_a_census_thaw_is_frozen_again_at_the_next_request_end(make_optimizer) -
     for _ in range(100):  # nothing more is due: refreezes come at the boundary's own pace, not per request
         _request_with_cycles(optimizer, keep, 400)
     assert optimizer.refreezes - refreezes <= 20
+
+
+def test_a_long_request_seen_during_a_thaw_does_not_hold_back_the_refreeze(make_optimizer) -> None:
+    # A request stalled during a census (a full collection of the thawed heap, a loaded machine) reads
+    # as a long one; the next request's end must refreeze, not wait for the monitor's next tick.
+    optimizer = make_optimizer(warmup_requests=5, monitoring_interval_s=30.0)
+    optimizer.start()
+    keep: list[object] = []
+    for _ in range(50):
+        _request_with_cycles(optimizer, keep, 400)
+    assert optimizer.refreezes_heap
+    with optimizer.thawed():
+        optimizer.on_request_start()
+        while optimizer.mode[0] != "long_request_stepping" and optimizer._recorder.counts[0] < 10_000:
+            cyclic_request(500)
+        assert optimizer.mode[0] == "long_request_stepping"
+        optimizer.on_request_end()
+    refreezes = optimizer.refreezes
+    _request_with_cycles(optimizer, keep, 400)
+    assert optimizer.refreezes == refreezes + 1
+    assert optimizer.mode[0] == "between_requests"
 
 
 def test_thawed_leaves_a_heap_it_did_not_freeze_alone(make_optimizer, monkeypatch) -> None:

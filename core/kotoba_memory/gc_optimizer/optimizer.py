@@ -439,6 +439,10 @@ class GcOptimizer(_Hooks):
         if not self._tuning:
             self._next_check = _NEVER
             return
+        if self._long_request:
+            # A request ended: the monitor's own rule ends the long request; apply it now, not at the
+            # monitor's next tick, or a refreeze due after a census's thaw waits for that tick.
+            self._end_long_request()
         young = gc.get_count()[0]
         # After a census's thaw, freeze again at once: automatic collections inside requests can leave
         # the boundary nothing to collect for good (a field worker ran 87k requests without one).
