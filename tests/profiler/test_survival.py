@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import gc
 import tracemalloc
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 
 import pytest
 
@@ -471,3 +473,45 @@ def test_a_small_bytearray_is_held_for_its_count_so_a_leak_of_them_reads_retaine
     assert retained is not None and retained.fraction == 1.0, retained
     dropped = sampler.retention(churn, 5.0, since=-100.0)
     assert dropped is not None and dropped.fraction < 0.5, dropped
+
+
+
+_EPOCH = datetime.datetime(2026, 1, 1)
+
+
+@pytest.mark.parametrize("max_held_bytes", [256 * 1024, 0], ids=["held", "hashed"])
+def test_a_leak_of_decimals_and_datetimes_reads_retained_and_a_ring_of_them_dead(
+    tracing: Callable[[SurvivalSampler, float], None], max_held_bytes: int,
+) -> None:
+    """Decimals and datetimes refer to nothing and have no weak reference: held for their count (or,
+    past the held-bytes cap, known by their content hash), never opaque, so a ledger of them reads
+    retained and a ring of them at capacity reads dead."""
+    amounts: list[Decimal] = []
+    stamps: list[datetime.datetime] = []
+    recent_amounts: deque[Decimal] = deque(maxlen=5)
+    recent_stamps: deque[datetime.datetime] = deque(maxlen=5)
+    sampler = SurvivalSampler(per_site=8, new_per_census=4, max_held_bytes=max_held_bytes)
+    now, keys = 0.0, {}
+    for window in range(6):
+        for n in range(window * 100, window * 100 + 20):
+            amounts.append(Decimal(n) / 100)
+            stamps.append(_EPOCH + datetime.timedelta(seconds=n))
+            recent_amounts.append(Decimal(n + 10**6) / 100)
+            recent_stamps.append(_EPOCH + datetime.timedelta(seconds=n + 10**6))
+        keys = keys or {
+            "leaked amounts": key_of(amounts[-1]), "leaked stamps": key_of(stamps[-1]),
+            "recent amounts": key_of(recent_amounts[-1]), "recent stamps": key_of(recent_stamps[-1]),
+        }
+        sites = list(keys.values())
+        sampler.add(sampler.scan(sites), sites, now, dict.fromkeys(sites, -100.0))
+        now += 10.0
+        tracing(sampler, now)
+    assert len(set(keys.values())) == 4 and sampler.held_bytes <= max_held_bytes
+    for name, key in keys.items():
+        assert not any(s.opaque for s in sampler._samples.get(key, [])), name
+        found = sampler.retention(key, 5.0, since=-100.0)
+        assert found is not None, name
+        if name.startswith("leaked"):
+            assert found.fraction == 1.0, (name, found)
+        else:
+            assert found.fraction < 0.5, (name, found)

@@ -9,7 +9,8 @@ allocation traceback tracemalloc knows) and
 keeps a bounded sample of them. Later censuses check which samples are still alive:
 
 - a weak reference when the type allows one;
-- a small object that cannot refer to others (a str, bytes, bytearray, number, or a tuple of those) is held
+- a small object that cannot refer to others (a str, bytes, bytearray, number, ``Decimal``, date or
+  time value, or a tuple of those) is held
   and alive while anyone else still refers to it (its reference count): exact, and it cannot be part of
   a cycle we would keep alive; the bytes held this way are capped (``max_held_bytes``);
 - anything else by id, type and a content fingerprint, looked up in the heap again (a newcomer at a
@@ -23,6 +24,8 @@ caller thaws the heap first when the one who froze it freezes it again (see the 
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import gc
 import sys
 import tracemalloc
@@ -38,7 +41,11 @@ from typing import Any
 Frame = tuple[str, int]
 Key = tuple[Frame, ...]
 
-_HASHABLE_BY_CONTENT = (bytes, str, int, float, complex, frozenset, tuple)
+# Immutable values that refer to nothing: held like atoms, else known by their hash (else they would be
+# opaque, and a leak of them would get no retention from its samples).
+_VALUES = (decimal.Decimal, datetime.date, datetime.datetime, datetime.time, datetime.timedelta)
+_HASHABLE_BY_CONTENT = (bytes, str, int, float, complex, frozenset, tuple, *_VALUES)
+_ATOMS = frozenset((str, bytes, bytearray, int, float, complex, *_VALUES))
 _MAX_HELD_OBJECT = 4096  # bytes (with its referents) of one object held for its reference count
 _TUPLE_DEPTH = 4  # levels of referents opened below the collector's list (tuples within tuples)
 
@@ -189,14 +196,14 @@ def _opaque(obj: Any) -> bool:
 
 def _holdable(obj: Any) -> int:
     """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
-    exact atoms (a ``bytearray`` too: it refers to nothing, and its contents may change) and flat
-    tuples of them (never a container that could join a cycle), up to 4 KiB."""
+    exact atoms (numbers, strings, ``Decimal``, date and time values; a ``bytearray`` too: it refers to
+    nothing, and its contents may change) and flat tuples of them (never a container that could join a cycle), up to 4 KiB."""
     kind = type(obj)
     if kind is tuple:
         if gc.is_tracked(obj) or any(type(item) is tuple for item in obj):
             return 0  # flat only: check() discounts what our held tuples refer to one level down
         size = sys.getsizeof(obj) + sum(map(sys.getsizeof, obj))
-    elif kind in (str, bytes, bytearray, int, float, complex):
+    elif kind in _ATOMS and not gc.is_tracked(obj):  # tracked: a pure-Python build's value with slots
         size = sys.getsizeof(obj)
     else:
         return 0
