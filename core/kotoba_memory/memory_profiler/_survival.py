@@ -197,7 +197,8 @@ def _opaque(obj: Any) -> bool:
 def _holdable(obj: Any) -> int:
     """Bytes held by keeping ``obj`` for its reference count; 0 when it is not held that way: only
     exact atoms (numbers, strings, ``Decimal``, date and time values; a ``bytearray`` too: it refers to
-    nothing, and its contents may change) and flat tuples of them (never a container that could join a cycle), up to 4 KiB."""
+    nothing, and its contents may change) and flat tuples of them (never a container that could join a
+    cycle), up to 4 KiB."""
     kind = type(obj)
     if kind is tuple:
         if gc.is_tracked(obj) or any(type(item) is tuple for item in obj):
