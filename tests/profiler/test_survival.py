@@ -515,3 +515,23 @@ def test_a_leak_of_decimals_and_datetimes_reads_retained_and_a_ring_of_them_dead
             assert found.fraction == 1.0, (name, found)
         else:
             assert found.fraction < 0.5, (name, found)
+
+
+class _BrokenZone(datetime.tzinfo):
+    def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        raise RuntimeError("zone data missing")
+
+
+def test_a_value_whose_hash_fails_is_sampled_and_checked_without_raising() -> None:
+    """Past the held-bytes cap a datetime is known by its hash, which calls its tzinfo's utcoffset():
+    a census must not fail on a zone that raises there."""
+    stamp = datetime.datetime(2026, 1, 1, tzinfo=_BrokenZone())
+    with pytest.raises(RuntimeError):
+        hash(stamp)
+    key: Key = ((__file__, 1),)
+    kept = [stamp]  # a census finds it as a list's referent
+    sampler = SurvivalSampler(max_held_bytes=0)
+    sampler.add([(key, stamp)], [key], 0.0)
+    sampler.check(10.0)
+    (sample,) = sampler._samples[key]
+    assert sample.alive and not sample.opaque and kept

@@ -79,7 +79,7 @@ def _fingerprint(obj: Any) -> int:
     if isinstance(obj, _HASHABLE_BY_CONTENT):
         try:
             return hash(obj)
-        except TypeError:  # a tuple holding something unhashable
+        except Exception:  # a tuple holding something unhashable; a tzinfo whose utcoffset() fails
             return len(obj) if isinstance(obj, tuple) else 0
     # Mutable containers: the identities of their first referents (a replacement entry holds new ones).
     return hash(tuple(id(r) for r in gc.get_referents(obj)[:4]))
