@@ -451,70 +451,66 @@ def test_a_ring_of_opaque_objects_is_not_read_as_retained(
     assert not sampler.unrefuted(key, 5.0, since=-100.0)
 
 
-def test_a_small_bytearray_is_held_for_its_count_so_a_leak_of_them_reads_retained(
-    tracing: Callable[[SurvivalSampler, float], None],
-) -> None:
-    """A bytearray refers to nothing, so holding a small one is exact: a leak of them reads retained,
-    though a ring of them would read dead (nobody but us refers to a dropped one)."""
-    kept: list[bytearray] = []
-    ring: deque[bytearray] = deque(maxlen=5)
-    sampler = SurvivalSampler(per_site=8, new_per_census=4)
-    now, leak, churn = 0.0, None, None
-    for _ in range(6):
-        for _ in range(20):
-            kept.append(bytearray(1000))  # a leak of zeroed buffers, all alike
-            ring.append(bytearray(1000))  # churn: the same buffers, dropped
-        leak, churn = leak or key_of(kept[-1]), churn or key_of(ring[-1])
-        sampler.add(sampler.scan([leak, churn]), [leak, churn], now, {leak: -100.0, churn: -100.0})
+def keep_and_drop(
+    tracing: Callable[[SurvivalSampler, float], None], sampler: SurvivalSampler,
+    keep: Callable[[int], object], drop: Callable[[int], object],
+) -> tuple[Key, Key]:
+    """Six windows of 20 requests, each keeping one value (a leak) and dropping one (a ring of 5 at
+    capacity), with a census after each; the two sites' keys."""
+    kept: list[object] = []
+    ring: deque[object] = deque(maxlen=5)
+    now, sites = 0.0, None
+    for window in range(6):
+        for n in range(window * 100, window * 100 + 20):
+            kept.append(keep(n))
+            ring.append(drop(n))
+        sites = sites or (key_of(kept[-1]), key_of(ring[-1]))
+        sampler.add(sampler.scan(sites), sites, now, dict.fromkeys(sites, -100.0))
         now += 10.0
         tracing(sampler, now)
-    assert leak is not None and churn is not None
+    assert sites is not None and sites[0] != sites[1]
+    return sites
+
+
+_EPOCH = datetime.datetime(2026, 1, 1)
+_VALUES = {  # (kept, dropped): each on its own line, so each is its own allocation site
+    # A bytearray refers to nothing, so holding a small one is exact (zeroed buffers, all alike).
+    "bytearray": (
+        lambda n: bytearray(1000),
+        lambda n: bytearray(1000),
+    ),
+    # Decimals and datetimes have no weak reference and refer to nothing: held, or known by their hash.
+    "decimal": (
+        lambda n: Decimal(n) / 100,
+        lambda n: Decimal(n + 10**6) / 100,
+    ),
+    "datetime": (
+        lambda n: _EPOCH + datetime.timedelta(seconds=n),
+        lambda n: _EPOCH + datetime.timedelta(seconds=n + 10**6),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "max_held_bytes"),
+    [("bytearray", 256 * 1024), ("decimal", 256 * 1024), ("decimal", 0), ("datetime", 256 * 1024),
+     ("datetime", 0)],
+    ids=["bytearray-held", "decimal-held", "decimal-hashed", "datetime-held", "datetime-hashed"],
+)
+def test_a_leak_of_values_that_refer_to_nothing_reads_retained_and_a_ring_of_them_dead(
+    tracing: Callable[[SurvivalSampler, float], None], kind: str, max_held_bytes: int,
+) -> None:
+    """Small bytearrays, Decimals and datetimes are held for their count (Decimals and datetimes past
+    the held-bytes cap known by their content hash), never opaque: a leak of them reads retained,
+    a ring of them at capacity dead (nobody but us refers to a dropped one)."""
+    sampler = SurvivalSampler(per_site=8, new_per_census=4, max_held_bytes=max_held_bytes)
+    leak, churn = keep_and_drop(tracing, sampler, *_VALUES[kind])
+    assert sampler.held_bytes <= max_held_bytes
+    assert not any(s.opaque for key in (leak, churn) for s in sampler._samples.get(key, []))
     retained = sampler.retention(leak, 5.0, since=-100.0)
     assert retained is not None and retained.fraction == 1.0, retained
     dropped = sampler.retention(churn, 5.0, since=-100.0)
     assert dropped is not None and dropped.fraction < 0.5, dropped
-
-
-
-_EPOCH = datetime.datetime(2026, 1, 1)
-
-
-@pytest.mark.parametrize("max_held_bytes", [256 * 1024, 0], ids=["held", "hashed"])
-def test_a_leak_of_decimals_and_datetimes_reads_retained_and_a_ring_of_them_dead(
-    tracing: Callable[[SurvivalSampler, float], None], max_held_bytes: int,
-) -> None:
-    """Decimals and datetimes refer to nothing and have no weak reference: held for their count (or,
-    past the held-bytes cap, known by their content hash), never opaque, so a ledger of them reads
-    retained and a ring of them at capacity reads dead."""
-    amounts: list[Decimal] = []
-    stamps: list[datetime.datetime] = []
-    recent_amounts: deque[Decimal] = deque(maxlen=5)
-    recent_stamps: deque[datetime.datetime] = deque(maxlen=5)
-    sampler = SurvivalSampler(per_site=8, new_per_census=4, max_held_bytes=max_held_bytes)
-    now, keys = 0.0, {}
-    for window in range(6):
-        for n in range(window * 100, window * 100 + 20):
-            amounts.append(Decimal(n) / 100)
-            stamps.append(_EPOCH + datetime.timedelta(seconds=n))
-            recent_amounts.append(Decimal(n + 10**6) / 100)
-            recent_stamps.append(_EPOCH + datetime.timedelta(seconds=n + 10**6))
-        keys = keys or {
-            "leaked amounts": key_of(amounts[-1]), "leaked stamps": key_of(stamps[-1]),
-            "recent amounts": key_of(recent_amounts[-1]), "recent stamps": key_of(recent_stamps[-1]),
-        }
-        sites = list(keys.values())
-        sampler.add(sampler.scan(sites), sites, now, dict.fromkeys(sites, -100.0))
-        now += 10.0
-        tracing(sampler, now)
-    assert len(set(keys.values())) == 4 and sampler.held_bytes <= max_held_bytes
-    for name, key in keys.items():
-        assert not any(s.opaque for s in sampler._samples.get(key, [])), name
-        found = sampler.retention(key, 5.0, since=-100.0)
-        assert found is not None, name
-        if name.startswith("leaked"):
-            assert found.fraction == 1.0, (name, found)
-        else:
-            assert found.fraction < 0.5, (name, found)
 
 
 class _BrokenZone(datetime.tzinfo):
